@@ -1,0 +1,2 @@
+//! wsloop: a single-threaded epoll WebSocket server.
+pub mod protocol;
