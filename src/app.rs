@@ -1,0 +1,346 @@
+//! The public API: the [`Handler`] trait an application implements, the [`WebSocket`] handle
+//! its callbacks receive, and the types that travel with them.
+
+use crate::protocol::close::CloseCode;
+use crate::protocol::frame::{write_frame, OpCode};
+use crate::protocol::handshake::Upgrade;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// Identifies one connection for its whole life. Ids carry a generation, so an id kept after its
+/// connection ended never reaches the connection that later reuses the same slot: operations on it
+/// report that the connection is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub(crate) u64);
+
+impl ConnId {
+    /// The id as a number (unique among the connections alive at one time in one server).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}:{}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+/// A complete message from a client. Borrowed: from the loop's receive buffer when the message
+/// arrived whole in one read (no copy), otherwise from the connection's reassembly buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A text message, already checked to be UTF-8.
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
+impl<'a> Message<'a> {
+    /// The message's bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match self {
+            Message::Text(s) => s.as_bytes(),
+            Message::Binary(b) => b,
+        }
+    }
+}
+
+/// What the upgrade hook sees: the validated request and the peer's address.
+pub struct UpgradeRequest<'a> {
+    pub(crate) upgrade: Upgrade<'a>,
+    pub(crate) peer: SocketAddr,
+}
+
+impl<'a> UpgradeRequest<'a> {
+    /// The request path, without the query.
+    pub fn path(&self) -> &str {
+        self.upgrade.request().path()
+    }
+    /// The query string after `?`, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.upgrade.request().query()
+    }
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.upgrade.request().header(name)
+    }
+    /// Every header, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.upgrade.request().headers()
+    }
+    /// The subprotocols the client offered, in its order of preference.
+    pub fn subprotocols(&self) -> impl Iterator<Item = &str> {
+        self.upgrade.subprotocols()
+    }
+    /// The extension offers the client made (wsloop negotiates none).
+    pub fn extensions(&self) -> impl Iterator<Item = &str> {
+        self.upgrade.extensions()
+    }
+    /// The `Origin` header, if the client sent one (browsers do).
+    pub fn origin(&self) -> Option<&[u8]> {
+        self.upgrade.origin()
+    }
+    /// The TCP peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+/// The upgrade hook's answer.
+pub enum Decision<D> {
+    /// Upgrade, with this per-connection data and optionally one of the offered subprotocols
+    /// (a subprotocol the client did not offer is a programming error: the request is answered
+    /// with 500 instead).
+    Accept {
+        /// Per-connection user data, reachable through [`WebSocket::data`].
+        data: D,
+        /// The chosen subprotocol.
+        subprotocol: Option<String>,
+    },
+    /// Refuse with an HTTP status (400-599) and a one-line reason, e.g. 403 for a bad origin.
+    Reject {
+        /// The HTTP status.
+        status: u16,
+        /// The reason, sent as the response body.
+        reason: &'static str,
+    },
+}
+
+impl<D> Decision<D> {
+    /// Accept with `data` and no subprotocol.
+    pub fn accept(data: D) -> Self {
+        Decision::Accept {
+            data,
+            subprotocol: None,
+        }
+    }
+}
+
+/// An application's callbacks. All run on the loop's thread, one at a time; none may block
+/// (post long work to another thread and answer through a [`LoopHandle`](crate::LoopHandle)).
+///
+/// Sending or closing from a callback never runs another callback re-entrantly: a close or
+/// terminate requested in a callback takes effect after it returns.
+pub trait Handler: 'static {
+    /// Per-connection data, created by [`Handler::upgrade`], dropped after [`Handler::on_close`].
+    type Data: 'static;
+
+    /// Decide on a valid upgrade request (RFC 6455 checks already passed).
+    fn upgrade(&mut self, req: &UpgradeRequest<'_>) -> Decision<Self::Data>;
+
+    /// The 101 response is on its way; the connection is open.
+    fn on_open(&mut self, _ws: &mut WebSocket<'_, Self::Data>) {}
+
+    /// A complete message arrived.
+    fn on_message(&mut self, ws: &mut WebSocket<'_, Self::Data>, msg: Message<'_>);
+
+    /// A ping arrived (the pong is sent automatically).
+    fn on_ping(&mut self, _ws: &mut WebSocket<'_, Self::Data>, _payload: &[u8]) {}
+
+    /// A pong arrived.
+    fn on_pong(&mut self, _ws: &mut WebSocket<'_, Self::Data>, _payload: &[u8]) {}
+
+    /// Everything queued for this connection has been written to the socket after it had to be
+    /// buffered (a slow reader caught up).
+    fn on_drain(&mut self, _ws: &mut WebSocket<'_, Self::Data>) {}
+
+    /// The connection ended, for whatever reason; called exactly once for every connection that
+    /// was opened, and never for one that was not. `code` is the peer's close code when it closed,
+    /// ours when we did, 1006 when the connection ended without a close frame.
+    fn on_close(&mut self, _id: ConnId, _data: Self::Data, _code: CloseCode, _reason: &str) {}
+}
+
+/// What a send did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued for the socket (written at the end of the current dispatch, or buffered).
+    Queued,
+    /// The connection is closing or closed: nothing was sent.
+    Closed,
+}
+
+/// A connection's send-side state, shared by callbacks and posted closures.
+#[derive(Debug, Default)]
+pub(crate) struct SendState {
+    /// A close the application asked for, applied after the callback returns.
+    pub close_req: Option<(CloseCode, Box<str>)>,
+    /// The application asked to drop the connection without a close handshake.
+    pub terminate: bool,
+    /// Sends are refused (a close was requested or the session is closing).
+    pub sealed: bool,
+}
+
+/// A connection as seen from inside a callback: its data, and ways to send and close.
+pub struct WebSocket<'a, D> {
+    pub(crate) id: ConnId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) data: &'a mut D,
+    pub(crate) send: &'a mut SendState,
+    /// The loop's cork buffer, owned by this connection for the callback's duration.
+    pub(crate) out: &'a mut Vec<u8>,
+    /// Bytes already queued in the connection's own buffer (a slow reader).
+    pub(crate) pending: usize,
+    pub(crate) subprotocol: Option<&'a str>,
+}
+
+impl<'a, D> WebSocket<'a, D> {
+    /// This connection's id, usable later through a [`LoopHandle`](crate::LoopHandle).
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+    /// The TCP peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+    /// The per-connection data created by the upgrade hook.
+    pub fn data(&self) -> &D {
+        self.data
+    }
+    /// The per-connection data, mutably.
+    pub fn data_mut(&mut self) -> &mut D {
+        self.data
+    }
+    /// The subprotocol chosen at upgrade, if any.
+    pub fn subprotocol(&self) -> Option<&str> {
+        self.subprotocol
+    }
+    /// Send a text message.
+    pub fn send_text(&mut self, text: &str) -> SendStatus {
+        self.frame(OpCode::Text, text.as_bytes())
+    }
+    /// Send a binary message.
+    pub fn send_binary(&mut self, bytes: &[u8]) -> SendStatus {
+        self.frame(OpCode::Binary, bytes)
+    }
+    /// Send a message of either kind.
+    pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
+        match msg {
+            Message::Text(s) => self.send_text(s),
+            Message::Binary(b) => self.send_binary(b),
+        }
+    }
+    /// Send a ping (payload cut to 125 bytes).
+    pub fn ping(&mut self, payload: &[u8]) -> SendStatus {
+        self.frame(OpCode::Ping, &payload[..payload.len().min(125)])
+    }
+    /// Start the close handshake with `code` and `reason` once the callback returns; later sends
+    /// are refused. The connection ends when the client answers or after the close timeout.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        if !self.send.sealed {
+            self.send.sealed = true;
+            self.send.close_req = Some((code, reason.into()));
+        }
+    }
+    /// Drop the connection without a close handshake once the callback returns.
+    pub fn terminate(&mut self) {
+        self.send.sealed = true;
+        self.send.terminate = true;
+    }
+    /// Bytes sent but not yet written to the socket.
+    pub fn buffered_amount(&self) -> usize {
+        self.pending + self.out.len()
+    }
+
+    fn frame(&mut self, op: OpCode, payload: &[u8]) -> SendStatus {
+        if self.send.sealed {
+            return SendStatus::Closed;
+        }
+        write_frame(self.out, true, op, payload);
+        SendStatus::Queued
+    }
+}
+
+/// Why a connection ended. Each reason maps, in one place, to the close code reported, the
+/// label counted in metrics and the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The request was not a valid upgrade, or the upgrade hook refused it, and got this status.
+    Rejected(u16),
+    /// A plain HTTP request (not an upgrade) was answered.
+    HttpAnswered,
+    /// The upgrade request did not complete within the handshake timeout (408).
+    HandshakeTimeout,
+    /// The client started the close handshake and we answered.
+    PeerClosed,
+    /// We started the close handshake (application or shutdown) and the client answered.
+    ClosedByServer,
+    /// The client broke RFC 6455; we sent this close code.
+    Protocol(CloseCode),
+    /// Nothing arrived for the idle timeout, not even a pong to our ping.
+    IdleTimeout,
+    /// The client did not answer our close frame within the close timeout.
+    CloseTimeout,
+    /// The client closed TCP (or reset it) without a close handshake.
+    Abnormal,
+    /// Reading or writing the socket failed.
+    IoError,
+    /// The application terminated the connection.
+    Terminated,
+    /// The server shut down and the client did not finish the close handshake in time.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The label used in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Rejected(_) => "rejected",
+            CloseReason::HttpAnswered => "http_answered",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::ClosedByServer => "closed_by_server",
+            CloseReason::Protocol(_) => "protocol_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::CloseTimeout => "close_timeout",
+            CloseReason::Abnormal => "abnormal",
+            CloseReason::IoError => "io_error",
+            CloseReason::Terminated => "terminated",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The close code reported to `on_close` when no close frame decided it.
+    pub fn code(self) -> CloseCode {
+        match self {
+            CloseReason::Protocol(c) => c,
+            CloseReason::IdleTimeout | CloseReason::Shutdown => CloseCode::GOING_AWAY,
+            CloseReason::PeerClosed | CloseReason::ClosedByServer => CloseCode::NORMAL,
+            _ => CloseCode::ABNORMAL,
+        }
+    }
+
+    /// Every label, for exporting zero-valued counters.
+    pub const LABELS: [&'static str; 12] = [
+        "rejected",
+        "http_answered",
+        "handshake_timeout",
+        "peer_closed",
+        "closed_by_server",
+        "protocol_error",
+        "idle_timeout",
+        "close_timeout",
+        "abnormal",
+        "io_error",
+        "terminated",
+        "shutdown",
+    ];
+
+    /// Index of this reason's label in [`CloseReason::LABELS`].
+    pub fn index(self) -> usize {
+        match self {
+            CloseReason::Rejected(_) => 0,
+            CloseReason::HttpAnswered => 1,
+            CloseReason::HandshakeTimeout => 2,
+            CloseReason::PeerClosed => 3,
+            CloseReason::ClosedByServer => 4,
+            CloseReason::Protocol(_) => 5,
+            CloseReason::IdleTimeout => 6,
+            CloseReason::CloseTimeout => 7,
+            CloseReason::Abnormal => 8,
+            CloseReason::IoError => 9,
+            CloseReason::Terminated => 10,
+            CloseReason::Shutdown => 11,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Every limit and timeout of a [`Server`](crate::Server), with its documented default.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The limits and timeouts a server enforces. `Config::default()` is what the `wsloop` binary
+/// runs with unless told otherwise; the README's limits table lists the same values.
+///
+/// A zero duration disables the timeout it names, except where noted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Largest message (after reassembling fragments) accepted from a client, in bytes.
+    /// Larger ones close the connection with 1009 as soon as a frame header announces them.
+    /// Default 16 KiB (as uWebSockets).
+    pub max_message_size: usize,
+    /// Largest HTTP request head, in bytes; larger gets 431. Default 8 KiB.
+    pub max_header_bytes: usize,
+    /// Most header lines in the request head; more gets 431. Default 64, at most 128.
+    pub max_headers: usize,
+    /// Time from accept to a complete upgrade request. Absolute: bytes trickling in do not
+    /// extend it. On expiry the client gets 408 and the connection is closed. Default 10 s;
+    /// may not be zero.
+    pub handshake_timeout: Duration,
+    /// An open connection from which nothing arrives for this long is closed. Half-way through,
+    /// the server sends a ping, which a live client answers. Default 120 s (as uWebSockets).
+    pub idle_timeout: Duration,
+    /// After the server sends a close frame, how long it waits for the client's close frame
+    /// (and for its own unsent bytes to drain) before closing the TCP connection. Default 5 s;
+    /// may not be zero.
+    pub close_timeout: Duration,
+    /// On graceful shutdown, how long to wait for clients to finish the close handshake before
+    /// the remaining connections are dropped and the loop returns. Default 5 s.
+    pub shutdown_timeout: Duration,
+    /// Size of the one receive buffer the loop shares between all connections. Default 64 KiB.
+    pub recv_buffer_size: usize,
+    /// How many readiness events one poll call can return. Default 1024.
+    pub events_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_message_size: 16 * 1024,
+            max_header_bytes: 8 * 1024,
+            max_headers: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            recv_buffer_size: 64 * 1024,
+            events_capacity: 1024,
+        }
+    }
+}
+
+/// A configuration value outside its allowed range, named with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The ceiling for `max_headers` (the parser's stack array).
+pub const MAX_HEADERS_CAP: usize = crate::protocol::handshake::MAX_HEADERS_CAP;
+
+impl Config {
+    /// Check every value; the first one out of range is reported. Servers refuse to start with
+    /// an invalid configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn err(field: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError {
+                field,
+                reason: reason.into(),
+            })
+        }
+        if self.max_message_size == 0 {
+            return err("max_message_size", "must be at least 1 byte");
+        }
+        if self.max_message_size > (1 << 40) {
+            return err("max_message_size", "must be at most 1 TiB");
+        }
+        if self.max_header_bytes < 64 || self.max_header_bytes > 1 << 20 {
+            return err("max_header_bytes", "must be between 64 bytes and 1 MiB");
+        }
+        if self.max_headers == 0 || self.max_headers > MAX_HEADERS_CAP {
+            return err(
+                "max_headers",
+                format!("must be between 1 and {MAX_HEADERS_CAP}"),
+            );
+        }
+        if self.handshake_timeout.is_zero() {
+            return err("handshake_timeout", "may not be zero");
+        }
+        if self.close_timeout.is_zero() {
+            return err("close_timeout", "may not be zero");
+        }
+        let day = Duration::from_secs(86_400 * 365);
+        for (field, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("close_timeout", self.close_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d > day {
+                return err(field, "must be at most a year");
+            }
+        }
+        if self.recv_buffer_size < 1024 || self.recv_buffer_size > 64 << 20 {
+            return err("recv_buffer_size", "must be between 1 KiB and 64 MiB");
+        }
+        if self.events_capacity == 0 || self.events_capacity > 1 << 20 {
+            return err("events_capacity", "must be between 1 and 1048576");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.max_message_size, 16384);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.close_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let cases: Vec<(&str, Config)> = vec![
+            (
+                "max_message_size",
+                Config {
+                    max_message_size: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_header_bytes",
+                Config {
+                    max_header_bytes: 10,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_headers",
+                Config {
+                    max_headers: 1000,
+                    ..Config::default()
+                },
+            ),
+            (
+                "handshake_timeout",
+                Config {
+                    handshake_timeout: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "close_timeout",
+                Config {
+                    close_timeout: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "idle_timeout",
+                Config {
+                    idle_timeout: Duration::from_secs(u64::MAX / 4),
+                    ..Config::default()
+                },
+            ),
+            (
+                "recv_buffer_size",
+                Config {
+                    recv_buffer_size: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "events_capacity",
+                Config {
+                    events_capacity: 0,
+                    ..Config::default()
+                },
+            ),
+        ];
+        for (field, c) in cases {
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field);
+            assert!(e.to_string().contains(field));
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! One server-side WebSocket connection as a sans-IO state machine.
+//!
+//! A [`Session`] takes the bytes a socket produced and returns events plus the bytes to send;
+//! it owns no socket and reads no clock. The event loop is a thin adapter around it, and the
+//! fuzzers drive it directly.
+//!
+//! Lifecycle: [`Session::feed_head`] until the HTTP request head is complete; the caller then
+//! validates it ([`handshake::validate_upgrade`]), asks the application, writes the 101 or a
+//! rejection with the [`handshake`] writers and calls [`Session::finish_handshake`] or
+//! [`Session::finish_rejected`]. From then on [`Session::read`] turns frames into
+//! [`Event`]s one at a time, answering pings and closes by itself.
+//!
+//! Memory: a session owns heap buffers only while it holds a partial request head, a message that
+//! spans several reads or fragments, or a control frame split across reads; each is released as
+//! soon as it has been delivered. A single-frame message whose bytes are all in the input is
+//! unmasked in place and delivered as a slice of the input, without a copy.
+
+use super::close::{parse_close_payload, truncate_reason, CloseCode};
+use super::frame::{apply_mask, write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
+use super::handshake::{self, Rejection, Request};
+use super::utf8::Utf8Validator;
+use std::fmt;
+
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Reading the HTTP upgrade request.
+    Handshake,
+    /// Upgraded; messages flow both ways.
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    CloseSent,
+    /// Finished: the close handshake completed, failed, or the request was rejected. The transport
+    /// may be closed now; further input is ignored.
+    Closed,
+}
+
+/// A violation of RFC 6455 by the peer, with the close code it earns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtocolError {
+    /// The code sent in our close frame.
+    pub code: CloseCode,
+    /// A short description, also sent as the close reason.
+    pub reason: &'static str,
+}
+
+impl ProtocolError {
+    const fn new(code: CloseCode, reason: &'static str) -> Self {
+        ProtocolError { code, reason }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.reason, self.code)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// What one call to [`Session::read`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete, valid UTF-8 text message.
+    Text(&'a str),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// A ping; the pong was already written to `out`.
+    Ping(&'a [u8]),
+    /// A pong.
+    Pong(&'a [u8]),
+    /// The peer's close frame. If it started the close, our reply was already written to `out`.
+    /// Either way the session is now [`State::Closed`] and the transport may be closed (the
+    /// server closes the TCP connection first, RFC 6455 section 7.1.1).
+    Close {
+        /// The code the peer sent, or 1005 when it sent none.
+        code: CloseCode,
+        /// The peer's reason (valid UTF-8, possibly empty).
+        reason: &'a str,
+    },
+}
+
+/// The result of feeding request-head bytes. (The request lives on the stack: about 4 KiB,
+/// cheaper than a heap allocation per handshake.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Head<'a> {
+    /// More bytes are needed.
+    Partial,
+    /// The head is complete. `head_len` bytes of the head's source belong to it; any bytes
+    /// after them belong to the WebSocket stream. `buffered` says whether the head came from the
+    /// session's own buffer (bytes trickled over several reads) or directly from the input.
+    Complete {
+        /// The parsed request.
+        request: Request<'a>,
+        /// Length of the request head in its source.
+        head_len: usize,
+        /// Whether the source is the session's buffer rather than the last input.
+        buffered: bool,
+    },
+}
+
+/// Where the bytes of a ready event lie, computed before any borrow is handed out.
+enum Ready {
+    Nothing,
+    Input {
+        start: usize,
+        end: usize,
+        op: OpCode,
+    },
+    Buffer {
+        text: bool,
+    },
+    Control {
+        op: OpCode,
+    },
+}
+
+/// One server-side WebSocket connection's protocol state. About a hundred bytes when idle.
+#[derive(Debug)]
+pub struct Session {
+    state: State,
+    /// Partial frame header carried over between reads.
+    hdr: [u8; MAX_HEADER_LEN],
+    hdr_len: u8,
+    /// Inside a frame's payload.
+    in_payload: bool,
+    frame_op: OpCode,
+    frame_fin: bool,
+    mask: [u8; 4],
+    /// Offset of the next payload byte within its frame, modulo 4 (the mask phase).
+    phase: u8,
+    remaining: u64,
+    /// The opcode (Text or Binary) of the data message being assembled, if any.
+    msg_op: Option<OpCode>,
+    utf8: Utf8Validator,
+    /// The request head while it trickles in; afterwards the message being assembled.
+    buf: Vec<u8>,
+    /// A control frame's payload split across reads.
+    ctrl: Vec<u8>,
+    /// `buf` / `ctrl` were handed out in the last event and are released on the next call.
+    release_buf: bool,
+    release_ctrl: bool,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Session {
+    /// A session waiting for its request head. Allocates nothing.
+    pub fn new() -> Self {
+        Session {
+            state: State::Handshake,
+            hdr: [0; MAX_HEADER_LEN],
+            hdr_len: 0,
+            in_payload: false,
+            frame_op: OpCode::Continuation,
+            frame_fin: false,
+            mask: [0; 4],
+            phase: 0,
+            remaining: 0,
+            msg_op: None,
+            utf8: Utf8Validator::new(),
+            buf: Vec::new(),
+            ctrl: Vec::new(),
+            release_buf: false,
+            release_ctrl: false,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Bytes of heap this session holds right now (buffer capacities), for memory accounting
+    /// and for checking that buffered bytes stay within the configured limits.
+    pub fn buffered_capacity(&self) -> usize {
+        self.buf.capacity() + self.ctrl.capacity()
+    }
+
+    /// Bytes of request head or partial message held right now.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len() + self.ctrl.len()
+    }
+
+    /// Feed bytes of the HTTP request head (state [`State::Handshake`]).
+    ///
+    /// When nothing is buffered and `input` holds a whole head, the request is parsed straight
+    /// from `input` (no copy). Otherwise the bytes are appended to the session's buffer, which is
+    /// parsed only once an empty line may have arrived, so a client trickling bytes costs O(n)
+    /// in total. A head longer than `limits.max_header_bytes` is rejected (431) as soon as it
+    /// is seen, without waiting for its end. On `Err` the caller writes the rejection and
+    /// calls [`Session::finish_rejected`].
+    pub fn feed_head<'a>(
+        &'a mut self,
+        input: &'a [u8],
+        limits: &handshake::Limits,
+    ) -> Result<Head<'a>, Rejection> {
+        debug_assert_eq!(self.state, State::Handshake);
+        if self.buf.is_empty() {
+            match handshake::parse(input, limits)? {
+                handshake::Parsed::Complete { request, head_len } => {
+                    return Ok(Head::Complete {
+                        request,
+                        head_len,
+                        buffered: false,
+                    })
+                }
+                handshake::Parsed::Partial => {
+                    self.buf.extend_from_slice(input);
+                    return Ok(Head::Partial);
+                }
+            }
+        }
+        let old = self.buf.len();
+        self.buf.extend_from_slice(input);
+        // An empty line ends the head: look for "\n\n" or "\n\r\n" ending in the new bytes.
+        let from = old.saturating_sub(2);
+        let ended = self.buf[from..]
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && ends_head(&self.buf[..from + i + 1]));
+        if !ended {
+            if self.buf.len() > limits.max_header_bytes {
+                return Err(handshake::parse(&self.buf, limits)
+                    .err()
+                    .unwrap_or(Rejection::HeadersTooLarge));
+            }
+            return Ok(Head::Partial);
+        }
+        match handshake::parse(&self.buf, limits)? {
+            handshake::Parsed::Complete { request, head_len } => Ok(Head::Complete {
+                request,
+                head_len,
+                buffered: true,
+            }),
+            handshake::Parsed::Partial => Ok(Head::Partial),
+        }
+    }
+
+    /// The upgrade was accepted and the 101 response written: the session is now
+    /// [`State::Open`]. When the head was `buffered`, returns the bytes that followed it in the
+    /// session's buffer (frames the client sent without waiting for the 101), which the caller
+    /// passes to [`Session::read`]; otherwise those bytes are `input[head_len..]` of the last
+    /// call to [`Session::feed_head`] and the returned vector is empty.
+    pub fn finish_handshake(&mut self, head_len: usize, buffered: bool) -> Vec<u8> {
+        self.state = State::Open;
+        let mut rest = std::mem::take(&mut self.buf);
+        if buffered {
+            rest.drain(..head_len.min(rest.len()));
+            rest
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The request was rejected (or was a plain HTTP request that got its answer): the session is
+    /// [`State::Closed`] and its buffers are released.
+    pub fn finish_rejected(&mut self) {
+        self.state = State::Closed;
+        self.buf = Vec::new();
+    }
+
+    /// Parse the next frame bytes of `input` (state [`State::Open`] or [`State::CloseSent`]).
+    ///
+    /// Returns how many bytes of `input` were used and at most one event. Call again with the
+    /// rest of the input until it is used up: when no event is ready, all of `input` is used
+    /// (partial frames are buffered in the session), so each call makes progress. Payloads are
+    /// unmasked in place in `input`. Automatic replies (pong, close reply) are appended to `out`.
+    ///
+    /// On `Err` the peer broke the protocol: a close frame with the error's code was appended to
+    /// `out` (unless we had already sent one), the session is [`State::Closed`], and the
+    /// transport should be closed once `out` is flushed. In [`State::Closed`] all input is
+    /// ignored; in [`State::CloseSent`] data messages and pings are parsed but not delivered.
+    /// Messages longer than `max_message` bytes fail with 1009 as soon as a frame header
+    /// announces it, before any of it is buffered.
+    pub fn read<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        max_message: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        if self.release_buf {
+            self.release_buf = false;
+            self.buf = Vec::new();
+        }
+        if self.release_ctrl {
+            self.release_ctrl = false;
+            self.ctrl = Vec::new();
+        }
+        if self.state == State::Closed || self.state == State::Handshake || input.is_empty() {
+            return Ok((input.len(), None));
+        }
+        let (used, ready) = match self.step(input, max_message, out) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(e, out);
+                return Err(e);
+            }
+        };
+        let event = match ready {
+            Ready::Nothing => None,
+            Ready::Input { start, end, op } => {
+                let bytes = &input[start..end];
+                match op {
+                    OpCode::Text => match std::str::from_utf8(bytes) {
+                        Ok(s) => Some(Event::Text(s)),
+                        Err(_) => {
+                            let e = ProtocolError::new(
+                                CloseCode::INVALID_PAYLOAD,
+                                "invalid UTF-8 in text message",
+                            );
+                            self.fail(e, out);
+                            return Err(e);
+                        }
+                    },
+                    OpCode::Binary => Some(Event::Binary(bytes)),
+                    OpCode::Ping => Some(Event::Ping(bytes)),
+                    OpCode::Pong => Some(Event::Pong(bytes)),
+                    _ => Some(close_event(bytes)),
+                }
+            }
+            Ready::Buffer { text } => {
+                let bytes = &self.buf[..];
+                if text {
+                    // Validated piece by piece as it arrived.
+                    let s = std::str::from_utf8(bytes).unwrap_or_default();
+                    debug_assert_eq!(s.len(), bytes.len());
+                    Some(Event::Text(s))
+                } else {
+                    Some(Event::Binary(bytes))
+                }
+            }
+            Ready::Control { op } => {
+                let bytes = &self.ctrl[..];
+                match op {
+                    OpCode::Ping => Some(Event::Ping(bytes)),
+                    OpCode::Pong => Some(Event::Pong(bytes)),
+                    _ => Some(close_event(bytes)),
+                }
+            }
+        };
+        Ok((used, event))
+    }
+
+    /// Append a data frame (`Text` or `Binary`) carrying `payload` to `out`.
+    /// Returns false, writing nothing, unless the session is [`State::Open`].
+    pub fn send(&mut self, op: OpCode, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        debug_assert!(op.is_data() && op != OpCode::Continuation);
+        if self.state != State::Open {
+            return false;
+        }
+        write_frame(out, true, op, payload);
+        true
+    }
+
+    /// Append a ping (payload cut to 125 bytes) to `out`. Returns false unless [`State::Open`].
+    pub fn ping(&mut self, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        if self.state != State::Open {
+            return false;
+        }
+        write_frame(out, true, OpCode::Ping, &payload[..payload.len().min(125)]);
+        true
+    }
+
+    /// Start the close handshake: append a close frame to `out` and enter [`State::CloseSent`].
+    /// A code that may not be sent (see [`CloseCode::is_sendable`]) is replaced by an empty
+    /// payload ("no status"); the reason is cut to fit a control frame. Returns false, writing
+    /// nothing, unless the session is [`State::Open`].
+    pub fn close(&mut self, code: CloseCode, reason: &str, out: &mut Vec<u8>) -> bool {
+        if self.state != State::Open {
+            return false;
+        }
+        write_close(out, code, reason);
+        self.state = State::CloseSent;
+        true
+    }
+
+    /// Fail the connection: append a close frame with `err`'s code unless one was sent already,
+    /// and enter [`State::Closed`].
+    pub fn fail(&mut self, err: ProtocolError, out: &mut Vec<u8>) {
+        if self.state == State::Open {
+            write_close(out, err.code, err.reason);
+        }
+        self.state = State::Closed;
+    }
+
+    /// Release the buffers handed out by the last event, if any. The loop calls this after it
+    /// has drained a read, so an idle connection keeps no message buffer.
+    pub fn reclaim(&mut self) {
+        if self.release_buf {
+            self.release_buf = false;
+            self.buf = Vec::new();
+        }
+        if self.release_ctrl {
+            self.release_ctrl = false;
+            self.ctrl = Vec::new();
+        }
+    }
+
+    /// Parse at most one frame's worth of `input`; see [`Session::read`].
+    fn step(
+        &mut self,
+        input: &mut [u8],
+        max_message: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Ready), ProtocolError> {
+        let mut used = 0;
+        let fresh = !self.in_payload;
+        if fresh {
+            let header = if self.hdr_len == 0 {
+                match FrameHeader::parse(input).map_err(frame_error)? {
+                    Some((h, n)) => {
+                        used = n;
+                        h
+                    }
+                    None => {
+                        self.hdr[..input.len()].copy_from_slice(input);
+                        self.hdr_len = input.len() as u8;
+                        return Ok((input.len(), Ready::Nothing));
+                    }
+                }
+            } else {
+                let have = self.hdr_len as usize;
+                let take = (MAX_HEADER_LEN - have).min(input.len());
+                self.hdr[have..have + take].copy_from_slice(&input[..take]);
+                match FrameHeader::parse(&self.hdr[..have + take]).map_err(frame_error)? {
+                    Some((h, n)) => {
+                        self.hdr_len = 0;
+                        used = n - have;
+                        h
+                    }
+                    None => {
+                        self.hdr_len = (have + take) as u8;
+                        return Ok((take, Ready::Nothing));
+                    }
+                }
+            };
+            self.begin_frame(&header, max_message)?;
+        }
+
+        let avail = input.len() - used;
+        let op = self.frame_op;
+        if fresh
+            && (avail as u64) >= self.remaining
+            && (op.is_control() || (self.frame_fin && op != OpCode::Continuation))
+        {
+            // The whole frame is in the input: unmask in place and hand out a slice of it.
+            let end = used + self.remaining as usize;
+            apply_mask(&mut input[used..end], self.mask, 0);
+            let start = used;
+            self.in_payload = false;
+            self.remaining = 0;
+            if op.is_data() {
+                self.msg_op = None;
+                if self.state != State::Open {
+                    return Ok((end, Ready::Nothing));
+                }
+            } else if !self.control(op, &input[start..end], out)? {
+                return Ok((end, Ready::Nothing));
+            }
+            return Ok((end, Ready::Input { start, end, op }));
+        }
+
+        // Part of a frame, or a fragment: unmask what is here and append it to a buffer.
+        let n = (avail as u64).min(self.remaining) as usize;
+        let piece = &mut input[used..used + n];
+        apply_mask(piece, self.mask, self.phase as usize);
+        self.phase = ((self.phase as usize + n) % 4) as u8;
+        self.remaining -= n as u64;
+        used += n;
+        if op.is_control() {
+            self.ctrl.extend_from_slice(piece);
+            if self.remaining > 0 {
+                return Ok((used, Ready::Nothing));
+            }
+            self.in_payload = false;
+            let payload = std::mem::take(&mut self.ctrl);
+            let deliver = self.control(op, &payload, out);
+            self.ctrl = payload;
+            self.release_ctrl = true;
+            return Ok((
+                used,
+                if deliver? {
+                    Ready::Control { op }
+                } else {
+                    Ready::Nothing
+                },
+            ));
+        }
+        let text = self.msg_op == Some(OpCode::Text);
+        if text && self.utf8.feed(piece).is_err() {
+            return Err(ProtocolError::new(
+                CloseCode::INVALID_PAYLOAD,
+                "invalid UTF-8 in text message",
+            ));
+        }
+        self.buf.extend_from_slice(piece);
+        if self.remaining > 0 {
+            return Ok((used, Ready::Nothing));
+        }
+        self.in_payload = false;
+        if !self.frame_fin {
+            return Ok((used, Ready::Nothing));
+        }
+        self.msg_op = None;
+        if text && self.utf8.finish().is_err() {
+            return Err(ProtocolError::new(
+                CloseCode::INVALID_PAYLOAD,
+                "invalid UTF-8 in text message",
+            ));
+        }
+        self.release_buf = true;
+        if self.state != State::Open {
+            return Ok((used, Ready::Nothing));
+        }
+        Ok((used, Ready::Buffer { text }))
+    }
+
+    /// Check a new frame's header against the connection's state and enter its payload.
+    fn begin_frame(&mut self, h: &FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
+        if h.rsv != 0 {
+            return Err(ProtocolError::new(
+                CloseCode::PROTOCOL_ERROR,
+                "reserved bits set",
+            ));
+        }
+        let Some(mask) = h.mask else {
+            return Err(ProtocolError::new(
+                CloseCode::PROTOCOL_ERROR,
+                "client frame not masked",
+            ));
+        };
+        match h.opcode {
+            OpCode::Continuation => {
+                if self.msg_op.is_none() {
+                    return Err(ProtocolError::new(
+                        CloseCode::PROTOCOL_ERROR,
+                        "continuation without a message",
+                    ));
+                }
+                if h.payload_len > (max_message - self.buf.len().min(max_message)) as u64 {
+                    return Err(too_big());
+                }
+            }
+            OpCode::Text | OpCode::Binary => {
+                if self.msg_op.is_some() {
+                    return Err(ProtocolError::new(
+                        CloseCode::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    ));
+                }
+                if h.payload_len > max_message as u64 {
+                    return Err(too_big());
+                }
+                self.msg_op = Some(h.opcode);
+            }
+            _ => {}
+        }
+        self.in_payload = true;
+        self.frame_op = h.opcode;
+        self.frame_fin = h.fin;
+        self.mask = mask;
+        self.phase = 0;
+        self.remaining = h.payload_len;
+        Ok(())
+    }
+
+    /// Act on a complete control frame; returns whether it is delivered as an event.
+    fn control(
+        &mut self,
+        op: OpCode,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ProtocolError> {
+        match op {
+            OpCode::Ping => {
+                if self.state != State::Open {
+                    return Ok(false);
+                }
+                write_frame(out, true, OpCode::Pong, payload);
+                Ok(true)
+            }
+            OpCode::Pong => Ok(self.state == State::Open),
+            _ => {
+                let (code, _) = parse_close_payload(payload).map_err(|_| {
+                    ProtocolError::new(CloseCode::PROTOCOL_ERROR, "invalid close payload")
+                })?;
+                if self.state == State::Open {
+                    // Echo the peer's code (RFC 6455 section 5.5.1); none if it sent none.
+                    write_close(out, code, "");
+                }
+                self.state = State::Closed;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Whether `head` ends with an empty line ("\n\n" or "\n\r\n").
+fn ends_head(head: &[u8]) -> bool {
+    head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
+}
+
+fn close_event(payload: &[u8]) -> Event<'_> {
+    // Validated by `Session::control` before the event was made.
+    let (code, reason) = parse_close_payload(payload).unwrap_or((CloseCode::NO_STATUS, ""));
+    Event::Close { code, reason }
+}
+
+fn write_close(out: &mut Vec<u8>, code: CloseCode, reason: &str) {
+    if !code.is_sendable() {
+        write_frame(out, true, OpCode::Close, &[]);
+        return;
+    }
+    let reason = truncate_reason(reason);
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.0.to_be_bytes());
+    payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
+    write_frame(out, true, OpCode::Close, &payload[..2 + reason.len()]);
+}
+
+fn too_big() -> ProtocolError {
+    ProtocolError::new(CloseCode::MESSAGE_TOO_BIG, "message too big")
+}
+
+fn frame_error(e: super::frame::FrameError) -> ProtocolError {
+    use super::frame::FrameError as F;
+    let reason = match e {
+        F::ReservedOpcode(_) => "reserved opcode",
+        F::NonMinimalLength => "non-minimal payload length",
+        F::LengthMsbSet => "payload length with most significant bit set",
+        F::ControlTooLong => "control frame longer than 125 bytes",
+        F::ControlFragmented => "fragmented control frame",
+    };
+    ProtocolError::new(CloseCode::PROTOCOL_ERROR, reason)
+}
