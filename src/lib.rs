@@ -48,3 +48,8 @@ pub use config::{Config, ConfigError};
 pub use event_loop::{Server, Stats};
 pub use handle::{Ctx, LoopHandle};
 pub use protocol::close::CloseCode;
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
