@@ -268,9 +268,11 @@ impl Session {
     /// Parse the next frame bytes of `input` (state [`State::Open`] or [`State::CloseSent`]).
     ///
     /// Returns how many bytes of `input` were used and at most one event. Call again with the
-    /// rest of the input until it is used up: when no event is ready, all of `input` is used
-    /// (partial frames are buffered in the session), so each call makes progress. Payloads are
-    /// unmasked in place in `input`. Automatic replies (pong, close reply) are appended to `out`.
+    /// rest of the input until it is used up: each call uses at least one byte (partial frames
+    /// are buffered in the session), so each call makes progress; a call may return no event
+    /// without using all of `input` (after a non-final fragment, or a frame not delivered in
+    /// [`State::CloseSent`]). Payloads are unmasked in place in `input`. Automatic replies
+    /// (pong, close reply) are appended to `out`.
     ///
     /// On `Err` the peer broke the protocol: a close frame with the error's code was appended to
     /// `out` (unless we had already sent one), the session is [`State::Closed`], and the
@@ -387,6 +389,15 @@ impl Session {
             write_close(out, err.code, err.reason);
         }
         self.state = State::Closed;
+        self.release();
+    }
+
+    /// Drop every buffer: the session is closed and will deliver nothing more.
+    fn release(&mut self) {
+        self.buf = Vec::new();
+        self.ctrl = Vec::new();
+        self.release_buf = false;
+        self.release_ctrl = false;
     }
 
     /// Release the buffers handed out by the last event, if any. The loop calls this after it
@@ -458,6 +469,14 @@ impl Session {
             if op.is_data() {
                 self.msg_op = None;
                 if self.state != State::Open {
+                    // Not delivered, but validated as on the buffered path, so that the outcome
+                    // does not depend on how the frame was split into reads.
+                    if op == OpCode::Text && std::str::from_utf8(&input[start..end]).is_err() {
+                        return Err(ProtocolError::new(
+                            CloseCode::INVALID_PAYLOAD,
+                            "invalid UTF-8 in text message",
+                        ));
+                    }
                     return Ok((end, Ready::Nothing));
                 }
             } else if !self.control(op, &input[start..end], out)? {
@@ -579,11 +598,10 @@ impl Session {
     ) -> Result<bool, ProtocolError> {
         match op {
             OpCode::Ping => {
-                if self.state != State::Open {
-                    return Ok(false);
-                }
+                // A pong is owed until the peer's close arrives (RFC 6455 section 5.5.2), even
+                // after ours went out; the ping is delivered only while open.
                 write_frame(out, true, OpCode::Pong, payload);
-                Ok(true)
+                Ok(self.state == State::Open)
             }
             OpCode::Pong => Ok(self.state == State::Open),
             _ => {
@@ -595,6 +613,9 @@ impl Session {
                     write_close(out, code, "");
                 }
                 self.state = State::Closed;
+                // A half-built message will never be delivered: give its buffer back.
+                self.buf = Vec::new();
+                self.release_buf = false;
                 Ok(true)
             }
         }
@@ -639,3 +660,7 @@ fn frame_error(e: super::frame::FrameError) -> ProtocolError {
     };
     ProtocolError::new(CloseCode::PROTOCOL_ERROR, reason)
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
