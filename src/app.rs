@@ -1,6 +1,7 @@
 //! The public API: the [`Handler`] trait an application implements, the [`WebSocket`] handle
 //! its callbacks receive, and the types that travel with them.
 
+use crate::config::BackpressurePolicy;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::{write_frame, OpCode};
 use crate::protocol::handshake::Upgrade;
@@ -158,6 +159,10 @@ pub enum SendStatus {
     Queued,
     /// The connection is closing or closed: nothing was sent.
     Closed,
+    /// More than [`Config::max_backpressure`](crate::Config::max_backpressure) bytes were
+    /// already queued for this slow reader: nothing was sent. With the `Close` policy the
+    /// connection is also being closed with 1008.
+    Dropped,
 }
 
 /// A connection's send-side state, shared by callbacks and posted closures.
@@ -169,6 +174,8 @@ pub(crate) struct SendState {
     pub terminate: bool,
     /// Sends are refused (a close was requested or the session is closing).
     pub sealed: bool,
+    /// Why the server is closing, when it is for a reason of its own (counted at the end).
+    pub cause: Option<CloseReason>,
 }
 
 /// A connection as seen from inside a callback: its data, and ways to send and close.
@@ -182,6 +189,8 @@ pub struct WebSocket<'a, D> {
     /// Bytes already queued in the connection's own buffer (a slow reader).
     pub(crate) pending: usize,
     pub(crate) subprotocol: Option<&'a str>,
+    pub(crate) max_backpressure: usize,
+    pub(crate) policy: BackpressurePolicy,
 }
 
 impl<'a, D> WebSocket<'a, D> {
@@ -246,6 +255,15 @@ impl<'a, D> WebSocket<'a, D> {
         if self.send.sealed {
             return SendStatus::Closed;
         }
+        if self.buffered_amount() > self.max_backpressure {
+            if self.policy == BackpressurePolicy::Close {
+                self.send.sealed = true;
+                self.send.cause = Some(CloseReason::Backpressure);
+                self.send.close_req =
+                    Some((CloseCode::POLICY_VIOLATION, "backpressure limit".into()));
+            }
+            return SendStatus::Dropped;
+        }
         write_frame(self.out, true, op, payload);
         SendStatus::Queued
     }
@@ -263,7 +281,7 @@ pub enum CloseReason {
     HandshakeTimeout,
     /// The client started the close handshake and we answered.
     PeerClosed,
-    /// We started the close handshake (application or shutdown) and the client answered.
+    /// The application started the close handshake and the client answered.
     ClosedByServer,
     /// The client broke RFC 6455; we sent this close code.
     Protocol(CloseCode),
@@ -277,8 +295,16 @@ pub enum CloseReason {
     IoError,
     /// The application terminated the connection.
     Terminated,
-    /// The server shut down and the client did not finish the close handshake in time.
+    /// The server shut down (whether or not the client answered its close frame in time).
     Shutdown,
+    /// Refused at admission (connection limits or rate) and answered 503 or 429.
+    Refused,
+    /// A send found more than the backpressure limit queued (close 1008).
+    Backpressure,
+    /// Queued bytes made no progress for the write-stall timeout.
+    WriteStall,
+    /// The connection reached its maximum lifetime (close 1001).
+    MaxLifetime,
 }
 
 impl CloseReason {
@@ -297,6 +323,10 @@ impl CloseReason {
             CloseReason::IoError => "io_error",
             CloseReason::Terminated => "terminated",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Refused => "refused",
+            CloseReason::Backpressure => "backpressure",
+            CloseReason::WriteStall => "write_stall",
+            CloseReason::MaxLifetime => "max_lifetime",
         }
     }
 
@@ -304,14 +334,17 @@ impl CloseReason {
     pub fn code(self) -> CloseCode {
         match self {
             CloseReason::Protocol(c) => c,
-            CloseReason::IdleTimeout | CloseReason::Shutdown => CloseCode::GOING_AWAY,
+            CloseReason::IdleTimeout | CloseReason::Shutdown | CloseReason::MaxLifetime => {
+                CloseCode::GOING_AWAY
+            }
+            CloseReason::Backpressure => CloseCode::POLICY_VIOLATION,
             CloseReason::PeerClosed | CloseReason::ClosedByServer => CloseCode::NORMAL,
             _ => CloseCode::ABNORMAL,
         }
     }
 
     /// Every label, for exporting zero-valued counters.
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 16] = [
         "rejected",
         "http_answered",
         "handshake_timeout",
@@ -324,6 +357,10 @@ impl CloseReason {
         "io_error",
         "terminated",
         "shutdown",
+        "refused",
+        "backpressure",
+        "write_stall",
+        "max_lifetime",
     ];
 
     /// Index of this reason's label in [`CloseReason::LABELS`].
@@ -341,6 +378,10 @@ impl CloseReason {
             CloseReason::IoError => 9,
             CloseReason::Terminated => 10,
             CloseReason::Shutdown => 11,
+            CloseReason::Refused => 12,
+            CloseReason::Backpressure => 13,
+            CloseReason::WriteStall => 14,
+            CloseReason::MaxLifetime => 15,
         }
     }
 }

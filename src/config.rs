@@ -35,6 +35,52 @@ pub struct Config {
     pub recv_buffer_size: usize,
     /// How many readiness events one poll call can return. Default 1024.
     pub events_capacity: usize,
+    /// Most connections held at once (handshaking, open or closing). Beyond it new connections
+    /// are answered `503 Service Unavailable` with `Retry-After` and closed. 0 (the default)
+    /// derives it from the fd budget: the soft `RLIMIT_NOFILE`, minus the descriptors the process
+    /// already has open when the server starts, minus `fd_headroom`, minus a reserve for
+    /// answering refused clients. A value that does not fit the budget is a startup error.
+    pub max_connections: usize,
+    /// Most connections from one IP address. Beyond it: 503. 0 (the default) is unlimited,
+    /// since clients behind one NAT or proxy share an address.
+    pub max_connections_per_ip: u32,
+    /// New connections per second from one IP address (token bucket). Beyond it:
+    /// `429 Too Many Requests` with `Retry-After`. 0 (the default) is unlimited.
+    pub connection_rate_per_ip: u32,
+    /// The bucket size for `connection_rate_per_ip` (bursts). 0 means "equal to the rate".
+    pub connection_burst_per_ip: u32,
+    /// Descriptors left for the rest of the process when deriving `max_connections`.
+    /// Default 32.
+    pub fd_headroom: usize,
+    /// Raise the soft `RLIMIT_NOFILE` to the hard limit when the server starts (logged).
+    /// Default true.
+    pub raise_fd_limit: bool,
+    /// The listen backlog, capped by the kernel's `net.core.somaxconn`. Default 1024.
+    pub listen_backlog: u32,
+    /// Most connections accepted from one listener in one loop turn; the rest wait for the next
+    /// turn, so a connection storm cannot starve established connections. Default 256.
+    pub accepts_per_turn: usize,
+    /// Most bytes queued for a client that reads slower than the server sends. A send made
+    /// while more than this is queued is refused, and the connection closed (1008) or the
+    /// message dropped, by `backpressure_policy`. Default 64 KiB (as uWebSockets).
+    pub max_backpressure: usize,
+    /// What to do with a send over `max_backpressure`. Default `Close`.
+    pub backpressure_policy: BackpressurePolicy,
+    /// A connection with unsent bytes whose socket accepts none of them for this long is
+    /// dropped. Default 30 s.
+    pub write_stall_timeout: Duration,
+    /// Open connections are closed (1001) after this long, whatever they do. Default 0 (off).
+    pub max_lifetime: Duration,
+}
+
+/// What a send over the backpressure limit does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackpressurePolicy {
+    /// Refuse the send and close the connection with 1008 (the slow reader is cut off).
+    Close,
+    /// Refuse the send ([`SendStatus::Dropped`](crate::SendStatus::Dropped)) and keep the
+    /// connection.
+    Drop,
 }
 
 impl Default for Config {
@@ -49,6 +95,18 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             recv_buffer_size: 64 * 1024,
             events_capacity: 1024,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            connection_rate_per_ip: 0,
+            connection_burst_per_ip: 0,
+            fd_headroom: 32,
+            raise_fd_limit: true,
+            listen_backlog: 1024,
+            accepts_per_turn: 256,
+            max_backpressure: 64 * 1024,
+            backpressure_policy: BackpressurePolicy::Close,
+            write_stall_timeout: Duration::from_secs(30),
+            max_lifetime: Duration::ZERO,
         }
     }
 }
@@ -106,6 +164,8 @@ impl Config {
         }
         let day = Duration::from_secs(86_400 * 365);
         for (field, d) in [
+            ("write_stall_timeout", self.write_stall_timeout),
+            ("max_lifetime", self.max_lifetime),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
             ("close_timeout", self.close_timeout),
@@ -120,6 +180,21 @@ impl Config {
         }
         if self.events_capacity == 0 || self.events_capacity > 1 << 20 {
             return err("events_capacity", "must be between 1 and 1048576");
+        }
+        if self.listen_backlog == 0 || self.listen_backlog > 1 << 20 {
+            return err("listen_backlog", "must be between 1 and 1048576");
+        }
+        if self.accepts_per_turn == 0 {
+            return err("accepts_per_turn", "must be at least 1");
+        }
+        if self.max_backpressure == 0 {
+            return err("max_backpressure", "must be at least 1 byte");
+        }
+        if self.write_stall_timeout.is_zero() {
+            return err("write_stall_timeout", "may not be zero");
+        }
+        if self.max_connections > 1 << 24 {
+            return err("max_connections", "must be at most 16777216");
         }
         Ok(())
     }

@@ -7,20 +7,30 @@
 //! loop's cork buffer and written with one `send` at the end; only the bytes the socket did not
 //! take are copied into the connection's own queue, which a writable event flushes.
 //! Interest (read + write) is registered once per connection: no `epoll_ctl` per message.
+//!
+//! Deadlines: each connection has one wheel entry, armed at the earliest of its state deadline
+//! (handshake, idle ping, idle close, close handshake, linger), its write-stall deadline and its
+//! maximum lifetime. Moving a deadline later only records it in the wheel (O(1), no unlinking);
+//! when the entry fires early, the loop re-arms it at the new earliest deadline.
 
+use crate::admission::Admission;
 use crate::app::{
-    CloseReason, ConnId, Decision, Handler, Message, SendState, UpgradeRequest, WebSocket,
+    CloseReason, ConnId, Decision, Handler, Message, SendState, SendStatus, UpgradeRequest,
+    WebSocket,
 };
-use crate::config::Config;
+use crate::config::{BackpressurePolicy, Config};
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
-use crate::protocol::close::CloseCode;
+use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
+use crate::protocol::close::{truncate_reason, CloseCode};
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::{Event, Head, Session, State};
+use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
+use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,50 +43,153 @@ const MAX_LISTENERS: usize = 64;
 const NONE: usize = usize::MAX;
 /// The cork buffer is shrunk back to this after a large message passed through it.
 const CORK_KEEP: usize = 64 * 1024;
+/// A deadline that is not set.
+pub(crate) const NEVER: u64 = u64::MAX;
+/// How often per-address admission state is swept, in ms.
+const SWEEP_MS: u64 = 10_000;
 
-/// A timer entry: the connection's slab index and generation.
+/// A timer entry: the connection's slab index and generation ([`ACCEPT_TIMER`] for the accept
+/// backoff).
 #[derive(Clone, Copy, Debug)]
-struct TimerRef {
-    idx: u32,
-    gen: u32,
+pub(crate) struct TimerRef {
+    pub(crate) idx: u32,
+    pub(crate) gen: u32,
 }
 
 /// One connection in the slab.
 pub(crate) struct Conn<D> {
-    socket: TcpStream,
-    gen: u32,
-    peer: SocketAddr,
-    session: Session,
-    /// The connection's one timer; what it means depends on the session state.
-    timer: Option<TimerKey>,
+    pub(crate) socket: TcpStream,
+    pub(crate) gen: u32,
+    pub(crate) peer: SocketAddr,
+    pub(crate) session: Session,
+    /// The connection's one timer, armed at the earliest of the three deadlines below.
+    pub(crate) timer: Option<TimerKey>,
+    /// The state's deadline (ms): handshake, idle ping or close, close handshake, or linger.
+    pub(crate) deadline: u64,
+    /// When unsent bytes that made no progress make the connection stall out.
+    pub(crate) stall_at: u64,
+    /// The end of the connection's maximum lifetime.
+    pub(crate) expire_at: u64,
     /// Bytes the socket did not take yet.
-    pending: Vec<u8>,
+    pub(crate) pending: Vec<u8>,
     /// Set once the upgrade is accepted: the connection is open and `on_close` is owed.
-    data: Option<D>,
-    send: SendState,
-    subprotocol: Option<Box<str>>,
+    pub(crate) data: Option<D>,
+    pub(crate) send: SendState,
+    pub(crate) subprotocol: Option<Box<str>>,
     /// An idle ping is out and unanswered.
-    pinged: bool,
+    pub(crate) pinged: bool,
     /// Ending gracefully: flush `pending`, then close with this reason.
-    linger: Option<CloseReason>,
+    pub(crate) linger: Option<CloseReason>,
     /// The close frame the peer sent (code and reason), reported to `on_close`.
-    peer_close: Option<(CloseCode, Box<str>)>,
+    pub(crate) peer_close: Option<(CloseCode, Box<str>)>,
+    /// The close frame we sent (code and reason), reported to `on_close` when the close
+    /// handshake we started completes.
+    pub(crate) our_close: Option<(CloseCode, Box<str>)>,
+    /// Ending after a failure: our final bytes are out and our side is shut down (FIN sent);
+    /// input is discarded until the peer's EOF or the close timeout.
+    pub(crate) fin_sent: bool,
+    /// Counted against its address by admission control.
+    pub(crate) ip_counted: bool,
+    /// Refused at admission and answered; kept only to read its request.
+    pub(crate) shed: bool,
 }
 
-/// Counters the loop keeps; read through [`Ctx::stats`].
+impl<D> Conn<D> {
+    pub(crate) fn new(socket: TcpStream, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
+        Conn {
+            socket,
+            gen,
+            peer,
+            session: Session::new(),
+            timer: None,
+            deadline,
+            stall_at: NEVER,
+            expire_at: NEVER,
+            pending: Vec::new(),
+            data: None,
+            send: SendState::default(),
+            subprotocol: None,
+            pinged: false,
+            linger: None,
+            peer_close: None,
+            our_close: None,
+            fin_sent: false,
+            ip_counted: false,
+            shed: false,
+        }
+    }
+
+    /// The final bytes of a connection ending with `linger` are all with the kernel. Returns
+    /// whether it stays open to drain input. After a failure (protocol error, refused or timed
+    /// out handshake, refused admission) the peer may still be sending, and closing a socket
+    /// with unread input makes the kernel send a reset instead of a FIN, discarding whatever of
+    /// ours it has not transmitted yet: the close frame or HTTP response just written may never
+    /// arrive. So shut down our side instead (FIN after the final bytes) and discard input
+    /// until the peer's EOF or the deadline (a lingering close, as nginx does).
+    pub(crate) fn half_close(&mut self) -> bool {
+        let failed = matches!(
+            self.linger,
+            Some(
+                CloseReason::Protocol(_)
+                    | CloseReason::Rejected(_)
+                    | CloseReason::HttpAnswered
+                    | CloseReason::HandshakeTimeout
+                    | CloseReason::Refused
+            )
+        );
+        if !failed {
+            return false;
+        }
+        if !self.fin_sent {
+            self.fin_sent = self.socket.shutdown(std::net::Shutdown::Write).is_ok();
+        }
+        self.fin_sent
+    }
+
+    /// The earliest deadline of any kind.
+    fn next_deadline(&self) -> u64 {
+        self.deadline.min(self.stall_at).min(self.expire_at)
+    }
+}
+
+/// Counters the loop keeps; read through [`Ctx::stats`] or [`LoopHandle::stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Connections accepted since start.
+    /// Connections accepted since start (admitted or refused).
     pub accepted: u64,
-    /// Connections open right now (any state).
+    /// Connections held right now (any state, refused ones being answered included).
     pub connections: usize,
     /// Timers armed right now.
     pub timers: usize,
     /// Connections ended, by [`CloseReason::index`].
     pub closed: [u64; CloseReason::LABELS.len()],
-    /// Accept calls that failed with an error other than `WouldBlock`.
-    pub accept_errors: u64,
+    /// Failed accept calls by errno, in the order of [`ACCEPT_ERRNO_LABELS`]; the last is "other".
+    pub accept_errors: [u64; ACCEPT_ERRNOS.len() + 1],
+    /// Connections refused at admission, by [`Verdict::index`]: server full, address full,
+    /// rate limited.
+    pub refused: [u64; 3],
+    /// Accepting is paused right now (out of descriptors or another resource).
+    pub accept_paused: bool,
+    /// Milliseconds spent with accepting paused, over completed pauses.
+    pub paused_ms: u64,
+    /// The connection limit in force (configured, or derived from the fd budget).
+    pub max_connections: usize,
+    /// Descriptors the loop may hold for connections.
+    pub fd_budget: usize,
+    /// Descriptors the loop owns: epoll, waker, listeners, connections, the spare.
+    pub fds_owned: usize,
 }
+
+/// Labels of [`Stats::accept_errors`], in order.
+pub const ACCEPT_ERRNO_LABELS: [&str; ACCEPT_ERRNOS.len() + 1] = {
+    let mut labels = ["other"; ACCEPT_ERRNOS.len() + 1];
+    let mut i = 0;
+    while i < ACCEPT_ERRNOS.len() {
+        labels[i] = ACCEPT_ERRNOS[i].1;
+        i += 1;
+    }
+    labels
+};
 
 impl Stats {
     /// How many connections ended with `reason`'s label.
@@ -92,21 +205,46 @@ impl Stats {
 /// Everything the loop owns except the poll, the handler and the receive buffer, so that a
 /// handler callback can borrow a connection, the cork and the handler at the same time.
 pub(crate) struct Core<D> {
-    registry: Registry,
-    conns: Slab<Conn<D>>,
-    wheel: TimerWheel<TimerRef>,
+    pub(crate) registry: Registry,
+    pub(crate) listeners: Vec<Option<TcpListener>>,
+    pub(crate) conns: Slab<Conn<D>>,
+    pub(crate) wheel: TimerWheel<TimerRef>,
     /// Output collected for `cork_owner` during the current dispatch.
     cork: Vec<u8>,
     cork_owner: usize,
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
     doomed: Vec<(usize, u32, CloseReason)>,
-    config: Config,
+    pub(crate) config: Config,
     limits: handshake::Limits,
     start: Instant,
-    now: u64,
-    next_gen: u32,
-    stats: Stats,
+    pub(crate) now: u64,
+    pub(crate) next_gen: u32,
+    pub(crate) stats: Stats,
     shutdown_at: Option<u64>,
+    // --- admission and the fd budget
+    pub(crate) admission: Admission,
+    /// Connections counted in `admission` (consistency check).
+    pub(crate) ip_counted: u64,
+    /// Refused connections being answered (in `conns`, not counted as admitted).
+    pub(crate) shedding: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) fd_budget: usize,
+    /// Kept open to be released when accept fails with `EMFILE`.
+    pub(crate) spare_fd: Option<File>,
+    /// Descriptors of the poll and waker.
+    fixed_fds: usize,
+    /// Descriptors the process had open that are not the loop's, measured at start.
+    fd_base: usize,
+    started: bool,
+    next_sweep: u64,
+    // --- accepting
+    pub(crate) accept_due: bool,
+    pub(crate) accept_paused: bool,
+    pub(crate) paused_since: u64,
+    pub(crate) backoff_ms: u64,
+    pub(crate) accept_timer: Option<TimerKey>,
+    /// Per log kind: when it was last logged (ms) and how many since were suppressed.
+    pub(crate) log_throttle: [(u64, u64); ACCEPT_ERRNOS.len() + 4],
 }
 
 /// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
@@ -117,7 +255,6 @@ pub struct Server<H: Handler> {
 }
 
 struct Inner<H: Handler> {
-    listeners: Vec<Option<TcpListener>>,
     core: Core<H::Data>,
     handler: H,
     recv: Vec<u8>,
@@ -131,20 +268,26 @@ impl<H: Handler> Server<H> {
         config
             .validate()
             .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        let before = sys::open_fds().unwrap_or(0);
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let registry = poll.registry().try_clone()?;
+        let fixed_fds = sys::open_fds().unwrap_or(before + 3).saturating_sub(before);
         let limits = handshake::Limits {
             max_header_bytes: config.max_header_bytes,
             max_headers: config.max_headers,
         };
+        let burst = match config.connection_burst_per_ip {
+            0 => config.connection_rate_per_ip,
+            b => b,
+        };
         Ok(Server {
             events: Events::with_capacity(config.events_capacity),
             inner: Inner {
-                listeners: Vec::new(),
                 recv: vec![0; config.recv_buffer_size],
                 core: Core {
                     registry,
+                    listeners: Vec::new(),
                     conns: Slab::new(),
                     wheel: TimerWheel::new(0),
                     cork: Vec::new(),
@@ -156,6 +299,26 @@ impl<H: Handler> Server<H> {
                     next_gen: 0,
                     stats: Stats::default(),
                     shutdown_at: None,
+                    admission: Admission::new(
+                        config.max_connections_per_ip,
+                        config.connection_rate_per_ip,
+                        burst,
+                    ),
+                    ip_counted: 0,
+                    shedding: 0,
+                    max_connections: 0,
+                    fd_budget: 0,
+                    spare_fd: None,
+                    fixed_fds,
+                    fd_base: 0,
+                    started: false,
+                    next_sweep: SWEEP_MS,
+                    accept_due: false,
+                    accept_paused: false,
+                    paused_since: 0,
+                    backoff_ms: 0,
+                    accept_timer: None,
+                    log_throttle: [(0, 0); ACCEPT_ERRNOS.len() + 4],
                     config,
                 },
                 handler,
@@ -166,17 +329,20 @@ impl<H: Handler> Server<H> {
     }
 
     /// Listen on `addr` (IPv4 or IPv6; port 0 picks a free port) and return the bound address.
+    /// The backlog is [`Config::listen_backlog`], capped by `net.core.somaxconn`.
     pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
-        let i = self.inner.listeners.len();
+        let core = &mut self.inner.core;
+        let i = core.listeners.len();
         if i >= MAX_LISTENERS {
             return Err(io::Error::other("too many listeners"));
         }
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = crate::listener::bind(addr, core.config.listen_backlog)?;
         let bound = listener.local_addr()?;
         self.poll
             .registry()
             .register(&mut listener, Token(i), Interest::READABLE)?;
-        self.inner.listeners.push(Some(listener));
+        core.listeners.push(Some(listener));
+        core.accept_due = true;
         Ok(bound)
     }
 
@@ -195,7 +361,14 @@ impl<H: Handler> Server<H> {
         self.inner.core.stats()
     }
 
+    /// Descriptors open in the process beyond those the loop accounts for (see
+    /// [`Ctx::audit`]). Zero when nothing leaks.
+    pub fn audit(&self) -> io::Result<i64> {
+        self.inner.core.audit()
+    }
+
     /// Run until shut down (through [`LoopHandle::shutdown`]) and every connection has ended.
+    /// Fails at once if the configuration does not fit the process's descriptor limit.
     pub fn run(mut self) -> io::Result<()> {
         while self.turn(None)? {}
         Ok(())
@@ -203,9 +376,12 @@ impl<H: Handler> Server<H> {
 
     /// One round: wait for readiness up to `timeout` (and no longer than the next timer),
     /// dispatch every event, fire due timers. Returns false once the server has shut down and
-    /// every connection has ended.
+    /// every connection has ended. The first call sizes the fd budget (and may fail, as `run`).
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         let core = &mut self.inner.core;
+        if !core.started {
+            core.start_up()?;
+        }
         if core.shutdown_at.is_some() && core.conns.is_empty() {
             return Ok(false);
         }
@@ -216,10 +392,13 @@ impl<H: Handler> Server<H> {
             .chain(core.shutdown_at)
             .min()
             .map(|t| Duration::from_millis(t.saturating_sub(core.now)));
-        let wait = match (timeout, timer_wait) {
+        let mut wait = match (timeout, timer_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        if core.accept_due {
+            wait = Some(Duration::ZERO);
+        }
         if let Err(e) = self.poll.poll(&mut self.events, wait) {
             if e.kind() != ErrorKind::Interrupted {
                 return Err(e);
@@ -230,6 +409,11 @@ impl<H: Handler> Server<H> {
             self.inner.dispatch(event);
         }
         self.inner.fire_timers();
+        let core = &mut self.inner.core;
+        if core.accept_due && core.shutdown_at.is_none() {
+            core.accept_all();
+            core.reap(&mut self.inner.handler);
+        }
         let core = &self.inner.core;
         Ok(!(core.shutdown_at.is_some() && core.conns.is_empty()))
     }
@@ -241,7 +425,7 @@ impl<H: Handler> Inner<H> {
         if token == WAKER.0 {
             self.run_commands();
         } else if token < MAX_LISTENERS {
-            self.accept(token);
+            self.core.accept_all();
         } else {
             let (idx, gen) = (token & 0xffff_ffff, (token >> 32) as u32);
             if !self.core.alive(idx, gen) {
@@ -255,30 +439,7 @@ impl<H: Handler> Inner<H> {
             }
         }
         self.core.flush_cork();
-        self.reap();
-    }
-
-    /// Accept until `WouldBlock`.
-    fn accept(&mut self, i: usize) {
-        loop {
-            let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, peer)) => self.core.admit(stream, peer),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    self.core.stats.accept_errors += 1;
-                    match e.raw_os_error() {
-                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EPERM) => {}
-                        _ => {
-                            log::warn!("accept failed: {e}");
-                            return;
-                        }
-                    }
-                }
-            }
-        }
+        self.core.reap(&mut self.handler);
     }
 
     /// Read until the socket is drained, feeding the session.
@@ -315,26 +476,27 @@ impl<H: Handler> Inner<H> {
     /// Handle `n` fresh bytes in the receive buffer. Returns false if the connection ended or
     /// is ending (further input is not wanted).
     fn received(&mut self, idx: usize, n: usize) -> bool {
-        let core = &mut self.core;
+        let Inner {
+            core,
+            handler,
+            recv,
+            ..
+        } = self;
         let conn = &mut core.conns[idx];
         if conn.linger.is_some() {
-            return true; // draining a final response: discard input, watch for EOF
+            return true; // ending: discard input, watch for EOF
         }
         match conn.session.state() {
             State::Handshake => self.handshake(idx, n),
             State::Open | State::CloseSent => {
                 if conn.session.state() == State::Open {
                     conn.pinged = false;
-                    if let Some(k) = conn.timer {
-                        core.wheel.extend(k, core.now + core.ping_after());
+                    let ping_after = ping_after(&core.config);
+                    if ping_after != NEVER {
+                        conn.deadline = core.now + ping_after;
+                        core.rearm(idx);
                     }
                 }
-                let Inner {
-                    core,
-                    handler,
-                    recv,
-                    ..
-                } = self;
                 frames(core, handler, idx, &mut recv[..n])
             }
             State::Closed => true,
@@ -349,7 +511,6 @@ impl<H: Handler> Inner<H> {
             ..
         } = self;
         core.cork_for(idx);
-        let ping_after = core.ping_after();
         let conn = &mut core.conns[idx];
         let peer = conn.peer;
         let (head_len, buffered, data, subprotocol) = match conn
@@ -417,19 +578,13 @@ impl<H: Handler> Inner<H> {
         let rest = conn.session.finish_handshake(head_len, buffered);
         conn.data = Some(data);
         conn.subprotocol = subprotocol.map(String::into_boxed_str);
-        if let Some(k) = conn.timer.take() {
-            core.wheel.cancel(k);
+        conn.deadline = core.now.saturating_add(ping_after(&core.config));
+        let lifetime = Core::<H::Data>::ms(core.config.max_lifetime);
+        if lifetime > 0 {
+            conn.expire_at = core.now + lifetime;
         }
-        if ping_after > 0 {
-            conn.timer = Some(core.wheel.insert(
-                core.now + ping_after,
-                TimerRef {
-                    idx: idx as u32,
-                    gen: conn.gen,
-                },
-            ));
-        }
-        log::debug!("{} open from {}", conn_id(idx, conn.gen), peer);
+        core.rearm(idx);
+        log::debug!("{} open from {}", conn_id(idx, core.conns[idx].gen), peer);
         if !callback(core, handler, idx, |h, ws| h.on_open(ws)) {
             return false;
         }
@@ -442,24 +597,34 @@ impl<H: Handler> Inner<H> {
     }
 
     fn writable(&mut self, idx: usize) {
-        let conn = &mut self.core.conns[idx];
+        let core = &mut self.core;
+        let conn = &mut core.conns[idx];
         if conn.pending.is_empty() {
             return;
         }
         match write_some(&conn.socket, &conn.pending) {
-            Ok(n) if n == conn.pending.len() => conn.pending = Vec::new(),
+            Ok(n) if n == conn.pending.len() => {
+                conn.pending = Vec::new();
+                conn.stall_at = NEVER;
+            }
             Ok(n) => {
-                conn.pending.drain(..n);
+                if n > 0 {
+                    conn.pending.drain(..n);
+                    conn.stall_at = core.now + Core::<H::Data>::ms(core.config.write_stall_timeout);
+                    core.rearm(idx);
+                }
                 return;
             }
             Err(e) => {
                 let reason = conn.linger.unwrap_or(write_error_reason(&e));
-                self.core.end(&mut self.handler, idx, reason);
+                core.end(&mut self.handler, idx, reason);
                 return;
             }
         }
         if let Some(reason) = conn.linger {
-            self.core.end(&mut self.handler, idx, reason);
+            if !conn.half_close() {
+                core.end(&mut self.handler, idx, reason);
+            }
             return;
         }
         if conn.data.is_some() && conn.session.state() == State::Open {
@@ -479,7 +644,15 @@ impl<H: Handler> Inner<H> {
                 }
             }
         }
+        if core.now >= core.next_sweep {
+            core.admission.sweep(core.now);
+            core.next_sweep = core.now + SWEEP_MS;
+        }
         while let Some((_, TimerRef { idx, gen })) = core.wheel.poll(core.now) {
+            if idx == ACCEPT_TIMER {
+                core.accept_timer_fired();
+                continue;
+            }
             let idx = idx as usize;
             if !core.alive(idx, gen) {
                 continue;
@@ -488,21 +661,15 @@ impl<H: Handler> Inner<H> {
             core.timer_fired(handler, idx);
             core.flush_cork();
             core.reap(handler);
+            if core.alive(idx, gen) {
+                core.rearm(idx);
+            }
         }
-    }
-
-    fn reap(&mut self) {
-        self.core.reap(&mut self.handler);
     }
 
     fn run_commands(&mut self) {
         for cmd in self.shared.take() {
-            let Inner {
-                core,
-                handler,
-                listeners,
-                ..
-            } = self;
+            let Inner { core, handler, .. } = self;
             match cmd {
                 Command::Send(id, msg) => {
                     let mut ctx = Ctx { core };
@@ -516,14 +683,7 @@ impl<H: Handler> Inner<H> {
                 }
                 Command::Terminate(id) => Ctx { core }.terminate(id),
                 Command::Post(f) => f(handler, &mut Ctx { core }),
-                Command::Shutdown => {
-                    for l in listeners.iter_mut() {
-                        if let Some(mut l) = l.take() {
-                            let _ = core.registry.deregister(&mut l);
-                        }
-                    }
-                    core.begin_shutdown(handler);
-                }
+                Command::Shutdown => core.begin_shutdown(handler),
             }
             self.core.flush_cork();
             self.core.reap(&mut self.handler);
@@ -552,6 +712,8 @@ fn callback<H: Handler>(
         out: &mut core.cork,
         pending: conn.pending.len(),
         subprotocol: conn.subprotocol.as_deref(),
+        max_backpressure: core.config.max_backpressure,
+        policy: core.config.backpressure_policy,
     };
     f(handler, &mut ws);
     after_callback(core, handler, idx)
@@ -567,8 +729,17 @@ fn after_callback<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: us
     }
     if let Some((code, reason)) = conn.send.close_req.take() {
         core.start_close(idx, code, &reason);
+        if conn_cause(&core.conns[idx]) == Some(CloseReason::Backpressure) {
+            // The client does not read: waiting for its close reply is pointless.
+            core.finish(handler, idx, CloseReason::Backpressure);
+            return false;
+        }
     }
     true
+}
+
+fn conn_cause<D>(conn: &Conn<D>) -> Option<CloseReason> {
+    conn.send.cause
 }
 
 /// Feed frame bytes to an open connection's session and dispatch its events.
@@ -609,6 +780,8 @@ fn frames<H: Handler>(
             out: &mut core.cork,
             pending: conn.pending.len(),
             subprotocol: conn.subprotocol.as_deref(),
+            max_backpressure: core.config.max_backpressure,
+            policy: core.config.backpressure_policy,
         };
         match event {
             Event::Text(s) => handler.on_message(&mut ws, Message::Text(s)),
@@ -617,11 +790,12 @@ fn frames<H: Handler>(
             Event::Pong(p) => handler.on_pong(&mut ws, p),
             Event::Close { code, reason } => {
                 let ours = ws.send.sealed;
+                let cause = ws.send.cause;
                 conn.peer_close = Some((code, reason.into()));
-                let reason = if ours {
-                    CloseReason::ClosedByServer
-                } else {
-                    CloseReason::PeerClosed
+                let reason = match (ours, cause) {
+                    (true, Some(cause)) => cause,
+                    (true, None) => CloseReason::ClosedByServer,
+                    (false, _) => CloseReason::PeerClosed,
                 };
                 core.finish(handler, idx, reason);
                 return false;
@@ -648,7 +822,15 @@ fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, sta
     false
 }
 
-fn conn_id(idx: usize, gen: u32) -> ConnId {
+/// Milliseconds of silence before the idle ping (half the idle timeout); NEVER when off.
+fn ping_after(config: &Config) -> u64 {
+    match Core::<()>::ms(config.idle_timeout) {
+        0 => NEVER,
+        idle => idle.div_ceil(2),
+    }
+}
+
+pub(crate) fn conn_id(idx: usize, gen: u32) -> ConnId {
     ConnId(((gen as u64) << 32) | idx as u64)
 }
 
@@ -676,67 +858,112 @@ impl<D> Core<D> {
         self.now = self.start.elapsed().as_millis() as u64;
     }
 
+    /// Size the fd budget (once, before the first poll): raise the soft limit if configured,
+    /// open the spare descriptor, and derive or check `max_connections`.
+    fn start_up(&mut self) -> io::Result<()> {
+        self.started = true;
+        if self.config.raise_fd_limit {
+            match sys::raise_nofile_limit() {
+                Ok((old, new)) if new > old => {
+                    log::info!("raised the soft RLIMIT_NOFILE from {old} to {new}")
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+            }
+        }
+        let (soft, _) = sys::nofile_limit()?;
+        self.spare_fd = File::open("/dev/null").ok();
+        let in_use = sys::open_fds()?;
+        self.fd_base = in_use.saturating_sub(self.owned_fds());
+        let headroom = self.config.fd_headroom;
+        // One more for the descriptor a refused client briefly holds when the budget is full.
+        let reserved = in_use as u64 + headroom as u64 + 1;
+        let budget = soft.saturating_sub(reserved).min(1 << 24) as usize;
+        let wanted = self.config.max_connections;
+        if budget < 2 || wanted > budget {
+            let what = if wanted > 0 {
+                format!("max_connections {wanted} does not fit")
+            } else {
+                "no connection fits".to_string()
+            };
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what} the file-descriptor budget of {budget}: RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}; raise the limit (ulimit -n, systemd LimitNOFILE) or lower max_connections"
+                ),
+            ));
+        }
+        self.fd_budget = budget;
+        // By default keep an eighth of the budget for answering refused clients.
+        self.max_connections = match wanted {
+            0 => budget - (budget / 8).clamp(1, 1024),
+            m => m,
+        };
+        log::info!(
+            "fd budget {budget} (RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}): up to {} connections",
+            self.max_connections
+        );
+        Ok(())
+    }
+
     fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
             timers: self.wheel.len(),
+            accept_paused: self.accept_paused,
+            max_connections: self.max_connections,
+            fd_budget: self.fd_budget,
+            fds_owned: self.owned_fds(),
             ..self.stats.clone()
         }
     }
 
-    fn alive(&self, idx: usize, gen: u32) -> bool {
+    /// Descriptors the loop owns.
+    fn owned_fds(&self) -> usize {
+        self.fixed_fds
+            + self.listeners.iter().flatten().count()
+            + self.conns.len()
+            + self.spare_fd.is_some() as usize
+    }
+
+    /// Open descriptors in the process minus those it had before the loop started and those
+    /// the loop owns: positive when something leaks descriptors, zero when all is accounted.
+    pub(crate) fn audit(&self) -> io::Result<i64> {
+        let open = sys::open_fds()? as i64;
+        Ok(open - self.fd_base as i64 - self.owned_fds() as i64)
+    }
+
+    pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
         self.conns.get(idx).is_some_and(|c| c.gen == gen)
     }
 
-    /// Milliseconds of silence before the idle ping (half the idle timeout); 0 when disabled.
-    fn ping_after(&self) -> u64 {
-        (self.config.idle_timeout.as_millis() as u64).div_ceil(2)
+    pub(crate) fn ms(d: Duration) -> u64 {
+        d.as_millis().min(u64::MAX as u128 / 4) as u64
     }
 
-    fn ms(d: Duration) -> u64 {
-        d.as_millis() as u64
-    }
-
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        let gen = self.next_gen;
-        let entry = self.conns.vacant_entry();
-        let idx = entry.key();
-        if idx > u32::MAX as usize {
-            return; // unreachable in practice: the fd limit is far lower
+    /// Point the connection's timer at the earliest of its deadlines.
+    pub(crate) fn rearm(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let at = conn.next_deadline();
+        match conn.timer {
+            Some(k) if at == NEVER => {
+                self.wheel.cancel(k);
+                conn.timer = None;
+            }
+            Some(k) => {
+                self.wheel.extend(k, at);
+            }
+            None if at == NEVER => {}
+            None => {
+                conn.timer = Some(self.wheel.insert(
+                    at,
+                    TimerRef {
+                        idx: idx as u32,
+                        gen: conn.gen,
+                    },
+                ));
+            }
         }
-        let mut socket = stream;
-        let token = Token(conn_id(idx, gen).0 as usize);
-        if let Err(e) =
-            self.registry
-                .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
-        {
-            log::warn!("cannot register connection from {peer}: {e}");
-            return; // dropping the socket closes it; nothing else was allocated
-        }
-        let timer = self.wheel.insert(
-            self.now + Self::ms(self.config.handshake_timeout),
-            TimerRef {
-                idx: idx as u32,
-                gen,
-            },
-        );
-        entry.insert(Conn {
-            socket,
-            gen,
-            peer,
-            session: Session::new(),
-            timer: Some(timer),
-            pending: Vec::new(),
-            data: None,
-            send: SendState::default(),
-            subprotocol: None,
-            pinged: false,
-            linger: None,
-            peer_close: None,
-        });
-        self.stats.accepted += 1;
     }
 
     /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
@@ -760,16 +987,24 @@ impl<D> Core<D> {
             } else {
                 match write_some(&conn.socket, &self.cork) {
                     Ok(n) if n == self.cork.len() => {}
-                    Ok(n) => conn.pending.extend_from_slice(&self.cork[n..]),
+                    Ok(n) => {
+                        conn.pending.extend_from_slice(&self.cork[n..]);
+                        conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                        self.cork.clear();
+                        self.rearm(idx);
+                    }
                     Err(e) => {
                         let reason = conn.linger.unwrap_or(write_error_reason(&e));
                         self.doomed.push((idx, conn.gen, reason));
                     }
                 }
             }
-            if conn.linger.is_some() && conn.pending.is_empty() {
-                let reason = conn.linger.unwrap_or(CloseReason::Abnormal);
-                self.doomed.push((idx, conn.gen, reason));
+            if let Some(conn) = self.conns.get_mut(idx) {
+                if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
+                    if !conn.half_close() {
+                        self.doomed.push((idx, conn.gen, reason));
+                    }
+                }
             }
         }
         self.cork.clear();
@@ -788,23 +1023,23 @@ impl<D> Core<D> {
     }
 
     /// End gracefully: flush what is queued, then close; if the socket cannot take it all now,
-    /// linger until it drains or the close timeout passes.
+    /// linger until it drains or the close timeout passes. After a failure, drain the peer's
+    /// input until its EOF or the close timeout before closing ([`Conn::half_close`]).
     fn finish<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize, reason: CloseReason) {
         self.cork_for(idx);
+        self.linger(idx, reason);
+        self.flush_cork();
+        self.reap(handler);
+    }
+
+    /// Mark the connection as ending with `reason` once its queued bytes are written (the cork
+    /// flush dooms it when nothing is left), or when the close timeout passes.
+    fn linger(&mut self, idx: usize, reason: CloseReason) {
         let conn = &mut self.conns[idx];
         conn.linger = Some(reason);
         conn.send.sealed = true;
-        self.flush_cork();
-        let conn = &mut self.conns[idx];
-        if conn.pending.is_empty() || self.doomed.iter().any(|d| d.0 == idx) {
-            self.reap(handler);
-            if self.alive(idx, conn_gen(&self.conns, idx)) {
-                self.end(handler, idx, reason);
-            }
-            return;
-        }
-        let deadline = self.now + Self::ms(self.config.close_timeout);
-        self.rearm(idx, deadline);
+        conn.deadline = self.now + Self::ms(self.config.close_timeout);
+        self.rearm(idx);
     }
 
     /// Start the close handshake on an open connection: send the close frame, seal sends and
@@ -814,30 +1049,36 @@ impl<D> Core<D> {
         let conn = &mut self.conns[idx];
         conn.send.sealed = true;
         if conn.session.close(code, reason, &mut self.cork) {
-            let deadline = self.now + Self::ms(self.config.close_timeout);
-            self.rearm(idx, deadline);
+            // As on the wire: an unsendable code goes out as a close without status.
+            conn.our_close = Some(match code.is_sendable() {
+                true => (code, truncate_reason(reason).into()),
+                false => (CloseCode::NO_STATUS, "".into()),
+            });
+            conn.deadline = self.now + Self::ms(self.config.close_timeout);
+            self.rearm(idx);
         }
     }
 
-    /// Point the connection's timer at `deadline`.
-    fn rearm(&mut self, idx: usize, deadline: u64) {
+    /// The connection's timer fired: act on every deadline that has passed.
+    fn timer_fired<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize) {
+        let now = self.now;
         let conn = &mut self.conns[idx];
-        match conn.timer {
-            Some(k) if self.wheel.extend(k, deadline) => {}
-            _ => {
-                conn.timer = Some(self.wheel.insert(
-                    deadline,
-                    TimerRef {
-                        idx: idx as u32,
-                        gen: conn.gen,
-                    },
-                ));
+        if conn.stall_at <= now {
+            log::debug!("{} write stalled", conn_id(idx, conn.gen));
+            self.end(handler, idx, CloseReason::WriteStall);
+            return;
+        }
+        if conn.expire_at <= now {
+            conn.expire_at = NEVER;
+            if conn.session.state() == State::Open && conn.linger.is_none() {
+                conn.send.cause = Some(CloseReason::MaxLifetime);
+                self.start_close(idx, CloseCode::GOING_AWAY, "maximum lifetime reached");
             }
         }
-    }
-
-    fn timer_fired<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize) {
         let conn = &mut self.conns[idx];
+        if conn.deadline > now {
+            return;
+        }
         if let Some(reason) = conn.linger {
             self.end(handler, idx, reason);
             return;
@@ -857,21 +1098,20 @@ impl<D> Core<D> {
             }
             State::Open if !conn.pinged => {
                 conn.pinged = true;
+                let rest = Self::ms(self.config.idle_timeout) - ping_after(&self.config);
+                conn.deadline = now + rest.max(1);
                 self.cork_for(idx);
                 self.conns[idx].session.ping(b"", &mut self.cork);
-                let rest = Self::ms(self.config.idle_timeout) - self.ping_after();
-                let deadline = self.now + rest.max(1);
-                self.rearm(idx, deadline);
             }
             State::Open => {
                 self.start_close(idx, CloseCode::GOING_AWAY, "idle timeout");
                 self.finish(handler, idx, CloseReason::IdleTimeout);
             }
             State::CloseSent => {
-                let reason = if self.shutdown_at.is_some() {
-                    CloseReason::Shutdown
-                } else {
-                    CloseReason::CloseTimeout
+                let reason = match (self.shutdown_at, conn.send.cause) {
+                    (Some(_), _) => CloseReason::Shutdown,
+                    (None, Some(cause)) => cause,
+                    (None, None) => CloseReason::CloseTimeout,
                 };
                 self.end(handler, idx, reason);
             }
@@ -883,16 +1123,26 @@ impl<D> Core<D> {
         if self.shutdown_at.is_some() {
             return;
         }
+        for l in self.listeners.iter_mut() {
+            if let Some(mut l) = l.take() {
+                let _ = self.registry.deregister(&mut l);
+            }
+        }
+        if let Some(k) = self.accept_timer.take() {
+            self.wheel.cancel(k);
+        }
+        self.accept_due = false;
         self.shutdown_at = Some(self.now + Self::ms(self.config.shutdown_timeout));
         log::info!("shutting down: closing {} connections", self.conns.len());
         let all: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         for idx in all {
-            let conn = &self.conns[idx];
+            let conn = &mut self.conns[idx];
             if conn.linger.is_some() {
                 continue;
             }
             match conn.session.state() {
                 State::Open => {
+                    conn.send.cause = Some(CloseReason::Shutdown);
                     self.start_close(idx, CloseCode::GOING_AWAY, "server shutdown");
                     self.flush_cork();
                 }
@@ -904,8 +1154,8 @@ impl<D> Core<D> {
     }
 
     /// The one close path. Every way a connection ends comes here, exactly once: deregister it,
-    /// cancel its timer, free its slab slot, close its fd, count the reason, and call `on_close`
-    /// if it was opened.
+    /// cancel its timer, free its slab slot, close its fd, count the reason, release its
+    /// admission slot, and call `on_close` if it was opened.
     pub(crate) fn end<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
@@ -924,23 +1174,49 @@ impl<D> Core<D> {
             self.cork_owner = NONE;
         }
         drop(conn.socket);
+        if conn.ip_counted {
+            self.admission.release(conn.peer.ip());
+            self.ip_counted -= 1;
+        }
+        if conn.shed {
+            self.shedding -= 1;
+        }
         self.stats.closed[reason.index()] += 1;
+        // A descriptor was freed: accepting may go on.
+        self.resume_accept();
+        self.check_consistency();
         let id = conn_id(idx, conn.gen);
         log::debug!("{id} from {} closed: {}", conn.peer, reason.label());
         if let Some(data) = conn.data.take() {
-            let (code, text) = match (&conn.peer_close, reason) {
-                (Some((code, text)), CloseReason::PeerClosed | CloseReason::ClosedByServer) => {
-                    (*code, &**text)
-                }
+            // The peer's close when it started the handshake; ours when we did and it answered;
+            // otherwise the reason's own code.
+            let (code, text) = match (reason, &conn.our_close, &conn.peer_close) {
+                (CloseReason::PeerClosed, _, Some((code, text))) => (*code, &**text),
+                (_, Some((code, text)), Some(_)) => (*code, &**text),
                 _ => (reason.code(), reason.label()),
             };
             handler.on_close(id, data, code, text);
         }
     }
-}
 
-fn conn_gen<D>(conns: &Slab<Conn<D>>, idx: usize) -> u32 {
-    conns.get(idx).map_or(0, |c| c.gen)
+    /// Debug builds: the slab, the wheel and the admission counters agree after every close.
+    fn check_consistency(&self) {
+        if cfg!(debug_assertions) {
+            let timed = self.conns.iter().filter(|(_, c)| c.timer.is_some()).count();
+            assert_eq!(
+                self.wheel.len(),
+                timed + self.accept_timer.is_some() as usize,
+                "timer wheel entries without an owner"
+            );
+            assert_eq!(
+                self.admission.total(),
+                self.ip_counted,
+                "per-address counts drifted"
+            );
+            let shed = self.conns.iter().filter(|(_, c)| c.shed).count();
+            assert_eq!(shed, self.shedding, "refused-connection count drifted");
+        }
+    }
 }
 
 impl<'a, D> Ctx<'a, D> {
@@ -949,23 +1225,35 @@ impl<'a, D> Ctx<'a, D> {
         self.core.alive(idx, gen).then_some(idx)
     }
 
-    /// Send a message to connection `id`. Returns false if it is gone, closing or not yet open.
-    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+    /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
+    /// yet open; over the backpressure limit it is refused as in a callback.
+    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> SendStatus {
         let Some(idx) = self.locate(id) else {
-            return false;
+            return SendStatus::Closed;
         };
         let core = &mut *self.core;
         if core.conns[idx].send.sealed || core.conns[idx].data.is_none() {
-            return false;
+            return SendStatus::Closed;
         }
         core.cork_for(idx);
+        let conn = &mut core.conns[idx];
+        if conn.pending.len() + core.cork.len() > core.config.max_backpressure {
+            if core.config.backpressure_policy == BackpressurePolicy::Close {
+                conn.send.cause = Some(CloseReason::Backpressure);
+                core.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
+                core.linger(idx, CloseReason::Backpressure);
+            }
+            return SendStatus::Dropped;
+        }
         let op = match msg {
             Message::Text(_) => OpCode::Text,
             Message::Binary(_) => OpCode::Binary,
         };
-        core.conns[idx]
-            .session
-            .send(op, msg.as_bytes(), &mut core.cork)
+        if conn.session.send(op, msg.as_bytes(), &mut core.cork) {
+            SendStatus::Queued
+        } else {
+            SendStatus::Closed
+        }
     }
 
     /// Start the close handshake with connection `id`. Returns false if it is gone or closing.
@@ -1008,6 +1296,14 @@ impl<'a, D> Ctx<'a, D> {
     /// The loop's counters.
     pub fn stats(&self) -> Stats {
         self.core.stats()
+    }
+
+    /// Descriptors open in the process (counted in `/proc/self/fd`) minus those it had open
+    /// when the loop started and those the loop owns (epoll, waker, listeners, connections, the
+    /// spare descriptor). Zero when everything is accounted for; positive when something in the
+    /// process leaks descriptors. Costs a directory listing of `/proc/self/fd`.
+    pub fn audit(&self) -> io::Result<i64> {
+        self.core.audit()
     }
 }
 

@@ -34,18 +34,21 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod admission;
 mod app;
 pub mod config;
 mod event_loop;
 mod handle;
+mod listener;
 pub mod protocol;
+pub mod sys;
 pub mod timer_wheel;
 
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
-pub use config::{Config, ConfigError};
-pub use event_loop::{Server, Stats};
+pub use config::{BackpressurePolicy, Config, ConfigError};
+pub use event_loop::{Server, Stats, ACCEPT_ERRNO_LABELS};
 pub use handle::{Ctx, LoopHandle};
 pub use protocol::close::CloseCode;
 

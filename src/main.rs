@@ -4,7 +4,9 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
-use wsloop::{Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket};
+use wsloop::{
+    BackpressurePolicy, Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket,
+};
 
 /// wsloop: a WebSocket echo server on a single-threaded epoll loop.
 ///
@@ -12,7 +14,7 @@ use wsloop::{Config, Decision, Handler, Message, Server, UpgradeRequest, WebSock
 /// 0 disables a timeout where noted. Logging goes to stderr, filtered by RUST_LOG
 /// (for example RUST_LOG=debug). SIGINT or SIGTERM start a graceful shutdown.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Address to listen on (repeat for several, e.g. IPv4 and IPv6).
     #[arg(long = "listen", short = 'l', default_value = "127.0.0.1:9001")]
@@ -38,6 +40,48 @@ struct Args {
     /// Seconds a graceful shutdown waits for clients to finish closing.
     #[arg(long, value_parser = seconds, default_value = "5")]
     shutdown_timeout: Duration,
+    /// Most connections held at once; more get 503 (0: derived from the fd limit).
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Most connections from one IP address; more get 503 (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    max_connections_per_ip: u32,
+    /// New connections per second from one IP address; more get 429 (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    connection_rate_per_ip: u32,
+    /// Burst size for --connection-rate-per-ip (0: equal to the rate).
+    #[arg(long, default_value_t = 0)]
+    connection_burst_per_ip: u32,
+    /// File descriptors left for the rest of the process when deriving --max-connections.
+    #[arg(long, default_value_t = Config::default().fd_headroom)]
+    fd_headroom: usize,
+    /// Set the soft RLIMIT_NOFILE to this instead of raising it to the hard limit.
+    #[arg(long)]
+    fd_limit: Option<u64>,
+    /// Listen backlog (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = Config::default().listen_backlog)]
+    listen_backlog: u32,
+    /// Most connections accepted per listener per loop turn.
+    #[arg(long, default_value_t = Config::default().accepts_per_turn)]
+    accepts_per_turn: usize,
+    /// Most bytes queued for a slow reader before sends are refused.
+    #[arg(long, default_value_t = Config::default().max_backpressure)]
+    max_backpressure: usize,
+    /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
+    #[arg(long, value_enum, default_value = "close")]
+    backpressure_policy: Policy,
+    /// Seconds a connection may have unsent bytes that the socket does not take before it is dropped.
+    #[arg(long, value_parser = seconds, default_value = "30")]
+    write_stall_timeout: Duration,
+    /// Seconds after which an open connection is closed with 1001 (0: never).
+    #[arg(long, value_parser = seconds, default_value = "0")]
+    max_lifetime: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Policy {
+    Close,
+    Drop,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -70,8 +114,32 @@ fn main() -> ExitCode {
         idle_timeout: args.idle_timeout,
         close_timeout: args.close_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        connection_rate_per_ip: args.connection_rate_per_ip,
+        connection_burst_per_ip: args.connection_burst_per_ip,
+        fd_headroom: args.fd_headroom,
+        raise_fd_limit: args.fd_limit.is_none(),
+        listen_backlog: args.listen_backlog,
+        accepts_per_turn: args.accepts_per_turn,
+        max_backpressure: args.max_backpressure,
+        backpressure_policy: match args.backpressure_policy {
+            Policy::Close => BackpressurePolicy::Close,
+            Policy::Drop => BackpressurePolicy::Drop,
+        },
+        write_stall_timeout: args.write_stall_timeout,
+        max_lifetime: args.max_lifetime,
         ..Config::default()
     };
+    if let Some(limit) = args.fd_limit {
+        match wsloop::sys::set_nofile_soft(limit) {
+            Ok(n) => log::info!("soft RLIMIT_NOFILE set to {n}"),
+            Err(e) => {
+                eprintln!("wsloop: cannot set RLIMIT_NOFILE to {limit}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match serve(config, &args.listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,243 @@
+//! Admission control: who may take a connection slot. Per-address connection counts and a
+//! per-address token bucket for the new-connection rate. Clockless: time comes in as
+//! milliseconds, so the rules are unit-tested without sleeping.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// Why a new connection is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Refuse: the server holds `max_connections` already (503).
+    ServerFull,
+    /// Refuse: this address holds `max_connections_per_ip` already (503).
+    AddressFull,
+    /// Refuse: this address opens connections faster than its rate allows (429).
+    RateLimited,
+}
+
+impl Verdict {
+    /// Index of a refusal in [`Verdict::LABELS`].
+    pub fn index(self) -> usize {
+        match self {
+            Verdict::ServerFull => 0,
+            Verdict::AddressFull => 1,
+            Verdict::RateLimited => 2,
+        }
+    }
+
+    /// The labels of the three refusals, in index order.
+    pub const LABELS: [&'static str; 3] =
+        ["max_connections", "max_connections_per_ip", "rate_per_ip"];
+
+    /// The metric label of a refusal.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::ServerFull => "max_connections",
+            Verdict::AddressFull => "max_connections_per_ip",
+            Verdict::RateLimited => "rate_per_ip",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// Connections this address holds now.
+    conns: u32,
+    /// Tokens in the bucket, in thousandths of a connection.
+    milli_tokens: u64,
+    /// When the bucket was last refilled, in ms.
+    refilled_at: u64,
+}
+
+/// Per-address accounting. An address has an entry while it holds a connection or its bucket is
+/// not full; [`Admission::sweep`] drops the others, so memory follows the addresses seen
+/// recently, bounded by `max_tracked` (beyond it, new addresses are not rate limited until entries
+/// free up: fail open, never refuse a stranger because of others' load).
+#[derive(Debug)]
+pub struct Admission {
+    table: HashMap<IpAddr, Entry>,
+    max_per_ip: u32,
+    /// New connections per second per address (0: unlimited), and the bucket size.
+    rate: u32,
+    burst: u32,
+    max_tracked: usize,
+}
+
+impl Admission {
+    /// Limits: `max_per_ip` connections per address (0: unlimited); `rate` new connections per
+    /// second per address with bursts of `burst` (rate 0: unlimited).
+    pub fn new(max_per_ip: u32, rate: u32, burst: u32) -> Self {
+        Admission {
+            table: HashMap::new(),
+            max_per_ip,
+            rate,
+            burst: burst.max(1),
+            max_tracked: 1 << 16,
+        }
+    }
+
+    fn tracking(&self) -> bool {
+        self.max_per_ip > 0 || self.rate > 0
+    }
+
+    /// Decide on a new connection from `ip` at `now_ms`, with `open` connections served now out
+    /// of `max_connections`. `Ok(true)`: admitted and counted against its address, to be released
+    /// with [`Admission::release`] when it ends; `Ok(false)`: admitted, not counted (per-address
+    /// limits off, or the table full); `Err`: refused, and why.
+    pub fn admit(
+        &mut self,
+        ip: IpAddr,
+        now_ms: u64,
+        open: usize,
+        max_connections: usize,
+    ) -> Result<bool, Verdict> {
+        if open >= max_connections {
+            return Err(Verdict::ServerFull);
+        }
+        if !self.tracking() {
+            return Ok(false);
+        }
+        let full = self.burst as u64 * 1000;
+        if !self.table.contains_key(&ip) && self.table.len() >= self.max_tracked {
+            return Ok(false); // fail open; see the type's docs
+        }
+        let e = self.table.entry(ip).or_insert(Entry {
+            conns: 0,
+            milli_tokens: full,
+            refilled_at: now_ms,
+        });
+        if self.max_per_ip > 0 && e.conns >= self.max_per_ip {
+            return Err(Verdict::AddressFull);
+        }
+        if self.rate > 0 {
+            let elapsed = now_ms.saturating_sub(e.refilled_at);
+            e.milli_tokens = (e.milli_tokens + elapsed * self.rate as u64).min(full);
+            e.refilled_at = now_ms;
+            if e.milli_tokens < 1000 {
+                return Err(Verdict::RateLimited);
+            }
+            e.milli_tokens -= 1000;
+        }
+        e.conns += 1;
+        Ok(true)
+    }
+
+    /// An admitted connection from `ip` ended.
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(e) = self.table.get_mut(&ip) {
+            e.conns = e.conns.saturating_sub(1);
+        }
+    }
+
+    /// Drop entries that hold no connection and whose bucket has refilled by `now_ms`.
+    pub fn sweep(&mut self, now_ms: u64) {
+        let (rate, full) = (self.rate as u64, self.burst as u64 * 1000);
+        self.table.retain(|_, e| {
+            e.conns > 0
+                || (rate > 0 && e.milli_tokens + now_ms.saturating_sub(e.refilled_at) * rate < full)
+        });
+    }
+
+    /// Connections counted for `ip`.
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        self.table.get(&ip).map_or(0, |e| e.conns)
+    }
+
+    /// Connections counted over all addresses (for consistency checks).
+    pub fn total(&self) -> u64 {
+        self.table.values().map(|e| e.conns as u64).sum()
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.table.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn global_limit_refuses_when_full() {
+        let mut a = Admission::new(0, 0, 0);
+        assert_eq!(
+            a.admit(ip("127.0.0.1"), 0, 9, 10),
+            Ok(false),
+            "admitted, not counted"
+        );
+        assert_eq!(
+            a.admit(ip("127.0.0.1"), 0, 10, 10),
+            Err(Verdict::ServerFull)
+        );
+        assert_eq!(
+            a.tracked(),
+            0,
+            "no per-address state when per-address limits are off"
+        );
+    }
+
+    #[test]
+    fn per_ip_limit_is_per_address() {
+        let mut a = Admission::new(2, 0, 0);
+        let (x, y) = (ip("127.0.0.2"), ip("127.0.0.3"));
+        assert_eq!(a.admit(x, 0, 0, 100), Ok(true));
+        assert_eq!(a.admit(x, 0, 1, 100), Ok(true));
+        assert_eq!(a.admit(x, 0, 2, 100), Err(Verdict::AddressFull));
+        assert_eq!(a.admit(y, 0, 2, 100), Ok(true));
+        a.release(x);
+        assert_eq!(a.count(x), 1);
+        assert_eq!(a.admit(x, 0, 2, 100), Ok(true));
+        assert_eq!(a.total(), 3);
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time() {
+        let mut a = Admission::new(0, 10, 3); // 10/s, burst 3
+        let x = ip("::1");
+        for _ in 0..3 {
+            assert_eq!(a.admit(x, 1000, 0, 100), Ok(true));
+        }
+        assert_eq!(a.admit(x, 1000, 0, 100), Err(Verdict::RateLimited));
+        assert_eq!(a.admit(x, 1099, 0, 100), Err(Verdict::RateLimited));
+        assert_eq!(a.admit(x, 1100, 0, 100), Ok(true), "one token per 100 ms");
+        assert_eq!(a.admit(x, 1100, 0, 100), Err(Verdict::RateLimited));
+        // Other addresses have their own bucket.
+        assert_eq!(a.admit(ip("::2"), 1100, 0, 100), Ok(true));
+    }
+
+    #[test]
+    fn sweep_forgets_idle_full_buckets_only() {
+        let mut a = Admission::new(5, 10, 2);
+        let (x, y) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(a.admit(x, 0, 0, 100), Ok(true));
+        assert_eq!(a.admit(y, 0, 0, 100), Ok(true));
+        a.release(y);
+        a.sweep(50);
+        assert_eq!(a.tracked(), 2, "y's bucket is not full yet");
+        a.sweep(100);
+        assert_eq!(a.tracked(), 1, "y forgotten, x holds a connection");
+        assert_eq!(a.count(x), 1);
+    }
+
+    #[test]
+    fn table_size_is_bounded_and_fails_open() {
+        let mut a = Admission::new(1, 0, 0);
+        a.max_tracked = 4;
+        for i in 0..4u8 {
+            assert_eq!(a.admit(IpAddr::from([10, 0, 0, i]), 0, 0, 100), Ok(true));
+        }
+        assert_eq!(a.admit(IpAddr::from([10, 0, 0, 9]), 0, 0, 100), Ok(false));
+        assert_eq!(a.admit(IpAddr::from([10, 0, 0, 9]), 0, 0, 100), Ok(false));
+        assert_eq!(a.tracked(), 4);
+        assert_eq!(
+            a.admit(IpAddr::from([10, 0, 0, 0]), 0, 0, 100),
+            Err(Verdict::AddressFull)
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! The accept path: listeners with our own backlog, accepting that neither spins nor hangs,
+//! admission (global, per-address, rate), the fd budget and the spare-descriptor trick.
+//!
+//! Accept runs until `WouldBlock` or a per-turn budget; when the budget runs out the loop comes
+//! back next turn without waiting (edge-triggered: no new event would come). Errors:
+//! `ECONNABORTED`, `EPROTO`, `ECONNRESET`, `EPERM`, `EINTR` skip that connection. `EMFILE`
+//! releases the spare descriptor, accepts and answers (503) the whole pending backlog, reopens
+//! the spare, then pauses accepting with a backoff timer (5 ms doubling to 1 s); `ENFILE`,
+//! `ENOBUFS`, `ENOMEM` (and anything unexpected) pause with the same backoff. The close path
+//! resumes accepting as soon as it frees a descriptor.
+
+use crate::admission::Verdict;
+use crate::event_loop::{Conn, Core, TimerRef};
+use crate::protocol::handshake;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Token};
+use std::io::{self, ErrorKind, Write};
+use std::net::SocketAddr;
+
+/// Timer-wheel index reserved for the accept backoff timer.
+pub(crate) const ACCEPT_TIMER: u32 = u32::MAX;
+/// How long a refused client has to send its request before we close (we answered already).
+const SHED_LINGER_MS: u64 = 1000;
+const BACKOFF_MIN_MS: u64 = 5;
+const BACKOFF_MAX_MS: u64 = 1000;
+
+/// The accept errors counted by kind, in this order; anything else is "other".
+pub const ACCEPT_ERRNOS: [(i32, &str); 9] = [
+    (libc::EMFILE, "EMFILE"),
+    (libc::ENFILE, "ENFILE"),
+    (libc::ENOBUFS, "ENOBUFS"),
+    (libc::ENOMEM, "ENOMEM"),
+    (libc::ECONNABORTED, "ECONNABORTED"),
+    (libc::EPROTO, "EPROTO"),
+    (libc::ECONNRESET, "ECONNRESET"),
+    (libc::EPERM, "EPERM"),
+    (libc::EINTR, "EINTR"),
+];
+
+/// Index of `errno` in [`ACCEPT_ERRNOS`], or its length for "other".
+pub fn accept_errno_index(errno: i32) -> usize {
+    ACCEPT_ERRNOS
+        .iter()
+        .position(|(e, _)| *e == errno)
+        .unwrap_or(ACCEPT_ERRNOS.len())
+}
+
+/// Create a non-blocking listener on `addr` with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 (so an
+/// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`.
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let cap = crate::sys::somaxconn().unwrap_or(4096).max(1);
+    socket.listen(backlog.min(cap).min(i32::MAX as u32) as i32)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// What to do after an accept error.
+enum AcceptError {
+    /// Skip this connection and go on.
+    Skip,
+    /// Out of descriptors in this process: shed the backlog with the spare fd, then pause.
+    ProcessLimit,
+    /// Out of a system resource: pause with backoff.
+    Pause,
+}
+
+fn classify(e: &io::Error) -> AcceptError {
+    match e.raw_os_error() {
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET | libc::EPERM | libc::EINTR) => {
+            AcceptError::Skip
+        }
+        Some(libc::EMFILE) => AcceptError::ProcessLimit,
+        _ => AcceptError::Pause,
+    }
+}
+
+/// A short answer for a refused client, written straight to its socket.
+fn refusal(verdict: Verdict) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    let (status, reason) = match verdict {
+        Verdict::RateLimited => (429, "too many new connections from your address"),
+        Verdict::AddressFull => (503, "too many connections from your address"),
+        Verdict::ServerFull => (503, "server at capacity"),
+    };
+    handshake::write_response(
+        &mut out,
+        status,
+        reason,
+        &[("Retry-After", "1")],
+        reason.as_bytes(),
+    );
+    out
+}
+
+impl<D> Core<D> {
+    /// Accept from every listener (after a listener event, a backoff timer, or a freed fd).
+    pub(crate) fn accept_all(&mut self) {
+        self.accept_due = false;
+        for i in 0..self.listeners.len() {
+            self.accept_from(i);
+        }
+    }
+
+    fn accept_from(&mut self, i: usize) {
+        if self.accept_paused {
+            return;
+        }
+        for _ in 0..self.config.accepts_per_turn {
+            let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    self.backoff_ms = 0;
+                    self.on_accepted(stream, peer);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    self.stats.accept_errors[accept_errno_index(errno)] += 1;
+                    match classify(&e) {
+                        AcceptError::Skip => continue,
+                        AcceptError::ProcessLimit => {
+                            self.warn_throttled(errno, &e);
+                            self.shed_backlog(i);
+                            self.pause_accept();
+                            return;
+                        }
+                        AcceptError::Pause => {
+                            self.warn_throttled(errno, &e);
+                            self.pause_accept();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        // Budget spent: more may be waiting, and edge-triggered epoll will not say so again.
+        self.accept_due = true;
+    }
+
+    /// `EMFILE`: free the spare descriptor, accept and answer everything pending in the backlog
+    /// (each client gets a 503 or, failing that, a reset, instead of hanging), reopen the spare.
+    fn shed_backlog(&mut self, i: usize) {
+        let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
+            return;
+        };
+        if self.spare_fd.take().is_none() {
+            return;
+        }
+        let answer = refusal(Verdict::ServerFull);
+        let mut shed = 0u64;
+        while let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.write(&answer);
+            drop(stream);
+            shed += 1;
+        }
+        self.stats.refused[Verdict::ServerFull.index()] += shed;
+        self.spare_fd = std::fs::File::open("/dev/null").ok();
+        if shed > 0 {
+            log::info!("out of file descriptors: answered {shed} pending connections with 503");
+        }
+    }
+
+    /// Stop accepting until the backoff timer fires (5 ms doubling to 1 s) or the close path
+    /// frees a descriptor.
+    fn pause_accept(&mut self) {
+        self.backoff_ms = (self.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        if !self.accept_paused {
+            self.accept_paused = true;
+            self.paused_since = self.now;
+            log::warn!("accepting paused for {} ms", self.backoff_ms);
+        }
+        if let Some(k) = self.accept_timer.take() {
+            self.wheel.cancel(k);
+        }
+        self.accept_timer = Some(self.wheel.insert(
+            self.now + self.backoff_ms,
+            TimerRef {
+                idx: ACCEPT_TIMER,
+                gen: 0,
+            },
+        ));
+    }
+
+    /// Accept again (backoff timer fired, or a descriptor was freed).
+    pub(crate) fn resume_accept(&mut self) {
+        if !self.accept_paused {
+            return;
+        }
+        if let Some(k) = self.accept_timer.take() {
+            self.wheel.cancel(k);
+        }
+        self.accept_paused = false;
+        self.stats.paused_ms += self.now.saturating_sub(self.paused_since);
+        self.accept_due = true;
+        log::info!("accepting resumed");
+    }
+
+    /// The accept backoff timer fired.
+    pub(crate) fn accept_timer_fired(&mut self) {
+        self.accept_timer = None;
+        self.resume_accept();
+    }
+
+    /// Log an accept error at most once a second per kind, with how many were suppressed.
+    fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
+        let k = accept_errno_index(errno);
+        let (last, suppressed) = &mut self.log_throttle[k];
+        if *last != 0 && self.now < *last + 1000 {
+            *suppressed += 1;
+            return;
+        }
+        if *suppressed > 0 {
+            log::warn!("accept failed: {e} ({} more suppressed)", *suppressed);
+        } else {
+            log::warn!("accept failed: {e}");
+        }
+        *last = self.now.max(1);
+        *suppressed = 0;
+    }
+
+    /// A new connection: admit it, or answer it with 503/429 and let it go.
+    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
+        self.stats.accepted += 1;
+        let admitted = self.conns.len() - self.shedding;
+        let verdict =
+            match self
+                .admission
+                .admit(peer.ip(), self.now, admitted, self.max_connections)
+            {
+                Ok(ip_counted) => {
+                    let deadline = self.now + Self::ms(self.config.handshake_timeout);
+                    self.insert_conn(stream, peer, deadline, ip_counted, false);
+                    return;
+                }
+                Err(verdict) => verdict,
+            };
+        self.stats.refused[verdict.index()] += 1;
+        self.log_refusal(verdict, peer);
+        let mut stream = stream;
+        let _ = stream.write(&refusal(verdict));
+        if self.conns.len() < self.fd_budget {
+            // Keep it briefly (see `insert_conn`).
+            let deadline = self.now + SHED_LINGER_MS.min(Self::ms(self.config.handshake_timeout));
+            self.insert_conn(stream, peer, deadline, false, true);
+        }
+        // Otherwise dropping the stream closes it now: the answer is on its way, or a reset is.
+    }
+
+    fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
+        let k = ACCEPT_ERRNOS.len() + 1 + verdict.index();
+        let (last, suppressed) = &mut self.log_throttle[k];
+        if *last != 0 && self.now < *last + 1000 {
+            *suppressed += 1;
+            return;
+        }
+        log::info!(
+            "refusing connections ({}), latest from {peer} ({} more since last report)",
+            verdict.label(),
+            *suppressed
+        );
+        *last = self.now.max(1);
+        *suppressed = 0;
+    }
+
+    fn insert_conn(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        deadline: u64,
+        ip_counted: bool,
+        shed: bool,
+    ) {
+        let _ = stream.set_nodelay(true);
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let gen = self.next_gen;
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        let mut socket = stream;
+        let token = Token(crate::event_loop::conn_id(idx, gen).0 as usize);
+        if idx >= ACCEPT_TIMER as usize
+            || self
+                .registry
+                .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+        {
+            if ip_counted {
+                self.admission.release(peer.ip());
+            }
+            return; // dropping the socket closes it; nothing else was allocated
+        }
+        let mut conn = Conn::new(socket, gen, peer, deadline);
+        conn.ip_counted = ip_counted;
+        if shed {
+            // Answered already: shut down our side and wait for the client's EOF (or the
+            // deadline), so that closing does not reset the connection before it read the answer.
+            conn.shed = true;
+            conn.linger = Some(crate::app::CloseReason::Refused);
+            conn.send.sealed = true;
+            conn.half_close();
+            self.shedding += 1;
+        }
+        entry.insert(conn);
+        self.rearm(idx);
+        if ip_counted {
+            self.ip_counted += 1;
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Echo over real loopback sockets: sizes across every length encoding, messages spanning many
+//! reads and partial writes, fragmented messages from a raw client, control frames inside them,
+//! frames arriving with the handshake, and IPv6.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::net::SocketAddr;
+use tungstenite::Message as TMsg;
+use wsloop::{CloseReason, Config};
+
+const MIB: usize = 1 << 20;
+
+fn roundtrip(ws: &mut Ws, msg: TMsg) {
+    let what = format!(
+        "{} bytes {}",
+        msg.len(),
+        if msg.is_text() { "text" } else { "binary" }
+    );
+    ws.send(msg.clone()).unwrap();
+    let back = ws.read().unwrap_or_else(|e| panic!("echo of {what}: {e}"));
+    if back != msg {
+        let got = match &back {
+            TMsg::Close(c) => format!("close {c:?}"),
+            m => format!("{} bytes", m.len()),
+        };
+        panic!("echo of {what} differs: got {got}");
+    }
+}
+
+fn close_client(mut ws: Ws) {
+    ws.close(None).unwrap();
+    loop {
+        match ws.read() {
+            Ok(TMsg::Close(_)) => {}
+            Ok(m) => panic!("unexpected message while closing: {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => return,
+            Err(e) => panic!("closing: {e}"),
+        }
+    }
+}
+
+#[test]
+fn echo_text_and_binary_at_every_length_boundary() {
+    let server = TestServer::start(Config {
+        max_message_size: MIB,
+        ..config()
+    });
+    let mut ws = ws(server.addr);
+    for (i, len) in [0, 1, 125, 126, 127, 65535, 65536, 65537, MIB]
+        .into_iter()
+        .enumerate()
+    {
+        roundtrip(&mut ws, TMsg::text(text(len, i as u64)));
+        roundtrip(&mut ws, TMsg::binary(bytes(len, i as u64)));
+    }
+    close_client(ws);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn large_messages_pipelined_span_reads_and_partial_writes() {
+    // 24 messages of 1 MiB sent before any echo is read: the server reads each in many pieces
+    // and cannot write the echoes at once (the client is not reading, and loopback buffers
+    // absorb only a few MiB: tcp_wmem caps the send buffer at 4 MiB by default), so they go
+    // through the connection's pending queue and writable events, which end in on_drain.
+    let server = TestServer::start(Config {
+        max_message_size: MIB,
+        max_backpressure: 64 * MIB, // this test is about partial writes, not the limit
+        ..config()
+    });
+    let mut ws = ws(server.addr);
+    let msgs: Vec<TMsg> = (0..24)
+        .map(|i| {
+            if i % 2 == 0 {
+                TMsg::binary(bytes(MIB, 100 + i))
+            } else {
+                TMsg::text(text(MIB, 100 + i))
+            }
+        })
+        .collect();
+    for m in &msgs {
+        ws.send(m.clone()).unwrap();
+    }
+    for (i, m) in msgs.iter().enumerate() {
+        let back = ws.read().unwrap();
+        assert!(&back == m, "message {i} echoed wrong");
+    }
+    // on_drain runs just after the last queued byte is written: wait for it.
+    server.wait_rec("on_drain (proof of a partial write)", |r| r.drains >= 1);
+    close_client(ws);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn multibyte_text_split_across_reads_is_valid() {
+    // Code points straddle read boundaries (64 KiB receive buffer) and frame boundaries.
+    let server = TestServer::start(Config {
+        max_message_size: MIB,
+        ..config()
+    });
+    let mut ws = ws(server.addr);
+    let s: String = "κόσμε€𝄞a".repeat(300_000 / 16);
+    roundtrip(&mut ws, TMsg::text(s.clone()));
+    let mut raw = raw_ws(server.addr);
+    let b = s.as_bytes();
+    // Fragments cut inside code points.
+    let cuts = [0, 1, 5, 70_001, b.len()];
+    for w in cuts.windows(2) {
+        let op = if w[0] == 0 { OP_TEXT } else { OP_CONT };
+        raw.write_all(&frame(w[1] == b.len(), op, &b[w[0]..w[1]]))
+            .unwrap();
+    }
+    assert_eq!(expect_frame(&mut raw, OP_TEXT), b);
+    raw.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut raw), (1000, String::new()));
+    expect_eof(&mut raw);
+    close_client(ws);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 2)]);
+}
+
+#[test]
+fn fragmented_messages_echo_as_one() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    // Text in three fragments, one of them empty-bodied continuation in the middle.
+    s.write_all(&frame(false, OP_TEXT, b"Hel")).unwrap();
+    s.write_all(&frame(false, OP_CONT, b"lo, ")).unwrap();
+    s.write_all(&frame(true, OP_CONT, b"world")).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"Hello, world");
+    // Binary fragments, all in one write.
+    let data = bytes(3000, 7);
+    let mut w = frame(false, OP_BINARY, &data[..1000]);
+    w.extend(frame(false, OP_CONT, &[]));
+    w.extend(frame(false, OP_CONT, &data[1000..2999]));
+    w.extend(frame(true, OP_CONT, &data[2999..]));
+    s.write_all(&w).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_BINARY), data);
+    // A UTF-8 character split between fragments.
+    let e = "é".as_bytes();
+    s.write_all(&frame(false, OP_TEXT, &[b'x', e[0]])).unwrap();
+    s.write_all(&frame(true, OP_CONT, &[e[1], b'y'])).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_TEXT), "xéy".as_bytes());
+    s.write_all(&close_frame(1000, "done")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_eof(&mut s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().messages, 3);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn ping_inside_fragmented_message_gets_pong() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(false, OP_TEXT, b"ab")).unwrap();
+    s.write_all(&frame(true, OP_PING, b"p!")).unwrap();
+    // The pong comes before the message is complete.
+    assert_eq!(expect_frame(&mut s, OP_PONG), b"p!");
+    s.write_all(&frame(true, OP_CONT, b"cd")).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"abcd");
+    // A ping and an unsolicited pong between fragments, all in one write.
+    let mut w = frame(false, OP_BINARY, b"12");
+    w.extend(frame(true, OP_PING, b""));
+    w.extend(frame(true, OP_PONG, b"unsolicited"));
+    w.extend(frame(true, OP_CONT, b"34"));
+    s.write_all(&w).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_PONG), b"");
+    assert_eq!(expect_frame(&mut s, OP_BINARY), b"1234");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_eof(&mut s);
+    server.wait_closes(1);
+    {
+        let r = server.rec();
+        assert_eq!((r.pings, r.pongs, r.messages), (2, 1, 2));
+    }
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn frames_trickled_byte_by_byte() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    let payload = bytes(300, 3); // 16-bit length: header split at every byte
+    let f = frame(true, OP_BINARY, &payload);
+    for b in &f {
+        s.write_all(std::slice::from_ref(b)).unwrap();
+        s.flush().unwrap();
+    }
+    assert_eq!(expect_frame(&mut s, OP_BINARY), payload);
+    for b in frame(true, OP_PING, b"tiny") {
+        s.write_all(&[b]).unwrap();
+    }
+    assert_eq!(expect_frame(&mut s, OP_PONG), b"tiny");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut s);
+    expect_eof(&mut s);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn frames_sent_with_the_request_are_not_lost() {
+    let server = TestServer::start(config());
+    // The request head and two frames in one write.
+    let mut s = tcp(server.addr);
+    let mut w = upgrade_request(server.addr).into_bytes();
+    w.extend(frame(true, OP_TEXT, b"early"));
+    w.extend(frame(true, OP_BINARY, b"bird"));
+    s.write_all(&w).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"early");
+    assert_eq!(expect_frame(&mut s, OP_BINARY), b"bird");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut s);
+    expect_eof(&mut s);
+
+    // The head trickled over several writes, the last one carrying a frame as well.
+    let mut s = tcp(server.addr);
+    s.set_nodelay(true).unwrap();
+    let req = upgrade_request(server.addr).into_bytes();
+    let (a, b) = req.split_at(20);
+    s.write_all(a).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut w = b.to_vec();
+    w.extend(frame(true, OP_TEXT, b"late"));
+    s.write_all(&w).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"late");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut s);
+    expect_eof(&mut s);
+
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 2)]);
+}
+
+#[test]
+fn ipv6_echo() {
+    let listen: SocketAddr = "[::1]:0".parse().unwrap();
+    let server = match TestServer::start_full(config(), Opts::default(), listen, Drive::Run) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("skipping ipv6_echo: cannot listen on [::1]: {e}");
+            return;
+        }
+    };
+    assert!(server.addr.is_ipv6());
+    let mut ws = ws(server.addr);
+    roundtrip(&mut ws, TMsg::text("over IPv6"));
+    roundtrip(&mut ws, TMsg::binary(bytes(60_000, 6)));
+    close_client(ws);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}

@@ -1,0 +1,496 @@
+//! Connection lifecycle: close handshakes from either side, clients that vanish, idle and close
+//! timeouts, the LoopHandle from other threads (including stale ids), and graceful shutdown.
+
+mod common;
+
+use common::*;
+use std::io::{ErrorKind, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+use tungstenite::protocol::frame::coding::CloseCode as TCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message as TMsg;
+use wsloop::{CloseCode, CloseReason, Config, Message, SendStatus};
+
+/// Read with tungstenite until the server closes the TCP connection; return the close frame
+/// received on the way, if any.
+fn read_until_closed(ws: &mut Ws) -> Option<CloseFrame> {
+    let mut frame = None;
+    loop {
+        match ws.read() {
+            Ok(TMsg::Close(f)) => frame = f,
+            Ok(m) => panic!("unexpected message {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => return frame,
+            Err(e) => panic!("reading until closed: {e}"),
+        }
+    }
+}
+
+fn expect_text(ws: &mut Ws, text: &str) {
+    match ws.read() {
+        Ok(TMsg::Text(t)) => assert_eq!(t.as_str(), text),
+        other => panic!("expected text {text:?}, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Close handshakes
+
+#[test]
+fn client_starts_close_handshake() {
+    let server = TestServer::start(config());
+    let mut ws = ws(server.addr);
+    let id = server.wait_open(1);
+    ws.close(Some(CloseFrame {
+        code: TCode::from(4321),
+        reason: "done".into(),
+    }))
+    .unwrap();
+    let echoed = read_until_closed(&mut ws).expect("server answered with a close frame");
+    assert_eq!(u16::from(echoed.code), 4321);
+    drop(ws);
+    server.wait_closes(1);
+    {
+        let r = server.rec();
+        let c = &r.closes_of(id)[0];
+        assert_eq!((c.code, c.reason.as_str()), (4321, "done"));
+    }
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn client_close_without_code_is_1005() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(true, OP_CLOSE, b"")).unwrap();
+    let f = read_frame(&mut s);
+    assert_eq!(f.opcode, OP_CLOSE);
+    assert_eq!(
+        f.close(),
+        None,
+        "an empty close is answered with an empty close"
+    );
+    expect_eof(&mut s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1005);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn server_starts_close_handshake() {
+    let server = TestServer::start(config());
+    let mut ws = ws(server.addr);
+    let id = server.wait_open(1);
+    ws.send(TMsg::text("close-me")).unwrap();
+    let f = read_until_closed(&mut ws).expect("close frame");
+    assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye"));
+    drop(ws);
+    server.wait_closes(1);
+    {
+        let r = server.rec();
+        let c = &r.closes_of(id)[0];
+        assert_eq!((c.code, c.reason.as_str()), (4000, "bye"));
+    }
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+}
+
+#[test]
+fn server_close_reports_our_code_even_if_the_reply_differs() {
+    // on_close's documented contract: "the peer's close code when it closed, ours when we did".
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(true, OP_TEXT, b"close-me")).unwrap();
+    assert_eq!(expect_close(&mut s), (4000, "bye".to_string()));
+    // After our close, data from the client is not delivered.
+    s.write_all(&frame(true, OP_TEXT, b"too late")).unwrap();
+    s.write_all(&close_frame(1000, "ok")).unwrap();
+    assert!(
+        expect_eof(&mut s).is_empty(),
+        "nothing after the close frame"
+    );
+    server.wait_closes(1);
+    {
+        let r = server.rec();
+        assert_eq!(r.messages, 1);
+        assert_eq!(
+            (r.closes[0].code, r.closes[0].reason.as_str()),
+            (4000, "bye")
+        );
+    }
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+}
+
+#[test]
+fn client_close_behind_a_backlog_delivers_everything_first() {
+    // The client sends 16 MiB and its close without reading: the echoes queue up on the server
+    // (loopback buffers absorb only a few MiB), the close reply goes behind them, and the
+    // connection ends only once all of it is written.
+    let mib = 1 << 20;
+    let server = TestServer::start(Config {
+        max_message_size: mib,
+        max_backpressure: 64 * mib, // about ordering behind a backlog, not the limit
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    let msgs: Vec<Vec<u8>> = (0..16).map(|i| bytes(mib, 40 + i)).collect();
+    let mut w = s.try_clone().unwrap();
+    let out = msgs.clone();
+    let writer = thread::spawn(move || {
+        for m in &out {
+            w.write_all(&frame(true, OP_BINARY, m)).unwrap();
+        }
+        w.write_all(&close_frame(4005, "enough")).unwrap();
+    });
+    writer.join().unwrap();
+    for m in &msgs {
+        assert!(expect_frame(&mut s, OP_BINARY) == *m, "echo differs");
+    }
+    assert_eq!(expect_close(&mut s).0, 4005);
+    expect_eof(&mut s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 4005);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients that vanish
+
+#[test]
+fn tungstenite_client_dropped_without_close_is_1006() {
+    let server = TestServer::start(config());
+    let mut ws = ws(server.addr);
+    ws.send(TMsg::text("hello")).unwrap();
+    expect_text(&mut ws, "hello");
+    drop(ws);
+    server.wait_closes(1);
+    {
+        let r = server.rec();
+        assert_eq!(r.closes.len(), 1);
+        assert_eq!(r.closes[0].code, 1006);
+    }
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+}
+
+#[test]
+fn raw_client_dropped_mid_frame_is_1006() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    server.wait_open(1);
+    let f = frame(true, OP_BINARY, &bytes(1000, 1));
+    s.write_all(&f[..300]).unwrap();
+    drop(s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1006);
+    assert_eq!(server.rec().messages, 0);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+}
+
+#[test]
+fn raw_client_reset_is_1006() {
+    // Closing a socket with unread input makes the kernel send a reset: the echo is left unread.
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    server.wait_open(1);
+    s.write_all(&frame(true, OP_TEXT, b"unread echo")).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(s.peek(&mut buf).unwrap(), 1, "the echo arrived");
+    drop(s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1006);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+}
+
+#[test]
+fn handler_terminate_drops_without_close_frame() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(true, OP_TEXT, b"terminate-me")).unwrap();
+    assert!(expect_eof(&mut s).is_empty(), "no close frame on terminate");
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1006);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Terminated, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts
+
+#[test]
+fn idle_client_gets_ping_then_close_1001() {
+    let server = TestServer::start(Config {
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    assert_eq!(expect_frame(&mut s, OP_PING), b"");
+    assert_eq!(expect_close(&mut s).0, 1001);
+    expect_eof(&mut s);
+    drop(s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1001);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::IdleTimeout, 1)]);
+}
+
+#[test]
+fn client_answering_pings_stays_connected() {
+    let idle = Duration::from_millis(600);
+    let server = TestServer::start(Config {
+        idle_timeout: idle,
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    // Each ping comes about half an idle period after the last pong: five pings span more
+    // than two idle periods.
+    for _ in 0..5 {
+        let f = read_frame(&mut s);
+        assert_eq!(f.opcode, OP_PING, "expected a ping, got {f:?}");
+        s.write_all(&frame(true, OP_PONG, &f.payload)).unwrap();
+    }
+    s.write_all(&frame(true, OP_TEXT, b"still here")).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"still here");
+    assert!(server.rec().closes.is_empty());
+    assert_eq!(server.rec().pongs, 5);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut s);
+    expect_eof(&mut s);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn unanswered_server_close_times_out() {
+    let server = TestServer::start(Config {
+        close_timeout: Duration::from_millis(200),
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(true, OP_TEXT, b"close-me")).unwrap();
+    assert_eq!(expect_close(&mut s), (4000, "bye".to_string()));
+    expect_eof(&mut s); // never answered: the server gives up after the close timeout
+    drop(s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1006);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::CloseTimeout, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoopHandle
+
+#[test]
+fn loop_handle_sends_posts_and_closes_from_another_thread() {
+    let (opened, ids) = mpsc::channel();
+    let server = TestServer::start_with(
+        config(),
+        Opts {
+            opened: Some(opened),
+            ..Opts::default()
+        },
+    );
+    // Another thread learns the id from on_open through the channel and sends to it.
+    let h = server.handle.clone();
+    let sender = thread::spawn(move || {
+        let id = ids.recv_timeout(WAIT).expect("on_open sent the id");
+        h.send_text(id, "from a thread");
+        h.send_binary(id, vec![1, 2, 3]);
+        id
+    });
+    let mut ws = ws(server.addr);
+    let id = sender.join().unwrap();
+    assert_eq!(id, server.wait_open(1));
+    expect_text(&mut ws, "from a thread");
+    assert_eq!(ws.read().unwrap(), TMsg::binary(vec![1u8, 2, 3]));
+
+    let (tx, rx) = mpsc::channel();
+    server.handle.post(move |_h, ctx| {
+        let sent = ctx.send(id, Message::Text("posted"));
+        let data = ctx.data_mut(id).copied();
+        tx.send((thread::current().id(), sent, data, ctx.open_ids()))
+            .unwrap();
+    });
+    let (tid, sent, data, ids) = rx.recv_timeout(WAIT).expect("post ran");
+    assert_eq!(Some(tid), server.rec().loop_thread, "post runs on the loop");
+    assert_ne!(tid, thread::current().id());
+    assert_eq!(sent, SendStatus::Queued);
+    assert_eq!(data, Some(server.rec().opens[0].1));
+    assert_eq!(ids, vec![id]);
+    expect_text(&mut ws, "posted");
+    assert_eq!(server.handle.query(|_, ctx| ctx.open_ids().len()), Some(1));
+
+    server.handle.close(id, CloseCode(4001), "from handle");
+    let f = read_until_closed(&mut ws).expect("close frame");
+    assert_eq!(
+        (u16::from(f.code), f.reason.as_str()),
+        (4001, "from handle")
+    );
+    drop(ws);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 4001);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+}
+
+#[test]
+fn loop_handle_terminate() {
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    let id = server.wait_open(1);
+    server.handle.terminate(id);
+    assert!(expect_eof(&mut s).is_empty());
+    server.wait_closes(1);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Terminated, 1)]);
+}
+
+#[test]
+fn stale_id_never_reaches_the_connection_reusing_its_slot() {
+    let server = TestServer::start(config());
+    let mut a = ws(server.addr);
+    let id_a = server.wait_open(1);
+    a.close(None).unwrap();
+    read_until_closed(&mut a);
+    drop(a);
+    server.wait_closes(1);
+
+    let mut b = ws(server.addr);
+    let id_b = server.wait_open(2);
+    assert_ne!(id_a, id_b);
+    assert_eq!(
+        id_a.as_u64() & 0xffff_ffff,
+        id_b.as_u64() & 0xffff_ffff,
+        "B should reuse A's slot for this test to mean anything"
+    );
+
+    server.handle.send_text(id_a, "stale text");
+    server.handle.send_binary(id_a, b"stale binary".to_vec());
+    server.handle.close(id_a, CloseCode(4002), "stale close");
+    server.handle.terminate(id_a);
+    let (tx, rx) = mpsc::channel();
+    server.handle.post(move |_h, ctx| {
+        let r = (
+            ctx.send(id_a, Message::Text("stale post")),
+            ctx.close(id_a, CloseCode(4003), "stale"),
+            ctx.data_mut(id_a).is_none(),
+        );
+        ctx.terminate(id_a);
+        tx.send(r).unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(WAIT).unwrap(),
+        (SendStatus::Closed, false, true)
+    );
+    // Commands run in order: had any stale one reached B, B would see it before this.
+    server.handle.send_text(id_b, "fresh");
+    expect_text(&mut b, "fresh");
+    b.send(TMsg::text("B still open")).unwrap();
+    expect_text(&mut b, "B still open");
+    assert_eq!(server.rec().closes.len(), 1);
+
+    b.close(None).unwrap();
+    read_until_closed(&mut b);
+    drop(b);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 2)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown
+
+#[test]
+fn shutdown_closes_every_client_with_1001_and_refuses_new_ones() {
+    let server = TestServer::start_full(
+        config(),
+        Opts::default(),
+        "127.0.0.1:0".parse().unwrap(),
+        Drive::Turn,
+    )
+    .unwrap();
+    let mut clients: Vec<Ws> = (0..3).map(|_| ws(server.addr)).collect();
+    server.wait_open(3);
+    server.handle.shutdown();
+    let mut first = true;
+    for ws in &mut clients {
+        match ws.read() {
+            Ok(TMsg::Close(Some(f))) => assert_eq!(f.code, TCode::Away),
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+        if first {
+            // Shutdown has started (and two clients have not answered yet): no new connections.
+            first = false;
+            let e = TcpStream::connect(server.addr).expect_err("listener closed");
+            assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+        }
+    }
+    for ws in &mut clients {
+        read_until_closed(ws); // flushes the reply, then sees the server's EOF
+    }
+    let rec = server.rec.clone();
+    let stats = server.join(Duration::from_secs(10)).unwrap();
+    drop(clients);
+    let rec = rec.lock().unwrap();
+    check_open_close_pairs(&rec);
+    assert!(rec.closes.iter().all(|c| c.code == 1001), "{rec:?}");
+    assert_eq!((stats.connections, stats.timers), (0, 0));
+    assert_closed(&stats, &[(CloseReason::Shutdown, 3)]);
+}
+
+#[test]
+fn shutdown_with_plain_run_returns() {
+    let server = TestServer::start(config());
+    let mut ws = ws(server.addr);
+    let id = server.wait_open(1);
+    server.handle.shutdown();
+    let f = read_until_closed(&mut ws).expect("close frame");
+    assert_eq!(f.code, TCode::Away);
+    let handle = server.handle.clone();
+    server.join(Duration::from_secs(10));
+    // The loop is gone: queries answer None, commands are dropped.
+    assert!(handle.stats().is_none());
+    handle.send_text(id, "nobody");
+    handle.shutdown();
+}
+
+#[test]
+fn shutdown_gives_up_on_unresponsive_clients_after_shutdown_timeout() {
+    let server = TestServer::start_full(
+        Config {
+            shutdown_timeout: Duration::from_millis(300),
+            close_timeout: Duration::from_secs(30),
+            ..config()
+        },
+        Opts::default(),
+        "127.0.0.1:0".parse().unwrap(),
+        Drive::Turn,
+    )
+    .unwrap();
+    let mut silent = raw_ws(server.addr);
+    let mut polite = ws(server.addr);
+    server.wait_open(2);
+    // A connection still in its handshake is dropped at once.
+    let mut half = tcp(server.addr);
+    half.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    server.wait_stats("3 connections", |s| s.connections == 3);
+    server.handle.shutdown();
+    assert_eq!(expect_close(&mut silent).0, 1001);
+    assert_eq!(read_until_closed(&mut polite).unwrap().code, TCode::Away);
+    let rec = server.rec.clone();
+    let stats = server.join(Duration::from_secs(10)).unwrap();
+    expect_eof(&mut silent);
+    expect_eof(&mut half);
+    let rec = rec.lock().unwrap();
+    check_open_close_pairs(&rec);
+    assert!(rec.closes.iter().all(|c| c.code == 1001), "{rec:?}");
+    assert_eq!((stats.connections, stats.timers), (0, 0));
+    assert_closed(&stats, &[(CloseReason::Shutdown, 3)]);
+}
