@@ -191,6 +191,8 @@ pub struct WebSocket<'a, D> {
     pub(crate) subprotocol: Option<&'a str>,
     pub(crate) max_backpressure: usize,
     pub(crate) policy: BackpressurePolicy,
+    /// The loop's count of messages sent.
+    pub(crate) sent: &'a mut u64,
 }
 
 impl<'a, D> WebSocket<'a, D> {
@@ -265,6 +267,9 @@ impl<'a, D> WebSocket<'a, D> {
             return SendStatus::Dropped;
         }
         write_frame(self.out, true, op, payload);
+        if op.is_data() {
+            *self.sent += 1;
+        }
         SendStatus::Queued
     }
 }

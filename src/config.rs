@@ -71,6 +71,13 @@ pub struct Config {
     pub write_stall_timeout: Duration,
     /// Open connections are closed (1001) after this long, whatever they do. Default 0 (off).
     pub max_lifetime: Duration,
+    /// Answer `GET /metrics` (Prometheus) and `GET /healthz` on the WebSocket listeners.
+    /// Default true. [`Server::listen_metrics`](crate::Server::listen_metrics) serves them on
+    /// an address of their own either way.
+    pub serve_metrics: bool,
+    /// How often the loop compares `/proc/self/fd` with the descriptors it accounts for, and
+    /// warns on a difference. Default 10 s; 0 turns the periodic audit off.
+    pub audit_interval: Duration,
 }
 
 /// What a send over the backpressure limit does.
@@ -107,6 +114,8 @@ impl Default for Config {
             backpressure_policy: BackpressurePolicy::Close,
             write_stall_timeout: Duration::from_secs(30),
             max_lifetime: Duration::ZERO,
+            serve_metrics: true,
+            audit_interval: Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +175,7 @@ impl Config {
         for (field, d) in [
             ("write_stall_timeout", self.write_stall_timeout),
             ("max_lifetime", self.max_lifetime),
+            ("audit_interval", self.audit_interval),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
             ("close_timeout", self.close_timeout),

@@ -47,6 +47,8 @@ const CORK_KEEP: usize = 64 * 1024;
 pub(crate) const NEVER: u64 = u64::MAX;
 /// How often per-address admission state is swept, in ms.
 const SWEEP_MS: u64 = 10_000;
+/// Timer-wheel index reserved for the periodic fd audit.
+const AUDIT_TIMER: u32 = u32::MAX - 1;
 
 /// A timer entry: the connection's slab index and generation ([`ACCEPT_TIMER`] for the accept
 /// backoff).
@@ -92,6 +94,8 @@ pub(crate) struct Conn<D> {
     pub(crate) ip_counted: bool,
     /// Refused at admission and answered; kept only to read its request.
     pub(crate) shed: bool,
+    /// Came in on a metrics-only listener.
+    pub(crate) admin: bool,
 }
 
 impl<D> Conn<D> {
@@ -116,6 +120,7 @@ impl<D> Conn<D> {
             fin_sent: false,
             ip_counted: false,
             shed: false,
+            admin: false,
         }
     }
 
@@ -159,7 +164,8 @@ pub struct Stats {
     pub accepted: u64,
     /// Connections held right now (any state, refused ones being answered included).
     pub connections: usize,
-    /// Timers armed right now.
+    /// Timers armed for connections right now (the loop's own accept-backoff and audit timers
+    /// are not counted): zero when no connection is held.
     pub timers: usize,
     /// Connections ended, by [`CloseReason::index`].
     pub closed: [u64; CloseReason::LABELS.len()],
@@ -178,6 +184,26 @@ pub struct Stats {
     pub fd_budget: usize,
     /// Descriptors the loop owns: epoll, waker, listeners, connections, the spare.
     pub fds_owned: usize,
+    /// Complete messages received from clients.
+    pub messages_received: u64,
+    /// Messages sent to clients.
+    pub messages_sent: u64,
+    /// Bytes read from client sockets.
+    pub bytes_received: u64,
+    /// Bytes written to client sockets.
+    pub bytes_sent: u64,
+    /// Loop turns.
+    pub loop_turns: u64,
+    /// Nanoseconds spent in turns (dispatching, not waiting).
+    pub turn_ns_sum: u64,
+    /// Turns by duration, per bucket of [`metrics::TURN_BUCKETS`](crate::metrics::TURN_BUCKETS)
+    /// (not cumulative; the last is `+Inf`).
+    pub turn_buckets: [u64; crate::metrics::TURN_BUCKETS.len() + 1],
+    /// Handshakes answered with an HTTP error, by
+    /// [`metrics::REJECT_STATUSES`](crate::metrics::REJECT_STATUSES) (the last is "other").
+    pub rejected_status: [u64; crate::metrics::REJECT_STATUSES.len() + 1],
+    /// The difference the last periodic fd audit found (0: all accounted for).
+    pub audit_difference: i64,
 }
 
 /// Labels of [`Stats::accept_errors`], in order.
@@ -234,7 +260,7 @@ pub(crate) struct Core<D> {
     /// Descriptors of the poll and waker.
     fixed_fds: usize,
     /// Descriptors the process had open that are not the loop's, measured at start.
-    fd_base: usize,
+    pub(crate) fd_base: usize,
     started: bool,
     next_sweep: u64,
     // --- accepting
@@ -245,6 +271,10 @@ pub(crate) struct Core<D> {
     pub(crate) accept_timer: Option<TimerKey>,
     /// Per log kind: when it was last logged (ms) and how many since were suppressed.
     pub(crate) log_throttle: [(u64, u64); ACCEPT_ERRNOS.len() + 4],
+    /// Whether each listener serves only metrics and health (not WebSocket upgrades).
+    pub(crate) listener_admin: Vec<bool>,
+    pub(crate) audit_warned_at: u64,
+    audit_timer: Option<TimerKey>,
 }
 
 /// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
@@ -319,6 +349,9 @@ impl<H: Handler> Server<H> {
                     backoff_ms: 0,
                     accept_timer: None,
                     log_throttle: [(0, 0); ACCEPT_ERRNOS.len() + 4],
+                    listener_admin: Vec::new(),
+                    audit_warned_at: 0,
+                    audit_timer: None,
                     config,
                 },
                 handler,
@@ -330,7 +363,19 @@ impl<H: Handler> Server<H> {
 
     /// Listen on `addr` (IPv4 or IPv6; port 0 picks a free port) and return the bound address.
     /// The backlog is [`Config::listen_backlog`], capped by `net.core.somaxconn`.
+    /// Besides WebSocket upgrades it answers `GET /metrics` and `GET /healthz` when
+    /// [`Config::serve_metrics`] is set.
     pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        self.add_listener(addr, false)
+    }
+
+    /// Listen on `addr` for `GET /metrics` and `GET /healthz` only (an address for operators,
+    /// apart from the WebSocket port); everything else gets 404. Returns the bound address.
+    pub fn listen_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        self.add_listener(addr, true)
+    }
+
+    fn add_listener(&mut self, addr: SocketAddr, admin: bool) -> io::Result<SocketAddr> {
         let core = &mut self.inner.core;
         let i = core.listeners.len();
         if i >= MAX_LISTENERS {
@@ -342,6 +387,7 @@ impl<H: Handler> Server<H> {
             .registry()
             .register(&mut listener, Token(i), Interest::READABLE)?;
         core.listeners.push(Some(listener));
+        core.listener_admin.push(admin);
         core.accept_due = true;
         Ok(bound)
     }
@@ -365,6 +411,11 @@ impl<H: Handler> Server<H> {
     /// [`Ctx::audit`]). Zero when nothing leaks.
     pub fn audit(&self) -> io::Result<i64> {
         self.inner.core.audit()
+    }
+
+    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics(&self) -> String {
+        self.inner.core.render_metrics()
     }
 
     /// Run until shut down (through [`LoopHandle::shutdown`]) and every connection has ended.
@@ -404,6 +455,7 @@ impl<H: Handler> Server<H> {
                 return Err(e);
             }
         }
+        let busy = Instant::now();
         self.inner.core.tick();
         for event in self.events.iter() {
             self.inner.dispatch(event);
@@ -414,7 +466,7 @@ impl<H: Handler> Server<H> {
             core.accept_all();
             core.reap(&mut self.inner.handler);
         }
-        let core = &self.inner.core;
+        crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
         Ok(!(core.shutdown_at.is_some() && core.conns.is_empty()))
     }
 }
@@ -464,6 +516,7 @@ impl<H: Handler> Inner<H> {
                     return;
                 }
             };
+            self.core.stats.bytes_received += n as u64;
             if !self.received(idx, n) {
                 return;
             }
@@ -527,17 +580,10 @@ impl<H: Handler> Inner<H> {
                 head_len,
                 buffered,
             }) => {
-                if !request.is_upgrade() {
-                    handshake::write_response(
-                        &mut core.cork,
-                        426,
-                        "this is a WebSocket endpoint",
-                        &[("Upgrade", "websocket")],
-                        b"this is a WebSocket endpoint\n",
-                    );
-                    conn.session.finish_rejected();
-                    core.finish(handler, idx, CloseReason::HttpAnswered);
-                    return false;
+                let admin = conn.admin;
+                if admin || !request.is_upgrade() {
+                    let route = Route::of(request.method(), request.path());
+                    return core.answer_http(handler, idx, route, admin);
                 }
                 let upgrade = match handshake::validate_upgrade(&request) {
                     Ok(u) => u,
@@ -602,7 +648,11 @@ impl<H: Handler> Inner<H> {
         if conn.pending.is_empty() {
             return;
         }
-        match write_some(&conn.socket, &conn.pending) {
+        let written = write_some(&conn.socket, &conn.pending);
+        if let Ok(n) = written {
+            core.stats.bytes_sent += n as u64;
+        }
+        match written {
             Ok(n) if n == conn.pending.len() => {
                 conn.pending = Vec::new();
                 conn.stall_at = NEVER;
@@ -651,6 +701,12 @@ impl<H: Handler> Inner<H> {
         while let Some((_, TimerRef { idx, gen })) = core.wheel.poll(core.now) {
             if idx == ACCEPT_TIMER {
                 core.accept_timer_fired();
+                continue;
+            }
+            if idx == AUDIT_TIMER {
+                core.audit_timer = None;
+                core.run_audit();
+                core.arm_audit();
                 continue;
             }
             let idx = idx as usize;
@@ -714,6 +770,7 @@ fn callback<H: Handler>(
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
         policy: core.config.backpressure_policy,
+        sent: &mut core.stats.messages_sent,
     };
     f(handler, &mut ws);
     after_callback(core, handler, idx)
@@ -782,10 +839,17 @@ fn frames<H: Handler>(
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
             policy: core.config.backpressure_policy,
+            sent: &mut core.stats.messages_sent,
         };
         match event {
-            Event::Text(s) => handler.on_message(&mut ws, Message::Text(s)),
-            Event::Binary(b) => handler.on_message(&mut ws, Message::Binary(b)),
+            Event::Text(s) => {
+                core.stats.messages_received += 1;
+                handler.on_message(&mut ws, Message::Text(s))
+            }
+            Event::Binary(b) => {
+                core.stats.messages_received += 1;
+                handler.on_message(&mut ws, Message::Binary(b))
+            }
             Event::Ping(p) => handler.on_ping(&mut ws, p),
             Event::Pong(p) => handler.on_pong(&mut ws, p),
             Event::Close { code, reason } => {
@@ -818,6 +882,7 @@ fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, sta
         conn.peer
     );
     conn.session.finish_rejected();
+    core.stats.rejected_status[crate::metrics::status_index(status)] += 1;
     core.finish(handler, idx, CloseReason::Rejected(status));
     false
 }
@@ -827,6 +892,24 @@ fn ping_after(config: &Config) -> u64 {
     match Core::<()>::ms(config.idle_timeout) {
         0 => NEVER,
         idle => idle.div_ceil(2),
+    }
+}
+
+/// The plain HTTP requests the loop answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Metrics,
+    Health,
+    Other,
+}
+
+impl Route {
+    fn of(method: &str, path: &str) -> Route {
+        match (method, path) {
+            ("GET", "/metrics") => Route::Metrics,
+            ("GET", "/healthz") => Route::Health,
+            _ => Route::Other,
+        }
     }
 }
 
@@ -903,13 +986,16 @@ impl<D> Core<D> {
             "fd budget {budget} (RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}): up to {} connections",
             self.max_connections
         );
+        self.arm_audit();
         Ok(())
     }
 
-    fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
-            timers: self.wheel.len(),
+            timers: self.wheel.len()
+                - self.accept_timer.is_some() as usize
+                - self.audit_timer.is_some() as usize,
             accept_paused: self.accept_paused,
             max_connections: self.max_connections,
             fd_budget: self.fd_budget,
@@ -918,8 +1004,71 @@ impl<D> Core<D> {
         }
     }
 
+    /// Arm the periodic fd audit, if enabled.
+    fn arm_audit(&mut self) {
+        let every = Self::ms(self.config.audit_interval);
+        if every > 0 && self.shutdown_at.is_none() {
+            self.audit_timer = Some(self.wheel.insert(
+                self.now + every,
+                TimerRef {
+                    idx: AUDIT_TIMER,
+                    gen: 0,
+                },
+            ));
+        }
+    }
+
+    /// Answer a plain HTTP request (metrics, health, or an error) and end the connection.
+    fn answer_http<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        route: Route,
+        admin: bool,
+    ) -> bool {
+        let serve = admin || self.config.serve_metrics;
+        match route {
+            Route::Metrics if serve => {
+                let body = self.render_metrics();
+                handshake::write_response(
+                    &mut self.cork,
+                    200,
+                    "OK",
+                    &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                    body.as_bytes(),
+                );
+            }
+            Route::Health if serve => match self.health() {
+                crate::metrics::Health::Ok => {
+                    handshake::write_response(&mut self.cork, 200, "OK", &[], b"ok\n")
+                }
+                crate::metrics::Health::Unhealthy(why) => {
+                    let body = format!("{why}\n");
+                    handshake::write_response(&mut self.cork, 503, "", &[], body.as_bytes())
+                }
+            },
+            _ if admin => {
+                self.stats.rejected_status[crate::metrics::status_index(404)] += 1;
+                handshake::write_response(&mut self.cork, 404, "", &[], b"not found\n");
+            }
+            _ => {
+                self.stats.rejected_status[crate::metrics::status_index(426)] += 1;
+                handshake::write_response(
+                    &mut self.cork,
+                    426,
+                    "",
+                    &[("Upgrade", "websocket")],
+                    b"this is a WebSocket endpoint\n",
+                );
+            }
+        }
+        self.conns[idx].session.finish_rejected();
+        self.finish(handler, idx, CloseReason::HttpAnswered);
+        false
+    }
+
     /// Descriptors the loop owns.
-    fn owned_fds(&self) -> usize {
+    pub(crate) fn owned_fds(&self) -> usize {
         self.fixed_fds
             + self.listeners.iter().flatten().count()
             + self.conns.len()
@@ -985,7 +1134,11 @@ impl<D> Core<D> {
             if !conn.pending.is_empty() {
                 conn.pending.extend_from_slice(&self.cork);
             } else {
-                match write_some(&conn.socket, &self.cork) {
+                let written = write_some(&conn.socket, &self.cork);
+                if let Ok(n) = written {
+                    self.stats.bytes_sent += n as u64;
+                }
+                match written {
                     Ok(n) if n == self.cork.len() => {}
                     Ok(n) => {
                         conn.pending.extend_from_slice(&self.cork[n..]);
@@ -1094,6 +1247,7 @@ impl<D> Core<D> {
                     b"handshake timeout\n",
                 );
                 self.conns[idx].session.finish_rejected();
+                self.stats.rejected_status[crate::metrics::status_index(408)] += 1;
                 self.finish(handler, idx, CloseReason::HandshakeTimeout);
             }
             State::Open if !conn.pinged => {
@@ -1122,6 +1276,9 @@ impl<D> Core<D> {
     fn begin_shutdown<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         if self.shutdown_at.is_some() {
             return;
+        }
+        if let Some(k) = self.audit_timer.take() {
+            self.wheel.cancel(k);
         }
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
@@ -1205,7 +1362,7 @@ impl<D> Core<D> {
             let timed = self.conns.iter().filter(|(_, c)| c.timer.is_some()).count();
             assert_eq!(
                 self.wheel.len(),
-                timed + self.accept_timer.is_some() as usize,
+                timed + self.accept_timer.is_some() as usize + self.audit_timer.is_some() as usize,
                 "timer wheel entries without an owner"
             );
             assert_eq!(
@@ -1250,6 +1407,7 @@ impl<'a, D> Ctx<'a, D> {
             Message::Binary(_) => OpCode::Binary,
         };
         if conn.session.send(op, msg.as_bytes(), &mut core.cork) {
+            core.stats.messages_sent += 1;
             SendStatus::Queued
         } else {
             SendStatus::Closed
@@ -1296,6 +1454,11 @@ impl<'a, D> Ctx<'a, D> {
     /// The loop's counters.
     pub fn stats(&self) -> Stats {
         self.core.stats()
+    }
+
+    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics(&self) -> String {
+        self.core.render_metrics()
     }
 
     /// Descriptors open in the process (counted in `/proc/self/fd`) minus those it had open

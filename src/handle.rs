@@ -141,6 +141,11 @@ impl<H: Handler> LoopHandle<H> {
         self.query(|_, ctx| ctx.stats())
     }
 
+    /// The metrics in Prometheus text format, rendered on the loop; `None` if it has ended.
+    pub fn metrics(&self) -> Option<String> {
+        self.query(|_, ctx| ctx.metrics())
+    }
+
     /// Graceful shutdown: stop accepting, send close 1001 to every open connection, wait up to
     /// the shutdown timeout for their answers, then drop the rest and let `run` return.
     pub fn shutdown(&self) {

@@ -37,9 +37,11 @@
 pub mod admission;
 mod app;
 pub mod config;
+
 mod event_loop;
 mod handle;
 mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod sys;
 pub mod timer_wheel;

@@ -10,6 +10,7 @@
 //! resumes accepting as soon as it frees a descriptor.
 
 use crate::admission::Verdict;
+use crate::app::CloseReason;
 use crate::event_loop::{Conn, Core, TimerRef};
 use crate::protocol::handshake;
 use mio::net::{TcpListener, TcpStream};
@@ -59,6 +60,17 @@ pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let cap = crate::sys::somaxconn().unwrap_or(4096).max(1);
     socket.listen(backlog.min(cap).min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Slab indices at and above this are reserved as timer-wheel markers (accept, audit).
+const AUDIT_TIMER_FLOOR: usize = (u32::MAX - 1) as usize;
+
+/// How a new connection enters the slab.
+enum Kind {
+    /// To be served; counted against its address or not; from a metrics-only listener or not.
+    Admitted { ip_counted: bool, admin: bool },
+    /// Refused at admission and already answered.
+    Refused,
 }
 
 /// What to do after an accept error.
@@ -119,7 +131,7 @@ impl<D> Core<D> {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     self.backoff_ms = 0;
-                    self.on_accepted(stream, peer);
+                    self.on_accepted(stream, peer, self.listener_admin[i]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -228,7 +240,7 @@ impl<D> Core<D> {
     }
 
     /// A new connection: admit it, or answer it with 503/429 and let it go.
-    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
         let admitted = self.conns.len() - self.shedding;
         let verdict =
@@ -238,7 +250,7 @@ impl<D> Core<D> {
             {
                 Ok(ip_counted) => {
                     let deadline = self.now + Self::ms(self.config.handshake_timeout);
-                    self.insert_conn(stream, peer, deadline, ip_counted, false);
+                    self.insert_conn(stream, peer, deadline, Kind::Admitted { ip_counted, admin });
                     return;
                 }
                 Err(verdict) => verdict,
@@ -250,7 +262,7 @@ impl<D> Core<D> {
         if self.conns.len() < self.fd_budget {
             // Keep it briefly (see `insert_conn`).
             let deadline = self.now + SHED_LINGER_MS.min(Self::ms(self.config.handshake_timeout));
-            self.insert_conn(stream, peer, deadline, false, true);
+            self.insert_conn(stream, peer, deadline, Kind::Refused);
         }
         // Otherwise dropping the stream closes it now: the answer is on its way, or a reset is.
     }
@@ -271,14 +283,8 @@ impl<D> Core<D> {
         *suppressed = 0;
     }
 
-    fn insert_conn(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        deadline: u64,
-        ip_counted: bool,
-        shed: bool,
-    ) {
+    /// Register a new connection and put it in the slab, with its first deadline.
+    fn insert_conn(&mut self, stream: TcpStream, peer: SocketAddr, deadline: u64, kind: Kind) {
         let _ = stream.set_nodelay(true);
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let gen = self.next_gen;
@@ -286,7 +292,14 @@ impl<D> Core<D> {
         let idx = entry.key();
         let mut socket = stream;
         let token = Token(crate::event_loop::conn_id(idx, gen).0 as usize);
-        if idx >= ACCEPT_TIMER as usize
+        let ip_counted = matches!(
+            kind,
+            Kind::Admitted {
+                ip_counted: true,
+                ..
+            }
+        );
+        if idx >= AUDIT_TIMER_FLOOR
             || self
                 .registry
                 .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
@@ -298,20 +311,24 @@ impl<D> Core<D> {
             return; // dropping the socket closes it; nothing else was allocated
         }
         let mut conn = Conn::new(socket, gen, peer, deadline);
-        conn.ip_counted = ip_counted;
-        if shed {
-            // Answered already: shut down our side and wait for the client's EOF (or the
-            // deadline), so that closing does not reset the connection before it read the answer.
-            conn.shed = true;
-            conn.linger = Some(crate::app::CloseReason::Refused);
-            conn.send.sealed = true;
-            conn.half_close();
-            self.shedding += 1;
+        match kind {
+            Kind::Admitted { ip_counted, admin } => {
+                conn.ip_counted = ip_counted;
+                conn.admin = admin;
+                self.ip_counted += ip_counted as u64;
+            }
+            Kind::Refused => {
+                // Answered already: shut down our side and wait for the client's EOF (or the
+                // deadline), so that closing does not reset the connection before it read the
+                // answer.
+                conn.shed = true;
+                conn.linger = Some(CloseReason::Refused);
+                conn.send.sealed = true;
+                conn.half_close();
+                self.shedding += 1;
+            }
         }
         entry.insert(conn);
         self.rearm(idx);
-        if ip_counted {
-            self.ip_counted += 1;
-        }
     }
 }

@@ -76,6 +76,15 @@ struct Args {
     /// Seconds after which an open connection is closed with 1001 (0: never).
     #[arg(long, value_parser = seconds, default_value = "0")]
     max_lifetime: Duration,
+    /// Also serve GET /metrics and GET /healthz on this address (operators only).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not answer /metrics and /healthz on the WebSocket address (use --metrics-listen).
+    #[arg(long)]
+    no_metrics_on_ws: bool,
+    /// Seconds between fd audits (/proc/self/fd against accounted descriptors; 0: off).
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    audit_interval: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -129,6 +138,8 @@ fn main() -> ExitCode {
         },
         write_stall_timeout: args.write_stall_timeout,
         max_lifetime: args.max_lifetime,
+        serve_metrics: !args.no_metrics_on_ws,
+        audit_interval: args.audit_interval,
         ..Config::default()
     };
     if let Some(limit) = args.fd_limit {
@@ -140,7 +151,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    match serve(config, &args.listen) {
+    match serve(config, &args.listen, args.metrics_listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsloop: {e}");
@@ -149,13 +160,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config, listen: &[SocketAddr]) -> std::io::Result<()> {
+fn serve(
+    config: Config,
+    listen: &[SocketAddr],
+    metrics: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    let on_ws = config.serve_metrics;
     let mut server = Server::new(config, Echo)?;
+    let cannot = |addr: &SocketAddr, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+    };
     for addr in listen {
-        let bound = server
-            .listen(*addr)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let bound = server.listen(*addr).map_err(|e| cannot(addr, e))?;
         log::info!("echo server listening on ws://{bound}");
+        if on_ws {
+            log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+        }
+    }
+    if let Some(addr) = metrics {
+        let bound = server.listen_metrics(addr).map_err(|e| cannot(&addr, e))?;
+        log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
     }
     let handle = server.handle();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -1,0 +1,377 @@
+//! Prometheus metrics (text exposition format 0.0.4), the health verdict and the periodic fd
+//! audit. Rendering scans the connections once (states, queued bytes) and lists
+//! `/proc/self/fd` once; nothing here runs per message.
+
+use crate::admission::Verdict;
+use crate::app::CloseReason;
+use crate::event_loop::{Core, Stats, ACCEPT_ERRNO_LABELS};
+use crate::protocol::session::State;
+use crate::sys;
+use std::fmt::Write;
+
+/// Upper bounds (seconds) of the loop-turn duration histogram's buckets; `+Inf` follows.
+pub const TURN_BUCKETS: [f64; 11] = [
+    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// HTTP statuses counted individually for rejected handshakes; others count as "other".
+pub const REJECT_STATUSES: [u16; 10] = [400, 403, 404, 405, 408, 426, 429, 431, 500, 503];
+
+/// Index of `status` in [`REJECT_STATUSES`], or its length for "other".
+pub fn status_index(status: u16) -> usize {
+    REJECT_STATUSES
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(REJECT_STATUSES.len())
+}
+
+/// Record one loop turn that took `ns` nanoseconds.
+pub(crate) fn observe_turn(stats: &mut Stats, ns: u64) {
+    stats.loop_turns += 1;
+    stats.turn_ns_sum += ns;
+    let secs = ns as f64 / 1e9;
+    let i = TURN_BUCKETS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(TURN_BUCKETS.len());
+    stats.turn_buckets[i] += 1;
+}
+
+/// What the loop reports about its health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Serving normally.
+    Ok,
+    /// Not healthy, with a one-line reason.
+    Unhealthy(String),
+}
+
+/// A snapshot of what only a scan can tell.
+struct Scan {
+    handshake: usize,
+    open: usize,
+    closing: usize,
+    refusing: usize,
+    queued: usize,
+    largest_queue: usize,
+    open_fds: Option<usize>,
+    fd_limit: Option<u64>,
+}
+
+impl<D> Core<D> {
+    fn scan(&self) -> Scan {
+        let mut s = Scan {
+            handshake: 0,
+            open: 0,
+            closing: 0,
+            refusing: 0,
+            queued: 0,
+            largest_queue: 0,
+            open_fds: sys::open_fds().ok(),
+            fd_limit: sys::nofile_limit().ok().map(|l| l.0),
+        };
+        for (_, c) in self.conns.iter() {
+            if c.shed {
+                s.refusing += 1;
+            } else if c.linger.is_some() {
+                s.closing += 1;
+            } else {
+                match c.session.state() {
+                    State::Handshake => s.handshake += 1,
+                    State::Open => s.open += 1,
+                    State::CloseSent | State::Closed => s.closing += 1,
+                }
+            }
+            s.queued += c.pending.len();
+            s.largest_queue = s.largest_queue.max(c.pending.len());
+        }
+        s
+    }
+
+    /// Healthy unless accepting is paused, process descriptors have climbed into the headroom
+    /// (the high-water mark: limit minus `fd_headroom`), or the fd audit finds a difference.
+    pub(crate) fn health(&self) -> Health {
+        if self.accept_paused {
+            return Health::Unhealthy(
+                "accepting is paused (out of file descriptors or memory)".into(),
+            );
+        }
+        if let (Ok(open), Ok((limit, _))) = (sys::open_fds(), sys::nofile_limit()) {
+            let high = limit.saturating_sub(self.config.fd_headroom as u64);
+            if open as u64 >= high {
+                return Health::Unhealthy(format!(
+                    "{open} file descriptors open, high-water mark {high} (limit {limit})"
+                ));
+            }
+            let diff = open as i64 - self.fd_base as i64 - self.owned_fds() as i64;
+            if diff != 0 {
+                return Health::Unhealthy(format!(
+                    "fd audit: {open} open, {} accounted for ({diff:+})",
+                    open as i64 - diff
+                ));
+            }
+        }
+        Health::Ok
+    }
+
+    /// The periodic audit: compare `/proc/self/fd` with what the loop owns; warn at most once a
+    /// minute while they differ, and say when they agree again.
+    pub(crate) fn run_audit(&mut self) {
+        let Ok(diff) = self.audit() else { return };
+        let was = self.stats.audit_difference;
+        self.stats.audit_difference = diff;
+        if diff != 0 {
+            if was == 0 || self.now >= self.audit_warned_at + 60_000 {
+                let owned = self.owned_fds();
+                log::warn!(
+                    "fd audit: {} descriptors open, {} accounted for ({} owned by the loop, {} before it started): difference {diff:+}",
+                    self.fd_base as i64 + owned as i64 + diff,
+                    self.fd_base + owned,
+                    owned,
+                    self.fd_base
+                );
+                self.audit_warned_at = self.now;
+            }
+        } else if was != 0 {
+            log::warn!("fd audit: the difference of {was:+} is gone");
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub(crate) fn render_metrics(&self) -> String {
+        let st = self.stats();
+        let scan = self.scan();
+        let mut m = Out(String::with_capacity(8192));
+
+        m.head(
+            "wsloop_connections",
+            "gauge",
+            "Connections held now, by state.",
+        );
+        for (state, n) in [
+            ("handshake", scan.handshake),
+            ("open", scan.open),
+            ("closing", scan.closing),
+            ("refusing", scan.refusing),
+        ] {
+            m.line("wsloop_connections", &[("state", state)], n as f64);
+        }
+        m.one(
+            "wsloop_connections_max",
+            "gauge",
+            "The connection limit in force.",
+            st.max_connections as f64,
+        );
+        m.one(
+            "wsloop_connections_accepted_total",
+            "counter",
+            "Connections accepted (admitted or refused).",
+            st.accepted as f64,
+        );
+        m.head(
+            "wsloop_connections_closed_total",
+            "counter",
+            "Connections ended, by reason.",
+        );
+        for (i, label) in CloseReason::LABELS.iter().enumerate() {
+            m.line(
+                "wsloop_connections_closed_total",
+                &[("reason", label)],
+                st.closed[i] as f64,
+            );
+        }
+        m.head(
+            "wsloop_handshakes_rejected_total",
+            "counter",
+            "Upgrade requests answered with an HTTP error, by status.",
+        );
+        for (i, n) in st.rejected_status.iter().enumerate() {
+            let status = REJECT_STATUSES
+                .get(i)
+                .map_or("other".to_string(), |s| s.to_string());
+            m.line(
+                "wsloop_handshakes_rejected_total",
+                &[("status", &status)],
+                *n as f64,
+            );
+        }
+        m.head(
+            "wsloop_admission_rejections_total",
+            "counter",
+            "Connections refused at admission (503 or 429), by limit.",
+        );
+        for (i, label) in Verdict::LABELS.iter().enumerate() {
+            m.line(
+                "wsloop_admission_rejections_total",
+                &[("limit", label)],
+                st.refused[i] as f64,
+            );
+        }
+        m.head(
+            "wsloop_accept_errors_total",
+            "counter",
+            "Failed accept calls, by errno.",
+        );
+        for (i, label) in ACCEPT_ERRNO_LABELS.iter().enumerate() {
+            m.line(
+                "wsloop_accept_errors_total",
+                &[("errno", label)],
+                st.accept_errors[i] as f64,
+            );
+        }
+        m.one(
+            "wsloop_accept_paused",
+            "gauge",
+            "1 while accepting is paused (out of descriptors or memory).",
+            st.accept_paused as u8 as f64,
+        );
+        let paused_now = if self.accept_paused {
+            self.now.saturating_sub(self.paused_since)
+        } else {
+            0
+        };
+        m.one(
+            "wsloop_accept_paused_seconds_total",
+            "counter",
+            "Seconds spent with accepting paused.",
+            (st.paused_ms + paused_now) as f64 / 1000.0,
+        );
+        if let Some(open) = scan.open_fds {
+            m.one(
+                "wsloop_process_open_fds",
+                "gauge",
+                "File descriptors open in the process (/proc/self/fd).",
+                open as f64,
+            );
+            let diff = open as i64 - self.fd_base as i64 - st.fds_owned as i64;
+            m.one(
+                "wsloop_fd_audit_difference",
+                "gauge",
+                "Open descriptors minus those accounted for (the loop's own plus those open before it started); non-zero means a leak.",
+                diff as f64,
+            );
+        }
+        m.one(
+            "wsloop_fds_accounted",
+            "gauge",
+            "Descriptors the loop owns: epoll, waker, listeners, connections, the spare.",
+            st.fds_owned as f64,
+        );
+        if let Some(limit) = scan.fd_limit {
+            m.one(
+                "wsloop_fd_limit",
+                "gauge",
+                "The soft RLIMIT_NOFILE.",
+                limit.min(1 << 53) as f64,
+            );
+        }
+        m.one(
+            "wsloop_fd_budget",
+            "gauge",
+            "Descriptors the loop may use for connections.",
+            st.fd_budget as f64,
+        );
+        m.one(
+            "wsloop_messages_received_total",
+            "counter",
+            "Complete messages received from clients.",
+            st.messages_received as f64,
+        );
+        m.one(
+            "wsloop_messages_sent_total",
+            "counter",
+            "Messages sent to clients.",
+            st.messages_sent as f64,
+        );
+        m.one(
+            "wsloop_received_bytes_total",
+            "counter",
+            "Bytes read from client sockets.",
+            st.bytes_received as f64,
+        );
+        m.one(
+            "wsloop_sent_bytes_total",
+            "counter",
+            "Bytes written to client sockets.",
+            st.bytes_sent as f64,
+        );
+        m.one(
+            "wsloop_queued_bytes",
+            "gauge",
+            "Bytes waiting for slow readers, over all connections.",
+            scan.queued as f64,
+        );
+        m.one(
+            "wsloop_queued_bytes_largest",
+            "gauge",
+            "Bytes waiting for the slowest reader.",
+            scan.largest_queue as f64,
+        );
+        m.one(
+            "wsloop_timers",
+            "gauge",
+            "Connection timers armed in the wheel.",
+            st.timers as f64,
+        );
+        m.one(
+            "wsloop_loop_turns_total",
+            "counter",
+            "Event loop turns.",
+            st.loop_turns as f64,
+        );
+        m.head(
+            "wsloop_loop_turn_duration_seconds",
+            "histogram",
+            "Time a loop turn spent dispatching events and timers (not waiting).",
+        );
+        let mut cumulative = 0;
+        for (i, n) in st.turn_buckets.iter().enumerate() {
+            cumulative += n;
+            let le = TURN_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            m.line(
+                "wsloop_loop_turn_duration_seconds_bucket",
+                &[("le", &le)],
+                cumulative as f64,
+            );
+        }
+        m.line(
+            "wsloop_loop_turn_duration_seconds_sum",
+            &[],
+            st.turn_ns_sum as f64 / 1e9,
+        );
+        m.line(
+            "wsloop_loop_turn_duration_seconds_count",
+            &[],
+            st.loop_turns as f64,
+        );
+        m.0
+    }
+}
+
+struct Out(String);
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{val}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {v}");
+    }
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
+        self.head(name, kind, help);
+        self.line(name, &[], v);
+    }
+}
