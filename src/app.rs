@@ -310,6 +310,8 @@ pub enum CloseReason {
     WriteStall,
     /// The connection reached its maximum lifetime (close 1001).
     MaxLifetime,
+    /// An application callback panicked (close 1011).
+    HandlerPanic,
 }
 
 impl CloseReason {
@@ -332,6 +334,7 @@ impl CloseReason {
             CloseReason::Backpressure => "backpressure",
             CloseReason::WriteStall => "write_stall",
             CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::HandlerPanic => "handler_panic",
         }
     }
 
@@ -343,13 +346,14 @@ impl CloseReason {
                 CloseCode::GOING_AWAY
             }
             CloseReason::Backpressure => CloseCode::POLICY_VIOLATION,
+            CloseReason::HandlerPanic => CloseCode::INTERNAL_ERROR,
             CloseReason::PeerClosed | CloseReason::ClosedByServer => CloseCode::NORMAL,
             _ => CloseCode::ABNORMAL,
         }
     }
 
     /// Every label, for exporting zero-valued counters.
-    pub const LABELS: [&'static str; 16] = [
+    pub const LABELS: [&'static str; 17] = [
         "rejected",
         "http_answered",
         "handshake_timeout",
@@ -366,6 +370,7 @@ impl CloseReason {
         "backpressure",
         "write_stall",
         "max_lifetime",
+        "handler_panic",
     ];
 
     /// Index of this reason's label in [`CloseReason::LABELS`].
@@ -387,6 +392,7 @@ impl CloseReason {
             CloseReason::Backpressure => 13,
             CloseReason::WriteStall => 14,
             CloseReason::MaxLifetime => 15,
+            CloseReason::HandlerPanic => 16,
         }
     }
 }

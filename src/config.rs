@@ -78,6 +78,21 @@ pub struct Config {
     /// How often the loop compares `/proc/self/fd` with the descriptors it accounts for, and
     /// warns on a difference. Default 10 s; 0 turns the periodic audit off.
     pub audit_interval: Duration,
+    /// Run every application callback under `catch_unwind`: a panic closes that connection
+    /// (1011, or 500 before the upgrade), is counted and logged, and the loop goes on. Default
+    /// true; false lets a panic unwind out of `run` (for applications that prefer to abort).
+    pub catch_panics: bool,
+    /// A loop turn running longer than this is reported by the stall watchdog thread (a
+    /// warning naming the callback and connection, a counter, the longest stall). Default
+    /// 100 ms; 0 runs no watchdog.
+    pub stall_threshold: Duration,
+    /// Origins allowed to open WebSockets (the browser's `Origin` header), against cross-site
+    /// WebSocket hijacking: exact (`https://app.example.com`), any subdomain
+    /// (`https://*.example.com`), or `null`. Others get 403. Empty (the default) allows any.
+    pub allowed_origins: Vec<String>,
+    /// With `allowed_origins` set, whether a request without `Origin` (non-browser clients) is
+    /// allowed. Default true.
+    pub allow_missing_origin: bool,
 }
 
 /// What a send over the backpressure limit does.
@@ -116,6 +131,10 @@ impl Default for Config {
             max_lifetime: Duration::ZERO,
             serve_metrics: true,
             audit_interval: Duration::from_secs(10),
+            catch_panics: true,
+            stall_threshold: Duration::from_millis(100),
+            allowed_origins: Vec::new(),
+            allow_missing_origin: true,
         }
     }
 }
@@ -176,6 +195,7 @@ impl Config {
             ("write_stall_timeout", self.write_stall_timeout),
             ("max_lifetime", self.max_lifetime),
             ("audit_interval", self.audit_interval),
+            ("stall_threshold", self.stall_threshold),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
             ("close_timeout", self.close_timeout),
@@ -205,6 +225,9 @@ impl Config {
         }
         if self.max_connections > 1 << 24 {
             return err("max_connections", "must be at most 16777216");
+        }
+        if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
+            return err("allowed_origins", e);
         }
         Ok(())
     }

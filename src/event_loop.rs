@@ -27,12 +27,15 @@ use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
+use crate::watchdog::{Activity, Heartbeat, Watchdog};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -204,6 +207,12 @@ pub struct Stats {
     pub rejected_status: [u64; crate::metrics::REJECT_STATUSES.len() + 1],
     /// The difference the last periodic fd audit found (0: all accounted for).
     pub audit_difference: i64,
+    /// Application callbacks (or posted closures) that panicked.
+    pub handler_panics: u64,
+    /// Loop turns that ran longer than the stall threshold, as the watchdog saw them.
+    pub stalls: u64,
+    /// The longest stall the watchdog saw, in nanoseconds.
+    pub longest_stall_ns: u64,
 }
 
 /// Labels of [`Stats::accept_errors`], in order.
@@ -275,6 +284,10 @@ pub(crate) struct Core<D> {
     pub(crate) listener_admin: Vec<bool>,
     pub(crate) audit_warned_at: u64,
     audit_timer: Option<TimerKey>,
+    /// The heartbeat the stall watchdog reads, if it runs.
+    beat: Option<Arc<Heartbeat>>,
+    /// Which origins may upgrade.
+    origin: crate::origin::OriginPolicy,
 }
 
 /// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
@@ -282,6 +295,8 @@ pub struct Server<H: Handler> {
     poll: Poll,
     events: Events,
     inner: Inner<H>,
+    /// Stops its thread when the server is dropped.
+    _watchdog: Option<Watchdog>,
 }
 
 struct Inner<H: Handler> {
@@ -306,6 +321,18 @@ impl<H: Handler> Server<H> {
         let limits = handshake::Limits {
             max_header_bytes: config.max_header_bytes,
             max_headers: config.max_headers,
+        };
+        let origin =
+            crate::origin::OriginPolicy::new(&config.allowed_origins, config.allow_missing_origin)
+                .map_err(|e| {
+                    io::Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("invalid allowed_origins: {e}"),
+                    )
+                })?;
+        let watchdog = match config.stall_threshold.is_zero() {
+            true => None,
+            false => Some(Watchdog::start(config.stall_threshold)?),
         };
         let burst = match config.connection_burst_per_ip {
             0 => config.connection_rate_per_ip,
@@ -352,12 +379,15 @@ impl<H: Handler> Server<H> {
                     listener_admin: Vec::new(),
                     audit_warned_at: 0,
                     audit_timer: None,
+                    beat: watchdog.as_ref().map(|w| w.beat.clone()),
+                    origin,
                     config,
                 },
                 handler,
                 shared: Arc::new(Shared::new(waker)),
             },
             poll,
+            _watchdog: watchdog,
         })
     }
 
@@ -456,6 +486,9 @@ impl<H: Handler> Server<H> {
             }
         }
         let busy = Instant::now();
+        if let Some(b) = &self.inner.core.beat {
+            b.turn_start();
+        }
         self.inner.core.tick();
         for event in self.events.iter() {
             self.inner.dispatch(event);
@@ -467,6 +500,9 @@ impl<H: Handler> Server<H> {
             core.reap(&mut self.inner.handler);
         }
         crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
+        if let Some(b) = &core.beat {
+            b.turn_end();
+        }
         Ok(!(core.shutdown_at.is_some() && core.conns.is_empty()))
     }
 }
@@ -592,8 +628,29 @@ impl<H: Handler> Inner<H> {
                         return reject(core, handler, idx, rej.status());
                     }
                 };
+                if let Err(refusal) = core.origin.check(upgrade.origin()) {
+                    log::debug!("{peer}: {refusal}");
+                    let rej = Rejection::custom(403, refusal.reason());
+                    handshake::write_rejection(&mut core.cork, &rej);
+                    return reject(core, handler, idx, 403);
+                }
                 let req = UpgradeRequest { upgrade, peer };
-                match handler.upgrade(&req) {
+                let id = conn_id(idx, conn.gen);
+                let decision = guarded(
+                    core.config.catch_panics,
+                    &core.beat,
+                    Activity::Upgrade,
+                    id,
+                    || handler.upgrade(&req),
+                );
+                let Some(decision) = decision else {
+                    log::error!("upgrade hook panicked on a request from {peer}: answering 500");
+                    core.stats.handler_panics += 1;
+                    let rej = Rejection::custom(500, "internal server error");
+                    handshake::write_rejection(&mut core.cork, &rej);
+                    return reject(core, handler, idx, 500);
+                };
+                match decision {
                     Decision::Reject { status, reason } => {
                         let rej = Rejection::custom(status, reason);
                         handshake::write_rejection(&mut core.cork, &rej);
@@ -631,7 +688,7 @@ impl<H: Handler> Inner<H> {
         }
         core.rearm(idx);
         log::debug!("{} open from {}", conn_id(idx, core.conns[idx].gen), peer);
-        if !callback(core, handler, idx, |h, ws| h.on_open(ws)) {
+        if !callback(core, handler, idx, Activity::Open, |h, ws| h.on_open(ws)) {
             return false;
         }
         if buffered {
@@ -680,7 +737,7 @@ impl<H: Handler> Inner<H> {
         if conn.data.is_some() && conn.session.state() == State::Open {
             let Inner { core, handler, .. } = self;
             core.cork_for(idx);
-            callback(core, handler, idx, |h, ws| h.on_drain(ws));
+            callback(core, handler, idx, Activity::Drain, |h, ws| h.on_drain(ws));
         }
     }
 
@@ -738,7 +795,18 @@ impl<H: Handler> Inner<H> {
                     Ctx { core }.close(id, code, &reason);
                 }
                 Command::Terminate(id) => Ctx { core }.terminate(id),
-                Command::Post(f) => f(handler, &mut Ctx { core }),
+                Command::Post(f) => {
+                    let beat = core.beat.clone();
+                    let catch = core.config.catch_panics;
+                    let id = ConnId(0);
+                    let mut ctx = Ctx { core };
+                    if guarded(catch, &beat, Activity::Posted, id, || f(handler, &mut ctx))
+                        .is_none()
+                    {
+                        log::error!("a posted closure panicked");
+                        self.core.stats.handler_panics += 1;
+                    }
+                }
                 Command::Shutdown => core.begin_shutdown(handler),
             }
             self.core.flush_cork();
@@ -753,6 +821,7 @@ fn callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
+    kind: Activity,
     f: impl FnOnce(&mut H, &mut WebSocket<'_, H::Data>),
 ) -> bool {
     core.cork_for(idx);
@@ -772,8 +841,64 @@ fn callback<H: Handler>(
         policy: core.config.backpressure_policy,
         sent: &mut core.stats.messages_sent,
     };
-    f(handler, &mut ws);
+    let id = ws.id;
+    if guarded(core.config.catch_panics, &core.beat, kind, id, || {
+        f(handler, &mut ws)
+    })
+    .is_none()
+    {
+        return handler_panicked(core, handler, idx, kind);
+    }
     after_callback(core, handler, idx)
+}
+
+/// Run application code, reporting it to the stall watchdog, and (unless configured
+/// otherwise) catching a panic: `None` when it panicked.
+fn guarded<R>(
+    catch: bool,
+    beat: &Option<Arc<Heartbeat>>,
+    kind: Activity,
+    id: ConnId,
+    f: impl FnOnce() -> R,
+) -> Option<R> {
+    if let Some(b) = beat {
+        b.running(kind, id.0);
+    }
+    let r = match catch {
+        true => catch_unwind(AssertUnwindSafe(f)).ok(),
+        false => Some(f()),
+    };
+    if let Some(b) = beat {
+        b.running(Activity::Loop, 0);
+    }
+    r
+}
+
+/// A callback for open connection `idx` panicked: count it, and close the connection with 1011
+/// through the close path; the loop goes on serving everyone else. Returns false.
+fn handler_panicked<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+    kind: Activity,
+) -> bool {
+    core.stats.handler_panics += 1;
+    let conn = &mut core.conns[idx];
+    log::error!(
+        "{} from {}: {} panicked; closing the connection with 1011",
+        conn_id(idx, conn.gen),
+        conn.peer,
+        kind.label()
+    );
+    core.cork_for(idx);
+    let conn = &mut core.conns[idx];
+    let error = crate::protocol::session::ProtocolError {
+        code: CloseCode::INTERNAL_ERROR,
+        reason: "internal server error",
+    };
+    conn.session.fail(error, &mut core.cork);
+    core.finish(handler, idx, CloseReason::HandlerPanic);
+    false
 }
 
 /// Apply a close or terminate that a callback requested. Returns false if the connection ended
@@ -829,8 +954,9 @@ fn frames<H: Handler>(
         let Some(data) = conn.data.as_mut() else {
             return false;
         };
+        let id = conn_id(idx, conn.gen);
         let mut ws = WebSocket {
-            id: conn_id(idx, conn.gen),
+            id,
             peer: conn.peer,
             data,
             send: &mut conn.send,
@@ -841,17 +967,38 @@ fn frames<H: Handler>(
             policy: core.config.backpressure_policy,
             sent: &mut core.stats.messages_sent,
         };
-        match event {
+        let (catch, beat) = (core.config.catch_panics, &core.beat);
+        let (kind, done) = match event {
             Event::Text(s) => {
                 core.stats.messages_received += 1;
-                handler.on_message(&mut ws, Message::Text(s))
+                let f = || handler.on_message(&mut ws, Message::Text(s));
+                (
+                    Activity::Message,
+                    guarded(catch, beat, Activity::Message, id, f),
+                )
             }
             Event::Binary(b) => {
                 core.stats.messages_received += 1;
-                handler.on_message(&mut ws, Message::Binary(b))
+                let f = || handler.on_message(&mut ws, Message::Binary(b));
+                (
+                    Activity::Message,
+                    guarded(catch, beat, Activity::Message, id, f),
+                )
             }
-            Event::Ping(p) => handler.on_ping(&mut ws, p),
-            Event::Pong(p) => handler.on_pong(&mut ws, p),
+            Event::Ping(p) => {
+                let f = || handler.on_ping(&mut ws, p);
+                (
+                    Activity::PingPong,
+                    guarded(catch, beat, Activity::PingPong, id, f),
+                )
+            }
+            Event::Pong(p) => {
+                let f = || handler.on_pong(&mut ws, p);
+                (
+                    Activity::PingPong,
+                    guarded(catch, beat, Activity::PingPong, id, f),
+                )
+            }
             Event::Close { code, reason } => {
                 let ours = ws.send.sealed;
                 let cause = ws.send.cause;
@@ -864,6 +1011,9 @@ fn frames<H: Handler>(
                 core.finish(handler, idx, reason);
                 return false;
             }
+        };
+        if done.is_none() {
+            return handler_panicked(core, handler, idx, kind);
         }
         if !after_callback(core, handler, idx) {
             return false;
@@ -997,6 +1147,8 @@ impl<D> Core<D> {
                 - self.accept_timer.is_some() as usize
                 - self.audit_timer.is_some() as usize,
             accept_paused: self.accept_paused,
+            stalls: self.beat.as_ref().map_or(0, |b| b.stalls.load(Relaxed)),
+            longest_stall_ns: self.beat.as_ref().map_or(0, |b| b.longest_ns.load(Relaxed)),
             max_connections: self.max_connections,
             fd_budget: self.fd_budget,
             fds_owned: self.owned_fds(),
@@ -1352,7 +1504,17 @@ impl<D> Core<D> {
                 (_, Some((code, text)), Some(_)) => (*code, &**text),
                 _ => (reason.code(), reason.label()),
             };
-            handler.on_close(id, data, code, text);
+            let done = guarded(
+                self.config.catch_panics,
+                &self.beat,
+                Activity::Close,
+                id,
+                || handler.on_close(id, data, code, text),
+            );
+            if done.is_none() {
+                self.stats.handler_panics += 1;
+                log::error!("{id} from {}: on_close panicked", conn.peer);
+            }
         }
     }
 

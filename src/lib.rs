@@ -42,9 +42,11 @@ mod event_loop;
 mod handle;
 mod listener;
 pub mod metrics;
+pub mod origin;
 pub mod protocol;
 pub mod sys;
 pub mod timer_wheel;
+mod watchdog;
 
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,

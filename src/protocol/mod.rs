@@ -11,5 +11,6 @@
 pub mod close;
 pub mod frame;
 pub mod handshake;
+pub mod proxy;
 pub mod session;
 pub mod utf8;

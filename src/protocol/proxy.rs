@@ -1,0 +1,335 @@
+//! The PROXY protocol (versions 1 and 2, as HAProxy and nginx's stream module send it) and the
+//! `X-Forwarded-For` / `Forwarded` headers: how a trusted proxy tells us the real client address.
+//! Sans-IO: bytes in, an address out.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// The version 2 signature.
+const V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// The longest version 1 header, CRLF included.
+const V1_MAX: usize = 107;
+/// The longest version 2 header we accept (addresses plus generous TLVs).
+const V2_MAX: usize = 16 + 536;
+
+/// The result of parsing a PROXY header at the start of a connection's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// More bytes are needed.
+    Partial,
+    /// A complete header of `len` bytes. `source` is the original client's address, or `None`
+    /// when the proxy did not convey one (v1 `UNKNOWN`, v2 `LOCAL` such as health checks, or an
+    /// address family other than TCP over IPv4/IPv6).
+    Complete {
+        /// Header length: the WebSocket handshake starts right after it.
+        len: usize,
+        /// The client address the proxy reports.
+        source: Option<SocketAddr>,
+    },
+}
+
+/// A PROXY header that breaks the specification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyError(pub &'static str);
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad PROXY header: {}", self.0)
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// Parse a PROXY protocol header (v1 or v2) at the start of `buf`. A connection from a proxy
+/// configured to send one must start with it, so anything else is an error; a prefix of a valid
+/// header is `Partial`.
+pub fn parse_proxy(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
+    if buf.is_empty() {
+        return Ok(ProxyHeader::Partial);
+    }
+    if buf[0] == b'\r' {
+        parse_v2(buf)
+    } else if buf[0] == b'P' {
+        parse_v1(buf)
+    } else {
+        Err(ProxyError("not a PROXY header"))
+    }
+}
+
+fn parse_v1(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
+    let prefix = b"PROXY ";
+    let n = buf.len().min(prefix.len());
+    if buf[..n] != prefix[..n] {
+        return Err(ProxyError("not a PROXY header"));
+    }
+    let Some(end) = buf.iter().take(V1_MAX).position(|&b| b == b'\n') else {
+        return if buf.len() >= V1_MAX {
+            Err(ProxyError("v1 header longer than 107 bytes"))
+        } else {
+            Ok(ProxyHeader::Partial)
+        };
+    };
+    if end == 0 || buf[end - 1] != b'\r' {
+        return Err(ProxyError("v1 header must end with CRLF"));
+    }
+    let line = std::str::from_utf8(&buf[prefix.len()..end - 1])
+        .map_err(|_| ProxyError("v1 header is not ASCII"))?;
+    let parts: Vec<&str> = line.split(' ').collect();
+    let len = end + 1;
+    match parts.as_slice() {
+        ["UNKNOWN", ..] => Ok(ProxyHeader::Complete { len, source: None }),
+        [proto @ ("TCP4" | "TCP6"), src, _dst, sport, _dport] => {
+            let ip: IpAddr = src.parse().map_err(|_| ProxyError("v1 source address"))?;
+            if (*proto == "TCP4") != ip.is_ipv4() {
+                return Err(ProxyError("v1 address does not match its family"));
+            }
+            let port: u16 = sport.parse().map_err(|_| ProxyError("v1 source port"))?;
+            Ok(ProxyHeader::Complete {
+                len,
+                source: Some(SocketAddr::new(ip, port)),
+            })
+        }
+        _ => Err(ProxyError("v1 header fields")),
+    }
+}
+
+fn parse_v2(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
+    let n = buf.len().min(V2_SIG.len());
+    if buf[..n] != V2_SIG[..n] {
+        return Err(ProxyError("not a PROXY header"));
+    }
+    if buf.len() < 16 {
+        return Ok(ProxyHeader::Partial);
+    }
+    let (ver_cmd, family) = (buf[12], buf[13]);
+    if ver_cmd >> 4 != 2 {
+        return Err(ProxyError("v2 version"));
+    }
+    let body = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+    let len = 16 + body;
+    if len > V2_MAX {
+        return Err(ProxyError("v2 header too long"));
+    }
+    if buf.len() < len {
+        return Ok(ProxyHeader::Partial);
+    }
+    let addr = &buf[16..len];
+    let source = match (ver_cmd & 0x0f, family) {
+        (0x0, _) => None, // LOCAL: the proxy's own connection (health check)
+        (0x1, 0x11) if addr.len() >= 12 => {
+            let ip = Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]);
+            Some(SocketAddr::new(
+                IpAddr::V4(ip),
+                u16::from_be_bytes([addr[8], addr[9]]),
+            ))
+        }
+        (0x1, 0x21) if addr.len() >= 36 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&addr[..16]);
+            let ip = Ipv6Addr::from(octets);
+            Some(SocketAddr::new(
+                IpAddr::V6(ip),
+                u16::from_be_bytes([addr[32], addr[33]]),
+            ))
+        }
+        (0x1, 0x11 | 0x21) => return Err(ProxyError("v2 address block too short")),
+        (0x1, _) => None, // UNSPEC, UDP or unix sockets: no TCP client address
+        _ => return Err(ProxyError("v2 command")),
+    };
+    Ok(ProxyHeader::Complete { len, source })
+}
+
+/// The client address from forwarding headers set by a chain of proxies: the last address in
+/// `X-Forwarded-For` (or `Forwarded: for=`) that is not itself a trusted proxy. `values` are the
+/// header values in order of appearance; `Forwarded` is preferred when present. Returns `None`
+/// when no usable address is found. Call this only for a TCP peer that is a trusted proxy:
+/// headers from anyone else are the client's word and must be ignored.
+pub fn forwarded_client(
+    forwarded: &[&[u8]],
+    x_forwarded_for: &[&[u8]],
+    trusted: impl Fn(IpAddr) -> bool,
+) -> Option<IpAddr> {
+    let mut hops: Vec<IpAddr> = Vec::new();
+    if !forwarded.is_empty() {
+        for v in forwarded {
+            let v = std::str::from_utf8(v).ok()?;
+            for element in v.split(',') {
+                let for_value = element.split(';').find_map(|pair| {
+                    let (k, val) = pair.trim().split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then_some(val.trim())
+                });
+                // An element without an address (or "unknown", or an obfuscated name) breaks the
+                // chain: nothing left of it can be trusted.
+                match for_value.and_then(parse_forwarded_node) {
+                    Some(ip) => hops.push(ip),
+                    None => hops.clear(),
+                }
+            }
+        }
+    } else {
+        for v in x_forwarded_for {
+            let v = std::str::from_utf8(v).ok()?;
+            for item in v.split(',') {
+                match parse_forwarded_node(item.trim()) {
+                    Some(ip) => hops.push(ip),
+                    None => hops.clear(),
+                }
+            }
+        }
+    }
+    hops.into_iter().rev().find(|ip| !trusted(*ip))
+}
+
+/// An address as it appears in `X-Forwarded-For` or `Forwarded: for=`: `1.2.3.4`,
+/// `1.2.3.4:5678`, `2001:db8::1`, `"[2001:db8::1]:5678"`.
+fn parse_forwarded_node(s: &str) -> Option<IpAddr> {
+    let s = s.trim_matches('"');
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    let inner = s.strip_prefix('[')?.split(']').next()?;
+    inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2(cmd: u8, fam: u8, addr: &[u8]) -> Vec<u8> {
+        let mut b = V2_SIG.to_vec();
+        b.push(0x20 | cmd);
+        b.push(fam);
+        b.extend_from_slice(&(addr.len() as u16).to_be_bytes());
+        b.extend_from_slice(addr);
+        b
+    }
+
+    #[test]
+    fn v1_tcp4_and_tcp6() {
+        let h = b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\r\nGET /";
+        assert_eq!(
+            parse_proxy(h),
+            Ok(ProxyHeader::Complete {
+                len: 45,
+                source: Some("192.0.2.7:56324".parse().unwrap())
+            })
+        );
+        let h = b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\n";
+        assert_eq!(
+            parse_proxy(h),
+            Ok(ProxyHeader::Complete {
+                len: h.len(),
+                source: Some("[2001:db8::7]:4000".parse().unwrap())
+            })
+        );
+        assert_eq!(
+            parse_proxy(b"PROXY UNKNOWN\r\n"),
+            Ok(ProxyHeader::Complete {
+                len: 15,
+                source: None
+            })
+        );
+    }
+
+    #[test]
+    fn v1_prefixes_are_partial_and_garbage_is_an_error() {
+        let h = b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\r\n";
+        for i in 0..h.len() {
+            assert_eq!(parse_proxy(&h[..i]), Ok(ProxyHeader::Partial), "prefix {i}");
+        }
+        for bad in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 56324\r\n",
+            b"PROXY TCP4 2001:db8::7 2001:db8::1 1 2\r\n",
+            b"PROXY TCP4 300.0.0.1 1.1.1.1 1 2\r\n",
+            b"PROXY TCP4 1.1.1.1 1.1.1.1 70000 2\r\n",
+            b"PROXY TCP4 1.1.1.1 1.1.1.1 1 2\n",
+        ] {
+            assert!(
+                parse_proxy(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(parse_proxy(&[b'P'; 200]).is_err());
+        let mut long = b"PROXY ".to_vec();
+        long.extend_from_slice(&[b'1'; 120]);
+        assert!(
+            parse_proxy(&long).is_err(),
+            "v1 without CRLF within 107 bytes"
+        );
+    }
+
+    #[test]
+    fn v2_proxy_local_and_families() {
+        let mut a4 = vec![192, 0, 2, 7, 198, 51, 100, 1];
+        a4.extend_from_slice(&56324u16.to_be_bytes());
+        a4.extend_from_slice(&443u16.to_be_bytes());
+        let h = v2(1, 0x11, &a4);
+        assert_eq!(
+            parse_proxy(&h),
+            Ok(ProxyHeader::Complete {
+                len: 28,
+                source: Some("192.0.2.7:56324".parse().unwrap())
+            })
+        );
+        for i in 0..h.len() {
+            assert_eq!(parse_proxy(&h[..i]), Ok(ProxyHeader::Partial), "prefix {i}");
+        }
+        let mut a6 = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        a6.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        a6.extend_from_slice(&4000u16.to_be_bytes());
+        a6.extend_from_slice(&443u16.to_be_bytes());
+        a6.extend_from_slice(&[0x04, 0, 1, 0]); // a TLV after the addresses is skipped
+        assert_eq!(
+            parse_proxy(&v2(1, 0x21, &a6)),
+            Ok(ProxyHeader::Complete {
+                len: 16 + a6.len(),
+                source: Some("[2001:db8::7]:4000".parse().unwrap())
+            })
+        );
+        assert_eq!(
+            parse_proxy(&v2(0, 0x00, &[])),
+            Ok(ProxyHeader::Complete {
+                len: 16,
+                source: None
+            })
+        );
+        assert!(parse_proxy(&v2(1, 0x11, &[1, 2, 3])).is_err());
+        assert!(parse_proxy(&v2(5, 0x11, &a4)).is_err());
+        let mut wrong_version = v2(1, 0x11, &a4);
+        wrong_version[12] = 0x11;
+        assert!(parse_proxy(&wrong_version).is_err());
+    }
+
+    #[test]
+    fn forwarded_headers_pick_the_last_untrusted_hop() {
+        let trusted = |ip: IpAddr| ip.to_string().starts_with("10.");
+        let xff: &[&[u8]] = &[b"203.0.113.9, 10.0.0.2", b"10.0.0.3"];
+        assert_eq!(
+            forwarded_client(&[], xff, trusted),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        // A client-supplied (spoofed) first entry is not picked when a real hop follows it.
+        let xff: &[&[u8]] = &[b"1.1.1.1, 198.51.100.4, 10.0.0.2"];
+        assert_eq!(
+            forwarded_client(&[], xff, trusted),
+            Some("198.51.100.4".parse().unwrap())
+        );
+        let fwd: &[&[u8]] = &[b"for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""];
+        assert_eq!(
+            forwarded_client(fwd, xff, trusted),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        let fwd: &[&[u8]] = &[b"for=unknown"];
+        assert_eq!(forwarded_client(fwd, &[], trusted), None);
+        assert_eq!(forwarded_client(&[], &[b"garbage"], trusted), None);
+        assert_eq!(
+            forwarded_client(&[], &[b"10.0.0.1"], trusted),
+            None,
+            "only proxies"
+        );
+    }
+}

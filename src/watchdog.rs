@@ -1,0 +1,207 @@
+//! The stall watchdog. A handler that blocks delays every connection on the loop; the loop
+//! writes a heartbeat (when its current turn started, and what it is running) with a few
+//! relaxed atomic stores per turn, and a watchdog thread that reads it reports any turn that
+//! runs longer than a threshold: a warning naming the callback and the connection, a counter,
+//! and the longest stall seen.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What the loop is running, as reported in a stall warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Activity {
+    /// Dispatching I/O or timers (no application code).
+    Loop = 0,
+    /// `Handler::upgrade`.
+    Upgrade = 1,
+    /// `Handler::on_open`.
+    Open = 2,
+    /// `Handler::on_message`.
+    Message = 3,
+    /// `Handler::on_ping` or `on_pong`.
+    PingPong = 4,
+    /// `Handler::on_drain`.
+    Drain = 5,
+    /// `Handler::on_close`.
+    Close = 6,
+    /// A closure posted through a `LoopHandle`.
+    Posted = 7,
+}
+
+impl Activity {
+    fn from_u8(v: u8) -> Activity {
+        match v {
+            1 => Activity::Upgrade,
+            2 => Activity::Open,
+            3 => Activity::Message,
+            4 => Activity::PingPong,
+            5 => Activity::Drain,
+            6 => Activity::Close,
+            7 => Activity::Posted,
+            _ => Activity::Loop,
+        }
+    }
+
+    /// The name used in logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Activity::Loop => "loop dispatch",
+            Activity::Upgrade => "upgrade hook",
+            Activity::Open => "on_open",
+            Activity::Message => "on_message",
+            Activity::PingPong => "on_ping/on_pong",
+            Activity::Drain => "on_drain",
+            Activity::Close => "on_close",
+            Activity::Posted => "posted closure",
+        }
+    }
+}
+
+/// The loop's side: a heartbeat the watchdog reads.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    base: Instant,
+    /// Nanoseconds since `base` (+1) at which the current turn started; 0 while waiting.
+    turn_started: AtomicU64,
+    /// What runs now: activity in the top byte, connection id (`u64`, 0 for none) below.
+    activity: AtomicU64,
+    conn: AtomicU64,
+    /// Stalls reported, and the longest seen, in nanoseconds.
+    pub(crate) stalls: AtomicU64,
+    pub(crate) longest_ns: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Heartbeat {
+            base: Instant::now(),
+            turn_started: AtomicU64::new(0),
+            activity: AtomicU64::new(0),
+            conn: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            longest_ns: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// A turn begins (the poll returned).
+    pub(crate) fn turn_start(&self) {
+        self.activity.store(Activity::Loop as u64, Relaxed);
+        self.turn_started.store(self.now_ns(), Relaxed);
+    }
+
+    /// The turn is over; the loop goes back to waiting.
+    pub(crate) fn turn_end(&self) {
+        self.turn_started.store(0, Relaxed);
+    }
+
+    /// Application code of `kind` is about to run for connection `conn` (0: none).
+    pub(crate) fn running(&self, kind: Activity, conn: u64) {
+        self.conn.store(conn, Relaxed);
+        self.activity.store(kind as u64, Relaxed);
+    }
+}
+
+/// The watchdog thread; stops when dropped.
+#[derive(Debug)]
+pub(crate) struct Watchdog {
+    pub(crate) beat: Arc<Heartbeat>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Start watching for turns longer than `threshold` (checked every quarter of it, at least
+    /// every millisecond).
+    pub(crate) fn start(threshold: Duration) -> std::io::Result<Watchdog> {
+        let beat = Arc::new(Heartbeat::new());
+        let b = beat.clone();
+        let limit = threshold.as_nanos() as u64;
+        let period = (threshold / 4).max(Duration::from_millis(1));
+        let thread = thread::Builder::new()
+            .name("wsloop-watchdog".into())
+            .spawn(move || {
+                let mut reported_turn = 0;
+                while !b.stop.load(Relaxed) {
+                    thread::sleep(period);
+                    let started = b.turn_started.load(Relaxed);
+                    if started == 0 {
+                        continue;
+                    }
+                    let stalled = b.now_ns().saturating_sub(started);
+                    if stalled <= limit {
+                        continue;
+                    }
+                    b.longest_ns.fetch_max(stalled, Relaxed);
+                    if reported_turn != started {
+                        reported_turn = started;
+                        b.stalls.fetch_add(1, Relaxed);
+                        let kind = Activity::from_u8(b.activity.load(Relaxed) as u8);
+                        let conn = b.conn.load(Relaxed);
+                        log::warn!(
+                            "event loop stalled: a turn has run for {} ms (threshold {} ms), in {}{}",
+                            stalled / 1_000_000,
+                            limit / 1_000_000,
+                            kind.label(),
+                            if conn != 0 {
+                                format!(" of connection {}", crate::app::ConnId(conn))
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+            })?;
+        Ok(Watchdog {
+            beat,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.beat.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_turns_are_not_reported() {
+        // A threshold far above any scheduling hiccup of this test thread.
+        let dog = Watchdog::start(Duration::from_secs(2)).unwrap();
+        let beat = dog.beat.clone();
+        for _ in 0..1000 {
+            beat.turn_start();
+            beat.turn_end();
+        }
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(beat.stalls.load(Relaxed), 0);
+        assert_eq!(beat.longest_ns.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_long_turn_is_reported_once() {
+        let dog = Watchdog::start(Duration::from_millis(20)).unwrap();
+        let beat = dog.beat.clone();
+        beat.turn_start();
+        beat.running(Activity::Message, 42);
+        thread::sleep(Duration::from_millis(120));
+        beat.turn_end();
+        assert_eq!(beat.stalls.load(Relaxed), 1, "one stall, reported once");
+        assert!(beat.longest_ns.load(Relaxed) >= 20_000_000);
+    }
+}
