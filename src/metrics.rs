@@ -319,6 +319,24 @@ impl<D> Core<D> {
             "Event loop turns.",
             st.loop_turns as f64,
         );
+        m.one(
+            "wsloop_handler_panics_total",
+            "counter",
+            "Application callbacks or posted closures that panicked (caught; the connection got 1011 or 500).",
+            st.handler_panics as f64,
+        );
+        m.one(
+            "wsloop_loop_stalls_total",
+            "counter",
+            "Loop turns that ran longer than the stall threshold.",
+            st.stalls as f64,
+        );
+        m.one(
+            "wsloop_loop_longest_stall_seconds",
+            "gauge",
+            "The longest loop turn the stall watchdog saw.",
+            st.longest_stall_ns as f64 / 1e9,
+        );
         m.head(
             "wsloop_loop_turn_duration_seconds",
             "histogram",
