@@ -85,6 +85,17 @@ struct Args {
     /// Seconds between fd audits (/proc/self/fd against accounted descriptors; 0: off).
     #[arg(long, value_parser = seconds, default_value = "10")]
     audit_interval: Duration,
+    /// An origin allowed to open WebSockets (repeat for several): exact, like
+    /// https://app.example.com, or any subdomain, like https://*.example.com. Others get 403.
+    /// Without this flag every origin is allowed.
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+    /// With --allowed-origin: refuse requests that carry no Origin header (non-browser clients).
+    #[arg(long)]
+    require_origin: bool,
+    /// Seconds a loop turn may run before the watchdog reports a stall (0: no watchdog).
+    #[arg(long, value_parser = seconds, default_value = "0.1")]
+    stall_threshold: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -140,6 +151,9 @@ fn main() -> ExitCode {
         max_lifetime: args.max_lifetime,
         serve_metrics: !args.no_metrics_on_ws,
         audit_interval: args.audit_interval,
+        allowed_origins: args.allowed_origins.clone(),
+        allow_missing_origin: !args.require_origin,
+        stall_threshold: args.stall_threshold,
         ..Config::default()
     };
     if let Some(limit) = args.fd_limit {
