@@ -439,7 +439,7 @@ impl<H: Handler> Server<H> {
 
     /// Descriptors open in the process beyond those the loop accounts for (see
     /// [`Ctx::audit`]). Zero when nothing leaks.
-    pub fn audit(&self) -> io::Result<i64> {
+    pub fn audit(&mut self) -> io::Result<i64> {
         self.inner.core.audit()
     }
 
@@ -1229,9 +1229,17 @@ impl<D> Core<D> {
 
     /// Open descriptors in the process minus those it had before the loop started and those
     /// the loop owns: positive when something leaks descriptors, zero when all is accounted.
-    pub(crate) fn audit(&self) -> io::Result<i64> {
+    /// Fewer than expected means a descriptor open at start (the application's, or a transient
+    /// one another thread held while the baseline was measured) has been closed since: that is
+    /// no leak, so the baseline moves down and the difference is zero.
+    pub(crate) fn audit(&mut self) -> io::Result<i64> {
         let open = sys::open_fds()? as i64;
-        Ok(open - self.fd_base as i64 - self.owned_fds() as i64)
+        let diff = open - self.fd_base as i64 - self.owned_fds() as i64;
+        if diff < 0 {
+            self.fd_base = self.fd_base.saturating_sub(diff.unsigned_abs() as usize);
+            return Ok(0);
+        }
+        Ok(diff)
     }
 
     pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
@@ -1627,7 +1635,7 @@ impl<'a, D> Ctx<'a, D> {
     /// when the loop started and those the loop owns (epoll, waker, listeners, connections, the
     /// spare descriptor). Zero when everything is accounted for; positive when something in the
     /// process leaks descriptors. Costs a directory listing of `/proc/self/fd`.
-    pub fn audit(&self) -> io::Result<i64> {
+    pub fn audit(&mut self) -> io::Result<i64> {
         self.core.audit()
     }
 }

@@ -104,7 +104,7 @@ impl<D> Core<D> {
                 ));
             }
             let diff = open as i64 - self.fd_base as i64 - self.owned_fds() as i64;
-            if diff != 0 {
+            if diff > 0 {
                 return Health::Unhealthy(format!(
                     "fd audit: {open} open, {} accounted for ({diff:+})",
                     open as i64 - diff
@@ -243,7 +243,8 @@ impl<D> Core<D> {
                 "File descriptors open in the process (/proc/self/fd).",
                 open as f64,
             );
-            let diff = open as i64 - self.fd_base as i64 - st.fds_owned as i64;
+            // Negative only transiently (see `Core::audit`, which re-baselines): report 0.
+            let diff = (open as i64 - self.fd_base as i64 - st.fds_owned as i64).max(0);
             m.one(
                 "wsloop_fd_audit_difference",
                 "gauge",

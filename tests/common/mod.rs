@@ -74,8 +74,9 @@ impl Rec {
     }
 }
 
-/// Echoes every message, except the text commands `close-me` (close 4000 "bye") and
-/// `terminate-me`; records every callback.
+/// Echoes every message, except the text commands `close-me` (close 4000 "bye"),
+/// `terminate-me`, `panic-me` (panics) and `sleep-ms N` (blocks the loop for N ms, then echoes);
+/// an upgrade to `/panic-in-upgrade` panics. Records every callback.
 pub struct Recorder {
     rec: Arc<Mutex<Rec>>,
     opts: Opts,
@@ -89,8 +90,11 @@ fn lock(rec: &Mutex<Rec>) -> MutexGuard<'_, Rec> {
 impl Handler for Recorder {
     type Data = u64;
 
-    fn upgrade(&mut self, _req: &UpgradeRequest<'_>) -> Decision<u64> {
+    fn upgrade(&mut self, req: &UpgradeRequest<'_>) -> Decision<u64> {
         lock(&self.rec).upgrades += 1;
+        if req.path() == "/panic-in-upgrade" {
+            panic!("upgrade hook panics on purpose");
+        }
         if let Some((status, reason)) = self.opts.reject {
             return Decision::Reject { status, reason };
         }
@@ -115,6 +119,12 @@ impl Handler for Recorder {
         match msg {
             Message::Text("close-me") => ws.close(CloseCode(4000), "bye"),
             Message::Text("terminate-me") => ws.terminate(),
+            Message::Text("panic-me") => panic!("on_message panics on purpose"),
+            Message::Text(t) if t.starts_with("sleep-ms ") => {
+                let ms = t["sleep-ms ".len()..].parse().unwrap_or(0);
+                thread::sleep(Duration::from_millis(ms));
+                ws.send(msg);
+            }
             _ => {
                 ws.send(msg);
             }
@@ -612,4 +622,236 @@ pub fn text(len: usize, seed: u64) -> String {
         .into_iter()
         .map(|b| (b' ' + b % 95) as char)
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observability: a server with extra listeners, plain HTTP requests, the Prometheus text format
+
+impl TestServer {
+    /// As [`TestServer::start_with`], but `setup` runs on the server after it listens on
+    /// 127.0.0.1:0 and before the loop starts (to add listeners, such as
+    /// `Server::listen_metrics`); its result is returned with the server.
+    pub fn start_setup<T>(
+        config: Config,
+        opts: Opts,
+        setup: impl FnOnce(&mut Server<Recorder>) -> io::Result<T>,
+    ) -> (TestServer, T) {
+        let rec = Arc::new(Mutex::new(Rec::default()));
+        let handler = Recorder {
+            rec: rec.clone(),
+            opts,
+            seq: 0,
+        };
+        let mut server = Server::new(config, handler).expect("server");
+        let addr = server
+            .listen("127.0.0.1:0".parse().unwrap())
+            .expect("listen on 127.0.0.1");
+        let extra = setup(&mut server).expect("setup");
+        let handle = server.handle();
+        let (tx, done) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("wsloop-test-loop".into())
+            .spawn(move || {
+                let _ = tx.send(server.run().map(|()| None));
+            })
+            .unwrap();
+        let server = TestServer {
+            addr,
+            handle,
+            rec,
+            done,
+            thread: Some(thread),
+        };
+        (server, extra)
+    }
+}
+
+/// A plain `GET path` request (no upgrade).
+pub fn get_request(addr: SocketAddr, path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: wsloop-tests\r\n\r\n")
+}
+
+/// Send `request` on a new connection and read the response up to the server's EOF.
+pub fn http_request(addr: SocketAddr, request: &str) -> Response {
+    let mut s = tcp(addr);
+    http_on(&mut s, request)
+}
+
+/// Send `request` on a connected socket and read the response up to the server's EOF; the
+/// socket stays open (the caller decides when its descriptor goes).
+pub fn http_on(s: &mut TcpStream, request: &str) -> Response {
+    s.write_all(request.as_bytes()).expect("send request");
+    read_response(s)
+}
+
+/// `GET path` on a new connection.
+pub fn http_get(addr: SocketAddr, path: &str) -> Response {
+    http_request(addr, &get_request(addr, path))
+}
+
+/// One sample line of the Prometheus text format: `name{label="value",...} value`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// One line of a text-format exposition, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromLine {
+    Help { name: String, text: String },
+    Type { name: String, kind: String },
+    Sample(Sample),
+}
+
+/// A parsed exposition (text format 0.0.4): its lines in order.
+#[derive(Clone, Debug, Default)]
+pub struct Exposition {
+    pub lines: Vec<PromLine>,
+}
+
+/// Parse the text format strictly: `# HELP name text`, `# TYPE name kind`, other `#` comments
+/// (skipped), and `name{labels} value` samples (no timestamps). Panics on anything else, naming
+/// the line.
+pub fn parse_metrics(text: &str) -> Exposition {
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let fail = |why: &str| -> ! { panic!("metrics line {}: {why}: {line:?}", n + 1) };
+        if line.is_empty() {
+            fail("empty line");
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| fail("HELP without text"));
+            lines.push(PromLine::Help {
+                name: name.to_string(),
+                text: text.to_string(),
+            });
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| fail("TYPE without kind"));
+            lines.push(PromLine::Type {
+                name: name.to_string(),
+                kind: kind.to_string(),
+            });
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| fail("no value"));
+        let name = &line[..name_end];
+        let valid_name = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        if !valid_name {
+            fail("bad metric name");
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(after) = rest.strip_prefix('{') {
+            rest = after;
+            loop {
+                if let Some(after) = rest.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let (key, after) = rest.split_once("=\"").unwrap_or_else(|| fail("bad label"));
+                let key_ok =
+                    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !key_ok {
+                    fail("bad label name");
+                }
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let end = loop {
+                    match chars.next() {
+                        Some((i, '"')) => break i,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, c @ ('\\' | '"'))) => value.push(c),
+                            _ => fail("bad escape in label value"),
+                        },
+                        Some((_, c)) => value.push(c),
+                        None => fail("unterminated label value"),
+                    }
+                };
+                labels.push((key.to_string(), value));
+                rest = &after[end + 1..];
+                if let Some(after) = rest.strip_prefix(',') {
+                    rest = after;
+                } else if !rest.starts_with('}') {
+                    fail("expected , or } after a label");
+                }
+            }
+        }
+        let value = rest
+            .strip_prefix(' ')
+            .unwrap_or_else(|| fail("no space before the value"));
+        if value.contains(' ') {
+            fail("trailing fields (timestamps are not expected)");
+        }
+        let value: f64 = value.parse().unwrap_or_else(|_| fail("bad value"));
+        lines.push(PromLine::Sample(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        }));
+    }
+    Exposition { lines }
+}
+
+impl Exposition {
+    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
+        self.lines.iter().filter_map(|l| match l {
+            PromLine::Sample(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// The value of the sample `name` with exactly the labels `labels` (in any order), if any.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = self.samples().filter(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(k2, v2)| k2 == k && v2 == v))
+        });
+        let first = found.next()?;
+        assert!(found.next().is_none(), "duplicate sample {name}{labels:?}");
+        Some(first.value)
+    }
+
+    /// As [`Exposition::get`]; panics if the sample is missing.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the metrics"))
+    }
+
+    /// The `# TYPE` of family `name`, if declared.
+    pub fn kind(&self, name: &str) -> Option<&str> {
+        self.lines.iter().find_map(|l| match l {
+            PromLine::Type { name: n, kind } if n == name => Some(kind.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Every family declared with `# TYPE`, in order.
+    pub fn families(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .filter_map(|l| match l {
+                PromLine::Type { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
 }

@@ -1,0 +1,41 @@
+//! A panicking handler leaks nothing: the process's descriptors return exactly to their
+//! baseline. Alone in its test binary, so no other test opens descriptors meanwhile.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use tungstenite::Message as TMsg;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn panics_leave_no_descriptor_behind() {
+    let server = TestServer::start(config());
+    let baseline = open_fds();
+    let mut others: Vec<Ws> = (0..3).map(|_| ws(server.addr)).collect();
+    for round in 0..5 {
+        let mut victim = raw_ws(server.addr);
+        victim
+            .write_all(&frame(true, OP_TEXT, b"panic-me"))
+            .unwrap();
+        assert_eq!(expect_close(&mut victim).0, 1011);
+        expect_eof(&mut victim);
+        for w in &mut others {
+            let text = format!("round {round}");
+            w.send(TMsg::text(text.clone())).unwrap();
+            assert_eq!(w.read().unwrap(), TMsg::text(text));
+        }
+    }
+    for mut w in others {
+        w.close(None).unwrap();
+        while w.read().is_ok() {}
+    }
+    server.wait_quiet();
+    assert_eq!(server.handle.query(|_, ctx| ctx.audit().unwrap()), Some(0));
+    assert_eq!(open_fds(), baseline, "descriptors back to the baseline");
+    let stats = server.finish();
+    assert_eq!(stats.handler_panics, 5);
+}
