@@ -536,8 +536,10 @@ impl<H: Handler> Inner<H> {
             let conn = &mut self.core.conns[idx];
             let n = match (&conn.socket).read(&mut self.recv) {
                 Ok(0) => {
+                    // The peer finished sending; it may still be reading, so what we owe it
+                    // (echoes of its last messages, say) is flushed before the close.
                     let reason = conn.linger.unwrap_or(CloseReason::Abnormal);
-                    self.core.end(&mut self.handler, idx, reason);
+                    self.core.finish(&mut self.handler, idx, reason);
                     return;
                 }
                 Ok(n) => n,

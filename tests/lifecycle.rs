@@ -163,6 +163,22 @@ fn client_close_behind_a_backlog_delivers_everything_first() {
 // Clients that vanish
 
 #[test]
+fn client_half_close_still_receives_what_it_is_owed() {
+    // A client sends a message and shuts down its sending side (FIN) without a close frame,
+    // then reads: the echo of its last message arrives before the server closes.
+    let server = TestServer::start(config());
+    let mut s = raw_ws(server.addr);
+    s.write_all(&frame(true, OP_TEXT, b"last words")).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"last words");
+    expect_eof(&mut s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().closes[0].code, 1006);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+}
+
+#[test]
 fn tungstenite_client_dropped_without_close_is_1006() {
     let server = TestServer::start(config());
     let mut ws = ws(server.addr);
