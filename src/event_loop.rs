@@ -93,6 +93,8 @@ pub(crate) struct Conn<D> {
     /// Ending after a failure: our final bytes are out and our side is shut down (FIN sent);
     /// input is discarded until the peer's EOF or the close timeout.
     pub(crate) fin_sent: bool,
+    /// The peer's EOF has been read: there is no input left to drain.
+    pub(crate) peer_eof: bool,
     /// Counted against its address by admission control.
     pub(crate) ip_counted: bool,
     /// Refused at admission and answered; kept only to read its request.
@@ -121,6 +123,7 @@ impl<D> Conn<D> {
             peer_close: None,
             our_close: None,
             fin_sent: false,
+            peer_eof: false,
             ip_counted: false,
             shed: false,
             admin: false,
@@ -145,7 +148,7 @@ impl<D> Conn<D> {
                     | CloseReason::Refused
             )
         );
-        if !failed {
+        if !failed || self.peer_eof {
             return false;
         }
         if !self.fin_sent {
@@ -274,6 +277,8 @@ pub(crate) struct Core<D> {
     next_sweep: u64,
     // --- accepting
     pub(crate) accept_due: bool,
+    /// Connections admitted in the current loop turn (see `Core::accept_from`).
+    pub(crate) turn_admitted: usize,
     pub(crate) accept_paused: bool,
     pub(crate) paused_since: u64,
     pub(crate) backoff_ms: u64,
@@ -371,6 +376,7 @@ impl<H: Handler> Server<H> {
                     started: false,
                     next_sweep: SWEEP_MS,
                     accept_due: false,
+                    turn_admitted: 0,
                     accept_paused: false,
                     paused_since: 0,
                     backoff_ms: 0,
@@ -513,7 +519,9 @@ impl<H: Handler> Inner<H> {
         if token == WAKER.0 {
             self.run_commands();
         } else if token < MAX_LISTENERS {
-            self.core.accept_all();
+            // Accept at the end of the turn, once this turn's events and timers have freed
+            // what they free: a slot held by a client that already left is not a full server.
+            self.core.accept_due = true;
         } else {
             let (idx, gen) = (token & 0xffff_ffff, (token >> 32) as u32);
             if !self.core.alive(idx, gen) {
@@ -537,8 +545,10 @@ impl<H: Handler> Inner<H> {
             let n = match (&conn.socket).read(&mut self.recv) {
                 Ok(0) => {
                     // The peer finished sending; it may still be reading, so what we owe it
-                    // (echoes of its last messages, say) is flushed before the close.
+                    // (echoes of its last messages, say) is flushed before the close; when
+                    // nothing is owed, `finish` ends it at once.
                     let reason = conn.linger.unwrap_or(CloseReason::Abnormal);
+                    conn.peer_eof = true;
                     self.core.finish(&mut self.handler, idx, reason);
                     return;
                 }
@@ -1020,6 +1030,16 @@ fn frames<H: Handler>(
         if !after_callback(core, handler, idx) {
             return false;
         }
+        // The backpressure limit counts the cork, so a burst of messages read in one dispatch
+        // must not pile its answers up there: what the socket takes at once is no slow
+        // reader's backlog. Offer a cork that reached the limit to the socket now.
+        if core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
+            core.flush_cork();
+            if core.doomed.iter().any(|d| d.0 == idx) {
+                return false; // the write failed; `reap` ends it
+            }
+            core.cork_for(idx);
+        }
     }
     core.conns[idx].session.reclaim();
     true
@@ -1090,6 +1110,7 @@ fn write_some(mut socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
 
 impl<D> Core<D> {
     fn tick(&mut self) {
+        self.turn_admitted = 0;
         self.now = self.start.elapsed().as_millis() as u64;
     }
 
@@ -1289,11 +1310,13 @@ impl<D> Core<D> {
     /// A write error dooms the connection (ended by `reap`).
     fn flush_cork(&mut self) {
         let idx = std::mem::replace(&mut self.cork_owner, NONE);
-        if idx == NONE || self.cork.is_empty() {
+        if idx == NONE {
             return;
         }
         if let Some(conn) = self.conns.get_mut(idx) {
-            if !conn.pending.is_empty() {
+            if self.cork.is_empty() {
+                // Nothing to write; a lingering connection may be done all the same.
+            } else if !conn.pending.is_empty() {
                 conn.pending.extend_from_slice(&self.cork);
             } else {
                 let written = write_some(&conn.socket, &self.cork);

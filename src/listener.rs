@@ -125,6 +125,15 @@ impl<D> Core<D> {
             return;
         }
         for _ in 0..self.config.accepts_per_turn {
+            if self.turn_admitted > 0 && self.conns.len() - self.shedding >= self.max_connections {
+                // Full, but with connections admitted in this very turn, whose events (a
+                // request, a reset) the loop has not seen yet. A connect-and-reset storm would
+                // otherwise fill every slot with dead connections and refuse whoever queued
+                // behind them. Let the loop see those events first: next turn, whoever still
+                // waits is admitted, or refused if the server is still full.
+                self.accept_due = true;
+                return;
+            }
             let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
                 return;
             };
@@ -173,6 +182,7 @@ impl<D> Core<D> {
             let _ = stream.write(&answer);
             drop(stream);
             shed += 1;
+            self.stats.closed[CloseReason::Refused.index()] += 1;
         }
         self.stats.refused[Verdict::ServerFull.index()] += shed;
         self.spare_fd = std::fs::File::open("/dev/null").ok();
@@ -243,18 +253,26 @@ impl<D> Core<D> {
     fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
         let admitted = self.conns.len() - self.shedding;
-        let verdict =
-            match self
-                .admission
+        // The metrics listener is for operators, who need it most when the server is full: its
+        // connections skip the client limits and may use the whole fd budget.
+        let decision = if admin {
+            match self.conns.len() < self.fd_budget {
+                true => Ok(false),
+                false => Err(Verdict::ServerFull),
+            }
+        } else {
+            self.admission
                 .admit(peer.ip(), self.now, admitted, self.max_connections)
-            {
-                Ok(ip_counted) => {
-                    let deadline = self.now + Self::ms(self.config.handshake_timeout);
-                    self.insert_conn(stream, peer, deadline, Kind::Admitted { ip_counted, admin });
-                    return;
-                }
-                Err(verdict) => verdict,
-            };
+        };
+        let verdict = match decision {
+            Ok(ip_counted) => {
+                self.turn_admitted += 1;
+                let deadline = self.now + Self::ms(self.config.handshake_timeout);
+                self.insert_conn(stream, peer, deadline, Kind::Admitted { ip_counted, admin });
+                return;
+            }
+            Err(verdict) => verdict,
+        };
         self.stats.refused[verdict.index()] += 1;
         self.log_refusal(verdict, peer);
         let mut stream = stream;
@@ -263,8 +281,11 @@ impl<D> Core<D> {
             // Keep it briefly (see `insert_conn`).
             let deadline = self.now + SHED_LINGER_MS.min(Self::ms(self.config.handshake_timeout));
             self.insert_conn(stream, peer, deadline, Kind::Refused);
+        } else {
+            // No descriptor to spare for lingering: dropping the stream closes it now; the
+            // answer is on its way, or a reset is. Never in the slab, but counted all the same.
+            self.stats.closed[CloseReason::Refused.index()] += 1;
         }
-        // Otherwise dropping the stream closes it now: the answer is on its way, or a reset is.
     }
 
     fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
@@ -308,6 +329,7 @@ impl<D> Core<D> {
             if ip_counted {
                 self.admission.release(peer.ip());
             }
+            self.stats.closed[CloseReason::IoError.index()] += 1;
             return; // dropping the socket closes it; nothing else was allocated
         }
         let mut conn = Conn::new(socket, gen, peer, deadline);

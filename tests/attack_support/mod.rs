@@ -1,0 +1,704 @@
+//! Helpers for the attack suite: the `wsloop` binary as a child process with a small fd limit,
+//! its descriptors and CPU time read from `/proc`, its counters read from `GET /metrics`, and
+//! clients that bind a source address, shrink their receive buffer or reset on close.
+//!
+//! Everything is bounded: every socket has read and write timeouts, every wait has a deadline,
+//! and a child left running by a failing test is killed when its handle is dropped.
+
+use std::collections::BTreeMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Read and write timeout of every client socket in the suite.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the child's fd count may take to come back to its baseline.
+pub const FD_SETTLE: Duration = Duration::from_secs(10);
+/// Bound for the child to start (log its address and size its fd budget).
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound for the child to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn localhost(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// The `wsloop` binary running as a child process.
+pub struct Wsloop {
+    child: Option<Child>,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    /// Descriptors open in the child after startup, before any client connected.
+    pub baseline_fds: usize,
+    log: Arc<Mutex<String>>,
+    drain: Option<JoinHandle<()>>,
+    /// Where `GET /metrics` requests come from (matters under per-address limits).
+    pub metrics_src: IpAddr,
+    name: String,
+}
+
+impl Wsloop {
+    /// Start `wsloop --listen 127.0.0.1:0 --fd-limit 128` plus `args`, wait until it listens and
+    /// has sized its fd budget, and measure its baseline descriptor count.
+    pub fn spawn(name: &str, args: &[&str]) -> Wsloop {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args(["--listen", "127.0.0.1:0", "--fd-limit", "128"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wsloop");
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        // Drain stderr for the child's whole life so that it never blocks on a full pipe.
+        let drain = thread::Builder::new()
+            .name(format!("{name}-stderr"))
+            .spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match stderr.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => sink
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_str(&String::from_utf8_lossy(&buf[..n])),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+            .unwrap();
+        let mut w = Wsloop {
+            child: Some(child),
+            pid,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            baseline_fds: 0,
+            log,
+            drain: Some(drain),
+            metrics_src: localhost(1),
+            name: name.to_string(),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let log = w.log();
+            let addr = log.lines().find_map(|l| {
+                l.split_once("echo server listening on ws://")
+                    .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
+            });
+            if let (Some(addr), true) = (addr, log.contains("fd budget")) {
+                w.addr = addr;
+                break;
+            }
+            if let Some(status) = w.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{name}: wsloop exited at startup with {status}:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: wsloop did not start in time:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        // The loop is in its first poll: every startup descriptor is open. Take the count once
+        // it reads the same twice in a row.
+        let mut last = w.fds();
+        for _ in 0..50 {
+            thread::sleep(Duration::from_millis(20));
+            let now = w.fds();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        w.baseline_fds = last;
+        w
+    }
+
+    /// Everything the child logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Descriptors open in the child now (entries of `/proc/<pid>/fd`).
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or_else(|e| panic!("{}: reading /proc/{}/fd: {e}", self.name, self.pid))
+    }
+
+    /// CPU seconds (user + system) the child has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        // Fields after the command name (which may contain spaces) start with field 3 (state).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = f[14 - 3].parse().unwrap();
+        let stime: u64 = f[15 - 3].parse().unwrap();
+        (utime + stime) as f64 / clk_tck()
+    }
+
+    /// Resident memory of the child, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `GET /metrics` over a plain TCP connection.
+    pub fn try_metrics(&self) -> io::Result<Metrics> {
+        metrics_at(self.addr, self.metrics_src)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.try_metrics()
+            .unwrap_or_else(|e| panic!("{}: GET /metrics: {e}", self.name))
+    }
+
+    /// Wait (bounded) until the fd count is back to the baseline and a metrics request finds no
+    /// connection held but itself (a loop that lags may still have connections in its backlog
+    /// when the count is at the baseline); return those metrics.
+    pub fn wait_quiet(&self) -> Metrics {
+        let deadline = Instant::now() + FD_SETTLE;
+        loop {
+            self.wait_baseline();
+            let m = self.try_metrics();
+            match &m {
+                Ok(m) if m.held() == 1 => return m.clone(),
+                Ok(m) => assert!(
+                    Instant::now() < deadline,
+                    "{}: connections still held: {:?}",
+                    self.name,
+                    m.matching("wsloop_connections{")
+                ),
+                // Refused (a rate limit on the metrics address, say): ask again a little later.
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "{}: GET /metrics: {e}",
+                    self.name
+                ),
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Poll `/proc/<pid>/fd` (bounded) until the count is back to the baseline; return it.
+    pub fn wait_baseline(&self) -> usize {
+        let deadline = Instant::now() + FD_SETTLE;
+        loop {
+            let n = self.fds();
+            if n == self.baseline_fds {
+                return n;
+            }
+            if Instant::now() >= deadline {
+                let list: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| {
+                        let t = std::fs::read_link(e.path()).unwrap_or_default();
+                        format!("{}->{}", e.file_name().to_string_lossy(), t.display())
+                    })
+                    .collect();
+                panic!(
+                    "{}: fd count {n} did not return to the baseline {} within {FD_SETTLE:?}: {list:?}",
+                    self.name, self.baseline_fds
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sample the child's fd count in the background, keeping the peak.
+    pub fn fd_sampler(&self) -> Sampler {
+        let pid = self.pid;
+        Sampler::start(move || {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+        })
+    }
+
+    /// SIGTERM, wait (bounded) for the exit, kill -9 as a fallback; the exit must be 0.
+    pub fn stop(mut self) {
+        let status = self.terminate();
+        assert!(
+            status.as_ref().is_some_and(ExitStatus::success),
+            "{}: wsloop did not exit 0 after SIGTERM: {status:?}\n{}",
+            self.name,
+            self.log_tail(40)
+        );
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = Command::new("kill")
+                    .args(["-9", &self.pid.to_string()])
+                    .status();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(d) = self.drain.take() {
+            let _ = d.join();
+        }
+        status
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Wsloop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A failing test: never leave the child running.
+            let _ = Command::new("kill")
+                .args(["-9", &self.pid.to_string()])
+                .status();
+            let _ = child.wait();
+            eprintln!(
+                "--- {} (pid {}) log tail:\n{}",
+                self.name,
+                self.pid,
+                self.log_tail(30)
+            );
+        }
+    }
+}
+
+/// `GET /metrics` from `src` over a plain TCP connection, parsed.
+pub fn metrics_at(addr: SocketAddr, src: IpAddr) -> io::Result<Metrics> {
+    let mut s = connect(addr, &Opts::from(src))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: wsloop\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Err(io::Error::other(format!("no response head: {text:?}")));
+    };
+    if !head.starts_with("HTTP/1.1 200 ") {
+        return Err(io::Error::other(format!("metrics refused: {head:?}")));
+    }
+    let mut values = BTreeMap::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (k, v) = line.rsplit_once(' ').expect("metric line");
+        values.insert(k.to_string(), v.parse().expect("metric value"));
+    }
+    Ok(Metrics(values))
+}
+
+fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output();
+        out.ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Parsed `GET /metrics` values, keyed by the series as rendered (`name{label="value"}`).
+#[derive(Clone, Debug)]
+pub struct Metrics(pub BTreeMap<String, f64>);
+
+impl Metrics {
+    pub fn get(&self, key: &str) -> f64 {
+        *self
+            .0
+            .get(key)
+            .unwrap_or_else(|| panic!("no metric {key} in {:?}", self.0.keys()))
+    }
+    pub fn closed(&self, reason: &str) -> u64 {
+        self.get(&format!(
+            "wsloop_connections_closed_total{{reason=\"{reason}\"}}"
+        )) as u64
+    }
+    pub fn rejected_status(&self, status: &str) -> u64 {
+        self.get(&format!(
+            "wsloop_handshakes_rejected_total{{status=\"{status}\"}}"
+        )) as u64
+    }
+    pub fn admission(&self, limit: &str) -> u64 {
+        self.get(&format!(
+            "wsloop_admission_rejections_total{{limit=\"{limit}\"}}"
+        )) as u64
+    }
+    pub fn accept_errors(&self, errno: &str) -> u64 {
+        self.get(&format!("wsloop_accept_errors_total{{errno=\"{errno}\"}}")) as u64
+    }
+    /// Connections held, over every state.
+    pub fn held(&self) -> u64 {
+        self.matching("wsloop_connections{")
+            .iter()
+            .map(|(_, v)| *v as u64)
+            .sum()
+    }
+    pub fn matching(&self, prefix: &str) -> Vec<(String, f64)> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+    /// Close reasons that moved since `before`, as (label, delta), leaving out `http_answered`
+    /// (the metrics requests themselves).
+    pub fn closed_since(&self, before: &Metrics) -> BTreeMap<String, u64> {
+        self.moved_since(before, "wsloop_connections_closed_total{reason=\"")
+            .into_iter()
+            .filter(|(k, _)| k != "http_answered")
+            .collect()
+    }
+    /// Every series starting with `prefix` that moved since `before`, keyed by its label value.
+    pub fn moved_since(&self, before: &Metrics, prefix: &str) -> BTreeMap<String, u64> {
+        self.matching(prefix)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.0.get(&k).copied().unwrap_or(0.0);
+                let label = k[prefix.len()..].trim_end_matches("\"}").to_string();
+                (d != 0.0).then_some((label, d as u64))
+            })
+            .collect()
+    }
+}
+
+/// Expected deltas as a map, for comparing with [`Metrics::closed_since`].
+pub fn deltas(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect()
+}
+
+/// A background thread sampling a value every 10 ms, keeping the peak.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    pub fn start(sample: impl Fn() -> usize + Send + 'static) -> Sampler {
+        Self::every(Duration::from_millis(10), sample)
+    }
+
+    pub fn every(period: Duration, sample: impl Fn() -> usize + Send + 'static) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = thread::spawn(move || {
+            // Bounded by the caller's `stop`, and in any case by a minute.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                p.fetch_max(sample(), Ordering::Relaxed);
+                thread::sleep(period);
+            }
+        });
+        Sampler {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    /// The peak so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Stop sampling and return the peak.
+    pub fn stop(mut self) -> usize {
+        self.halt();
+        self.peak()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// How a client socket is made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Opts {
+    /// Bind this source address before connecting.
+    pub src: Option<IpAddr>,
+    /// `SO_RCVBUF` before connecting (so that the window it advertises is small from the SYN).
+    pub rcvbuf: Option<usize>,
+}
+
+impl From<IpAddr> for Opts {
+    fn from(src: IpAddr) -> Opts {
+        Opts {
+            src: Some(src),
+            rcvbuf: None,
+        }
+    }
+}
+
+/// A client connection with read and write timeouts.
+pub fn connect(addr: SocketAddr, opts: &Opts) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(src) = opts.src {
+        s.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    if let Some(n) = opts.rcvbuf {
+        s.set_recv_buffer_size(n)?;
+    }
+    s.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+/// Close with a reset instead of a FIN (`SO_LINGER` 0).
+pub fn reset(s: TcpStream) {
+    let s = socket2::Socket::from(s);
+    s.set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+    drop(s);
+}
+
+/// What a client read before the connection ended or the read timed out.
+#[derive(Debug)]
+pub enum Answer {
+    /// The server closed with a FIN after these bytes.
+    Eof(Vec<u8>),
+    /// The connection was reset after these bytes.
+    Reset(Vec<u8>),
+    /// Nothing more came within the timeout, after these bytes.
+    TimedOut(Vec<u8>),
+}
+
+impl Answer {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Answer::Eof(b) | Answer::Reset(b) | Answer::TimedOut(b) => b,
+        }
+    }
+    pub fn status(&self) -> Option<u16> {
+        let b = self.bytes();
+        (b.len() >= 12 && b.starts_with(b"HTTP/1.1 "))
+            .then(|| std::str::from_utf8(&b[9..12]).ok()?.parse().ok())
+            .flatten()
+    }
+}
+
+/// Read until EOF, a reset or `timeout` (overall); return what came and how long it took.
+pub fn read_answer(s: &mut TcpStream, timeout: Duration) -> (Answer, Duration) {
+    let start = Instant::now();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return (Answer::TimedOut(all), start.elapsed());
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (Answer::Eof(all), start.elapsed()),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return (Answer::TimedOut(all), start.elapsed())
+            }
+            Err(_) => return (Answer::Reset(all), start.elapsed()),
+        }
+    }
+}
+
+/// What a legitimate client got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Legit {
+    /// Upgraded, echoed a message, closed cleanly.
+    Echoed,
+    /// The upgrade was answered with this HTTP status.
+    Refused(u16),
+    /// Anything else.
+    Failed(String),
+}
+
+/// A legitimate tungstenite client: upgrade, echo one message, close handshake.
+pub fn legit_echo(addr: SocketAddr, src: Option<IpAddr>) -> Legit {
+    use tungstenite::{Error, HandshakeError, Message};
+    let stream = match connect(addr, &Opts { src, rcvbuf: None }) {
+        Ok(s) => s,
+        Err(e) => return Legit::Failed(format!("connect: {e}")),
+    };
+    let (mut ws, _) = match tungstenite::client(format!("ws://{addr}/legit"), stream) {
+        Ok(ok) => ok,
+        Err(HandshakeError::Failure(Error::Http(resp))) => {
+            return Legit::Refused(resp.status().as_u16())
+        }
+        Err(e) => return Legit::Failed(format!("handshake: {e}")),
+    };
+    let text = format!("legit client {:?}", Instant::now());
+    if let Err(e) = ws.send(Message::text(text.clone())) {
+        return Legit::Failed(format!("send: {e}"));
+    }
+    match ws.read() {
+        Ok(Message::Text(t)) if t.as_str() == text => {}
+        other => return Legit::Failed(format!("expected the echo, got {other:?}")),
+    }
+    if let Err(e) = ws.close(None) {
+        return Legit::Failed(format!("close: {e}"));
+    }
+    loop {
+        match ws.read() {
+            Ok(Message::Close(_)) => {}
+            Ok(m) => return Legit::Failed(format!("after close: {m:?}")),
+            Err(Error::ConnectionClosed) => return Legit::Echoed,
+            Err(e) => return Legit::Failed(format!("closing: {e}")),
+        }
+    }
+}
+
+/// A legitimate tungstenite client that reads everything, but pipelines: it sends `n` binary
+/// messages of `size` bytes back to back, then reads the `n` echoes, then closes.
+pub fn legit_pipelined(addr: SocketAddr, n: usize, size: usize) -> Legit {
+    use tungstenite::{Error, Message};
+    let stream = match connect(addr, &Opts::default()) {
+        Ok(s) => s,
+        Err(e) => return Legit::Failed(format!("connect: {e}")),
+    };
+    let (mut ws, _) = match tungstenite::client(format!("ws://{addr}/pipelined"), stream) {
+        Ok(ok) => ok,
+        Err(e) => return Legit::Failed(format!("handshake: {e}")),
+    };
+    let msgs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; size]).collect();
+    for m in &msgs {
+        if let Err(e) = ws.write(Message::binary(m.clone())) {
+            return Legit::Failed(format!("send: {e}"));
+        }
+    }
+    if let Err(e) = ws.flush() {
+        return Legit::Failed(format!("flush: {e}"));
+    }
+    for (i, m) in msgs.iter().enumerate() {
+        match ws.read() {
+            Ok(Message::Binary(b)) if b[..] == m[..] => {}
+            other => return Legit::Failed(format!("echo {i} of {n}: {other:?}")),
+        }
+    }
+    let _ = ws.close(None);
+    loop {
+        match ws.read() {
+            Ok(Message::Close(_)) => {}
+            Ok(m) => return Legit::Failed(format!("after close: {m:?}")),
+            Err(Error::ConnectionClosed) => return Legit::Echoed,
+            Err(e) => return Legit::Failed(format!("closing: {e}")),
+        }
+    }
+}
+
+/// The upgrade request of `tests/common`, for a raw client.
+pub fn upgrade_request(addr: SocketAddr) -> Vec<u8> {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Read an HTTP response head byte by byte (no frame bytes after it are consumed).
+pub fn read_head(s: &mut TcpStream) -> io::Result<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    format!("EOF in head {:?}", String::from_utf8_lossy(&head)),
+                ))
+            }
+            Ok(_) => head.push(b[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A raw client that completed the upgrade.
+pub fn raw_ws(addr: SocketAddr, opts: &Opts) -> io::Result<TcpStream> {
+    let mut s = connect(addr, opts)?;
+    s.write_all(&upgrade_request(addr))?;
+    let head = read_head(&mut s)?;
+    if !head.starts_with("HTTP/1.1 101 ") {
+        return Err(io::Error::other(format!("upgrade refused: {head:?}")));
+    }
+    Ok(s)
+}
+
+/// A masked client frame header for a payload of `len` bytes (`first`: FIN, RSV, opcode),
+/// with the length encoded as given: 7-bit, 16-bit (`126`) or 64-bit (`127`).
+pub fn frame_header(first: u8, len: u64, encoding: u8) -> Vec<u8> {
+    let mut out = vec![first];
+    match encoding {
+        126 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        127 => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+        _ => out.push(0x80 | len as u8),
+    }
+    out.extend_from_slice(&MASK);
+    out
+}
+
+pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// Run `f` on `n` threads with indices, collecting their results in order.
+pub fn parallel<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let f = f.clone();
+            thread::spawn(move || f(i))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}

@@ -1,0 +1,919 @@
+//! The attack suite: the `wsloop` binary runs as a child process with `--fd-limit 128`, and each
+//! test attacks it over loopback (slowloris, idle flood, connection churn with resets at every
+//! stage, slow readers, oversized heads and frames, fd exhaustion, per-address limits). After
+//! each attack the child's descriptor count (`/proc/<pid>/fd`) must be back at exactly its
+//! baseline, a legitimate client must have been served during the attack (or clearly refused
+//! with 503 while every slot was taken, and served right after), and the close reasons counted
+//! in `GET /metrics` must be the ones the attack earns.
+//!
+//! Every test targets 127.0.0.x only, bounds its connections and its time, and runs its own
+//! child on its own port, so the tests run in parallel. `cargo test --test attacks --
+//! --nocapture` prints what each attack measured.
+
+mod attack_support;
+mod common;
+
+use attack_support::*;
+use common::{close_frame, frame, read_frame, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Read the server's close frame, then its EOF (it closes TCP after a close, lingering until our
+/// EOF after a protocol error). Returns the close code.
+fn expect_close_then_eof(s: &mut TcpStream) -> u16 {
+    let f = read_frame(s);
+    assert_eq!(f.opcode, OP_CLOSE, "expected a close frame, got {f:?}");
+    let (code, _) = f.close().expect("close frame with a code");
+    let (answer, _) = read_answer(s, IO_TIMEOUT);
+    assert!(
+        matches!(answer, Answer::Eof(ref b) if b.is_empty()),
+        "expected EOF after the close frame, got {answer:?}"
+    );
+    code
+}
+
+fn assert_echoes(w: &Wsloop, when: &str) {
+    let got = legit_echo(w.addr, None);
+    assert_eq!(got, Legit::Echoed, "legit client {when}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// a. slowloris
+
+#[test]
+fn slowloris_ends_at_the_handshake_deadline() {
+    const N: usize = 60;
+    let w = Wsloop::spawn("slowloris", &["--handshake-timeout", "1"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let request = upgrade_request(w.addr);
+
+    // Each attacker sends one byte of a valid upgrade request every 200 ms: the whole request
+    // would take 30 s (its last byte is never sent), so it never completes; the 1 s deadline
+    // must not move with the bytes.
+    struct Trickler {
+        s: TcpStream,
+        start: Instant,
+        sent: usize,
+        got: Vec<u8>,
+        /// When it ended, and whether with a FIN (else a reset).
+        done: Option<(Duration, bool)>,
+    }
+    let mut socks: Vec<Trickler> = (0..N)
+        .map(|_| {
+            let s = connect(w.addr, &Opts::default()).expect("connect");
+            s.set_nonblocking(true).unwrap();
+            Trickler {
+                s,
+                start: Instant::now(),
+                sent: 0,
+                got: Vec::new(),
+                done: None,
+            }
+        })
+        .collect();
+    let attack = Instant::now();
+    let mut legit = None;
+    let mut during = None;
+    let mut buf = [0u8; 1024];
+    while socks.iter().any(|t| t.done.is_none()) && attack.elapsed() < Duration::from_secs(8) {
+        for t in socks.iter_mut().filter(|t| t.done.is_none()) {
+            if t.sent < request.len() - 1 && t.s.write(&request[t.sent..t.sent + 1]).is_ok() {
+                t.sent += 1;
+            }
+            loop {
+                match t.s.read(&mut buf) {
+                    Ok(0) => t.done = Some((t.start.elapsed(), true)),
+                    Ok(n) => {
+                        t.got.extend_from_slice(&buf[..n]);
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => t.done = Some((t.start.elapsed(), false)),
+                }
+                break;
+            }
+        }
+        if legit.is_none() && attack.elapsed() > Duration::from_millis(300) {
+            // During the attack: every attacker is held, handshaking, and a real client is served.
+            during = Some(w.metrics());
+            legit = Some(legit_echo(w.addr, None));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let peak = fds.stop();
+    let during = during.expect("metrics during the attack");
+    assert!(
+        during.get("wsloop_connections{state=\"handshake\"}") >= N as f64,
+        "attackers held during the attack: {:?}",
+        during.matching("wsloop_connections{")
+    );
+    assert_eq!(legit, Some(Legit::Echoed), "legit client during slowloris");
+    let mut slowest = Duration::ZERO;
+    let mut most_sent = 0;
+    for (i, t) in socks.iter().enumerate() {
+        let (took, eof) = t
+            .done
+            .unwrap_or_else(|| panic!("attacker {i} still connected after 8 s"));
+        let head = String::from_utf8_lossy(&t.got);
+        assert!(head.starts_with("HTTP/1.1 408 "), "attacker {i}: {head:?}");
+        assert!(
+            eof,
+            "attacker {i} was reset instead of getting 408 and a FIN"
+        );
+        // Generous: the deadline is 1 s from accept; trickling would have held it for 30 s.
+        assert!(
+            took < Duration::from_secs(5),
+            "attacker {i} held for {took:?}"
+        );
+        slowest = slowest.max(took);
+        most_sent = most_sent.max(t.sent);
+    }
+    drop(socks);
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("handshake_timeout", N as u64), ("peer_closed", 1)])
+    );
+    assert_eq!(
+        m1.rejected_status("408") - m0.rejected_status("408"),
+        N as u64
+    );
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_eq!(legit_echo(w.addr, None), Legit::Echoed);
+    println!(
+        "slowloris: {N} attackers, all answered 408 and closed by {slowest:?} after connect (at most {most_sent} of {} request bytes sent); fds baseline {} peak {peak} final {end}; closed {:?}; 408s {}",
+        request.len(),
+        w.baseline_fds,
+        m1.closed_since(&m0),
+        m1.rejected_status("408") - m0.rejected_status("408"),
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// b. idle flood
+
+#[test]
+fn idle_flood_is_pinged_then_closed() {
+    const N: usize = 40;
+    let w = Wsloop::spawn("idle-flood", &["--idle-timeout", "1"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let start = Instant::now();
+    let mut socks: Vec<TcpStream> = (0..N)
+        .map(|_| raw_ws(w.addr, &Opts::default()).expect("upgrade"))
+        .collect();
+    let during = w.metrics();
+    assert_eq!(during.get("wsloop_connections{state=\"open\"}"), N as f64);
+    assert_echoes(&w, "during the idle flood");
+    // They never send and never answer: each gets a ping half-way, then close 1001 and EOF.
+    for (i, s) in socks.iter_mut().enumerate() {
+        let ping = read_frame(s);
+        assert_eq!(ping.opcode, OP_PING, "attacker {i}: {ping:?}");
+        let code = expect_close_then_eof(s);
+        assert_eq!(code, 1001, "attacker {i}");
+    }
+    let took = start.elapsed();
+    drop(socks);
+    let peak = fds.stop();
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("idle_timeout", N as u64), ("peer_closed", 1)])
+    );
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_echoes(&w, "after the idle flood");
+    println!(
+        "idle flood: {N} silent upgrades pinged then closed 1001 within {took:?}; fds baseline {} peak {peak} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// c. churn: connect, go some way, reset
+
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    BeforeAnyByte,
+    MidHeaders,
+    AfterUpgrade,
+    MidFrameHeader,
+    MidPayload,
+    MidClose,
+}
+
+impl Stage {
+    /// The close reason the stage earns.
+    fn reason(self) -> &'static str {
+        match self {
+            // The close frame is read (data comes before the reset) and answered: the client
+            // closed, as far as the server can tell.
+            Stage::MidClose => "peer_closed",
+            _ => "abnormal",
+        }
+    }
+
+    fn run(self, addr: std::net::SocketAddr) {
+        let mut s = match self {
+            Stage::BeforeAnyByte | Stage::MidHeaders => connect(addr, &Opts::default()),
+            _ => raw_ws(addr, &Opts::default()),
+        }
+        .unwrap_or_else(|e| panic!("{self:?}: {e}"));
+        let bytes = match self {
+            Stage::BeforeAnyByte | Stage::AfterUpgrade => Vec::new(),
+            Stage::MidHeaders => upgrade_request(addr)[..40].to_vec(),
+            Stage::MidFrameHeader => vec![0x81],
+            Stage::MidPayload => {
+                let mut f = frame(true, OP_TEXT, &[b'x'; 100]);
+                f.truncate(f.len() - 50);
+                f
+            }
+            Stage::MidClose => close_frame(1000, "bye"),
+        };
+        if !bytes.is_empty() {
+            s.write_all(&bytes).unwrap();
+        }
+        reset(s);
+    }
+}
+
+#[test]
+fn churn_with_resets_at_every_stage() {
+    const PER_STAGE: usize = 334;
+    const THREADS: usize = 8;
+    let w = Wsloop::spawn("churn", &[]);
+    let fds = w.fd_sampler();
+    let mut total = 0;
+    let mut report = Vec::new();
+    for stage in [
+        Stage::BeforeAnyByte,
+        Stage::MidHeaders,
+        Stage::AfterUpgrade,
+        Stage::MidFrameHeader,
+        Stage::MidPayload,
+        Stage::MidClose,
+    ] {
+        let before = w.wait_quiet();
+        let addr = w.addr;
+        let done = Arc::new(AtomicBool::new(false));
+        // A legitimate client keeps echoing while the stage runs.
+        let legit = {
+            let done = done.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    assert_eq!(legit_echo(addr, None), Legit::Echoed, "during {stage:?}");
+                    n += 1;
+                    if done.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        return n;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let t = Instant::now();
+        parallel(THREADS, move |i| {
+            for _ in (i..PER_STAGE).step_by(THREADS) {
+                stage.run(addr);
+            }
+        });
+        let took = t.elapsed();
+        done.store(true, Ordering::Relaxed);
+        let echoes = legit.join().expect("legit client during churn");
+        total += PER_STAGE;
+        let after = w.wait_quiet();
+        let closed = after.closed_since(&before);
+        let mut want = vec![(stage.reason(), PER_STAGE as u64)];
+        if stage.reason() == "peer_closed" {
+            want[0].1 += echoes;
+        } else {
+            want.push(("peer_closed", echoes));
+        }
+        assert_eq!(closed, deltas(&want), "{stage:?}");
+        assert_eq!(
+            after.moved_since(&before, "wsloop_admission_rejections_total{limit=\""),
+            deltas(&[]),
+            "{stage:?}: nobody refused"
+        );
+        assert_eq!(
+            after.moved_since(&before, "wsloop_accept_errors_total{errno=\""),
+            deltas(&[]),
+            "{stage:?}: accept errors"
+        );
+        report.push(format!(
+            "{stage:?}: {PER_STAGE} in {took:?} -> {:?} (+{echoes} legit echoes)",
+            closed
+        ));
+    }
+    let peak = fds.stop();
+    let end = w.wait_baseline();
+    let m = w.wait_quiet();
+    assert_eq!(m.get("wsloop_fd_audit_difference"), 0.0);
+    assert_echoes(&w, "after the churn");
+    println!(
+        "churn: {total} connections reset; fds baseline {} peak {peak} final {end}\n  {}",
+        w.baseline_fds,
+        report.join("\n  ")
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// d. slow readers
+
+const MSG: usize = 16 * 1024;
+const MAX_BACKPRESSURE: usize = 64 * 1024;
+/// A queued 16 KiB echo: payload plus its 4-byte header.
+const QUEUED_MSG: usize = MSG + 4;
+
+/// Sample `wsloop_queued_bytes` every 20 ms; the peak is what the attack made the server hold.
+fn queued_sampler(w: &Wsloop) -> Sampler {
+    let addr = w.addr;
+    Sampler::every(Duration::from_millis(20), move || {
+        metrics_at(addr, localhost(1)).map_or(0, |m| m.get("wsloop_queued_bytes") as usize)
+    })
+}
+
+/// A client that does not read: its receive buffer is small, and it sends 16 KiB messages until
+/// the server cuts it off (a write fails) or `stop` says so. Returns the messages sent.
+fn flood_without_reading(s: &mut TcpStream, stop: impl Fn(usize) -> bool) -> usize {
+    let payload = common::bytes(MSG, 7);
+    let msg = frame(true, OP_BINARY, &payload);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    while sent < 4000 && Instant::now() < deadline && !stop(sent) {
+        if s.write_all(&msg).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    sent
+}
+
+#[test]
+fn slow_reader_is_closed_at_the_backpressure_limit() {
+    let w = Wsloop::spawn(
+        "slow-reader-close",
+        &[
+            "--max-message-size",
+            "16384",
+            "--max-backpressure",
+            "65536",
+            "--close-timeout",
+            "1",
+        ],
+    );
+    let m0 = w.metrics();
+    w.wait_baseline();
+    // A fast client that pipelines more than the limit but reads everything is no slow reader:
+    // what the socket takes at once is not held against it.
+    assert_eq!(
+        legit_pipelined(w.addr, 8, MSG),
+        Legit::Echoed,
+        "pipelining client"
+    );
+    let fds = w.fd_sampler();
+    let queued = queued_sampler(&w);
+    let opts = Opts {
+        src: None,
+        rcvbuf: Some(4096),
+    };
+    let mut s = raw_ws(w.addr, &opts).expect("upgrade");
+    let addr = w.addr;
+    let legit = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        legit_echo(addr, None)
+    });
+    // Stop once the server is closing it (its queue went over the limit with the refused send
+    // and the close frame): from then on its reads discard what we send.
+    let sent = flood_without_reading(&mut s, |n| {
+        n % 8 == 7
+            && metrics_at(addr, localhost(1)).is_ok_and(|m| {
+                m.get("wsloop_queued_bytes_largest") > MAX_BACKPRESSURE as f64
+                    || m.closed("backpressure") > 0
+            })
+    });
+    assert_eq!(legit.join().unwrap(), Legit::Echoed, "legit client during");
+    let closed_by = Instant::now() + Duration::from_secs(10);
+    while w.metrics().closed("backpressure") == 0 {
+        assert!(Instant::now() < closed_by, "slow reader not closed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let peak_queued = queued.stop();
+    drop(s);
+    let peak = fds.stop();
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("backpressure", 1), ("peer_closed", 2)])
+    );
+    assert!(
+        peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
+        "queued bytes peaked at {peak_queued}"
+    );
+    assert!(peak_queued > 0, "the server never had to queue");
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_echoes(&w, "after the slow reader");
+    println!(
+        "slow reader (close): {sent} x 16 KiB sent; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); fds baseline {} peak {peak} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+#[test]
+fn reader_that_stops_reading_is_dropped_for_write_stall() {
+    let w = Wsloop::spawn(
+        "slow-reader-stall",
+        &[
+            "--max-message-size",
+            "16384",
+            "--max-backpressure",
+            "65536",
+            "--backpressure-policy",
+            "drop",
+            "--write-stall-timeout",
+            "1",
+        ],
+    );
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let queued = queued_sampler(&w);
+    let opts = Opts {
+        src: None,
+        rcvbuf: Some(4096),
+    };
+    let mut s = raw_ws(w.addr, &opts).expect("upgrade");
+    // A live reader at first.
+    for i in 0..3u8 {
+        s.write_all(&frame(true, OP_BINARY, &[i; 100])).unwrap();
+        let f = read_frame(&mut s);
+        assert_eq!((f.opcode, f.payload), (OP_BINARY, vec![i; 100]));
+    }
+    // Then it stops reading, and sends until the server's queue for it is at the limit and 64
+    // messages more (which the server must drop, not queue); then it sends nothing more.
+    let addr = w.addr;
+    let full_at = std::cell::Cell::new(None);
+    let sent = flood_without_reading(&mut s, |n| {
+        if let Some(at) = full_at.get() {
+            return n >= at + 64;
+        }
+        let at_limit = (MAX_BACKPRESSURE - QUEUED_MSG) as f64;
+        if n % 4 == 3
+            && metrics_at(addr, localhost(1))
+                .is_ok_and(|m| m.get("wsloop_queued_bytes_largest") > at_limit)
+        {
+            full_at.set(Some(n));
+        }
+        false
+    });
+    let full_at = full_at.get().expect("the server's queue reached the limit");
+    assert_echoes(&w, "while the reader stalls");
+    let closed_by = Instant::now() + Duration::from_secs(10);
+    while w.metrics().closed("write_stall") == 0 {
+        assert!(Instant::now() < closed_by, "stalled reader not dropped");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let peak_queued = queued.stop();
+    drop(s);
+    let peak = fds.stop();
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("write_stall", 1), ("peer_closed", 1)])
+    );
+    assert!(
+        peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
+        "queued bytes peaked at {peak_queued}"
+    );
+    assert!(peak_queued > 0, "the server never had to queue");
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_echoes(&w, "after the stalled reader");
+    println!(
+        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); fds baseline {} peak {peak} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// e. oversize
+
+#[test]
+fn oversized_heads_and_frames_are_refused() {
+    let w = Wsloop::spawn(
+        "oversize",
+        &[
+            "--max-header-bytes",
+            "1024",
+            "--max-headers",
+            "16",
+            "--max-message-size",
+            "16384",
+        ],
+    );
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let addr = w.addr;
+
+    // Heads: too many bytes, too many lines.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4000)
+    );
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("X-{i}: y\r\n"));
+    }
+    many.push_str("\r\n");
+    assert!(many.len() < 1024);
+    for (what, req) in [("head bytes", big), ("header lines", many)] {
+        let mut s = connect(addr, &Opts::default()).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let (answer, _) = read_answer(&mut s, IO_TIMEOUT);
+        assert!(matches!(answer, Answer::Eof(_)), "{what}: {answer:?}");
+        assert_eq!(answer.status(), Some(431), "{what}: {answer:?}");
+    }
+
+    // Frames: each announces too much (or breaks the length rules) in its header alone.
+    let mut frame_cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("16385 bytes", frame_header(0x82, 16385, 126), 1009),
+        ("2^63-1 bytes", frame_header(0x82, (1 << 63) - 1, 127), 1009),
+        (
+            "2^64-1 bytes (MSB set)",
+            frame_header(0x82, u64::MAX, 127),
+            1002,
+        ),
+        ("ping of 126 bytes", frame_header(0x89, 126, 126), 1002),
+    ];
+    // A fragmented message that outgrows the limit on its second fragment.
+    let mut frag = frame(false, OP_BINARY, &[1u8; 10_000]);
+    frag.extend_from_slice(&frame_header(OP_CONT | 0x80, 10_000, 126));
+    frame_cases.push(("fragments over 16384", frag, 1009));
+    let rss0 = w.rss_kib();
+    let mut codes = Vec::new();
+    for (what, bytes, want) in &frame_cases {
+        let mut s = raw_ws(addr, &Opts::default()).unwrap();
+        s.write_all(bytes).unwrap();
+        let code = expect_close_then_eof(&mut s);
+        assert_eq!(code, *want, "{what}");
+        codes.push(format!("{what}: {code}"));
+    }
+    let rss1 = w.rss_kib();
+    // No buffer was sized after the announced lengths (2^63 would abort the process).
+    assert!(
+        rss1 < rss0 + 16 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+    assert_echoes(&w, "after the oversize attacks");
+    let peak = fds.stop();
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[
+            ("rejected", 2),
+            ("protocol_error", frame_cases.len() as u64),
+            ("peer_closed", 1)
+        ])
+    );
+    assert_eq!(m1.rejected_status("431") - m0.rejected_status("431"), 2);
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "oversize: 2 heads -> 431; frames -> {codes:?}; RSS {rss0} -> {rss1} KiB; fds baseline {} peak {peak} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// f. fd exhaustion
+
+const ATTACKERS: usize = 256;
+const PROBES: usize = 20;
+/// How long a client beyond the limit may wait for its 503 (or EOF, or reset).
+const ANSWER_BOUND: Duration = Duration::from_secs(2);
+
+/// How one attacker fared in the first seconds of the storm.
+#[derive(Debug)]
+enum Fate {
+    /// Nothing came and nothing ended: holding a slot (handshaking).
+    Held,
+    /// Upgraded (101) and holding a slot.
+    Upgraded,
+    /// Refused: 503 bytes (or nothing) then EOF or reset, after this long.
+    Refused(Duration, Option<u16>),
+}
+
+fn fd_exhaustion(name: &str, upgrade: bool) {
+    let w = Wsloop::spawn(name, &["--handshake-timeout", "30"]);
+    let m0 = w.metrics();
+    let max = m0.get("wsloop_connections_max") as usize;
+    let limit = m0.get("wsloop_fd_limit") as usize;
+    assert_eq!(limit, 128);
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let cpu0 = w.cpu_seconds();
+    let storm = Instant::now();
+
+    // Twice the fd limit, held.
+    let request = upgrade_request(w.addr);
+    let mut attackers: Vec<(TcpStream, Instant)> = (0..ATTACKERS)
+        .map(|i| {
+            let mut s = connect(w.addr, &Opts::default())
+                .unwrap_or_else(|e| panic!("attacker {i} cannot connect: {e}"));
+            let t = Instant::now();
+            if upgrade {
+                s.write_all(&request).unwrap();
+            }
+            s.set_nonblocking(true).unwrap();
+            (s, t)
+        })
+        .collect();
+    // Watch every attacker for a little longer than the answer bound.
+    let mut got: Vec<Vec<u8>> = vec![Vec::new(); ATTACKERS];
+    let mut ended: Vec<Option<Duration>> = vec![None; ATTACKERS];
+    let watch = Instant::now();
+    let mut buf = [0u8; 4096];
+    while watch.elapsed() < ANSWER_BOUND + Duration::from_millis(500) {
+        for (i, (s, t)) in attackers.iter_mut().enumerate() {
+            if ended[i].is_some() || got[i].starts_with(b"HTTP/1.1 101 ") {
+                continue;
+            }
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => ended[i] = Some(t.elapsed()),
+                    Ok(n) => {
+                        got[i].extend_from_slice(&buf[..n]);
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => ended[i] = Some(t.elapsed()),
+                }
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let fates: Vec<Fate> = (0..ATTACKERS)
+        .map(|i| {
+            let status = (got[i].len() >= 12)
+                .then(|| String::from_utf8_lossy(&got[i][9..12]).parse::<u16>().ok())
+                .flatten();
+            match (ended[i], status) {
+                (Some(t), s) => Fate::Refused(t, s),
+                (None, Some(101)) => Fate::Upgraded,
+                (None, None) if got[i].is_empty() => Fate::Held,
+                (None, s) => panic!("attacker {i}: answered {s:?} but not closed: {:?}", got[i]),
+            }
+        })
+        .collect();
+    let held = fates
+        .iter()
+        .filter(|f| matches!(f, Fate::Held | Fate::Upgraded))
+        .count();
+    let refused: Vec<(Duration, Option<u16>)> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::Refused(t, s) => Some((*t, *s)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held, max, "attackers holding a slot");
+    if upgrade {
+        assert!(!fates.iter().any(|f| matches!(f, Fate::Held)), "{fates:?}");
+    }
+    assert_eq!(refused.len(), ATTACKERS - max);
+    for (i, (t, s)) in refused.iter().enumerate() {
+        assert!(
+            *t < ANSWER_BOUND,
+            "refused attacker {i} answered after {t:?}"
+        );
+        assert!(matches!(s, None | Some(503)), "refused attacker {i}: {s:?}");
+    }
+    let slowest_refusal = refused.iter().map(|r| r.0).max().unwrap_or_default();
+    let refused_503 = refused.iter().filter(|r| r.1 == Some(503)).count();
+
+    // While every slot is held: new clients get 503 (or EOF/reset) quickly, never silence.
+    let mut probe_slowest = Duration::ZERO;
+    let mut probe_503 = 0;
+    for i in 0..PROBES {
+        let mut s = connect(w.addr, &Opts::default()).expect("probe connects");
+        let _ = s.write_all(&request);
+        let (answer, took) = read_answer(&mut s, ANSWER_BOUND);
+        assert!(
+            !matches!(answer, Answer::TimedOut(_)),
+            "probe {i} got no answer within {ANSWER_BOUND:?}: {answer:?}"
+        );
+        assert!(
+            matches!(answer.status(), None | Some(503)),
+            "probe {i}: {answer:?}"
+        );
+        probe_503 += (answer.status() == Some(503)) as usize;
+        probe_slowest = probe_slowest.max(took);
+    }
+    // A legitimate client gets a clear 503 while the attack holds every slot.
+    assert_eq!(
+        legit_echo(w.addr, None),
+        Legit::Refused(503),
+        "legit client while every slot is held"
+    );
+    while storm.elapsed() < Duration::from_millis(3500) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let cpu = w.cpu_seconds() - cpu0;
+    let wall = storm.elapsed().as_secs_f64();
+    drop(attackers);
+    let peak = fds.stop();
+    assert!(
+        cpu < 0.5 * wall,
+        "the child used {cpu:.2} s of CPU over a {wall:.2} s storm"
+    );
+    assert!(peak < limit, "fd peak {peak} reached the limit {limit}");
+
+    // The attackers left: served again, every descriptor back.
+    let end = w.wait_baseline();
+    assert_eq!(
+        legit_echo(w.addr, None),
+        Legit::Echoed,
+        "legit after the storm"
+    );
+    let m1 = w.wait_quiet();
+    let refusals = (ATTACKERS - max + PROBES + 1) as u64;
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[("max_connections", refusals)])
+    );
+    let closed = m1.closed_since(&m0);
+    // Refused clients are held briefly (to read their request) while the fd budget allows,
+    // and closed at once otherwise: either way every one is counted as closed, refused.
+    assert_eq!(
+        closed,
+        deltas(&[
+            ("abnormal", max as u64),
+            ("refused", refusals),
+            ("peer_closed", 1)
+        ])
+    );
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_accept_errors_total{errno=\""),
+        deltas(&[])
+    );
+    assert_eq!(
+        m1.accept_errors("EMFILE"),
+        0,
+        "the fd budget keeps accept clear of EMFILE"
+    );
+    assert_eq!(m1.get("wsloop_accept_paused"), 0.0);
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "fd exhaustion ({}): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; fds baseline {} peak {peak} final {end}; closed {closed:?}; refusals {refusals}",
+        if upgrade { "upgrades" } else { "connect only" },
+        m0.get("wsloop_fd_budget"),
+        refused.len(),
+        w.baseline_fds
+    );
+    w.stop();
+}
+
+#[test]
+fn fd_exhaustion_connect_only() {
+    fd_exhaustion("fd-exhaustion-connect", false);
+}
+
+#[test]
+fn fd_exhaustion_with_upgrades() {
+    fd_exhaustion("fd-exhaustion-upgrade", true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// g. per-address limits
+
+/// Send an upgrade request from `src`; return the answer (read up to EOF, reset or 2 s).
+fn attempt(w: &Wsloop, src: u8) -> Answer {
+    let mut s = connect(w.addr, &Opts::from(localhost(src))).expect("connect");
+    s.write_all(&upgrade_request(w.addr)).unwrap();
+    read_answer(&mut s, Duration::from_secs(2)).0
+}
+
+#[test]
+fn per_address_connection_limit() {
+    let w = Wsloop::spawn("per-ip-limit", &["--max-connections-per-ip", "5"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut held: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            raw_ws(w.addr, &Opts::from(localhost(2)))
+                .unwrap_or_else(|e| panic!("connection {i} from 127.0.0.2: {e}"))
+        })
+        .collect();
+    let sixth = attempt(&w, 2);
+    assert!(matches!(sixth, Answer::Eof(_)), "{sixth:?}");
+    assert_eq!(sixth.status(), Some(503), "{sixth:?}");
+    assert!(
+        String::from_utf8_lossy(sixth.bytes()).contains("too many connections from your address")
+    );
+    // Other addresses are still admitted.
+    assert_eq!(legit_echo(w.addr, Some(localhost(3))), Legit::Echoed);
+    held.push(raw_ws(w.addr, &Opts::from(localhost(4))).expect("127.0.0.4 admitted"));
+    let m = w.metrics();
+    assert_eq!(
+        m.admission("max_connections_per_ip") - m0.admission("max_connections_per_ip"),
+        1
+    );
+    // One of 127.0.0.2's connections leaves: it may connect again.
+    drop(held.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.metrics().closed("abnormal") == 0 {
+        assert!(Instant::now() < deadline);
+        thread::sleep(Duration::from_millis(20));
+    }
+    held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
+    let fds_held = w.fds();
+    drop(held);
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[("max_connections_per_ip", 1)])
+    );
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("abnormal", 7), ("refused", 1), ("peer_closed", 1)])
+    );
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "per-ip limit: 6th from 127.0.0.2 got 503, 127.0.0.3 and .4 admitted; fds baseline {} held {fds_held} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+#[test]
+fn per_address_connection_rate() {
+    let mut w = Wsloop::spawn(
+        "per-ip-rate",
+        &[
+            "--connection-rate-per-ip",
+            "5",
+            "--connection-burst-per-ip",
+            "5",
+        ],
+    );
+    // Metrics requests come from an address of their own, so they spend no attacker's tokens.
+    w.metrics_src = localhost(9);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut held: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            raw_ws(w.addr, &Opts::from(localhost(2)))
+                .unwrap_or_else(|e| panic!("quick connection {i} from 127.0.0.2: {e}"))
+        })
+        .collect();
+    let sixth = attempt(&w, 2);
+    assert!(matches!(sixth, Answer::Eof(_)), "{sixth:?}");
+    assert_eq!(sixth.status(), Some(429), "{sixth:?}");
+    assert!(String::from_utf8_lossy(sixth.bytes()).contains("Retry-After: 1"));
+    assert_eq!(legit_echo(w.addr, Some(localhost(3))), Legit::Echoed);
+    // After a second the bucket has refilled.
+    thread::sleep(Duration::from_millis(1100));
+    held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
+    drop(held);
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[("rate_per_ip", 1)])
+    );
+    assert_eq!(
+        m1.closed_since(&m0),
+        deltas(&[("abnormal", 6), ("refused", 1), ("peer_closed", 1)])
+    );
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "per-ip rate: 6th quick connection from 127.0.0.2 got 429, 127.0.0.3 admitted, .2 admitted again after 1.1 s; fds baseline {} final {end}; closed {:?}",
+        w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
