@@ -284,7 +284,7 @@ pub(crate) struct Core<D> {
     pub(crate) backoff_ms: u64,
     pub(crate) accept_timer: Option<TimerKey>,
     /// Per log kind: when it was last logged (ms) and how many since were suppressed.
-    pub(crate) log_throttle: [(u64, u64); ACCEPT_ERRNOS.len() + 4],
+    pub(crate) log_throttle: [(u64, u64); crate::listener::LOG_SLOTS],
     /// Whether each listener serves only metrics and health (not WebSocket upgrades).
     pub(crate) listener_admin: Vec<bool>,
     pub(crate) audit_warned_at: u64,
@@ -381,7 +381,7 @@ impl<H: Handler> Server<H> {
                     paused_since: 0,
                     backoff_ms: 0,
                     accept_timer: None,
-                    log_throttle: [(0, 0); ACCEPT_ERRNOS.len() + 4],
+                    log_throttle: [(0, 0); crate::listener::LOG_SLOTS],
                     listener_admin: Vec::new(),
                     audit_warned_at: 0,
                     audit_timer: None,

@@ -24,6 +24,11 @@ pub(crate) const ACCEPT_TIMER: u32 = u32::MAX;
 const SHED_LINGER_MS: u64 = 1000;
 const BACKOFF_MIN_MS: u64 = 5;
 const BACKOFF_MAX_MS: u64 = 1000;
+/// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
+const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
+const LOG_SHED: usize = LOG_REFUSALS + 3;
+/// How many kinds of log line are throttled.
+pub(crate) const LOG_SLOTS: usize = LOG_SHED + 1;
 
 /// The accept errors counted by kind, in this order; anything else is "other".
 pub const ACCEPT_ERRNOS: [(i32, &str); 9] = [
@@ -139,7 +144,12 @@ impl<D> Core<D> {
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    self.backoff_ms = 0;
+                    if self.backoff_ms > 0 {
+                        // Only a success proves the shortage is over: with nothing pending,
+                        // accept says WouldBlock even when out of descriptors.
+                        log::warn!("accepting resumed");
+                        self.backoff_ms = 0;
+                    }
                     self.on_accepted(stream, peer, self.listener_admin[i]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -187,18 +197,25 @@ impl<D> Core<D> {
         self.stats.refused[Verdict::ServerFull.index()] += shed;
         self.spare_fd = std::fs::File::open("/dev/null").ok();
         if shed > 0 {
-            log::info!("out of file descriptors: answered {shed} pending connections with 503");
+            if let Some(more) = self.throttle(LOG_SHED, shed) {
+                log::warn!(
+                    "out of file descriptors: answered {} pending connections with 503",
+                    more + 1
+                );
+            }
         }
     }
 
     /// Stop accepting until the backoff timer fires (5 ms doubling to 1 s) or the close path
     /// frees a descriptor.
     fn pause_accept(&mut self) {
+        if self.backoff_ms == 0 {
+            log::warn!("accepting paused; retrying with a backoff from {BACKOFF_MIN_MS} ms to {BACKOFF_MAX_MS} ms");
+        }
         self.backoff_ms = (self.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
         if !self.accept_paused {
             self.accept_paused = true;
             self.paused_since = self.now;
-            log::warn!("accepting paused for {} ms", self.backoff_ms);
         }
         if let Some(k) = self.accept_timer.take() {
             self.wheel.cancel(k);
@@ -223,7 +240,6 @@ impl<D> Core<D> {
         self.accept_paused = false;
         self.stats.paused_ms += self.now.saturating_sub(self.paused_since);
         self.accept_due = true;
-        log::info!("accepting resumed");
     }
 
     /// The accept backoff timer fired.
@@ -234,19 +250,25 @@ impl<D> Core<D> {
 
     /// Log an accept error at most once a second per kind, with how many were suppressed.
     fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
-        let k = accept_errno_index(errno);
-        let (last, suppressed) = &mut self.log_throttle[k];
+        match self.throttle(accept_errno_index(errno), 1) {
+            Some(0) => log::warn!("accept failed: {e}"),
+            Some(more) => log::warn!("accept failed: {e} ({more} more suppressed)"),
+            None => {}
+        }
+    }
+
+    /// Rate-limit one kind of log line (`slot`) to one a second: `n` more events happened;
+    /// returns how many were suppressed since the last line when one may be logged now.
+    fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
+        let (last, suppressed) = &mut self.log_throttle[slot];
         if *last != 0 && self.now < *last + 1000 {
-            *suppressed += 1;
-            return;
+            *suppressed += n;
+            return None;
         }
-        if *suppressed > 0 {
-            log::warn!("accept failed: {e} ({} more suppressed)", *suppressed);
-        } else {
-            log::warn!("accept failed: {e}");
-        }
+        let more = *suppressed + n - 1;
         *last = self.now.max(1);
         *suppressed = 0;
+        Some(more)
     }
 
     /// A new connection: admit it, or answer it with 503/429 and let it go.
@@ -289,19 +311,12 @@ impl<D> Core<D> {
     }
 
     fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
-        let k = ACCEPT_ERRNOS.len() + 1 + verdict.index();
-        let (last, suppressed) = &mut self.log_throttle[k];
-        if *last != 0 && self.now < *last + 1000 {
-            *suppressed += 1;
-            return;
+        if let Some(more) = self.throttle(LOG_REFUSALS + verdict.index(), 1) {
+            log::info!(
+                "refusing connections ({}), latest from {peer} ({more} more since the last report)",
+                verdict.label()
+            );
         }
-        log::info!(
-            "refusing connections ({}), latest from {peer} ({} more since last report)",
-            verdict.label(),
-            *suppressed
-        );
-        *last = self.now.max(1);
-        *suppressed = 0;
     }
 
     /// Register a new connection and put it in the slab, with its first deadline.
