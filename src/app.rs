@@ -169,7 +169,7 @@ pub enum SendStatus {
 #[derive(Debug, Default)]
 pub(crate) struct SendState {
     /// A close the application asked for, applied after the callback returns.
-    pub close_req: Option<(CloseCode, Box<str>)>,
+    pub close_req: Option<Box<(CloseCode, Box<str>)>>,
     /// The application asked to drop the connection without a close handshake.
     pub terminate: bool,
     /// Sends are refused (a close was requested or the session is closing).
@@ -240,7 +240,7 @@ impl<'a, D> WebSocket<'a, D> {
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         if !self.send.sealed {
             self.send.sealed = true;
-            self.send.close_req = Some((code, reason.into()));
+            self.send.close_req = Some(Box::new((code, reason.into())));
         }
     }
     /// Drop the connection without a close handshake once the callback returns.
@@ -261,8 +261,10 @@ impl<'a, D> WebSocket<'a, D> {
             if self.policy == BackpressurePolicy::Close {
                 self.send.sealed = true;
                 self.send.cause = Some(CloseReason::Backpressure);
-                self.send.close_req =
-                    Some((CloseCode::POLICY_VIOLATION, "backpressure limit".into()));
+                self.send.close_req = Some(Box::new((
+                    CloseCode::POLICY_VIOLATION,
+                    "backpressure limit".into(),
+                )));
             }
             return SendStatus::Dropped;
         }

@@ -86,10 +86,10 @@ pub(crate) struct Conn<D> {
     /// Ending gracefully: flush `pending`, then close with this reason.
     pub(crate) linger: Option<CloseReason>,
     /// The close frame the peer sent (code and reason), reported to `on_close`.
-    pub(crate) peer_close: Option<(CloseCode, Box<str>)>,
+    pub(crate) peer_close: Option<Box<(CloseCode, Box<str>)>>,
     /// The close frame we sent (code and reason), reported to `on_close` when the close
     /// handshake we started completes.
-    pub(crate) our_close: Option<(CloseCode, Box<str>)>,
+    pub(crate) our_close: Option<Box<(CloseCode, Box<str>)>>,
     /// Ending after a failure: our final bytes are out and our side is shut down (FIN sent);
     /// input is discarded until the peer's EOF or the close timeout.
     pub(crate) fin_sent: bool,
@@ -921,7 +921,8 @@ fn after_callback<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: us
         core.end(handler, idx, CloseReason::Terminated);
         return false;
     }
-    if let Some((code, reason)) = conn.send.close_req.take() {
+    if let Some(req) = conn.send.close_req.take() {
+        let (code, reason) = *req;
         core.start_close(idx, code, &reason);
         if conn_cause(&core.conns[idx]) == Some(CloseReason::Backpressure) {
             // The client does not read: waiting for its close reply is pointless.
@@ -1014,7 +1015,7 @@ fn frames<H: Handler>(
             Event::Close { code, reason } => {
                 let ours = ws.send.sealed;
                 let cause = ws.send.cause;
-                conn.peer_close = Some((code, reason.into()));
+                conn.peer_close = Some(Box::new((code, reason.into())));
                 let reason = match (ours, cause) {
                     (true, Some(cause)) => cause,
                     (true, None) => CloseReason::ClosedByServer,
@@ -1388,10 +1389,10 @@ impl<D> Core<D> {
         conn.send.sealed = true;
         if conn.session.close(code, reason, &mut self.cork) {
             // As on the wire: an unsendable code goes out as a close without status.
-            conn.our_close = Some(match code.is_sendable() {
+            conn.our_close = Some(Box::new(match code.is_sendable() {
                 true => (code, truncate_reason(reason).into()),
                 false => (CloseCode::NO_STATUS, "".into()),
-            });
+            }));
             conn.deadline = self.now + Self::ms(self.config.close_timeout);
             self.rearm(idx);
         }
@@ -1532,7 +1533,11 @@ impl<D> Core<D> {
         if let Some(data) = conn.data.take() {
             // The peer's close when it started the handshake; ours when we did and it answered;
             // otherwise the reason's own code.
-            let (code, text) = match (reason, &conn.our_close, &conn.peer_close) {
+            let (code, text) = match (
+                reason,
+                conn.our_close.as_deref(),
+                conn.peer_close.as_deref(),
+            ) {
                 (CloseReason::PeerClosed, _, Some((code, text))) => (*code, &**text),
                 (_, Some((code, text)), Some(_)) => (*code, &**text),
                 _ => (reason.code(), reason.label()),
@@ -1670,5 +1675,18 @@ impl<H: Handler> Drop for Server<H> {
         // Commands queued for a loop that will never run them are dropped, which also wakes
         // any thread waiting in `LoopHandle::query`.
         self.inner.shared.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
+    /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
+    #[test]
+    fn connection_state_stays_small() {
+        let conn = std::mem::size_of::<super::Conn<()>>();
+        let session = std::mem::size_of::<crate::protocol::session::Session>();
+        assert!(conn <= 272, "Conn<()> is {conn} bytes");
+        assert!(session <= 96, "Session is {session} bytes");
     }
 }

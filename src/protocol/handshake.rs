@@ -48,7 +48,8 @@ impl Default for Limits {
 /// [`Rejection::custom`] builds one for an application's own refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// 400: httparse could not parse the request head.
+    /// 400: httparse could not parse the request head, or its target or `Host`
+    /// is not well formed (see [`validate_upgrade`]).
     Malformed,
     /// 431: the head exceeds [`Limits::max_header_bytes`].
     HeadersTooLarge,
@@ -317,7 +318,9 @@ impl<'r> Upgrade<'r> {
 /// Checks that `req` is a valid RFC 6455 opening handshake.
 ///
 /// Rules, checked in this order, each with its own [`Rejection`]: method GET
-/// (405 `Allow: GET`); HTTP/1.1 (400); exactly one non-empty `Host` (400);
+/// (405 `Allow: GET`); HTTP/1.1 (400); a target that is a path or an absolute http(s)/ws(s)
+/// URI ([`Rejection::Malformed`], 400); exactly one non-empty `Host` (400) that is a valid
+/// authority, `host[:port]` ([`Rejection::Malformed`], 400);
 /// `Upgrade` lists `websocket` (400); `Connection` lists `upgrade` (400);
 /// `Sec-WebSocket-Version` is `13` (426, before the key so that a client of
 /// another version learns which one to use); exactly one `Sec-WebSocket-Key`
@@ -332,9 +335,15 @@ pub fn validate_upgrade<'r>(req: &'r Request<'_>) -> Result<Upgrade<'r>, Rejecti
     if req.version() != 1 {
         return Err(HttpVersion);
     }
+    if !is_resource_target(req.target) {
+        return Err(Malformed);
+    }
     let host = exactly_one(req, "host", MissingHost, DuplicateHost)?;
     if host.is_empty() {
         return Err(MissingHost);
+    }
+    if !is_authority(host) {
+        return Err(Malformed);
     }
     if !req.is_upgrade() {
         return Err(NotWebSocket);
@@ -359,6 +368,41 @@ pub fn validate_upgrade<'r>(req: &'r Request<'_>) -> Result<Upgrade<'r>, Rejecti
         return Err(BodyNotAllowed);
     }
     Ok(Upgrade { req, key, host })
+}
+
+/// RFC 6455 section 4.2.1: the request target is a resource name (origin-form) or an absolute
+/// http(s) or ws(s) URI.
+fn is_resource_target(target: &str) -> bool {
+    let t = target.as_bytes();
+    let prefix = |s: &str| t.len() > s.len() && t[..s.len()].eq_ignore_ascii_case(s.as_bytes());
+    t.starts_with(b"/")
+        || ["http://", "https://", "ws://", "wss://"]
+            .into_iter()
+            .any(prefix)
+}
+
+/// RFC 7230 section 5.4: `Host` is an RFC 3986 authority, a reg-name, IPv4 address or
+/// bracketed IP literal with an optional `:port`; anything else is a 400.
+fn is_authority(v: &[u8]) -> bool {
+    let (host, port) = match v.strip_prefix(b"[") {
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|&c| c == b']') else {
+                return false;
+            };
+            let lit = |c: &u8| c.is_ascii_hexdigit() || b":.vV-_~!$&'()*+,;=".contains(c);
+            if end == 0 || !rest[..end].iter().all(lit) {
+                return false;
+            }
+            (&b"ip-literal"[..], &rest[end + 1..])
+        }
+        None => v.split_at(v.iter().position(|&c| c == b':').unwrap_or(v.len())),
+    };
+    let reg_name = |c: &u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(c);
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((&c, digits)) => c == b':' && digits.iter().all(u8::is_ascii_digit),
+    };
+    !host.is_empty() && host.iter().all(reg_name) && port_ok
 }
 
 /// The value of the single header `name`, or `missing` / `duplicate`.
