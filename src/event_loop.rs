@@ -95,6 +95,8 @@ pub(crate) struct Conn<D> {
     pub(crate) fin_sent: bool,
     /// The peer's EOF has been read: there is no input left to drain.
     pub(crate) peer_eof: bool,
+    /// When it was accepted (ms since the loop started, wrapping), for the close log.
+    pub(crate) born: u32,
     /// Counted against its address by admission control.
     pub(crate) ip_counted: bool,
     /// Refused at admission and answered; kept only to read its request.
@@ -124,6 +126,7 @@ impl<D> Conn<D> {
             our_close: None,
             fin_sent: false,
             peer_eof: false,
+            born: 0,
             ip_counted: false,
             shed: false,
             admin: false,
@@ -1049,12 +1052,15 @@ fn frames<H: Handler>(
 /// Answer a refused request (the response is in the cork) and end the connection.
 fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, status: u16) -> bool {
     let conn = &mut core.conns[idx];
+    let peer = conn.peer;
     log::debug!(
-        "{} from {} rejected with {status}",
-        conn_id(idx, conn.gen),
-        conn.peer
+        "{} from {peer} rejected with {status}",
+        conn_id(idx, conn.gen)
     );
     conn.session.finish_rejected();
+    if let Some(more) = core.throttle(crate::listener::LOG_REJECTS, 1) {
+        log::info!("rejecting handshakes: {status} to {peer} ({more} more since the last report)");
+    }
     core.stats.rejected_status[crate::metrics::status_index(status)] += 1;
     core.finish(handler, idx, CloseReason::Rejected(status));
     false
@@ -1529,7 +1535,12 @@ impl<D> Core<D> {
         self.resume_accept();
         self.check_consistency();
         let id = conn_id(idx, conn.gen);
-        log::debug!("{id} from {} closed: {}", conn.peer, reason.label());
+        log::debug!(
+            "{id} from {} closed: {} after {} ms",
+            conn.peer,
+            reason.label(),
+            (self.now as u32).wrapping_sub(conn.born)
+        );
         if let Some(data) = conn.data.take() {
             // The peer's close when it started the handshake; ours when we did and it answered;
             // otherwise the reason's own code.

@@ -27,8 +27,10 @@ const BACKOFF_MAX_MS: u64 = 1000;
 /// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
 const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
 const LOG_SHED: usize = LOG_REFUSALS + 3;
+/// Handshakes answered with an HTTP error.
+pub(crate) const LOG_REJECTS: usize = LOG_SHED + 1;
 /// How many kinds of log line are throttled.
-pub(crate) const LOG_SLOTS: usize = LOG_SHED + 1;
+pub(crate) const LOG_SLOTS: usize = LOG_REJECTS + 1;
 
 /// The accept errors counted by kind, in this order; anything else is "other".
 pub const ACCEPT_ERRNOS: [(i32, &str); 9] = [
@@ -259,7 +261,7 @@ impl<D> Core<D> {
 
     /// Rate-limit one kind of log line (`slot`) to one a second: `n` more events happened;
     /// returns how many were suppressed since the last line when one may be logged now.
-    fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
+    pub(crate) fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
         let (last, suppressed) = &mut self.log_throttle[slot];
         if *last != 0 && self.now < *last + 1000 {
             *suppressed += n;
@@ -348,6 +350,7 @@ impl<D> Core<D> {
             return; // dropping the socket closes it; nothing else was allocated
         }
         let mut conn = Conn::new(socket, gen, peer, deadline);
+        conn.born = self.now as u32;
         match kind {
             Kind::Admitted { ip_counted, admin } => {
                 conn.ip_counted = ip_counted;

@@ -15,6 +15,7 @@
 //! due list (popped by [`TimerWheel::poll`]) and re-files the others lower down.
 
 use std::fmt;
+use std::num::NonZeroU64;
 
 use slab::Slab;
 
@@ -45,7 +46,7 @@ struct Entry<T> {
     payload: T,
     /// The true deadline; may be later than the slot it is filed in.
     deadline: u64,
-    generation: u64,
+    generation: NonZeroU64,
     prev: u32,
     next: u32,
     /// `0..LEVELS`, or `DUE` (then `slot` is 0).
@@ -62,7 +63,8 @@ struct Entry<T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
     index: u32,
-    generation: u64,
+    /// Non-zero, so that `Option<TimerKey>` costs nothing extra.
+    generation: NonZeroU64,
 }
 
 /// A hierarchical timer wheel holding payloads of type `T`.
@@ -129,7 +131,7 @@ impl<T> TimerWheel<T> {
     /// O(1) (amortised: the slab may grow). Panics if more than `u32::MAX - 1`
     /// timers are pending at once.
     pub fn insert(&mut self, deadline: u64, payload: T) -> TimerKey {
-        let generation = self.next_generation;
+        let generation = NonZeroU64::MIN.saturating_add(self.next_generation);
         self.next_generation += 1;
         let index = self.entries.insert(Entry {
             payload,
