@@ -95,6 +95,12 @@ impl Admission {
         if open >= max_connections {
             return Err(Verdict::ServerFull);
         }
+        self.admit_address(ip, now_ms)
+    }
+
+    /// The per-address part of [`Admission::admit`] alone: for a connection that came through a
+    /// trusted proxy, whose client address is known only once the proxy has told it.
+    pub fn admit_address(&mut self, ip: IpAddr, now_ms: u64) -> Result<bool, Verdict> {
         if !self.tracking() {
             return Ok(false);
         }

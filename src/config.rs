@@ -93,6 +93,14 @@ pub struct Config {
     /// With `allowed_origins` set, whether a request without `Origin` (non-browser clients) is
     /// allowed. Default true.
     pub allow_missing_origin: bool,
+    /// Proxies whose word on the client address is taken (`10.0.0.5`, `10.0.0.0/8`, `::1`):
+    /// for connections from them, the per-address limits and the upgrade hook's `peer_addr` use
+    /// the client address from the PROXY header (with `proxy_protocol`) or else from
+    /// `Forwarded` / `X-Forwarded-For`. Headers from other peers are ignored. Default empty.
+    pub trusted_proxies: Vec<String>,
+    /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2, as
+    /// HAProxy and nginx's stream module send it); a malformed one gets 400. Default false.
+    pub proxy_protocol: bool,
 }
 
 /// What a send over the backpressure limit does.
@@ -135,6 +143,8 @@ impl Default for Config {
             stall_threshold: Duration::from_millis(100),
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -228,6 +238,15 @@ impl Config {
         }
         if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
             return err("allowed_origins", e);
+        }
+        if let Err(e) = crate::protocol::proxy::TrustedProxies::parse(&self.trusted_proxies) {
+            return err("trusted_proxies", e);
+        }
+        if self.proxy_protocol && self.trusted_proxies.is_empty() {
+            return err(
+                "proxy_protocol",
+                "needs trusted_proxies: whose PROXY headers to accept",
+            );
         }
         Ok(())
     }

@@ -85,11 +85,8 @@ pub(crate) struct Conn<D> {
     pub(crate) pinged: bool,
     /// Ending gracefully: flush `pending`, then close with this reason.
     pub(crate) linger: Option<CloseReason>,
-    /// The close frame the peer sent (code and reason), reported to `on_close`.
-    pub(crate) peer_close: Option<Box<(CloseCode, Box<str>)>>,
-    /// The close frame we sent (code and reason), reported to `on_close` when the close
-    /// handshake we started completes.
-    pub(crate) our_close: Option<Box<(CloseCode, Box<str>)>>,
+    /// What few connections need (close frames, a split PROXY header), out of line.
+    pub(crate) rare: Option<Box<Rare>>,
     /// Ending after a failure: our final bytes are out and our side is shut down (FIN sent);
     /// input is discarded until the peer's EOF or the close timeout.
     pub(crate) fin_sent: bool,
@@ -103,6 +100,23 @@ pub(crate) struct Conn<D> {
     pub(crate) shed: bool,
     /// Came in on a metrics-only listener.
     pub(crate) admin: bool,
+    /// The TCP peer is a trusted proxy; `peer` becomes the client it reports, once it has.
+    pub(crate) via_proxy: bool,
+    /// A PROXY header is expected before the request.
+    pub(crate) awaiting_proxy: bool,
+}
+
+/// The parts of a connection's state that most connections never use, boxed so that an idle
+/// connection stays small.
+#[derive(Default)]
+pub(crate) struct Rare {
+    /// The close frame the peer sent (code and reason), reported to `on_close`.
+    peer_close: Option<(CloseCode, Box<str>)>,
+    /// The close frame we sent (code and reason), reported to `on_close` when the close
+    /// handshake we started completes.
+    our_close: Option<(CloseCode, Box<str>)>,
+    /// The start of a PROXY header split across reads (at most a few hundred bytes).
+    proxy_partial: Vec<u8>,
 }
 
 impl<D> Conn<D> {
@@ -122,14 +136,15 @@ impl<D> Conn<D> {
             subprotocol: None,
             pinged: false,
             linger: None,
-            peer_close: None,
-            our_close: None,
+            rare: None,
             fin_sent: false,
             peer_eof: false,
             born: 0,
             ip_counted: false,
             shed: false,
             admin: false,
+            via_proxy: false,
+            awaiting_proxy: false,
         }
     }
 
@@ -158,6 +173,10 @@ impl<D> Conn<D> {
             self.fin_sent = self.socket.shutdown(std::net::Shutdown::Write).is_ok();
         }
         self.fin_sent
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
     }
 
     /// The earliest deadline of any kind.
@@ -296,6 +315,8 @@ pub(crate) struct Core<D> {
     beat: Option<Arc<Heartbeat>>,
     /// Which origins may upgrade.
     origin: crate::origin::OriginPolicy,
+    /// Proxies whose word on the client address is taken.
+    pub(crate) trusted: crate::protocol::proxy::TrustedProxies,
 }
 
 /// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
@@ -390,6 +411,9 @@ impl<H: Handler> Server<H> {
                     audit_timer: None,
                     beat: watchdog.as_ref().map(|w| w.beat.clone()),
                     origin,
+                    trusted: crate::protocol::proxy::TrustedProxies::parse(&config.trusted_proxies)
+                        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
+
                     config,
                 },
                 handler,
@@ -591,6 +615,7 @@ impl<H: Handler> Inner<H> {
             return true; // ending: discard input, watch for EOF
         }
         match conn.session.state() {
+            State::Handshake if conn.awaiting_proxy => self.proxy_header(idx, n),
             State::Handshake => self.handshake(idx, n),
             State::Open | State::CloseSent => {
                 if conn.session.state() == State::Open {
@@ -607,6 +632,70 @@ impl<H: Handler> Inner<H> {
         }
     }
 
+    /// A connection from a trusted proxy starts with a PROXY header: read it, take the client
+    /// address it reports, apply the per-address limits to that client, and hand what follows
+    /// it to the handshake.
+    fn proxy_header(&mut self, idx: usize, n: usize) -> bool {
+        use crate::protocol::proxy::{parse_proxy, ProxyHeader};
+        let Inner {
+            core,
+            handler,
+            recv,
+            ..
+        } = self;
+        let conn = &mut core.conns[idx];
+        let buffered = conn
+            .rare
+            .as_ref()
+            .is_some_and(|r| !r.proxy_partial.is_empty());
+        let parsed = if buffered {
+            let partial = &mut conn.rare().proxy_partial;
+            partial.extend_from_slice(&recv[..n]);
+            parse_proxy(partial)
+        } else {
+            parse_proxy(&recv[..n])
+        };
+        let (len, source) = match parsed {
+            Ok(ProxyHeader::Partial) => {
+                if !buffered {
+                    conn.rare().proxy_partial = recv[..n].to_vec();
+                }
+                return true;
+            }
+            Ok(ProxyHeader::Complete { len, source }) => (len, source),
+            Err(e) => {
+                log::debug!("{} from {}: {e}", conn_id(idx, conn.gen), conn.peer);
+                core.cork_for(idx);
+                let rej = Rejection::custom(400, "bad PROXY protocol header");
+                handshake::write_rejection(&mut core.cork, &rej);
+                return reject(core, handler, idx, 400);
+            }
+        };
+        // What follows the header goes where the handshake reads it: the receive buffer. It is
+        // never longer than this read (the header is longer than its buffered start).
+        let rest = if buffered {
+            let partial = std::mem::take(&mut conn.rare().proxy_partial);
+            let rest = &partial[len..];
+            recv[..rest.len()].copy_from_slice(rest);
+            rest.len()
+        } else {
+            recv.copy_within(len..n, 0);
+            n - len
+        };
+        conn.awaiting_proxy = false;
+        if let Some(client) = source {
+            conn.peer = client;
+            match core.admission.admit_address(client.ip(), core.now) {
+                Ok(counted) => {
+                    conn.ip_counted = counted;
+                    core.ip_counted += counted as u64;
+                }
+                Err(verdict) => return core.refuse_client(handler, idx, verdict),
+            }
+        }
+        rest == 0 || self.handshake(idx, rest)
+    }
+
     fn handshake(&mut self, idx: usize, n: usize) -> bool {
         let Inner {
             core,
@@ -616,7 +705,6 @@ impl<H: Handler> Inner<H> {
         } = self;
         core.cork_for(idx);
         let conn = &mut core.conns[idx];
-        let peer = conn.peer;
         let (head_len, buffered, data, subprotocol) = match conn
             .session
             .feed_head(&recv[..n], &core.limits)
@@ -636,6 +724,24 @@ impl<H: Handler> Inner<H> {
                     let route = Route::of(request.method(), request.path());
                     return core.answer_http(handler, idx, route, admin);
                 }
+                if conn.via_proxy && !core.config.proxy_protocol {
+                    let forwarded: Vec<&[u8]> = request.header_all("forwarded").collect();
+                    let xff: Vec<&[u8]> = request.header_all("x-forwarded-for").collect();
+                    let trusted = &core.trusted;
+                    let client = crate::protocol::proxy::forwarded_client(&forwarded, &xff, |ip| {
+                        trusted.contains(ip)
+                    });
+                    if let Some(ip) = client {
+                        conn.peer = SocketAddr::new(ip, 0);
+                        match core.admission.admit_address(ip, core.now) {
+                            Ok(counted) => {
+                                conn.ip_counted = counted;
+                                core.ip_counted += counted as u64;
+                            }
+                            Err(verdict) => return core.refuse_client(handler, idx, verdict),
+                        }
+                    }
+                }
                 let upgrade = match handshake::validate_upgrade(&request) {
                     Ok(u) => u,
                     Err(rej) => {
@@ -644,12 +750,15 @@ impl<H: Handler> Inner<H> {
                     }
                 };
                 if let Err(refusal) = core.origin.check(upgrade.origin()) {
-                    log::debug!("{peer}: {refusal}");
+                    log::debug!("{}: {refusal}", conn.peer);
                     let rej = Rejection::custom(403, refusal.reason());
                     handshake::write_rejection(&mut core.cork, &rej);
                     return reject(core, handler, idx, 403);
                 }
-                let req = UpgradeRequest { upgrade, peer };
+                let req = UpgradeRequest {
+                    upgrade,
+                    peer: conn.peer,
+                };
                 let id = conn_id(idx, conn.gen);
                 let decision = guarded(
                     core.config.catch_panics,
@@ -659,7 +768,10 @@ impl<H: Handler> Inner<H> {
                     || handler.upgrade(&req),
                 );
                 let Some(decision) = decision else {
-                    log::error!("upgrade hook panicked on a request from {peer}: answering 500");
+                    log::error!(
+                        "upgrade hook panicked on a request from {}: answering 500",
+                        req.peer
+                    );
                     core.stats.handler_panics += 1;
                     let rej = Rejection::custom(500, "internal server error");
                     handshake::write_rejection(&mut core.cork, &rej);
@@ -702,7 +814,8 @@ impl<H: Handler> Inner<H> {
             conn.expire_at = core.now + lifetime;
         }
         core.rearm(idx);
-        log::debug!("{} open from {}", conn_id(idx, core.conns[idx].gen), peer);
+        let conn = &core.conns[idx];
+        log::debug!("{} open from {}", conn_id(idx, conn.gen), conn.peer);
         if !callback(core, handler, idx, Activity::Open, |h, ws| h.on_open(ws)) {
             return false;
         }
@@ -1018,7 +1131,7 @@ fn frames<H: Handler>(
             Event::Close { code, reason } => {
                 let ours = ws.send.sealed;
                 let cause = ws.send.cause;
-                conn.peer_close = Some(Box::new((code, reason.into())));
+                conn.rare().peer_close = Some((code, reason.into()));
                 let reason = match (ours, cause) {
                     (true, Some(cause)) => cause,
                     (true, None) => CloseReason::ClosedByServer,
@@ -1184,6 +1297,23 @@ impl<D> Core<D> {
             fds_owned: self.owned_fds(),
             ..self.stats.clone()
         }
+    }
+
+    /// Answer a client that the per-address limits refused, once a trusted proxy named it
+    /// (503 or 429), and end the connection.
+    fn refuse_client<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        verdict: crate::admission::Verdict,
+    ) -> bool {
+        self.stats.refused[verdict.index()] += 1;
+        self.cork_for(idx);
+        self.cork
+            .extend_from_slice(&crate::listener::refusal(verdict));
+        self.conns[idx].session.finish_rejected();
+        self.finish(handler, idx, CloseReason::Refused);
+        false
     }
 
     /// Arm the periodic fd audit, if enabled.
@@ -1395,10 +1525,10 @@ impl<D> Core<D> {
         conn.send.sealed = true;
         if conn.session.close(code, reason, &mut self.cork) {
             // As on the wire: an unsendable code goes out as a close without status.
-            conn.our_close = Some(Box::new(match code.is_sendable() {
+            conn.rare().our_close = Some(match code.is_sendable() {
                 true => (code, truncate_reason(reason).into()),
                 false => (CloseCode::NO_STATUS, "".into()),
-            }));
+            });
             conn.deadline = self.now + Self::ms(self.config.close_timeout);
             self.rearm(idx);
         }
@@ -1544,11 +1674,11 @@ impl<D> Core<D> {
         if let Some(data) = conn.data.take() {
             // The peer's close when it started the handshake; ours when we did and it answered;
             // otherwise the reason's own code.
-            let (code, text) = match (
-                reason,
-                conn.our_close.as_deref(),
-                conn.peer_close.as_deref(),
-            ) {
+            let (ours, peers) = match conn.rare.as_deref() {
+                Some(r) => (r.our_close.as_ref(), r.peer_close.as_ref()),
+                None => (None, None),
+            };
+            let (code, text) = match (reason, ours, peers) {
                 (CloseReason::PeerClosed, _, Some((code, text))) => (*code, &**text),
                 (_, Some((code, text)), Some(_)) => (*code, &**text),
                 _ => (reason.code(), reason.label()),
@@ -1697,7 +1827,7 @@ mod tests {
     fn connection_state_stays_small() {
         let conn = std::mem::size_of::<super::Conn<()>>();
         let session = std::mem::size_of::<crate::protocol::session::Session>();
-        assert!(conn <= 272, "Conn<()> is {conn} bytes");
+        assert!(conn <= 264, "Conn<()> is {conn} bytes");
         assert!(session <= 96, "Session is {session} bytes");
     }
 }

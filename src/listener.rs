@@ -74,8 +74,13 @@ const AUDIT_TIMER_FLOOR: usize = (u32::MAX - 1) as usize;
 
 /// How a new connection enters the slab.
 enum Kind {
-    /// To be served; counted against its address or not; from a metrics-only listener or not.
-    Admitted { ip_counted: bool, admin: bool },
+    /// To be served; counted against its address or not; from a metrics-only listener or not;
+    /// from a trusted proxy or not.
+    Admitted {
+        ip_counted: bool,
+        admin: bool,
+        via_proxy: bool,
+    },
     /// Refused at admission and already answered.
     Refused,
 }
@@ -101,7 +106,7 @@ fn classify(e: &io::Error) -> AcceptError {
 }
 
 /// A short answer for a refused client, written straight to its socket.
-fn refusal(verdict: Verdict) -> Vec<u8> {
+pub(crate) fn refusal(verdict: Verdict) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
     let (status, reason) = match verdict {
         Verdict::RateLimited => (429, "too many new connections from your address"),
@@ -279,8 +284,16 @@ impl<D> Core<D> {
         let admitted = self.conns.len() - self.shedding;
         // The metrics listener is for operators, who need it most when the server is full: its
         // connections skip the client limits and may use the whole fd budget.
+        let via_proxy = !admin && self.trusted.contains(peer.ip());
         let decision = if admin {
             match self.conns.len() < self.fd_budget {
+                true => Ok(false),
+                false => Err(Verdict::ServerFull),
+            }
+        } else if via_proxy {
+            // A trusted proxy speaks for many clients: the per-address limits apply once it has
+            // said which client this is (PROXY header or X-Forwarded-For).
+            match admitted < self.max_connections {
                 true => Ok(false),
                 false => Err(Verdict::ServerFull),
             }
@@ -292,7 +305,12 @@ impl<D> Core<D> {
             Ok(ip_counted) => {
                 self.turn_admitted += 1;
                 let deadline = self.now + Self::ms(self.config.handshake_timeout);
-                self.insert_conn(stream, peer, deadline, Kind::Admitted { ip_counted, admin });
+                let kind = Kind::Admitted {
+                    ip_counted,
+                    admin,
+                    via_proxy,
+                };
+                self.insert_conn(stream, peer, deadline, kind);
                 return;
             }
             Err(verdict) => verdict,
@@ -352,9 +370,15 @@ impl<D> Core<D> {
         let mut conn = Conn::new(socket, gen, peer, deadline);
         conn.born = self.now as u32;
         match kind {
-            Kind::Admitted { ip_counted, admin } => {
+            Kind::Admitted {
+                ip_counted,
+                admin,
+                via_proxy,
+            } => {
                 conn.ip_counted = ip_counted;
                 conn.admin = admin;
+                conn.via_proxy = via_proxy;
+                conn.awaiting_proxy = via_proxy && self.config.proxy_protocol;
                 self.ip_counted += ip_counted as u64;
             }
             Kind::Refused => {

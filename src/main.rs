@@ -96,6 +96,14 @@ struct Args {
     /// Seconds a loop turn may run before the watchdog reports a stall (0: no watchdog).
     #[arg(long, value_parser = seconds, default_value = "0.1")]
     stall_threshold: Duration,
+    /// A proxy whose word on the client address is taken (repeat for several): an address or a
+    /// network, like 10.0.0.0/8. Per-IP limits then apply to the client it reports
+    /// (PROXY header, or X-Forwarded-For / Forwarded); such headers from others are ignored.
+    #[arg(long = "trusted-proxy")]
+    trusted_proxies: Vec<String>,
+    /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2).
+    #[arg(long)]
+    proxy_protocol: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -154,6 +162,8 @@ fn main() -> ExitCode {
         allowed_origins: args.allowed_origins.clone(),
         allow_missing_origin: !args.require_origin,
         stall_threshold: args.stall_threshold,
+        trusted_proxies: args.trusted_proxies.clone(),
+        proxy_protocol: args.proxy_protocol,
         ..Config::default()
     };
     if let Some(limit) = args.fd_limit {

@@ -1,0 +1,218 @@
+//! Behind a proxy every connection comes from the proxy's address: the real client comes from
+//! the PROXY protocol (v1, v2) or from X-Forwarded-For / Forwarded, but only when the TCP peer
+//! is a trusted proxy. Per-address limits then apply to the real client.
+
+mod common;
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+use wsloop::{Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket};
+
+/// Echoes, and reports the address the upgrade hook saw for each connection.
+struct Seen(mpsc::Sender<SocketAddr>);
+
+impl Handler for Seen {
+    type Data = ();
+    fn upgrade(&mut self, req: &UpgradeRequest<'_>) -> Decision<()> {
+        let _ = self.0.send(req.peer_addr());
+        Decision::accept(())
+    }
+    fn on_message(&mut self, ws: &mut WebSocket<'_, ()>, msg: Message<'_>) {
+        ws.send(msg);
+    }
+}
+
+struct Proxied {
+    addr: SocketAddr,
+    seen: mpsc::Receiver<SocketAddr>,
+    handle: wsloop::LoopHandle<Seen>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Proxied {
+    fn start(config: Config) -> Proxied {
+        let (tx, seen) = mpsc::channel();
+        let mut server = Server::new(config, Seen(tx)).unwrap();
+        let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let handle = server.handle();
+        let thread = Some(thread::spawn(move || server.run().unwrap()));
+        Proxied {
+            addr,
+            seen,
+            handle,
+            thread,
+        }
+    }
+
+    fn seen(&self) -> SocketAddr {
+        self.seen.recv_timeout(WAIT).expect("the upgrade hook ran")
+    }
+}
+
+impl Drop for Proxied {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn proxy_config(trusted: &[&str], proxy_protocol: bool) -> Config {
+    Config {
+        trusted_proxies: trusted.iter().map(|s| s.to_string()).collect(),
+        proxy_protocol,
+        max_connections_per_ip: 1,
+        ..config()
+    }
+}
+
+/// A TCP connection from a chosen loopback source address.
+fn from(src: &str, to: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{src}:0").parse().unwrap();
+    s.bind(&src.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s
+}
+
+fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(0x11); // TCP over IPv4
+    h.extend_from_slice(&12u16.to_be_bytes());
+    let (IpAddr::V4(c), IpAddr::V4(s)) = (client.ip(), server.ip()) else {
+        panic!("IPv4 only")
+    };
+    h.extend_from_slice(&c.octets());
+    h.extend_from_slice(&s.octets());
+    h.extend_from_slice(&client.port().to_be_bytes());
+    h.extend_from_slice(&server.port().to_be_bytes());
+    h
+}
+
+/// Send `preamble` then an upgrade request (with `extra` header lines); return the status.
+fn upgrade_via(s: &mut TcpStream, addr: SocketAddr, preamble: &[u8], extra: &str) -> u16 {
+    let mut bytes = preamble.to_vec();
+    let req = match extra {
+        "" => upgrade_request(addr),
+        _ => upgrade_request(addr).replacen("\r\n\r\n", &format!("\r\n{extra}\r\n\r\n"), 1),
+    };
+    bytes.extend_from_slice(req.as_bytes());
+    s.write_all(&bytes).unwrap();
+    let head = read_head(s);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+fn echo_on(s: &mut TcpStream, text: &str) {
+    s.write_all(&frame(true, OP_TEXT, text.as_bytes())).unwrap();
+    assert_eq!(expect_frame(s, OP_TEXT), text.as_bytes());
+}
+
+#[test]
+fn proxy_protocol_v1_and_v2_name_the_client() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
+    let mut a = from("127.0.0.1", server.addr);
+    let v1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 9001\r\n";
+    assert_eq!(upgrade_via(&mut a, server.addr, v1, ""), 101);
+    assert_eq!(server.seen(), "203.0.113.7:40001".parse().unwrap());
+    echo_on(&mut a, "through v1");
+
+    let mut b = from("127.0.0.1", server.addr);
+    let v2 = v2_header("198.51.100.9:40002".parse().unwrap(), server.addr);
+    assert_eq!(upgrade_via(&mut b, server.addr, &v2, ""), 101);
+    assert_eq!(server.seen(), "198.51.100.9:40002".parse().unwrap());
+    echo_on(&mut b, "through v2");
+
+    // The per-address limit (1) applies to the client the proxy names, not to the proxy.
+    let mut c = from("127.0.0.1", server.addr);
+    let again = b"PROXY TCP4 203.0.113.7 127.0.0.1 40003 9001\r\n";
+    assert_eq!(upgrade_via(&mut c, server.addr, again, ""), 503);
+    let stats = server.handle.stats().unwrap();
+    assert_eq!(
+        stats.refused[1], 1,
+        "refused as max_connections_per_ip: {stats:?}"
+    );
+
+    // A PROXY header split across writes is read whole.
+    let mut d = from("127.0.0.1", server.addr);
+    d.write_all(b"PROXY TCP4 192.0.2.1 ").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        upgrade_via(&mut d, server.addr, b"127.0.0.1 40004 9001\r\n", ""),
+        101
+    );
+    assert_eq!(server.seen(), "192.0.2.1:40004".parse().unwrap());
+    echo_on(&mut d, "split header");
+}
+
+#[test]
+fn a_missing_or_bad_proxy_header_is_refused_and_untrusted_peers_cannot_send_one() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
+    // From the trusted proxy, a request without the header it promised: 400.
+    let mut s = from("127.0.0.1", server.addr);
+    assert_eq!(upgrade_via(&mut s, server.addr, b"", ""), 400);
+    // An untrusted peer's PROXY header is not a PROXY header to us: a malformed request.
+    let mut spoof = from("127.0.0.2", server.addr);
+    let v1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 9001\r\n";
+    assert_eq!(upgrade_via(&mut spoof, server.addr, v1, ""), 400);
+    // And an untrusted peer without one is served under its own address.
+    let mut plain = from("127.0.0.4", server.addr);
+    assert_eq!(upgrade_via(&mut plain, server.addr, b"", ""), 101);
+    assert_eq!(server.seen().ip(), "127.0.0.4".parse::<IpAddr>().unwrap());
+    echo_on(&mut plain, "direct");
+}
+
+#[test]
+fn forwarded_headers_count_only_from_trusted_proxies() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    let mut a = from("127.0.0.1", server.addr);
+    let xff = "X-Forwarded-For: 203.0.113.50, 127.0.0.1";
+    assert_eq!(upgrade_via(&mut a, server.addr, b"", xff), 101);
+    assert_eq!(
+        server.seen().ip(),
+        "203.0.113.50".parse::<IpAddr>().unwrap()
+    );
+    let mut b = from("127.0.0.1", server.addr);
+    let fwd = "Forwarded: for=198.51.100.17;proto=http";
+    assert_eq!(upgrade_via(&mut b, server.addr, b"", fwd), 101);
+    assert_eq!(
+        server.seen().ip(),
+        "198.51.100.17".parse::<IpAddr>().unwrap()
+    );
+    // Same client again through the proxy: the per-address limit (1) applies to it.
+    let mut c = from("127.0.0.1", server.addr);
+    assert_eq!(upgrade_via(&mut c, server.addr, b"", xff), 503);
+
+    // A spoofed header from an untrusted peer is ignored: its own address counts.
+    let mut spoof = from("127.0.0.3", server.addr);
+    let lie = "X-Forwarded-For: 192.0.2.99";
+    assert_eq!(upgrade_via(&mut spoof, server.addr, b"", lie), 101);
+    assert_eq!(server.seen().ip(), "127.0.0.3".parse::<IpAddr>().unwrap());
+    let mut again = from("127.0.0.3", server.addr);
+    let other_lie = "X-Forwarded-For: 192.0.2.100";
+    assert_eq!(
+        upgrade_via(&mut again, server.addr, b"", other_lie),
+        503,
+        "the untrusted peer is limited by its own address whatever it claims"
+    );
+    drop((a, b, spoof));
+}
+
+#[test]
+fn proxy_settings_are_validated() {
+    for (config, field) in [
+        (proxy_config(&["not an address"], false), "trusted_proxies"),
+        (proxy_config(&[], true), "proxy_protocol"),
+    ] {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field, field);
+    }
+}
