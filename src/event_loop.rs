@@ -199,7 +199,7 @@ pub struct Stats {
     pub closed: [u64; CloseReason::LABELS.len()],
     /// Failed accept calls by errno, in the order of [`ACCEPT_ERRNO_LABELS`]; the last is "other".
     pub accept_errors: [u64; ACCEPT_ERRNOS.len() + 1],
-    /// Connections refused at admission, by [`Verdict::index`]: server full, address full,
+    /// Connections refused at admission, by [`Verdict::index`](crate::admission::Verdict::index): server full, address full,
     /// rate limited.
     pub refused: [u64; 3],
     /// Accepting is paused right now (out of descriptors or another resource).

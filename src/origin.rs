@@ -19,9 +19,10 @@ enum Pattern {
     Null,
 }
 
-/// Which origins may open a WebSocket. Built from [`Config::allowed_origins`]
-/// (crate::Config::allowed_origins) and [`Config::allow_missing_origin`]
-/// (crate::Config::allow_missing_origin); an empty list allows every origin.
+/// Which origins may open a WebSocket. Built from
+/// [`Config::allowed_origins`](crate::Config::allowed_origins) and
+/// [`Config::allow_missing_origin`](crate::Config::allow_missing_origin); an empty list allows
+/// every origin.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OriginPolicy {
     patterns: Vec<Pattern>,
