@@ -101,6 +101,19 @@ pub struct Config {
     /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2, as
     /// HAProxy and nginx's stream module send it); a malformed one gets 400. Default false.
     pub proxy_protocol: bool,
+    /// Which header the trusted proxies set (without `proxy_protocol`): only that one is read,
+    /// since a proxy passes the other one on as the client wrote it. Default `XForwardedFor`
+    /// (what nginx's `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` set).
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...`
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239)
+    Forwarded,
 }
 
 /// What a send over the backpressure limit does.
@@ -145,6 +158,7 @@ impl Default for Config {
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
 }

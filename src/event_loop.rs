@@ -725,10 +725,18 @@ impl<H: Handler> Inner<H> {
                     return core.answer_http(handler, idx, route, admin);
                 }
                 if conn.via_proxy && !core.config.proxy_protocol {
-                    let forwarded: Vec<&[u8]> = request.header_all("forwarded").collect();
-                    let xff: Vec<&[u8]> = request.header_all("x-forwarded-for").collect();
+                    // Only the header the proxy sets: it passes the other on as the client wrote it.
+                    let (name, standard) = match core.config.forwarded_header {
+                        crate::config::ForwardedHeader::XForwardedFor => ("x-forwarded-for", false),
+                        crate::config::ForwardedHeader::Forwarded => ("forwarded", true),
+                    };
+                    let values: Vec<&[u8]> = request.header_all(name).collect();
+                    let (forwarded, xff) = match standard {
+                        true => (&values[..], &[][..]),
+                        false => (&[][..], &values[..]),
+                    };
                     let trusted = &core.trusted;
-                    let client = crate::protocol::proxy::forwarded_client(&forwarded, &xff, |ip| {
+                    let client = crate::protocol::proxy::forwarded_client(forwarded, xff, |ip| {
                         trusted.contains(ip)
                     });
                     if let Some(ip) = client {

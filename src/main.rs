@@ -104,6 +104,15 @@ struct Args {
     /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2).
     #[arg(long)]
     proxy_protocol: bool,
+    /// The header the trusted proxies name the client in (only that one is read).
+    #[arg(long, value_enum, default_value = "x-forwarded-for")]
+    forwarded_header: Forwarded,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Forwarded {
+    XForwardedFor,
+    Forwarded,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -164,6 +173,10 @@ fn main() -> ExitCode {
         stall_threshold: args.stall_threshold,
         trusted_proxies: args.trusted_proxies.clone(),
         proxy_protocol: args.proxy_protocol,
+        forwarded_header: match args.forwarded_header {
+            Forwarded::XForwardedFor => wsloop::config::ForwardedHeader::XForwardedFor,
+            Forwarded::Forwarded => wsloop::config::ForwardedHeader::Forwarded,
+        },
         ..Config::default()
     };
     if let Some(limit) = args.fd_limit {

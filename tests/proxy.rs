@@ -180,13 +180,12 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         server.seen().ip(),
         "203.0.113.50".parse::<IpAddr>().unwrap()
     );
+    // The proxy sets X-Forwarded-For (the default): a Forwarded header is the client's own
+    // word, passed through by the proxy, and is not read.
     let mut b = from("127.0.0.1", server.addr);
     let fwd = "Forwarded: for=198.51.100.17;proto=http";
     assert_eq!(upgrade_via(&mut b, server.addr, b"", fwd), 101);
-    assert_eq!(
-        server.seen().ip(),
-        "198.51.100.17".parse::<IpAddr>().unwrap()
-    );
+    assert_eq!(server.seen().ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
     // Same client again through the proxy: the per-address limit (1) applies to it.
     let mut c = from("127.0.0.1", server.addr);
     assert_eq!(upgrade_via(&mut c, server.addr, b"", xff), 503);
@@ -204,6 +203,25 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         "the untrusted peer is limited by its own address whatever it claims"
     );
     drop((a, b, spoof));
+}
+
+#[test]
+fn with_forwarded_configured_only_forwarded_is_read() {
+    let server = Proxied::start(Config {
+        forwarded_header: wsloop::config::ForwardedHeader::Forwarded,
+        ..proxy_config(&["127.0.0.1"], false)
+    });
+    let mut a = from("127.0.0.1", server.addr);
+    let both = "Forwarded: for=198.51.100.17;proto=http\r\nX-Forwarded-For: 192.0.2.1";
+    assert_eq!(upgrade_via(&mut a, server.addr, b"", both), 101);
+    assert_eq!(
+        server.seen().ip(),
+        "198.51.100.17".parse::<IpAddr>().unwrap()
+    );
+    let mut b = from("127.0.0.1", server.addr);
+    let v6 = "Forwarded: for=\"[2001:db8::1]:4711\"";
+    assert_eq!(upgrade_via(&mut b, server.addr, b"", v6), 101);
+    assert_eq!(server.seen().ip(), "2001:db8::1".parse::<IpAddr>().unwrap());
 }
 
 #[test]
