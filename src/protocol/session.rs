@@ -16,7 +16,9 @@
 //! unmasked in place and delivered as a slice of the input, without a copy.
 
 use super::close::{parse_close_payload, truncate_reason, CloseCode};
-use super::frame::{apply_mask, write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
+use super::frame::{
+    apply_mask, write_frame, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
+};
 use super::handshake::{self, Rejection, Request};
 use super::utf8::Utf8Validator;
 use std::fmt;
@@ -211,13 +213,13 @@ impl Session {
                     })
                 }
                 handshake::Parsed::Partial => {
-                    self.buf.extend_from_slice(input);
+                    append_capped(&mut self.buf, input, limits.max_header_bytes);
                     return Ok(Head::Partial);
                 }
             }
         }
         let old = self.buf.len();
-        self.buf.extend_from_slice(input);
+        append_capped(&mut self.buf, input, limits.max_header_bytes);
         // An empty line ends the head: look for "\n\n" or "\n\r\n" ending in the new bytes.
         let from = old.saturating_sub(2);
         let ended = self.buf[from..]
@@ -493,7 +495,7 @@ impl Session {
         self.remaining -= n as u64;
         used += n;
         if op.is_control() {
-            self.ctrl.extend_from_slice(piece);
+            append_capped(&mut self.ctrl, piece, MAX_CONTROL_PAYLOAD);
             if self.remaining > 0 {
                 return Ok((used, Ready::Nothing));
             }
@@ -518,7 +520,7 @@ impl Session {
                 "invalid UTF-8 in text message",
             ));
         }
-        self.buf.extend_from_slice(piece);
+        append_capped(&mut self.buf, piece, max_message);
         if self.remaining > 0 {
             return Ok((used, Ready::Nothing));
         }
@@ -620,6 +622,18 @@ impl Session {
             }
         }
     }
+}
+
+/// Appends `bytes` to `buf`, growing it geometrically as `Vec` does but never beyond `limit`
+/// (or beyond exactly what is needed, if that is more), so that a buffer's capacity stays
+/// within the limit its contents are held to instead of reaching twice that.
+fn append_capped(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
+    let need = buf.len() + bytes.len();
+    if need > buf.capacity() {
+        let target = (buf.capacity() * 2).min(limit).max(need);
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(bytes);
 }
 
 /// Whether `head` ends with an empty line ("\n\n" or "\n\r\n").

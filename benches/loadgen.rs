@@ -1,0 +1,1325 @@
+//! WebSocket load generator for `benches/compare.sh`, modelled on uWebSockets' own load test.
+//!
+//! One process, one thread, one mio `Poll` (edge-triggered), so that it costs about as little per
+//! message as the server it measures: every client frame is built and masked once up front and
+//! only re-sent, server frames are parsed without copying, and one `recv` drains a socket
+//! (a short read means drained; a later arrival raises a new edge).
+//!
+//! Modes (all against 127.0.0.1-style addresses given with `--addr`; every run is bounded in time):
+//!
+//! - `echo`: N connections; each sends a message of S bytes and waits for its echo, or keeps K
+//!   in flight (`--pipeline K`). After `--warmup` seconds it measures for `--duration` seconds
+//!   (or exactly `--count` echoes, for profiling runs): echoes per second, latency p50, p99
+//!   and p99.9 (hdrhistogram), errors, and, with `--server-pid`, the server's user and system
+//!   CPU per echo from `/proc/<pid>/stat`.
+//! - `handshake`: C concurrent cycles of connect, upgrade, close handshake; cycles per second.
+//! - `idle`: opens N connections, waits, and reports the server's RSS growth per connection
+//!   (`/proc/<pid>/status` VmRSS with the connections held, minus before, divided by N).
+//! - `report FILE...`: reads `RESULT` lines written by the other modes (with a `server=` label)
+//!   and prints Markdown tables of medians and of the ratio wsloop/peer per row.
+//!
+//! Each measuring mode prints one line `RESULT key=value ...` on stdout and a readable summary
+//! on stderr. Run by `cargo bench` (with `--bench`), it does nothing and exits.
+
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// The fixed `Sec-WebSocket-Key` of every client (RFC 6455's example) and its accept value.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// The masking key of every client frame (non-zero, so servers do real unmasking work).
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+/// Receive buffer, shared by all connections.
+const RECV_BUF: usize = 256 * 1024;
+/// Largest response head accepted for the upgrade.
+const MAX_HEAD: usize = 4096;
+
+#[derive(Parser, Debug)]
+#[command(about = "WebSocket load generator for wsloop's benchmarks (see benches/compare.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Echo load: N connections, messages of S bytes, K in flight per connection.
+    Echo(EchoArgs),
+    /// Handshake rate: concurrent cycles of connect, upgrade, close.
+    Handshake(HandshakeArgs),
+    /// Idle memory: hold N upgraded connections and report the server's RSS per connection.
+    Idle(IdleArgs),
+    /// Summarise RESULT lines (files written by compare.sh) as Markdown tables.
+    Report {
+        /// Files with RESULT lines.
+        files: Vec<String>,
+        /// The server the others are compared with.
+        #[arg(long, default_value = "wsloop")]
+        base: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    addr: SocketAddr,
+    /// Request path of the upgrade.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The server's process id: CPU time (/proc/PID/stat) and RSS (/proc/PID/status).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Label of the server in the RESULT line.
+    #[arg(long, default_value = "unknown")]
+    label: String,
+    /// Most connections in the middle of connect + upgrade at once.
+    #[arg(long, default_value_t = 256)]
+    connect_batch: usize,
+    /// Seconds allowed for opening all connections.
+    #[arg(long, default_value_t = 60.0)]
+    setup_timeout: f64,
+}
+
+#[derive(Args, Debug)]
+struct EchoArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    connections: usize,
+    /// Message size in bytes.
+    #[arg(short = 's', long, default_value_t = 20)]
+    size: usize,
+    /// Messages in flight per connection.
+    #[arg(short = 'k', long, default_value_t = 1)]
+    pipeline: usize,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Instead of a duration: send exactly this many messages in total (no warm-up), wait for
+    /// their echoes, and stop (for callgrind and strace runs).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Send text frames (the server validates UTF-8) instead of binary ones.
+    #[arg(long)]
+    text: bool,
+    /// Do not compare echoed payloads with what was sent (lengths and opcodes are still checked).
+    #[arg(long)]
+    no_verify: bool,
+}
+
+#[derive(Args, Debug)]
+struct HandshakeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Cycles in progress at once.
+    #[arg(short = 'c', long, default_value_t = 50)]
+    concurrency: usize,
+    /// Seconds of cycles before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+}
+
+#[derive(Args, Debug)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections held.
+    #[arg(short = 'n', long, default_value_t = 10000)]
+    connections: usize,
+    /// Seconds to wait with the connections open before reading the server's RSS.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") {
+        // `cargo bench` runs every bench target with --bench: this one needs a server.
+        println!("loadgen: nothing to do under `cargo bench`; benches/compare.sh runs it");
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Report { .. }) {
+        // Each connection is a descriptor: take the hard limit (20000 here) for 10000 of them.
+        if let Err(e) = wsloop::sys::raise_nofile_limit() {
+            eprintln!("loadgen: cannot raise RLIMIT_NOFILE: {e}");
+        }
+    }
+    let result = match cli.cmd {
+        Cmd::Echo(a) => echo(a),
+        Cmd::Handshake(a) => handshake(a),
+        Cmd::Idle(a) => idle(a),
+        Cmd::Report { files, base } => report(&files, &base),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements of the server process and of ourselves.
+
+/// Server CPU time so far (user, system) in seconds, from /proc/PID/stat.
+fn proc_cpu(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime / hz, stime / hz))
+}
+
+/// Server CPU time so far in seconds, user and system together, to the nanosecond: the sum of
+/// /proc/PID/task/*/schedstat (utime and stime in /proc/PID/stat only count 10 ms ticks).
+fn proc_cpu_precise(pid: u32) -> Option<f64> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// Server resident set size in KiB (VmRSS from /proc/PID/status).
+fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Our own CPU time so far (user + system) in seconds.
+fn self_cpu() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage struct; RUSAGE_SELF is a valid target.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// CPU of the server and of the load generator over one measured window.
+struct CpuWindow {
+    pid: Option<u32>,
+    server0: Option<(f64, f64)>,
+    precise0: Option<f64>,
+    self0: f64,
+    t0: Instant,
+}
+
+impl CpuWindow {
+    fn start(pid: Option<u32>) -> Self {
+        CpuWindow {
+            pid,
+            server0: pid.and_then(proc_cpu),
+            precise0: pid.and_then(proc_cpu_precise),
+            self0: self_cpu(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// Append server_user_s, server_sys_s, server_cpu_pct, per-op µs and client_cpu_pct.
+    fn finish(&self, ops: u64, out: &mut String) {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let client = self_cpu() - self.self0;
+        if let (Some(c0), Some(c1)) = (self.precise0, self.pid.and_then(proc_cpu_precise)) {
+            let _ = write!(
+                out,
+                " server_cpu_us_per_op={:.3}",
+                (c1 - c0) * 1e6 / ops.max(1) as f64
+            );
+        }
+        if let (Some((u0, s0)), Some((u1, s1))) = (self.server0, self.pid.and_then(proc_cpu)) {
+            let (u, s) = (u1 - u0, s1 - s0);
+            let per = |x: f64| x * 1e6 / ops.max(1) as f64;
+            let _ = write!(
+                out,
+                " server_user_s={u:.2} server_sys_s={s:.2} server_cpu_pct={:.0} server_user_us_per_op={:.3} server_sys_us_per_op={:.3}",
+                (u + s) * 100.0 / wall,
+                per(u),
+                per(s)
+            );
+        }
+        let _ = write!(out, " client_cpu_pct={:.0}", client * 100.0 / wall);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections.
+
+/// Where a client connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    /// `connect` in progress.
+    Connecting,
+    /// Upgrade request (partly) written, waiting for the 101.
+    Upgrading,
+    /// Upgraded.
+    Open,
+    /// Close frame sent, waiting for the server's (handshake mode).
+    Closing,
+    /// Finished or failed; the socket is gone or about to be.
+    Dead,
+}
+
+/// Incremental parser of server frames (unmasked) that expects data frames of one opcode and
+/// length, optionally checking the payload against the pattern that was sent.
+#[derive(Default)]
+struct Rx {
+    hdr: [u8; 10],
+    hdr_len: usize,
+    /// Payload bytes still to come in the current frame (`None`: between frames).
+    remaining: Option<usize>,
+    /// Offset of the next payload byte within the frame.
+    off: usize,
+    /// The opcode of the frame being read.
+    op: u8,
+}
+
+/// What one frame or the end of the input brought.
+enum RxError {
+    Protocol(String),
+    Closed(u16),
+}
+
+impl Rx {
+    /// Consume `data`; returns how many complete frames of `want_op` and `want_len` it ended.
+    /// A close frame from the server ends with `RxError::Closed` (its code, 1005 when none).
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        want_op: u8,
+        want_len: usize,
+        pattern: Option<&[u8]>,
+    ) -> Result<u64, RxError> {
+        let mut done = 0;
+        while !data.is_empty() {
+            let Some(remaining) = self.remaining else {
+                let take = (10 - self.hdr_len).min(data.len());
+                self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
+                let have = self.hdr_len + take;
+                let Some((fin, op, len, hlen)) = parse_server_header(&self.hdr[..have])? else {
+                    self.hdr_len = have;
+                    data = &data[take..];
+                    continue;
+                };
+                // `hlen` bytes of `hdr` are the header; the rest came from `data` too early.
+                data = &data[hlen - self.hdr_len..];
+                self.hdr_len = 0;
+                if op == 8 {
+                    self.op = 8;
+                    self.off = 0;
+                    self.remaining = Some(len);
+                    if len == 0 {
+                        return Err(RxError::Closed(1005));
+                    }
+                    continue;
+                }
+                if !fin || op != want_op || len != want_len {
+                    return Err(RxError::Protocol(format!(
+                        "unexpected frame: fin {fin} opcode {op} length {len} (want {want_op}, {want_len})"
+                    )));
+                }
+                self.op = op;
+                self.off = 0;
+                if len == 0 {
+                    done += 1;
+                } else {
+                    self.remaining = Some(len);
+                }
+                continue;
+            };
+            let take = remaining.min(data.len());
+            let piece = &data[..take];
+            if self.op == 8 {
+                // Close payload: the code is its first two bytes.
+                let code = match (self.off, piece) {
+                    (0, [a, b, ..]) => u16::from_be_bytes([*a, *b]),
+                    _ => 1005,
+                };
+                return Err(RxError::Closed(code));
+            }
+            if let Some(p) = pattern {
+                if piece != &p[self.off..self.off + take] {
+                    return Err(RxError::Protocol("echoed payload differs".into()));
+                }
+            }
+            self.off += take;
+            data = &data[take..];
+            if take == remaining {
+                self.remaining = None;
+                done += 1;
+            } else {
+                self.remaining = Some(remaining - take);
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// (fin, opcode, payload length, header length) of a server frame at the start of `b`, `None`
+/// if `b` is too short.
+#[allow(clippy::type_complexity)]
+fn parse_server_header(b: &[u8]) -> Result<Option<(bool, u8, usize, usize)>, RxError> {
+    if b.len() < 2 {
+        return Ok(None);
+    }
+    if b[1] & 0x80 != 0 {
+        return Err(RxError::Protocol("masked server frame".into()));
+    }
+    let fin = b[0] & 0x80 != 0;
+    let op = b[0] & 0x0f;
+    Ok(match b[1] & 0x7f {
+        126 if b.len() >= 4 => Some((fin, op, u16::from_be_bytes([b[2], b[3]]) as usize, 4)),
+        127 if b.len() >= 10 => {
+            let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
+            Some((fin, op, len as usize, 10))
+        }
+        126 | 127 => None,
+        n => Some((fin, op, n as usize, 2)),
+    })
+}
+
+/// One masked client frame carrying `payload`.
+fn client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | op];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    f
+}
+
+fn upgrade_request(c: &Common) -> Vec<u8> {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        c.path, c.addr
+    )
+    .into_bytes()
+}
+
+/// Check a complete response head: `HTTP/1.1 101` with our accept key.
+fn check_101(head: &[u8]) -> Result<(), String> {
+    let line_end = head.iter().position(|&b| b == b'\r').unwrap_or(head.len());
+    let status = String::from_utf8_lossy(&head[..line_end]);
+    if !status.starts_with("HTTP/1.1 101") {
+        return Err(format!("upgrade refused: {status}"));
+    }
+    if !head.windows(ACCEPT.len()).any(|w| w == ACCEPT) {
+        return Err("wrong Sec-WebSocket-Accept".into());
+    }
+    Ok(())
+}
+
+/// One `send`; `Ok(0)` when the socket would block.
+fn write_some(sock: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        match sock.write(bytes) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One `recv`; `Ok(None)` when the socket would block, `Ok(Some(0))` at EOF.
+fn read_some(sock: &mut TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match sock.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A connection being opened or open.
+struct Client {
+    sock: TcpStream,
+    st: St,
+    /// Bytes of the upgrade request written so far.
+    req_off: usize,
+    /// The response head as it arrives.
+    head: Vec<u8>,
+    rx: Rx,
+    /// Output: `unsent` bytes of the periodic frame stream, starting `phase` bytes into a frame.
+    unsent: usize,
+    phase: usize,
+    /// When each message in flight was queued, oldest first.
+    sent_at: VecDeque<Instant>,
+    /// The connection has been counted as finished (failed or closed).
+    counted: bool,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr, poll: &Poll, token: Token) -> io::Result<Client> {
+        let mut sock = TcpStream::connect(addr)?;
+        // As the servers do: no Nagle delay for small frames (pipelined mode would stall on
+        // delayed ACKs otherwise).
+        sock.set_nodelay(true)?;
+        poll.registry()
+            .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Client {
+            sock,
+            st: St::Connecting,
+            req_off: 0,
+            head: Vec::new(),
+            rx: Rx::default(),
+            unsent: 0,
+            phase: 0,
+            sent_at: VecDeque::new(),
+            counted: false,
+        })
+    }
+
+    /// Drive connect and upgrade on an event. Returns Ok(true) once the connection is open;
+    /// `leftover` receives bytes that followed the 101 head.
+    fn drive_upgrade(
+        &mut self,
+        request: &[u8],
+        buf: &mut [u8],
+        leftover: &mut Vec<u8>,
+    ) -> Result<bool, String> {
+        if self.st == St::Connecting {
+            if let Some(e) = self.sock.take_error().map_err(|e| e.to_string())? {
+                return Err(format!("connect: {e}"));
+            }
+            match self.sock.peer_addr() {
+                Ok(_) => self.st = St::Upgrading,
+                Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(false),
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+        }
+        if self.req_off < request.len() {
+            let n = write_some(&mut self.sock, &request[self.req_off..])
+                .map_err(|e| format!("write upgrade: {e}"))?;
+            self.req_off += n;
+            if self.req_off < request.len() {
+                return Ok(false);
+            }
+        }
+        loop {
+            match read_some(&mut self.sock, buf).map_err(|e| format!("read 101: {e}"))? {
+                None => return Ok(false),
+                Some(0) => return Err("EOF before the upgrade response".into()),
+                Some(n) => {
+                    self.head.extend_from_slice(&buf[..n]);
+                    if let Some(end) = self.head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        check_101(&self.head[..end + 4])?;
+                        leftover.clear();
+                        leftover.extend_from_slice(&self.head[end + 4..]);
+                        self.head = Vec::new();
+                        self.st = St::Open;
+                        return Ok(true);
+                    }
+                    if self.head.len() > MAX_HEAD {
+                        return Err("upgrade response head too long".into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn token_of(i: usize, gen: u32) -> Token {
+    Token(i | (gen as usize) << 32)
+}
+
+fn split_token(t: Token) -> (usize, u32) {
+    (t.0 & 0xffff_ffff, (t.0 >> 32) as u32)
+}
+
+/// Open `n` connections (at most `batch` in progress at once). Returns the clients (failed ones
+/// are `Dead`) and the errors by kind.
+fn open_all(
+    poll: &mut Poll,
+    events: &mut Events,
+    c: &Common,
+    n: usize,
+    buf: &mut [u8],
+) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
+    let request = upgrade_request(c);
+    let mut clients: Vec<Client> = Vec::with_capacity(n);
+    let mut errors = BTreeMap::new();
+    let mut in_progress = 0usize;
+    let mut open = 0usize;
+    let mut leftover = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(c.setup_timeout);
+    let fail = |cl: &mut Client, what: String, errors: &mut BTreeMap<String, u64>| {
+        cl.st = St::Dead;
+        *errors.entry(what).or_insert(0) += 1;
+    };
+    while open + (errors.values().sum::<u64>() as usize) < n {
+        while clients.len() < n && in_progress < c.connect_batch.max(1) {
+            let i = clients.len();
+            match Client::connect(c.addr, poll, token_of(i, 0)) {
+                Ok(cl) => {
+                    clients.push(cl);
+                    in_progress += 1;
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("connect #{i}: {e}"))),
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            for cl in clients
+                .iter_mut()
+                .filter(|c| c.st != St::Open && c.st != St::Dead)
+            {
+                fail(cl, "setup timeout".into(), &mut errors);
+            }
+            let missing = n - clients.len();
+            if missing > 0 {
+                *errors.entry("not started".into()).or_insert(0) += missing as u64;
+            }
+            break;
+        }
+        poll.poll(
+            events,
+            Some((deadline - now).min(Duration::from_millis(100))),
+        )?;
+        for ev in events.iter() {
+            let (i, _) = split_token(ev.token());
+            let cl = &mut clients[i];
+            if cl.st == St::Open || cl.st == St::Dead {
+                continue;
+            }
+            match cl.drive_upgrade(&request, buf, &mut leftover) {
+                Ok(false) => {}
+                Ok(true) => {
+                    in_progress -= 1;
+                    open += 1;
+                    if !leftover.is_empty() {
+                        fail(cl, "bytes after the 101".into(), &mut errors);
+                        open -= 1;
+                    }
+                }
+                Err(e) => {
+                    in_progress -= 1;
+                    fail(cl, e, &mut errors);
+                }
+            }
+        }
+    }
+    Ok((clients, errors))
+}
+
+fn errors_field(errors: &BTreeMap<String, u64>) -> String {
+    let total: u64 = errors.values().sum();
+    let mut s = format!(" errors={total}");
+    if total > 0 {
+        let kinds: Vec<String> = errors
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", k.replace([' ', '='], "_")))
+            .collect();
+        let _ = write!(s, " error_kinds={}", kinds.join(","));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Echo.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Warmup,
+    Measure,
+}
+
+fn echo(a: EchoArgs) -> Result<(), String> {
+    let c = &a.common;
+    let k = a.pipeline.max(1);
+    let op = if a.text { 1 } else { 2 };
+    let pattern: Vec<u8> = (0..a.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let frame = client_frame(op, &pattern);
+    let flen = frame.len();
+    // K + 1 frames back to back: any window of up to K frames' bytes starting inside the first
+    // frame is one contiguous slice.
+    let stream: Vec<u8> = frame.repeat(k + 1);
+    let verify = (!a.no_verify).then_some(&pattern[..]);
+
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; RECV_BUF];
+    let setup_start = Instant::now();
+    let (mut clients, mut errors) =
+        open_all(&mut poll, &mut events, c, a.connections, &mut buf).map_err(|e| e.to_string())?;
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    eprintln!(
+        "[{}] echo: {open}/{} connections open in {setup_s:.2} s",
+        c.label, a.connections
+    );
+    if open == 0 {
+        return Err(format!("no connection opened: {errors:?}"));
+    }
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
+    let mut measured: u64 = 0;
+    // Count mode: messages left to send in total.
+    let mut budget: Option<u64> = a.count;
+    let mut outstanding: u64 = 0;
+    let mut phase = if a.count.is_some() {
+        Phase::Measure
+    } else {
+        Phase::Warmup
+    };
+    let start = Instant::now();
+    let measure_at =
+        start + Duration::from_secs_f64(if a.count.is_some() { 0.0 } else { a.warmup });
+    let end_at = measure_at + Duration::from_secs_f64(a.duration);
+    let hard_end = start + Duration::from_secs_f64(a.warmup + a.duration + 120.0);
+    let mut cpu = CpuWindow::start(c.server_pid);
+    let mut window_start = Instant::now();
+
+    // Start: K messages on every open connection.
+    let now = Instant::now();
+    for (i, cl) in clients.iter_mut().enumerate() {
+        if cl.st != St::Open {
+            continue;
+        }
+        let mut q = k as u64;
+        if let Some(b) = budget.as_mut() {
+            q = q.min(*b);
+            *b -= q;
+        }
+        for _ in 0..q {
+            cl.sent_at.push_back(now);
+        }
+        outstanding += q;
+        cl.unsent = q as usize * flen;
+        if let Err(e) = flush(cl, &stream, flen) {
+            dead(cl, &mut poll, &mut errors, format!("write: {e}"), i);
+        }
+    }
+
+    loop {
+        let now = Instant::now();
+        if a.count.is_none() {
+            if phase == Phase::Warmup && now >= measure_at {
+                phase = Phase::Measure;
+                hist.reset();
+                measured = 0;
+                cpu = CpuWindow::start(c.server_pid);
+                window_start = now;
+            }
+            if phase == Phase::Measure && now >= end_at {
+                break;
+            }
+        } else if outstanding == 0 {
+            break;
+        }
+        if now >= hard_end {
+            *errors.entry("run timeout".into()).or_insert(0) += 1;
+            break;
+        }
+        let wait = if a.count.is_some() {
+            Duration::from_millis(100)
+        } else if phase == Phase::Warmup {
+            measure_at - now
+        } else {
+            end_at - now
+        };
+        poll.poll(&mut events, Some(wait.min(Duration::from_millis(100))))
+            .map_err(|e| e.to_string())?;
+        for ev in events.iter() {
+            let (i, _) = split_token(ev.token());
+            let cl = &mut clients[i];
+            if cl.st != St::Open {
+                continue;
+            }
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                let mut completed = 0u64;
+                let mut failure = None;
+                loop {
+                    match read_some(&mut cl.sock, &mut buf) {
+                        Ok(None) => break,
+                        Ok(Some(0)) => {
+                            failure = Some("EOF".to_string());
+                            break;
+                        }
+                        Ok(Some(n)) => {
+                            match cl.rx.feed(&buf[..n], op, a.size, verify) {
+                                Ok(d) => completed += d,
+                                Err(RxError::Protocol(e)) => failure = Some(e),
+                                Err(RxError::Closed(code)) => {
+                                    failure = Some(format!("server closed with {code}"))
+                                }
+                            }
+                            if failure.is_some() || n < buf.len() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            failure = Some(format!("read: {e}"));
+                            break;
+                        }
+                    }
+                }
+                if completed > 0 {
+                    let t = Instant::now();
+                    for _ in 0..completed {
+                        if let Some(sent) = cl.sent_at.pop_front() {
+                            if phase == Phase::Measure {
+                                let ns = t.duration_since(sent).as_nanos() as u64;
+                                let _ = hist.record(ns.max(1));
+                            }
+                        }
+                    }
+                    outstanding -= completed;
+                    if phase == Phase::Measure {
+                        measured += completed;
+                    }
+                    let mut again = completed;
+                    if let Some(b) = budget.as_mut() {
+                        again = again.min(*b);
+                        *b -= again;
+                    }
+                    for _ in 0..again {
+                        cl.sent_at.push_back(t);
+                    }
+                    outstanding += again;
+                    cl.unsent += again as usize * flen;
+                }
+                if let Some(f) = failure {
+                    outstanding -= cl.sent_at.len() as u64;
+                    dead(cl, &mut poll, &mut errors, f, i);
+                    continue;
+                }
+            }
+            if cl.unsent > 0 {
+                if let Err(e) = flush(cl, &stream, flen) {
+                    outstanding -= cl.sent_at.len() as u64;
+                    dead(cl, &mut poll, &mut errors, format!("write: {e}"), i);
+                }
+            }
+        }
+    }
+    let wall = window_start.elapsed().as_secs_f64();
+    let still_open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    let mut line = format!(
+        "RESULT mode=echo server={} n={} size={} k={} open={still_open} seconds={wall:.2} echoes={measured} msgs_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+        c.label,
+        a.connections,
+        a.size,
+        k,
+        measured as f64 / wall,
+        hist.value_at_quantile(0.50) as f64 / 1e3,
+        hist.value_at_quantile(0.99) as f64 / 1e3,
+        hist.value_at_quantile(0.999) as f64 / 1e3,
+        hist.max() as f64 / 1e3,
+    );
+    line.push_str(&errors_field(&errors));
+    cpu.finish(measured, &mut line);
+    drop(clients);
+    println!("{line}");
+    eprintln!("[{}] {}", c.label, human(&line));
+    Ok(())
+}
+
+/// Write as much of the client's queued frames as the socket takes.
+fn flush(cl: &mut Client, stream: &[u8], flen: usize) -> io::Result<()> {
+    while cl.unsent > 0 {
+        let n = write_some(&mut cl.sock, &stream[cl.phase..cl.phase + cl.unsent])?;
+        if n == 0 {
+            break;
+        }
+        cl.unsent -= n;
+        cl.phase = (cl.phase + n) % flen;
+    }
+    Ok(())
+}
+
+fn dead(
+    cl: &mut Client,
+    poll: &mut Poll,
+    errors: &mut BTreeMap<String, u64>,
+    what: String,
+    i: usize,
+) {
+    if !cl.counted {
+        cl.counted = true;
+        if errors.get(&what).is_none() {
+            eprintln!("loadgen: connection {i}: {what}");
+        }
+        *errors.entry(what).or_insert(0) += 1;
+    }
+    cl.st = St::Dead;
+    cl.sent_at.clear();
+    cl.unsent = 0;
+    let _ = poll.registry().deregister(&mut cl.sock);
+}
+
+/// The RESULT line without its prefix, for stderr.
+fn human(line: &str) -> String {
+    line.trim_start_matches("RESULT ").replace(' ', "  ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake rate.
+
+fn handshake(a: HandshakeArgs) -> Result<(), String> {
+    let c = &a.common;
+    let request = upgrade_request(c);
+    // Close frame with code 1000.
+    let close = client_frame(8, &1000u16.to_be_bytes());
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; RECV_BUF];
+    let conc = a.concurrency.max(1);
+    let mut slots: Vec<Option<(Client, Instant)>> = (0..conc).map(|_| None).collect();
+    let mut gens = vec![0u32; conc];
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
+    let mut cycles: u64 = 0;
+    let start = Instant::now();
+    let measure_at = start + Duration::from_secs_f64(a.warmup);
+    let end_at = measure_at + Duration::from_secs_f64(a.duration);
+    let mut measuring = false;
+    let mut cpu = CpuWindow::start(c.server_pid);
+    let mut window_start = start;
+    let mut leftover = Vec::new();
+    let mut consecutive_connect_errors = 0u32;
+
+    loop {
+        let now = Instant::now();
+        if !measuring && now >= measure_at {
+            measuring = true;
+            hist.reset();
+            cycles = 0;
+            errors.clear();
+            cpu = CpuWindow::start(c.server_pid);
+            window_start = now;
+        }
+        if now >= end_at {
+            break;
+        }
+        // Refill empty slots.
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.is_none() {
+                gens[i] = gens[i].wrapping_add(1);
+                match Client::connect(c.addr, &poll, token_of(i, gens[i])) {
+                    Ok(cl) => {
+                        consecutive_connect_errors = 0;
+                        *slot = Some((cl, Instant::now()));
+                    }
+                    Err(e) => {
+                        *errors.entry(format!("connect: {e}")).or_insert(0) += 1;
+                        consecutive_connect_errors += 1;
+                    }
+                }
+            }
+        }
+        if consecutive_connect_errors > 10_000 {
+            return Err(format!("connect keeps failing: {errors:?}"));
+        }
+        poll.poll(
+            &mut events,
+            Some((end_at - now).min(Duration::from_millis(100))),
+        )
+        .map_err(|e| e.to_string())?;
+        for ev in events.iter() {
+            let (i, gen) = split_token(ev.token());
+            if gen != gens[i] {
+                continue;
+            }
+            let Some((cl, began)) = slots[i].as_mut() else {
+                continue;
+            };
+            let outcome: Result<bool, String> = match cl.st {
+                St::Connecting | St::Upgrading => {
+                    match cl.drive_upgrade(&request, &mut buf, &mut leftover) {
+                        Ok(true) if !leftover.is_empty() => Err("bytes after the 101".into()),
+                        Ok(true) => match write_some(&mut cl.sock, &close) {
+                            Ok(n) if n == close.len() => {
+                                cl.st = St::Closing;
+                                Ok(false)
+                            }
+                            Ok(_) => Err("close frame not written at once".into()),
+                            Err(e) => Err(format!("write close: {e}")),
+                        },
+                        Ok(false) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
+                St::Closing => loop {
+                    match read_some(&mut cl.sock, &mut buf) {
+                        Ok(None) => break Ok(false),
+                        Ok(Some(0)) => break Err("EOF before the close frame".into()),
+                        Ok(Some(n)) => match cl.rx.feed(&buf[..n], 2, 0, None) {
+                            Err(RxError::Closed(_)) => break Ok(true),
+                            Err(RxError::Protocol(e)) => break Err(e),
+                            Ok(0) => continue,
+                            Ok(_) => break Err("data frame instead of close".into()),
+                        },
+                        Err(e) => break Err(format!("read close: {e}")),
+                    }
+                },
+                St::Open | St::Dead => Ok(false),
+            };
+            match outcome {
+                Ok(false) => {}
+                Ok(true) => {
+                    if measuring {
+                        cycles += 1;
+                        let _ = hist.record((began.elapsed().as_nanos() as u64).max(1));
+                    }
+                    slots[i] = None;
+                }
+                Err(e) => {
+                    *errors.entry(e).or_insert(0) += 1;
+                    slots[i] = None;
+                }
+            }
+        }
+    }
+    let wall = window_start.elapsed().as_secs_f64();
+    let mut line = format!(
+        "RESULT mode=handshake server={} c={conc} seconds={wall:.2} cycles={cycles} per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
+        c.label,
+        cycles as f64 / wall,
+        hist.value_at_quantile(0.50) as f64 / 1e3,
+        hist.value_at_quantile(0.99) as f64 / 1e3,
+        hist.value_at_quantile(0.999) as f64 / 1e3,
+    );
+    line.push_str(&errors_field(&errors));
+    cpu.finish(cycles, &mut line);
+    println!("{line}");
+    eprintln!("[{}] {}", c.label, human(&line));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle memory.
+
+fn idle(a: IdleArgs) -> Result<(), String> {
+    let c = &a.common;
+    let pid = c
+        .server_pid
+        .ok_or("idle needs --server-pid to read the server's RSS")?;
+    let before = proc_rss_kib(pid).ok_or("cannot read the server's VmRSS")?;
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; RECV_BUF];
+    let (clients, errors) =
+        open_all(&mut poll, &mut events, c, a.connections, &mut buf).map_err(|e| e.to_string())?;
+    let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    // Hold them: nothing is sent; any event would be the server closing on us.
+    let until = Instant::now() + Duration::from_secs_f64(a.settle);
+    let mut closed = 0;
+    while Instant::now() < until {
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        closed += events.iter().filter(|e| e.is_read_closed()).count();
+    }
+    let after = proc_rss_kib(pid).ok_or("cannot read the server's VmRSS")?;
+    let per = (after as f64 - before as f64) * 1024.0 / open.max(1) as f64;
+    let mut line = format!(
+        "RESULT mode=idle server={} n={} open={open} rss_before_kib={before} rss_after_kib={after} bytes_per_conn={per:.0} closed_by_server={closed}",
+        c.label, a.connections
+    );
+    line.push_str(&errors_field(&errors));
+    drop(clients);
+    println!("{line}");
+    eprintln!("[{}] {}", c.label, human(&line));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+/// One RESULT line as key/value pairs.
+type Row = BTreeMap<String, String>;
+
+fn parse_results(files: &[String]) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{f}: {e}"))?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("RESULT ") else {
+                continue;
+            };
+            let row: Row = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// A Markdown table: one line per row key (`key` fields), for each server the median of `field`
+/// over its runs, and the ratio base/peer of the medians (the title says which way is better).
+fn table(
+    rows: &[Row],
+    mode: &str,
+    key: &[&str],
+    field: &str,
+    title: &str,
+    better: &str,
+    base: &str,
+) -> String {
+    let mut servers: Vec<String> = Vec::new();
+    let mut groups: BTreeMap<Vec<u64>, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut errs: BTreeMap<Vec<u64>, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.get("mode").map(String::as_str) == Some(mode))
+    {
+        let Some(server) = r.get("server") else {
+            continue;
+        };
+        let Some(v) = r.get(field).and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let k: Vec<u64> = key
+            .iter()
+            .map(|f| r.get(*f).and_then(|v| v.parse().ok()).unwrap_or(0))
+            .collect();
+        if !servers.contains(server) {
+            servers.push(server.clone());
+        }
+        groups
+            .entry(k.clone())
+            .or_default()
+            .entry(server.clone())
+            .or_default()
+            .push(v);
+        let e: u64 = r.get("errors").and_then(|v| v.parse().ok()).unwrap_or(0);
+        *errs
+            .entry(k)
+            .or_default()
+            .entry(server.clone())
+            .or_default() += e;
+    }
+    if groups.is_empty() {
+        return String::new();
+    }
+    // The base first, then the peers in order of appearance.
+    servers.sort_by_key(|s| s != base);
+    let peers: Vec<&String> = servers.iter().filter(|s| *s != base).collect();
+    let mut out = format!("\n### {title} ({better})\n\n|");
+    for k in key {
+        let _ = write!(out, " {k} |");
+    }
+    for s in &servers {
+        let _ = write!(out, " {s} |");
+    }
+    for p in &peers {
+        let _ = write!(out, " {base}/{p} |");
+    }
+    out.push_str(" runs | errors |\n|");
+    for _ in 0..key.len() + servers.len() + peers.len() + 2 {
+        out.push_str("---|");
+    }
+    out.push('\n');
+    for (k, by_server) in &groups {
+        out.push('|');
+        for v in k {
+            let _ = write!(out, " {v} |");
+        }
+        let med: BTreeMap<&String, Option<f64>> = servers
+            .iter()
+            .map(|s| (s, by_server.get(s).and_then(|v| median(v.clone()))))
+            .collect();
+        for s in &servers {
+            match med[s] {
+                Some(m) => {
+                    let _ = write!(out, " {} |", fmt_num(m));
+                }
+                None => out.push_str(" - |"),
+            }
+        }
+        for p in &peers {
+            match (med.get(&base.to_string()).copied().flatten(), med[*p]) {
+                (Some(b), Some(v)) if v > 0.0 => {
+                    let _ = write!(out, " {:.2} |", b / v);
+                }
+                _ => out.push_str(" - |"),
+            }
+        }
+        let runs: Vec<String> = servers
+            .iter()
+            .map(|s| by_server.get(s).map_or(0, Vec::len).to_string())
+            .collect();
+        let e: Vec<String> = servers
+            .iter()
+            .map(|s| errs[k].get(s).copied().unwrap_or(0).to_string())
+            .collect();
+        let _ = writeln!(out, " {} | {} |", runs.join("/"), e.join("/"));
+    }
+    out
+}
+
+fn report(files: &[String], base: &str) -> Result<(), String> {
+    let rows = parse_results(files)?;
+    if rows.is_empty() {
+        return Err("no RESULT lines".into());
+    }
+    const LOWER: &str = "lower is better";
+    const HIGHER: &str = "higher is better";
+    const CONTEXT: &str = "for context";
+    let echo: &[&str] = &["size", "n", "k"];
+    // (mode, row key, field, title, which way is better)
+    let tables: [(&str, &[&str], &str, &str, &str); 15] = [
+        (
+            "echo",
+            echo,
+            "msgs_per_s",
+            "Echo messages per second",
+            HIGHER,
+        ),
+        (
+            "echo",
+            echo,
+            "server_user_us_per_op",
+            "Server user CPU per echo, µs",
+            LOWER,
+        ),
+        (
+            "echo",
+            echo,
+            "server_sys_us_per_op",
+            "Server system CPU per echo, µs",
+            LOWER,
+        ),
+        (
+            "echo",
+            echo,
+            "server_cpu_us_per_op",
+            "Server CPU (user + system, from schedstat) per echo, µs",
+            LOWER,
+        ),
+        (
+            "echo",
+            echo,
+            "server_cpu_pct",
+            "Server CPU, % of one core",
+            CONTEXT,
+        ),
+        (
+            "echo",
+            echo,
+            "client_cpu_pct",
+            "Load generator CPU, % of one core",
+            CONTEXT,
+        ),
+        ("echo", echo, "p50_us", "Latency p50, µs", LOWER),
+        ("echo", echo, "p99_us", "Latency p99, µs", LOWER),
+        ("echo", echo, "p999_us", "Latency p99.9, µs", LOWER),
+        (
+            "idle",
+            &["n"],
+            "bytes_per_conn",
+            "Idle memory per connection, bytes of server RSS",
+            LOWER,
+        ),
+        (
+            "handshake",
+            &["c"],
+            "per_s",
+            "Handshakes (connect, upgrade, close) per second",
+            HIGHER,
+        ),
+        (
+            "handshake",
+            &["c"],
+            "server_user_us_per_op",
+            "Server user CPU per handshake, µs",
+            LOWER,
+        ),
+        (
+            "handshake",
+            &["c"],
+            "server_sys_us_per_op",
+            "Server system CPU per handshake, µs",
+            LOWER,
+        ),
+        (
+            "handshake",
+            &["c"],
+            "server_cpu_us_per_op",
+            "Server CPU (user + system) per handshake, µs",
+            LOWER,
+        ),
+        (
+            "handshake",
+            &["c"],
+            "p99_us",
+            "Handshake latency p99, µs",
+            LOWER,
+        ),
+    ];
+    let mut out = String::new();
+    for (mode, key, field, title, better) in tables {
+        out.push_str(&table(&rows, mode, key, field, title, better, base));
+    }
+    println!("{out}");
+    Ok(())
+}

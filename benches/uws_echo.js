@@ -1,0 +1,80 @@
+// The uWebSockets.js peer of benches/compare.sh: an echo server on µWebSockets' native loop
+// (npm @trufflesuite/uws-js-unofficial, installed by compare.sh into a temporary folder).
+//
+// That package silently falls back to a pure-JS implementation on the `ws` module when its
+// native binary does not load; a benchmark against that would be meaningless, so this script
+// loads the native binary itself first and refuses to run (exit 3) unless the package's export
+// is that very native module.
+//
+//   node benches/uws_echo.js [--listen 127.0.0.1:9001] [--max-message-size BYTES]
+"use strict";
+
+const path = require("path");
+
+function refuse(why) {
+  console.error(`uws_echo: REFUSING TO RUN: ${why}`);
+  process.exit(3);
+}
+
+let listen = "127.0.0.1:9001";
+let maxMessage = 64 * 1024;
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i += 2) {
+  if (argv[i] === "--listen" && argv[i + 1]) listen = argv[i + 1];
+  else if (argv[i] === "--max-message-size" && argv[i + 1]) maxMessage = Number(argv[i + 1]);
+  else {
+    console.error("usage: node uws_echo.js [--listen HOST:PORT] [--max-message-size BYTES]");
+    process.exit(2);
+  }
+}
+const colon = listen.lastIndexOf(":");
+const host = listen.slice(0, colon);
+const port = Number(listen.slice(colon + 1));
+
+const PKG = "@trufflesuite/uws-js-unofficial";
+if (process.env.UWS_USE_FALLBACK) refuse("UWS_USE_FALLBACK is set");
+let pkgDir;
+try {
+  pkgDir = path.dirname(require.resolve(`${PKG}/package.json`));
+} catch (e) {
+  refuse(`${PKG} is not installed (set NODE_PATH): ${e.message}`);
+}
+const binary = path.join(
+  pkgDir,
+  "binaries",
+  `uws_${process.platform}_${process.arch}_${process.versions.modules}.node`
+);
+let native;
+try {
+  native = require(binary);
+} catch (e) {
+  refuse(`the native µWS binary does not load on Node ${process.version}: ${e.message}`);
+}
+const uWS = require(PKG);
+if (uWS !== native || typeof native.App !== "function") {
+  refuse(`${PKG} did not export its native binary ${binary} (pure-JS fallback)`);
+}
+
+uWS
+  .App()
+  .ws("/*", {
+    compression: uWS.DISABLED,
+    maxPayloadLength: maxMessage,
+    maxBackpressure: 64 * 1024,
+    idleTimeout: 0, // off, as wsloop's --idle-timeout 0
+    sendPingsAutomatically: false,
+    message: (ws, message, isBinary) => {
+      ws.send(message, isBinary);
+    },
+  })
+  .listen(host, port, (token) => {
+    if (!token) {
+      console.error(`uws_echo: cannot listen on ${listen}`);
+      process.exit(1);
+    }
+    const version = require(`${PKG}/package.json`).version;
+    console.error(
+      `uws_echo: native µWebSockets (${PKG} ${version}, ${path.basename(binary)}) on Node ` +
+        `${process.version} listening on ws://${listen}`
+    );
+  });

@@ -1,0 +1,25 @@
+//! The fuzz targets' checking functions, shared by the libFuzzer targets (`fuzz/fuzz_targets/`)
+//! and the main crate's `tests/fuzz_replay.rs`, which replays every committed seed and
+//! regression input through them on stable Rust without libFuzzer.
+//!
+//! Each target module has `run(data)`: it decodes the raw fuzzer bytes into the target's input
+//! (one `decode` function, used by both the fuzzer and the replay) and panics on any violated
+//! property. Depends only on `wsloop` and `tungstenite`.
+
+pub mod connection;
+pub mod frame;
+pub mod handshake;
+pub mod timer_wheel;
+mod util;
+
+/// A target's entry point: decodes the raw input and panics on a violated property.
+pub type Check = fn(&[u8]);
+
+/// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
+/// entry point.
+pub const TARGETS: [(&str, Check); 4] = [
+    ("handshake", handshake::run),
+    ("frame", frame::run),
+    ("connection", connection::run),
+    ("timer_wheel", timer_wheel::run),
+];
