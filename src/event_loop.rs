@@ -1048,17 +1048,13 @@ fn after_callback<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: us
     if let Some(req) = conn.send.close_req.take() {
         let (code, reason) = *req;
         core.start_close(idx, code, &reason);
-        if conn_cause(&core.conns[idx]) == Some(CloseReason::Backpressure) {
+        if core.conns[idx].send.cause == Some(CloseReason::Backpressure) {
             // The client does not read: waiting for its close reply is pointless.
             core.finish(handler, idx, CloseReason::Backpressure);
             return false;
         }
     }
     true
-}
-
-fn conn_cause<D>(conn: &Conn<D>) -> Option<CloseReason> {
-    conn.send.cause
 }
 
 /// Feed frame bytes to an open connection's session and dispatch its events.
