@@ -15,15 +15,26 @@ use std::net::SocketAddr;
 pub struct ConnId(pub(crate) u64);
 
 impl ConnId {
-    /// The id as a number (unique among the connections alive at one time in one server).
+    /// The id as a number (unique among the connections alive at one time in one server or
+    /// cluster).
     pub fn as_u64(self) -> u64 {
         self.0
+    }
+    /// The index of the loop that serves this connection: in a [`Cluster`](crate::Cluster),
+    /// reach it through that loop's handle (`cluster.handles()[id.loop_index()]`); 0 for a
+    /// [`Server`](crate::Server).
+    pub fn loop_index(self) -> usize {
+        ((self.0 >> 24) & 0xff) as usize
     }
 }
 
 impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}:{}", self.0 >> 32, self.0 & 0xffff_ffff)
+        write!(f, "#{}:{}", self.0 >> 32, self.0 & 0xff_ffff)?;
+        match self.loop_index() {
+            0 => Ok(()),
+            i => write!(f, "@{i}"),
+        }
     }
 }
 

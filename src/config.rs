@@ -105,6 +105,12 @@ pub struct Config {
     /// since a proxy passes the other one on as the client wrote it. Default `XForwardedFor`
     /// (what nginx's `$proxy_add_x_forwarded_for` and HAProxy's `option forwardfor` set).
     pub forwarded_header: ForwardedHeader,
+    /// Event loops to run, one per thread, each with its own listener on the same port
+    /// (`SO_REUSEPORT`: the kernel spreads new connections over them), its own connections,
+    /// timers and share of the fd budget and of `max_connections`. Read by
+    /// [`Cluster`](crate::Cluster); a [`Server`](crate::Server) is one loop. Default 1 (no
+    /// `SO_REUSEPORT`, so a second server on the same port fails to bind).
+    pub threads: usize,
 }
 
 /// The header a trusted proxy names the client in.
@@ -158,6 +164,7 @@ impl Default for Config {
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            threads: 1,
             forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
@@ -246,6 +253,15 @@ impl Config {
         }
         if self.write_stall_timeout.is_zero() {
             return err("write_stall_timeout", "may not be zero");
+        }
+        if self.threads == 0 || self.threads > 256 {
+            return err("threads", "must be between 1 and 256");
+        }
+        if self.max_connections > 0 && self.max_connections < self.threads {
+            return err(
+                "max_connections",
+                "must be 0 (derived) or at least one per thread",
+            );
         }
         if self.max_connections > 1 << 24 {
             return err("max_connections", "must be at most 16777216");

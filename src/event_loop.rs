@@ -13,11 +13,11 @@
 //! maximum lifetime. Moving a deadline later only records it in the wheel (O(1), no unlinking);
 //! when the entry fires early, the loop re-arms it at the new earliest deadline.
 
-use crate::admission::Admission;
 use crate::app::{
     CloseReason, ConnId, Decision, Handler, Message, SendState, SendStatus, UpgradeRequest,
     WebSocket,
 };
+use crate::cluster::{plan_budget, Ledger};
 use crate::config::{BackpressurePolicy, Config};
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
 use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 /// carry a generation >= 1 in their upper 32 bits, so they never collide with either.
 const WAKER: Token = Token(u32::MAX as usize);
 const MAX_LISTENERS: usize = 64;
+/// Slab slots a loop may use (connection ids keep 24 bits for the slot).
+pub(crate) const MAX_SLOTS: usize = 1 << 24;
 const NONE: usize = usize::MAX;
 /// The cork buffer is shrunk back to this after a large message passed through it.
 const CORK_KEEP: usize = 64 * 1024;
@@ -50,6 +52,8 @@ const CORK_KEEP: usize = 64 * 1024;
 pub(crate) const NEVER: u64 = u64::MAX;
 /// How often per-address admission state is swept, in ms.
 const SWEEP_MS: u64 = 10_000;
+/// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
+const PUBLISH_MS: u64 = 250;
 /// Timer-wheel index reserved for the periodic fd audit.
 const AUDIT_TIMER: u32 = u32::MAX - 1;
 
@@ -277,13 +281,20 @@ pub(crate) struct Core<D> {
     pub(crate) config: Config,
     limits: handshake::Limits,
     start: Instant,
+    /// What this loop shares with the other loops of its cluster (a ledger of one alone).
+    pub(crate) ledger: Arc<Ledger>,
+    /// This loop's index in the ledger.
+    pub(crate) member: usize,
+    /// When this loop next publishes its metrics snapshot to the ledger (clusters only), and the
+    /// turn count it last published at.
+    next_publish: u64,
+    published_turns: u64,
     pub(crate) now: u64,
     pub(crate) next_gen: u32,
     pub(crate) stats: Stats,
     shutdown_at: Option<u64>,
     // --- admission and the fd budget
-    pub(crate) admission: Admission,
-    /// Connections counted in `admission` (consistency check).
+    /// Connections counted in the ledger's admission table (consistency check).
     pub(crate) ip_counted: u64,
     /// Refused connections being answered (in `conns`, not counted as admitted).
     pub(crate) shedding: usize,
@@ -293,8 +304,6 @@ pub(crate) struct Core<D> {
     pub(crate) spare_fd: Option<File>,
     /// Descriptors of the poll and waker.
     fixed_fds: usize,
-    /// Descriptors the process had open that are not the loop's, measured at start.
-    pub(crate) fd_base: usize,
     started: bool,
     next_sweep: u64,
     // --- accepting
@@ -339,6 +348,18 @@ impl<H: Handler> Server<H> {
     /// A server with `config` and `handler`, listening nowhere yet. Fails on an invalid
     /// configuration (as `io::ErrorKind::InvalidInput`) or when epoll cannot be created.
     pub fn new(config: Config, handler: H) -> io::Result<Self> {
+        let ledger = Arc::new(Ledger::new(1, &config));
+        Self::member(config, handler, ledger, 0)
+    }
+
+    /// Loop `member` of the group sharing `ledger` (a [`Cluster`](crate::Cluster) sizes its
+    /// budget with [`Server::join_budget`] before its first turn).
+    pub(crate) fn member(
+        config: Config,
+        handler: H,
+        ledger: Arc<Ledger>,
+        member: usize,
+    ) -> io::Result<Self> {
         config
             .validate()
             .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
@@ -363,11 +384,8 @@ impl<H: Handler> Server<H> {
             true => None,
             false => Some(Watchdog::start(config.stall_threshold)?),
         };
-        let burst = match config.connection_burst_per_ip {
-            0 => config.connection_rate_per_ip,
-            b => b,
-        };
-        Ok(Server {
+        let start = ledger.start;
+        let server = Server {
             events: Events::with_capacity(config.events_capacity),
             inner: Inner {
                 recv: vec![0; config.recv_buffer_size],
@@ -380,23 +398,22 @@ impl<H: Handler> Server<H> {
                     cork_owner: NONE,
                     doomed: Vec::new(),
                     limits,
-                    start: Instant::now(),
+                    start,
+                    ledger,
+                    member,
+                    next_publish: 0,
+                    published_turns: 0,
                     now: 0,
                     next_gen: 0,
                     stats: Stats::default(),
                     shutdown_at: None,
-                    admission: Admission::new(
-                        config.max_connections_per_ip,
-                        config.connection_rate_per_ip,
-                        burst,
-                    ),
                     ip_counted: 0,
                     shedding: 0,
                     max_connections: 0,
                     fd_budget: 0,
-                    spare_fd: None,
+                    // Kept open to be released when accept fails with `EMFILE`.
+                    spare_fd: File::open("/dev/null").ok(),
                     fixed_fds,
-                    fd_base: 0,
                     started: false,
                     next_sweep: SWEEP_MS,
                     accept_due: false,
@@ -421,7 +438,9 @@ impl<H: Handler> Server<H> {
             },
             poll,
             _watchdog: watchdog,
-        })
+        };
+        server.inner.core.fds_changed();
+        Ok(server)
     }
 
     /// Listen on `addr` (IPv4 or IPv6; port 0 picks a free port) and return the bound address.
@@ -429,22 +448,36 @@ impl<H: Handler> Server<H> {
     /// Besides WebSocket upgrades it answers `GET /metrics` and `GET /healthz` when
     /// [`Config::serve_metrics`] is set.
     pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
-        self.add_listener(addr, false)
+        self.add_listener(addr, false, false)
+    }
+
+    /// [`Server::listen`], with `SO_REUSEPORT` when `reuse_port` (a cluster's loops).
+    pub(crate) fn listen_with(
+        &mut self,
+        addr: SocketAddr,
+        reuse_port: bool,
+    ) -> io::Result<SocketAddr> {
+        self.add_listener(addr, false, reuse_port)
     }
 
     /// Listen on `addr` for `GET /metrics` and `GET /healthz` only (an address for operators,
     /// apart from the WebSocket port); everything else gets 404. Returns the bound address.
     pub fn listen_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
-        self.add_listener(addr, true)
+        self.add_listener(addr, true, false)
     }
 
-    fn add_listener(&mut self, addr: SocketAddr, admin: bool) -> io::Result<SocketAddr> {
+    fn add_listener(
+        &mut self,
+        addr: SocketAddr,
+        admin: bool,
+        reuse_port: bool,
+    ) -> io::Result<SocketAddr> {
         let core = &mut self.inner.core;
         let i = core.listeners.len();
         if i >= MAX_LISTENERS {
             return Err(io::Error::other("too many listeners"));
         }
-        let mut listener = crate::listener::bind(addr, core.config.listen_backlog)?;
+        let mut listener = crate::listener::bind(addr, core.config.listen_backlog, reuse_port)?;
         let bound = listener.local_addr()?;
         self.poll
             .registry()
@@ -452,6 +485,7 @@ impl<H: Handler> Server<H> {
         core.listeners.push(Some(listener));
         core.listener_admin.push(admin);
         core.accept_due = true;
+        core.fds_changed();
         Ok(bound)
     }
 
@@ -479,6 +513,11 @@ impl<H: Handler> Server<H> {
     /// The metrics in Prometheus text format, as `GET /metrics` serves them.
     pub fn metrics(&self) -> String {
         self.inner.core.render_metrics()
+    }
+
+    /// A cluster's loop: take its share of the fd budget (see [`Core::join_budget`]).
+    pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
+        self.inner.core.join_budget(budget, max_connections);
     }
 
     /// Run until shut down (through [`LoopHandle::shutdown`]) and every connection has ended.
@@ -513,6 +552,11 @@ impl<H: Handler> Server<H> {
         if core.accept_due {
             wait = Some(Duration::ZERO);
         }
+        if core.ledger.loops() > 1 && core.stats.loop_turns != core.published_turns {
+            // Publish what changed soon, even if nothing else wakes this loop.
+            let due = Duration::from_millis(core.next_publish.saturating_sub(core.now));
+            wait = Some(wait.map_or(due, |w| w.min(due)));
+        }
         if let Err(e) = self.poll.poll(&mut self.events, wait) {
             if e.kind() != ErrorKind::Interrupted {
                 return Err(e);
@@ -533,10 +577,14 @@ impl<H: Handler> Server<H> {
             core.reap(&mut self.inner.handler);
         }
         crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
+        let more = !(core.shutdown_at.is_some() && core.conns.is_empty());
+        if core.ledger.loops() > 1 && (core.now >= core.next_publish || !more) {
+            core.publish();
+        }
         if let Some(b) = &core.beat {
             b.turn_end();
         }
-        Ok(!(core.shutdown_at.is_some() && core.conns.is_empty()))
+        Ok(more)
     }
 }
 
@@ -550,7 +598,7 @@ impl<H: Handler> Inner<H> {
             // what they free: a slot held by a client that already left is not a full server.
             self.core.accept_due = true;
         } else {
-            let (idx, gen) = (token & 0xffff_ffff, (token >> 32) as u32);
+            let (idx, gen) = slot_of(token as u64);
             if !self.core.alive(idx, gen) {
                 return;
             }
@@ -664,7 +712,11 @@ impl<H: Handler> Inner<H> {
             }
             Ok(ProxyHeader::Complete { len, source }) => (len, source),
             Err(e) => {
-                log::debug!("{} from {}: {e}", conn_id(idx, conn.gen), conn.peer);
+                log::debug!(
+                    "{} from {}: {e}",
+                    conn_id(core.member, idx, conn.gen),
+                    conn.peer
+                );
                 core.cork_for(idx);
                 let rej = Rejection::custom(400, "bad PROXY protocol header");
                 handshake::write_rejection(&mut core.cork, &rej);
@@ -685,7 +737,8 @@ impl<H: Handler> Inner<H> {
         conn.awaiting_proxy = false;
         if let Some(client) = source {
             conn.peer = client;
-            match core.admission.admit_address(client.ip(), core.now) {
+            let verdict = core.ledger.admission().admit_address(client.ip(), core.now);
+            match verdict {
                 Ok(counted) => {
                     conn.ip_counted = counted;
                     core.ip_counted += counted as u64;
@@ -741,7 +794,8 @@ impl<H: Handler> Inner<H> {
                     });
                     if let Some(ip) = client {
                         conn.peer = SocketAddr::new(ip, 0);
-                        match core.admission.admit_address(ip, core.now) {
+                        let verdict = core.ledger.admission().admit_address(ip, core.now);
+                        match verdict {
                             Ok(counted) => {
                                 conn.ip_counted = counted;
                                 core.ip_counted += counted as u64;
@@ -767,7 +821,7 @@ impl<H: Handler> Inner<H> {
                     upgrade,
                     peer: conn.peer,
                 };
-                let id = conn_id(idx, conn.gen);
+                let id = conn_id(core.member, idx, conn.gen);
                 let decision = guarded(
                     core.config.catch_panics,
                     &core.beat,
@@ -823,7 +877,11 @@ impl<H: Handler> Inner<H> {
         }
         core.rearm(idx);
         let conn = &core.conns[idx];
-        log::debug!("{} open from {}", conn_id(idx, conn.gen), conn.peer);
+        log::debug!(
+            "{} open from {}",
+            conn_id(core.member, idx, conn.gen),
+            conn.peer
+        );
         if !callback(core, handler, idx, Activity::Open, |h, ws| h.on_open(ws)) {
             return false;
         }
@@ -888,7 +946,7 @@ impl<H: Handler> Inner<H> {
             }
         }
         if core.now >= core.next_sweep {
-            core.admission.sweep(core.now);
+            core.ledger.admission().sweep(core.now);
             core.next_sweep = core.now + SWEEP_MS;
         }
         while let Some((_, TimerRef { idx, gen })) = core.wheel.poll(core.now) {
@@ -966,7 +1024,7 @@ fn callback<H: Handler>(
         return false;
     };
     let mut ws = WebSocket {
-        id: conn_id(idx, conn.gen),
+        id: conn_id(core.member, idx, conn.gen),
         peer: conn.peer,
         data,
         send: &mut conn.send,
@@ -1022,7 +1080,7 @@ fn handler_panicked<H: Handler>(
     let conn = &mut core.conns[idx];
     log::error!(
         "{} from {}: {} panicked; closing the connection with 1011",
-        conn_id(idx, conn.gen),
+        conn_id(core.member, idx, conn.gen),
         conn.peer,
         kind.label()
     );
@@ -1075,7 +1133,7 @@ fn frames<H: Handler>(
             Err(e) => {
                 log::debug!(
                     "{} protocol error from {}: {e}",
-                    conn_id(idx, conn.gen),
+                    conn_id(core.member, idx, conn.gen),
                     conn.peer
                 );
                 core.finish(handler, idx, CloseReason::Protocol(e.code));
@@ -1087,7 +1145,7 @@ fn frames<H: Handler>(
         let Some(data) = conn.data.as_mut() else {
             return false;
         };
-        let id = conn_id(idx, conn.gen);
+        let id = conn_id(core.member, idx, conn.gen);
         let mut ws = WebSocket {
             id,
             peer: conn.peer,
@@ -1172,7 +1230,7 @@ fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, sta
     let peer = conn.peer;
     log::debug!(
         "{} from {peer} rejected with {status}",
-        conn_id(idx, conn.gen)
+        conn_id(core.member, idx, conn.gen)
     );
     conn.session.finish_rejected();
     if let Some(more) = core.throttle(crate::listener::LOG_REJECTS, 1) {
@@ -1184,6 +1242,17 @@ fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, sta
 }
 
 /// Milliseconds of silence before the idle ping (half the idle timeout); NEVER when off.
+/// Raise the soft RLIMIT_NOFILE to the hard limit, and say so.
+pub(crate) fn raise_fd_limit() {
+    match sys::raise_nofile_limit() {
+        Ok((old, new)) if new > old => {
+            log::info!("raised the soft RLIMIT_NOFILE from {old} to {new}")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
+}
+
 fn ping_after(config: &Config) -> u64 {
     match Core::<()>::ms(config.idle_timeout) {
         0 => NEVER,
@@ -1209,8 +1278,16 @@ impl Route {
     }
 }
 
-pub(crate) fn conn_id(idx: usize, gen: u32) -> ConnId {
-    ConnId(((gen as u64) << 32) | idx as u64)
+/// A connection's id and token: its generation in the upper 32 bits, its loop's index in the
+/// next 8 and its slab index in the low 24 (a loop never holds 2^24 connections: see
+/// [`MAX_SLOTS`]), so ids are unique across the loops of a cluster.
+pub(crate) fn conn_id(member: usize, idx: usize, gen: u32) -> ConnId {
+    ConnId(((gen as u64) << 32) | ((member as u64) << 24) | idx as u64)
+}
+
+/// The slab index and generation in a connection's token or id.
+fn slot_of(id: u64) -> (usize, u32) {
+    ((id & 0xff_ffff) as usize, (id >> 32) as u32)
 }
 
 fn write_error_reason(e: &io::Error) -> CloseReason {
@@ -1239,52 +1316,55 @@ impl<D> Core<D> {
     }
 
     /// Size the fd budget (once, before the first poll): raise the soft limit if configured,
-    /// open the spare descriptor, and derive or check `max_connections`.
+    /// and derive or check `max_connections`.
     fn start_up(&mut self) -> io::Result<()> {
-        self.started = true;
         if self.config.raise_fd_limit {
-            match sys::raise_nofile_limit() {
-                Ok((old, new)) if new > old => {
-                    log::info!("raised the soft RLIMIT_NOFILE from {old} to {new}")
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
-            }
+            raise_fd_limit();
         }
         let (soft, _) = sys::nofile_limit()?;
-        self.spare_fd = File::open("/dev/null").ok();
         let in_use = sys::open_fds()?;
-        self.fd_base = in_use.saturating_sub(self.owned_fds());
+        self.ledger.set_base(in_use);
         let headroom = self.config.fd_headroom;
-        // One more for the descriptor a refused client briefly holds when the budget is full.
-        let reserved = in_use as u64 + headroom as u64 + 1;
-        let budget = soft.saturating_sub(reserved).min(1 << 24) as usize;
-        let wanted = self.config.max_connections;
-        if budget < 2 || wanted > budget {
-            let what = if wanted > 0 {
-                format!("max_connections {wanted} does not fit")
-            } else {
-                "no connection fits".to_string()
-            };
-            return Err(io::Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{what} the file-descriptor budget of {budget}: RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}; raise the limit (ulimit -n, systemd LimitNOFILE) or lower max_connections"
-                ),
-            ));
-        }
-        self.fd_budget = budget;
-        // By default keep an eighth of the budget for answering refused clients.
-        self.max_connections = match wanted {
-            0 => budget - (budget / 8).clamp(1, 1024),
-            m => m,
+        let (budget, max) = plan_budget(soft, in_use, headroom, self.config.max_connections, 1)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?[0];
+        let summary = crate::cluster::Budget {
+            fd_budget: budget,
+            max_connections: max,
+            fd_limit: soft,
+            open: in_use,
+            headroom,
+            loops: 1,
         };
-        log::info!(
-            "fd budget {budget} (RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}): up to {} connections",
-            self.max_connections
-        );
-        self.arm_audit();
+        log::info!("{summary}");
+        self.join_budget(budget, max);
         Ok(())
+    }
+
+    /// Take `budget` descriptors for connections and `max_connections`, and start.
+    pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
+        self.started = true;
+        self.fd_budget = budget;
+        self.max_connections = max_connections;
+        // One audit per process: loop 0's.
+        if self.member == 0 {
+            self.arm_audit();
+        }
+        if self.ledger.loops() > 1 {
+            self.publish();
+        }
+    }
+
+    /// Store this loop's descriptor count in the ledger: after opening one, before closing one
+    /// (see [`Ledger`]).
+    pub(crate) fn fds_changed(&self) {
+        self.ledger.set_owned(self.member, self.owned_fds());
+    }
+
+    /// Publish this loop's snapshot for the other loops of its cluster to render.
+    fn publish(&mut self) {
+        self.ledger.publish(self.member, self.snapshot());
+        self.published_turns = self.stats.loop_turns;
+        self.next_publish = self.now + PUBLISH_MS;
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -1397,13 +1477,8 @@ impl<D> Core<D> {
     /// one another thread held while the baseline was measured) has been closed since: that is
     /// no leak, so the baseline moves down and the difference is zero.
     pub(crate) fn audit(&mut self) -> io::Result<i64> {
-        let open = sys::open_fds()? as i64;
-        let diff = open - self.fd_base as i64 - self.owned_fds() as i64;
-        if diff < 0 {
-            self.fd_base = self.fd_base.saturating_sub(diff.unsigned_abs() as usize);
-            return Ok(0);
-        }
-        Ok(diff)
+        self.fds_changed();
+        self.ledger.audit()
     }
 
     pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
@@ -1543,7 +1618,7 @@ impl<D> Core<D> {
         let now = self.now;
         let conn = &mut self.conns[idx];
         if conn.stall_at <= now {
-            log::debug!("{} write stalled", conn_id(idx, conn.gen));
+            log::debug!("{} write stalled", conn_id(self.member, idx, conn.gen));
             self.end(handler, idx, CloseReason::WriteStall);
             return;
         }
@@ -1606,11 +1681,15 @@ impl<D> Core<D> {
         if let Some(k) = self.audit_timer.take() {
             self.wheel.cancel(k);
         }
+        let mut closing = Vec::new();
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
                 let _ = self.registry.deregister(&mut l);
+                closing.push(l);
             }
         }
+        self.fds_changed();
+        drop(closing);
         if let Some(k) = self.accept_timer.take() {
             self.wheel.cancel(k);
         }
@@ -1656,9 +1735,10 @@ impl<D> Core<D> {
             self.cork.clear();
             self.cork_owner = NONE;
         }
+        self.fds_changed();
         drop(conn.socket);
         if conn.ip_counted {
-            self.admission.release(conn.peer.ip());
+            self.ledger.admission().release(conn.peer.ip());
             self.ip_counted -= 1;
         }
         if conn.shed {
@@ -1668,7 +1748,7 @@ impl<D> Core<D> {
         // A descriptor was freed: accepting may go on.
         self.resume_accept();
         self.check_consistency();
-        let id = conn_id(idx, conn.gen);
+        let id = conn_id(self.member, idx, conn.gen);
         log::debug!(
             "{id} from {} closed: {} after {} ms",
             conn.peer,
@@ -1710,11 +1790,13 @@ impl<D> Core<D> {
                 timed + self.accept_timer.is_some() as usize + self.audit_timer.is_some() as usize,
                 "timer wheel entries without an owner"
             );
-            assert_eq!(
-                self.admission.total(),
-                self.ip_counted,
-                "per-address counts drifted"
-            );
+            if self.ledger.loops() == 1 {
+                assert_eq!(
+                    self.ledger.admission().total(),
+                    self.ip_counted,
+                    "per-address counts drifted"
+                );
+            }
             let shed = self.conns.iter().filter(|(_, c)| c.shed).count();
             assert_eq!(shed, self.shedding, "refused-connection count drifted");
         }
@@ -1723,8 +1805,8 @@ impl<D> Core<D> {
 
 impl<'a, D> Ctx<'a, D> {
     pub(crate) fn locate(&mut self, id: ConnId) -> Option<usize> {
-        let (idx, gen) = ((id.0 & 0xffff_ffff) as usize, (id.0 >> 32) as u32);
-        self.core.alive(idx, gen).then_some(idx)
+        let (idx, gen) = slot_of(id.0);
+        (id.loop_index() == self.core.member && self.core.alive(idx, gen)).then_some(idx)
     }
 
     /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
@@ -1792,7 +1874,7 @@ impl<'a, D> Ctx<'a, D> {
             .conns
             .iter()
             .filter(|(_, c)| c.data.is_some())
-            .map(|(i, c)| conn_id(i, c.gen))
+            .map(|(i, c)| conn_id(self.core.member, i, c.gen))
             .collect()
     }
 

@@ -36,6 +36,7 @@
 
 pub mod admission;
 mod app;
+mod cluster;
 pub mod config;
 
 mod event_loop;
@@ -51,6 +52,7 @@ mod watchdog;
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
+pub use cluster::{Budget, Cluster};
 pub use config::{BackpressurePolicy, Config, ConfigError};
 pub use event_loop::{Server, Stats, ACCEPT_ERRNO_LABELS};
 pub use handle::{Ctx, LoopHandle};

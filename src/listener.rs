@@ -54,11 +54,16 @@ pub fn accept_errno_index(errno: i32) -> usize {
 }
 
 /// Create a non-blocking listener on `addr` with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 (so an
-/// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`.
-pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`;
+/// with `reuse_port`, `SO_REUSEPORT` too, so that each loop of a cluster binds its own listener
+/// on the same port and the kernel spreads connections over them.
+pub(crate) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -68,9 +73,6 @@ pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog.min(cap).min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into()))
 }
-
-/// Slab indices at and above this are reserved as timer-wheel markers (accept, audit).
-const AUDIT_TIMER_FLOOR: usize = (u32::MAX - 1) as usize;
 
 /// How a new connection enters the slab.
 enum Kind {
@@ -190,9 +192,11 @@ impl<D> Core<D> {
         let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
             return;
         };
-        if self.spare_fd.take().is_none() {
+        let Some(spare) = self.spare_fd.take() else {
             return;
-        }
+        };
+        self.fds_changed();
+        drop(spare);
         let answer = refusal(Verdict::ServerFull);
         let mut shed = 0u64;
         while let Ok((mut stream, _)) = listener.accept() {
@@ -203,6 +207,7 @@ impl<D> Core<D> {
         }
         self.stats.refused[Verdict::ServerFull.index()] += shed;
         self.spare_fd = std::fs::File::open("/dev/null").ok();
+        self.fds_changed();
         if shed > 0 {
             if let Some(more) = self.throttle(LOG_SHED, shed) {
                 log::warn!(
@@ -298,7 +303,8 @@ impl<D> Core<D> {
                 false => Err(Verdict::ServerFull),
             }
         } else {
-            self.admission
+            self.ledger
+                .admission()
                 .admit(peer.ip(), self.now, admitted, self.max_connections)
         };
         let verdict = match decision {
@@ -347,7 +353,7 @@ impl<D> Core<D> {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         let mut socket = stream;
-        let token = Token(crate::event_loop::conn_id(idx, gen).0 as usize);
+        let token = Token(crate::event_loop::conn_id(self.member, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,
             Kind::Admitted {
@@ -355,14 +361,14 @@ impl<D> Core<D> {
                 ..
             }
         );
-        if idx >= AUDIT_TIMER_FLOOR
+        if idx >= crate::event_loop::MAX_SLOTS
             || self
                 .registry
                 .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
                 .is_err()
         {
             if ip_counted {
-                self.admission.release(peer.ip());
+                self.ledger.admission().release(peer.ip());
             }
             self.stats.closed[CloseReason::IoError.index()] += 1;
             return; // dropping the socket closes it; nothing else was allocated
@@ -393,6 +399,7 @@ impl<D> Core<D> {
             }
         }
         entry.insert(conn);
+        self.fds_changed();
         self.rearm(idx);
     }
 }

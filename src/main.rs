@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
-    BackpressurePolicy, Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket,
+    BackpressurePolicy, Cluster, Config, Decision, Handler, Message, UpgradeRequest, WebSocket,
 };
 
-/// wsloop: a WebSocket echo server on a single-threaded epoll loop.
+/// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
 ///
 /// Every message a client sends comes back to it. Durations are in seconds (fractions allowed);
 /// 0 disables a timeout where noted. Logging goes to stderr, filtered by RUST_LOG
@@ -76,6 +76,10 @@ struct Args {
     /// Seconds after which an open connection is closed with 1001 (0: never).
     #[arg(long, value_parser = seconds, default_value = "0")]
     max_lifetime: Duration,
+    /// Event loops, one per thread, sharing the port through SO_REUSEPORT (each with its share
+    /// of the fd budget and of --max-connections).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Also serve GET /metrics and GET /healthz on this address (operators only).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
             Forwarded::XForwardedFor => wsloop::config::ForwardedHeader::XForwardedFor,
             Forwarded::Forwarded => wsloop::config::ForwardedHeader::Forwarded,
         },
+        threads: args.threads,
         ..Config::default()
     };
     if let Some(limit) = args.fd_limit {
@@ -203,34 +208,35 @@ fn serve(
     metrics: Option<SocketAddr>,
 ) -> std::io::Result<()> {
     let on_ws = config.serve_metrics;
-    let mut server = Server::new(config, Echo)?;
-    let cannot = |addr: &SocketAddr, e: std::io::Error| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-    };
-    for addr in listen {
-        let bound = server.listen(*addr).map_err(|e| cannot(addr, e))?;
+    let threads = config.threads;
+    // Before the loops start, so that the fd audit counts its descriptors as the process's.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let cluster = Cluster::start(config, listen, metrics, |_| Echo)?;
+    for bound in cluster.local_addrs() {
         log::info!("echo server listening on ws://{bound}");
         if on_ws {
             log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
         }
     }
-    if let Some(addr) = metrics {
-        let bound = server.listen_metrics(addr).map_err(|e| cannot(&addr, e))?;
+    if let Some(bound) = cluster.metrics_addr() {
         log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
     }
-    let handle = server.handle();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let plural = if threads == 1 { "" } else { "s" };
+    log::info!("{} ({threads} thread{plural})", cluster.budget());
+    let handles = cluster.handles().to_vec();
     let signals_handle = signals.handle();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             log::info!("signal {sig}: shutting down");
-            handle.shutdown();
+            for h in &handles {
+                h.shutdown();
+            }
         }
     });
-    let result = server.run();
+    let result = cluster.join();
     signals_handle.close();
     log::info!("stopped");
     result

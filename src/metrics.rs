@@ -46,30 +46,76 @@ pub enum Health {
     Unhealthy(String),
 }
 
-/// A snapshot of what only a scan can tell.
-struct Scan {
+/// What only a scan of the connections can tell.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Scan {
     handshake: usize,
     open: usize,
     closing: usize,
     refusing: usize,
     queued: usize,
     largest_queue: usize,
-    open_fds: Option<usize>,
-    fd_limit: Option<u64>,
+}
+
+/// One loop's counters and scan at one moment: what a loop publishes for the others of its
+/// cluster to render, and what totals are summed from.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) stats: Stats,
+    scan: Scan,
+}
+
+impl Snapshot {
+    /// The totals over loops: counters and gauges add up, the largest queue and the longest
+    /// stall are the largest, accepting counts as paused if any loop has paused it.
+    fn total(parts: &[Snapshot]) -> Snapshot {
+        let mut t = Snapshot::default();
+        for p in parts {
+            let (a, b) = (&mut t.stats, &p.stats);
+            a.accepted += b.accepted;
+            a.connections += b.connections;
+            a.timers += b.timers;
+            add(&mut a.closed, &b.closed);
+            add(&mut a.accept_errors, &b.accept_errors);
+            add(&mut a.refused, &b.refused);
+            a.accept_paused |= b.accept_paused;
+            a.paused_ms += b.paused_ms;
+            a.max_connections += b.max_connections;
+            a.fd_budget += b.fd_budget;
+            a.fds_owned += b.fds_owned;
+            a.messages_received += b.messages_received;
+            a.messages_sent += b.messages_sent;
+            a.bytes_received += b.bytes_received;
+            a.bytes_sent += b.bytes_sent;
+            a.loop_turns += b.loop_turns;
+            a.turn_ns_sum += b.turn_ns_sum;
+            add(&mut a.turn_buckets, &b.turn_buckets);
+            add(&mut a.rejected_status, &b.rejected_status);
+            a.audit_difference = a.audit_difference.max(b.audit_difference);
+            a.handler_panics += b.handler_panics;
+            a.stalls += b.stalls;
+            a.longest_stall_ns = a.longest_stall_ns.max(b.longest_stall_ns);
+            let (a, b) = (&mut t.scan, &p.scan);
+            a.handshake += b.handshake;
+            a.open += b.open;
+            a.closing += b.closing;
+            a.refusing += b.refusing;
+            a.queued += b.queued;
+            a.largest_queue = a.largest_queue.max(b.largest_queue);
+        }
+        t
+    }
+}
+
+fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
 }
 
 impl<D> Core<D> {
     fn scan(&self) -> Scan {
-        let mut s = Scan {
-            handshake: 0,
-            open: 0,
-            closing: 0,
-            refusing: 0,
-            queued: 0,
-            largest_queue: 0,
-            open_fds: sys::open_fds().ok(),
-            fd_limit: sys::nofile_limit().ok().map(|l| l.0),
-        };
+        let mut s = Scan::default();
         for (_, c) in self.conns.iter() {
             if c.shed {
                 s.refusing += 1;
@@ -88,10 +134,30 @@ impl<D> Core<D> {
         s
     }
 
+    /// This loop's counters and scan now (a pause in progress counted in `paused_ms`).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let mut stats = self.stats();
+        if self.accept_paused {
+            stats.paused_ms += self.now.saturating_sub(self.paused_since);
+        }
+        Snapshot {
+            stats,
+            scan: self.scan(),
+        }
+    }
+
     /// Healthy unless accepting is paused, process descriptors have climbed into the headroom
     /// (the high-water mark: limit minus `fd_headroom`), or the fd audit finds a difference.
     pub(crate) fn health(&self) -> Health {
-        if self.accept_paused {
+        let paused = match self.ledger.loops() {
+            1 => self.accept_paused,
+            _ => {
+                Snapshot::total(&self.ledger.snapshots(self.member, self.snapshot()))
+                    .stats
+                    .accept_paused
+            }
+        };
+        if paused {
             return Health::Unhealthy(
                 "accepting is paused (out of file descriptors or memory)".into(),
             );
@@ -103,7 +169,10 @@ impl<D> Core<D> {
                     "{open} file descriptors open, high-water mark {high} (limit {limit})"
                 ));
             }
-            let diff = open as i64 - self.fd_base as i64 - self.owned_fds() as i64;
+            self.fds_changed();
+            let Ok((open, diff)) = self.ledger.difference() else {
+                return Health::Ok;
+            };
             if diff > 0 {
                 return Health::Unhealthy(format!(
                     "fd audit: {open} open, {} accounted for ({diff:+})",
@@ -122,13 +191,10 @@ impl<D> Core<D> {
         self.stats.audit_difference = diff;
         if diff != 0 {
             if was == 0 || self.now >= self.audit_warned_at + 60_000 {
-                let owned = self.owned_fds();
+                let accounted = self.ledger.accounted();
                 log::warn!(
-                    "fd audit: {} descriptors open, {} accounted for ({} owned by the loop, {} before it started): difference {diff:+}",
-                    self.fd_base as i64 + owned as i64 + diff,
-                    self.fd_base + owned,
-                    owned,
-                    self.fd_base
+                    "fd audit: {} descriptors open, {accounted} accounted for (the loops' own and those open before they started): difference {diff:+}",
+                    accounted as i64 + diff,
                 );
                 self.audit_warned_at = self.now;
             }
@@ -139,8 +205,10 @@ impl<D> Core<D> {
 
     /// The metrics in Prometheus text format.
     pub(crate) fn render_metrics(&self) -> String {
-        let st = self.stats();
-        let scan = self.scan();
+        self.fds_changed();
+        let parts = self.ledger.snapshots(self.member, self.snapshot());
+        let total = Snapshot::total(&parts);
+        let (st, scan) = (&total.stats, &total.scan);
         let mut m = Out(String::with_capacity(8192));
 
         m.head(
@@ -225,40 +293,34 @@ impl<D> Core<D> {
             "1 while accepting is paused (out of descriptors or memory).",
             st.accept_paused as u8 as f64,
         );
-        let paused_now = if self.accept_paused {
-            self.now.saturating_sub(self.paused_since)
-        } else {
-            0
-        };
         m.one(
             "wsloop_accept_paused_seconds_total",
             "counter",
             "Seconds spent with accepting paused.",
-            (st.paused_ms + paused_now) as f64 / 1000.0,
+            st.paused_ms as f64 / 1000.0,
         );
-        if let Some(open) = scan.open_fds {
+        if let Ok((open, diff)) = self.ledger.difference() {
             m.one(
                 "wsloop_process_open_fds",
                 "gauge",
                 "File descriptors open in the process (/proc/self/fd).",
                 open as f64,
             );
-            // Negative only transiently (see `Core::audit`, which re-baselines): report 0.
-            let diff = (open as i64 - self.fd_base as i64 - st.fds_owned as i64).max(0);
+            // Negative only transiently (see `Ledger::audit`, which re-baselines): report 0.
             m.one(
                 "wsloop_fd_audit_difference",
                 "gauge",
-                "Open descriptors minus those accounted for (the loop's own plus those open before it started); non-zero means a leak.",
-                diff as f64,
+                "Open descriptors minus those accounted for (the loops' own plus those open before they started); non-zero means a leak.",
+                diff.max(0) as f64,
             );
         }
         m.one(
             "wsloop_fds_accounted",
             "gauge",
-            "Descriptors the loop owns: epoll, waker, listeners, connections, the spare.",
-            st.fds_owned as f64,
+            "Descriptors the loops own: epoll, waker, listeners, connections, the spares.",
+            self.ledger.owned_total() as f64,
         );
-        if let Some(limit) = scan.fd_limit {
+        if let Ok((limit, _)) = sys::nofile_limit() {
             m.one(
                 "wsloop_fd_limit",
                 "gauge",
@@ -365,7 +427,58 @@ impl<D> Core<D> {
             &[],
             st.loop_turns as f64,
         );
+        per_loop(&mut m, &parts);
         m.0
+    }
+}
+
+/// The per-loop series, labelled `loop` (for a cluster's balance; the totals above are what
+/// to alert on).
+fn per_loop(m: &mut Out, parts: &[Snapshot]) {
+    type Get = fn(&Snapshot) -> f64;
+    let series: [(&str, &str, &str, Get); 6] = [
+        (
+            "wsloop_per_loop_connections",
+            "gauge",
+            "Connections held now, per loop.",
+            |p| p.stats.connections as f64,
+        ),
+        (
+            "wsloop_per_loop_connections_max",
+            "gauge",
+            "The loop's share of the connection limit.",
+            |p| p.stats.max_connections as f64,
+        ),
+        (
+            "wsloop_per_loop_fd_budget",
+            "gauge",
+            "The loop's share of the fd budget.",
+            |p| p.stats.fd_budget as f64,
+        ),
+        (
+            "wsloop_per_loop_accepted_total",
+            "counter",
+            "Connections accepted, per loop.",
+            |p| p.stats.accepted as f64,
+        ),
+        (
+            "wsloop_per_loop_messages_received_total",
+            "counter",
+            "Complete messages received, per loop.",
+            |p| p.stats.messages_received as f64,
+        ),
+        (
+            "wsloop_per_loop_busy_seconds_total",
+            "counter",
+            "Time the loop spent dispatching (not waiting).",
+            |p| p.stats.turn_ns_sum as f64 / 1e9,
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        m.head(name, kind, help);
+        for (i, p) in parts.iter().enumerate() {
+            m.line(name, &[("loop", &i.to_string())], get(p));
+        }
     }
 }
 

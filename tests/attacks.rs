@@ -624,8 +624,12 @@ enum Fate {
     Refused(Duration, Option<u16>),
 }
 
-fn fd_exhaustion(name: &str, upgrade: bool) {
-    let w = Wsloop::spawn(name, &["--handshake-timeout", "30"]);
+fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
+    let threads_arg = threads.to_string();
+    let w = Wsloop::spawn(
+        name,
+        &["--handshake-timeout", "30", "--threads", &threads_arg],
+    );
     let m0 = w.metrics();
     let max = m0.get("wsloop_connections_max") as usize;
     let limit = m0.get("wsloop_fd_limit") as usize;
@@ -785,8 +789,20 @@ fn fd_exhaustion(name: &str, upgrade: bool) {
     );
     assert_eq!(m1.get("wsloop_accept_paused"), 0.0);
     assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    if threads > 1 {
+        // Both loops took their share of the storm; the shares add up to the totals.
+        let mut total = (0.0, 0.0);
+        for i in 0..threads {
+            let l = format!("{{loop=\"{i}\"}}");
+            let accepted = m1.get(&format!("wsloop_per_loop_accepted_total{l}"));
+            assert!(accepted > 0.0, "loop {i} accepted nothing");
+            total.0 += m1.get(&format!("wsloop_per_loop_connections_max{l}"));
+            total.1 += m1.get(&format!("wsloop_per_loop_fd_budget{l}"));
+        }
+        assert_eq!(total, (max as f64, m1.get("wsloop_fd_budget")));
+    }
     println!(
-        "fd exhaustion ({}): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; fds baseline {} peak {peak} final {end}; closed {closed:?}; refusals {refusals}",
+        "fd exhaustion ({}, {threads} threads): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; fds baseline {} peak {peak} final {end}; closed {closed:?}; refusals {refusals}",
         if upgrade { "upgrades" } else { "connect only" },
         m0.get("wsloop_fd_budget"),
         refused.len(),
@@ -797,12 +813,19 @@ fn fd_exhaustion(name: &str, upgrade: bool) {
 
 #[test]
 fn fd_exhaustion_connect_only() {
-    fd_exhaustion("fd-exhaustion-connect", false);
+    fd_exhaustion("fd-exhaustion-connect", false, 1);
 }
 
 #[test]
 fn fd_exhaustion_with_upgrades() {
-    fd_exhaustion("fd-exhaustion-upgrade", true);
+    fd_exhaustion("fd-exhaustion-upgrade", true, 1);
+}
+
+/// The same storm against two loops on one port: the budget is split between them, both
+/// fill their share, every descriptor of both is accounted for, and both stop on SIGTERM.
+#[test]
+fn fd_exhaustion_over_two_loops() {
+    fd_exhaustion("fd-exhaustion-threads", true, 2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -173,7 +173,17 @@ impl Wsloop {
             self.wait_baseline();
             let m = self.try_metrics();
             match &m {
-                Ok(m) if m.held() == 1 => return m.clone(),
+                Ok(m) if m.held() == 1 && !m.0.contains_key(OTHER_LOOP) => return m.clone(),
+                Ok(m) if m.held() == 1 => {
+                    // Several loops: the others' figures in these metrics may be up to 250 ms
+                    // old (README, Threads); quiet then still quiet after that is quiet.
+                    thread::sleep(Duration::from_millis(400));
+                    if let Ok(again) = self.try_metrics() {
+                        if again.held() == 1 {
+                            return again;
+                        }
+                    }
+                }
                 Ok(m) => assert!(
                     Instant::now() < deadline,
                     "{}: connections still held: {:?}",
@@ -320,6 +330,9 @@ fn clk_tck() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// A series only a server with more than one loop has.
+const OTHER_LOOP: &str = "wsloop_per_loop_connections{loop=\"1\"}";
 
 /// Parsed `GET /metrics` values, keyed by the series as rendered (`name{label="value"}`).
 #[derive(Clone, Debug)]

@@ -83,6 +83,13 @@ pub struct Recorder {
     seq: u64,
 }
 
+impl Recorder {
+    /// A recorder writing to `rec` (several may share one, as a cluster's loops do).
+    pub fn new(rec: Arc<Mutex<Rec>>, opts: Opts) -> Recorder {
+        Recorder { rec, opts, seq: 0 }
+    }
+}
+
 fn lock(rec: &Mutex<Rec>) -> MutexGuard<'_, Rec> {
     rec.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,0 +1,597 @@
+//! All cores: [`Cluster`] runs N event loops, one per thread, each with its own listener on
+//! the same port (`SO_REUSEPORT`, so the kernel spreads new connections over them), its own
+//! slab, timer wheel and share of the fd budget. What the loops share lives in a [`Ledger`]:
+//! the descriptor accounting behind the fd audit, the per-address admission table (so per-IP
+//! limits hold for the process, as nginx's shared zones do), and the snapshots from which any
+//! loop renders metrics for all of them. Nothing in it is touched per message.
+
+use crate::admission::Admission;
+use crate::app::{ConnId, Handler};
+use crate::config::Config;
+use crate::event_loop::{Server, Stats};
+use crate::handle::LoopHandle;
+use crate::metrics::Snapshot;
+use crate::sys;
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// How a positive fd-audit reading is retried before it counts (see [`Ledger::difference`]).
+const AUDIT_READINGS: usize = 3;
+
+/// What the loops of one process share. A [`Server`] on its own has a ledger of one.
+pub(crate) struct Ledger {
+    /// The clock every loop of the group counts milliseconds from (admission buckets are
+    /// shared, so their times must agree).
+    pub(crate) start: Instant,
+    /// Descriptors the process had open that belong to no loop (measured at start).
+    base: AtomicUsize,
+    /// Per loop: descriptors it owns. A loop stores a new count after opening a descriptor
+    /// and before closing one, so a reader racing with it can only see too few accounted for
+    /// (a positive difference), never too many.
+    owned: Box<[AtomicUsize]>,
+    admission: Mutex<Admission>,
+    /// Per loop: its latest published metrics snapshot.
+    snapshots: Box<[Mutex<Option<Snapshot>>]>,
+}
+
+impl Ledger {
+    pub(crate) fn new(loops: usize, config: &Config) -> Self {
+        let burst = match config.connection_burst_per_ip {
+            0 => config.connection_rate_per_ip,
+            b => b,
+        };
+        Ledger {
+            start: Instant::now(),
+            base: AtomicUsize::new(0),
+            owned: (0..loops).map(|_| AtomicUsize::new(0)).collect(),
+            admission: Mutex::new(Admission::new(
+                config.max_connections_per_ip,
+                config.connection_rate_per_ip,
+                burst,
+            )),
+            snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    pub(crate) fn loops(&self) -> usize {
+        self.owned.len()
+    }
+
+    pub(crate) fn set_owned(&self, member: usize, n: usize) {
+        self.owned[member].store(n, SeqCst);
+    }
+
+    /// Descriptors accounted for: those of no loop plus every loop's own.
+    pub(crate) fn accounted(&self) -> usize {
+        self.base.load(SeqCst) + self.owned_total()
+    }
+
+    /// Descriptors the loops own.
+    pub(crate) fn owned_total(&self) -> usize {
+        self.owned.iter().map(|o| o.load(SeqCst)).sum()
+    }
+
+    /// Set the base from the descriptors open now, when every loop has stored its count.
+    pub(crate) fn set_base(&self, open: usize) {
+        self.base
+            .store(open.saturating_sub(self.owned_total()), SeqCst);
+    }
+
+    pub(crate) fn admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Descriptors open and open minus accounted for, without changing anything. Another
+    /// loop may open a descriptor while `/proc/self/fd` is read and count it only after: such
+    /// a race reads as a positive difference, so a positive reading is taken again (up to
+    /// three readings, the smallest counts). A leak stays; a race does not.
+    pub(crate) fn difference(&self) -> io::Result<(usize, i64)> {
+        self.difference_with(sys::open_fds)
+    }
+
+    fn difference_with(
+        &self,
+        mut open_fds: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<(usize, i64)> {
+        let mut best = (0, i64::MAX);
+        for _ in 0..AUDIT_READINGS {
+            let open = open_fds()?;
+            let diff = open as i64 - self.accounted() as i64;
+            if diff < best.1 {
+                best = (open, diff);
+            }
+            if diff <= 0 || self.loops() == 1 {
+                break;
+            }
+        }
+        Ok(best)
+    }
+
+    /// The audit: like [`Ledger::difference`], but fewer descriptors than accounted for means
+    /// one open at start (the application's, or a transient one another thread held while the
+    /// base was measured) has been closed since: no leak, so the base moves down and the
+    /// difference is zero.
+    pub(crate) fn audit(&self) -> io::Result<i64> {
+        self.audit_with(sys::open_fds)
+    }
+
+    fn audit_with(&self, open_fds: impl FnMut() -> io::Result<usize>) -> io::Result<i64> {
+        let (_, diff) = self.difference_with(open_fds)?;
+        if diff < 0 {
+            let less = diff.unsigned_abs() as usize;
+            let _ = self
+                .base
+                .fetch_update(SeqCst, SeqCst, |b| Some(b.saturating_sub(less)));
+            return Ok(0);
+        }
+        Ok(diff)
+    }
+
+    pub(crate) fn publish(&self, member: usize, snapshot: Snapshot) {
+        *self.snapshots[member]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
+    }
+
+    /// Every loop's snapshot, with `own` (fresh) in place of `member`'s published one. A loop
+    /// that has not published yet counts as empty.
+    pub(crate) fn snapshots(&self, member: usize, own: Snapshot) -> Vec<Snapshot> {
+        let mut own = Some(own);
+        (0..self.loops())
+            .map(|i| match i == member {
+                true => own.take().unwrap_or_default(),
+                false => self.snapshots[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// How the fd budget is split: per loop, the descriptors it may use for connections and its
+/// connection limit. `soft` is RLIMIT_NOFILE, `in_use` the descriptors open now (every loop's
+/// epoll, waker, listeners and spare included), `wanted` the configured `max_connections`
+/// (0: derive it, keeping an eighth of each share, at most 1024, for answering refused
+/// clients). One descriptor per loop is reserved for a refused client it briefly holds when
+/// its share is full.
+pub(crate) fn plan_budget(
+    soft: u64,
+    in_use: usize,
+    headroom: usize,
+    wanted: usize,
+    loops: usize,
+) -> Result<Vec<(usize, usize)>, String> {
+    let reserved = in_use as u64 + headroom as u64 + loops as u64;
+    let budget = soft.saturating_sub(reserved).min(1 << 24) as usize;
+    if budget < 2 * loops || wanted > budget {
+        let what = if wanted > 0 {
+            format!("max_connections {wanted} does not fit")
+        } else {
+            "no connection fits".to_string()
+        };
+        let per = match loops {
+            1 => String::new(),
+            n => format!(" shared by {n} threads"),
+        };
+        return Err(format!(
+            "{what} the file-descriptor budget of {budget}{per}: RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}; raise the limit (ulimit -n, systemd LimitNOFILE) or lower max_connections"
+        ));
+    }
+    let share = |total: usize, i: usize| total / loops + (i < total % loops) as usize;
+    Ok((0..loops)
+        .map(|i| {
+            let b = share(budget, i);
+            let max = match wanted {
+                0 => b - (b / 8).clamp(1, 1024),
+                w => share(w, i),
+            };
+            (b, max)
+        })
+        .collect())
+}
+
+/// How the process's descriptors were budgeted at start (see [`Cluster::budget`]); its
+/// `Display` is the line the loop logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Descriptors the loops may use for connections, in all.
+    pub fd_budget: usize,
+    /// Connections the loops may hold, in all.
+    pub max_connections: usize,
+    /// The soft RLIMIT_NOFILE.
+    pub fd_limit: u64,
+    /// Descriptors open when the budget was measured.
+    pub open: usize,
+    /// [`Config::fd_headroom`].
+    pub headroom: usize,
+    /// Loops sharing the budget.
+    pub loops: usize,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fd budget {} (RLIMIT_NOFILE {}, {} open, headroom {}): up to {} connections",
+            self.fd_budget, self.fd_limit, self.open, self.headroom, self.max_connections
+        )?;
+        if self.loops > 1 {
+            write!(f, " over {} loops", self.loops)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a loop thread tells the starter once its listeners are bound.
+struct Ready<H: Handler> {
+    handle: LoopHandle<H>,
+    bound: Vec<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+/// N event loops on one port, one per thread (see the module docs). Built by
+/// [`Cluster::start`]; stopped by [`Cluster::shutdown`]; waited for by [`Cluster::join`].
+pub struct Cluster<H: Handler> {
+    handles: Vec<LoopHandle<H>>,
+    threads: Vec<JoinHandle<()>>,
+    done: mpsc::Receiver<io::Result<()>>,
+    addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    budget: Budget,
+}
+
+impl<H: Handler + 'static> Cluster<H> {
+    /// Start [`Config::threads`] loops, each listening on every address in `listen` (port 0
+    /// picks a free port, the same for all loops), and loop 0 also on `metrics` for metrics
+    /// and health only. `make_handler(i)` builds loop `i`'s handler on its own thread, so a
+    /// handler need not be `Send`. The soft descriptor limit is raised first (with
+    /// [`Config::raise_fd_limit`]); then the budget, measured once for the process, is split
+    /// between the loops, as is `max_connections`. Returns once every loop is serving, or the
+    /// first error (no loop is left running).
+    pub fn start<F>(
+        config: Config,
+        listen: &[SocketAddr],
+        metrics: Option<SocketAddr>,
+        make_handler: F,
+    ) -> io::Result<Self>
+    where
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        if config.raise_fd_limit {
+            crate::event_loop::raise_fd_limit();
+        }
+        let loops = config.threads;
+        let ledger = Arc::new(Ledger::new(loops, &config));
+        let make_handler = Arc::new(make_handler);
+        let (done_tx, done) = mpsc::channel();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let mut cluster = Cluster {
+            handles: Vec::new(),
+            threads: Vec::new(),
+            done,
+            addrs: listen.to_vec(),
+            metrics_addr: None,
+            budget: Budget {
+                fd_budget: 0,
+                max_connections: 0,
+                fd_limit: 0,
+                open: 0,
+                headroom: config.fd_headroom,
+                loops,
+            },
+        };
+        let mut gates = Vec::new();
+        for i in 0..loops {
+            let (ready_tx, ready_rx) = mpsc::channel::<io::Result<Ready<H>>>();
+            let (gate_tx, gate_rx) = mpsc::channel::<Option<(usize, usize)>>();
+            let config = config.clone();
+            let ledger = ledger.clone();
+            let make_handler = make_handler.clone();
+            let done_tx = done_tx.clone();
+            let started_tx = started_tx.clone();
+            let addrs = cluster.addrs.clone();
+            let metrics = if i == 0 { metrics } else { None };
+            let spawned = std::thread::Builder::new()
+                .name(format!("wsloop-{i}"))
+                .spawn(move || {
+                    let result = member(
+                        config,
+                        ledger,
+                        i,
+                        &addrs,
+                        metrics,
+                        &*make_handler,
+                        ready_tx,
+                        gate_rx,
+                        started_tx,
+                    );
+                    let _ = done_tx.send(result);
+                });
+            let thread = match spawned {
+                Ok(t) => t,
+                Err(e) => {
+                    cluster.abort(gates);
+                    return Err(e);
+                }
+            };
+            cluster.threads.push(thread);
+            let ready = ready_rx.recv().unwrap_or_else(|_| {
+                Err(io::Error::other(format!("loop {i} ended while starting")))
+            });
+            match ready {
+                Ok(r) => {
+                    // The first loop fixed the ports (port 0 picks one); the others share them.
+                    if i == 0 {
+                        cluster.addrs = r.bound;
+                        cluster.metrics_addr = r.metrics;
+                    }
+                    cluster.handles.push(r.handle);
+                    gates.push(gate_tx);
+                }
+                Err(e) => {
+                    cluster.abort(gates);
+                    return Err(e);
+                }
+            }
+        }
+        // Every loop has its epoll, waker, listeners and spare open: measure once, split.
+        let plan = sys::nofile_limit().and_then(|(soft, _)| {
+            let in_use = sys::open_fds()?;
+            ledger.set_base(in_use);
+            plan_budget(
+                soft,
+                in_use,
+                config.fd_headroom,
+                config.max_connections,
+                loops,
+            )
+            .map(|p| (p, soft, in_use))
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))
+        });
+        let (plan, soft, in_use) = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                cluster.abort(gates);
+                return Err(e);
+            }
+        };
+        let b = &mut cluster.budget;
+        (b.fd_limit, b.open) = (soft, in_use);
+        for (fds, max) in &plan {
+            b.fd_budget += fds;
+            b.max_connections += max;
+        }
+        for (gate, share) in gates.iter().zip(plan) {
+            let _ = gate.send(Some(share));
+        }
+        drop(started_tx);
+        // Each loop says when it has its share (and has published its first snapshot).
+        for _ in 0..loops {
+            if started.recv().is_err() {
+                break; // a loop ended; `join` reports why
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// How the descriptors were budgeted at start (log it: operators look for it).
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// The addresses the loops listen on (ports chosen when 0 was asked for).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The metrics-only address loop 0 listens on, if one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// One handle per loop, in loop order (a connection lives on one loop: send to it through
+    /// that loop's handle).
+    pub fn handles(&self) -> &[LoopHandle<H>] {
+        &self.handles
+    }
+
+    /// The handle of the loop that serves connection `id`.
+    pub fn handle_of(&self, id: ConnId) -> Option<&LoopHandle<H>> {
+        self.handles.get(id.loop_index())
+    }
+
+    /// Start a graceful shutdown of every loop.
+    pub fn shutdown(&self) {
+        for h in &self.handles {
+            h.shutdown();
+        }
+    }
+
+    /// Each loop's counters, in loop order (a loop that has ended is left out).
+    pub fn stats(&self) -> Vec<Stats> {
+        self.handles.iter().filter_map(|h| h.stats()).collect()
+    }
+
+    /// The metrics of all loops in Prometheus text format, as `GET /metrics` serves them
+    /// (totals, and per-loop series labelled `loop`), or `None` once loop 0 has ended.
+    pub fn metrics(&self) -> Option<String> {
+        self.handles.first().and_then(|h| h.metrics())
+    }
+
+    /// Wait until every loop has ended. When one fails, the others are shut down, and the
+    /// first error is returned once all have ended.
+    pub fn join(mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        for _ in 0..self.threads.len() {
+            match self.done.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    log::error!("a loop failed: {e}; shutting the others down");
+                    self.shutdown();
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() && first.is_ok() {
+                first = Err(io::Error::other("a loop thread panicked"));
+            }
+        }
+        first
+    }
+
+    /// Starting failed: release the loops that wait at their gate, and wait for them all.
+    fn abort(&mut self, gates: Vec<mpsc::Sender<Option<(usize, usize)>>>) {
+        for g in gates {
+            let _ = g.send(None);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One loop's thread: build the server, bind, report ready, wait at the gate for its share of
+/// the fd budget, run.
+#[allow(clippy::too_many_arguments)]
+fn member<H: Handler + 'static>(
+    config: Config,
+    ledger: Arc<Ledger>,
+    i: usize,
+    addrs: &[SocketAddr],
+    metrics: Option<SocketAddr>,
+    make_handler: &(dyn Fn(usize) -> H + Send + Sync),
+    ready: mpsc::Sender<io::Result<Ready<H>>>,
+    gate: mpsc::Receiver<Option<(usize, usize)>>,
+    started: mpsc::Sender<()>,
+) -> io::Result<()> {
+    let reuse = ledger.loops() > 1;
+    let setup = (|| -> io::Result<(Server<H>, Vec<SocketAddr>, Option<SocketAddr>)> {
+        let mut server = Server::member(config, make_handler(i), ledger, i)?;
+        let mut bound = Vec::new();
+        for addr in addrs {
+            let b = server
+                .listen_with(*addr, reuse)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            bound.push(b);
+        }
+        let metrics =
+            match metrics {
+                Some(addr) => Some(server.listen_metrics(addr).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?),
+                None => None,
+            };
+        Ok((server, bound, metrics))
+    })();
+    let mut server = match setup {
+        Ok((server, bound, metrics)) => {
+            let handle = server.handle();
+            let _ = ready.send(Ok(Ready {
+                handle,
+                bound,
+                metrics,
+            }));
+            server
+        }
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+    };
+    match gate.recv() {
+        Ok(Some((budget, max))) => server.join_budget(budget, max),
+        _ => return Ok(()), // starting failed elsewhere
+    }
+    let _ = started.send(());
+    drop(started);
+    server.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_loop_keeps_the_whole_budget() {
+        // 1024 - (20 open + 32 headroom + 1) = 971, an eighth (121) kept for refusals.
+        assert_eq!(plan_budget(1024, 20, 32, 0, 1), Ok(vec![(971, 850)]));
+        assert_eq!(plan_budget(1024, 20, 32, 500, 1), Ok(vec![(971, 500)]));
+    }
+
+    #[test]
+    fn loops_split_the_budget_and_the_limit() {
+        // 1024 - (20 + 32 + 3) = 969 over 3 loops: 323 each.
+        let p = plan_budget(1024, 20, 32, 0, 3).unwrap();
+        assert_eq!(p, vec![(323, 283); 3]);
+        // 970 over 3: the remainder goes to the first loops; a configured limit likewise.
+        let p = plan_budget(1025, 20, 32, 100, 3).unwrap();
+        assert_eq!(p, vec![(324, 34), (323, 33), (323, 33)]);
+        assert_eq!(p.iter().map(|s| s.0).sum::<usize>(), 970);
+        assert_eq!(p.iter().map(|s| s.1).sum::<usize>(), 100);
+    }
+
+    #[test]
+    fn a_budget_that_does_not_fit_is_refused_with_the_numbers() {
+        let e = plan_budget(64, 40, 20, 0, 2).unwrap_err();
+        assert!(
+            e.contains("no connection fits the file-descriptor budget of 2 shared by 2 threads"),
+            "{e}"
+        );
+        let e = plan_budget(1024, 20, 32, 2000, 1).unwrap_err();
+        assert!(e.contains("max_connections 2000 does not fit"), "{e}");
+        assert!(
+            e.contains("RLIMIT_NOFILE 1024, 20 open, headroom 32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_audit_counts_every_loop_and_moves_the_base_down_only() {
+        let ledger = Ledger::new(2, &Config::default());
+        ledger.set_owned(0, 3);
+        ledger.set_owned(1, 2);
+        ledger.set_base(20);
+        assert_eq!(ledger.accounted(), 20);
+        assert_eq!(ledger.audit_with(|| Ok(20)).unwrap(), 0);
+        // Fewer open than accounted for (something open at start closed): the base moves down.
+        assert_eq!(ledger.audit_with(|| Ok(18)).unwrap(), 0);
+        assert_eq!(ledger.accounted(), 18);
+        // One more open than accounted for at every reading: a leak, and the base stays.
+        assert_eq!(ledger.audit_with(|| Ok(19)).unwrap(), 1);
+        assert_eq!(ledger.accounted(), 18);
+        // A race: the first reading saw a descriptor another loop had not counted yet.
+        let mut readings = [19, 18, 18].into_iter();
+        let (open, diff) = ledger
+            .difference_with(|| Ok(readings.next().unwrap()))
+            .unwrap();
+        assert_eq!((open, diff), (18, 0));
+        // A loop of its own reads once: nothing else changes its counts.
+        let alone = Ledger::new(1, &Config::default());
+        alone.set_owned(0, 4);
+        alone.set_base(10);
+        let mut reads = 0;
+        let (_, diff) = alone
+            .difference_with(|| {
+                reads += 1;
+                Ok(15)
+            })
+            .unwrap();
+        assert_eq!((diff, reads), (5, 1));
+    }
+}

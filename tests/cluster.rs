@@ -1,0 +1,249 @@
+//! Several loops on one port (`Cluster`, `--threads`): connections spread over the loops, ids
+//! name their loop, metrics add up, per-address limits hold for the process, a budget that does
+//! not fit fails cleanly, and shutdown ends every loop and every connection.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use wsloop::{Cluster, Config, Message, SendStatus};
+
+const LOOPS: usize = 2;
+
+fn start(config: Config) -> (Cluster<Recorder>, Arc<Mutex<Rec>>, SocketAddr) {
+    let rec = Arc::new(Mutex::new(Rec::default()));
+    let shared = rec.clone();
+    let cluster = Cluster::start(
+        Config {
+            threads: LOOPS,
+            ..config
+        },
+        &["127.0.0.1:0".parse().unwrap()],
+        None,
+        move |_| Recorder::new(shared.clone(), Opts::default()),
+    )
+    .expect("start the cluster");
+    let addr = cluster.local_addrs()[0];
+    assert_ne!(addr.port(), 0);
+    (cluster, rec, addr)
+}
+
+/// `join` with a bound: a loop that never ends fails the test instead of hanging it.
+fn join(cluster: Cluster<Recorder>) {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(cluster.join());
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("every loop ends after shutdown")
+        .expect("the loops end without error");
+}
+
+/// Scrape `/metrics` until `cond` holds (other loops' figures may be up to 250 ms old).
+fn wait_metrics(addr: SocketAddr, what: &str, cond: impl Fn(&Exposition) -> bool) -> Exposition {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = parse_metrics(&http_get(addr, "/metrics").body);
+        if cond(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn per_loop(m: &Exposition, name: &str) -> Vec<f64> {
+    (0..LOOPS)
+        .map(|i| m.value(name, &[("loop", &i.to_string())]))
+        .collect()
+}
+
+#[test]
+fn loops_share_the_port_and_their_metrics_add_up() {
+    const N: usize = 40;
+    let (cluster, rec, addr) = start(config());
+    let mut clients: Vec<Ws> = (0..N).map(|_| ws(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let text = format!("hello {i}");
+        c.send(tungstenite::Message::text(text.clone())).unwrap();
+        assert_eq!(c.read().unwrap(), tungstenite::Message::text(text));
+    }
+    // The kernel spread the clients over both loops (all 40 on one: odds 2^-39).
+    let stats = cluster.stats();
+    assert_eq!(stats.len(), LOOPS);
+    let held: Vec<usize> = stats.iter().map(|s| s.connections).collect();
+    assert_eq!(held.iter().sum::<usize>(), N, "{held:?}");
+    assert!(
+        held.iter().all(|n| *n > 0),
+        "one loop got every client: {held:?}"
+    );
+    // Ids name their loop, and are unique over the cluster.
+    let opens = rec.lock().unwrap().opens.clone();
+    let mut on_loop = [0; LOOPS];
+    for (id, _) in &opens {
+        on_loop[id.loop_index()] += 1;
+    }
+    assert_eq!(on_loop.to_vec(), held, "ids by loop vs loops' counts");
+    let mut ids: Vec<_> = opens.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N);
+    // A loop's handle reaches its own connections, and no other loop's.
+    let (id, _) = opens[0];
+    let other = &cluster.handles()[1 - id.loop_index()];
+    let push = |h: &wsloop::LoopHandle<Recorder>| {
+        h.query(move |_, ctx| ctx.send(id, Message::Text("pushed")))
+            .unwrap()
+    };
+    assert_eq!(push(cluster.handle_of(id).unwrap()), SendStatus::Queued);
+    assert_eq!(push(other), SendStatus::Closed, "another loop reached {id}");
+
+    // The totals are the sums of the loops, in the metrics any loop serves.
+    let m = wait_metrics(addr, "every loop's connections", |m| {
+        m.value("wsloop_connections", &[("state", "open")]) == N as f64
+    });
+    let conns = per_loop(&m, "wsloop_per_loop_connections");
+    let states: f64 = ["handshake", "open", "closing", "refusing"]
+        .iter()
+        .map(|s| m.value("wsloop_connections", &[("state", s)]))
+        .sum();
+    assert_eq!(conns.iter().sum::<f64>(), states, "{conns:?}");
+    for (total, part) in [
+        ("wsloop_connections_max", "wsloop_per_loop_connections_max"),
+        ("wsloop_fd_budget", "wsloop_per_loop_fd_budget"),
+    ] {
+        let parts = per_loop(&m, part);
+        assert_eq!(m.value(total, &[]), parts.iter().sum::<f64>(), "{total}");
+        assert!((parts[0] - parts[1]).abs() <= 1.0, "{part}: {parts:?}");
+    }
+    assert_eq!(
+        per_loop(&m, "wsloop_per_loop_messages_received_total")
+            .iter()
+            .sum::<f64>(),
+        N as f64
+    );
+    assert_eq!(m.value("wsloop_messages_received_total", &[]), N as f64);
+    // (The fd audit is checked with the binary in tests/attacks.rs: here the clients' own
+    // descriptors are in the same process.)
+
+    // Half leave with a close handshake; shutdown closes the rest with 1001 on both loops.
+    for c in clients.iter_mut().take(N / 2) {
+        c.close(None).unwrap();
+        while c.read().is_ok() {}
+    }
+    {
+        let rec = rec.clone();
+        let deadline = Instant::now() + WAIT;
+        while rec.lock().unwrap().closes.len() < N / 2 {
+            assert!(Instant::now() < deadline, "closes did not reach on_close");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    cluster.shutdown();
+    for c in clients.iter_mut().skip(N / 2) {
+        let code = loop {
+            match c.read() {
+                Ok(tungstenite::Message::Close(f)) => break f.map(|f| f.code),
+                Ok(_) => continue, // the pushed message, or an echo
+                Err(e) => panic!("expected a close frame, got {e}"),
+            }
+        };
+        assert_eq!(code, Some(WsCloseCode::Away));
+    }
+    join(cluster);
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.opens.len(), N);
+    check_open_close_pairs(&rec);
+}
+
+#[test]
+fn per_address_limits_hold_over_all_loops() {
+    const PER_IP: usize = 8;
+    let (cluster, _rec, addr) = start(Config {
+        max_connections_per_ip: PER_IP as u32,
+        ..config()
+    });
+    let mut held: Vec<Ws> = (0..PER_IP).map(|_| ws(addr)).collect();
+    let split: Vec<usize> = cluster.stats().iter().map(|s| s.connections).collect();
+    // Whichever loop the next clients land on, the address is full: the table is shared (with
+    // a table per loop, a loop holding fewer than 8 would admit them).
+    for i in 0..6 {
+        let r = http_request(addr, &upgrade_request(addr));
+        assert_eq!(
+            r.status, 503,
+            "client {i} beyond the limit ({split:?}): {r:?}"
+        );
+    }
+    // A connection leaving frees the address's slot on whichever loop comes next.
+    let mut gone = held.pop().unwrap();
+    gone.close(None).unwrap();
+    while gone.read().is_ok() {}
+    let deadline = Instant::now() + WAIT;
+    let mut again = loop {
+        let mut s = tcp(addr);
+        std::io::Write::write_all(&mut s, upgrade_request(addr).as_bytes()).unwrap();
+        let head = read_head(&mut s);
+        if head.starts_with("HTTP/1.1 101 ") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed slot never came back: {head:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let refused: u64 = cluster.stats().iter().map(|s| s.refused[1]).sum();
+    assert!(refused >= 6, "refusals counted by the loops: {refused}");
+    drop(held);
+    std::io::Write::write_all(&mut again, &close_frame(1000, "")).unwrap();
+    cluster.shutdown();
+    join(cluster);
+}
+
+#[test]
+fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
+    let too_many = Cluster::start(
+        Config {
+            threads: LOOPS,
+            max_connections: 1 << 24,
+            ..config()
+        },
+        &["127.0.0.1:0".parse().unwrap()],
+        None,
+        |_| Recorder::new(Arc::default(), Opts::default()),
+    );
+    let e = too_many.err().expect("a budget that does not fit");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("shared by 2 threads"), "{e}");
+    let fewer_than_loops = Config {
+        threads: 4,
+        max_connections: 3,
+        ..config()
+    };
+    assert!(fewer_than_loops.validate().is_err());
+
+    // One loop does not set SO_REUSEPORT: a cluster cannot join its port, nor it a cluster's.
+    let single = Cluster::start(config(), &["127.0.0.1:0".parse().unwrap()], None, |_| {
+        Recorder::new(Arc::default(), Opts::default())
+    })
+    .unwrap();
+    let port = single.local_addrs()[0];
+    let e = Cluster::start(
+        Config {
+            threads: LOOPS,
+            ..config()
+        },
+        &[port],
+        None,
+        |_| Recorder::new(Arc::default(), Opts::default()),
+    )
+    .err()
+    .expect("the port is taken");
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    single.shutdown();
+    join(single);
+}
