@@ -15,7 +15,10 @@
 #   --warmup S        seconds of load before measuring [1]
 #   --servers LIST    servers to run, in order ["wsloop uws tokio"]; also available:
 #                     wsloop-tuned (wsloop with GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=
-#                     4194304: glibc copies without `rep movsb`, see BENCHMARKS.md)
+#                     4194304: glibc copies without `rep movsb`, see BENCHMARKS.md);
+#                     wsloop-N (wsloop --threads N) and uws-N (uWebSockets.js with N worker
+#                     threads), for the scaling row
+#   --client-threads T  load generator threads for the echo rows [1]
 #   --rows LIST       echo rows as SIZE:N:K ["20:100:1 20:1000:1 20:10000:1 1024:100:1
 #                     1024:1000:1 1024:10000:1 16384:100:1 16384:1000:1 16384:10000:1 20:100:16"]
 #   --idle-n N        connections held for the idle-memory row [10000] (0: skip)
@@ -35,6 +38,7 @@ SERVERS="wsloop uws tokio"
 ROWS="20:100:1 20:1000:1 20:10000:1 1024:100:1 1024:1000:1 1024:10000:1 16384:100:1 16384:1000:1 16384:10000:1 20:100:16"
 IDLE_N=10000
 HANDSHAKE_C=50
+CLIENT_THREADS=1
 PORT=9001
 OUT=""
 PIN=0
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
         --rows) ROWS=$2; shift 2 ;;
         --idle-n) IDLE_N=$2; shift 2 ;;
         --handshake-c) HANDSHAKE_C=$2; shift 2 ;;
+        --client-threads) CLIENT_THREADS=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --pin) PIN=1; shift ;;
@@ -105,7 +110,7 @@ done
 case " $SERVERS " in *" tokio "*) [ -x "$TOKIO" ] || { echo "compare.sh: tokio_echo not built" >&2; exit 1; } ;; esac
 
 case " $SERVERS " in
-    *" uws "*)
+    *" uws "*|*" uws-"*)
         log "installing $UWS_PKG into $TMP/uws"
         mkdir -p "$TMP/uws"
         (cd "$TMP/uws" && npm init -y > /dev/null &&
@@ -129,9 +134,16 @@ start_server() { # $1: wsloop | uws | tokio; sets SERVER_PID
                 --listen "$ADDR" --idle-timeout 0 --shutdown-timeout 1 \
                 --max-message-size "$MAX_MESSAGE" >> "$logf" 2>&1 &
             ;;
-        uws)
+        wsloop-[0-9]*)
+            $SERVER_CPU "$WSLOOP" --listen "$ADDR" --idle-timeout 0 --shutdown-timeout 1 \
+                --max-message-size "$MAX_MESSAGE" --threads "${name#wsloop-}" >> "$logf" 2>&1 &
+            ;;
+        uws|uws-[0-9]*)
+            local workers=1
+            [ "$name" = uws ] || workers=${name#uws-}
             NODE_PATH="$TMP/uws/node_modules" $SERVER_CPU node benches/uws_echo.js \
-                --listen "$ADDR" --max-message-size "$MAX_MESSAGE" >> "$logf" 2>&1 &
+                --listen "$ADDR" --max-message-size "$MAX_MESSAGE" --workers "$workers" \
+                >> "$logf" 2>&1 &
             ;;
         tokio)
             $SERVER_CPU "$TOKIO" --listen "$ADDR" --max-message-size "$MAX_MESSAGE" >> "$logf" 2>&1 &
@@ -206,7 +218,8 @@ for row in $ROWS; do
         for s in $SERVERS; do
             log "echo size=$size n=$n k=$k round $r/$ROUNDS: $s"
             start_server "$s"
-            run_loadgen "$s" echo -s "$size" -n "$n" -k "$k" --warmup "$WARMUP" --duration "$DURATION"
+            run_loadgen "$s" echo -s "$size" -n "$n" -k "$k" --warmup "$WARMUP" \
+                --duration "$DURATION" --threads "$CLIENT_THREADS"
             stop_server
         done
     done

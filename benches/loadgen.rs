@@ -118,6 +118,10 @@ struct EchoArgs {
     /// Do not compare echoed payloads with what was sent (lengths and opcodes are still checked).
     #[arg(long)]
     no_verify: bool,
+    /// Client threads, each with its own poll and an equal share of the connections (for
+    /// servers on several cores).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Args, Debug)]
@@ -248,7 +252,11 @@ impl CpuWindow {
 
     /// Append server_user_s, server_sys_s, server_cpu_pct, per-op µs and client_cpu_pct.
     fn finish(&self, ops: u64, out: &mut String) {
-        let wall = self.t0.elapsed().as_secs_f64();
+        self.finish_over(ops, self.t0.elapsed().as_secs_f64(), out);
+    }
+
+    /// As [`CpuWindow::finish`], with percentages over `wall` seconds.
+    fn finish_over(&self, ops: u64, wall: f64, out: &mut String) {
         let client = self_cpu() - self.self0;
         if let (Some(c0), Some(c1)) = (self.precise0, self.pid.and_then(proc_cpu_precise)) {
             let _ = write!(
@@ -665,7 +673,106 @@ enum Phase {
     Measure,
 }
 
+/// What one echo worker measured.
+struct EchoOut {
+    open: usize,
+    measured: u64,
+    hist: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// The echo mode: `--threads` workers, each with its own `Poll` and its share of the
+/// connections, measuring the same window (they open their connections, then start together).
 fn echo(a: EchoArgs) -> Result<(), String> {
+    let c = &a.common;
+    let threads = a.threads.max(1);
+    if a.count.is_some() && threads > 1 {
+        return Err("--count runs on one thread".into());
+    }
+    if a.connections < threads {
+        return Err("fewer connections than threads".into());
+    }
+    // Every worker opens its connections; then the clock starts for all of them at once.
+    let opened = std::sync::Barrier::new(threads + 1);
+    let go = std::sync::Barrier::new(threads + 1);
+    let start_cell = std::sync::Mutex::new(None::<Instant>);
+    let warmup = if a.count.is_some() { 0.0 } else { a.warmup };
+    let outs = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let n = a.connections / threads + (t < a.connections % threads) as usize;
+                let (a, opened, go, start_cell) = (&a, &opened, &go, &start_cell);
+                scope.spawn(move || {
+                    echo_worker(a, n, &|| {
+                        opened.wait();
+                        go.wait();
+                        start_cell.lock().unwrap().expect("start time")
+                    })
+                })
+            })
+            .collect();
+        opened.wait();
+        let start = Instant::now();
+        *start_cell.lock().unwrap() = Some(start);
+        go.wait();
+        // The server's CPU over the measured window (a count run measures from the start).
+        let measure_at = start + Duration::from_secs_f64(warmup);
+        std::thread::sleep(measure_at.saturating_duration_since(Instant::now()));
+        let cpu = CpuWindow::start(c.server_pid);
+        let outs: Vec<Result<EchoOut, String>> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("worker panicked".into())))
+            .collect();
+        (outs, cpu)
+    });
+    let (outs, cpu) = outs;
+    let mut total = EchoOut {
+        open: 0,
+        measured: 0,
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+            .map_err(|e| format!("histogram: {e}"))?,
+        errors: BTreeMap::new(),
+    };
+    for out in outs {
+        let out = out?;
+        total.open += out.open;
+        total.measured += out.measured;
+        total.hist.add(&out.hist).map_err(|e| format!("histogram: {e}"))?;
+        for (k, v) in out.errors {
+            *total.errors.entry(k).or_insert(0) += v;
+        }
+    }
+    let wall = match a.count {
+        Some(_) => cpu.t0.elapsed().as_secs_f64(),
+        None => a.duration,
+    };
+    let (measured, hist, still_open) = (total.measured, &total.hist, total.open);
+    let k = a.pipeline.max(1);
+    let mut line = format!(
+        "RESULT mode=echo server={} n={} size={} k={} open={still_open} seconds={wall:.2} echoes={measured} msgs_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+        c.label,
+        a.connections,
+        a.size,
+        k,
+        measured as f64 / wall,
+        hist.value_at_quantile(0.50) as f64 / 1e3,
+        hist.value_at_quantile(0.99) as f64 / 1e3,
+        hist.value_at_quantile(0.999) as f64 / 1e3,
+        hist.max() as f64 / 1e3,
+    );
+    if threads > 1 {
+        let _ = write!(line, " client_threads={threads}");
+    }
+    line.push_str(&errors_field(&total.errors));
+    cpu.finish_over(measured, wall, &mut line);
+    println!("{line}");
+    eprintln!("[{}] {}", c.label, human(&line));
+    Ok(())
+}
+
+/// One echo worker: open `n` connections, call `ready` (which returns the shared start time),
+/// load them until the end of the window.
+fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<EchoOut, String> {
     let c = &a.common;
     let k = a.pipeline.max(1);
     let op = if a.text { 1 } else { 2 };
@@ -682,12 +789,12 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     let mut buf = vec![0u8; RECV_BUF];
     let setup_start = Instant::now();
     let (mut clients, mut errors) =
-        open_all(&mut poll, &mut events, c, a.connections, &mut buf).map_err(|e| e.to_string())?;
+        open_all(&mut poll, &mut events, c, n, &mut buf).map_err(|e| e.to_string())?;
     let setup_s = setup_start.elapsed().as_secs_f64();
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     eprintln!(
-        "[{}] echo: {open}/{} connections open in {setup_s:.2} s",
-        c.label, a.connections
+        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s",
+        c.label
     );
     if open == 0 {
         return Err(format!("no connection opened: {errors:?}"));
@@ -704,13 +811,11 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     } else {
         Phase::Warmup
     };
-    let start = Instant::now();
+    let start = ready();
     let measure_at =
         start + Duration::from_secs_f64(if a.count.is_some() { 0.0 } else { a.warmup });
     let end_at = measure_at + Duration::from_secs_f64(a.duration);
     let hard_end = start + Duration::from_secs_f64(a.warmup + a.duration + 120.0);
-    let mut cpu = CpuWindow::start(c.server_pid);
-    let mut window_start = Instant::now();
 
     // Start: K messages on every open connection.
     let now = Instant::now();
@@ -740,8 +845,6 @@ fn echo(a: EchoArgs) -> Result<(), String> {
                 phase = Phase::Measure;
                 hist.reset();
                 measured = 0;
-                cpu = CpuWindow::start(c.server_pid);
-                window_start = now;
             }
             if phase == Phase::Measure && now >= end_at {
                 break;
@@ -835,26 +938,14 @@ fn echo(a: EchoArgs) -> Result<(), String> {
             }
         }
     }
-    let wall = window_start.elapsed().as_secs_f64();
-    let still_open = clients.iter().filter(|cl| cl.st == St::Open).count();
-    let mut line = format!(
-        "RESULT mode=echo server={} n={} size={} k={} open={still_open} seconds={wall:.2} echoes={measured} msgs_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
-        c.label,
-        a.connections,
-        a.size,
-        k,
-        measured as f64 / wall,
-        hist.value_at_quantile(0.50) as f64 / 1e3,
-        hist.value_at_quantile(0.99) as f64 / 1e3,
-        hist.value_at_quantile(0.999) as f64 / 1e3,
-        hist.max() as f64 / 1e3,
-    );
-    line.push_str(&errors_field(&errors));
-    cpu.finish(measured, &mut line);
+    let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     drop(clients);
-    println!("{line}");
-    eprintln!("[{}] {}", c.label, human(&line));
-    Ok(())
+    Ok(EchoOut {
+        open,
+        measured,
+        hist,
+        errors,
+    })
 }
 
 /// Write as much of the client's queued frames as the socket takes.

@@ -6,10 +6,15 @@
 // loads the native binary itself first and refuses to run (exit 3) unless the package's export
 // is that very native module.
 //
-//   node benches/uws_echo.js [--listen 127.0.0.1:9001] [--max-message-size BYTES]
+//   node benches/uws_echo.js [--listen 127.0.0.1:9001] [--max-message-size BYTES] [--workers N]
+//
+// With --workers N (the peer of `wsloop --threads N`), N worker threads each run their own App
+// listening on the same port; µSockets sets SO_REUSEPORT on Linux, so the kernel spreads the
+// connections over them, as it does over wsloop's loops.
 "use strict";
 
 const path = require("path");
+const { Worker, isMainThread, workerData } = require("worker_threads");
 
 function refuse(why) {
   console.error(`uws_echo: REFUSING TO RUN: ${why}`);
@@ -18,12 +23,16 @@ function refuse(why) {
 
 let listen = "127.0.0.1:9001";
 let maxMessage = 64 * 1024;
-const argv = process.argv.slice(2);
+let workers = 1;
+const argv = isMainThread ? process.argv.slice(2) : workerData.argv;
 for (let i = 0; i < argv.length; i += 2) {
   if (argv[i] === "--listen" && argv[i + 1]) listen = argv[i + 1];
   else if (argv[i] === "--max-message-size" && argv[i + 1]) maxMessage = Number(argv[i + 1]);
+  else if (argv[i] === "--workers" && Number(argv[i + 1]) >= 1) workers = Number(argv[i + 1]);
   else {
-    console.error("usage: node uws_echo.js [--listen HOST:PORT] [--max-message-size BYTES]");
+    console.error(
+      "usage: node uws_echo.js [--listen HOST:PORT] [--max-message-size BYTES] [--workers N]"
+    );
     process.exit(2);
   }
 }
@@ -55,6 +64,22 @@ if (uWS !== native || typeof native.App !== "function") {
   refuse(`${PKG} did not export its native binary ${binary} (pure-JS fallback)`);
 }
 
+if (isMainThread && workers > 1) {
+  // Each worker checks the native binary again and serves on its own thread; this thread only
+  // waits. A worker that fails takes the whole peer down, so a benchmark never runs short.
+  for (let i = 0; i < workers; i++) {
+    const args = ["--listen", listen, "--max-message-size", String(maxMessage)];
+    const w = new Worker(__filename, { workerData: { argv: args, index: i } });
+    w.on("error", (e) => refuse(`worker ${i}: ${e.message}`));
+    w.on("exit", (code) => {
+      console.error(`uws_echo: worker ${i} exited with ${code}`);
+      process.exit(code || 1);
+    });
+  }
+  return;
+}
+const who = isMainThread ? "" : ` (worker ${workerData.index})`;
+
 uWS
   .App()
   .ws("/*", {
@@ -75,6 +100,6 @@ uWS
     const version = require(`${PKG}/package.json`).version;
     console.error(
       `uws_echo: native µWebSockets (${PKG} ${version}, ${path.basename(binary)}) on Node ` +
-        `${process.version} listening on ws://${listen}`
+        `${process.version} listening on ws://${listen}${who}`
     );
   });
