@@ -192,8 +192,7 @@ fn proc_cpu(pid: u32) -> Option<(f64, f64)> {
     // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = wsloop::sys::clock_ticks_per_second() as f64;
     Some((utime / hz, stime / hz))
 }
 
@@ -222,12 +221,7 @@ fn proc_rss_kib(pid: u32) -> Option<u64> {
 
 /// Our own CPU time so far (user + system) in seconds.
 fn self_cpu() -> f64 {
-    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage struct; RUSAGE_SELF is a valid target.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    wsloop::sys::self_cpu_seconds()
 }
 
 /// CPU of the server and of the load generator over one measured window.
@@ -737,7 +731,10 @@ fn echo(a: EchoArgs) -> Result<(), String> {
         let out = out?;
         total.open += out.open;
         total.measured += out.measured;
-        total.hist.add(&out.hist).map_err(|e| format!("histogram: {e}"))?;
+        total
+            .hist
+            .add(&out.hist)
+            .map_err(|e| format!("histogram: {e}"))?;
         for (k, v) in out.errors {
             *total.errors.entry(k).or_insert(0) += v;
         }

@@ -1,5 +1,6 @@
 //! Everything wsloop asks of the operating system beyond sockets: the file-descriptor limit and
-//! the count of open descriptors. Every `unsafe` block of the crate lives here.
+//! the count of open descriptors; and, for the project's tests and benchmarks, signals to
+//! child processes and CPU time. Every `unsafe` block of the project lives here.
 
 use std::io;
 
@@ -59,6 +60,56 @@ pub fn open_fds() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?
         .count()
         .saturating_sub(1))
+}
+
+/// Send `signal` to process `pid` (a negative `pid`: to the process group `-pid`). The caller
+/// makes sure the pid is still its own (a child not yet reaped).
+pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    match unsafe { libc::kill(pid, signal) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Whether child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`): its pid and
+/// process group stay reserved until the caller waits for it.
+pub fn child_exited(pid: u32) -> bool {
+    // SAFETY: an all-zero siginfo_t is a valid value for waitid to overwrite.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t; the flags only query.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid succeeded, so `info` holds a SIGCHLD siginfo (or zeroes when no child
+    // changed state), whose si_pid field is what it filled in.
+    r == 0 && unsafe { info.si_pid() } != 0
+}
+
+/// Clock ticks per second, the unit of utime and stime in `/proc/PID/stat`.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as u64
+    } else {
+        100
+    }
+}
+
+/// This process's CPU time so far, user and system together, in seconds (all its threads).
+pub fn self_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage struct; RUSAGE_SELF is a valid target.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// The kernel's cap on listen backlogs (`net.core.somaxconn`), if readable.

@@ -648,18 +648,7 @@ impl Group {
         if self.status.is_some() {
             return true;
         }
-        // SAFETY: waitid on our own child's pid with a zeroed siginfo_t it fills in; WNOWAIT
-        // leaves the child unreaped.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let r = libc::waitid(
-                libc::P_PID,
-                self.child.id(),
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            );
-            r == 0 && info.si_pid() != 0
-        }
+        wsloop::sys::child_exited(self.child.id())
     }
 
     /// Kill the whole group (the child and whatever it started), then reap the child.
@@ -667,8 +656,8 @@ impl Group {
         if self.status.is_some() {
             return;
         }
-        // SAFETY: kill(2) on the process group our unreaped child leads.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        // The process group our unreaped child leads.
+        let _ = wsloop::sys::kill(-(self.child.id() as i32), libc::SIGKILL);
         self.status = self.child.wait().ok();
     }
 }

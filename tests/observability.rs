@@ -417,8 +417,8 @@ fn run_promtool(tool: &Path, args: &[&str], stdin: &str) -> (bool, String) {
     let out = rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
-            // SAFETY: kill(2) on the pid of the child we spawned and have not reaped yet.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // The child we spawned and have not reaped yet.
+            let _ = wsloop::sys::kill(pid as i32, libc::SIGKILL);
             panic!("promtool {args:?} did not finish within 60 s")
         })
         .expect("promtool output");
@@ -992,9 +992,8 @@ impl Child {
 
     /// SIGTERM, then wait (bounded) for a successful exit.
     fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-        let rc = unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        // Our own child, which has not been reaped.
+        wsloop::sys::kill(self.pid() as i32, libc::SIGTERM).expect("kill");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
