@@ -239,7 +239,8 @@ struct Ready<H: Handler> {
 }
 
 /// N event loops on one port, one per thread (see the module docs). Built by
-/// [`Cluster::start`]; stopped by [`Cluster::shutdown`]; waited for by [`Cluster::join`].
+/// [`Cluster::start`]; stopped by [`Cluster::shutdown`] (or by dropping it); waited for by
+/// [`Cluster::join`].
 pub struct Cluster<H: Handler> {
     handles: Vec<LoopHandle<H>>,
     threads: Vec<JoinHandle<()>>,
@@ -459,6 +460,22 @@ impl<H: Handler + 'static> Cluster<H> {
     fn abort(&mut self, gates: Vec<mpsc::Sender<Option<(usize, usize)>>>) {
         for g in gates {
             let _ = g.send(None);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<H: Handler> Drop for Cluster<H> {
+    /// A cluster dropped without [`Cluster::join`] shuts its loops down and waits for them (up
+    /// to their shutdown timeout), rather than leaving threads nobody can stop.
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        for h in &self.handles {
+            h.shutdown();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -247,3 +247,31 @@ fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
     single.shutdown();
     join(single);
 }
+
+#[test]
+fn dropping_a_cluster_shuts_every_loop_down() {
+    let (cluster, rec, addr) = start(config());
+    let mut clients: Vec<Ws> = (0..8).map(|_| ws(addr)).collect();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        drop(cluster);
+        let _ = tx.send(());
+    });
+    for c in &mut clients {
+        let code = loop {
+            match c.read() {
+                Ok(tungstenite::Message::Close(f)) => break f.map(|f| f.code),
+                Ok(_) => continue,
+                Err(e) => panic!("expected a close frame, got {e}"),
+            }
+        };
+        assert_eq!(code, Some(WsCloseCode::Away));
+    }
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("drop returns once every loop has ended");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still listening after the drop"
+    );
+    check_open_close_pairs(&rec.lock().unwrap());
+}
