@@ -12,7 +12,7 @@ use std::time::Duration;
 use tungstenite::protocol::frame::coding::CloseCode as TCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as TMsg;
-use wsloop::{CloseCode, CloseReason, Config, Message, SendStatus};
+use wsloop::{CloseCode, CloseReason, Config, ConnId, Message, SendStatus};
 
 /// Read with tungstenite until the server closes the TCP connection; return the close frame
 /// received on the way, if any.
@@ -26,6 +26,14 @@ fn read_until_closed(ws: &mut Ws) -> Option<CloseFrame> {
             Err(e) => panic!("reading until closed: {e}"),
         }
     }
+}
+
+/// Wait until the first connection has closed; `on_close` got `code` and `reason` for `id`.
+fn wait_close_of(server: &TestServer, id: ConnId, code: u16, reason: &str) {
+    server.wait_closes(1);
+    let r = server.rec();
+    let c = &r.closes_of(id)[0];
+    assert_eq!((c.code, c.reason.as_str()), (code, reason));
 }
 
 fn expect_text(ws: &mut Ws, text: &str) {
@@ -51,14 +59,8 @@ fn client_starts_close_handshake() {
     let echoed = read_until_closed(&mut ws).expect("server answered with a close frame");
     assert_eq!(u16::from(echoed.code), 4321);
     drop(ws);
-    server.wait_closes(1);
-    {
-        let r = server.rec();
-        let c = &r.closes_of(id)[0];
-        assert_eq!((c.code, c.reason.as_str()), (4321, "done"));
-    }
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+    wait_close_of(&server, id, 4321, "done");
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
 #[test]
@@ -74,10 +76,8 @@ fn client_close_without_code_is_1005() {
         "an empty close is answered with an empty close"
     );
     expect_eof(&mut s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1005);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+    server.wait_close_code(1005);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
 #[test]
@@ -89,14 +89,8 @@ fn server_starts_close_handshake() {
     let f = read_until_closed(&mut ws).expect("close frame");
     assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye"));
     drop(ws);
-    server.wait_closes(1);
-    {
-        let r = server.rec();
-        let c = &r.closes_of(id)[0];
-        assert_eq!((c.code, c.reason.as_str()), (4000, "bye"));
-    }
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+    wait_close_of(&server, id, 4000, "bye");
+    server.finish_closed(&[(CloseReason::ClosedByServer, 1)]);
 }
 
 #[test]
@@ -122,8 +116,7 @@ fn server_close_reports_our_code_even_if_the_reply_differs() {
             (4000, "bye")
         );
     }
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+    server.finish_closed(&[(CloseReason::ClosedByServer, 1)]);
 }
 
 #[test]
@@ -153,10 +146,8 @@ fn client_close_behind_a_backlog_delivers_everything_first() {
     }
     assert_eq!(expect_close(&mut s).0, 4005);
     expect_eof(&mut s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 4005);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+    server.wait_close_code(4005);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,10 +163,8 @@ fn client_half_close_still_receives_what_it_is_owed() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(expect_frame(&mut s, OP_TEXT), b"last words");
     expect_eof(&mut s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1006);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+    server.wait_close_code(1006);
+    server.finish_closed(&[(CloseReason::Abnormal, 1)]);
 }
 
 #[test]
@@ -191,8 +180,7 @@ fn tungstenite_client_dropped_without_close_is_1006() {
         assert_eq!(r.closes.len(), 1);
         assert_eq!(r.closes[0].code, 1006);
     }
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+    server.finish_closed(&[(CloseReason::Abnormal, 1)]);
 }
 
 #[test]
@@ -203,11 +191,9 @@ fn raw_client_dropped_mid_frame_is_1006() {
     let f = frame(true, OP_BINARY, &bytes(1000, 1));
     s.write_all(&f[..300]).unwrap();
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1006);
+    server.wait_close_code(1006);
     assert_eq!(server.rec().messages, 0);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+    server.finish_closed(&[(CloseReason::Abnormal, 1)]);
 }
 
 #[test]
@@ -220,10 +206,8 @@ fn raw_client_reset_is_1006() {
     let mut buf = [0u8; 1];
     assert_eq!(s.peek(&mut buf).unwrap(), 1, "the echo arrived");
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1006);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Abnormal, 1)]);
+    server.wait_close_code(1006);
+    server.finish_closed(&[(CloseReason::Abnormal, 1)]);
 }
 
 #[test]
@@ -232,10 +216,8 @@ fn handler_terminate_drops_without_close_frame() {
     let mut s = raw_ws(server.addr);
     s.write_all(&frame(true, OP_TEXT, b"terminate-me")).unwrap();
     assert!(expect_eof(&mut s).is_empty(), "no close frame on terminate");
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1006);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Terminated, 1)]);
+    server.wait_close_code(1006);
+    server.finish_closed(&[(CloseReason::Terminated, 1)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,10 +234,8 @@ fn idle_client_gets_ping_then_close_1001() {
     assert_eq!(expect_close(&mut s).0, 1001);
     expect_eof(&mut s);
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1001);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::IdleTimeout, 1)]);
+    server.wait_close_code(1001);
+    server.finish_closed(&[(CloseReason::IdleTimeout, 1)]);
 }
 
 #[test]
@@ -280,8 +260,7 @@ fn client_answering_pings_stays_connected() {
     s.write_all(&close_frame(1000, "")).unwrap();
     expect_close(&mut s);
     expect_eof(&mut s);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
 #[test]
@@ -295,10 +274,8 @@ fn unanswered_server_close_times_out() {
     assert_eq!(expect_close(&mut s), (4000, "bye".to_string()));
     expect_eof(&mut s); // never answered: the server gives up after the close timeout
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1006);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::CloseTimeout, 1)]);
+    server.wait_close_code(1006);
+    server.finish_closed(&[(CloseReason::CloseTimeout, 1)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,10 +328,8 @@ fn loop_handle_sends_posts_and_closes_from_another_thread() {
         (4001, "from handle")
     );
     drop(ws);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 4001);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::ClosedByServer, 1)]);
+    server.wait_close_code(4001);
+    server.finish_closed(&[(CloseReason::ClosedByServer, 1)]);
 }
 
 #[test]
@@ -365,8 +340,7 @@ fn loop_handle_terminate() {
     server.handle.terminate(id);
     assert!(expect_eof(&mut s).is_empty());
     server.wait_closes(1);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Terminated, 1)]);
+    server.finish_closed(&[(CloseReason::Terminated, 1)]);
 }
 
 #[test]
@@ -416,8 +390,7 @@ fn stale_id_never_reaches_the_connection_reusing_its_slot() {
     b.close(None).unwrap();
     read_until_closed(&mut b);
     drop(b);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::PeerClosed, 2)]);
+    server.finish_closed(&[(CloseReason::PeerClosed, 2)]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,8 +39,7 @@ fn violation_in_writes(writes: &[&[u8]], code: u16) {
         assert_eq!(closes[0].code, code);
         assert_eq!(r.messages, 0, "no message may be delivered");
     }
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Protocol(CloseCode(code)), 1)]);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(code)), 1)]);
 }
 
 #[test]
@@ -72,12 +71,14 @@ fn continuation_without_start_is_1002() {
 
 #[test]
 fn new_data_frame_inside_fragments_is_1002() {
-    let mut w = frame(false, OP_TEXT, b"start");
-    w.extend(frame(true, OP_TEXT, b"again"));
-    violation(&w, 1002);
-    let mut w = frame(false, OP_BINARY, b"start");
-    w.extend(frame(false, OP_BINARY, b"again"));
-    violation(&w, 1002);
+    violation(
+        &frames(&[(false, OP_TEXT, b"start"), (true, OP_TEXT, b"again")]),
+        1002,
+    );
+    violation(
+        &frames(&[(false, OP_BINARY, b"start"), (false, OP_BINARY, b"again")]),
+        1002,
+    );
 }
 
 #[test]
@@ -101,13 +102,15 @@ fn invalid_utf8_text_is_1007() {
 
 #[test]
 fn invalid_utf8_across_fragments_is_1007() {
-    let mut w = frame(false, OP_TEXT, b"ok \xce");
-    w.extend(frame(true, OP_CONT, b"\xff"));
-    violation(&w, 1007);
+    violation(
+        &frames(&[(false, OP_TEXT, b"ok \xce"), (true, OP_CONT, b"\xff")]),
+        1007,
+    );
     // Truncated code point at the end of the message.
-    let mut w = frame(false, OP_TEXT, b"ok");
-    w.extend(frame(true, OP_CONT, b"\xe2\x82"));
-    violation(&w, 1007);
+    violation(
+        &frames(&[(false, OP_TEXT, b"ok"), (true, OP_CONT, b"\xe2\x82")]),
+        1007,
+    );
 }
 
 #[test]
@@ -115,10 +118,12 @@ fn message_over_max_size_is_1009() {
     violation(&frame(true, OP_BINARY, &bytes(MAX + 1, 1)), 1009);
     violation(&frame(true, OP_TEXT, text(MAX + 1, 1).as_bytes()), 1009);
     // Fragments that add up to more than the limit.
-    let mut w = frame(false, OP_BINARY, &bytes(MAX / 2, 2));
-    w.extend(frame(false, OP_CONT, &bytes(MAX / 2, 3)));
-    w.extend(frame(true, OP_CONT, b"!"));
-    violation(&w, 1009);
+    let parts = frames(&[
+        (false, OP_BINARY, &bytes(MAX / 2, 2)),
+        (false, OP_CONT, &bytes(MAX / 2, 3)),
+        (true, OP_CONT, b"!"),
+    ]);
+    violation(&parts, 1009);
 }
 
 #[test]
@@ -166,8 +171,7 @@ fn violation_after_valid_messages_still_closes_once() {
     server.wait_closes(1);
     assert_eq!(server.rec().messages, 2);
     assert_eq!(server.rec().closes[0].code, 1002);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Protocol(CloseCode(1002)), 1)]);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(1002)), 1)]);
 }
 
 #[test]
@@ -190,10 +194,8 @@ fn oversized_message_with_payload_in_flight_still_gets_1009() {
     expect_eof(&mut s);
     t.join().unwrap();
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1009);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Protocol(CloseCode(1009)), 1)]);
+    server.wait_close_code(1009);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(1009)), 1)]);
 }
 
 #[test]
@@ -211,10 +213,8 @@ fn violation_with_unread_input_ends_with_fin_not_reset() {
     assert_eq!(expect_close(&mut s).0, 1009);
     expect_eof(&mut s);
     drop(s);
-    server.wait_closes(1);
-    assert_eq!(server.rec().closes[0].code, 1009);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Protocol(CloseCode(1009)), 1)]);
+    server.wait_close_code(1009);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(1009)), 1)]);
 }
 
 #[test]
@@ -234,8 +234,7 @@ fn violation_followed_by_client_fin_ends_promptly() {
     server.wait_closes(1);
     assert_eq!(server.rec().closes_of(id)[0].code, 1002);
     drop(s);
-    let stats = server.finish();
-    assert_closed(&stats, &[(CloseReason::Protocol(CloseCode(1002)), 1)]);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(1002)), 1)]);
 }
 
 #[test]

@@ -304,6 +304,22 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Wait until the first connection has closed, and check the code `on_close` got for it.
+    pub fn wait_close_code(&self, code: u16) {
+        self.wait_closes(1);
+        assert_eq!(self.rec().closes[0].code, code);
+    }
+
+    /// [`TestServer::finish`], then check that the close reasons counted are exactly
+    /// `expected` (see [`assert_closed`]).
+    pub fn finish_closed(self, expected: &[(CloseReason, u64)]) -> Stats {
+        let stats = self.finish();
+        assert_closed(&stats, expected);
+        stats
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         // A failing test must not leave its loop running (the test binary would not exit).
@@ -455,6 +471,14 @@ pub fn frame_raw(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
 /// A masked client frame.
 pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame_raw(((fin as u8) << 7) | opcode, payload, Some(MASK))
+}
+
+/// Masked client frames, `(fin, opcode, payload)` each, one after the other (for one write).
+pub fn frames(parts: &[(bool, u8, &[u8])]) -> Vec<u8> {
+    parts
+        .iter()
+        .flat_map(|&(fin, opcode, payload)| frame(fin, opcode, payload))
+        .collect()
 }
 
 /// A masked close frame with `code` and `reason`.
