@@ -10,7 +10,9 @@
 //! child on its own port, so the tests run in parallel. `cargo test --test attacks --
 //! --nocapture` prints what each attack measured.
 
+#[allow(dead_code)]
 mod attack_support;
+mod child_support;
 mod common;
 
 use attack_support::*;

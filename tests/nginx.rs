@@ -36,6 +36,7 @@
 
 #[allow(dead_code)]
 mod attack_support;
+mod child_support;
 
 use attack_support::{
     connect, localhost, metrics_at, read_answer, read_head, upgrade_request, Metrics, Opts, Wsloop,

@@ -5,12 +5,13 @@
 //! Everything is bounded: every socket has read and write timeouts, every wait has a deadline,
 //! and a child left running by a failing test is killed when its handle is dropped.
 
+use crate::child_support::Proc;
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,11 @@ pub fn localhost(last: u8) -> IpAddr {
 
 /// The `wsloop` binary running as a child process.
 pub struct Wsloop {
-    child: Option<Child>,
+    proc: Proc,
     pub pid: u32,
     pub addr: SocketAddr,
     /// Descriptors open in the child after startup, before any client connected.
     pub baseline_fds: usize,
-    log: Arc<Mutex<String>>,
-    drain: Option<JoinHandle<()>>,
     /// Where `GET /metrics` requests come from (matters under per-address limits).
     pub metrics_src: IpAddr,
     name: String,
@@ -45,67 +44,36 @@ impl Wsloop {
     /// Start `wsloop --listen 127.0.0.1:0 --fd-limit 128` plus `args`, wait until it listens and
     /// has sized its fd budget, and measure its baseline descriptor count.
     pub fn spawn(name: &str, args: &[&str]) -> Wsloop {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
-            .args(["--listen", "127.0.0.1:0", "--fd-limit", "128"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wsloop");
-        let pid = child.id();
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        // Drain stderr for the child's whole life so that it never blocks on a full pipe.
-        let drain = thread::Builder::new()
-            .name(format!("{name}-stderr"))
-            .spawn(move || {
-                let mut buf = [0u8; 8192];
-                loop {
-                    match stderr.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => sink
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push_str(&String::from_utf8_lossy(&buf[..n])),
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(_) => return,
-                    }
-                }
-            })
-            .unwrap();
-        let mut w = Wsloop {
-            child: Some(child),
-            pid,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            baseline_fds: 0,
-            log,
-            drain: Some(drain),
-            metrics_src: localhost(1),
-            name: name.to_string(),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let log = w.log();
+        // stderr is drained for the child's whole life so that it never blocks on a full pipe.
+        let mut proc = Proc::spawn(
+            name,
+            Command::new(env!("CARGO_BIN_EXE_wsloop"))
+                .args(["--listen", "127.0.0.1:0", "--fd-limit", "128"])
+                .args(args)
+                .env("RUST_LOG", "info"),
+        )
+        .expect("spawn wsloop");
+        let started = proc.wait_for("wsloop start", START_TIMEOUT, |log| {
             let addr = log.lines().find_map(|l| {
                 l.split_once("echo server listening on ws://")
                     .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
             });
-            if let (Some(addr), true) = (addr, log.contains("fd budget")) {
-                w.addr = addr;
-                break;
-            }
-            if let Some(status) = w.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{name}: wsloop exited at startup with {status}:\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}: wsloop did not start in time:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            addr.filter(|_| log.contains("fd budget"))
+        });
+        let addr = started.unwrap_or_else(|status| {
+            panic!(
+                "{name}: wsloop exited at startup with {status:?}:\n{}",
+                proc.log()
+            )
+        });
+        let mut w = Wsloop {
+            pid: proc.pid(),
+            proc,
+            addr,
+            baseline_fds: 0,
+            metrics_src: localhost(1),
+            name: name.to_string(),
+        };
         // The loop is in its first poll: every startup descriptor is open. Take the count once
         // it reads the same twice in a row.
         let mut last = w.fds();
@@ -123,7 +91,7 @@ impl Wsloop {
 
     /// Everything the child logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.proc.log()
     }
 
     /// Descriptors open in the child now (entries of `/proc/<pid>/fd`).
@@ -237,7 +205,7 @@ impl Wsloop {
 
     /// SIGTERM, wait (bounded) for the exit, kill -9 as a fallback; the exit must be 0.
     pub fn stop(mut self) {
-        let status = self.terminate();
+        let status = self.proc.terminate(STOP_TIMEOUT);
         assert!(
             status.as_ref().is_some_and(ExitStatus::success),
             "{}: wsloop did not exit 0 after SIGTERM: {status:?}\n{}",
@@ -246,46 +214,16 @@ impl Wsloop {
         );
     }
 
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = Command::new("kill")
-                    .args(["-9", &self.pid.to_string()])
-                    .status();
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(d) = self.drain.take() {
-            let _ = d.join();
-        }
-        status
-    }
-
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.proc.log_tail(lines)
     }
 }
 
 impl Drop for Wsloop {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if self.proc.running() {
             // A failing test: never leave the child running.
-            let _ = Command::new("kill")
-                .args(["-9", &self.pid.to_string()])
-                .status();
-            let _ = child.wait();
+            self.proc.group.kill();
             eprintln!(
                 "--- {} (pid {}) log tail:\n{}",
                 self.name,
@@ -592,6 +530,13 @@ pub fn legit_echo(addr: SocketAddr, src: Option<IpAddr>) -> Legit {
     if let Err(e) = ws.close(None) {
         return Legit::Failed(format!("close: {e}"));
     }
+    closed_after_echo(&mut ws)
+}
+
+/// The end of a legitimate client's close handshake, once its close is sent: the server's
+/// close, then the end of the connection.
+fn closed_after_echo(ws: &mut tungstenite::WebSocket<TcpStream>) -> Legit {
+    use tungstenite::{Error, Message};
     loop {
         match ws.read() {
             Ok(Message::Close(_)) => {}
@@ -605,7 +550,7 @@ pub fn legit_echo(addr: SocketAddr, src: Option<IpAddr>) -> Legit {
 /// A legitimate tungstenite client that reads everything, but pipelines: it sends `n` binary
 /// messages of `size` bytes back to back, then reads the `n` echoes, then closes.
 pub fn legit_pipelined(addr: SocketAddr, n: usize, size: usize) -> Legit {
-    use tungstenite::{Error, Message};
+    use tungstenite::Message;
     let stream = match connect(addr, &Opts::default()) {
         Ok(s) => s,
         Err(e) => return Legit::Failed(format!("connect: {e}")),
@@ -630,14 +575,7 @@ pub fn legit_pipelined(addr: SocketAddr, n: usize, size: usize) -> Legit {
         }
     }
     let _ = ws.close(None);
-    loop {
-        match ws.read() {
-            Ok(Message::Close(_)) => {}
-            Ok(m) => return Legit::Failed(format!("after close: {m:?}")),
-            Err(Error::ConnectionClosed) => return Legit::Echoed,
-            Err(e) => return Legit::Failed(format!("closing: {e}")),
-        }
-    }
+    closed_after_echo(&mut ws)
 }
 
 /// The upgrade request of `tests/common`, for a raw client.
