@@ -43,6 +43,38 @@ fn assert_echoes(w: &Wsloop, when: &str) {
     assert_eq!(got, Legit::Echoed, "legit client {when}");
 }
 
+/// Before an attack: the child's metrics, taken once its fd count is at the baseline.
+fn at_baseline(w: &Wsloop) -> Metrics {
+    let m0 = w.metrics();
+    w.wait_baseline();
+    m0
+}
+
+/// After an attack: wait (bounded) until the child is back at its baseline descriptors and
+/// holds no connection; the close reasons counted since `m0` must be exactly `closed`, and the
+/// fd audit must find no difference. Returns the final fd count and the metrics.
+fn settled(w: &Wsloop, m0: &Metrics, closed: &[(&str, u64)]) -> (usize, Metrics) {
+    let end = w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(m1.closed_since(m0), deltas(closed));
+    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    (end, m1)
+}
+
+/// Wait (bounded by `bound`) until the child has counted a close for `reason`.
+fn wait_closed(w: &Wsloop, reason: &str, bound: Duration, what: &str) {
+    let deadline = Instant::now() + bound;
+    while w.metrics().closed(reason) == 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The descriptor counts for a test's report line.
+fn fds_report(w: &Wsloop, peak: usize, end: usize) -> String {
+    format!("fds baseline {} peak {peak} final {end}", w.baseline_fds)
+}
+
 // ---------------------------------------------------------------------------------------------
 // a. slowloris
 
@@ -50,8 +82,7 @@ fn assert_echoes(w: &Wsloop, when: &str) {
 fn slowloris_ends_at_the_handshake_deadline() {
     const N: usize = 60;
     let w = Wsloop::spawn("slowloris", &["--handshake-timeout", "1"]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let request = upgrade_request(w.addr);
 
@@ -137,22 +168,20 @@ fn slowloris_ends_at_the_handshake_deadline() {
         most_sent = most_sent.max(t.sent);
     }
     drop(socks);
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("handshake_timeout", N as u64), ("peer_closed", 1)])
+    let (end, m1) = settled(
+        &w,
+        &m0,
+        &[("handshake_timeout", N as u64), ("peer_closed", 1)],
     );
     assert_eq!(
         m1.rejected_status("408") - m0.rejected_status("408"),
         N as u64
     );
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
     assert_eq!(legit_echo(w.addr, None), Legit::Echoed);
     println!(
-        "slowloris: {N} attackers, all answered 408 and closed by {slowest:?} after connect (at most {most_sent} of {} request bytes sent); fds baseline {} peak {peak} final {end}; closed {:?}; 408s {}",
+        "slowloris: {N} attackers, all answered 408 and closed by {slowest:?} after connect (at most {most_sent} of {} request bytes sent); {}; closed {:?}; 408s {}",
         request.len(),
-        w.baseline_fds,
+        fds_report(&w, peak, end),
         m1.closed_since(&m0),
         m1.rejected_status("408") - m0.rejected_status("408"),
     );
@@ -166,8 +195,7 @@ fn slowloris_ends_at_the_handshake_deadline() {
 fn idle_flood_is_pinged_then_closed() {
     const N: usize = 40;
     let w = Wsloop::spawn("idle-flood", &["--idle-timeout", "1"]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let start = Instant::now();
     let mut socks: Vec<TcpStream> = (0..N)
@@ -186,17 +214,11 @@ fn idle_flood_is_pinged_then_closed() {
     let took = start.elapsed();
     drop(socks);
     let peak = fds.stop();
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("idle_timeout", N as u64), ("peer_closed", 1)])
-    );
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    let (end, m1) = settled(&w, &m0, &[("idle_timeout", N as u64), ("peer_closed", 1)]);
     assert_echoes(&w, "after the idle flood");
     println!(
-        "idle flood: {N} silent upgrades pinged then closed 1001 within {took:?}; fds baseline {} peak {peak} final {end}; closed {:?}",
-        w.baseline_fds,
+        "idle flood: {N} silent upgrades pinged then closed 1001 within {took:?}; {}; closed {:?}",
+        fds_report(&w, peak, end),
         m1.closed_since(&m0)
     );
     w.stop();
@@ -325,8 +347,8 @@ fn churn_with_resets_at_every_stage() {
     assert_eq!(m.get("wsloop_fd_audit_difference"), 0.0);
     assert_echoes(&w, "after the churn");
     println!(
-        "churn: {total} connections reset; fds baseline {} peak {peak} final {end}\n  {}",
-        w.baseline_fds,
+        "churn: {total} connections reset; {}\n  {}",
+        fds_report(&w, peak, end),
         report.join("\n  ")
     );
     w.stop();
@@ -346,6 +368,24 @@ fn queued_sampler(w: &Wsloop) -> Sampler {
     Sampler::every(Duration::from_millis(20), move || {
         metrics_at(addr, localhost(1)).map_or(0, |m| m.get("wsloop_queued_bytes") as usize)
     })
+}
+
+/// A raw client that completed the upgrade with a small receive buffer (4 KiB).
+fn small_window_client(w: &Wsloop) -> TcpStream {
+    let opts = Opts {
+        src: None,
+        rcvbuf: Some(4096),
+    };
+    raw_ws(w.addr, &opts).expect("upgrade")
+}
+
+/// What the slow reader made the server queue: something, and never much over the limit.
+fn check_queued_peak(peak_queued: usize) {
+    assert!(
+        peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
+        "queued bytes peaked at {peak_queued}"
+    );
+    assert!(peak_queued > 0, "the server never had to queue");
 }
 
 /// A client that does not read: its receive buffer is small, and it sends 16 KiB messages until
@@ -377,8 +417,7 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             "1",
         ],
     );
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let m0 = at_baseline(&w);
     // A fast client that pipelines more than the limit but reads everything is no slow reader:
     // what the socket takes at once is not held against it.
     assert_eq!(
@@ -388,11 +427,7 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
     );
     let fds = w.fd_sampler();
     let queued = queued_sampler(&w);
-    let opts = Opts {
-        src: None,
-        rcvbuf: Some(4096),
-    };
-    let mut s = raw_ws(w.addr, &opts).expect("upgrade");
+    let mut s = small_window_client(&w);
     let addr = w.addr;
     let legit = thread::spawn(move || {
         thread::sleep(Duration::from_millis(100));
@@ -408,30 +443,17 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             })
     });
     assert_eq!(legit.join().unwrap(), Legit::Echoed, "legit client during");
-    let closed_by = Instant::now() + Duration::from_secs(10);
-    while w.metrics().closed("backpressure") == 0 {
-        assert!(Instant::now() < closed_by, "slow reader not closed");
-        thread::sleep(Duration::from_millis(20));
-    }
+    let ten_s = Duration::from_secs(10);
+    wait_closed(&w, "backpressure", ten_s, "slow reader not closed");
     let peak_queued = queued.stop();
     drop(s);
     let peak = fds.stop();
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("backpressure", 1), ("peer_closed", 2)])
-    );
-    assert!(
-        peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
-        "queued bytes peaked at {peak_queued}"
-    );
-    assert!(peak_queued > 0, "the server never had to queue");
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    let (end, m1) = settled(&w, &m0, &[("backpressure", 1), ("peer_closed", 2)]);
+    check_queued_peak(peak_queued);
     assert_echoes(&w, "after the slow reader");
     println!(
-        "slow reader (close): {sent} x 16 KiB sent; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); fds baseline {} peak {peak} final {end}; closed {:?}",
-        w.baseline_fds,
+        "slow reader (close): {sent} x 16 KiB sent; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); {}; closed {:?}",
+        fds_report(&w, peak, end),
         m1.closed_since(&m0)
     );
     w.stop();
@@ -452,15 +474,10 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
             "1",
         ],
     );
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let queued = queued_sampler(&w);
-    let opts = Opts {
-        src: None,
-        rcvbuf: Some(4096),
-    };
-    let mut s = raw_ws(w.addr, &opts).expect("upgrade");
+    let mut s = small_window_client(&w);
     // A live reader at first.
     for i in 0..3u8 {
         s.write_all(&frame(true, OP_BINARY, &[i; 100])).unwrap();
@@ -486,30 +503,17 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
     });
     let full_at = full_at.get().expect("the server's queue reached the limit");
     assert_echoes(&w, "while the reader stalls");
-    let closed_by = Instant::now() + Duration::from_secs(10);
-    while w.metrics().closed("write_stall") == 0 {
-        assert!(Instant::now() < closed_by, "stalled reader not dropped");
-        thread::sleep(Duration::from_millis(20));
-    }
+    let ten_s = Duration::from_secs(10);
+    wait_closed(&w, "write_stall", ten_s, "stalled reader not dropped");
     let peak_queued = queued.stop();
     drop(s);
     let peak = fds.stop();
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("write_stall", 1), ("peer_closed", 1)])
-    );
-    assert!(
-        peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
-        "queued bytes peaked at {peak_queued}"
-    );
-    assert!(peak_queued > 0, "the server never had to queue");
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    let (end, m1) = settled(&w, &m0, &[("write_stall", 1), ("peer_closed", 1)]);
+    check_queued_peak(peak_queued);
     assert_echoes(&w, "after the stalled reader");
     println!(
-        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); fds baseline {} peak {peak} final {end}; closed {:?}",
-        w.baseline_fds,
+        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); {}; closed {:?}",
+        fds_report(&w, peak, end),
         m1.closed_since(&m0)
     );
     w.stop();
@@ -531,8 +535,7 @@ fn oversized_heads_and_frames_are_refused() {
             "16384",
         ],
     );
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let addr = w.addr;
 
@@ -587,21 +590,19 @@ fn oversized_heads_and_frames_are_refused() {
     );
     assert_echoes(&w, "after the oversize attacks");
     let peak = fds.stop();
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[
+    let (end, m1) = settled(
+        &w,
+        &m0,
+        &[
             ("rejected", 2),
             ("protocol_error", frame_cases.len() as u64),
-            ("peer_closed", 1)
-        ])
+            ("peer_closed", 1),
+        ],
     );
     assert_eq!(m1.rejected_status("431") - m0.rejected_status("431"), 2);
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
     println!(
-        "oversize: 2 heads -> 431; frames -> {codes:?}; RSS {rss0} -> {rss1} KiB; fds baseline {} peak {peak} final {end}; closed {:?}",
-        w.baseline_fds,
+        "oversize: 2 heads -> 431; frames -> {codes:?}; RSS {rss0} -> {rss1} KiB; {}; closed {:?}",
+        fds_report(&w, peak, end),
         m1.closed_since(&m0)
     );
     w.stop();
@@ -804,11 +805,11 @@ fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
         assert_eq!(total, (max as f64, m1.get("wsloop_fd_budget")));
     }
     println!(
-        "fd exhaustion ({}, {threads} threads): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; fds baseline {} peak {peak} final {end}; closed {closed:?}; refusals {refusals}",
+        "fd exhaustion ({}, {threads} threads): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; {}; closed {closed:?}; refusals {refusals}",
         if upgrade { "upgrades" } else { "connect only" },
         m0.get("wsloop_fd_budget"),
         refused.len(),
-        w.baseline_fds
+        fds_report(&w, peak, end)
     );
     w.stop();
 }
@@ -840,20 +841,27 @@ fn attempt(w: &Wsloop, src: u8) -> Answer {
     read_answer(&mut s, Duration::from_secs(2)).0
 }
 
+/// Five upgraded connections from 127.0.0.2 (`what`: how the panic names them), then a sixth
+/// attempt from there, which must be refused with `status` and EOF. Returns the five and the
+/// sixth's answer.
+fn five_then_refused(w: &Wsloop, what: &str, status: u16) -> (Vec<TcpStream>, Answer) {
+    let held: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            raw_ws(w.addr, &Opts::from(localhost(2)))
+                .unwrap_or_else(|e| panic!("{what} {i} from 127.0.0.2: {e}"))
+        })
+        .collect();
+    let sixth = attempt(w, 2);
+    assert!(matches!(sixth, Answer::Eof(_)), "{sixth:?}");
+    assert_eq!(sixth.status(), Some(status), "{sixth:?}");
+    (held, sixth)
+}
+
 #[test]
 fn per_address_connection_limit() {
     let w = Wsloop::spawn("per-ip-limit", &["--max-connections-per-ip", "5"]);
-    let m0 = w.metrics();
-    w.wait_baseline();
-    let mut held: Vec<TcpStream> = (0..5)
-        .map(|i| {
-            raw_ws(w.addr, &Opts::from(localhost(2)))
-                .unwrap_or_else(|e| panic!("connection {i} from 127.0.0.2: {e}"))
-        })
-        .collect();
-    let sixth = attempt(&w, 2);
-    assert!(matches!(sixth, Answer::Eof(_)), "{sixth:?}");
-    assert_eq!(sixth.status(), Some(503), "{sixth:?}");
+    let m0 = at_baseline(&w);
+    let (mut held, sixth) = five_then_refused(&w, "connection", 503);
     assert!(
         String::from_utf8_lossy(sixth.bytes()).contains("too many connections from your address")
     );
@@ -867,25 +875,17 @@ fn per_address_connection_limit() {
     );
     // One of 127.0.0.2's connections leaves: it may connect again.
     drop(held.remove(0));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.metrics().closed("abnormal") == 0 {
-        assert!(Instant::now() < deadline);
-        thread::sleep(Duration::from_millis(20));
-    }
+    let five_s = Duration::from_secs(5);
+    wait_closed(&w, "abnormal", five_s, "127.0.0.2's connection not closed");
     held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
     let fds_held = w.fds();
     drop(held);
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let closed = [("abnormal", 7), ("refused", 1), ("peer_closed", 1)];
+    let (end, m1) = settled(&w, &m0, &closed);
     assert_eq!(
         m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
         deltas(&[("max_connections_per_ip", 1)])
     );
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("abnormal", 7), ("refused", 1), ("peer_closed", 1)])
-    );
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
     println!(
         "per-ip limit: 6th from 127.0.0.2 got 503, 127.0.0.3 and .4 admitted; fds baseline {} held {fds_held} final {end}; closed {:?}",
         w.baseline_fds,
@@ -907,34 +907,20 @@ fn per_address_connection_rate() {
     );
     // Metrics requests come from an address of their own, so they spend no attacker's tokens.
     w.metrics_src = localhost(9);
-    let m0 = w.metrics();
-    w.wait_baseline();
-    let mut held: Vec<TcpStream> = (0..5)
-        .map(|i| {
-            raw_ws(w.addr, &Opts::from(localhost(2)))
-                .unwrap_or_else(|e| panic!("quick connection {i} from 127.0.0.2: {e}"))
-        })
-        .collect();
-    let sixth = attempt(&w, 2);
-    assert!(matches!(sixth, Answer::Eof(_)), "{sixth:?}");
-    assert_eq!(sixth.status(), Some(429), "{sixth:?}");
+    let m0 = at_baseline(&w);
+    let (mut held, sixth) = five_then_refused(&w, "quick connection", 429);
     assert!(String::from_utf8_lossy(sixth.bytes()).contains("Retry-After: 1"));
     assert_eq!(legit_echo(w.addr, Some(localhost(3))), Legit::Echoed);
     // After a second the bucket has refilled.
     thread::sleep(Duration::from_millis(1100));
     held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
     drop(held);
-    let end = w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let closed = [("abnormal", 6), ("refused", 1), ("peer_closed", 1)];
+    let (end, m1) = settled(&w, &m0, &closed);
     assert_eq!(
         m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
         deltas(&[("rate_per_ip", 1)])
     );
-    assert_eq!(
-        m1.closed_since(&m0),
-        deltas(&[("abnormal", 6), ("refused", 1), ("peer_closed", 1)])
-    );
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
     println!(
         "per-ip rate: 6th quick connection from 127.0.0.2 got 429, 127.0.0.3 admitted, .2 admitted again after 1.1 s; fds baseline {} final {end}; closed {:?}",
         w.baseline_fds,
