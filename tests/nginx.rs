@@ -114,8 +114,7 @@ fn http_proxy_echoes_and_balances_over_two_instances() {
     for i in 0..more {
         let mut ws = open(front, src, &format!("/echo/{i}"), None).expect("upgrade");
         echo(&mut ws, Message::text(format!("connection {i}")));
-        let reply = client_close(&mut ws, 1000, "");
-        assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+        close_echoed(&mut ws, 1000, "");
     }
 
     // Too big: wsloop closes with 1009, and nginx passes the close frame on.
@@ -208,14 +207,7 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
         ],
     );
     let before = w.metrics();
-    let nginx = Nginx::start(&bin, "http-xff", 1, |dir, ports| {
-        let upstreams = [("wsloop_one", &[w.addr][..])];
-        http_conf(
-            dir,
-            &upstreams,
-            &[Site::new(ports[0], "wsloop_one", "3600s")],
-        )
-    });
+    let nginx = proxy_one(&bin, "http-xff", w.addr, true);
     let front = nginx.addr(0);
 
     // nginx connects from 127.0.0.1 (trusted) and sends `X-Forwarded-For: <what the client
@@ -270,24 +262,12 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
     );
 
     // Once the first connection has ended, 127.0.0.2 is admitted again.
-    let reply = client_close(&mut first, 1000, "");
-    assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+    close_echoed(&mut first, 1000, "");
     drop(first);
-    let deadline = Instant::now() + SETTLE;
-    let mut again = loop {
-        match open(front, localhost(2), "/e", None) {
-            Ok(ws) => break ws,
-            // wsloop has not seen the end of the first connection yet.
-            Err(Refused::Status(503, _)) if Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => panic!("127.0.0.2 after its first connection closed: {e:?}"),
-        }
-    };
+    let mut again = open_once_free(front, localhost(2), "/e");
     echo(&mut again, Message::text("127.0.0.2 again"));
     for ws in [&mut again, &mut other] {
-        let reply = client_close(ws, 1000, "");
-        assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+        close_echoed(ws, 1000, "");
     }
     drop((again, other));
 
@@ -325,14 +305,8 @@ fn http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit() {
             "1",
         ],
     );
-    let nginx = Nginx::start(&bin, "http-forwarded", 1, |dir, ports| {
-        let upstreams = [("wsloop_one", &[w.addr][..])];
-        let site = Site {
-            clear_forwarded: false,
-            ..Site::new(ports[0], "wsloop_one", "3600s")
-        };
-        http_conf(dir, &upstreams, &[site])
-    });
+    // Without `proxy_set_header Forwarded "";`.
+    let nginx = proxy_one(&bin, "http-forwarded", w.addr, false);
     let front = nginx.addr(0);
     let mut held = Vec::new();
     for (i, claim) in ["for=198.51.100.1", "for=198.51.100.2", "for=198.51.100.3"]
@@ -368,14 +342,7 @@ fn http_proxy_metrics_stay_off_the_public_port() {
         &["--no-metrics-on-ws", "--metrics-listen", "127.0.0.1:0"],
     );
     let private = metrics_listener(&w);
-    let nginx = Nginx::start(&bin, "http-metrics", 1, |dir, ports| {
-        let upstreams = [("wsloop_one", &[w.addr][..])];
-        http_conf(
-            dir,
-            &upstreams,
-            &[Site::new(ports[0], "wsloop_one", "3600s")],
-        )
-    });
+    let nginx = proxy_one(&bin, "http-metrics", w.addr, true);
     let front = nginx.addr(0);
     for path in ["/metrics", "/healthz"] {
         assert_eq!(
@@ -394,8 +361,7 @@ fn http_proxy_metrics_stay_off_the_public_port() {
         2.0,
         "the two GETs through nginx"
     );
-    let reply = client_close(&mut ws, 1000, "");
-    assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+    close_echoed(&mut ws, 1000, "");
     drop(ws);
     w.wait_baseline();
     w.stop();
@@ -452,8 +418,7 @@ fn http_proxy_read_timeout_and_wsloop_pings() {
             .set_read_timeout(Some(attack_support::IO_TIMEOUT))
             .unwrap();
         echo(&mut ws, Message::text("still here"));
-        let reply = client_close(&mut ws, 1000, "");
-        assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+        close_echoed(&mut ws, 1000, "");
         pings
     });
 
@@ -574,23 +539,12 @@ fn stream_proxy_protocol_names_the_client() {
     );
 
     // When 127.0.0.2's connection ends, its slot is free again.
-    let reply = client_close(&mut first, 1000, "");
-    assert_eq!(close_of(&reply).map(|c| c.0), Some(1000));
+    close_echoed(&mut first, 1000, "");
     drop(first);
-    let deadline = Instant::now() + SETTLE;
-    let mut again = loop {
-        match open(front, localhost(2), "/d", None) {
-            Ok(ws) => break ws,
-            Err(Refused::Status(503, _)) if Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => panic!("127.0.0.2 after its first connection closed: {e:?}"),
-        }
-    };
+    let mut again = open_once_free(front, localhost(2), "/d");
     echo(&mut again, Message::text("127.0.0.2 again"));
     for ws in [&mut again, &mut other] {
-        let reply = client_close(ws, 4002, "done");
-        assert_eq!(close_of(&reply).map(|c| c.0), Some(4002));
+        close_echoed(ws, 4002, "done");
     }
     drop((again, other));
 
@@ -700,6 +654,19 @@ fn http_conf(dir: &Path, upstreams: &[(&str, &[SocketAddr])], sites: &[Site]) ->
     conf
 }
 
+/// nginx as the usual HTTP reverse proxy (one site, `proxy_read_timeout 3600s`) in front of
+/// the one wsloop instance at `upstream`; `clear_forwarded` as in [`Site`].
+fn proxy_one(bin: &NginxBin, name: &str, upstream: SocketAddr, clear_forwarded: bool) -> Nginx {
+    Nginx::start(bin, name, 1, |dir, ports| {
+        let upstreams = [("wsloop_one", &[upstream][..])];
+        let site = Site {
+            clear_forwarded,
+            ..Site::new(ports[0], "wsloop_one", "3600s")
+        };
+        http_conf(dir, &upstreams, &[site])
+    })
+}
+
 /// A TCP (stream) proxy to `upstream` that starts each connection with a PROXY header.
 fn stream_conf(dir: &Path, module: &StreamModule, port: u16, upstream: SocketAddr) -> String {
     let load = match module {
@@ -738,6 +705,22 @@ enum Refused {
 fn open(front: SocketAddr, src: IpAddr, path: &str, xff: Option<&str>) -> Result<Ws, Refused> {
     let headers: Vec<(&str, &str)> = xff.map(|v| ("X-Forwarded-For", v)).into_iter().collect();
     open_with(front, src, path, &headers)
+}
+
+/// A tungstenite client from `src` to `front`, once the client's earlier connection has ended:
+/// while wsloop has not seen that end yet it answers 503, so try again (bounded by [`SETTLE`]).
+fn open_once_free(front: SocketAddr, src: IpAddr, path: &str) -> Ws {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match open(front, src, path, None) {
+            Ok(ws) => return ws,
+            // wsloop has not seen the end of the first connection yet.
+            Err(Refused::Status(503, _)) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("{src} after its first connection closed: {e:?}"),
+        }
+    }
 }
 
 /// A tungstenite client from `src` to `front` sending extra `headers`.
@@ -802,6 +785,12 @@ fn client_close(ws: &mut Ws, code: u16, reason: &str) -> Option<CloseFrame> {
             Err(e) => panic!("closing with {code}: {e}"),
         }
     }
+}
+
+/// Close with `code` and `reason`; the server must answer with the same code.
+fn close_echoed(ws: &mut Ws, code: u16, reason: &str) {
+    let reply = client_close(ws, code, reason);
+    assert_eq!(close_of(&reply).map(|c| c.0), Some(code));
 }
 
 /// Wait for the server's close; answer it (tungstenite does) and wait for the end.
