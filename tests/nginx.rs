@@ -41,13 +41,13 @@ mod child_support;
 use attack_support::{
     connect, localhost, metrics_at, read_answer, read_head, upgrade_request, Metrics, Opts, Wsloop,
 };
-use std::io::{self, ErrorKind, Read, Write};
+use child_support::{Proc, Run, TempDir};
+use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
@@ -900,17 +900,32 @@ fn nginx() -> Option<NginxBin> {
             found
         }
     };
-    match run_bounded(Command::new(&path).arg("-V"), PROBE_TIMEOUT) {
-        Ok((status, out)) if status.success() => {
-            eprintln!("{}", out.lines().next().unwrap_or("nginx"));
-            Some(NginxBin { path, info: out })
-        }
-        Ok((status, out)) => {
+    let probe = child_support::run_bounded(
+        Command::new(&path).arg("-V").stdin(Stdio::null()),
+        PROBE_TIMEOUT,
+    );
+    match probe {
+        // Its stdout and stderr together (`nginx -V` writes to stderr).
+        Ok(Run {
+            status: Some(status),
+            stdout,
+            stderr,
+        }) => {
+            let out = stdout + &stderr;
+            if status.success() {
+                eprintln!("{}", out.lines().next().unwrap_or("nginx"));
+                return Some(NginxBin { path, info: out });
+            }
             missing(
                 "nginx",
                 &format!("`nginx -V` exited with {status}: {out}"),
                 NGINX_INSTALL,
             );
+            None
+        }
+        Ok(Run { status: None, .. }) => {
+            let why = format!("{}: not done in {PROBE_TIMEOUT:?}", path.display());
+            missing("nginx", &why, NGINX_INSTALL);
             None
         }
         Err(e) => {
@@ -968,105 +983,18 @@ impl NginxBin {
 
 /// A tool is missing: with `CI` set the test fails, otherwise it prints a note and is skipped.
 fn missing(what: &str, why: &str, install: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not available ({why}) and CI is set: install it with `{install}`");
-    }
-    // Straight to stderr, past the test harness's capture: the note shows in a passing run.
-    let _ = writeln!(
-        io::stderr(),
-        "note: {what} is not available ({why}); skipping this nginx test (`{install}`)"
-    );
-}
-
-/// Run `cmd` to its end within `bound`; its exit status and its stdout and stderr together.
-fn run_bounded(cmd: &mut Command, bound: Duration) -> io::Result<(ExitStatus, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let deadline = Instant::now() + bound;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::new(
-                ErrorKind::TimedOut,
-                format!("not done in {bound:?}"),
-            ));
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let text = |h: (JoinHandle<()>, Arc<Mutex<String>>)| {
-        let _ = h.0.join();
-        let s = h.1.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        s
-    };
-    Ok((status, text(out) + &text(err)))
-}
-
-/// Read a pipe to its end in a thread, into a shared string.
-fn drain(mut r: impl Read + Send + 'static) -> (JoinHandle<()>, Arc<Mutex<String>>) {
-    let sink = Arc::new(Mutex::new(String::new()));
-    let s = sink.clone();
-    let handle = thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => s
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_str(&String::from_utf8_lossy(&buf[..n])),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    });
-    (handle, sink)
+    child_support::missing("nginx", what, why, install);
 }
 
 // ---------------------------------------------------------------------------------------------
 // nginx as a child process
 
-/// A fresh temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "wsloop-nginx-{what}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create a temporary folder");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// nginx running in the foreground as a child (master and one worker). Dropped while running
-/// (a failing test), it is stopped and, if it does not exit in time, killed with its workers.
+/// nginx running in the foreground as a child (master and one worker, in their own process
+/// group). Dropped while running (a failing test), it is stopped and, if it does not exit in
+/// time, killed with its workers.
 struct Nginx {
-    child: Option<Child>,
-    pid: u32,
-    name: String,
+    proc: Proc,
     ports: Vec<u16>,
-    log: Arc<Mutex<String>>,
-    drain: Option<JoinHandle<()>>,
     dir: TempDir,
 }
 
@@ -1082,62 +1010,39 @@ impl Nginx {
     ) -> Nginx {
         for attempt in 1..=PORT_TRIES {
             let ports = free_ports(n_ports);
-            let dir = TempDir::new(name);
-            let conf_path = dir.0.join("nginx.conf");
-            std::fs::write(&conf_path, conf(&dir.0, &ports)).expect("write nginx.conf");
-            let mut child = Command::new(&bin.path)
-                .arg("-e")
-                .arg("stderr")
-                .arg("-p")
-                .arg(format!("{}/", dir.0.display()))
-                .arg("-c")
-                .arg(&conf_path)
-                .args(["-g", "daemon off;"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn nginx");
-            let pid = child.id();
-            let (drain, log) = drain(child.stderr.take().unwrap());
-            let mut nginx = Nginx {
-                child: Some(child),
-                pid,
-                name: name.to_string(),
-                ports,
-                log,
-                drain: Some(drain),
-                dir,
+            let dir = TempDir::new(&format!("nginx-{name}"));
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::write(&conf_path, conf(dir.path(), &ports)).expect("write nginx.conf");
+            let mut proc = Proc::spawn(
+                name,
+                Command::new(&bin.path)
+                    .arg("-e")
+                    .arg("stderr")
+                    .arg("-p")
+                    .arg(format!("{}/", dir.path().display()))
+                    .arg("-c")
+                    .arg(&conf_path)
+                    .args(["-g", "daemon off;"]),
+            )
+            .expect("spawn nginx");
+            let pid = proc.pid().to_string();
+            let pid_file = dir.path().join("nginx.pid");
+            let started = proc.wait_for("nginx start (its pid file)", START_TIMEOUT, |_| {
+                let written = std::fs::read_to_string(&pid_file);
+                written.is_ok_and(|p| p.trim() == pid).then_some(())
+            });
+            let Err(status) = started else {
+                return Nginx { proc, ports, dir };
             };
-            let deadline = Instant::now() + START_TIMEOUT;
-            loop {
-                let written = std::fs::read_to_string(nginx.dir.0.join("nginx.pid"));
-                if written.is_ok_and(|p| p.trim() == pid.to_string()) {
-                    return nginx;
-                }
-                let exited = nginx.child.as_mut().unwrap().try_wait().unwrap();
-                if let Some(status) = exited {
-                    nginx.child = None;
-                    if let Some(d) = nginx.drain.take() {
-                        let _ = d.join();
-                    }
-                    let log = nginx.log();
-                    if log.contains("Address already in use") && attempt < PORT_TRIES {
-                        eprintln!("{name}: a port was taken, trying others");
-                        break;
-                    }
-                    panic!(
-                        "{name}: nginx exited at startup with {status}:\n{log}\n--- nginx.conf:\n{}",
-                        std::fs::read_to_string(&conf_path).unwrap_or_default()
-                    );
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name}: nginx did not start within {START_TIMEOUT:?}:\n{}",
-                    nginx.log()
-                );
-                thread::sleep(Duration::from_millis(10));
+            let log = proc.log();
+            if log.contains("Address already in use") && attempt < PORT_TRIES {
+                eprintln!("{name}: a port was taken, trying others");
+                continue;
             }
+            panic!(
+                "{name}: nginx exited at startup with {status:?}:\n{log}\n--- nginx.conf:\n{}",
+                std::fs::read_to_string(&conf_path).unwrap_or_default()
+            );
         }
         unreachable!("the last try panics")
     }
@@ -1146,83 +1051,34 @@ impl Nginx {
         SocketAddr::new(localhost(1), self.ports[i])
     }
 
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// SIGTERM (a fast shutdown: open connections are closed), a bounded wait; nginx must exit
     /// with 0. Returns everything it logged.
     fn stop(mut self) -> String {
-        let status = self.terminate();
-        let log = self.log();
+        let status = self.proc.terminate(STOP_TIMEOUT);
+        let log = self.proc.log();
         assert!(
             status.as_ref().is_some_and(ExitStatus::success),
             "{}: nginx did not exit 0 after SIGTERM: {status:?}\n{log}",
-            self.name
+            self.proc.name
         );
         log
-    }
-
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let workers = children_of(self.pid);
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                // The workers outlive a killed master: kill them by pid too.
-                for pid in [self.pid].into_iter().chain(workers) {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(d) = self.drain.take() {
-            let _ = d.join();
-        }
-        status
     }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let status = self.terminate();
-            let access = std::fs::read_to_string(self.dir.0.join("access.log")).unwrap_or_default();
+        if self.proc.running() {
+            let status = self.proc.terminate(STOP_TIMEOUT);
+            let access =
+                std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
             eprintln!(
                 "--- {} (pid {}) stopped with {status:?}; log:\n{}\n--- access log:\n{access}",
-                self.name,
-                self.pid,
-                self.log()
+                self.proc.name,
+                self.proc.pid(),
+                self.proc.log()
             );
         }
     }
-}
-
-/// Processes whose parent is `pid` (nginx's workers), from `/proc/*/stat`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                return false;
-            };
-            // Fields after the command name (which may contain spaces): state, then ppid.
-            stat.rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
-                == Some(pid)
-        })
-        .collect()
 }
 
 /// `n` distinct ports that were free on 127.0.0.1 a moment ago (bound with port 0, closed).
