@@ -26,19 +26,20 @@
 //! `WSLOOP_NODE` (node binary), `WSLOOP_INTEROP_NODE_DIR` (the `npm install --prefix` folder
 //! holding `node_modules/ws`; default `target/interop-node`), `WSLOOP_CHROMIUM` (browser binary).
 
+mod child_support;
 mod common;
 
+use child_support::{Group, TempDir};
 use common::*;
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use wsloop::{CloseCode, CloseReason, Config, Stats};
 
 /// The main servers' `max_message_size`: the large case sends exactly this much, the too-big
@@ -64,27 +65,16 @@ fn python_websockets_client() {
     let mut probe = Command::new(&python);
     probe
         .args(["-c", "import websockets; print(websockets.__version__)"])
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("PYTHONDONTWRITEBYTECODE", "1");
     let Some(version) = probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL) else {
         return;
     };
     eprintln!("python websockets {version}");
-    let (main, proto) = servers(None);
-    let script = interop_dir().join("python_client.py");
-    let out = run_client(
-        "python websockets client",
-        Command::new(&python)
-            .arg(&script)
-            .args(client_args(&main, &proto))
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("PYTHONUNBUFFERED", "1"),
-    );
-    let report = out.report();
-    report.check_cases(&with_fragments_and_ping());
-    report.check_common();
+    let mut client = Command::new(&python);
+    client
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    let (main, proto, report) = run_script("python websockets client", client, "python_client.py");
     check_servers(main, proto, &FULL_EXPECT, &report);
 }
 
@@ -98,26 +88,14 @@ fn node_ws_client() {
             "-e",
             "process.stdout.write(require('ws/package.json').version)",
         ])
-        .env("NODE_PATH", &modules)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("NODE_PATH", &modules);
     let Some(version) = probe_tool("node with ws", &mut probe, NODE_INSTALL) else {
         return;
     };
     eprintln!("node ws {version}");
-    let (main, proto) = servers(None);
-    let script = interop_dir().join("node_client.js");
-    let out = run_client(
-        "node ws client",
-        Command::new(&node)
-            .arg(&script)
-            .args(client_args(&main, &proto))
-            .env("NODE_PATH", &modules),
-    );
-    let report = out.report();
-    report.check_cases(&with_fragments_and_ping());
-    report.check_common();
+    let mut client = Command::new(&node);
+    client.env("NODE_PATH", &modules);
+    let (main, proto, report) = run_script("node ws client", client, "node_client.js");
     assert_eq!(report.str("ping", "pong"), "are you there", "{report}");
     check_servers(main, proto, &FULL_EXPECT, &report);
 }
@@ -135,7 +113,7 @@ fn headless_chromium_page() {
         .replace("%%LIMIT%%", &args[2]);
     let pages = PageServer::start(http, page, main.rec.clone());
     let started = Instant::now();
-    let profile = TempDir::new("chromium");
+    let profile = TempDir::new("interop-chromium");
     let log = std::fs::File::create(profile.0.join("chromium.log")).unwrap();
     let mut cmd = Command::new(&chromium);
     cmd.args([
@@ -298,6 +276,27 @@ fn servers(origin: Option<String>) -> (TestServer, TestServer) {
         },
     );
     (main, proto)
+}
+
+/// Run the client `script` of `tests/interop` with `interpreter` (its environment set) against
+/// fresh [`servers`]; its report, checked for every case of a client that fragments and pings
+/// and for what every client must see.
+fn run_script(
+    who: &str,
+    mut interpreter: Command,
+    script: &str,
+) -> (TestServer, TestServer, Report) {
+    let (main, proto) = servers(None);
+    let out = run_client(
+        who,
+        interpreter
+            .arg(interop_dir().join(script))
+            .args(client_args(&main, &proto)),
+    );
+    let report = out.report();
+    report.check_cases(&with_fragments_and_ping());
+    report.check_common();
+    (main, proto, report)
 }
 
 /// The scripts' arguments: MAIN_URL PROTO_URL MAX_MESSAGE_SIZE.
@@ -625,48 +624,8 @@ fn parse_json_object(line: &str) -> Result<BTreeMap<String, Json>, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Subprocesses: each in its own process group, killed with it, every wait bounded
-
-/// A child leading its own process group; the group is killed (and the child reaped) on drop.
-struct Group {
-    child: Child,
-    status: Option<ExitStatus>,
-}
-
-impl Group {
-    fn spawn(cmd: &mut Command) -> io::Result<Group> {
-        let child = cmd.process_group(0).spawn()?;
-        Ok(Group {
-            child,
-            status: None,
-        })
-    }
-
-    /// Whether the child has exited; it is not reaped, so its group id stays reserved and
-    /// [`Group::kill`] still reaches stray grandchildren, never another process.
-    fn exited(&self) -> bool {
-        if self.status.is_some() {
-            return true;
-        }
-        wsloop::sys::child_exited(self.child.id())
-    }
-
-    /// Kill the whole group (the child and whatever it started), then reap the child.
-    fn kill(&mut self) {
-        if self.status.is_some() {
-            return;
-        }
-        // The process group our unreaped child leads.
-        let _ = wsloop::sys::kill(-(self.child.id() as i32), libc::SIGKILL);
-        self.status = self.child.wait().ok();
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+// Subprocesses: each in its own process group, killed with it, every wait bounded (see
+// `tests/child_support`)
 
 /// A client's exit status and output.
 struct Output {
@@ -693,37 +652,20 @@ fn run_client(who: &str, cmd: &mut Command) -> Output {
 
 fn run_bounded(who: &str, cmd: &mut Command, bound: Duration) -> io::Result<Output> {
     let started = Instant::now();
-    let mut group = Group::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
-    let stdout = read_all(group.child.stdout.take().unwrap());
-    let stderr = read_all(group.child.stderr.take().unwrap());
-    while !group.exited() && started.elapsed() < bound {
-        thread::sleep(Duration::from_millis(20));
-    }
-    let finished = group.exited();
-    group.kill();
-    let collect = |rx: mpsc::Receiver<String>| rx.recv_timeout(WAIT).unwrap_or_default();
-    let (stdout, stderr) = (collect(stdout), collect(stderr));
-    if !finished {
-        panic!("{who} did not finish within {bound:?}\n{stdout}--- stderr:\n{stderr}");
-    }
+    let run = child_support::run_bounded(cmd, bound)?;
+    let Some(status) = run.status else {
+        panic!(
+            "{who} did not finish within {bound:?}\n{}--- stderr:\n{}",
+            run.stdout, run.stderr
+        );
+    };
     eprintln!("{who} finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Output {
         who: who.to_string(),
-        status: group.status.expect("reaped"),
-        stdout,
-        stderr,
+        status,
+        stdout: run.stdout,
+        stderr: run.stderr,
     })
-}
-
-/// Read a pipe to its end in a thread.
-fn read_all(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
-    });
-    rx
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -742,19 +684,16 @@ fn node_dir() -> PathBuf {
 
 /// A tool is missing: with `CI` set the test fails, otherwise it prints a note and is skipped.
 fn missing(what: &str, why: &str, install: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not available ({why}) and CI is set: install it with `{install}`");
-    }
-    // Straight to stderr, past the test harness's capture: the note shows in a passing run.
-    let _ = writeln!(
-        io::stderr(),
-        "note: {what} is not available ({why}); skipping this interop test (`{install}`)"
-    );
+    child_support::missing("interop", what, why, install);
 }
 
 /// Run a version probe; its trimmed stdout, or `None` after [`missing`].
 fn probe_tool(what: &str, cmd: &mut Command, install: &str) -> Option<String> {
-    match run_bounded(&format!("{what} probe"), cmd, PROBE_BOUND) {
+    match run_bounded(
+        &format!("{what} probe"),
+        cmd.stdin(Stdio::null()),
+        PROBE_BOUND,
+    ) {
         Ok(out) if out.status.success() => Some(out.stdout.trim().to_string()),
         Ok(out) => {
             // The error's line (a stack trace may follow it), else the last line.
@@ -792,30 +731,6 @@ fn chromium() -> Option<PathBuf> {
         missing("chromium", why, CHROMIUM_INSTALL);
     }
     found
-}
-
-/// A fresh temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "wsloop-interop-{what}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create a temporary folder");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
