@@ -187,25 +187,14 @@ fn http_proxy_echoes_and_balances_over_two_instances() {
     }
     let log = nginx.stop();
     assert_no_nginx_errors(&log);
-    eprintln!(
-        "http_proxy_echoes_and_balances_over_two_instances: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    took("http_proxy_echoes_and_balances_over_two_instances", started);
 }
 
 #[test]
 fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
     let Some(bin) = nginx() else { return };
     let started = Instant::now();
-    let w = Wsloop::spawn(
-        "wsloop-xff",
-        &[
-            "--trusted-proxy",
-            "127.0.0.1",
-            "--max-connections-per-ip",
-            "1",
-        ],
-    );
+    let w = behind_proxy_one_per_ip("wsloop-xff");
     let before = w.metrics();
     let nginx = proxy_one(&bin, "http-xff", w.addr, true);
     let front = nginx.addr(0);
@@ -277,11 +266,10 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
         4,
         "the echoes"
     );
-    w.stop();
-    assert_no_nginx_errors(&nginx.stop());
-    eprintln!(
-        "http_proxy_per_ip_limit_applies_to_the_forwarded_client: {:.1} s",
-        started.elapsed().as_secs_f64()
+    stop_clean(w, nginx);
+    took(
+        "http_proxy_per_ip_limit_applies_to_the_forwarded_client",
+        started,
     );
 }
 
@@ -296,15 +284,7 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
 #[test]
 fn http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit() {
     let Some(bin) = nginx() else { return };
-    let w = Wsloop::spawn(
-        "wsloop-forwarded",
-        &[
-            "--trusted-proxy",
-            "127.0.0.1",
-            "--max-connections-per-ip",
-            "1",
-        ],
-    );
+    let w = behind_proxy_one_per_ip("wsloop-forwarded");
     // Without `proxy_set_header Forwarded "";`.
     let nginx = proxy_one(&bin, "http-forwarded", w.addr, false);
     let front = nginx.addr(0);
@@ -364,12 +344,8 @@ fn http_proxy_metrics_stay_off_the_public_port() {
     close_echoed(&mut ws, 1000, "");
     drop(ws);
     w.wait_baseline();
-    w.stop();
-    assert_no_nginx_errors(&nginx.stop());
-    eprintln!(
-        "http_proxy_metrics_stay_off_the_public_port: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    stop_clean(w, nginx);
+    took("http_proxy_metrics_stay_off_the_public_port", started);
 }
 
 #[test]
@@ -457,10 +433,7 @@ fn http_proxy_read_timeout_and_wsloop_pings() {
         w.wait_quiet();
         w.stop();
     }
-    eprintln!(
-        "http_proxy_read_timeout_and_wsloop_pings: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    took("http_proxy_read_timeout_and_wsloop_pings", started);
 }
 
 #[test]
@@ -549,12 +522,8 @@ fn stream_proxy_protocol_names_the_client() {
     drop((again, other));
 
     w.wait_quiet();
-    w.stop();
-    assert_no_nginx_errors(&nginx.stop());
-    eprintln!(
-        "stream_proxy_protocol_names_the_client: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    stop_clean(w, nginx);
+    took("stream_proxy_protocol_names_the_client", started);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -852,6 +821,30 @@ fn pattern(len: usize) -> Vec<u8> {
 
 fn delta(before: &Metrics, after: &Metrics, key: &str) -> u64 {
     (after.get(key) - before.get(key)) as u64
+}
+
+/// A wsloop instance that trusts the proxy at 127.0.0.1 and admits one connection per client.
+fn behind_proxy_one_per_ip(name: &str) -> Wsloop {
+    Wsloop::spawn(
+        name,
+        &[
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--max-connections-per-ip",
+            "1",
+        ],
+    )
+}
+
+/// Stop the instance, then nginx; both must exit cleanly, and nginx log no error.
+fn stop_clean(w: Wsloop, nginx: Nginx) {
+    w.stop();
+    assert_no_nginx_errors(&nginx.stop());
+}
+
+/// How long test `name` took, for `--nocapture` runs.
+fn took(name: &str, started: Instant) {
+    eprintln!("{name}: {:.1} s", started.elapsed().as_secs_f64());
 }
 
 /// nginx's log has no error about the proxied connections (notices are expected).
