@@ -379,13 +379,37 @@ fn small_window_client(w: &Wsloop) -> TcpStream {
     raw_ws(w.addr, &opts).expect("upgrade")
 }
 
-/// What the slow reader made the server queue: something, and never much over the limit.
-fn check_queued_peak(peak_queued: usize) {
+/// The end of a slow-reader attack: wait (bounded, 10 s) until the child has closed the reader
+/// `s` for the first reason of `closed`; stop the queued-bytes sampler, let the reader go, stop
+/// the fd sampler; then the closes since `m0` must be exactly `closed` (see [`settled`]), the
+/// server must have queued something but never much over the limit, and a legitimate client
+/// must be served. Returns the figures for the test's report line.
+fn slow_reader_end(
+    w: &Wsloop,
+    m0: &Metrics,
+    s: TcpStream,
+    [queued, fds]: [Sampler; 2],
+    who: &str,
+    closed: &[(&str, u64)],
+) -> String {
+    let reason = closed[0].0;
+    let ten_s = Duration::from_secs(10);
+    wait_closed(w, reason, ten_s, &format!("{who} not closed for {reason}"));
+    let peak_queued = queued.stop();
+    drop(s);
+    let peak = fds.stop();
+    let (end, m1) = settled(w, m0, closed);
     assert!(
         peak_queued < MAX_BACKPRESSURE + 2 * QUEUED_MSG,
         "queued bytes peaked at {peak_queued}"
     );
     assert!(peak_queued > 0, "the server never had to queue");
+    assert_echoes(w, &format!("after the {who}"));
+    format!(
+        "queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); {}; closed {:?}",
+        fds_report(w, peak, end),
+        m1.closed_since(m0)
+    )
 }
 
 /// A client that does not read: its receive buffer is small, and it sends 16 KiB messages until
@@ -443,19 +467,9 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             })
     });
     assert_eq!(legit.join().unwrap(), Legit::Echoed, "legit client during");
-    let ten_s = Duration::from_secs(10);
-    wait_closed(&w, "backpressure", ten_s, "slow reader not closed");
-    let peak_queued = queued.stop();
-    drop(s);
-    let peak = fds.stop();
-    let (end, m1) = settled(&w, &m0, &[("backpressure", 1), ("peer_closed", 2)]);
-    check_queued_peak(peak_queued);
-    assert_echoes(&w, "after the slow reader");
-    println!(
-        "slow reader (close): {sent} x 16 KiB sent; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); {}; closed {:?}",
-        fds_report(&w, peak, end),
-        m1.closed_since(&m0)
-    );
+    let closed = [("backpressure", 1), ("peer_closed", 2)];
+    let report = slow_reader_end(&w, &m0, s, [queued, fds], "slow reader", &closed);
+    println!("slow reader (close): {sent} x 16 KiB sent; {report}");
     w.stop();
 }
 
@@ -503,18 +517,10 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
     });
     let full_at = full_at.get().expect("the server's queue reached the limit");
     assert_echoes(&w, "while the reader stalls");
-    let ten_s = Duration::from_secs(10);
-    wait_closed(&w, "write_stall", ten_s, "stalled reader not dropped");
-    let peak_queued = queued.stop();
-    drop(s);
-    let peak = fds.stop();
-    let (end, m1) = settled(&w, &m0, &[("write_stall", 1), ("peer_closed", 1)]);
-    check_queued_peak(peak_queued);
-    assert_echoes(&w, "after the stalled reader");
+    let closed = [("write_stall", 1), ("peer_closed", 1)];
+    let report = slow_reader_end(&w, &m0, s, [queued, fds], "stalled reader", &closed);
     println!(
-        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; queued bytes peak {peak_queued} (limit {MAX_BACKPRESSURE}); {}; closed {:?}",
-        fds_report(&w, peak, end),
-        m1.closed_since(&m0)
+        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; {report}"
     );
     w.stop();
 }
