@@ -863,6 +863,24 @@ fn five_then_refused(w: &Wsloop, what: &str, status: u16) -> (Vec<TcpStream>, An
     (held, sixth)
 }
 
+/// [`settled`] after a per-address attack: the one refused connection (by `limit`) is the only
+/// admission refusal since `m0`, and the closes are `abnormal` connections the clients dropped,
+/// the refused one and the legitimate client's.
+fn settled_after_one_refusal(
+    w: &Wsloop,
+    m0: &Metrics,
+    limit: &str,
+    abnormal: u64,
+) -> (usize, Metrics) {
+    let closed = [("abnormal", abnormal), ("refused", 1), ("peer_closed", 1)];
+    let (end, m1) = settled(w, m0, &closed);
+    assert_eq!(
+        m1.moved_since(m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[(limit, 1)])
+    );
+    (end, m1)
+}
+
 #[test]
 fn per_address_connection_limit() {
     let w = Wsloop::spawn("per-ip-limit", &["--max-connections-per-ip", "5"]);
@@ -886,12 +904,7 @@ fn per_address_connection_limit() {
     held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
     let fds_held = w.fds();
     drop(held);
-    let closed = [("abnormal", 7), ("refused", 1), ("peer_closed", 1)];
-    let (end, m1) = settled(&w, &m0, &closed);
-    assert_eq!(
-        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
-        deltas(&[("max_connections_per_ip", 1)])
-    );
+    let (end, m1) = settled_after_one_refusal(&w, &m0, "max_connections_per_ip", 7);
     println!(
         "per-ip limit: 6th from 127.0.0.2 got 503, 127.0.0.3 and .4 admitted; fds baseline {} held {fds_held} final {end}; closed {:?}",
         w.baseline_fds,
@@ -921,12 +934,7 @@ fn per_address_connection_rate() {
     thread::sleep(Duration::from_millis(1100));
     held.push(raw_ws(w.addr, &Opts::from(localhost(2))).expect("127.0.0.2 admitted again"));
     drop(held);
-    let closed = [("abnormal", 6), ("refused", 1), ("peer_closed", 1)];
-    let (end, m1) = settled(&w, &m0, &closed);
-    assert_eq!(
-        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
-        deltas(&[("rate_per_ip", 1)])
-    );
+    let (end, m1) = settled_after_one_refusal(&w, &m0, "rate_per_ip", 6);
     println!(
         "per-ip rate: 6th quick connection from 127.0.0.2 got 429, 127.0.0.3 admitted, .2 admitted again after 1.1 s; fds baseline {} final {end}; closed {:?}",
         w.baseline_fds,
