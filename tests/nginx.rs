@@ -251,14 +251,7 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
     );
 
     // Once the first connection has ended, 127.0.0.2 is admitted again.
-    close_echoed(&mut first, 1000, "");
-    drop(first);
-    let mut again = open_once_free(front, localhost(2), "/e");
-    echo(&mut again, Message::text("127.0.0.2 again"));
-    for ws in [&mut again, &mut other] {
-        close_echoed(ws, 1000, "");
-    }
-    drop((again, other));
+    readmitted_after_close(front, first, other, "/e", (1000, ""));
 
     let after = w.wait_quiet();
     assert_eq!(
@@ -512,14 +505,7 @@ fn stream_proxy_protocol_names_the_client() {
     );
 
     // When 127.0.0.2's connection ends, its slot is free again.
-    close_echoed(&mut first, 1000, "");
-    drop(first);
-    let mut again = open_once_free(front, localhost(2), "/d");
-    echo(&mut again, Message::text("127.0.0.2 again"));
-    for ws in [&mut again, &mut other] {
-        close_echoed(ws, 4002, "done");
-    }
-    drop((again, other));
+    readmitted_after_close(front, first, other, "/d", (4002, "done"));
 
     w.wait_quiet();
     stop_clean(w, nginx);
@@ -689,6 +675,24 @@ fn open_once_free(front: SocketAddr, src: IpAddr, path: &str) -> Ws {
             }
             Err(e) => panic!("{src} after its first connection closed: {e:?}"),
         }
+    }
+}
+
+/// 127.0.0.2 closes its `first` connection (1000); once wsloop has seen that, 127.0.0.2 is
+/// admitted again (at `path`) and echoes; then that connection and `other` close with `close`.
+fn readmitted_after_close(
+    front: SocketAddr,
+    mut first: Ws,
+    mut other: Ws,
+    path: &str,
+    (code, reason): (u16, &str),
+) {
+    close_echoed(&mut first, 1000, "");
+    drop(first);
+    let mut again = open_once_free(front, localhost(2), path);
+    echo(&mut again, Message::text("127.0.0.2 again"));
+    for ws in [&mut again, &mut other] {
+        close_echoed(ws, code, reason);
     }
 }
 
