@@ -68,6 +68,9 @@ const PORT_TRIES: usize = 5;
 /// The WebSocket instances' message limit: 64 KiB messages fit, one byte over 128 KiB does not.
 const MAX_MESSAGE: usize = 128 * 1024;
 
+/// The series counting connections refused by `--max-connections-per-ip`.
+const PER_IP_REFUSALS: &str = "wsloop_admission_rejections_total{limit=\"max_connections_per_ip\"}";
+
 type Ws = WebSocket<TcpStream>;
 
 // ---------------------------------------------------------------------------------------------
@@ -237,11 +240,7 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
 
     let mid = w.metrics();
     assert_eq!(
-        delta(
-            &before,
-            &mid,
-            "wsloop_admission_rejections_total{limit=\"max_connections_per_ip\"}"
-        ),
+        delta(&before, &mid, PER_IP_REFUSALS),
         3,
         "the three refusals of 127.0.0.2"
     );
@@ -487,14 +486,7 @@ fn stream_proxy_protocol_names_the_client() {
     assert_eq!(raw_status(w.addr, localhost(6), b""), Some(101));
 
     let mid = w.metrics();
-    assert_eq!(
-        delta(
-            &before,
-            &mid,
-            "wsloop_admission_rejections_total{limit=\"max_connections_per_ip\"}"
-        ),
-        1
-    );
+    assert_eq!(delta(&before, &mid, PER_IP_REFUSALS), 1);
     assert_eq!(
         delta(
             &before,
