@@ -8,11 +8,13 @@
 //! The fd-leak alarm has its own test binary (`tests/fd_audit.rs`): the audit counts every
 //! descriptor of the process, and the tests here run in parallel threads that open sockets.
 
+mod child_support;
 mod common;
 
+use child_support::Proc;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -928,93 +930,64 @@ fn loop_handle_metrics_from_other_threads() {
 // The binary, as a child process: /healthz, the audit and /proc cross-checks in a process whose
 // descriptors are all the server's.
 
-/// The `wsloop` binary running as a child; killed on drop if still running.
+/// The `wsloop` binary running as a child (see `tests/child_support`); killed on drop if still
+/// running.
 struct Child {
-    child: std::process::Child,
+    proc: Proc,
     ws: SocketAddr,
     metrics: Option<SocketAddr>,
 }
 
 impl Child {
     fn spawn(args: &[&str]) -> Child {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
-            .args(["--listen", "127.0.0.1:0", "--audit-interval", "0.1"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the wsloop binary");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            // Forward every log line (and keep draining, so the child never blocks on stderr).
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+        // Its log is drained for its whole life, so the child never blocks on stderr.
+        let mut proc = Proc::spawn(
+            "wsloop",
+            Command::new(env!("CARGO_BIN_EXE_wsloop"))
+                .args(["--listen", "127.0.0.1:0", "--audit-interval", "0.1"])
+                .args(args)
+                .env("RUST_LOG", "info"),
+        )
+        .expect("start the wsloop binary");
+        // Started once it has logged its fd budget; the addresses come from the lines before.
+        let started = proc.wait_for("wsloop start", Duration::from_secs(30), |log| {
+            let before = &log[..log.find("fd budget")?];
+            let mut ws = None;
+            let mut metrics = Vec::new();
+            for line in before.lines() {
+                if let Some(rest) = line.split("echo server listening on ws://").nth(1) {
+                    ws = Some(rest.trim().parse::<SocketAddr>().unwrap());
+                }
+                if let Some(rest) = line.split("metrics on http://").nth(1) {
+                    let addr = rest.split('/').next().unwrap();
+                    metrics.push(addr.parse::<SocketAddr>().unwrap());
+                }
             }
+            Some((ws, metrics))
         });
-        let mut child = Child {
-            child,
-            ws: "0.0.0.0:0".parse().unwrap(),
-            metrics: None,
-        };
-        let mut ws = None;
-        let mut metrics = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut log = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("wsloop did not start ({e}); its log: {log:#?}"));
-            if let Some(rest) = line.split("echo server listening on ws://").nth(1) {
-                ws = Some(rest.trim().parse::<SocketAddr>().unwrap());
-            }
-            if let Some(rest) = line.split("metrics on http://").nth(1) {
-                let addr = rest.split('/').next().unwrap();
-                metrics.push(addr.parse::<SocketAddr>().unwrap());
-            }
-            let started = line.contains("fd budget");
-            log.push(line);
-            if started {
-                break;
-            }
+        let (ws, metrics) = started.unwrap_or_else(|status| {
+            panic!(
+                "wsloop did not start ({status:?}); its log:\n{}",
+                proc.log()
+            )
+        });
+        let ws = ws.expect("the WebSocket address in the log");
+        Child {
+            proc,
+            ws,
+            metrics: metrics.into_iter().find(|a| *a != ws),
         }
-        child.ws = ws.expect("the WebSocket address in the log");
-        child.metrics = metrics.into_iter().find(|a| *a != child.ws);
-        child
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// SIGTERM, then wait (bounded) for a successful exit.
     fn stop(mut self) {
-        // Our own child, which has not been reaped.
-        wsloop::sys::kill(self.pid() as i32, libc::SIGTERM).expect("kill");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "wsloop exited with {status}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wsloop did not exit after SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let status = self.proc.terminate(Duration::from_secs(15));
+        let status = status.expect("wsloop did not exit after SIGTERM");
+        assert!(status.success(), "wsloop exited with {status}");
     }
 }
 
