@@ -5,7 +5,9 @@
 //! the socket (edge-triggered: new data raises a new edge), so a message costs one `recv`.
 //! Write path: everything written to one connection during one dispatch is collected in the
 //! loop's cork buffer and written with one `send` at the end; only the bytes the socket did not
-//! take are copied into the connection's own queue, which a writable event flushes.
+//! take are copied into the connection's own queue, which a writable event flushes. A payload
+//! of [`DIRECT_MIN`] bytes or more is not copied into the cork: while nothing is queued it goes
+//! out at once with one `writev` of the cork, its header and the payload ([`Out`]).
 //! Interest (read + write) is registered once per connection: no `epoll_ctl` per message.
 //!
 //! Deadlines: each connection has one wheel entry, armed at the earliest of its state deadline
@@ -22,7 +24,7 @@ use crate::config::{BackpressurePolicy, Config};
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
 use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
 use crate::protocol::close::{truncate_reason, CloseCode};
-use crate::protocol::frame::OpCode;
+use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
@@ -32,7 +34,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::fs::File;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
@@ -970,22 +972,27 @@ fn callback<H: Handler>(
         peer: conn.peer,
         data,
         send: &mut conn.send,
-        out: &mut core.cork,
-        pending: conn.pending.len(),
+        out: Out::new(
+            &mut core.cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut core.stats.bytes_sent,
+            &mut core.stats.messages_sent,
+        ),
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
         policy: core.config.backpressure_policy,
-        sent: &mut core.stats.messages_sent,
     };
     let id = ws.id;
-    if guarded(core.config.catch_panics, &core.beat, kind, id, || {
+    let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
         f(handler, &mut ws)
-    })
-    .is_none()
-    {
+    });
+    let direct = ws.out.direct;
+    let live = core.settle(idx, direct);
+    if done.is_none() {
         return handler_panicked(core, handler, idx, kind);
     }
-    after_callback(core, handler, idx)
+    live && after_callback(core, handler, idx)
 }
 
 /// Run application code, reporting it to the stall watchdog, and (unless configured
@@ -1093,12 +1100,16 @@ fn frames<H: Handler>(
             peer: conn.peer,
             data,
             send: &mut conn.send,
-            out: &mut core.cork,
-            pending: conn.pending.len(),
+            out: Out::new(
+                &mut core.cork,
+                &conn.socket,
+                &mut conn.pending,
+                &mut core.stats.bytes_sent,
+                &mut core.stats.messages_sent,
+            ),
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
             policy: core.config.backpressure_policy,
-            sent: &mut core.stats.messages_sent,
         };
         let (catch, beat) = (core.config.catch_panics, &core.beat);
         let (kind, done) = match event {
@@ -1145,10 +1156,12 @@ fn frames<H: Handler>(
                 return false;
             }
         };
+        let direct = ws.out.direct;
+        let live = core.settle(idx, direct);
         if done.is_none() {
             return handler_panicked(core, handler, idx, kind);
         }
-        if !after_callback(core, handler, idx) {
+        if !live || !after_callback(core, handler, idx) {
             return false;
         }
         // The backpressure limit counts the cork, so a burst of messages read in one dispatch
@@ -1229,6 +1242,131 @@ fn write_some(mut socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// One `writev` of `parts`; `Ok(0)` when the socket would block.
+fn write_some_vectored(mut socket: &TcpStream, parts: &[&[u8]; 3]) -> io::Result<usize> {
+    let slices = parts.map(IoSlice::new);
+    loop {
+        match socket.write_vectored(&slices) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Append to `pending` what a write of `written` bytes left unsent of `parts` (in order).
+fn queue_unsent(pending: &mut Vec<u8>, parts: &[&[u8]], written: usize) {
+    let total = parts.iter().map(|p| p.len()).sum::<usize>();
+    pending.reserve_exact(total.saturating_sub(written));
+    let mut skip = written;
+    for part in parts {
+        let from = skip.min(part.len());
+        pending.extend_from_slice(&part[from..]);
+        skip -= from;
+    }
+}
+
+/// Payloads of at least this many bytes are written to the socket straight from the caller's
+/// buffer when nothing is queued for the connection, instead of being copied into the cork.
+/// Below it the copy is cheaper than the system call a direct write may add (when several
+/// messages are answered in one dispatch, the cork sends them all with one `send`).
+pub(crate) const DIRECT_MIN: usize = 4096;
+
+/// What a direct write left for the loop to do once the sender returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// Nothing (no direct write, or the socket took everything).
+    Done,
+    /// The socket took only part: the rest is in `pending`, so arm the write-stall deadline.
+    Partial,
+    /// The write failed: end the connection with this reason.
+    Failed(CloseReason),
+}
+
+/// Where one connection's outgoing frames go, for a callback or a posted send: the loop's cork
+/// (which this connection owns at the time), or, for a payload of [`DIRECT_MIN`] bytes or more
+/// while nothing is queued, the socket, with one `writev` of the cork, the frame header and the
+/// payload. Bytes on the wire keep the order of the calls: the cork goes out before the new
+/// frame, and nothing overtakes queued (`pending`) bytes. What the socket does not take is
+/// copied into `pending`; [`Core::settle`] then does what [`Core::flush_cork`] does after a
+/// partial or failed write.
+pub(crate) struct Out<'a> {
+    cork: &'a mut Vec<u8>,
+    socket: &'a TcpStream,
+    pending: &'a mut Vec<u8>,
+    bytes_sent: &'a mut u64,
+    messages_sent: &'a mut u64,
+    /// What the loop must do after the sender returns.
+    pub(crate) direct: Direct,
+}
+
+impl<'a> Out<'a> {
+    /// The output of the connection with this `socket` and `pending` queue, which must own the
+    /// cork; the two counters are the loop's [`Stats::bytes_sent`] and [`Stats::messages_sent`].
+    pub(crate) fn new(
+        cork: &'a mut Vec<u8>,
+        socket: &'a TcpStream,
+        pending: &'a mut Vec<u8>,
+        bytes_sent: &'a mut u64,
+        messages_sent: &'a mut u64,
+    ) -> Self {
+        Out {
+            cork,
+            socket,
+            pending,
+            bytes_sent,
+            messages_sent,
+            direct: Direct::Done,
+        }
+    }
+
+    /// Bytes sent but not yet written to the socket.
+    pub(crate) fn buffered(&self) -> usize {
+        self.pending.len() + self.cork.len()
+    }
+
+    /// Send one complete frame (a data frame counts as a message sent). Returns false if a
+    /// direct write failed: nothing more may be sent, and the connection must end
+    /// ([`Direct::Failed`]).
+    pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        if payload.len() < DIRECT_MIN || !self.pending.is_empty() {
+            write_frame(self.cork, true, op, payload);
+        } else {
+            let header = FrameHeader {
+                fin: true,
+                rsv: 0,
+                opcode: op,
+                mask: None,
+                payload_len: payload.len() as u64,
+            };
+            let mut head = [0u8; MAX_HEADER_LEN];
+            let head_len = header.encode(&mut head);
+            let parts = [&self.cork[..], &head[..head_len], payload];
+            match write_some_vectored(self.socket, &parts) {
+                Ok(n) => {
+                    *self.bytes_sent += n as u64;
+                    let total = parts.iter().map(|p| p.len()).sum::<usize>();
+                    if n < total {
+                        queue_unsent(self.pending, &parts, n);
+                        self.direct = Direct::Partial;
+                    }
+                    self.cork.clear();
+                }
+                Err(e) => {
+                    self.cork.clear();
+                    self.direct = Direct::Failed(write_error_reason(&e));
+                    return false;
+                }
+            }
+        }
+        if op.is_data() {
+            *self.messages_sent += 1;
+        }
+        true
     }
 }
 
@@ -1444,6 +1582,26 @@ impl<D> Core<D> {
         if self.cork_owner != idx {
             self.flush_cork();
             self.cork_owner = idx;
+        }
+    }
+
+    /// After [`Out::frame`] wrote to connection `idx` directly: on a partial write arm the
+    /// write-stall deadline, on a failure doom the connection, as [`Core::flush_cork`] does.
+    /// Returns false if the connection is doomed.
+    fn settle(&mut self, idx: usize, direct: Direct) -> bool {
+        match direct {
+            Direct::Done => true,
+            Direct::Partial => {
+                self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                self.rearm(idx);
+                true
+            }
+            Direct::Failed(reason) => {
+                let conn = &self.conns[idx];
+                self.doomed
+                    .push((idx, conn.gen, conn.linger.unwrap_or(reason)));
+                false
+            }
         }
     }
 
@@ -1747,15 +1905,28 @@ impl<'a, D> Ctx<'a, D> {
             }
             return SendStatus::Dropped;
         }
+        if conn.session.state() != State::Open {
+            return SendStatus::Closed;
+        }
         let op = match msg {
             Message::Text(_) => OpCode::Text,
             Message::Binary(_) => OpCode::Binary,
         };
-        if conn.session.send(op, msg.as_bytes(), &mut core.cork) {
-            core.stats.messages_sent += 1;
-            SendStatus::Queued
-        } else {
-            SendStatus::Closed
+        let mut out = Out::new(
+            &mut core.cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut core.stats.bytes_sent,
+            &mut core.stats.messages_sent,
+        );
+        let sent = out.frame(op, msg.as_bytes());
+        let direct = out.direct;
+        if !sent {
+            conn.send.sealed = true;
+        }
+        match core.settle(idx, direct) {
+            true => SendStatus::Queued,
+            false => SendStatus::Closed,
         }
     }
 
@@ -1825,6 +1996,158 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::{queue_unsent, write_some, Direct, Out, DIRECT_MIN};
+    use crate::app::CloseReason;
+    use crate::protocol::frame::{write_frame, OpCode};
+    use std::io::Read;
+
+    #[test]
+    fn unsent_remainder_is_queued_exactly_after_any_partial_write() {
+        let parts: [&[u8]; 3] = [b"cork", b"", b"payload"];
+        let all: Vec<u8> = parts.concat();
+        for written in 0..=all.len() {
+            let mut pending = b"old".to_vec();
+            queue_unsent(&mut pending, &parts, written);
+            assert_eq!(
+                pending[3..],
+                all[written..],
+                "after {written} bytes written"
+            );
+            assert_eq!(&pending[..3], b"old");
+        }
+    }
+
+    /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
+    /// small send buffer so that partial writes come soon, and the client side (blocking).
+    fn pair() -> (mio::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        (mio::net::TcpStream::from_std(server), client)
+    }
+
+    /// The direct path against a real socket that stops taking bytes: large frames go out with
+    /// `writev` (cork first), the first partial write queues exactly the unsent rest, later
+    /// frames queue behind it, and the bytes on the wire are exactly the frames in call order.
+    #[test]
+    fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
+        let mut expected = Vec::new();
+        // A small frame already corked before the first large one.
+        write_frame(&mut cork, true, OpCode::Text, b"first");
+        write_frame(&mut expected, true, OpCode::Text, b"first");
+        let (mut full, mut partial, mut frames) = (0, 0, 0u64);
+        for i in 0u32..200 {
+            let len = [DIRECT_MIN, 64 * 1024 + 3, 16 * 1024][i as usize % 3];
+            let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
+            let small = format!("small {i}");
+            let was_pending = !pending.is_empty();
+            let mut out = Out::new(
+                &mut cork,
+                &socket,
+                &mut pending,
+                &mut bytes_sent,
+                &mut messages_sent,
+            );
+            assert!(out.frame(OpCode::Binary, &payload));
+            assert!(out.frame(OpCode::Text, small.as_bytes()));
+            let direct = out.direct;
+            frames += 2;
+            write_frame(&mut expected, true, OpCode::Binary, &payload);
+            write_frame(&mut expected, true, OpCode::Text, small.as_bytes());
+            match (was_pending, direct) {
+                (true, d) => assert_eq!(d, Direct::Done, "a direct write overtook queued bytes"),
+                (false, Direct::Done) => {
+                    full += 1;
+                    assert!(pending.is_empty());
+                    // Only the small frame is left, in the cork.
+                    assert_eq!(cork.len(), 2 + small.len());
+                }
+                (false, Direct::Partial) => {
+                    partial += 1;
+                    assert!(!pending.is_empty());
+                }
+                (false, Direct::Failed(r)) => panic!("write failed: {r:?}"),
+            }
+            // The end of a dispatch (as `flush_cork` does once something is queued).
+            if !pending.is_empty() {
+                pending.extend_from_slice(&cork);
+                cork.clear();
+            }
+            if partial > 0 && i > 20 {
+                break;
+            }
+        }
+        assert!(full >= 1, "no direct write was complete");
+        assert_eq!(partial, 1, "the socket never refused bytes");
+        assert_eq!(messages_sent, frames);
+        assert_eq!(
+            bytes_sent as usize + pending.len() + cork.len(),
+            expected.len()
+        );
+        // Drain what is queued (as the writable path does) while the client reads everything.
+        pending.extend_from_slice(&cork);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(
+                got == expected,
+                "bytes on the wire differ from the frames sent"
+            );
+        });
+        let mut off = 0;
+        while off < pending.len() {
+            match write_some(&socket, &pending[off..]).unwrap() {
+                0 => std::thread::sleep(std::time::Duration::from_millis(1)),
+                n => off += n,
+            }
+        }
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
+        let (socket, client) = pair();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client); // a reset
+        let payload = vec![7u8; DIRECT_MIN];
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
+        let (mut result, mut sent) = (None, 0);
+        for _ in 0..100 {
+            cork.extend_from_slice(b"corked");
+            let mut out = Out::new(
+                &mut cork,
+                &socket,
+                &mut pending,
+                &mut bytes_sent,
+                &mut messages_sent,
+            );
+            if !out.frame(OpCode::Binary, &payload) {
+                result = Some(out.direct);
+                break;
+            }
+            sent += 1;
+            pending.clear();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));
+        assert!(cork.is_empty());
+        assert!(pending.is_empty());
+        assert_eq!(messages_sent, sent, "a failed send counted as sent");
+    }
+
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
     /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
     #[test]
