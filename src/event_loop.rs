@@ -976,8 +976,7 @@ fn callback<H: Handler>(
             &mut core.cork,
             &conn.socket,
             &mut conn.pending,
-            &mut core.stats.bytes_sent,
-            &mut core.stats.messages_sent,
+            &mut core.stats,
         ),
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
@@ -1095,6 +1094,9 @@ fn frames<H: Handler>(
             return false;
         };
         let id = conn_id(idx, conn.gen);
+        if matches!(event, Event::Text(_) | Event::Binary(_)) {
+            core.stats.messages_received += 1;
+        }
         let mut ws = WebSocket {
             id,
             peer: conn.peer,
@@ -1104,8 +1106,7 @@ fn frames<H: Handler>(
                 &mut core.cork,
                 &conn.socket,
                 &mut conn.pending,
-                &mut core.stats.bytes_sent,
-                &mut core.stats.messages_sent,
+                &mut core.stats,
             ),
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
@@ -1114,7 +1115,6 @@ fn frames<H: Handler>(
         let (catch, beat) = (core.config.catch_panics, &core.beat);
         let (kind, done) = match event {
             Event::Text(s) => {
-                core.stats.messages_received += 1;
                 let f = || handler.on_message(&mut ws, Message::Text(s));
                 (
                     Activity::Message,
@@ -1122,7 +1122,6 @@ fn frames<H: Handler>(
                 )
             }
             Event::Binary(b) => {
-                core.stats.messages_received += 1;
                 let f = || handler.on_message(&mut ws, Message::Binary(b));
                 (
                     Activity::Message,
@@ -1298,28 +1297,26 @@ pub(crate) struct Out<'a> {
     cork: &'a mut Vec<u8>,
     socket: &'a TcpStream,
     pending: &'a mut Vec<u8>,
-    bytes_sent: &'a mut u64,
-    messages_sent: &'a mut u64,
+    /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
+    stats: &'a mut Stats,
     /// What the loop must do after the sender returns.
     pub(crate) direct: Direct,
 }
 
 impl<'a> Out<'a> {
     /// The output of the connection with this `socket` and `pending` queue, which must own the
-    /// cork; the two counters are the loop's [`Stats::bytes_sent`] and [`Stats::messages_sent`].
+    /// cork.
     pub(crate) fn new(
         cork: &'a mut Vec<u8>,
         socket: &'a TcpStream,
         pending: &'a mut Vec<u8>,
-        bytes_sent: &'a mut u64,
-        messages_sent: &'a mut u64,
+        stats: &'a mut Stats,
     ) -> Self {
         Out {
             cork,
             socket,
             pending,
-            bytes_sent,
-            messages_sent,
+            stats,
             direct: Direct::Done,
         }
     }
@@ -1332,41 +1329,48 @@ impl<'a> Out<'a> {
     /// Send one complete frame (a data frame counts as a message sent). Returns false if a
     /// direct write failed: nothing more may be sent, and the connection must end
     /// ([`Direct::Failed`]).
+    #[inline]
     pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
         if payload.len() < DIRECT_MIN || !self.pending.is_empty() {
             write_frame(self.cork, true, op, payload);
-        } else {
-            let header = FrameHeader {
-                fin: true,
-                rsv: 0,
-                opcode: op,
-                mask: None,
-                payload_len: payload.len() as u64,
-            };
-            let mut head = [0u8; MAX_HEADER_LEN];
-            let head_len = header.encode(&mut head);
-            let parts = [&self.cork[..], &head[..head_len], payload];
-            match write_some_vectored(self.socket, &parts) {
-                Ok(n) => {
-                    *self.bytes_sent += n as u64;
-                    let total = parts.iter().map(|p| p.len()).sum::<usize>();
-                    if n < total {
-                        queue_unsent(self.pending, &parts, n);
-                        self.direct = Direct::Partial;
-                    }
-                    self.cork.clear();
-                }
-                Err(e) => {
-                    self.cork.clear();
-                    self.direct = Direct::Failed(write_error_reason(&e));
-                    return false;
-                }
-            }
+        } else if !self.write_direct(op, payload) {
+            return false;
         }
         if op.is_data() {
-            *self.messages_sent += 1;
+            self.stats.messages_sent += 1;
         }
         true
+    }
+
+    /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
+    /// not take. Returns false if the write failed. Kept out of line: the small-message path
+    /// through [`Out::frame`] stays short.
+    #[inline(never)]
+    fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: op,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header.encode(&mut head);
+        let parts = [&self.cork[..], &head[..head_len], payload];
+        let written = write_some_vectored(self.socket, &parts);
+        match written {
+            Ok(n) => {
+                self.stats.bytes_sent += n as u64;
+                let total = parts.iter().map(|p| p.len()).sum::<usize>();
+                if n < total {
+                    queue_unsent(self.pending, &parts, n);
+                    self.direct = Direct::Partial;
+                }
+            }
+            Err(ref e) => self.direct = Direct::Failed(write_error_reason(e)),
+        }
+        self.cork.clear();
+        written.is_ok()
     }
 }
 
@@ -1588,7 +1592,13 @@ impl<D> Core<D> {
     /// After [`Out::frame`] wrote to connection `idx` directly: on a partial write arm the
     /// write-stall deadline, on a failure doom the connection, as [`Core::flush_cork`] does.
     /// Returns false if the connection is doomed.
+    #[inline]
     fn settle(&mut self, idx: usize, direct: Direct) -> bool {
+        direct == Direct::Done || self.settle_direct(idx, direct)
+    }
+
+    #[inline(never)]
+    fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
         match direct {
             Direct::Done => true,
             Direct::Partial => {
@@ -1916,8 +1926,7 @@ impl<'a, D> Ctx<'a, D> {
             &mut core.cork,
             &conn.socket,
             &mut conn.pending,
-            &mut core.stats.bytes_sent,
-            &mut core.stats.messages_sent,
+            &mut core.stats,
         );
         let sent = out.frame(op, msg.as_bytes());
         let direct = out.direct;
@@ -1996,7 +2005,7 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
-    use super::{queue_unsent, write_some, Direct, Out, DIRECT_MIN};
+    use super::{queue_unsent, write_some, Direct, Out, Stats, DIRECT_MIN};
     use crate::app::CloseReason;
     use crate::protocol::frame::{write_frame, OpCode};
     use std::io::Read;
@@ -2040,7 +2049,7 @@ mod tests {
     fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
         let (socket, mut client) = pair();
         let (mut cork, mut pending) = (Vec::new(), Vec::new());
-        let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
+        let mut stats = Stats::default();
         let mut expected = Vec::new();
         // A small frame already corked before the first large one.
         write_frame(&mut cork, true, OpCode::Text, b"first");
@@ -2051,13 +2060,7 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
             let small = format!("small {i}");
             let was_pending = !pending.is_empty();
-            let mut out = Out::new(
-                &mut cork,
-                &socket,
-                &mut pending,
-                &mut bytes_sent,
-                &mut messages_sent,
-            );
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats);
             assert!(out.frame(OpCode::Binary, &payload));
             assert!(out.frame(OpCode::Text, small.as_bytes()));
             let direct = out.direct;
@@ -2089,9 +2092,9 @@ mod tests {
         }
         assert!(full >= 1, "no direct write was complete");
         assert_eq!(partial, 1, "the socket never refused bytes");
-        assert_eq!(messages_sent, frames);
+        assert_eq!(stats.messages_sent, frames);
         assert_eq!(
-            bytes_sent as usize + pending.len() + cork.len(),
+            stats.bytes_sent as usize + pending.len() + cork.len(),
             expected.len()
         );
         // Drain what is queued (as the writable path does) while the client reads everything.
@@ -2123,17 +2126,11 @@ mod tests {
         drop(client); // a reset
         let payload = vec![7u8; DIRECT_MIN];
         let (mut cork, mut pending) = (Vec::new(), Vec::new());
-        let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
+        let mut stats = Stats::default();
         let (mut result, mut sent) = (None, 0);
         for _ in 0..100 {
             cork.extend_from_slice(b"corked");
-            let mut out = Out::new(
-                &mut cork,
-                &socket,
-                &mut pending,
-                &mut bytes_sent,
-                &mut messages_sent,
-            );
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats);
             if !out.frame(OpCode::Binary, &payload) {
                 result = Some(out.direct);
                 break;
@@ -2145,7 +2142,7 @@ mod tests {
         assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));
         assert!(cork.is_empty());
         assert!(pending.is_empty());
-        assert_eq!(messages_sent, sent, "a failed send counted as sent");
+        assert_eq!(stats.messages_sent, sent, "a failed send counted as sent");
     }
 
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
