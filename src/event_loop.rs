@@ -826,7 +826,11 @@ impl<H: Handler> Inner<H> {
         core.rearm(idx);
         let conn = &core.conns[idx];
         log::debug!("{} open from {}", conn_id(idx, conn.gen), conn.peer);
-        if !callback(core, handler, idx, Activity::Open, |h, ws| h.on_open(ws)) {
+        // Frames may follow in this read: their answers should share the cork's one `send`.
+        let last = false;
+        if !callback(core, handler, idx, Activity::Open, last, |h, ws| {
+            h.on_open(ws)
+        }) {
             return false;
         }
         if buffered {
@@ -875,7 +879,10 @@ impl<H: Handler> Inner<H> {
         if conn.data.is_some() && conn.session.state() == State::Open {
             let Inner { core, handler, .. } = self;
             core.cork_for(idx);
-            callback(core, handler, idx, Activity::Drain, |h, ws| h.on_drain(ws));
+            // The cork is flushed right after: a direct write adds no system call.
+            callback(core, handler, idx, Activity::Drain, true, |h, ws| {
+                h.on_drain(ws)
+            });
         }
     }
 
@@ -923,10 +930,11 @@ impl<H: Handler> Inner<H> {
             let Inner { core, handler, .. } = self;
             match cmd {
                 Command::Send(id, msg) => {
+                    // Flushed right after: a large message may go out without a copy.
                     let mut ctx = Ctx { core };
                     match &msg {
-                        OwnedMessage::Text(s) => ctx.send(id, Message::Text(s)),
-                        OwnedMessage::Binary(b) => ctx.send(id, Message::Binary(b)),
+                        OwnedMessage::Text(s) => ctx.send_as(id, Message::Text(s), true),
+                        OwnedMessage::Binary(b) => ctx.send_as(id, Message::Binary(b), true),
                     };
                 }
                 Command::Close(id, code, reason) => {
@@ -954,12 +962,14 @@ impl<H: Handler> Inner<H> {
 }
 
 /// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
-/// what it asked for (close, terminate). Returns false if the connection is ending.
+/// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
+/// (see [`Out::new`]). Returns false if the connection is ending.
 fn callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
     kind: Activity,
+    last: bool,
     f: impl FnOnce(&mut H, &mut WebSocket<'_, H::Data>),
 ) -> bool {
     core.cork_for(idx);
@@ -977,6 +987,7 @@ fn callback<H: Handler>(
             &conn.socket,
             &mut conn.pending,
             &mut core.stats,
+            last,
         ),
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
@@ -1074,7 +1085,8 @@ fn frames<H: Handler>(
     core.cork_for(idx);
     let max = core.config.max_message_size;
     let mut off = 0;
-    while off < buf.len() {
+    let len = buf.len();
+    while off < len {
         let conn = &mut core.conns[idx];
         let (used, event) = match conn.session.read(&mut buf[off..], max, &mut core.cork) {
             Ok(r) => r,
@@ -1090,6 +1102,9 @@ fn frames<H: Handler>(
         };
         off += used;
         let Some(event) = event else { continue };
+        // The last message of this read: its answer is flushed once this returns, so a direct
+        // write adds no system call. Answers to earlier ones share the cork's one `send`.
+        let last = off == len;
         let Some(data) = conn.data.as_mut() else {
             return false;
         };
@@ -1107,6 +1122,7 @@ fn frames<H: Handler>(
                 &conn.socket,
                 &mut conn.pending,
                 &mut core.stats,
+                last,
             ),
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
@@ -1299,24 +1315,32 @@ pub(crate) struct Out<'a> {
     pending: &'a mut Vec<u8>,
     /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
     stats: &'a mut Stats,
+    /// A direct write is allowed: it adds no system call (see [`Out::new`]).
+    direct_ok: bool,
     /// What the loop must do after the sender returns.
     pub(crate) direct: Direct,
 }
 
 impl<'a> Out<'a> {
     /// The output of the connection with this `socket` and `pending` queue, which must own the
-    /// cork.
+    /// cork. `last`: the loop flushes the cork as soon as the sender returns (the answer to the
+    /// last message of a read, a posted send, `on_drain`), so one direct write replaces that
+    /// `send` instead of adding a system call. Otherwise (more messages of the same read follow,
+    /// whose answers share one `send`) every frame goes to the cork, as does every frame after
+    /// the first direct write: a sender costs at most one system call more than the cork would.
     pub(crate) fn new(
         cork: &'a mut Vec<u8>,
         socket: &'a TcpStream,
         pending: &'a mut Vec<u8>,
         stats: &'a mut Stats,
+        last: bool,
     ) -> Self {
         Out {
             cork,
             socket,
             pending,
             stats,
+            direct_ok: last,
             direct: Direct::Done,
         }
     }
@@ -1331,7 +1355,7 @@ impl<'a> Out<'a> {
     /// ([`Direct::Failed`]).
     #[inline]
     pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        if payload.len() < DIRECT_MIN || !self.pending.is_empty() {
+        if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
             write_frame(self.cork, true, op, payload);
         } else if !self.write_direct(op, payload) {
             return false;
@@ -1358,6 +1382,7 @@ impl<'a> Out<'a> {
         let head_len = header.encode(&mut head);
         let parts = [&self.cork[..], &head[..head_len], payload];
         let written = write_some_vectored(self.socket, &parts);
+        self.direct_ok = false;
         match written {
             Ok(n) => {
                 self.stats.bytes_sent += n as u64;
@@ -1898,6 +1923,12 @@ impl<'a, D> Ctx<'a, D> {
     /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
     /// yet open; over the backpressure limit it is refused as in a callback.
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> SendStatus {
+        // A closure may send more to the same connection: keep its sends in the cork.
+        self.send_as(id, msg, false)
+    }
+
+    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Out::new`]).
+    pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
         let Some(idx) = self.locate(id) else {
             return SendStatus::Closed;
         };
@@ -1927,6 +1958,7 @@ impl<'a, D> Ctx<'a, D> {
             &conn.socket,
             &mut conn.pending,
             &mut core.stats,
+            last,
         );
         let sent = out.frame(op, msg.as_bytes());
         let direct = out.direct;
@@ -2060,7 +2092,7 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
             let small = format!("small {i}");
             let was_pending = !pending.is_empty();
-            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats);
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
             assert!(out.frame(OpCode::Binary, &payload));
             assert!(out.frame(OpCode::Text, small.as_bytes()));
             let direct = out.direct;
@@ -2117,6 +2149,37 @@ mod tests {
         reader.join().unwrap();
     }
 
+    /// A direct write only where it replaces the flush that follows (`last`), and at most one
+    /// per sender: a second large frame, or any frame when more answers follow, goes to the cork.
+    #[test]
+    fn a_sender_writes_directly_at_most_once_and_only_when_last() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let payload = vec![5u8; DIRECT_MIN];
+        let mut one = Vec::new();
+        write_frame(&mut one, true, OpCode::Binary, &payload);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, false);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
+        assert_eq!(stats.bytes_sent, 0);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(
+            stats.bytes_sent as usize,
+            2 * one.len(),
+            "cork + frame in one write"
+        );
+        assert_eq!(cork, one, "the second large frame was not corked");
+        assert_eq!(stats.messages_sent, 3);
+        let mut got = vec![0u8; 2 * one.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, [&one[..], &one[..]].concat());
+    }
+
     #[test]
     fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
         let (socket, client) = pair();
@@ -2130,7 +2193,7 @@ mod tests {
         let (mut result, mut sent) = (None, 0);
         for _ in 0..100 {
             cork.extend_from_slice(b"corked");
-            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats);
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
             if !out.frame(OpCode::Binary, &payload) {
                 result = Some(out.direct);
                 break;

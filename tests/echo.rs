@@ -271,9 +271,10 @@ fn server_frame_len(len: usize) -> usize {
 }
 
 /// Large payloads (4 KiB and more) are written from the receive buffer with one `writev` of the
-/// cork, the header and the payload when nothing is queued; what the socket does not take is
-/// queued and drained by writable events. Small frames in between must keep their place, every
-/// byte must arrive as sent, and the byte and message counters must stay exact.
+/// cork, the header and the payload when nothing is queued and theirs is the last message of a
+/// read; what the socket does not take is queued and drained by writable events. Small frames
+/// in between must keep their place, every byte must arrive as sent, and the byte and message
+/// counters must stay exact.
 #[test]
 fn large_echoes_interleaved_with_small_ones_keep_order_through_partial_writes() {
     let server = TestServer::start(Config {
@@ -298,15 +299,15 @@ fn large_echoes_interleaved_with_small_ones_keep_order_through_partial_writes() 
         16 * 1024 + 1,
         65536 + 5,
     ];
-    // (opcode, payload) of message `i`: large ones alternate binary and text, each followed by a
-    // small text naming it.
+    // (opcode, payload) of message pair `i`: a small text naming it, then a large one (binary
+    // and text in turn), whose echo goes out with the small one's from the cork.
     let message = |i: usize| -> [(u8, Vec<u8>); 2] {
         let len = sizes[i % sizes.len()];
         let large = match i % 2 {
             0 => (OP_BINARY, bytes(len, i as u64)),
             _ => (OP_TEXT, text(len, i as u64).into_bytes()),
         };
-        [large, (OP_TEXT, format!("after {i}").into_bytes())]
+        [(OP_TEXT, format!("before {i}").into_bytes()), large]
     };
     // In lock step: every echo written at once (complete direct writes).
     for i in 0..sizes.len() {
@@ -322,13 +323,20 @@ fn large_echoes_interleaved_with_small_ones_keep_order_through_partial_writes() 
     }
     // Then rounds in which the client writes everything before it reads anything and waits a
     // while: the echoes (~7 MiB a round, more than loopback socket buffers hold: tcp_wmem caps
-    // the send buffer at 4 MiB by default) fill the socket, a direct write is cut short, and the
-    // rest queues.
+    // the send buffer at 4 MiB by default) fill the socket, a write is cut short, and the rest
+    // queues. In odd rounds the client pauses after each pair, so that most pairs arrive in
+    // reads of their own and their large echoes are written directly until the socket is full;
+    // in even rounds the echoes of pairs read together share the cork's writes.
     let mut next = sizes.len();
-    for round in 0..3 {
+    for round in 0..4 {
         let batch: Vec<[(u8, Vec<u8>); 2]> = (next..next + 6 * sizes.len()).map(message).collect();
-        for (op, payload) in batch.iter().flatten() {
-            s.write_all(&frame(true, *op, payload)).unwrap();
+        for pair in &batch {
+            for (op, payload) in pair {
+                s.write_all(&frame(true, *op, payload)).unwrap();
+            }
+            if round % 2 == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         for (j, (op, payload)) in batch.iter().flatten().enumerate() {
