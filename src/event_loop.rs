@@ -13,7 +13,9 @@
 //! Deadlines: each connection has one wheel entry, armed at the earliest of its state deadline
 //! (handshake, idle ping, idle close, close handshake, linger), its write-stall deadline and its
 //! maximum lifetime. Moving a deadline later only records it in the wheel (O(1), no unlinking);
-//! when the entry fires early, the loop re-arms it at the new earliest deadline.
+//! when the entry fires early, the loop re-arms it at the new earliest deadline. The idle
+//! deadline, which every message moves, is not even recorded in the wheel: the message stores it
+//! in the connection, and the entry filed at the old deadline fires early and is re-filed.
 
 use crate::admission::Admission;
 use crate::app::{
@@ -277,6 +279,8 @@ pub(crate) struct Core<D> {
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
     doomed: Vec<(usize, u32, CloseReason)>,
     pub(crate) config: Config,
+    /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
+    ping_after: u64,
     limits: handshake::Limits,
     start: Instant,
     pub(crate) now: u64,
@@ -416,6 +420,7 @@ impl<H: Handler> Server<H> {
                     trusted: crate::protocol::proxy::TrustedProxies::parse(&config.trusted_proxies)
                         .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
 
+                    ping_after: ping_after(&config),
                     config,
                 },
                 handler,
@@ -622,10 +627,16 @@ impl<H: Handler> Inner<H> {
             State::Open | State::CloseSent => {
                 if conn.session.state() == State::Open {
                     conn.pinged = false;
-                    let ping_after = ping_after(&core.config);
-                    if ping_after != NEVER {
-                        conn.deadline = core.now + ping_after;
-                        core.rearm(idx);
+                    if core.ping_after != NEVER {
+                        // Only moves the deadline later (it was set from an earlier `now`, or
+                        // half an idle timeout after the ping): the timer, filed at the old
+                        // deadline, fires early and `timer_fired` re-files it, so a message
+                        // costs one store here and no wheel work.
+                        let at = core.now + core.ping_after;
+                        let old = std::mem::replace(&mut conn.deadline, at);
+                        if at < old {
+                            core.rearm(idx);
+                        }
                     }
                 }
                 frames(core, handler, idx, &mut recv[..n])
@@ -818,7 +829,7 @@ impl<H: Handler> Inner<H> {
         let rest = conn.session.finish_handshake(head_len, buffered);
         conn.data = Some(data);
         conn.subprotocol = subprotocol.map(String::into_boxed_str);
-        conn.deadline = core.now.saturating_add(ping_after(&core.config));
+        conn.deadline = core.now.saturating_add(core.ping_after);
         let lifetime = Core::<H::Data>::ms(core.config.max_lifetime);
         if lifetime > 0 {
             conn.expire_at = core.now + lifetime;
@@ -1771,7 +1782,7 @@ impl<D> Core<D> {
             }
             State::Open if !conn.pinged => {
                 conn.pinged = true;
-                let rest = Self::ms(self.config.idle_timeout) - ping_after(&self.config);
+                let rest = Self::ms(self.config.idle_timeout) - self.ping_after;
                 conn.deadline = now + rest.max(1);
                 self.cork_for(idx);
                 self.conns[idx].session.ping(b"", &mut self.cork);
