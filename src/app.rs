@@ -2,8 +2,9 @@
 //! its callbacks receive, and the types that travel with them.
 
 use crate::config::BackpressurePolicy;
+use crate::event_loop::Out;
 use crate::protocol::close::CloseCode;
-use crate::protocol::frame::{write_frame, OpCode};
+use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
 use std::fmt;
 use std::net::SocketAddr;
@@ -195,15 +196,12 @@ pub struct WebSocket<'a, D> {
     pub(crate) peer: SocketAddr,
     pub(crate) data: &'a mut D,
     pub(crate) send: &'a mut SendState,
-    /// The loop's cork buffer, owned by this connection for the callback's duration.
-    pub(crate) out: &'a mut Vec<u8>,
-    /// Bytes already queued in the connection's own buffer (a slow reader).
-    pub(crate) pending: usize,
+    /// Where frames go: the loop's cork (owned by this connection for the callback's duration),
+    /// the connection's queue, or, for large payloads, the socket itself.
+    pub(crate) out: Out<'a>,
     pub(crate) subprotocol: Option<&'a str>,
     pub(crate) max_backpressure: usize,
     pub(crate) policy: BackpressurePolicy,
-    /// The loop's count of messages sent.
-    pub(crate) sent: &'a mut u64,
 }
 
 impl<'a, D> WebSocket<'a, D> {
@@ -261,7 +259,7 @@ impl<'a, D> WebSocket<'a, D> {
     }
     /// Bytes sent but not yet written to the socket.
     pub fn buffered_amount(&self) -> usize {
-        self.pending + self.out.len()
+        self.out.buffered()
     }
 
     fn frame(&mut self, op: OpCode, payload: &[u8]) -> SendStatus {
@@ -279,11 +277,13 @@ impl<'a, D> WebSocket<'a, D> {
             }
             return SendStatus::Dropped;
         }
-        write_frame(self.out, true, op, payload);
-        if op.is_data() {
-            *self.sent += 1;
+        if self.out.frame(op, payload) {
+            SendStatus::Queued
+        } else {
+            // Writing to the socket failed: the connection ends once the callback returns.
+            self.send.sealed = true;
+            SendStatus::Closed
         }
-        SendStatus::Queued
     }
 }
 

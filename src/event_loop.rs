@@ -5,13 +5,17 @@
 //! the socket (edge-triggered: new data raises a new edge), so a message costs one `recv`.
 //! Write path: everything written to one connection during one dispatch is collected in the
 //! loop's cork buffer and written with one `send` at the end; only the bytes the socket did not
-//! take are copied into the connection's own queue, which a writable event flushes.
+//! take are copied into the connection's own queue, which a writable event flushes. A payload
+//! of [`DIRECT_MIN`] bytes or more is not copied into the cork: while nothing is queued it goes
+//! out at once with one `writev` of the cork, its header and the payload ([`Out`]).
 //! Interest (read + write) is registered once per connection: no `epoll_ctl` per message.
 //!
 //! Deadlines: each connection has one wheel entry, armed at the earliest of its state deadline
 //! (handshake, idle ping, idle close, close handshake, linger), its write-stall deadline and its
 //! maximum lifetime. Moving a deadline later only records it in the wheel (O(1), no unlinking);
-//! when the entry fires early, the loop re-arms it at the new earliest deadline.
+//! when the entry fires early, the loop re-arms it at the new earliest deadline. The idle
+//! deadline, which every message moves, is not even recorded in the wheel: the message stores it
+//! in the connection, and the entry filed at the old deadline fires early and is re-filed.
 
 use crate::app::{
     CloseReason, ConnId, Decision, Handler, Message, SendState, SendStatus, UpgradeRequest,
@@ -22,7 +26,7 @@ use crate::config::{BackpressurePolicy, Config};
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
 use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
 use crate::protocol::close::{truncate_reason, CloseCode};
-use crate::protocol::frame::OpCode;
+use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
@@ -32,7 +36,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::fs::File;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
@@ -279,6 +283,8 @@ pub(crate) struct Core<D> {
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
     doomed: Vec<(usize, u32, CloseReason)>,
     pub(crate) config: Config,
+    /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
+    ping_after: u64,
     limits: handshake::Limits,
     start: Instant,
     /// What this loop shares with the other loops of its cluster (a ledger of one alone).
@@ -431,6 +437,7 @@ impl<H: Handler> Server<H> {
                     trusted: crate::protocol::proxy::TrustedProxies::parse(&config.trusted_proxies)
                         .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
 
+                    ping_after: ping_after(&config),
                     config,
                 },
                 handler,
@@ -668,10 +675,16 @@ impl<H: Handler> Inner<H> {
             State::Open | State::CloseSent => {
                 if conn.session.state() == State::Open {
                     conn.pinged = false;
-                    let ping_after = ping_after(&core.config);
-                    if ping_after != NEVER {
-                        conn.deadline = core.now + ping_after;
-                        core.rearm(idx);
+                    if core.ping_after != NEVER {
+                        // Only moves the deadline later (it was set from an earlier `now`, or
+                        // half an idle timeout after the ping): the timer, filed at the old
+                        // deadline, fires early and `timer_fired` re-files it, so a message
+                        // costs one store here and no wheel work.
+                        let at = core.now + core.ping_after;
+                        let old = std::mem::replace(&mut conn.deadline, at);
+                        if at < old {
+                            core.rearm(idx);
+                        }
                     }
                 }
                 frames(core, handler, idx, &mut recv[..n])
@@ -870,7 +883,7 @@ impl<H: Handler> Inner<H> {
         let rest = conn.session.finish_handshake(head_len, buffered);
         conn.data = Some(data);
         conn.subprotocol = subprotocol.map(String::into_boxed_str);
-        conn.deadline = core.now.saturating_add(ping_after(&core.config));
+        conn.deadline = core.now.saturating_add(core.ping_after);
         let lifetime = Core::<H::Data>::ms(core.config.max_lifetime);
         if lifetime > 0 {
             conn.expire_at = core.now + lifetime;
@@ -882,7 +895,11 @@ impl<H: Handler> Inner<H> {
             conn_id(core.member, idx, conn.gen),
             conn.peer
         );
-        if !callback(core, handler, idx, Activity::Open, |h, ws| h.on_open(ws)) {
+        // Frames may follow in this read: their answers should share the cork's one `send`.
+        let last = false;
+        if !callback(core, handler, idx, Activity::Open, last, |h, ws| {
+            h.on_open(ws)
+        }) {
             return false;
         }
         if buffered {
@@ -931,7 +948,10 @@ impl<H: Handler> Inner<H> {
         if conn.data.is_some() && conn.session.state() == State::Open {
             let Inner { core, handler, .. } = self;
             core.cork_for(idx);
-            callback(core, handler, idx, Activity::Drain, |h, ws| h.on_drain(ws));
+            // The cork is flushed right after: a direct write adds no system call.
+            callback(core, handler, idx, Activity::Drain, true, |h, ws| {
+                h.on_drain(ws)
+            });
         }
     }
 
@@ -979,10 +999,11 @@ impl<H: Handler> Inner<H> {
             let Inner { core, handler, .. } = self;
             match cmd {
                 Command::Send(id, msg) => {
+                    // Flushed right after: a large message may go out without a copy.
                     let mut ctx = Ctx { core };
                     match &msg {
-                        OwnedMessage::Text(s) => ctx.send(id, Message::Text(s)),
-                        OwnedMessage::Binary(b) => ctx.send(id, Message::Binary(b)),
+                        OwnedMessage::Text(s) => ctx.send_as(id, Message::Text(s), true),
+                        OwnedMessage::Binary(b) => ctx.send_as(id, Message::Binary(b), true),
                     };
                 }
                 Command::Close(id, code, reason) => {
@@ -1010,12 +1031,14 @@ impl<H: Handler> Inner<H> {
 }
 
 /// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
-/// what it asked for (close, terminate). Returns false if the connection is ending.
+/// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
+/// (see [`Out::new`]). Returns false if the connection is ending.
 fn callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
     kind: Activity,
+    last: bool,
     f: impl FnOnce(&mut H, &mut WebSocket<'_, H::Data>),
 ) -> bool {
     core.cork_for(idx);
@@ -1028,22 +1051,27 @@ fn callback<H: Handler>(
         peer: conn.peer,
         data,
         send: &mut conn.send,
-        out: &mut core.cork,
-        pending: conn.pending.len(),
+        out: Out::new(
+            &mut core.cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut core.stats,
+            last,
+        ),
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
         policy: core.config.backpressure_policy,
-        sent: &mut core.stats.messages_sent,
     };
     let id = ws.id;
-    if guarded(core.config.catch_panics, &core.beat, kind, id, || {
+    let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
         f(handler, &mut ws)
-    })
-    .is_none()
-    {
+    });
+    let direct = ws.out.direct;
+    let live = core.settle(idx, direct);
+    if done.is_none() {
         return handler_panicked(core, handler, idx, kind);
     }
-    after_callback(core, handler, idx)
+    live && after_callback(core, handler, idx)
 }
 
 /// Run application code, reporting it to the stall watchdog, and (unless configured
@@ -1126,7 +1154,8 @@ fn frames<H: Handler>(
     core.cork_for(idx);
     let max = core.config.max_message_size;
     let mut off = 0;
-    while off < buf.len() {
+    let len = buf.len();
+    while off < len {
         let conn = &mut core.conns[idx];
         let (used, event) = match conn.session.read(&mut buf[off..], max, &mut core.cork) {
             Ok(r) => r,
@@ -1142,26 +1171,35 @@ fn frames<H: Handler>(
         };
         off += used;
         let Some(event) = event else { continue };
+        // The last message of this read: its answer is flushed once this returns, so a direct
+        // write adds no system call. Answers to earlier ones share the cork's one `send`.
+        let last = off == len;
         let Some(data) = conn.data.as_mut() else {
             return false;
         };
         let id = conn_id(core.member, idx, conn.gen);
+        if matches!(event, Event::Text(_) | Event::Binary(_)) {
+            core.stats.messages_received += 1;
+        }
         let mut ws = WebSocket {
             id,
             peer: conn.peer,
             data,
             send: &mut conn.send,
-            out: &mut core.cork,
-            pending: conn.pending.len(),
+            out: Out::new(
+                &mut core.cork,
+                &conn.socket,
+                &mut conn.pending,
+                &mut core.stats,
+                last,
+            ),
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
             policy: core.config.backpressure_policy,
-            sent: &mut core.stats.messages_sent,
         };
         let (catch, beat) = (core.config.catch_panics, &core.beat);
         let (kind, done) = match event {
             Event::Text(s) => {
-                core.stats.messages_received += 1;
                 let f = || handler.on_message(&mut ws, Message::Text(s));
                 (
                     Activity::Message,
@@ -1169,7 +1207,6 @@ fn frames<H: Handler>(
                 )
             }
             Event::Binary(b) => {
-                core.stats.messages_received += 1;
                 let f = || handler.on_message(&mut ws, Message::Binary(b));
                 (
                     Activity::Message,
@@ -1203,10 +1240,12 @@ fn frames<H: Handler>(
                 return false;
             }
         };
+        let direct = ws.out.direct;
+        let live = core.settle(idx, direct);
         if done.is_none() {
             return handler_panicked(core, handler, idx, kind);
         }
-        if !after_callback(core, handler, idx) {
+        if !live || !after_callback(core, handler, idx) {
             return false;
         }
         // The backpressure limit counts the cork, so a burst of messages read in one dispatch
@@ -1306,6 +1345,145 @@ fn write_some(mut socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// One `writev` of `parts`; `Ok(0)` when the socket would block.
+fn write_some_vectored(mut socket: &TcpStream, parts: &[&[u8]; 3]) -> io::Result<usize> {
+    let slices = parts.map(IoSlice::new);
+    loop {
+        match socket.write_vectored(&slices) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Append to `pending` what a write of `written` bytes left unsent of `parts` (in order).
+fn queue_unsent(pending: &mut Vec<u8>, parts: &[&[u8]], written: usize) {
+    let total = parts.iter().map(|p| p.len()).sum::<usize>();
+    pending.reserve_exact(total.saturating_sub(written));
+    let mut skip = written;
+    for part in parts {
+        let from = skip.min(part.len());
+        pending.extend_from_slice(&part[from..]);
+        skip -= from;
+    }
+}
+
+/// Payloads of at least this many bytes are written to the socket straight from the caller's
+/// buffer when nothing is queued for the connection, instead of being copied into the cork.
+/// Below it the copy is cheaper than the system call a direct write may add (when several
+/// messages are answered in one dispatch, the cork sends them all with one `send`).
+pub(crate) const DIRECT_MIN: usize = 4096;
+
+/// What a direct write left for the loop to do once the sender returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// Nothing (no direct write, or the socket took everything).
+    Done,
+    /// The socket took only part: the rest is in `pending`, so arm the write-stall deadline.
+    Partial,
+    /// The write failed: end the connection with this reason.
+    Failed(CloseReason),
+}
+
+/// Where one connection's outgoing frames go, for a callback or a posted send: the loop's cork
+/// (which this connection owns at the time), or, for a payload of [`DIRECT_MIN`] bytes or more
+/// while nothing is queued, the socket, with one `writev` of the cork, the frame header and the
+/// payload. Bytes on the wire keep the order of the calls: the cork goes out before the new
+/// frame, and nothing overtakes queued (`pending`) bytes. What the socket does not take is
+/// copied into `pending`; [`Core::settle`] then does what [`Core::flush_cork`] does after a
+/// partial or failed write.
+pub(crate) struct Out<'a> {
+    cork: &'a mut Vec<u8>,
+    socket: &'a TcpStream,
+    pending: &'a mut Vec<u8>,
+    /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
+    stats: &'a mut Stats,
+    /// A direct write is allowed: it adds no system call (see [`Out::new`]).
+    direct_ok: bool,
+    /// What the loop must do after the sender returns.
+    pub(crate) direct: Direct,
+}
+
+impl<'a> Out<'a> {
+    /// The output of the connection with this `socket` and `pending` queue, which must own the
+    /// cork. `last`: the loop flushes the cork as soon as the sender returns (the answer to the
+    /// last message of a read, a posted send, `on_drain`), so one direct write replaces that
+    /// `send` instead of adding a system call. Otherwise (more messages of the same read follow,
+    /// whose answers share one `send`) every frame goes to the cork, as does every frame after
+    /// the first direct write: a sender costs at most one system call more than the cork would.
+    pub(crate) fn new(
+        cork: &'a mut Vec<u8>,
+        socket: &'a TcpStream,
+        pending: &'a mut Vec<u8>,
+        stats: &'a mut Stats,
+        last: bool,
+    ) -> Self {
+        Out {
+            cork,
+            socket,
+            pending,
+            stats,
+            direct_ok: last,
+            direct: Direct::Done,
+        }
+    }
+
+    /// Bytes sent but not yet written to the socket.
+    pub(crate) fn buffered(&self) -> usize {
+        self.pending.len() + self.cork.len()
+    }
+
+    /// Send one complete frame (a data frame counts as a message sent). Returns false if a
+    /// direct write failed: nothing more may be sent, and the connection must end
+    /// ([`Direct::Failed`]).
+    #[inline]
+    pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
+            write_frame(self.cork, true, op, payload);
+        } else if !self.write_direct(op, payload) {
+            return false;
+        }
+        if op.is_data() {
+            self.stats.messages_sent += 1;
+        }
+        true
+    }
+
+    /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
+    /// not take. Returns false if the write failed. Kept out of line: the small-message path
+    /// through [`Out::frame`] stays short.
+    #[inline(never)]
+    fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: op,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header.encode(&mut head);
+        let parts = [&self.cork[..], &head[..head_len], payload];
+        let written = write_some_vectored(self.socket, &parts);
+        self.direct_ok = false;
+        match written {
+            Ok(n) => {
+                self.stats.bytes_sent += n as u64;
+                let total = parts.iter().map(|p| p.len()).sum::<usize>();
+                if n < total {
+                    queue_unsent(self.pending, &parts, n);
+                    self.direct = Direct::Partial;
+                }
+            }
+            Err(ref e) => self.direct = Direct::Failed(write_error_reason(e)),
+        }
+        self.cork.clear();
+        written.is_ok()
     }
 }
 
@@ -1522,6 +1700,32 @@ impl<D> Core<D> {
         }
     }
 
+    /// After [`Out::frame`] wrote to connection `idx` directly: on a partial write arm the
+    /// write-stall deadline, on a failure doom the connection, as [`Core::flush_cork`] does.
+    /// Returns false if the connection is doomed.
+    #[inline]
+    fn settle(&mut self, idx: usize, direct: Direct) -> bool {
+        direct == Direct::Done || self.settle_direct(idx, direct)
+    }
+
+    #[inline(never)]
+    fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
+        match direct {
+            Direct::Done => true,
+            Direct::Partial => {
+                self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                self.rearm(idx);
+                true
+            }
+            Direct::Failed(reason) => {
+                let conn = &self.conns[idx];
+                self.doomed
+                    .push((idx, conn.gen, conn.linger.unwrap_or(reason)));
+                false
+            }
+        }
+    }
+
     /// Write the cork to its owner with one `send`; queue what the socket does not take.
     /// A write error dooms the connection (ended by `reap`).
     fn flush_cork(&mut self) {
@@ -1653,7 +1857,7 @@ impl<D> Core<D> {
             }
             State::Open if !conn.pinged => {
                 conn.pinged = true;
-                let rest = Self::ms(self.config.idle_timeout) - ping_after(&self.config);
+                let rest = Self::ms(self.config.idle_timeout) - self.ping_after;
                 conn.deadline = now + rest.max(1);
                 self.cork_for(idx);
                 self.conns[idx].session.ping(b"", &mut self.cork);
@@ -1812,6 +2016,12 @@ impl<'a, D> Ctx<'a, D> {
     /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
     /// yet open; over the backpressure limit it is refused as in a callback.
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> SendStatus {
+        // A closure may send more to the same connection: keep its sends in the cork.
+        self.send_as(id, msg, false)
+    }
+
+    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Out::new`]).
+    pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
         let Some(idx) = self.locate(id) else {
             return SendStatus::Closed;
         };
@@ -1829,15 +2039,28 @@ impl<'a, D> Ctx<'a, D> {
             }
             return SendStatus::Dropped;
         }
+        if conn.session.state() != State::Open {
+            return SendStatus::Closed;
+        }
         let op = match msg {
             Message::Text(_) => OpCode::Text,
             Message::Binary(_) => OpCode::Binary,
         };
-        if conn.session.send(op, msg.as_bytes(), &mut core.cork) {
-            core.stats.messages_sent += 1;
-            SendStatus::Queued
-        } else {
-            SendStatus::Closed
+        let mut out = Out::new(
+            &mut core.cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut core.stats,
+            last,
+        );
+        let sent = out.frame(op, msg.as_bytes());
+        let direct = out.direct;
+        if !sent {
+            conn.send.sealed = true;
+        }
+        match core.settle(idx, direct) {
+            true => SendStatus::Queued,
+            false => SendStatus::Closed,
         }
     }
 
@@ -1907,6 +2130,177 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::{queue_unsent, write_some, Direct, Out, Stats, DIRECT_MIN};
+    use crate::app::CloseReason;
+    use crate::protocol::frame::{write_frame, OpCode};
+    use std::io::Read;
+
+    #[test]
+    fn unsent_remainder_is_queued_exactly_after_any_partial_write() {
+        let parts: [&[u8]; 3] = [b"cork", b"", b"payload"];
+        let all: Vec<u8> = parts.concat();
+        for written in 0..=all.len() {
+            let mut pending = b"old".to_vec();
+            queue_unsent(&mut pending, &parts, written);
+            assert_eq!(
+                pending[3..],
+                all[written..],
+                "after {written} bytes written"
+            );
+            assert_eq!(&pending[..3], b"old");
+        }
+    }
+
+    /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
+    /// small send buffer so that partial writes come soon, and the client side (blocking).
+    fn pair() -> (mio::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        (mio::net::TcpStream::from_std(server), client)
+    }
+
+    /// The direct path against a real socket that stops taking bytes: large frames go out with
+    /// `writev` (cork first), the first partial write queues exactly the unsent rest, later
+    /// frames queue behind it, and the bytes on the wire are exactly the frames in call order.
+    #[test]
+    fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let mut expected = Vec::new();
+        // A small frame already corked before the first large one.
+        write_frame(&mut cork, true, OpCode::Text, b"first");
+        write_frame(&mut expected, true, OpCode::Text, b"first");
+        let (mut full, mut partial, mut frames) = (0, 0, 0u64);
+        for i in 0u32..200 {
+            let len = [DIRECT_MIN, 64 * 1024 + 3, 16 * 1024][i as usize % 3];
+            let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
+            let small = format!("small {i}");
+            let was_pending = !pending.is_empty();
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+            assert!(out.frame(OpCode::Binary, &payload));
+            assert!(out.frame(OpCode::Text, small.as_bytes()));
+            let direct = out.direct;
+            frames += 2;
+            write_frame(&mut expected, true, OpCode::Binary, &payload);
+            write_frame(&mut expected, true, OpCode::Text, small.as_bytes());
+            match (was_pending, direct) {
+                (true, d) => assert_eq!(d, Direct::Done, "a direct write overtook queued bytes"),
+                (false, Direct::Done) => {
+                    full += 1;
+                    assert!(pending.is_empty());
+                    // Only the small frame is left, in the cork.
+                    assert_eq!(cork.len(), 2 + small.len());
+                }
+                (false, Direct::Partial) => {
+                    partial += 1;
+                    assert!(!pending.is_empty());
+                }
+                (false, Direct::Failed(r)) => panic!("write failed: {r:?}"),
+            }
+            // The end of a dispatch (as `flush_cork` does once something is queued).
+            if !pending.is_empty() {
+                pending.extend_from_slice(&cork);
+                cork.clear();
+            }
+            if partial > 0 && i > 20 {
+                break;
+            }
+        }
+        assert!(full >= 1, "no direct write was complete");
+        assert_eq!(partial, 1, "the socket never refused bytes");
+        assert_eq!(stats.messages_sent, frames);
+        assert_eq!(
+            stats.bytes_sent as usize + pending.len() + cork.len(),
+            expected.len()
+        );
+        // Drain what is queued (as the writable path does) while the client reads everything.
+        pending.extend_from_slice(&cork);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(
+                got == expected,
+                "bytes on the wire differ from the frames sent"
+            );
+        });
+        let mut off = 0;
+        while off < pending.len() {
+            match write_some(&socket, &pending[off..]).unwrap() {
+                0 => std::thread::sleep(std::time::Duration::from_millis(1)),
+                n => off += n,
+            }
+        }
+        reader.join().unwrap();
+    }
+
+    /// A direct write only where it replaces the flush that follows (`last`), and at most one
+    /// per sender: a second large frame, or any frame when more answers follow, goes to the cork.
+    #[test]
+    fn a_sender_writes_directly_at_most_once_and_only_when_last() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let payload = vec![5u8; DIRECT_MIN];
+        let mut one = Vec::new();
+        write_frame(&mut one, true, OpCode::Binary, &payload);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, false);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
+        assert_eq!(stats.bytes_sent, 0);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(
+            stats.bytes_sent as usize,
+            2 * one.len(),
+            "cork + frame in one write"
+        );
+        assert_eq!(cork, one, "the second large frame was not corked");
+        assert_eq!(stats.messages_sent, 3);
+        let mut got = vec![0u8; 2 * one.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, [&one[..], &one[..]].concat());
+    }
+
+    #[test]
+    fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
+        let (socket, client) = pair();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client); // a reset
+        let payload = vec![7u8; DIRECT_MIN];
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let (mut result, mut sent) = (None, 0);
+        for _ in 0..100 {
+            cork.extend_from_slice(b"corked");
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+            if !out.frame(OpCode::Binary, &payload) {
+                result = Some(out.direct);
+                break;
+            }
+            sent += 1;
+            pending.clear();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));
+        assert!(cork.is_empty());
+        assert!(pending.is_empty());
+        assert_eq!(stats.messages_sent, sent, "a failed send counted as sent");
+    }
+
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
     /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
     #[test]

@@ -260,3 +260,149 @@ fn ipv6_echo() {
     let stats = server.finish();
     assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
 }
+
+/// The length on the wire of a server frame with a `len`-byte payload.
+fn server_frame_len(len: usize) -> usize {
+    len + match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Large payloads (4 KiB and more) are written from the receive buffer with one `writev` of the
+/// cork, the header and the payload when nothing is queued and theirs is the last message of a
+/// read; what the socket does not take is queued and drained by writable events. Small frames
+/// in between must keep their place, every byte must arrive as sent, and the byte and message
+/// counters must stay exact.
+#[test]
+fn large_echoes_interleaved_with_small_ones_keep_order_through_partial_writes() {
+    let server = TestServer::start(Config {
+        max_message_size: MIB,
+        max_backpressure: 64 * MIB, // about order and partial writes, not the limit
+        ..config()
+    });
+    let mut s = tcp_rcvbuf(server.addr, 4096);
+    s.set_nodelay(true).unwrap();
+    s.write_all(upgrade_request(server.addr).as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head:?}");
+    let mut expected_bytes = head.len();
+    let mut messages = 0u64;
+    let sizes = [
+        16 * 1024,
+        64 * 1024,
+        MIB,
+        4095,
+        4096,
+        16 * 1024 + 1,
+        65536 + 5,
+    ];
+    // (opcode, payload) of message pair `i`: a small text naming it, then a large one (binary
+    // and text in turn), whose echo goes out with the small one's from the cork.
+    let message = |i: usize| -> [(u8, Vec<u8>); 2] {
+        let len = sizes[i % sizes.len()];
+        let large = match i % 2 {
+            0 => (OP_BINARY, bytes(len, i as u64)),
+            _ => (OP_TEXT, text(len, i as u64).into_bytes()),
+        };
+        [(OP_TEXT, format!("before {i}").into_bytes()), large]
+    };
+    // In lock step: every echo written at once (complete direct writes).
+    for i in 0..sizes.len() {
+        let pair = message(i);
+        for (op, payload) in &pair {
+            s.write_all(&frame(true, *op, payload)).unwrap();
+        }
+        for (op, payload) in &pair {
+            assert!(expect_frame(&mut s, *op) == *payload, "echo {i} differs");
+            expected_bytes += server_frame_len(payload.len());
+            messages += 1;
+        }
+    }
+    // Then rounds in which the client writes everything before it reads anything and waits a
+    // while: the echoes (~7 MiB a round, more than loopback socket buffers hold: tcp_wmem caps
+    // the send buffer at 4 MiB by default) fill the socket, a write is cut short, and the rest
+    // queues. In odd rounds the client pauses after each pair, so that most pairs arrive in
+    // reads of their own and their large echoes are written directly until the socket is full;
+    // in even rounds the echoes of pairs read together share the cork's writes.
+    let mut next = sizes.len();
+    for round in 0..4 {
+        let batch: Vec<[(u8, Vec<u8>); 2]> = (next..next + 6 * sizes.len()).map(message).collect();
+        for pair in &batch {
+            for (op, payload) in pair {
+                s.write_all(&frame(true, *op, payload)).unwrap();
+            }
+            if round % 2 == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for (j, (op, payload)) in batch.iter().flatten().enumerate() {
+            let got = expect_frame(&mut s, *op);
+            assert!(
+                got == *payload,
+                "round {round}: frame {j} differs ({} bytes, expected {})",
+                got.len(),
+                payload.len()
+            );
+            expected_bytes += server_frame_len(payload.len());
+            messages += 1;
+        }
+        next += batch.len();
+    }
+    server.wait_rec("on_drain (proof of a partial write)", |r| r.drains >= 1);
+    let stats = server.stats();
+    assert_eq!(stats.messages_received, messages);
+    assert_eq!(stats.messages_sent, messages);
+    assert_eq!(stats.bytes_sent, expected_bytes as u64);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_eof(&mut s);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}
+
+/// Sends from other threads (`LoopHandle`, run by the loop as posted commands) take the same
+/// path: large ones directly to the socket while nothing is queued, small ones through the cork,
+/// in order, while the client is not reading.
+#[test]
+fn large_sends_from_a_loop_handle_keep_order_while_the_client_does_not_read() {
+    let server = TestServer::start(Config {
+        max_message_size: MIB,
+        max_backpressure: 64 * MIB,
+        ..config()
+    });
+    let mut s = tcp_rcvbuf(server.addr, 4096);
+    s.write_all(upgrade_request(server.addr).as_bytes())
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head:?}");
+    let id = server.wait_open(1);
+    let sizes = [256 * 1024, 4096, 16 * 1024, MIB];
+    let mut sent = Vec::new();
+    for i in 0..24 {
+        let large = bytes(sizes[i % sizes.len()], 1000 + i as u64);
+        server.handle.send_binary(id, large.clone());
+        server.handle.send_text(id, format!("small {i}"));
+        sent.push((OP_BINARY, large));
+        sent.push((OP_TEXT, format!("small {i}").into_bytes()));
+    }
+    // Every command has run once the stats come back (commands run in order).
+    let before = server.stats();
+    assert_eq!(before.messages_sent, sent.len() as u64);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for (j, (op, payload)) in sent.iter().enumerate() {
+        let got = expect_frame(&mut s, *op);
+        assert!(got == *payload, "frame {j} differs");
+    }
+    server.wait_rec("on_drain (proof of a partial write)", |r| r.drains >= 1);
+    let total: usize = sent.iter().map(|(_, p)| server_frame_len(p.len())).sum();
+    assert_eq!(server.stats().bytes_sent, (head.len() + total) as u64);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_eof(&mut s);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
+}

@@ -264,6 +264,38 @@ fn client_answering_pings_stays_connected() {
 }
 
 #[test]
+fn messages_postpone_the_idle_ping_and_silence_brings_it_back() {
+    // Every message moves the idle deadline; the timer filed at the old deadline fires early and
+    // is filed again at the new one. A client that talks every 50 ms for four times the ping
+    // delay (500 ms) is never pinged; once it falls silent it is pinged, then closed with 1001.
+    let idle = Duration::from_secs(1);
+    let server = TestServer::start(Config {
+        idle_timeout: idle,
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    let until = std::time::Instant::now() + 2 * idle;
+    let mut n = 0;
+    while std::time::Instant::now() < until {
+        let msg = format!("tick {n}");
+        s.write_all(&frame(true, OP_TEXT, msg.as_bytes())).unwrap();
+        // A ping instead of the echo fails here.
+        assert_eq!(expect_frame(&mut s, OP_TEXT), msg.as_bytes());
+        n += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.stats().timers, 1, "the connection's one timer");
+    assert_eq!(expect_frame(&mut s, OP_PING), b"");
+    assert_eq!(expect_close(&mut s).0, 1001);
+    expect_eof(&mut s);
+    drop(s);
+    server.wait_closes(1);
+    assert_eq!(server.rec().messages, n);
+    let stats = server.finish();
+    assert_closed(&stats, &[(CloseReason::IdleTimeout, 1)]);
+}
+
+#[test]
 fn unanswered_server_close_times_out() {
     let server = TestServer::start(Config {
         close_timeout: Duration::from_millis(200),

@@ -374,6 +374,19 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// As [`tcp`], with `SO_RCVBUF` set to `rcvbuf` before connecting, so that the window the
+/// client advertises stays small and a server writing to it soon finds its socket full.
+pub fn tcp_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    s.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    s.connect(&addr.into()).expect("connect");
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+    s
+}
+
 pub type Ws = tungstenite::WebSocket<TcpStream>;
 
 /// A tungstenite client over a std socket with timeouts.
