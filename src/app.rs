@@ -2,10 +2,10 @@
 //! its callbacks receive, and the types that travel with them.
 
 use crate::config::BackpressurePolicy;
-use crate::event_loop::Out;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
+use crate::write::Out;
 use std::fmt;
 use std::net::SocketAddr;
 

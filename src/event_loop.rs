@@ -3,11 +3,7 @@
 //!
 //! Read path: one receive buffer per loop; a read that fills less than the buffer has drained
 //! the socket (edge-triggered: new data raises a new edge), so a message costs one `recv`.
-//! Write path: everything written to one connection during one dispatch is collected in the
-//! loop's cork buffer and written with one `send` at the end; only the bytes the socket did not
-//! take are copied into the connection's own queue, which a writable event flushes. A payload
-//! of [`DIRECT_MIN`] bytes or more is not copied into the cork: while nothing is queued it goes
-//! out at once with one `writev` of the cork, its header and the payload ([`Out`]).
+//! Write path: see [`crate::write`] (the cork, direct writes of large payloads, the queue).
 //! Interest (read + write) is registered once per connection: no `epoll_ctl` per message.
 //!
 //! Deadlines: each connection has one wheel entry, armed at the earliest of its state deadline
@@ -18,25 +14,24 @@
 //! in the connection, and the entry filed at the old deadline fires early and is re-filed.
 
 use crate::app::{
-    CloseReason, ConnId, Decision, Handler, Message, SendState, SendStatus, UpgradeRequest,
-    WebSocket,
+    CloseReason, ConnId, Decision, Handler, Message, SendState, UpgradeRequest, WebSocket,
 };
 use crate::cluster::{plan_budget, Ledger};
-use crate::config::{BackpressurePolicy, Config};
+use crate::config::Config;
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
 use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
 use crate::protocol::close::{truncate_reason, CloseCode};
-use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
 use crate::watchdog::{Activity, Heartbeat, Watchdog};
+use crate::write::{write_error_reason, write_some, Out, CORK_KEEP};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::fs::File;
-use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
@@ -49,9 +44,7 @@ const WAKER: Token = Token(u32::MAX as usize);
 const MAX_LISTENERS: usize = 64;
 /// Slab slots a loop may use (connection ids keep 24 bits for the slot).
 pub(crate) const MAX_SLOTS: usize = 1 << 24;
-const NONE: usize = usize::MAX;
-/// The cork buffer is shrunk back to this after a large message passed through it.
-const CORK_KEEP: usize = 64 * 1024;
+pub(crate) const NONE: usize = usize::MAX;
 /// A deadline that is not set.
 pub(crate) const NEVER: u64 = u64::MAX;
 /// How often per-address admission state is swept, in ms.
@@ -278,10 +271,10 @@ pub(crate) struct Core<D> {
     pub(crate) conns: Slab<Conn<D>>,
     pub(crate) wheel: TimerWheel<TimerRef>,
     /// Output collected for `cork_owner` during the current dispatch.
-    cork: Vec<u8>,
-    cork_owner: usize,
+    pub(crate) cork: Vec<u8>,
+    pub(crate) cork_owner: usize,
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
-    doomed: Vec<(usize, u32, CloseReason)>,
+    pub(crate) doomed: Vec<(usize, u32, CloseReason)>,
     pub(crate) config: Config,
     /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
     ping_after: u64,
@@ -1325,166 +1318,8 @@ pub(crate) fn conn_id(member: usize, idx: usize, gen: u32) -> ConnId {
 }
 
 /// The slab index and generation in a connection's token or id.
-fn slot_of(id: u64) -> (usize, u32) {
+pub(crate) fn slot_of(id: u64) -> (usize, u32) {
     ((id & 0xff_ffff) as usize, (id >> 32) as u32)
-}
-
-fn write_error_reason(e: &io::Error) -> CloseReason {
-    match e.kind() {
-        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => CloseReason::Abnormal,
-        _ => CloseReason::IoError,
-    }
-}
-
-/// One `send` of `bytes`; `Ok(0)` when the socket would block.
-fn write_some(mut socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    loop {
-        match socket.write(bytes) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One `writev` of `parts`; `Ok(0)` when the socket would block.
-fn write_some_vectored(mut socket: &TcpStream, parts: &[&[u8]; 3]) -> io::Result<usize> {
-    let slices = parts.map(IoSlice::new);
-    loop {
-        match socket.write_vectored(&slices) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Append to `pending` what a write of `written` bytes left unsent of `parts` (in order).
-fn queue_unsent(pending: &mut Vec<u8>, parts: &[&[u8]], written: usize) {
-    let total = parts.iter().map(|p| p.len()).sum::<usize>();
-    pending.reserve_exact(total.saturating_sub(written));
-    let mut skip = written;
-    for part in parts {
-        let from = skip.min(part.len());
-        pending.extend_from_slice(&part[from..]);
-        skip -= from;
-    }
-}
-
-/// Payloads of at least this many bytes are written to the socket straight from the caller's
-/// buffer when nothing is queued for the connection, instead of being copied into the cork.
-/// Below it the copy is cheaper than the system call a direct write may add (when several
-/// messages are answered in one dispatch, the cork sends them all with one `send`).
-pub(crate) const DIRECT_MIN: usize = 4096;
-
-/// What a direct write left for the loop to do once the sender returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Direct {
-    /// Nothing (no direct write, or the socket took everything).
-    Done,
-    /// The socket took only part: the rest is in `pending`, so arm the write-stall deadline.
-    Partial,
-    /// The write failed: end the connection with this reason.
-    Failed(CloseReason),
-}
-
-/// Where one connection's outgoing frames go, for a callback or a posted send: the loop's cork
-/// (which this connection owns at the time), or, for a payload of [`DIRECT_MIN`] bytes or more
-/// while nothing is queued, the socket, with one `writev` of the cork, the frame header and the
-/// payload. Bytes on the wire keep the order of the calls: the cork goes out before the new
-/// frame, and nothing overtakes queued (`pending`) bytes. What the socket does not take is
-/// copied into `pending`; [`Core::settle`] then does what [`Core::flush_cork`] does after a
-/// partial or failed write.
-pub(crate) struct Out<'a> {
-    cork: &'a mut Vec<u8>,
-    socket: &'a TcpStream,
-    pending: &'a mut Vec<u8>,
-    /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
-    stats: &'a mut Stats,
-    /// A direct write is allowed: it adds no system call (see [`Out::new`]).
-    direct_ok: bool,
-    /// What the loop must do after the sender returns.
-    pub(crate) direct: Direct,
-}
-
-impl<'a> Out<'a> {
-    /// The output of the connection with this `socket` and `pending` queue, which must own the
-    /// cork. `last`: the loop flushes the cork as soon as the sender returns (the answer to the
-    /// last message of a read, a posted send, `on_drain`), so one direct write replaces that
-    /// `send` instead of adding a system call. Otherwise (more messages of the same read follow,
-    /// whose answers share one `send`) every frame goes to the cork, as does every frame after
-    /// the first direct write: a sender costs at most one system call more than the cork would.
-    pub(crate) fn new(
-        cork: &'a mut Vec<u8>,
-        socket: &'a TcpStream,
-        pending: &'a mut Vec<u8>,
-        stats: &'a mut Stats,
-        last: bool,
-    ) -> Self {
-        Out {
-            cork,
-            socket,
-            pending,
-            stats,
-            direct_ok: last,
-            direct: Direct::Done,
-        }
-    }
-
-    /// Bytes sent but not yet written to the socket.
-    pub(crate) fn buffered(&self) -> usize {
-        self.pending.len() + self.cork.len()
-    }
-
-    /// Send one complete frame (a data frame counts as a message sent). Returns false if a
-    /// direct write failed: nothing more may be sent, and the connection must end
-    /// ([`Direct::Failed`]).
-    #[inline]
-    pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
-            write_frame(self.cork, true, op, payload);
-        } else if !self.write_direct(op, payload) {
-            return false;
-        }
-        if op.is_data() {
-            self.stats.messages_sent += 1;
-        }
-        true
-    }
-
-    /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
-    /// not take. Returns false if the write failed. Kept out of line: the small-message path
-    /// through [`Out::frame`] stays short.
-    #[inline(never)]
-    fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        let header = FrameHeader {
-            fin: true,
-            rsv: 0,
-            opcode: op,
-            mask: None,
-            payload_len: payload.len() as u64,
-        };
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = header.encode(&mut head);
-        let parts = [&self.cork[..], &head[..head_len], payload];
-        let written = write_some_vectored(self.socket, &parts);
-        self.direct_ok = false;
-        match written {
-            Ok(n) => {
-                self.stats.bytes_sent += n as u64;
-                let total = parts.iter().map(|p| p.len()).sum::<usize>();
-                if n < total {
-                    queue_unsent(self.pending, &parts, n);
-                    self.direct = Direct::Partial;
-                }
-            }
-            Err(ref e) => self.direct = Direct::Failed(write_error_reason(e)),
-        }
-        self.cork.clear();
-        written.is_ok()
-    }
 }
 
 impl<D> Core<D> {
@@ -1692,85 +1527,6 @@ impl<D> Core<D> {
         }
     }
 
-    /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
-    fn cork_for(&mut self, idx: usize) {
-        if self.cork_owner != idx {
-            self.flush_cork();
-            self.cork_owner = idx;
-        }
-    }
-
-    /// After [`Out::frame`] wrote to connection `idx` directly: on a partial write arm the
-    /// write-stall deadline, on a failure doom the connection, as [`Core::flush_cork`] does.
-    /// Returns false if the connection is doomed.
-    #[inline]
-    fn settle(&mut self, idx: usize, direct: Direct) -> bool {
-        direct == Direct::Done || self.settle_direct(idx, direct)
-    }
-
-    #[inline(never)]
-    fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
-        match direct {
-            Direct::Done => true,
-            Direct::Partial => {
-                self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
-                self.rearm(idx);
-                true
-            }
-            Direct::Failed(reason) => {
-                let conn = &self.conns[idx];
-                self.doomed
-                    .push((idx, conn.gen, conn.linger.unwrap_or(reason)));
-                false
-            }
-        }
-    }
-
-    /// Write the cork to its owner with one `send`; queue what the socket does not take.
-    /// A write error dooms the connection (ended by `reap`).
-    fn flush_cork(&mut self) {
-        let idx = std::mem::replace(&mut self.cork_owner, NONE);
-        if idx == NONE {
-            return;
-        }
-        if let Some(conn) = self.conns.get_mut(idx) {
-            if self.cork.is_empty() {
-                // Nothing to write; a lingering connection may be done all the same.
-            } else if !conn.pending.is_empty() {
-                conn.pending.extend_from_slice(&self.cork);
-            } else {
-                let written = write_some(&conn.socket, &self.cork);
-                if let Ok(n) = written {
-                    self.stats.bytes_sent += n as u64;
-                }
-                match written {
-                    Ok(n) if n == self.cork.len() => {}
-                    Ok(n) => {
-                        conn.pending.extend_from_slice(&self.cork[n..]);
-                        conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
-                        self.cork.clear();
-                        self.rearm(idx);
-                    }
-                    Err(e) => {
-                        let reason = conn.linger.unwrap_or(write_error_reason(&e));
-                        self.doomed.push((idx, conn.gen, reason));
-                    }
-                }
-            }
-            if let Some(conn) = self.conns.get_mut(idx) {
-                if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
-                    if !conn.half_close() {
-                        self.doomed.push((idx, conn.gen, reason));
-                    }
-                }
-            }
-        }
-        self.cork.clear();
-        if self.cork.capacity() > 16 * CORK_KEEP {
-            self.cork.shrink_to(CORK_KEEP);
-        }
-    }
-
     /// End the doomed connections.
     fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         while let Some((idx, gen, reason)) = self.doomed.pop() {
@@ -1792,7 +1548,7 @@ impl<D> Core<D> {
 
     /// Mark the connection as ending with `reason` once its queued bytes are written (the cork
     /// flush dooms it when nothing is left), or when the close timeout passes.
-    fn linger(&mut self, idx: usize, reason: CloseReason) {
+    pub(crate) fn linger(&mut self, idx: usize, reason: CloseReason) {
         let conn = &mut self.conns[idx];
         conn.linger = Some(reason);
         conn.send.sealed = true;
@@ -1802,7 +1558,7 @@ impl<D> Core<D> {
 
     /// Start the close handshake on an open connection: send the close frame, seal sends and
     /// arm the close timeout.
-    fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
+    pub(crate) fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
         self.cork_for(idx);
         let conn = &mut self.conns[idx];
         conn.send.sealed = true;
@@ -2007,119 +1763,6 @@ impl<D> Core<D> {
     }
 }
 
-impl<'a, D> Ctx<'a, D> {
-    pub(crate) fn locate(&mut self, id: ConnId) -> Option<usize> {
-        let (idx, gen) = slot_of(id.0);
-        (id.loop_index() == self.core.member && self.core.alive(idx, gen)).then_some(idx)
-    }
-
-    /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
-    /// yet open; over the backpressure limit it is refused as in a callback.
-    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> SendStatus {
-        // A closure may send more to the same connection: keep its sends in the cork.
-        self.send_as(id, msg, false)
-    }
-
-    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Out::new`]).
-    pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
-        let Some(idx) = self.locate(id) else {
-            return SendStatus::Closed;
-        };
-        let core = &mut *self.core;
-        if core.conns[idx].send.sealed || core.conns[idx].data.is_none() {
-            return SendStatus::Closed;
-        }
-        core.cork_for(idx);
-        let conn = &mut core.conns[idx];
-        if conn.pending.len() + core.cork.len() > core.config.max_backpressure {
-            if core.config.backpressure_policy == BackpressurePolicy::Close {
-                conn.send.cause = Some(CloseReason::Backpressure);
-                core.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
-                core.linger(idx, CloseReason::Backpressure);
-            }
-            return SendStatus::Dropped;
-        }
-        if conn.session.state() != State::Open {
-            return SendStatus::Closed;
-        }
-        let op = match msg {
-            Message::Text(_) => OpCode::Text,
-            Message::Binary(_) => OpCode::Binary,
-        };
-        let mut out = Out::new(
-            &mut core.cork,
-            &conn.socket,
-            &mut conn.pending,
-            &mut core.stats,
-            last,
-        );
-        let sent = out.frame(op, msg.as_bytes());
-        let direct = out.direct;
-        if !sent {
-            conn.send.sealed = true;
-        }
-        match core.settle(idx, direct) {
-            true => SendStatus::Queued,
-            false => SendStatus::Closed,
-        }
-    }
-
-    /// Start the close handshake with connection `id`. Returns false if it is gone or closing.
-    pub fn close(&mut self, id: ConnId, code: CloseCode, reason: &str) -> bool {
-        let Some(idx) = self.locate(id) else {
-            return false;
-        };
-        let core = &mut *self.core;
-        if core.conns[idx].send.sealed || core.conns[idx].data.is_none() {
-            return false;
-        }
-        core.start_close(idx, code, reason);
-        true
-    }
-
-    /// Drop connection `id` without a close handshake (after the current closure returns).
-    pub fn terminate(&mut self, id: ConnId) {
-        if let Some(idx) = self.locate(id) {
-            let gen = self.core.conns[idx].gen;
-            self.core.doomed.push((idx, gen, CloseReason::Terminated));
-        }
-    }
-
-    /// The data of connection `id`, if it is open.
-    pub fn data_mut(&mut self, id: ConnId) -> Option<&mut D> {
-        let idx = self.locate(id)?;
-        self.core.conns[idx].data.as_mut()
-    }
-
-    /// Ids of every open connection (handshake complete, not yet ended).
-    pub fn open_ids(&self) -> Vec<ConnId> {
-        self.core
-            .conns
-            .iter()
-            .filter(|(_, c)| c.data.is_some())
-            .map(|(i, c)| conn_id(self.core.member, i, c.gen))
-            .collect()
-    }
-
-    /// The loop's counters.
-    pub fn stats(&self) -> Stats {
-        self.core.stats()
-    }
-
-    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
-    pub fn metrics(&self) -> String {
-        self.core.render_metrics()
-    }
-
-    /// Descriptors open in the process (counted in `/proc/self/fd`) minus those it had open
-    /// when the loop started and those the loop owns (epoll, waker, listeners, connections, the
-    /// spare descriptor). Zero when everything is accounted for; positive when something in the
-    /// process leaks descriptors. Costs a directory listing of `/proc/self/fd`.
-    pub fn audit(&mut self) -> io::Result<i64> {
-        self.core.audit()
-    }
-}
-
 impl<H: Handler> Drop for Server<H> {
     fn drop(&mut self) {
         // Commands queued for a loop that will never run them are dropped, which also wakes
@@ -2130,177 +1773,6 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
-    use super::{queue_unsent, write_some, Direct, Out, Stats, DIRECT_MIN};
-    use crate::app::CloseReason;
-    use crate::protocol::frame::{write_frame, OpCode};
-    use std::io::Read;
-
-    #[test]
-    fn unsent_remainder_is_queued_exactly_after_any_partial_write() {
-        let parts: [&[u8]; 3] = [b"cork", b"", b"payload"];
-        let all: Vec<u8> = parts.concat();
-        for written in 0..=all.len() {
-            let mut pending = b"old".to_vec();
-            queue_unsent(&mut pending, &parts, written);
-            assert_eq!(
-                pending[3..],
-                all[written..],
-                "after {written} bytes written"
-            );
-            assert_eq!(&pending[..3], b"old");
-        }
-    }
-
-    /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
-    /// small send buffer so that partial writes come soon, and the client side (blocking).
-    fn pair() -> (mio::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(16 * 1024)
-            .unwrap();
-        server.set_nonblocking(true).unwrap();
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        (mio::net::TcpStream::from_std(server), client)
-    }
-
-    /// The direct path against a real socket that stops taking bytes: large frames go out with
-    /// `writev` (cork first), the first partial write queues exactly the unsent rest, later
-    /// frames queue behind it, and the bytes on the wire are exactly the frames in call order.
-    #[test]
-    fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
-        let (socket, mut client) = pair();
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
-        let mut stats = Stats::default();
-        let mut expected = Vec::new();
-        // A small frame already corked before the first large one.
-        write_frame(&mut cork, true, OpCode::Text, b"first");
-        write_frame(&mut expected, true, OpCode::Text, b"first");
-        let (mut full, mut partial, mut frames) = (0, 0, 0u64);
-        for i in 0u32..200 {
-            let len = [DIRECT_MIN, 64 * 1024 + 3, 16 * 1024][i as usize % 3];
-            let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
-            let small = format!("small {i}");
-            let was_pending = !pending.is_empty();
-            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
-            assert!(out.frame(OpCode::Binary, &payload));
-            assert!(out.frame(OpCode::Text, small.as_bytes()));
-            let direct = out.direct;
-            frames += 2;
-            write_frame(&mut expected, true, OpCode::Binary, &payload);
-            write_frame(&mut expected, true, OpCode::Text, small.as_bytes());
-            match (was_pending, direct) {
-                (true, d) => assert_eq!(d, Direct::Done, "a direct write overtook queued bytes"),
-                (false, Direct::Done) => {
-                    full += 1;
-                    assert!(pending.is_empty());
-                    // Only the small frame is left, in the cork.
-                    assert_eq!(cork.len(), 2 + small.len());
-                }
-                (false, Direct::Partial) => {
-                    partial += 1;
-                    assert!(!pending.is_empty());
-                }
-                (false, Direct::Failed(r)) => panic!("write failed: {r:?}"),
-            }
-            // The end of a dispatch (as `flush_cork` does once something is queued).
-            if !pending.is_empty() {
-                pending.extend_from_slice(&cork);
-                cork.clear();
-            }
-            if partial > 0 && i > 20 {
-                break;
-            }
-        }
-        assert!(full >= 1, "no direct write was complete");
-        assert_eq!(partial, 1, "the socket never refused bytes");
-        assert_eq!(stats.messages_sent, frames);
-        assert_eq!(
-            stats.bytes_sent as usize + pending.len() + cork.len(),
-            expected.len()
-        );
-        // Drain what is queued (as the writable path does) while the client reads everything.
-        pending.extend_from_slice(&cork);
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; expected.len()];
-            client.read_exact(&mut got).unwrap();
-            assert!(
-                got == expected,
-                "bytes on the wire differ from the frames sent"
-            );
-        });
-        let mut off = 0;
-        while off < pending.len() {
-            match write_some(&socket, &pending[off..]).unwrap() {
-                0 => std::thread::sleep(std::time::Duration::from_millis(1)),
-                n => off += n,
-            }
-        }
-        reader.join().unwrap();
-    }
-
-    /// A direct write only where it replaces the flush that follows (`last`), and at most one
-    /// per sender: a second large frame, or any frame when more answers follow, goes to the cork.
-    #[test]
-    fn a_sender_writes_directly_at_most_once_and_only_when_last() {
-        let (socket, mut client) = pair();
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
-        let mut stats = Stats::default();
-        let payload = vec![5u8; DIRECT_MIN];
-        let mut one = Vec::new();
-        write_frame(&mut one, true, OpCode::Binary, &payload);
-        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, false);
-        assert!(out.frame(OpCode::Binary, &payload));
-        assert_eq!(out.direct, Direct::Done);
-        assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
-        assert_eq!(stats.bytes_sent, 0);
-        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
-        assert!(out.frame(OpCode::Binary, &payload));
-        assert!(out.frame(OpCode::Binary, &payload));
-        assert_eq!(out.direct, Direct::Done);
-        assert_eq!(
-            stats.bytes_sent as usize,
-            2 * one.len(),
-            "cork + frame in one write"
-        );
-        assert_eq!(cork, one, "the second large frame was not corked");
-        assert_eq!(stats.messages_sent, 3);
-        let mut got = vec![0u8; 2 * one.len()];
-        client.read_exact(&mut got).unwrap();
-        assert_eq!(got, [&one[..], &one[..]].concat());
-    }
-
-    #[test]
-    fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
-        let (socket, client) = pair();
-        socket2::SockRef::from(&client)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
-        drop(client); // a reset
-        let payload = vec![7u8; DIRECT_MIN];
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
-        let mut stats = Stats::default();
-        let (mut result, mut sent) = (None, 0);
-        for _ in 0..100 {
-            cork.extend_from_slice(b"corked");
-            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
-            if !out.frame(OpCode::Binary, &payload) {
-                result = Some(out.direct);
-                break;
-            }
-            sent += 1;
-            pending.clear();
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));
-        assert!(cork.is_empty());
-        assert!(pending.is_empty());
-        assert_eq!(stats.messages_sent, sent, "a failed send counted as sent");
-    }
-
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
     /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
     #[test]

@@ -48,6 +48,7 @@ pub mod protocol;
 pub mod sys;
 pub mod timer_wheel;
 mod watchdog;
+mod write;
 
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,

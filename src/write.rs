@@ -1,0 +1,429 @@
+//! The write path. Everything written to one connection during one dispatch is collected in the
+//! loop's cork buffer and written with one `send` at the end; only the bytes the socket did not
+//! take are copied into the connection's own queue, which a writable event flushes. A payload
+//! of [`DIRECT_MIN`] bytes or more is not copied into the cork: while nothing is queued it goes
+//! out at once with one `writev` of the cork, its header and the payload ([`Out`]).
+
+use crate::app::CloseReason;
+use crate::event_loop::{Core, Stats, NONE};
+use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
+use mio::net::TcpStream;
+use std::io::{self, ErrorKind, IoSlice, Write};
+
+/// The cork buffer is shrunk back to this after a large message passed through it.
+pub(crate) const CORK_KEEP: usize = 64 * 1024;
+
+/// The close reason of a failed write.
+pub(crate) fn write_error_reason(e: &io::Error) -> CloseReason {
+    match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => CloseReason::Abnormal,
+        _ => CloseReason::IoError,
+    }
+}
+
+/// One `send` of `bytes`; `Ok(0)` when the socket would block.
+pub(crate) fn write_some(mut socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        match socket.write(bytes) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One `writev` of `parts`; `Ok(0)` when the socket would block.
+fn write_some_vectored(mut socket: &TcpStream, parts: &[&[u8]; 3]) -> io::Result<usize> {
+    let slices = parts.map(IoSlice::new);
+    loop {
+        match socket.write_vectored(&slices) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Append to `pending` what a write of `written` bytes left unsent of `parts` (in order).
+fn queue_unsent(pending: &mut Vec<u8>, parts: &[&[u8]], written: usize) {
+    let total = parts.iter().map(|p| p.len()).sum::<usize>();
+    pending.reserve_exact(total.saturating_sub(written));
+    let mut skip = written;
+    for part in parts {
+        let from = skip.min(part.len());
+        pending.extend_from_slice(&part[from..]);
+        skip -= from;
+    }
+}
+
+/// Payloads of at least this many bytes are written to the socket straight from the caller's
+/// buffer when nothing is queued for the connection, instead of being copied into the cork.
+/// Below it the copy is cheaper than the system call a direct write may add (when several
+/// messages are answered in one dispatch, the cork sends them all with one `send`).
+pub(crate) const DIRECT_MIN: usize = 4096;
+
+/// What a direct write left for the loop to do once the sender returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// Nothing (no direct write, or the socket took everything).
+    Done,
+    /// The socket took only part: the rest is in `pending`, so arm the write-stall deadline.
+    Partial,
+    /// The write failed: end the connection with this reason.
+    Failed(CloseReason),
+}
+
+/// Where one connection's outgoing frames go, for a callback or a posted send: the loop's cork
+/// (which this connection owns at the time), or, for a payload of [`DIRECT_MIN`] bytes or more
+/// while nothing is queued, the socket, with one `writev` of the cork, the frame header and the
+/// payload. Bytes on the wire keep the order of the calls: the cork goes out before the new
+/// frame, and nothing overtakes queued (`pending`) bytes. What the socket does not take is
+/// copied into `pending`; [`Core::settle`] then does what [`Core::flush_cork`] does after a
+/// partial or failed write.
+pub(crate) struct Out<'a> {
+    cork: &'a mut Vec<u8>,
+    socket: &'a TcpStream,
+    pending: &'a mut Vec<u8>,
+    /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
+    stats: &'a mut Stats,
+    /// A direct write is allowed: it adds no system call (see [`Out::new`]).
+    direct_ok: bool,
+    /// What the loop must do after the sender returns.
+    pub(crate) direct: Direct,
+}
+
+impl<'a> Out<'a> {
+    /// The output of the connection with this `socket` and `pending` queue, which must own the
+    /// cork. `last`: the loop flushes the cork as soon as the sender returns (the answer to the
+    /// last message of a read, a posted send, `on_drain`), so one direct write replaces that
+    /// `send` instead of adding a system call. Otherwise (more messages of the same read follow,
+    /// whose answers share one `send`) every frame goes to the cork, as does every frame after
+    /// the first direct write: a sender costs at most one system call more than the cork would.
+    pub(crate) fn new(
+        cork: &'a mut Vec<u8>,
+        socket: &'a TcpStream,
+        pending: &'a mut Vec<u8>,
+        stats: &'a mut Stats,
+        last: bool,
+    ) -> Self {
+        Out {
+            cork,
+            socket,
+            pending,
+            stats,
+            direct_ok: last,
+            direct: Direct::Done,
+        }
+    }
+
+    /// Bytes sent but not yet written to the socket.
+    pub(crate) fn buffered(&self) -> usize {
+        self.pending.len() + self.cork.len()
+    }
+
+    /// Send one complete frame (a data frame counts as a message sent). Returns false if a
+    /// direct write failed: nothing more may be sent, and the connection must end
+    /// ([`Direct::Failed`]).
+    #[inline]
+    pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
+            write_frame(self.cork, true, op, payload);
+        } else if !self.write_direct(op, payload) {
+            return false;
+        }
+        if op.is_data() {
+            self.stats.messages_sent += 1;
+        }
+        true
+    }
+
+    /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
+    /// not take. Returns false if the write failed. Kept out of line: the small-message path
+    /// through [`Out::frame`] stays short.
+    #[inline(never)]
+    fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: op,
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = header.encode(&mut head);
+        let parts = [&self.cork[..], &head[..head_len], payload];
+        let written = write_some_vectored(self.socket, &parts);
+        self.direct_ok = false;
+        match written {
+            Ok(n) => {
+                self.stats.bytes_sent += n as u64;
+                let total = parts.iter().map(|p| p.len()).sum::<usize>();
+                if n < total {
+                    queue_unsent(self.pending, &parts, n);
+                    self.direct = Direct::Partial;
+                }
+            }
+            Err(ref e) => self.direct = Direct::Failed(write_error_reason(e)),
+        }
+        self.cork.clear();
+        written.is_ok()
+    }
+}
+
+impl<D> Core<D> {
+    /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
+    pub(crate) fn cork_for(&mut self, idx: usize) {
+        if self.cork_owner != idx {
+            self.flush_cork();
+            self.cork_owner = idx;
+        }
+    }
+
+    /// After [`Out::frame`] wrote to connection `idx` directly: on a partial write arm the
+    /// write-stall deadline, on a failure doom the connection, as [`Core::flush_cork`] does.
+    /// Returns false if the connection is doomed.
+    #[inline]
+    pub(crate) fn settle(&mut self, idx: usize, direct: Direct) -> bool {
+        direct == Direct::Done || self.settle_direct(idx, direct)
+    }
+
+    #[inline(never)]
+    fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
+        match direct {
+            Direct::Done => true,
+            Direct::Partial => {
+                self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                self.rearm(idx);
+                true
+            }
+            Direct::Failed(reason) => {
+                let conn = &self.conns[idx];
+                self.doomed
+                    .push((idx, conn.gen, conn.linger.unwrap_or(reason)));
+                false
+            }
+        }
+    }
+
+    /// Write the cork to its owner with one `send`; queue what the socket does not take.
+    /// A write error dooms the connection (ended by `reap`).
+    pub(crate) fn flush_cork(&mut self) {
+        let idx = std::mem::replace(&mut self.cork_owner, NONE);
+        if idx == NONE {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(idx) {
+            if self.cork.is_empty() {
+                // Nothing to write; a lingering connection may be done all the same.
+            } else if !conn.pending.is_empty() {
+                conn.pending.extend_from_slice(&self.cork);
+            } else {
+                let written = write_some(&conn.socket, &self.cork);
+                if let Ok(n) = written {
+                    self.stats.bytes_sent += n as u64;
+                }
+                match written {
+                    Ok(n) if n == self.cork.len() => {}
+                    Ok(n) => {
+                        conn.pending.extend_from_slice(&self.cork[n..]);
+                        conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                        self.cork.clear();
+                        self.rearm(idx);
+                    }
+                    Err(e) => {
+                        let reason = conn.linger.unwrap_or(write_error_reason(&e));
+                        self.doomed.push((idx, conn.gen, reason));
+                    }
+                }
+            }
+            if let Some(conn) = self.conns.get_mut(idx) {
+                if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
+                    if !conn.half_close() {
+                        self.doomed.push((idx, conn.gen, reason));
+                    }
+                }
+            }
+        }
+        self.cork.clear();
+        if self.cork.capacity() > 16 * CORK_KEEP {
+            self.cork.shrink_to(CORK_KEEP);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{queue_unsent, write_some, Direct, Out, DIRECT_MIN};
+    use crate::app::CloseReason;
+    use crate::event_loop::Stats;
+    use crate::protocol::frame::{write_frame, OpCode};
+    use std::io::Read;
+
+    #[test]
+    fn unsent_remainder_is_queued_exactly_after_any_partial_write() {
+        let parts: [&[u8]; 3] = [b"cork", b"", b"payload"];
+        let all: Vec<u8> = parts.concat();
+        for written in 0..=all.len() {
+            let mut pending = b"old".to_vec();
+            queue_unsent(&mut pending, &parts, written);
+            assert_eq!(
+                pending[3..],
+                all[written..],
+                "after {written} bytes written"
+            );
+            assert_eq!(&pending[..3], b"old");
+        }
+    }
+
+    /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
+    /// small send buffer so that partial writes come soon, and the client side (blocking).
+    fn pair() -> (mio::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        (mio::net::TcpStream::from_std(server), client)
+    }
+
+    /// The direct path against a real socket that stops taking bytes: large frames go out with
+    /// `writev` (cork first), the first partial write queues exactly the unsent rest, later
+    /// frames queue behind it, and the bytes on the wire are exactly the frames in call order.
+    #[test]
+    fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let mut expected = Vec::new();
+        // A small frame already corked before the first large one.
+        write_frame(&mut cork, true, OpCode::Text, b"first");
+        write_frame(&mut expected, true, OpCode::Text, b"first");
+        let (mut full, mut partial, mut frames) = (0, 0, 0u64);
+        for i in 0u32..200 {
+            let len = [DIRECT_MIN, 64 * 1024 + 3, 16 * 1024][i as usize % 3];
+            let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
+            let small = format!("small {i}");
+            let was_pending = !pending.is_empty();
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+            assert!(out.frame(OpCode::Binary, &payload));
+            assert!(out.frame(OpCode::Text, small.as_bytes()));
+            let direct = out.direct;
+            frames += 2;
+            write_frame(&mut expected, true, OpCode::Binary, &payload);
+            write_frame(&mut expected, true, OpCode::Text, small.as_bytes());
+            match (was_pending, direct) {
+                (true, d) => assert_eq!(d, Direct::Done, "a direct write overtook queued bytes"),
+                (false, Direct::Done) => {
+                    full += 1;
+                    assert!(pending.is_empty());
+                    // Only the small frame is left, in the cork.
+                    assert_eq!(cork.len(), 2 + small.len());
+                }
+                (false, Direct::Partial) => {
+                    partial += 1;
+                    assert!(!pending.is_empty());
+                }
+                (false, Direct::Failed(r)) => panic!("write failed: {r:?}"),
+            }
+            // The end of a dispatch (as `flush_cork` does once something is queued).
+            if !pending.is_empty() {
+                pending.extend_from_slice(&cork);
+                cork.clear();
+            }
+            if partial > 0 && i > 20 {
+                break;
+            }
+        }
+        assert!(full >= 1, "no direct write was complete");
+        assert_eq!(partial, 1, "the socket never refused bytes");
+        assert_eq!(stats.messages_sent, frames);
+        assert_eq!(
+            stats.bytes_sent as usize + pending.len() + cork.len(),
+            expected.len()
+        );
+        // Drain what is queued (as the writable path does) while the client reads everything.
+        pending.extend_from_slice(&cork);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(
+                got == expected,
+                "bytes on the wire differ from the frames sent"
+            );
+        });
+        let mut off = 0;
+        while off < pending.len() {
+            match write_some(&socket, &pending[off..]).unwrap() {
+                0 => std::thread::sleep(std::time::Duration::from_millis(1)),
+                n => off += n,
+            }
+        }
+        reader.join().unwrap();
+    }
+
+    /// A direct write only where it replaces the flush that follows (`last`), and at most one
+    /// per sender: a second large frame, or any frame when more answers follow, goes to the cork.
+    #[test]
+    fn a_sender_writes_directly_at_most_once_and_only_when_last() {
+        let (socket, mut client) = pair();
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let payload = vec![5u8; DIRECT_MIN];
+        let mut one = Vec::new();
+        write_frame(&mut one, true, OpCode::Binary, &payload);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, false);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
+        assert_eq!(stats.bytes_sent, 0);
+        let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert!(out.frame(OpCode::Binary, &payload));
+        assert_eq!(out.direct, Direct::Done);
+        assert_eq!(
+            stats.bytes_sent as usize,
+            2 * one.len(),
+            "cork + frame in one write"
+        );
+        assert_eq!(cork, one, "the second large frame was not corked");
+        assert_eq!(stats.messages_sent, 3);
+        let mut got = vec![0u8; 2 * one.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, [&one[..], &one[..]].concat());
+    }
+
+    #[test]
+    fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
+        let (socket, client) = pair();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client); // a reset
+        let payload = vec![7u8; DIRECT_MIN];
+        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let mut stats = Stats::default();
+        let (mut result, mut sent) = (None, 0);
+        for _ in 0..100 {
+            cork.extend_from_slice(b"corked");
+            let mut out = Out::new(&mut cork, &socket, &mut pending, &mut stats, true);
+            if !out.frame(OpCode::Binary, &payload) {
+                result = Some(out.direct);
+                break;
+            }
+            sent += 1;
+            pending.clear();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));
+        assert!(cork.is_empty());
+        assert!(pending.is_empty());
+        assert_eq!(stats.messages_sent, sent, "a failed send counted as sent");
+    }
+}
