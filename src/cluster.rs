@@ -14,6 +14,7 @@ use crate::metrics::Snapshot;
 use crate::sys;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -307,17 +308,22 @@ impl<H: Handler + 'static> Cluster<H> {
             let spawned = std::thread::Builder::new()
                 .name(format!("wsloop-{i}"))
                 .spawn(move || {
-                    let result = member(
-                        config,
-                        ledger,
-                        i,
-                        &addrs,
-                        metrics,
-                        &*make_handler,
-                        ready_tx,
-                        gate_rx,
-                        started_tx,
-                    );
+                    // A loop that panics (with `catch_panics` off, say) reports it like an
+                    // error, so that `join` shuts the others down instead of waiting forever.
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        member(
+                            config,
+                            ledger,
+                            i,
+                            &addrs,
+                            metrics,
+                            &*make_handler,
+                            ready_tx,
+                            gate_rx,
+                            started_tx,
+                        )
+                    }))
+                    .unwrap_or_else(|_| Err(io::Error::other(format!("loop {i} panicked"))));
                     let _ = done_tx.send(result);
                 });
             let thread = match spawned {
@@ -431,8 +437,9 @@ impl<H: Handler + 'static> Cluster<H> {
         self.handles.first().and_then(|h| h.metrics())
     }
 
-    /// Wait until every loop has ended. When one fails, the others are shut down, and the
-    /// first error is returned once all have ended.
+    /// Wait until every loop has ended. When one fails (or panics, with
+    /// [`Config::catch_panics`] off), the others are shut down, and the first error is
+    /// returned once all have ended.
     pub fn join(mut self) -> io::Result<()> {
         let mut first = Ok(());
         for _ in 0..self.threads.len() {
@@ -449,9 +456,7 @@ impl<H: Handler + 'static> Cluster<H> {
             }
         }
         for t in self.threads.drain(..) {
-            if t.join().is_err() && first.is_ok() {
-                first = Err(io::Error::other("a loop thread panicked"));
-            }
+            let _ = t.join(); // a panic was caught in the thread and reported above
         }
         first
     }

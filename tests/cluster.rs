@@ -275,3 +275,34 @@ fn dropping_a_cluster_shuts_every_loop_down() {
     );
     check_open_close_pairs(&rec.lock().unwrap());
 }
+
+#[test]
+fn a_loop_that_panics_ends_the_cluster_with_an_error() {
+    // With catch_panics off a handler's panic unwinds out of its loop; the cluster reports it
+    // and shuts the other loop down rather than running on with one loop gone.
+    let (cluster, _rec, addr) = start(Config {
+        catch_panics: false,
+        ..config()
+    });
+    let mut bystanders: Vec<Ws> = (0..8).map(|_| ws(addr)).collect();
+    let mut c = ws(addr);
+    c.send(tungstenite::Message::text("panic-me")).unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(cluster.join());
+    });
+    let e = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("join returns once every loop has ended")
+        .expect_err("a panicked loop is an error");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    // Every client's connection is gone: the panicked loop's closed by unwinding, the other
+    // loop's shut down (1001) or closed.
+    for b in &mut bystanders {
+        while b.read().is_ok() {}
+    }
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still listening"
+    );
+}
