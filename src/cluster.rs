@@ -72,6 +72,11 @@ impl Ledger {
         self.base.load(SeqCst) + self.owned_total()
     }
 
+    /// Descriptors loop `member` owns, as it last stored them.
+    pub(crate) fn owned_by(&self, member: usize) -> usize {
+        self.owned[member].load(SeqCst)
+    }
+
     /// Descriptors the loops own.
     pub(crate) fn owned_total(&self) -> usize {
         self.owned.iter().map(|o| o.load(SeqCst)).sum()

@@ -1490,7 +1490,6 @@ impl<D> Core<D> {
     /// one another thread held while the baseline was measured) has been closed since: that is
     /// no leak, so the baseline moves down and the difference is zero.
     pub(crate) fn audit(&mut self) -> io::Result<i64> {
-        self.fds_changed();
         self.ledger.audit()
     }
 
@@ -1684,6 +1683,12 @@ impl<D> Core<D> {
         idx: usize,
         reason: CloseReason,
     ) {
+        // Every descriptor opened so far was counted in the ledger when it was opened.
+        debug_assert_eq!(
+            self.ledger.owned_by(self.member),
+            self.owned_fds(),
+            "descriptor count in the ledger drifted"
+        );
         let Some(mut conn) = self.conns.try_remove(idx) else {
             return;
         };

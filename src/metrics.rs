@@ -169,7 +169,6 @@ impl<D> Core<D> {
                     "{open} file descriptors open, high-water mark {high} (limit {limit})"
                 ));
             }
-            self.fds_changed();
             let Ok((open, diff)) = self.ledger.difference() else {
                 return Health::Ok;
             };
@@ -205,7 +204,6 @@ impl<D> Core<D> {
 
     /// The metrics in Prometheus text format.
     pub(crate) fn render_metrics(&self) -> String {
-        self.fds_changed();
         let parts = self.ledger.snapshots(self.member, self.snapshot());
         let total = Snapshot::total(&parts);
         let (st, scan) = (&total.stats, &total.scan);
