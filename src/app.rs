@@ -317,9 +317,12 @@ pub enum CloseReason {
     Shutdown,
     /// Refused at admission (connection limits or rate) and answered 503 or 429.
     Refused,
-    /// A send found more than the backpressure limit queued (close 1008).
+    /// More than the backpressure limit was queued: a send found it so (with the `Close`
+    /// policy; close 1008), or the queue did not get back under half the limit within the
+    /// write-stall timeout (dropped; 1008 reported).
     Backpressure,
-    /// Queued bytes made no progress for the write-stall timeout.
+    /// Queued bytes (under the backpressure limit) made no progress for the write-stall
+    /// timeout.
     WriteStall,
     /// The connection reached its maximum lifetime (close 1001).
     MaxLifetime,

@@ -60,14 +60,19 @@ pub struct Config {
     /// Most connections accepted from one listener in one loop turn; the rest wait for the next
     /// turn, so a connection storm cannot starve established connections. Default 256.
     pub accepts_per_turn: usize,
-    /// Most bytes queued for a client that reads slower than the server sends. A send made
-    /// while more than this is queued is refused, and the connection closed (1008) or the
-    /// message dropped, by `backpressure_policy`. Default 64 KiB (as uWebSockets).
+    /// Most bytes queued for a client that reads slower than the server sends. Every byte
+    /// written to the connection counts: messages, pongs, pings, close frames, HTTP answers.
+    /// A send made while more than this is queued is refused, and the connection closed (1008)
+    /// or the message dropped, by `backpressure_policy`; while more than this is queued the
+    /// connection is not read (so that its pings and messages cannot queue more), until the
+    /// queue has drained to half of it. Default 64 KiB (as uWebSockets).
     pub max_backpressure: usize,
     /// What to do with a send over `max_backpressure`. Default `Close`.
     pub backpressure_policy: BackpressurePolicy,
     /// A connection with unsent bytes whose socket accepts none of them for this long is
-    /// dropped. Default 30 s.
+    /// dropped; one with more than `max_backpressure` queued must bring its queue under half
+    /// of that within this time, however much each write takes, or it is dropped too. Default
+    /// 30 s.
     pub write_stall_timeout: Duration,
     /// Open connections are closed (1001) after this long, whatever they do. Default 0 (off).
     pub max_lifetime: Duration,

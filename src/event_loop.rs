@@ -26,7 +26,7 @@ use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
 use crate::watchdog::{Activity, Heartbeat, Watchdog};
-use crate::write::{write_error_reason, write_some, Out, CORK_KEEP};
+use crate::write::{write_error_reason, write_some, Out, SendQueue, CORK_KEEP};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
@@ -44,11 +44,14 @@ const WAKER: Token = Token(u32::MAX as usize);
 const MAX_LISTENERS: usize = 64;
 /// Slab slots a loop may use (connection ids keep 24 bits for the slot).
 pub(crate) const MAX_SLOTS: usize = 1 << 24;
-pub(crate) const NONE: usize = usize::MAX;
 /// A deadline that is not set.
 pub(crate) const NEVER: u64 = u64::MAX;
 /// How often per-address admission state is swept, in ms.
 const SWEEP_MS: u64 = 10_000;
+/// Reads that fill the receive buffer one connection may do per turn; then the loop serves the
+/// others and reads the rest on its next turn, so a peer that sends faster than the loop
+/// parses cannot hold the loop.
+const READ_BUDGET: usize = 4;
 /// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
 const PUBLISH_MS: u64 = 250;
 /// Timer-wheel index reserved for the periodic fd audit.
@@ -77,7 +80,7 @@ pub(crate) struct Conn<D> {
     /// The end of the connection's maximum lifetime.
     pub(crate) expire_at: u64,
     /// Bytes the socket did not take yet.
-    pub(crate) pending: Vec<u8>,
+    pub(crate) pending: SendQueue,
     /// Set once the upgrade is accepted: the connection is open and `on_close` is owed.
     pub(crate) data: Option<D>,
     pub(crate) send: SendState,
@@ -105,6 +108,9 @@ pub(crate) struct Conn<D> {
     pub(crate) via_proxy: bool,
     /// A PROXY header is expected before the request.
     pub(crate) awaiting_proxy: bool,
+    /// More than `max_backpressure` bytes are queued: the socket is not read (so the kernel's
+    /// flow control holds the peer back) until the queue drains to half the limit.
+    pub(crate) read_paused: bool,
 }
 
 /// The parts of a connection's state that most connections never use, boxed so that an idle
@@ -131,7 +137,7 @@ impl<D> Conn<D> {
             deadline,
             stall_at: NEVER,
             expire_at: NEVER,
-            pending: Vec::new(),
+            pending: SendQueue::default(),
             data: None,
             send: SendState::default(),
             subprotocol: None,
@@ -146,6 +152,7 @@ impl<D> Conn<D> {
             admin: false,
             via_proxy: false,
             awaiting_proxy: false,
+            read_paused: false,
         }
     }
 
@@ -221,6 +228,13 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Bytes written to client sockets.
     pub bytes_sent: u64,
+    /// Times a connection that sent faster than the loop reads had its reading put off to the
+    /// next turn after four reads that filled the receive buffer, so that it could not hold
+    /// the loop.
+    pub read_yields: u64,
+    /// The most bytes one connection's send queue has held at once since start (what the
+    /// socket did not take; see [`Config::max_backpressure`](crate::Config::max_backpressure)).
+    pub queue_peak: usize,
     /// Loop turns.
     pub loop_turns: u64,
     /// Nanoseconds spent in turns (dispatching, not waiting).
@@ -272,9 +286,12 @@ pub(crate) struct Core<D> {
     pub(crate) wheel: TimerWheel<TimerRef>,
     /// Output collected for `cork_owner` during the current dispatch.
     pub(crate) cork: Vec<u8>,
-    pub(crate) cork_owner: usize,
+    pub(crate) cork_owner: Option<usize>,
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
     pub(crate) doomed: Vec<(usize, u32, CloseReason)>,
+    /// Connections that used their read budget this turn, to read again next turn (slab index,
+    /// generation).
+    reread: Vec<(usize, u32)>,
     pub(crate) config: Config,
     /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
     ping_after: u64,
@@ -394,8 +411,9 @@ impl<H: Handler> Server<H> {
                     conns: Slab::new(),
                     wheel: TimerWheel::new(0),
                     cork: Vec::new(),
-                    cork_owner: NONE,
+                    cork_owner: None,
                     doomed: Vec::new(),
+                    reread: Vec::new(),
                     limits,
                     start,
                     ledger,
@@ -549,7 +567,7 @@ impl<H: Handler> Server<H> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if core.accept_due {
+        if core.accept_due || !core.reread.is_empty() {
             wait = Some(Duration::ZERO);
         }
         if core.ledger.loops() > 1 && core.stats.loop_turns != core.published_turns {
@@ -567,6 +585,7 @@ impl<H: Handler> Server<H> {
             b.turn_start();
         }
         self.inner.core.tick();
+        self.inner.reread();
         for event in self.events.iter() {
             self.inner.dispatch(event);
         }
@@ -613,10 +632,23 @@ impl<H: Handler> Inner<H> {
         self.core.reap(&mut self.handler);
     }
 
-    /// Read until the socket is drained, feeding the session.
+    /// Read until the socket is drained (or [`READ_BUDGET`] reads filled the buffer: then the
+    /// rest is read next turn), feeding the session; then write the pong owed for the pings
+    /// read, if nothing is queued ([`Core::write_owed_pong`]).
     fn readable(&mut self, idx: usize, closed: bool) {
-        loop {
+        let gen = self.core.conns[idx].gen;
+        self.read_some(idx, closed);
+        if self.core.alive(idx, gen) {
+            self.core.write_owed_pong(idx);
+        }
+    }
+
+    fn read_some(&mut self, idx: usize, closed: bool) {
+        for _ in 0..READ_BUDGET {
             let conn = &mut self.core.conns[idx];
+            if conn.read_paused {
+                return;
+            }
             let n = match (&conn.socket).read(&mut self.recv) {
                 Ok(0) => {
                     // The peer finished sending; it may still be reading, so what we owe it
@@ -640,13 +672,53 @@ impl<H: Handler> Inner<H> {
                 }
             };
             self.core.stats.bytes_received += n as u64;
-            if !self.received(idx, n) {
+            if !self.received(idx, n) || self.over_limit(idx) {
                 return;
             }
             if n < self.recv.len() && !closed {
                 return;
             }
         }
+        // The peer sends faster than the loop reads: let the other connections have their turn
+        // and read the rest next turn (no new edge will come for bytes already there).
+        let gen = self.core.conns[idx].gen;
+        self.core.reread.push((idx, gen));
+        self.core.stats.read_yields += 1;
+    }
+
+    /// Read the connections whose read budget ran out last turn.
+    fn reread(&mut self) {
+        for (idx, gen) in std::mem::take(&mut self.core.reread) {
+            if self.core.alive(idx, gen) {
+                self.readable(idx, true);
+                self.core.flush_cork();
+                self.core.reap(&mut self.handler);
+            }
+        }
+    }
+
+    /// After a read: if more than `max_backpressure` bytes are queued for the connection once
+    /// the cork has been offered to the socket, stop reading it (its answers would only queue
+    /// more) until `writable` has drained the queue to half the limit. Returns true when
+    /// reading must stop (paused, or the write failed).
+    fn over_limit(&mut self, idx: usize) -> bool {
+        let core = &mut self.core;
+        let limit = core.config.max_backpressure;
+        let corked = match core.cork_owner {
+            Some(owner) if owner == idx => core.cork.len(),
+            _ => 0,
+        };
+        if core.conns[idx].pending.len() + corked <= limit {
+            return false;
+        }
+        core.flush_cork();
+        if core.doomed.iter().any(|d| d.0 == idx) {
+            return true; // the write failed; `reap` ends it
+        }
+        let conn = &mut core.conns[idx];
+        // Paused only with bytes queued: the socket is full, so a writable edge will come.
+        conn.read_paused = conn.pending.len() > limit;
+        conn.read_paused
     }
 
     /// Handle `n` fresh bytes in the receive buffer. Returns false if the connection ended or
@@ -909,38 +981,48 @@ impl<H: Handler> Inner<H> {
         if conn.pending.is_empty() {
             return;
         }
-        let written = write_some(&conn.socket, &conn.pending);
-        if let Ok(n) = written {
-            core.stats.bytes_sent += n as u64;
-        }
-        match written {
-            Ok(n) if n == conn.pending.len() => {
-                conn.pending = Vec::new();
-                conn.stall_at = NEVER;
-            }
-            Ok(n) => {
-                if n > 0 {
-                    conn.pending.drain(..n);
-                    conn.stall_at = core.now + Core::<H::Data>::ms(core.config.write_stall_timeout);
-                    core.rearm(idx);
-                }
-                return;
-            }
+        let n = match write_some(&conn.socket, conn.pending.bytes()) {
+            Ok(n) => n,
             Err(e) => {
                 let reason = conn.linger.unwrap_or(write_error_reason(&e));
                 core.end(&mut self.handler, idx, reason);
                 return;
             }
+        };
+        core.stats.bytes_sent += n as u64;
+        conn.pending.consume(n);
+        let resume = conn.read_paused && conn.pending.len() <= core.config.max_backpressure / 2;
+        if resume {
+            conn.read_paused = false;
         }
-        if let Some(reason) = conn.linger {
-            if !conn.half_close() {
-                core.end(&mut self.handler, idx, reason);
+        if conn.pending.is_empty() {
+            conn.stall_at = NEVER;
+            if let Some(reason) = conn.linger {
+                if !conn.half_close() {
+                    core.end(&mut self.handler, idx, reason);
+                }
+                return;
             }
-            return;
+        } else if n > 0 && !conn.read_paused {
+            // Progress moves the stall deadline; not while the queue is over the limit, which
+            // must drain to half of it within one write-stall timeout however much each write
+            // takes (a slow but steady reader cannot hold a full queue for ever).
+            conn.stall_at = core.now + Core::<H::Data>::ms(core.config.write_stall_timeout);
+            core.rearm(idx);
         }
-        if conn.data.is_some() && conn.session.state() == State::Open {
-            let Inner { core, handler, .. } = self;
-            core.cork_for(idx);
+        if resume {
+            // Input that arrived while paused raised no edge of its own: read it now.
+            let gen = core.conns[idx].gen;
+            self.readable(idx, true);
+            if !self.core.alive(idx, gen) || self.core.doomed.iter().any(|d| d.0 == idx) {
+                return;
+            }
+        }
+        let Inner { core, handler, .. } = self;
+        let conn = &mut core.conns[idx];
+        if conn.pending.is_empty() && conn.data.is_some() && conn.session.state() == State::Open {
+            // A pong owed while bytes were queued goes out now, before anything `on_drain` sends.
+            core.write_owed_pong(idx);
             // The cork is flushed right after: a direct write adds no system call.
             callback(core, handler, idx, Activity::Drain, true, |h, ws| {
                 h.on_drain(ws)
@@ -1555,6 +1637,17 @@ impl<D> Core<D> {
         self.rearm(idx);
     }
 
+    /// Write the pong the connection owes for the pings it sent, unless bytes are queued for it:
+    /// then the pong waits until `writable` has drained the queue, and later pings only replace
+    /// its payload. So a connection holds at most one pong in its queue and owes at most one
+    /// more, however many pings it sends without reading.
+    pub(crate) fn write_owed_pong(&mut self, idx: usize) {
+        if self.conns[idx].session.pong_owed() && self.conns[idx].pending.is_empty() {
+            self.cork_for(idx);
+            self.conns[idx].session.write_pong(&mut self.cork);
+        }
+    }
+
     /// Start the close handshake on an open connection: send the close frame, seal sends and
     /// arm the close timeout.
     pub(crate) fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
@@ -1577,8 +1670,18 @@ impl<D> Core<D> {
         let now = self.now;
         let conn = &mut self.conns[idx];
         if conn.stall_at <= now {
-            log::debug!("{} write stalled", conn_id(self.member, idx, conn.gen));
-            self.end(handler, idx, CloseReason::WriteStall);
+            // Over the limit (reading paused) it had to drain to half of it; otherwise it had
+            // to make progress at all.
+            let reason = match conn.read_paused {
+                true => CloseReason::Backpressure,
+                false => CloseReason::WriteStall,
+            };
+            log::debug!(
+                "{} dropped: {}",
+                conn_id(self.member, idx, conn.gen),
+                reason.label()
+            );
+            self.end(handler, idx, reason);
             return;
         }
         if conn.expire_at <= now {
@@ -1696,9 +1799,9 @@ impl<D> Core<D> {
         if let Some(k) = conn.timer.take() {
             self.wheel.cancel(k);
         }
-        if self.cork_owner == idx {
+        if self.cork_owner == Some(idx) {
             self.cork.clear();
-            self.cork_owner = NONE;
+            self.cork_owner = None;
         }
         self.fds_changed();
         drop(conn.socket);

@@ -64,13 +64,15 @@ struct Args {
     /// Most connections accepted per listener per loop turn.
     #[arg(long, default_value_t = Config::default().accepts_per_turn)]
     accepts_per_turn: usize,
-    /// Most bytes queued for a slow reader before sends are refused.
+    /// Most bytes queued for a slow reader before sends are refused and the connection is no
+    /// longer read (until half of it is left).
     #[arg(long, default_value_t = Config::default().max_backpressure)]
     max_backpressure: usize,
     /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
     #[arg(long, value_enum, default_value = "close")]
     backpressure_policy: Policy,
-    /// Seconds a connection may have unsent bytes that the socket does not take before it is dropped.
+    /// Seconds a connection may have unsent bytes that the socket does not take before it is
+    /// dropped; also how long a queue over --max-backpressure has to get under half of it.
     #[arg(long, value_parser = seconds, default_value = "30")]
     write_stall_timeout: Duration,
     /// Seconds after which an open connection is closed with 1001 (0: never).

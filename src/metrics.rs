@@ -55,6 +55,7 @@ pub(crate) struct Scan {
     refusing: usize,
     queued: usize,
     largest_queue: usize,
+    read_paused: usize,
 }
 
 /// One loop's counters and scan at one moment: what a loop publishes for the others of its
@@ -95,6 +96,8 @@ impl Snapshot {
             a.handler_panics += b.handler_panics;
             a.stalls += b.stalls;
             a.longest_stall_ns = a.longest_stall_ns.max(b.longest_stall_ns);
+            a.queue_peak = a.queue_peak.max(b.queue_peak);
+            a.read_yields += b.read_yields;
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -102,6 +105,7 @@ impl Snapshot {
             a.refusing += b.refusing;
             a.queued += b.queued;
             a.largest_queue = a.largest_queue.max(b.largest_queue);
+            a.read_paused += b.read_paused;
         }
         t
     }
@@ -130,6 +134,7 @@ impl<D> Core<D> {
             }
             s.queued += c.pending.len();
             s.largest_queue = s.largest_queue.max(c.pending.len());
+            s.read_paused += c.read_paused as usize;
         }
         s
     }
@@ -367,6 +372,24 @@ impl<D> Core<D> {
             "gauge",
             "Bytes waiting for the slowest reader.",
             scan.largest_queue as f64,
+        );
+        m.one(
+            "wsloop_queued_bytes_peak",
+            "gauge",
+            "The most bytes one connection's send queue has held at once since start.",
+            st.queue_peak as f64,
+        );
+        m.one(
+            "wsloop_read_yields_total",
+            "counter",
+            "Times a connection sending faster than the loop reads was read again next turn.",
+            st.read_yields as f64,
+        );
+        m.one(
+            "wsloop_read_paused_connections",
+            "gauge",
+            "Connections not read because more than the backpressure limit is queued for them.",
+            scan.read_paused as f64,
         );
         m.one(
             "wsloop_timers",

@@ -5,7 +5,7 @@
 //! out at once with one `writev` of the cork, its header and the payload ([`Out`]).
 
 use crate::app::CloseReason;
-use crate::event_loop::{Core, Stats, NONE};
+use crate::event_loop::{Core, Stats};
 use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
 use mio::net::TcpStream;
 use std::io::{self, ErrorKind, IoSlice, Write};
@@ -46,15 +46,86 @@ fn write_some_vectored(mut socket: &TcpStream, parts: &[&[u8]; 3]) -> io::Result
     }
 }
 
-/// Append to `pending` what a write of `written` bytes left unsent of `parts` (in order).
-fn queue_unsent(pending: &mut Vec<u8>, parts: &[&[u8]], written: usize) {
-    let total = parts.iter().map(|p| p.len()).sum::<usize>();
-    pending.reserve_exact(total.saturating_sub(written));
-    let mut skip = written;
-    for part in parts {
-        let from = skip.min(part.len());
-        pending.extend_from_slice(&part[from..]);
-        skip -= from;
+/// The bytes of one connection that its socket has not taken yet, in order: the only place
+/// outgoing bytes wait once the dispatch that wrote them has ended, and so the one figure every
+/// limit on a connection's output reads ([`SendQueue::len`], with the cork while the connection
+/// owns it): sends are refused over `max_backpressure`, reading pauses over it, the write-stall
+/// rule and the metrics read it.
+///
+/// Written bytes are consumed from the front by moving an offset, not the bytes behind it, so
+/// draining a queue costs time linear in its size however small the writes; the buffer is
+/// compacted only once the consumed part is at least as long as the rest (each byte moves at
+/// most once per time it is written), and freed when the queue empties. An empty queue holds no
+/// heap memory and costs one pointer in the connection.
+#[derive(Default)]
+pub(crate) struct SendQueue(Option<Box<QueueBuf>>);
+
+struct QueueBuf {
+    bytes: Vec<u8>,
+    /// Bytes at the front of `bytes` already written.
+    head: usize,
+}
+
+impl SendQueue {
+    /// Bytes waiting.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.bytes.len() - q.head)
+    }
+
+    /// Nothing is waiting.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The bytes waiting, in order.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.0.as_ref().map_or(&[][..], |q| &q.bytes[q.head..])
+    }
+
+    /// Append what a write of `written` bytes left unsent of `parts` (in order).
+    pub(crate) fn push_unsent(&mut self, parts: &[&[u8]], written: usize) {
+        let total = parts.iter().map(|p| p.len()).sum::<usize>();
+        if written >= total {
+            return;
+        }
+        let q = self.0.get_or_insert_with(|| {
+            Box::new(QueueBuf {
+                bytes: Vec::new(),
+                head: 0,
+            })
+        });
+        q.bytes.reserve_exact(total - written);
+        let mut skip = written;
+        for part in parts {
+            let from = skip.min(part.len());
+            q.bytes.extend_from_slice(&part[from..]);
+            skip -= from;
+        }
+    }
+
+    /// Append `bytes`.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.push_unsent(&[bytes], 0);
+    }
+
+    /// The socket took the first `n` waiting bytes.
+    pub(crate) fn consume(&mut self, n: usize) {
+        let Some(q) = self.0.as_mut() else {
+            return;
+        };
+        q.head += n;
+        debug_assert!(q.head <= q.bytes.len());
+        if q.head >= q.bytes.len() {
+            self.0 = None;
+        } else if q.head >= q.bytes.len() - q.head {
+            q.bytes.drain(..q.head);
+            q.head = 0;
+            if q.bytes.capacity() > CORK_KEEP.max(4 * q.bytes.len()) {
+                q.bytes.shrink_to(2 * q.bytes.len());
+            }
+        }
     }
 }
 
@@ -85,7 +156,7 @@ pub(crate) enum Direct {
 pub(crate) struct Out<'a> {
     cork: &'a mut Vec<u8>,
     socket: &'a TcpStream,
-    pending: &'a mut Vec<u8>,
+    pending: &'a mut SendQueue,
     /// The loop's counters ([`Stats::bytes_sent`], [`Stats::messages_sent`]).
     stats: &'a mut Stats,
     /// A direct write is allowed: it adds no system call (see [`Out::new`]).
@@ -104,7 +175,7 @@ impl<'a> Out<'a> {
     pub(crate) fn new(
         cork: &'a mut Vec<u8>,
         socket: &'a TcpStream,
-        pending: &'a mut Vec<u8>,
+        pending: &'a mut SendQueue,
         stats: &'a mut Stats,
         last: bool,
     ) -> Self {
@@ -161,7 +232,7 @@ impl<'a> Out<'a> {
                 self.stats.bytes_sent += n as u64;
                 let total = parts.iter().map(|p| p.len()).sum::<usize>();
                 if n < total {
-                    queue_unsent(self.pending, &parts, n);
+                    self.pending.push_unsent(&parts, n);
                     self.direct = Direct::Partial;
                 }
             }
@@ -175,9 +246,9 @@ impl<'a> Out<'a> {
 impl<D> Core<D> {
     /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
     pub(crate) fn cork_for(&mut self, idx: usize) {
-        if self.cork_owner != idx {
+        if self.cork_owner != Some(idx) {
             self.flush_cork();
-            self.cork_owner = idx;
+            self.cork_owner = Some(idx);
         }
     }
 
@@ -194,6 +265,8 @@ impl<D> Core<D> {
         match direct {
             Direct::Done => true,
             Direct::Partial => {
+                let queued = self.conns[idx].pending.len();
+                self.stats.queue_peak = self.stats.queue_peak.max(queued);
                 self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
                 self.rearm(idx);
                 true
@@ -210,15 +283,14 @@ impl<D> Core<D> {
     /// Write the cork to its owner with one `send`; queue what the socket does not take.
     /// A write error dooms the connection (ended by `reap`).
     pub(crate) fn flush_cork(&mut self) {
-        let idx = std::mem::replace(&mut self.cork_owner, NONE);
-        if idx == NONE {
+        let Some(idx) = self.cork_owner.take() else {
             return;
-        }
+        };
         if let Some(conn) = self.conns.get_mut(idx) {
             if self.cork.is_empty() {
                 // Nothing to write; a lingering connection may be done all the same.
             } else if !conn.pending.is_empty() {
-                conn.pending.extend_from_slice(&self.cork);
+                conn.pending.push(&self.cork);
             } else {
                 let written = write_some(&conn.socket, &self.cork);
                 if let Ok(n) = written {
@@ -227,7 +299,7 @@ impl<D> Core<D> {
                 match written {
                     Ok(n) if n == self.cork.len() => {}
                     Ok(n) => {
-                        conn.pending.extend_from_slice(&self.cork[n..]);
+                        conn.pending.push_unsent(&[&self.cork], n);
                         conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
                         self.cork.clear();
                         self.rearm(idx);
@@ -239,6 +311,7 @@ impl<D> Core<D> {
                 }
             }
             if let Some(conn) = self.conns.get_mut(idx) {
+                self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
                 if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
                     if !conn.half_close() {
                         self.doomed.push((idx, conn.gen, reason));
@@ -255,7 +328,7 @@ impl<D> Core<D> {
 
 #[cfg(test)]
 mod tests {
-    use super::{queue_unsent, write_some, Direct, Out, DIRECT_MIN};
+    use super::{write_some, Direct, Out, SendQueue, DIRECT_MIN};
     use crate::app::CloseReason;
     use crate::event_loop::Stats;
     use crate::protocol::frame::{write_frame, OpCode};
@@ -266,15 +339,60 @@ mod tests {
         let parts: [&[u8]; 3] = [b"cork", b"", b"payload"];
         let all: Vec<u8> = parts.concat();
         for written in 0..=all.len() {
-            let mut pending = b"old".to_vec();
-            queue_unsent(&mut pending, &parts, written);
+            let mut pending = SendQueue::default();
+            pending.push(b"old");
+            pending.push_unsent(&parts, written);
             assert_eq!(
-                pending[3..],
+                pending.bytes()[3..],
                 all[written..],
                 "after {written} bytes written"
             );
-            assert_eq!(&pending[..3], b"old");
+            assert_eq!(&pending.bytes()[..3], b"old");
         }
+        let mut empty = SendQueue::default();
+        empty.push_unsent(&parts, all.len());
+        assert!(
+            empty.is_empty() && empty.0.is_none(),
+            "nothing unsent, nothing held"
+        );
+    }
+
+    /// Draining a queue in small writes moves each byte at most once (an offset, with a
+    /// compaction only once the consumed part outgrows the rest), so the cost is linear in the
+    /// queue's size; the bytes come out in order, and an empty queue holds nothing.
+    #[test]
+    fn draining_a_large_queue_in_small_writes_is_linear_and_in_order() {
+        let size = 256 << 20;
+        let mut q = SendQueue::default();
+        let block: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+        for _ in 0..size >> 20 {
+            q.push(&block);
+        }
+        assert_eq!(q.len(), size);
+        let (mut moved, mut at, mut step) = (0usize, 0usize, 0usize);
+        while !q.is_empty() {
+            let n = [16 * 1024, 1, 4093][step % 3].min(q.len());
+            step += 1;
+            let front = q.bytes();
+            assert_eq!(front[0], (at % 256) as u8, "out of order at {at}");
+            let before = q.0.as_ref().map(|b| b.head).unwrap_or(0);
+            q.consume(n);
+            at += n;
+            // A compaction moved the unconsumed rest to the front.
+            if let Some(b) = q.0.as_ref() {
+                if b.head < before + n {
+                    moved += b.bytes.len();
+                }
+            }
+            assert_eq!(q.len(), size - at);
+        }
+        assert_eq!(at, size);
+        assert!(moved > 0, "never compacted");
+        assert!(
+            moved <= size,
+            "compaction moved {moved} bytes for a {size}-byte queue"
+        );
+        assert!(q.0.is_none(), "a drained queue holds no buffer");
     }
 
     /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
@@ -299,7 +417,7 @@ mod tests {
     #[test]
     fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
         let (socket, mut client) = pair();
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let mut stats = Stats::default();
         let mut expected = Vec::new();
         // A small frame already corked before the first large one.
@@ -334,7 +452,7 @@ mod tests {
             }
             // The end of a dispatch (as `flush_cork` does once something is queued).
             if !pending.is_empty() {
-                pending.extend_from_slice(&cork);
+                pending.push(&cork);
                 cork.clear();
             }
             if partial > 0 && i > 20 {
@@ -349,7 +467,7 @@ mod tests {
             expected.len()
         );
         // Drain what is queued (as the writable path does) while the client reads everything.
-        pending.extend_from_slice(&cork);
+        pending.push(&cork);
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; expected.len()];
             client.read_exact(&mut got).unwrap();
@@ -358,11 +476,10 @@ mod tests {
                 "bytes on the wire differ from the frames sent"
             );
         });
-        let mut off = 0;
-        while off < pending.len() {
-            match write_some(&socket, &pending[off..]).unwrap() {
+        while !pending.is_empty() {
+            match write_some(&socket, pending.bytes()).unwrap() {
                 0 => std::thread::sleep(std::time::Duration::from_millis(1)),
-                n => off += n,
+                n => pending.consume(n),
             }
         }
         reader.join().unwrap();
@@ -373,7 +490,7 @@ mod tests {
     #[test]
     fn a_sender_writes_directly_at_most_once_and_only_when_last() {
         let (socket, mut client) = pair();
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let mut stats = Stats::default();
         let payload = vec![5u8; DIRECT_MIN];
         let mut one = Vec::new();
@@ -407,7 +524,7 @@ mod tests {
             .unwrap();
         drop(client); // a reset
         let payload = vec![7u8; DIRECT_MIN];
-        let (mut cork, mut pending) = (Vec::new(), Vec::new());
+        let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let mut stats = Stats::default();
         let (mut result, mut sent) = (None, 0);
         for _ in 0..100 {
@@ -418,7 +535,7 @@ mod tests {
                 break;
             }
             sent += 1;
-            pending.clear();
+            pending = SendQueue::default();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(result, Some(Direct::Failed(CloseReason::Abnormal)));

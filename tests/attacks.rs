@@ -439,6 +439,8 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             "65536",
             "--close-timeout",
             "1",
+            "--write-stall-timeout",
+            "2",
         ],
     );
     let m0 = at_baseline(&w);
@@ -473,6 +475,8 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
     w.stop();
 }
 
+/// A reader that stops reading with its queue under the limit: the queue makes no progress, and
+/// the write-stall timeout drops it (reading is not paused: the limit was not reached).
 #[test]
 fn reader_that_stops_reading_is_dropped_for_write_stall() {
     let w = Wsloop::spawn(
@@ -481,9 +485,7 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
             "--max-message-size",
             "16384",
             "--max-backpressure",
-            "65536",
-            "--backpressure-policy",
-            "drop",
+            "16777216",
             "--write-stall-timeout",
             "1",
         ],
@@ -498,29 +500,374 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
         let f = read_frame(&mut s);
         assert_eq!((f.opcode, f.payload), (OP_BINARY, vec![i; 100]));
     }
-    // Then it stops reading, and sends until the server's queue for it is at the limit and 64
-    // messages more (which the server must drop, not queue); then it sends nothing more.
+    // Then it stops reading, and sends until the server has had to queue something for it
+    // (far under the limit); then it sends nothing more.
     let addr = w.addr;
-    let full_at = std::cell::Cell::new(None);
     let sent = flood_without_reading(&mut s, |n| {
-        if let Some(at) = full_at.get() {
-            return n >= at + 64;
-        }
-        let at_limit = (MAX_BACKPRESSURE - QUEUED_MSG) as f64;
-        if n % 4 == 3
+        n % 4 == 3
             && metrics_at(addr, localhost(1))
-                .is_ok_and(|m| m.get("wsloop_queued_bytes_largest") > at_limit)
-        {
-            full_at.set(Some(n));
-        }
-        false
+                .is_ok_and(|m| m.get("wsloop_queued_bytes_largest") > 0.0)
     });
-    let full_at = full_at.get().expect("the server's queue reached the limit");
+    let m = w.metrics();
+    assert_eq!(
+        m.get("wsloop_read_paused_connections"),
+        0.0,
+        "paused under the limit"
+    );
     assert_echoes(&w, "while the reader stalls");
     let closed = [("write_stall", 1), ("peer_closed", 1)];
     let report = slow_reader_end(&w, &m0, s, [queued, fds], "stalled reader", &closed);
+    println!("slow reader (write stall): {sent} x 16 KiB sent; {report}");
+    w.stop();
+}
+
+/// A reader that stops reading with its queue over the limit (drop policy: sends over it are
+/// dropped, the connection is not closed for them): reading it is paused at once, so nothing
+/// more is queued however much it sends, and the write-stall timeout drops it as a reader that
+/// did not bring its queue back under the limit in time (`backpressure`).
+#[test]
+fn reader_that_stops_reading_over_the_limit_is_paused_then_dropped() {
+    let w = Wsloop::spawn(
+        "slow-reader-over",
+        &[
+            "--max-message-size",
+            "16384",
+            "--max-backpressure",
+            "65536",
+            "--backpressure-policy",
+            "drop",
+            "--write-stall-timeout",
+            "2",
+        ],
+    );
+    let m0 = at_baseline(&w);
+    let fds = w.fd_sampler();
+    let queued = queued_sampler(&w);
+    let mut s = small_window_client(&w);
+    // It sends until reading it is paused; its later writes fill the kernel's buffers and then
+    // block (flow control), and the 5 s write timeout ends the flood.
+    let addr = w.addr;
+    let paused_at = std::cell::Cell::new(None);
+    let sent = flood_without_reading(&mut s, |n| {
+        if paused_at.get().is_none()
+            && n % 4 == 3
+            && metrics_at(addr, localhost(1))
+                .is_ok_and(|m| m.get("wsloop_read_paused_connections") == 1.0)
+        {
+            paused_at.set(Some(n));
+        }
+        false
+    });
+    let paused_at = paused_at.get().expect("reading the flooder was paused");
+    let m = w.metrics();
+    let peak = m.get("wsloop_queued_bytes_peak") as usize;
+    assert!(
+        peak <= MAX_BACKPRESSURE + QUEUED_MSG + MAX_CONTROL_FRAME,
+        "queue peaked at {peak}"
+    );
+    let closed = [("backpressure", 1)];
+    let report = slow_reader_end(&w, &m0, s, [queued, fds], "paused reader", &closed);
     println!(
-        "slow reader (drop + write stall): {sent} x 16 KiB sent, the queue at the limit after {full_at}; {report}"
+        "slow reader (drop + pause): {sent} x 16 KiB sent, paused after {paused_at}; queue peak {peak}; {report}"
+    );
+    w.stop();
+}
+
+/// A reader too slow for what it asks: it sends 16 KiB messages as fast as the server takes
+/// them and reads their echoes steadily (4 MB/s), but slower than they come. Reading it is
+/// paused whenever its queue passes the limit (32 MiB here), and its reads make progress, but the
+/// queue does not get back under half the limit within the write-stall timeout: it is dropped
+/// (`backpressure`), where a deadline that every write's progress moved would keep it for ever.
+#[test]
+fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
+    const LIMIT: usize = 32 << 20;
+    let w = Wsloop::spawn(
+        "slow-steady",
+        &[
+            "--max-message-size",
+            "16384",
+            "--max-backpressure",
+            &LIMIT.to_string(),
+            "--backpressure-policy",
+            "drop",
+            "--write-stall-timeout",
+            "3",
+        ],
+    );
+    let m0 = at_baseline(&w);
+    let fds = w.fd_sampler();
+    let s = raw_ws(w.addr, &Opts::default()).expect("upgrade");
+    let mut writer = s.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let flood = thread::spawn(move || {
+        flood_without_reading(&mut writer, |_| stop2.load(Ordering::Relaxed))
+    });
+    // Read 256 KiB every 64 ms: steady progress, far slower than the echoes come.
+    let (mut reader, mut got, start) = (s.try_clone().unwrap(), 0usize, Instant::now());
+    let mut buf = vec![0u8; 256 * 1024];
+    // Queue sizes seen while reading was paused: progress shows as a smaller one.
+    let mut paused_queues = Vec::new();
+    let ended = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never dropped; read {got} bytes"
+        );
+        thread::sleep(Duration::from_millis(64));
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(n) => got += n,
+        }
+        if let Ok(m) = w.try_metrics() {
+            if m.get("wsloop_read_paused_connections") == 1.0 {
+                paused_queues.push(m.get("wsloop_queued_bytes") as usize);
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    wait_closed(
+        &w,
+        "backpressure",
+        Duration::from_secs(10),
+        "not closed for backpressure",
+    );
+    assert!(!paused_queues.is_empty(), "reading was never paused");
+    let progressed = paused_queues.windows(2).any(|q| q[1] < q[0]);
+    assert!(progressed, "no progress while paused: {paused_queues:?}");
+    assert!(
+        paused_queues.iter().all(|&q| q > LIMIT / 2),
+        "under half the limit while paused: {paused_queues:?}"
+    );
+    let peak = w.metrics().get("wsloop_queued_bytes_peak") as usize;
+    assert!(peak <= LIMIT + QUEUED_MSG, "queue peaked at {peak}");
+    drop((s, reader));
+    let fd_peak = fds.stop();
+    let (end, _) = settled(&w, &m0, &[("backpressure", 1)]);
+    assert_echoes(&w, "after the slow reader");
+    println!(
+        "slow steady reader: {sent} x 16 KiB sent, {got} bytes read, dropped after {ended:?}; queue while paused {:?} .. {:?}, peak {peak}; {}",
+        paused_queues.iter().min(),
+        paused_queues.iter().max(),
+        fds_report(&w, fd_peak, end)
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// f. amplification: replies to input the client never reads
+
+/// The longest control frame the server writes (a 2-byte header and 125 bytes of payload).
+const MAX_CONTROL_FRAME: usize = 127;
+
+/// The flood frame: a masked ping (mask 0) with 125 bytes of payload, 131 bytes in all.
+fn ping_125() -> Vec<u8> {
+    let mut f = vec![0x89, 0xfd, 0, 0, 0, 0];
+    f.extend_from_slice(&[0x50; 125]);
+    f
+}
+
+/// Send `n` pings in writes of 64 without reading a byte. Returns the writes made. A write may
+/// wait while the server catches up (on a loaded machine, for seconds): 30 s is the bound.
+fn ping_flood(s: &mut TcpStream, n: usize) -> usize {
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let batch = ping_125().repeat(64);
+    let writes = n.div_ceil(64);
+    for i in 0..writes {
+        s.write_all(&batch)
+            .unwrap_or_else(|e| panic!("write {i} of {writes} of the ping flood: {e}"));
+    }
+    writes
+}
+
+/// After a flood: send one text message and a close, and read everything up to the server's
+/// close and EOF; returns the pongs read (each must answer a ping of the flood). The echo comes
+/// before the close frame; pongs may come before or after the echo, never after the close.
+fn pongs_then_echo_and_close(s: &mut TcpStream) -> usize {
+    let mut end = frame(true, OP_TEXT, b"end of flood");
+    end.extend(close_frame(1000, ""));
+    s.write_all(&end).unwrap();
+    let (mut pongs, mut echoed) = (0, false);
+    loop {
+        let f = read_frame(s);
+        match f.opcode {
+            0xa => {
+                assert_eq!(f.payload, [0x50; 125], "a pong answers a ping of the flood");
+                pongs += 1;
+            }
+            OP_TEXT => {
+                assert_eq!(f.payload, b"end of flood");
+                echoed = true;
+            }
+            OP_CLOSE => {
+                assert!(echoed, "closed before the echo");
+                assert_eq!(f.close().map(|c| c.0), Some(1000));
+                break;
+            }
+            op => panic!("unexpected frame {op:#x} during a ping flood"),
+        }
+    }
+    let (answer, _) = read_answer(s, IO_TIMEOUT);
+    assert!(
+        matches!(answer, Answer::Eof(ref b) if b.is_empty()),
+        "{answer:?}"
+    );
+    pongs
+}
+
+/// Resident memory of the child, sampled every 20 ms; the peak is what the attack cost.
+fn rss_sampler(w: &Wsloop) -> Sampler {
+    let pid = w.pid;
+    Sampler::every(Duration::from_millis(20), move || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// `conns` clients each send `pings` pings of 125 bytes without reading; a legitimate client is
+/// echoed all along. However many pings arrive between two writes, they get one pong, and only
+/// once nothing is queued for the flooder: its queue never holds more than one pong, the
+/// server's memory does not grow with the flood, and at the end each flooder reads a few pongs,
+/// its echo and a clean close.
+fn ping_flood_attack(name: &str, conns: usize, pings: usize) {
+    let w = Wsloop::spawn(name, &["--max-backpressure", "65536"]);
+    let m0 = at_baseline(&w);
+    let fds = w.fd_sampler();
+    let rss0 = w.rss_kib() as usize;
+    let rss = rss_sampler(&w);
+    let addr = w.addr;
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let legit = thread::spawn(move || {
+        let mut served = 0;
+        while !done2.load(Ordering::Relaxed) {
+            assert_eq!(
+                legit_echo(addr, None),
+                Legit::Echoed,
+                "legit client during the flood"
+            );
+            served += 1;
+            thread::sleep(Duration::from_millis(50));
+        }
+        served
+    });
+    let results = parallel(conns, move |_| {
+        let opts = Opts {
+            src: None,
+            rcvbuf: Some(4096),
+        };
+        let mut s = raw_ws(addr, &opts).expect("upgrade");
+        let writes = ping_flood(&mut s, pings);
+        (writes, pongs_then_echo_and_close(&mut s))
+    });
+    done.store(true, Ordering::Relaxed);
+    let served = legit.join().unwrap();
+    let rss_peak = rss.stop();
+    let peak = fds.stop();
+    let m = w.metrics();
+    let queued_peak = m.get("wsloop_queued_bytes_peak") as usize;
+    assert!(
+        queued_peak <= MAX_CONTROL_FRAME,
+        "a ping flood made the server queue {queued_peak} bytes for one connection"
+    );
+    for &(writes, pongs) in &results {
+        // At most one pong per read of the flood; a read holds at least part of one write.
+        assert!(
+            pongs <= 2 * writes,
+            "{pongs} pongs for {writes} writes of 64 pings"
+        );
+    }
+    let growth = rss_peak.saturating_sub(rss0);
+    assert!(
+        growth <= 1024 + 256 * conns,
+        "RSS grew by {growth} KiB during a {conns}-connection ping flood"
+    );
+    assert!(served > 0, "the legitimate client was never served");
+    // The flooders sent faster than the loop parses: their reading was put off to later turns
+    // so that they could not hold the loop (the legitimate client was served meanwhile).
+    assert!(
+        m.get("wsloop_read_yields_total") > 0.0,
+        "no flooder ever yielded the loop"
+    );
+    let closed = [("peer_closed", (conns + served) as u64)];
+    let (end, _) = settled(&w, &m0, &closed);
+    println!(
+        "{name}: {conns} x {pings} pings; pongs and writes {results:?}; queue peak {queued_peak} B; RSS {rss0} -> peak {rss_peak} KiB; legit served {served}x; {}",
+        fds_report(&w, peak, end)
+    );
+    w.stop();
+}
+
+#[test]
+fn ping_flood_from_one_connection_that_never_reads() {
+    ping_flood_attack("ping-flood-1", 1, 300_000);
+}
+
+#[test]
+fn ping_flood_from_eight_connections_that_never_read() {
+    ping_flood_attack("ping-flood-8", 8, 60_000);
+}
+
+/// Once the server has sent its close frame (here at the end of the connection's maximum
+/// lifetime), pings get no answer: a flood then makes it write and queue nothing, and the close
+/// timeout ends the connection.
+#[test]
+fn pings_after_the_servers_close_are_not_answered() {
+    let w = Wsloop::spawn(
+        "pings-after-close",
+        &["--max-lifetime", "1", "--close-timeout", "2"],
+    );
+    let m0 = at_baseline(&w);
+    let fds = w.fd_sampler();
+    let opts = Opts {
+        src: None,
+        rcvbuf: Some(4096),
+    };
+    let mut s = raw_ws(w.addr, &opts).expect("upgrade");
+    let f = read_frame(&mut s);
+    assert_eq!(f.opcode, OP_CLOSE);
+    assert_eq!(f.close().map(|c| c.0), Some(1001));
+    let start = Instant::now();
+    // Until the close timeout drops us (a write fails) or 50,000 pings are out.
+    let batch = ping_125().repeat(64);
+    let mut sent = 0;
+    while sent < 50_000 && s.write_all(&batch).is_ok() {
+        sent += 64;
+    }
+    let (answer, _) = read_answer(&mut s, Duration::from_secs(10));
+    assert!(
+        matches!(answer, Answer::Eof(_) | Answer::Reset(_)),
+        "the connection did not end: {answer:?}"
+    );
+    assert!(
+        answer.bytes().is_empty(),
+        "{} bytes after our close frame",
+        answer.bytes().len()
+    );
+    let took = start.elapsed();
+    wait_closed(
+        &w,
+        "max_lifetime",
+        Duration::from_secs(10),
+        "not closed for max_lifetime",
+    );
+    let m = w.metrics();
+    assert_eq!(
+        m.get("wsloop_queued_bytes_peak"),
+        0.0,
+        "something was queued"
+    );
+    assert_echoes(&w, "after the flood");
+    drop(s);
+    let peak = fds.stop();
+    let (end, _) = settled(&w, &m0, &[("max_lifetime", 1), ("peer_closed", 1)]);
+    println!(
+        "pings after close: {sent} pings, nothing answered, ended after {took:?}; {}",
+        fds_report(&w, peak, end)
     );
     w.stop();
 }

@@ -8,10 +8,14 @@
 //! progress; every ending carries a sendable close code or a 4xx/5xx status; no event is
 //! delivered after `Event::Close` or an error, and only the peer's close while our close is
 //! pending; everything written is one HTTP response, or a 101 followed by valid unmasked server
-//! frames with at most one close frame and no data frame after it; a close started by the peer
-//! is answered with its code. And the outcome does not depend on how the bytes were cut into
-//! reads: the same operations with the bytes between them delivered in one read give the same
-//! events and the same output, byte for byte.
+//! frames with at most one close frame and no data or control frame after it; a close started
+//! by the peer is answered with its code. What one read of client bytes makes the session write
+//! is bounded whatever the bytes: each `read` call writes at most one close frame, and the pong
+//! written after the read (as the loop does) is one frame answering the most recent ping, so a
+//! ping flood cannot make the server write more than it reads. And the outcome does not depend
+//! on how the bytes were cut into reads: the same operations with the bytes between them
+//! delivered in one read give the same events and the same output, frame for frame, except for
+//! how many pongs there are (one per read at most).
 //!
 //! Input: `[flags, max_message, max_header, n_ops]`, then `n_ops` operations of 4 bytes, then
 //! the client's bytes (see [`decode`]). flags bit 0 puts a valid upgrade request in front of the
@@ -47,6 +51,9 @@ const REASONS: [&str; 4] = [
 
 /// Extra buffered bytes allowed beyond `max_message`: one control frame's payload.
 const SLACK: usize = 125;
+
+/// The longest control frame the server writes: a 2-byte header and 125 bytes of payload.
+const MAX_CONTROL_FRAME: usize = 2 + 125;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -142,6 +149,8 @@ struct Outcome {
     /// Everything observable, in order, with the number of non-data operations done before it.
     trace: Vec<(usize, String)>,
     out: Vec<u8>,
+    /// The length of the 101 response at the start of `out`, when the upgrade was accepted.
+    head: Option<usize>,
     /// How the handshake ended: (non-data operations before, accepted or status).
     handshake: Option<(usize, Result<(), u16>)>,
 }
@@ -154,11 +163,30 @@ fn compare(chunked: &Outcome, single: &Outcome) {
     match (chunked.handshake, single.handshake) {
         (a, b) if a == b => {
             assert_eq!(chunked.trace, single.trace, "events depend on the reads");
-            assert_eq!(chunked.out, single.out, "output depends on the reads");
+            assert_eq!(
+                without_pongs(chunked),
+                without_pongs(single),
+                "output depends on the reads"
+            );
         }
         (None | Some((_, Err(_))), Some((_, Err(400 | 431)))) => {}
         (a, b) => panic!("handshake in small reads {a:?}, in one read {b:?}"),
     }
+}
+
+/// A server frame as compared: opcode, fin, payload.
+type FrameParts = (u8, bool, Vec<u8>);
+
+/// The output with the pongs left out (one per read at most, so their number depends on the
+/// reads): the response head, then every other frame.
+fn without_pongs(o: &Outcome) -> (Vec<u8>, Vec<FrameParts>) {
+    let Some(head) = o.head else {
+        return (o.out.clone(), Vec::new());
+    };
+    let frames = parse_server_frames(&o.out[head..]).unwrap_or_else(|e| panic!("{e}"));
+    let kept = frames.into_iter().filter(|f| f.opcode != 10);
+    let kept = kept.map(|f| (f.opcode, f.fin, f.payload)).collect();
+    (o.out[..head].to_vec(), kept)
 }
 
 /// Where the connection is, from the loop's point of view.
@@ -189,6 +217,8 @@ struct Driver<'i> {
     ops_done: usize,
     /// The largest read fed during the handshake.
     max_chunk: usize,
+    /// The payload of the most recent ping delivered: what an owed pong must carry.
+    last_ping: Option<Vec<u8>>,
     result: Outcome,
 }
 
@@ -205,9 +235,11 @@ impl<'i> Driver<'i> {
             we_closed: false,
             ops_done: 0,
             max_chunk: 0,
+            last_ping: None,
             result: Outcome {
                 trace: Vec::new(),
                 out: Vec::new(),
+                head: None,
                 handshake: None,
             },
         };
@@ -272,15 +304,45 @@ impl<'i> Driver<'i> {
                 assert!(matches!(got, Ok((n, None)) if n == chunk.len()), "{got:?}");
                 assert_eq!(self.out.len(), before, "wrote after the end");
             }
-            Phase::Handshake => self.head(chunk),
+            Phase::Handshake => {
+                self.head(chunk);
+                self.pong();
+            }
             Phase::Upgraded => {
                 if self.session.state() == State::Open {
                     self.pinged = false;
                 }
+                let before = self.out.len();
                 let mut buf = chunk.to_vec();
                 self.frames(&mut buf);
+                self.pong();
+                // One read's bytes, however many frames they hold, make the session write at
+                // most a close frame and a pong.
+                let wrote = self.out.len() - before;
+                assert!(
+                    wrote <= 2 * MAX_CONTROL_FRAME,
+                    "one read wrote {wrote} bytes"
+                );
             }
         }
+    }
+
+    /// After a read, as the loop does: write the pong owed for this read's pings, if any; it
+    /// answers the most recent ping, and only while the session is open.
+    fn pong(&mut self) {
+        let owed = self.session.pong_owed();
+        let before = self.out.len();
+        assert_eq!(self.session.write_pong(&mut self.out), owed);
+        assert!(!self.session.pong_owed());
+        if !owed {
+            assert_eq!(self.out.len(), before);
+            return;
+        }
+        assert_eq!(self.session.state(), State::Open, "pong owed while closing");
+        let frames = parse_server_frames(&self.out[before..]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].opcode, 10);
+        assert_eq!(Some(&frames[0].payload), self.last_ping.as_ref());
     }
 
     fn refuse(&mut self, status: u16, what: &str) {
@@ -341,6 +403,7 @@ impl<'i> Driver<'i> {
         };
         let head = self.out.len();
         self.accepted = Some((key, sub, head));
+        self.result.head = Some(head);
         self.result.handshake = Some((self.ops_done, Ok(())));
         self.note("open".into());
         let mut rest = self.session.finish_handshake(head_len, buffered);
@@ -363,7 +426,13 @@ impl<'i> Driver<'i> {
         while off < buf.len() {
             let before = self.session.state();
             let remaining = buf.len() - off;
+            let written = self.out.len();
             let got = self.session.read(&mut buf[off..], max, &mut self.out);
+            let wrote = self.out.len() - written;
+            assert!(
+                wrote <= MAX_CONTROL_FRAME,
+                "one read call wrote {wrote} bytes"
+            );
             let (used, event) = match got {
                 Ok((used, event)) => (used, event.map(owned)),
                 Err(e) => return self.failed(e, before),
@@ -384,6 +453,9 @@ impl<'i> Driver<'i> {
                 s => panic!("{event:?} delivered in state {s:?}"),
             }
             self.note(format!("{event:?}"));
+            if let Owned::Ping(p) = &event {
+                self.last_ping = Some(p.clone());
+            }
             if let Owned::Close(code, _) = event {
                 let code = CloseCode(code);
                 assert!(code.is_sendable() || code == CloseCode::NO_STATUS, "{code}");
@@ -566,7 +638,7 @@ impl<'i> Driver<'i> {
                     }
                 }
                 9 => assert!(!closed, "ping after our close frame"),
-                _ => {} // pongs are owed until the peer's close arrives
+                _ => assert!(!closed, "pong after a close frame"),
             }
         }
         if let Some(code) = self.peer_close {

@@ -8,11 +8,13 @@
 //! validates it ([`handshake::validate_upgrade`]), asks the application, writes the 101 or a
 //! rejection with the [`handshake`] writers and calls [`Session::finish_handshake`] or
 //! [`Session::finish_rejected`]. From then on [`Session::read`] turns frames into
-//! [`Event`]s one at a time, answering pings and closes by itself.
+//! [`Event`]s one at a time, answering the peer's close by itself; a ping leaves a pong owed,
+//! which the caller writes with [`Session::write_pong`] when it next writes, so that pings
+//! arriving faster than the peer reads are answered by one pong, not one each.
 //!
 //! Memory: a session owns heap buffers only while it holds a partial request head, a message that
-//! spans several reads or fragments, or a control frame split across reads; each is released as
-//! soon as it has been delivered. A single-frame message whose bytes are all in the input is
+//! spans several reads or fragments, a control frame split across reads, or an owed pong; each
+//! is released as soon as it has been delivered (or written). A single-frame message whose bytes are all in the input is
 //! unmasked in place and delivered as a slice of the input, without a copy.
 
 use super::close::{parse_close_payload, truncate_reason, CloseCode};
@@ -67,7 +69,8 @@ pub enum Event<'a> {
     Text(&'a str),
     /// A complete binary message.
     Binary(&'a [u8]),
-    /// A ping; the pong was already written to `out`.
+    /// A ping. The pong is owed, not written: the caller sends it with [`Session::write_pong`]
+    /// once it is ready to write (a later ping replaces an owed pong's payload).
     Ping(&'a [u8]),
     /// A pong.
     Pong(&'a [u8]),
@@ -143,6 +146,16 @@ pub struct Session {
     /// `buf` / `ctrl` were handed out in the last event and are released on the next call.
     release_buf: bool,
     release_ctrl: bool,
+    /// The payload of the pong owed for the most recent ping, until [`Session::write_pong`]
+    /// writes it. Boxed: a session owes a pong only between a ping and the next write.
+    pong: Option<Box<Pong>>,
+}
+
+/// The payload of an owed pong (at most a control frame's 125 bytes).
+#[derive(Debug)]
+struct Pong {
+    len: u8,
+    payload: [u8; MAX_CONTROL_PAYLOAD],
 }
 
 impl Default for Session {
@@ -170,6 +183,7 @@ impl Session {
             ctrl: Vec::new(),
             release_buf: false,
             release_ctrl: false,
+            pong: None,
         }
     }
 
@@ -273,8 +287,9 @@ impl Session {
     /// rest of the input until it is used up: each call uses at least one byte (partial frames
     /// are buffered in the session), so each call makes progress; a call may return no event
     /// without using all of `input` (after a non-final fragment, or a frame not delivered in
-    /// [`State::CloseSent`]). Payloads are unmasked in place in `input`. Automatic replies
-    /// (pong, close reply) are appended to `out`.
+    /// [`State::CloseSent`]). Payloads are unmasked in place in `input`. The reply to the peer's
+    /// close is appended to `out`; a ping's pong is only owed (see [`Session::write_pong`]), so
+    /// one call appends at most one close frame to `out` whatever the input.
     ///
     /// On `Err` the peer broke the protocol: a close frame with the error's code was appended to
     /// `out` (unless we had already sent one), the session is [`State::Closed`], and the
@@ -371,6 +386,29 @@ impl Session {
         true
     }
 
+    /// Whether a pong is owed (a ping arrived while open and its pong is not written yet).
+    pub fn pong_owed(&self) -> bool {
+        self.pong.is_some()
+    }
+
+    /// Write the pong owed for the most recent ping, if any, and owe nothing more. Pings are
+    /// answered this way rather than one pong each as they are parsed (RFC 6455 section 5.5.3
+    /// allows answering only the most recent): the caller calls this when it is ready to write,
+    /// so however many pings arrive between two writes, one pong answers them. Returns whether
+    /// a pong was written.
+    pub fn write_pong(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(pong) = self.pong.take() else {
+            return false;
+        };
+        write_frame(
+            out,
+            true,
+            OpCode::Pong,
+            &pong.payload[..usize::from(pong.len)],
+        );
+        true
+    }
+
     /// Start the close handshake: append a close frame to `out` and enter [`State::CloseSent`].
     /// A code that may not be sent (see [`CloseCode::is_sendable`]) is replaced by an empty
     /// payload ("no status"); the reason is cut to fit a control frame. Returns false, writing
@@ -381,6 +419,8 @@ impl Session {
         }
         write_close(out, code, reason);
         self.state = State::CloseSent;
+        // Once our close is out the connection is ending: pings are no longer answered.
+        self.pong = None;
         true
     }
 
@@ -398,6 +438,7 @@ impl Session {
     fn release(&mut self) {
         self.buf = Vec::new();
         self.ctrl = Vec::new();
+        self.pong = None;
         self.release_buf = false;
         self.release_ctrl = false;
     }
@@ -600,10 +641,21 @@ impl Session {
     ) -> Result<bool, ProtocolError> {
         match op {
             OpCode::Ping => {
-                // A pong is owed until the peer's close arrives (RFC 6455 section 5.5.2), even
-                // after ours went out; the ping is delivered only while open.
-                write_frame(out, true, OpCode::Pong, payload);
-                Ok(self.state == State::Open)
+                // Only while open: once our close frame is out, no more pongs (RFC 6455 section
+                // 5.5.2 owes one until the peer's close arrives, but a connection we are closing
+                // answers nothing, so that pings after our close cannot make us write).
+                if self.state != State::Open {
+                    return Ok(false);
+                }
+                let pong = self.pong.get_or_insert_with(|| {
+                    Box::new(Pong {
+                        len: 0,
+                        payload: [0; MAX_CONTROL_PAYLOAD],
+                    })
+                });
+                pong.len = payload.len() as u8;
+                pong.payload[..payload.len()].copy_from_slice(payload);
+                Ok(true)
             }
             OpCode::Pong => Ok(self.state == State::Open),
             _ => {
@@ -615,6 +667,7 @@ impl Session {
                     write_close(out, code, "");
                 }
                 self.state = State::Closed;
+                self.pong = None;
                 // A half-built message will never be delivered: give its buffer back.
                 self.buf = Vec::new();
                 self.release_buf = false;

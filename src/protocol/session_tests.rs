@@ -181,7 +181,12 @@ fn own(e: Event<'_>) -> Ev {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Run {
     events: Vec<Ev>,
+    /// Everything the session wrote except pongs.
     out: Vec<u8>,
+    /// The payload of the last pong written (after some read). Pongs are written once per read
+    /// at most, so how many there are depends on the reads; which ping the last one answers
+    /// does not.
+    pong: Option<Vec<u8>>,
 }
 
 /// A session in [`State::Open`], reached through the real handshake path.
@@ -228,14 +233,40 @@ fn read_chunk(s: &mut Session, chunk: &[u8], max: usize, out: &mut Vec<u8>, even
     }
 }
 
-/// Feed `pieces` as successive reads to `s`.
+/// Feed `pieces` as successive reads to `s`, writing the owed pong after each read as the loop
+/// does. Checks that `read` writes no pong itself, and that each pong answers the most recent
+/// ping delivered.
 fn feed(s: &mut Session, pieces: &[&[u8]], max: usize) -> Run {
     let mut run = Run {
         events: Vec::new(),
         out: Vec::new(),
+        pong: None,
     };
     for p in pieces {
-        read_chunk(s, p, max, &mut run.out, &mut run.events);
+        let mut out = Vec::new();
+        read_chunk(s, p, max, &mut out, &mut run.events);
+        assert!(
+            server_frames(&out).iter().all(|f| f.0 != OpCode::Pong),
+            "read wrote a pong"
+        );
+        run.out.extend(out);
+        let owed = s.pong_owed();
+        let mut pong = Vec::new();
+        assert_eq!(s.write_pong(&mut pong), owed);
+        assert!(!s.pong_owed());
+        if owed {
+            let frames = server_frames(&pong);
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].0, OpCode::Pong);
+            let latest = run.events.iter().rev().find_map(|e| match e {
+                Ev::Ping(p) => Some(p.clone()),
+                _ => None,
+            });
+            assert_eq!(Some(&frames[0].1), latest.as_ref(), "not the latest ping");
+            run.pong = Some(frames[0].1.clone());
+        } else {
+            assert!(pong.is_empty());
+        }
     }
     run
 }
@@ -502,11 +533,45 @@ fn control_frames_between_fragments_are_delivered_and_answered() {
             Ev::Text("Hello world".into()),
         ]
     );
-    let mut want = vec![0x8a, 13];
-    want.extend_from_slice(b"are you there");
-    want.extend_from_slice(&[0x8a, 0]);
-    assert_eq!(run.out, want, "unmasked pongs echoing the ping payloads");
+    assert_eq!(run.out, [], "no reply but the pong");
+    assert_eq!(run.pong, Some(vec![]), "one pong, for the most recent ping");
     assert_eq!(s.state(), State::Open);
+    // In separate reads, each ping gets its own pong.
+    let mut s = open();
+    let run = feed(&mut s, &[&ping(b"one")], BIG);
+    assert_eq!(run.pong, Some(b"one".to_vec()));
+    let run = feed(&mut s, &[&ping(b"two")], BIG);
+    assert_eq!(run.pong, Some(b"two".to_vec()));
+}
+
+/// However many pings one read holds, the session writes nothing while reading them and owes
+/// one pong: a ping flood costs the server at most one control frame per read.
+#[test]
+fn a_read_full_of_pings_owes_one_pong_and_writes_nothing() {
+    let mut stream = Vec::new();
+    for i in 0..2000u32 {
+        stream.extend(ping(&[(i % 251) as u8; 125]));
+    }
+    let mut s = open();
+    let mut out = Vec::new();
+    let mut events = Vec::new();
+    read_chunk(&mut s, &stream, BIG, &mut out, &mut events);
+    assert_eq!(events.len(), 2000);
+    assert_eq!(out, [], "read wrote while parsing pings");
+    assert!(s.pong_owed());
+    assert!(
+        std::mem::size_of::<Session>() <= 96,
+        "the owed pong is boxed"
+    );
+    let mut pong = Vec::new();
+    assert!(s.write_pong(&mut pong));
+    assert_eq!(pong, server_control(10, &[(1999 % 251) as u8; 125]));
+    assert!(!s.write_pong(&mut pong), "one pong only");
+    // An owed pong is dropped by our close: a closing connection answers no pings.
+    read_chunk(&mut s, &ping(b"x"), BIG, &mut out, &mut events);
+    assert!(s.pong_owed());
+    assert!(s.close(CloseCode::NORMAL, "", &mut out));
+    assert!(!s.pong_owed());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,9 +583,8 @@ fn ping_with_125_bytes_gets_an_identical_pong() {
     let payload = bytes_of_len(125);
     let run = run_whole(&ping(&payload), BIG);
     assert_eq!(run.events, [Ev::Ping(payload.clone())]);
-    let mut want = vec![0x8a, 125];
-    want.extend_from_slice(&payload);
-    assert_eq!(run.out, want);
+    assert_eq!(run.out, []);
+    assert_eq!(run.pong, Some(payload));
 }
 
 #[test]
@@ -878,7 +942,8 @@ fn peer_close_with_code_and_reason() {
         later,
         Run {
             events: vec![],
-            out: vec![]
+            out: vec![],
+            pong: None,
         }
     );
     let mut out = Vec::new();
@@ -945,8 +1010,9 @@ fn server_initiated_close_handshake() {
     assert_eq!(more, []);
     assert_eq!(s.state(), State::CloseSent);
 
-    // Whatever the peer sends before its close is parsed but not delivered; pings are still
-    // answered (RFC 6455 section 5.5.2: a pong is owed until a close has been received).
+    // Whatever the peer sends before its close is parsed but not delivered, and pings are no
+    // longer answered: the connection is ending (RFC 6455 section 5.5.2 would owe a pong until
+    // the peer's close arrives; wsloop writes nothing more, so pings cannot make it write).
     let stream = cat(&[
         &text("in flight"),
         &binary(&bytes_of_len(300)),
@@ -956,13 +1022,12 @@ fn server_initiated_close_handshake() {
         &pong(b"pong"),
     ]);
     let run = feed(&mut s, &chunks(&stream, &[5]), BIG);
-    let mut pong_frame = Vec::new();
-    crate::protocol::frame::write_frame(&mut pong_frame, true, OpCode::Pong, b"ping");
     assert_eq!(
         run,
         Run {
             events: vec![],
-            out: pong_frame
+            out: vec![],
+            pong: None,
         }
     );
     assert_eq!(s.state(), State::CloseSent);
@@ -1106,11 +1171,9 @@ fn protocol_error_after_our_close_writes_no_second_close_frame() {
         // Nothing is delivered in CloseSent, but the violation still fails the connection,
         // with the same code as when open.
         assert_eq!(run.events, [Ev::Error(code)], "{name}");
-        // Only pongs (owed for pings before the error), never a second close frame.
-        assert!(
-            server_frames(&run.out).iter().all(|f| f.0 == OpCode::Pong),
-            "{name}"
-        );
+        // Nothing: no pong after our close, never a second close frame.
+        assert_eq!(run.out, [], "{name}");
+        assert_eq!(run.pong, None, "{name}");
         assert_eq!(s.state(), State::Closed);
     }
 }
@@ -1172,8 +1235,17 @@ const RFC_HELLO: [u8; 11] = [
     0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
 ];
 
-/// Every two-chunk split, byte by byte, and random chunk sizes give the same run as `whole`,
-/// each on a fresh session made by `new`.
+impl Run {
+    /// What must not depend on the reads: the events and everything written but pongs (how
+    /// many pongs there are, and whether one went out before a close in a later read, does;
+    /// `feed` checks that each answers the most recent ping).
+    fn split_independent(&self) -> (&[Ev], &[u8]) {
+        (&self.events, &self.out)
+    }
+}
+
+/// Every two-chunk split, byte by byte, and random chunk sizes give the same run as `whole`
+/// (see [`Run::split_independent`]), each on a fresh session made by `new`.
 fn assert_split_independent(
     new: fn() -> Session,
     name: &str,
@@ -1184,16 +1256,28 @@ fn assert_split_independent(
     for at in 0..=stream.len() {
         let (a, b) = stream.split_at(at);
         let run = feed(&mut new(), &[a, b], max);
-        assert_eq!(&run, whole, "{name}: split at {at}");
+        assert_eq!(
+            run.split_independent(),
+            whole.split_independent(),
+            "{name}: split at {at}"
+        );
     }
     let run = feed(&mut new(), &chunks(stream, &[1]), max);
-    assert_eq!(&run, whole, "{name}: byte by byte");
+    assert_eq!(
+        run.split_independent(),
+        whole.split_independent(),
+        "{name}: byte by byte"
+    );
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for round in 0..200 {
         let top = [3, 16, 64, 300][round % 4];
         let sizes: Vec<usize> = (0..64).map(|_| 1 + rng.below(top) as usize).collect();
         let run = feed(&mut new(), &chunks(stream, &sizes), max);
-        assert_eq!(&run, whole, "{name}: random sizes {sizes:?}");
+        assert_eq!(
+            run.split_independent(),
+            whole.split_independent(),
+            "{name}: random sizes {sizes:?}"
+        );
     }
 }
 
@@ -1212,13 +1296,10 @@ fn valid_stream_gives_the_same_result_however_it_is_split() {
     let mut s = open();
     let whole = feed(&mut s, &[&stream], BIG);
     assert_eq!(whole.events, events);
-    let mut want_out = cat(&[
-        &server_control(10, b"p1"),
-        &server_control(10, b""),
-        &server_control(10, &[0xaa; 125]),
-    ]);
-    want_out.extend(server_close(1001, ""));
-    assert_eq!(whole.out, want_out);
+    assert_eq!(whole.out, server_close(1001, ""));
+    // The pings came before the peer's close, in the same read: the pong owed for the last
+    // one was dropped when the close ended the session.
+    assert_eq!(whole.pong, None);
     assert_eq!(s.state(), State::Closed);
     assert_split_independent(open, "valid", &stream, &whole, BIG);
 }
@@ -1246,12 +1327,21 @@ fn large_frames_give_the_same_result_byte_by_byte_and_in_random_chunks() {
             Ev::Close(1000, String::new()),
         ]
     );
-    assert_eq!(&run_sizes(&stream, &[1], BIG), &whole, "byte by byte");
+    assert_eq!(
+        run_sizes(&stream, &[1], BIG).split_independent(),
+        whole.split_independent(),
+        "byte by byte"
+    );
     let mut rng = Rng(12345);
     for round in 0..30 {
         let top = [7, 100, 5000][round % 3];
         let sizes: Vec<usize> = (0..256).map(|_| 1 + rng.below(top) as usize).collect();
-        assert_eq!(&run_sizes(&stream, &sizes, BIG), &whole, "sizes {sizes:?}");
+        let run = run_sizes(&stream, &sizes, BIG);
+        assert_eq!(
+            run.split_independent(),
+            whole.split_independent(),
+            "sizes {sizes:?}"
+        );
     }
 }
 
@@ -1269,13 +1359,8 @@ fn close_sent_outcome_does_not_depend_on_read_boundaries() {
     let (stream, _) = valid_stream();
     let whole = feed(&mut closing(), &[&stream], BIG);
     assert_eq!(whole.events, [Ev::Close(1001, "going away".into())]);
-    assert!(
-        server_frames(&whole.out)
-            .iter()
-            .all(|f| f.0 == OpCode::Pong),
-        "pongs only, no second close"
-    );
-    assert!(!whole.out.is_empty(), "the stream's pings are answered");
+    assert_eq!(whole.out, [], "no pong and no second close after ours");
+    assert_eq!(whole.pong, None);
     assert_split_independent(closing, "valid after close", &stream, &whole, BIG);
     for (name, stream, code) in failing_streams() {
         let whole = feed(&mut closing(), &[&stream], SPLIT_MAX);
@@ -1365,7 +1450,8 @@ fn frames_pipelined_after_the_head_are_parsed() {
         assert_eq!(rest, frames, "split at {at}");
         let run = feed(&mut s, &[&rest], BIG);
         assert_eq!(run.events, want, "split at {at}");
-        assert_eq!(run.out, server_control(10, b"p"));
+        assert_eq!(run.out, []);
+        assert_eq!(run.pong, Some(b"p".to_vec()));
     }
 }
 
