@@ -50,7 +50,8 @@ struct Entry {
     refilled_at: u64,
 }
 
-/// Per-address accounting. An address has an entry while it holds a connection or its bucket is
+/// Per-address accounting, keyed by canonical address: an IPv4-mapped IPv6 address
+/// (`::ffff:10.0.0.9`) counts as its IPv4 address (`10.0.0.9`). An address has an entry while it holds a connection or its bucket is
 /// not full; [`Admission::sweep`] drops the others, so memory follows the addresses seen
 /// recently, bounded by `max_tracked` (beyond it, new addresses are not rate limited until entries
 /// free up: fail open, never refuse a stranger because of others' load).
@@ -101,6 +102,7 @@ impl Admission {
     /// The per-address part of [`Admission::admit`] alone: for a connection that came through a
     /// trusted proxy, whose client address is known only once the proxy has told it.
     pub fn admit_address(&mut self, ip: IpAddr, now_ms: u64) -> Result<bool, Verdict> {
+        let ip = ip.to_canonical();
         if !self.tracking() {
             return Ok(false);
         }
@@ -131,7 +133,7 @@ impl Admission {
 
     /// An admitted connection from `ip` ended.
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(e) = self.table.get_mut(&ip) {
+        if let Some(e) = self.table.get_mut(&ip.to_canonical()) {
             e.conns = e.conns.saturating_sub(1);
         }
     }
@@ -147,7 +149,7 @@ impl Admission {
 
     /// Connections counted for `ip`.
     pub fn count(&self, ip: IpAddr) -> u32 {
-        self.table.get(&ip).map_or(0, |e| e.conns)
+        self.table.get(&ip.to_canonical()).map_or(0, |e| e.conns)
     }
 
     /// Connections counted over all addresses (for consistency checks).
@@ -229,6 +231,20 @@ mod tests {
         a.sweep(100);
         assert_eq!(a.tracked(), 1, "y forgotten, x holds a connection");
         assert_eq!(a.count(x), 1);
+    }
+
+    #[test]
+    fn a_mapped_address_is_its_ipv4_address() {
+        let mut a = Admission::new(1, 0, 0);
+        assert_eq!(a.admit(ip("::ffff:10.0.0.9"), 0, 0, 100), Ok(true));
+        assert_eq!(
+            a.admit(ip("10.0.0.9"), 0, 1, 100),
+            Err(Verdict::AddressFull)
+        );
+        assert_eq!(a.count(ip("10.0.0.9")), 1);
+        a.release(ip("10.0.0.9"));
+        assert_eq!(a.count(ip("::ffff:10.0.0.9")), 0);
+        assert_eq!(a.admit(ip("10.0.0.9"), 0, 0, 100), Ok(true));
     }
 
     #[test]

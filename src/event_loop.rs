@@ -741,16 +741,14 @@ impl<H: Handler> Inner<H> {
             n - len
         };
         conn.awaiting_proxy = false;
+        // A header that names no client (v1 UNKNOWN, v2 LOCAL) leaves the proxy's own address
+        // as the key: never unaccounted.
         if let Some(client) = source {
             conn.peer = client;
-            let verdict = core.ledger.admission().admit_address(client.ip(), core.now);
-            match verdict {
-                Ok(counted) => {
-                    conn.ip_counted = counted;
-                    core.ip_counted += counted as u64;
-                }
-                Err(verdict) => return core.refuse_client(handler, idx, verdict),
-            }
+        }
+        let (total, now, ip) = (&mut core.ip_counted, core.now, conn.peer.ip());
+        if let Err(verdict) = admit_client(&core.ledger, total, now, ip, &mut conn.ip_counted) {
+            return core.refuse_client(handler, idx, verdict);
         }
         rest == 0 || self.handshake(idx, rest)
     }
@@ -785,29 +783,24 @@ impl<H: Handler> Inner<H> {
                 }
                 if conn.via_proxy && !core.config.proxy_protocol {
                     // Only the header the proxy sets: it passes the other on as the client wrote it.
-                    let (name, standard) = match core.config.forwarded_header {
-                        crate::config::ForwardedHeader::XForwardedFor => ("x-forwarded-for", false),
-                        crate::config::ForwardedHeader::Forwarded => ("forwarded", true),
+                    let kind = core.config.forwarded_header;
+                    let name = match kind {
+                        crate::config::ForwardedHeader::XForwardedFor => "x-forwarded-for",
+                        crate::config::ForwardedHeader::Forwarded => "forwarded",
                     };
                     let values: Vec<&[u8]> = request.header_all(name).collect();
-                    let (forwarded, xff) = match standard {
-                        true => (&values[..], &[][..]),
-                        false => (&[][..], &values[..]),
-                    };
                     let trusted = &core.trusted;
-                    let client = crate::protocol::proxy::forwarded_client(forwarded, xff, |ip| {
+                    let proxy = conn.peer.ip();
+                    let key = crate::protocol::proxy::forwarded_key(proxy, kind, &values, |ip| {
                         trusted.contains(ip)
                     });
-                    if let Some(ip) = client {
-                        conn.peer = SocketAddr::new(ip, 0);
-                        let verdict = core.ledger.admission().admit_address(ip, core.now);
-                        match verdict {
-                            Ok(counted) => {
-                                conn.ip_counted = counted;
-                                core.ip_counted += counted as u64;
-                            }
-                            Err(verdict) => return core.refuse_client(handler, idx, verdict),
-                        }
+                    if key != proxy {
+                        conn.peer = SocketAddr::new(key, 0);
+                    }
+                    let (total, now) = (&mut core.ip_counted, core.now);
+                    let counted = &mut conn.ip_counted;
+                    if let Err(verdict) = admit_client(&core.ledger, total, now, key, counted) {
+                        return core.refuse_client(handler, idx, verdict);
                     }
                 }
                 let upgrade = match handshake::validate_upgrade(&request) {
@@ -1254,6 +1247,20 @@ fn frames<H: Handler>(
     }
     core.conns[idx].session.reclaim();
     true
+}
+
+/// Count a connection from a trusted proxy against the per-address limits, under the address
+/// it now has (the client the proxy named, or the proxy's own): counted, or refused and why.
+fn admit_client(
+    ledger: &Ledger,
+    total: &mut u64,
+    now: u64,
+    ip: std::net::IpAddr,
+    counted: &mut bool,
+) -> Result<(), crate::admission::Verdict> {
+    *counted = ledger.admission().admit_address(ip, now)?;
+    *total += *counted as u64;
+    Ok(())
 }
 
 /// Answer a refused request (the response is in the cork) and end the connection.
