@@ -172,6 +172,7 @@ hs = {
     "no_version": req(drop=["Sec-WebSocket-Version"]),
     "key_unpadded": req(drop=["Sec-WebSocket-Key"], extra=[("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ")]),
     "two_keys": req(extra=[("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA==")]),
+    "two_origins": req(extra=[("Origin", "https://a.example.com"), ("Origin", "https://evil.test")]),
     "content_length": req(extra=[("Content-Length", "5")]),
     "chunked": req(extra=[("Transfer-Encoding", "chunked")]),
     "absolute_uri": req("GET ws://example.com/chat?x=1 HTTP/1.1"),
