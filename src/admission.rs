@@ -40,14 +40,52 @@ impl Verdict {
     }
 }
 
+/// A token bucket: `rate` tokens a second, holding at most `burst`. Clockless: time comes in
+/// as milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    /// Tokens, in thousandths.
+    milli_tokens: u64,
+    /// When the bucket was last refilled, in ms.
+    refilled_at: u64,
+}
+
+impl Bucket {
+    /// A full bucket of `burst` tokens at `now_ms`.
+    pub fn full(burst: u32, now_ms: u64) -> Bucket {
+        Bucket {
+            milli_tokens: burst as u64 * 1000,
+            refilled_at: now_ms,
+        }
+    }
+
+    /// Take a token at `now_ms`, refilling at `rate` a second up to `burst` first: false when
+    /// the bucket is empty.
+    pub fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.refilled_at);
+        let full = burst as u64 * 1000;
+        self.milli_tokens = (self.milli_tokens + elapsed * rate as u64).min(full);
+        self.refilled_at = now_ms.max(self.refilled_at);
+        if self.milli_tokens < 1000 {
+            return false;
+        }
+        self.milli_tokens -= 1000;
+        true
+    }
+
+    /// Whether the bucket will have refilled to `burst` by `now_ms`.
+    fn is_full(&self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.refilled_at);
+        self.milli_tokens + elapsed * rate as u64 >= burst as u64 * 1000
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     /// Connections this address holds now.
     conns: u32,
-    /// Tokens in the bucket, in thousandths of a connection.
-    milli_tokens: u64,
-    /// When the bucket was last refilled, in ms.
-    refilled_at: u64,
+    /// Its new-connection rate.
+    bucket: Bucket,
 }
 
 /// Per-address accounting, keyed by canonical address: an IPv4-mapped IPv6 address
@@ -106,26 +144,18 @@ impl Admission {
         if !self.tracking() {
             return Ok(false);
         }
-        let full = self.burst as u64 * 1000;
         if !self.table.contains_key(&ip) && self.table.len() >= self.max_tracked {
             return Ok(false); // fail open; see the type's docs
         }
         let e = self.table.entry(ip).or_insert(Entry {
             conns: 0,
-            milli_tokens: full,
-            refilled_at: now_ms,
+            bucket: Bucket::full(self.burst, now_ms),
         });
         if self.max_per_ip > 0 && e.conns >= self.max_per_ip {
             return Err(Verdict::AddressFull);
         }
-        if self.rate > 0 {
-            let elapsed = now_ms.saturating_sub(e.refilled_at);
-            e.milli_tokens = (e.milli_tokens + elapsed * self.rate as u64).min(full);
-            e.refilled_at = now_ms;
-            if e.milli_tokens < 1000 {
-                return Err(Verdict::RateLimited);
-            }
-            e.milli_tokens -= 1000;
+        if self.rate > 0 && !e.bucket.take(now_ms, self.rate, self.burst) {
+            return Err(Verdict::RateLimited);
         }
         e.conns += 1;
         Ok(true)
@@ -140,11 +170,9 @@ impl Admission {
 
     /// Drop entries that hold no connection and whose bucket has refilled by `now_ms`.
     pub fn sweep(&mut self, now_ms: u64) {
-        let (rate, full) = (self.rate as u64, self.burst as u64 * 1000);
-        self.table.retain(|_, e| {
-            e.conns > 0
-                || (rate > 0 && e.milli_tokens + now_ms.saturating_sub(e.refilled_at) * rate < full)
-        });
+        let (rate, burst) = (self.rate, self.burst);
+        self.table
+            .retain(|_, e| e.conns > 0 || (rate > 0 && !e.bucket.is_full(now_ms, rate, burst)));
     }
 
     /// Connections counted for `ip`.
@@ -217,6 +245,18 @@ mod tests {
         assert_eq!(a.admit(x, 1100, 0, 100), Err(Verdict::RateLimited));
         // Other addresses have their own bucket.
         assert_eq!(a.admit(ip("::2"), 1100, 0, 100), Ok(true));
+    }
+
+    #[test]
+    fn a_bucket_refills_at_its_rate_up_to_its_burst() {
+        let mut b = Bucket::full(2, 0);
+        assert!(b.take(0, 4, 2) && b.take(0, 4, 2));
+        assert!(!b.take(0, 4, 2), "burst spent");
+        assert!(!b.take(249, 4, 2));
+        assert!(b.take(250, 4, 2), "one token per 250 ms");
+        assert!(b.take(10_000, 4, 2) && b.take(10_000, 4, 2));
+        assert!(!b.take(10_000, 4, 2), "never more than the burst");
+        assert!(!b.take(5_000, 4, 2), "a clock going back adds nothing");
     }
 
     #[test]
