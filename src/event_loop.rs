@@ -1422,7 +1422,8 @@ impl<D> Core<D> {
         false
     }
 
-    /// Answer a plain HTTP request (metrics, health, or an error) and end the connection.
+    /// Answer a plain HTTP request (metrics or health, within the endpoints' rate, else 429; or
+    /// an error) and end the connection.
     fn answer_http<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
@@ -1436,21 +1437,19 @@ impl<D> Core<D> {
             self.config.endpoint_rate,
             &mut self.endpoint_buckets[admin as usize],
         );
-        if endpoint && rate > 0 && !bucket.take(self.now, rate, rate) {
-            self.stats.endpoint_limited += 1;
-            self.stats.rejected_status[crate::metrics::status_index(429)] += 1;
-            handshake::write_response(
-                &mut self.cork,
-                429,
-                "",
-                &[("Retry-After", "1")],
-                b"too many requests for /metrics and /healthz\n",
-            );
-            self.conns[idx].session.finish_rejected();
-            self.finish(handler, idx, CloseReason::HttpAnswered);
-            return false;
-        }
+        let limited = endpoint && rate > 0 && !bucket.take(self.now, rate, rate);
         match route {
+            _ if limited => {
+                self.stats.endpoint_limited += 1;
+                self.stats.rejected_status[crate::metrics::status_index(429)] += 1;
+                handshake::write_response(
+                    &mut self.cork,
+                    429,
+                    "",
+                    &[("Retry-After", "1")],
+                    b"too many requests for /metrics and /healthz\n",
+                );
+            }
             Route::Metrics if serve => {
                 let body = self.render_metrics();
                 handshake::write_response(
