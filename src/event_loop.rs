@@ -191,8 +191,8 @@ pub struct Stats {
     pub accepted: u64,
     /// Connections held right now (any state, refused ones being answered included).
     pub connections: usize,
-    /// Timers armed for connections right now (the loop's own accept-backoff and audit timers
-    /// are not counted): zero when no connection is held.
+    /// Timers armed for connections right now (the loop's own accept-backoff timer is not
+    /// counted): zero when no connection is held.
     pub timers: usize,
     /// Connections ended, by [`CloseReason::index`].
     pub closed: [u64; CloseReason::LABELS.len()],
