@@ -40,17 +40,56 @@ impl Verdict {
     }
 }
 
+/// A token bucket: `rate` tokens a second, holding at most `burst`. Clockless: time comes in
+/// as milliseconds.
 #[derive(Clone, Copy, Debug)]
-struct Entry {
-    /// Connections this address holds now.
-    conns: u32,
-    /// Tokens in the bucket, in thousandths of a connection.
+pub struct Bucket {
+    /// Tokens, in thousandths.
     milli_tokens: u64,
     /// When the bucket was last refilled, in ms.
     refilled_at: u64,
 }
 
-/// Per-address accounting. An address has an entry while it holds a connection or its bucket is
+impl Bucket {
+    /// A full bucket of `burst` tokens at `now_ms`.
+    pub fn full(burst: u32, now_ms: u64) -> Bucket {
+        Bucket {
+            milli_tokens: burst as u64 * 1000,
+            refilled_at: now_ms,
+        }
+    }
+
+    /// Take a token at `now_ms`, refilling at `rate` a second up to `burst` first: false when
+    /// the bucket is empty.
+    pub fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.refilled_at);
+        let full = burst as u64 * 1000;
+        self.milli_tokens = (self.milli_tokens + elapsed * rate as u64).min(full);
+        self.refilled_at = now_ms.max(self.refilled_at);
+        if self.milli_tokens < 1000 {
+            return false;
+        }
+        self.milli_tokens -= 1000;
+        true
+    }
+
+    /// Whether the bucket will have refilled to `burst` by `now_ms`.
+    fn is_full(&self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.refilled_at);
+        self.milli_tokens + elapsed * rate as u64 >= burst as u64 * 1000
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// Connections this address holds now.
+    conns: u32,
+    /// Its new-connection rate.
+    bucket: Bucket,
+}
+
+/// Per-address accounting, keyed by canonical address: an IPv4-mapped IPv6 address
+/// (`::ffff:10.0.0.9`) counts as its IPv4 address (`10.0.0.9`). An address has an entry while it holds a connection or its bucket is
 /// not full; [`Admission::sweep`] drops the others, so memory follows the addresses seen
 /// recently, bounded by `max_tracked` (beyond it, new addresses are not rate limited until entries
 /// free up: fail open, never refuse a stranger because of others' load).
@@ -101,29 +140,22 @@ impl Admission {
     /// The per-address part of [`Admission::admit`] alone: for a connection that came through a
     /// trusted proxy, whose client address is known only once the proxy has told it.
     pub fn admit_address(&mut self, ip: IpAddr, now_ms: u64) -> Result<bool, Verdict> {
+        let ip = ip.to_canonical();
         if !self.tracking() {
             return Ok(false);
         }
-        let full = self.burst as u64 * 1000;
         if !self.table.contains_key(&ip) && self.table.len() >= self.max_tracked {
             return Ok(false); // fail open; see the type's docs
         }
         let e = self.table.entry(ip).or_insert(Entry {
             conns: 0,
-            milli_tokens: full,
-            refilled_at: now_ms,
+            bucket: Bucket::full(self.burst, now_ms),
         });
         if self.max_per_ip > 0 && e.conns >= self.max_per_ip {
             return Err(Verdict::AddressFull);
         }
-        if self.rate > 0 {
-            let elapsed = now_ms.saturating_sub(e.refilled_at);
-            e.milli_tokens = (e.milli_tokens + elapsed * self.rate as u64).min(full);
-            e.refilled_at = now_ms;
-            if e.milli_tokens < 1000 {
-                return Err(Verdict::RateLimited);
-            }
-            e.milli_tokens -= 1000;
+        if self.rate > 0 && !e.bucket.take(now_ms, self.rate, self.burst) {
+            return Err(Verdict::RateLimited);
         }
         e.conns += 1;
         Ok(true)
@@ -131,23 +163,21 @@ impl Admission {
 
     /// An admitted connection from `ip` ended.
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(e) = self.table.get_mut(&ip) {
+        if let Some(e) = self.table.get_mut(&ip.to_canonical()) {
             e.conns = e.conns.saturating_sub(1);
         }
     }
 
     /// Drop entries that hold no connection and whose bucket has refilled by `now_ms`.
     pub fn sweep(&mut self, now_ms: u64) {
-        let (rate, full) = (self.rate as u64, self.burst as u64 * 1000);
-        self.table.retain(|_, e| {
-            e.conns > 0
-                || (rate > 0 && e.milli_tokens + now_ms.saturating_sub(e.refilled_at) * rate < full)
-        });
+        let (rate, burst) = (self.rate, self.burst);
+        self.table
+            .retain(|_, e| e.conns > 0 || (rate > 0 && !e.bucket.is_full(now_ms, rate, burst)));
     }
 
     /// Connections counted for `ip`.
     pub fn count(&self, ip: IpAddr) -> u32 {
-        self.table.get(&ip).map_or(0, |e| e.conns)
+        self.table.get(&ip.to_canonical()).map_or(0, |e| e.conns)
     }
 
     /// Connections counted over all addresses (for consistency checks).
@@ -218,6 +248,18 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_refills_at_its_rate_up_to_its_burst() {
+        let mut b = Bucket::full(2, 0);
+        assert!(b.take(0, 4, 2) && b.take(0, 4, 2));
+        assert!(!b.take(0, 4, 2), "burst spent");
+        assert!(!b.take(249, 4, 2));
+        assert!(b.take(250, 4, 2), "one token per 250 ms");
+        assert!(b.take(10_000, 4, 2) && b.take(10_000, 4, 2));
+        assert!(!b.take(10_000, 4, 2), "never more than the burst");
+        assert!(!b.take(5_000, 4, 2), "a clock going back adds nothing");
+    }
+
+    #[test]
     fn sweep_forgets_idle_full_buckets_only() {
         let mut a = Admission::new(5, 10, 2);
         let (x, y) = (ip("10.0.0.1"), ip("10.0.0.2"));
@@ -229,6 +271,20 @@ mod tests {
         a.sweep(100);
         assert_eq!(a.tracked(), 1, "y forgotten, x holds a connection");
         assert_eq!(a.count(x), 1);
+    }
+
+    #[test]
+    fn a_mapped_address_is_its_ipv4_address() {
+        let mut a = Admission::new(1, 0, 0);
+        assert_eq!(a.admit(ip("::ffff:10.0.0.9"), 0, 0, 100), Ok(true));
+        assert_eq!(
+            a.admit(ip("10.0.0.9"), 0, 1, 100),
+            Err(Verdict::AddressFull)
+        );
+        assert_eq!(a.count(ip("10.0.0.9")), 1);
+        a.release(ip("10.0.0.9"));
+        assert_eq!(a.count(ip("::ffff:10.0.0.9")), 0);
+        assert_eq!(a.admit(ip("10.0.0.9"), 0, 0, 100), Ok(true));
     }
 
     #[test]

@@ -15,14 +15,14 @@ use crate::sys;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// How a positive fd-audit reading is retried before it counts (see [`Ledger::difference`]).
-const AUDIT_READINGS: usize = 3;
+/// How many readings an fd audit takes at most (see [`Ledger::difference_with`]).
+const AUDIT_READINGS: usize = 5;
 
 /// What the loops of one process share. A [`Server`] on its own has a ledger of one.
 pub(crate) struct Ledger {
@@ -32,9 +32,19 @@ pub(crate) struct Ledger {
     /// Descriptors the process had open that belong to no loop (measured at start).
     base: AtomicUsize,
     /// Per loop: descriptors it owns. A loop stores a new count after opening a descriptor
-    /// and before closing one, so a reader racing with it can only see too few accounted for
-    /// (a positive difference), never too many.
+    /// and before closing one.
     owned: Box<[AtomicUsize]>,
+    /// Bumped before and after every store to `owned`: a reading of `/proc/self/fd` taken while
+    /// it did not move saw no descriptor counted mid-scan (see [`Ledger::difference_with`]).
+    changes: AtomicU64,
+    /// One `/proc/self/fd` scan at a time (a scan's own directory descriptor must not show up
+    /// in another's count).
+    scanning: Mutex<()>,
+    /// The last audit's result: descriptors open, and open minus accounted for; and how many
+    /// audits have completed.
+    audit_open: AtomicUsize,
+    audit_difference: AtomicI64,
+    audits: AtomicU64,
     admission: Mutex<Admission>,
     /// Per loop: its latest published metrics snapshot.
     snapshots: Box<[Mutex<Option<Snapshot>>]>,
@@ -50,6 +60,11 @@ impl Ledger {
             start: Instant::now(),
             base: AtomicUsize::new(0),
             owned: (0..loops).map(|_| AtomicUsize::new(0)).collect(),
+            changes: AtomicU64::new(0),
+            scanning: Mutex::new(()),
+            audit_open: AtomicUsize::new(0),
+            audit_difference: AtomicI64::new(0),
+            audits: AtomicU64::new(0),
             admission: Mutex::new(Admission::new(
                 config.max_connections_per_ip,
                 config.connection_rate_per_ip,
@@ -64,7 +79,9 @@ impl Ledger {
     }
 
     pub(crate) fn set_owned(&self, member: usize, n: usize) {
+        self.changes.fetch_add(1, SeqCst);
         self.owned[member].store(n, SeqCst);
+        self.changes.fetch_add(1, SeqCst);
     }
 
     /// Descriptors accounted for: those of no loop plus every loop's own.
@@ -94,50 +111,98 @@ impl Ledger {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Descriptors open and open minus accounted for, without changing anything. Another
-    /// loop may open a descriptor while `/proc/self/fd` is read and count it only after: such
-    /// a race reads as a positive difference, so a positive reading is taken again (up to
-    /// three readings, the smallest counts). A leak stays; a race does not.
-    pub(crate) fn difference(&self) -> io::Result<(usize, i64)> {
-        self.difference_with(sys::open_fds)
-    }
-
+    /// Descriptors open (as `open_fds` lists them) and open minus accounted for, without
+    /// changing anything; `None` when no reading was undisturbed.
+    ///
+    /// `/proc/self/fd` is listed a chunk at a time, while the loops open and close descriptors
+    /// on their own threads: a descriptor opened behind the listing's position and counted
+    /// before the count is read would make too many accounted for. So a reading counts only if
+    /// no loop stored a count from just before the listing started until the count was read
+    /// (`changes` did not move). Such a reading can still see a descriptor a loop has opened but
+    /// not counted yet, or counted out but not closed yet: too few accounted for, a positive
+    /// difference. So a positive reading is taken again, up to [`AUDIT_READINGS`] in all, and
+    /// the smallest counts. A leak stays; a race does not.
     fn difference_with(
         &self,
         mut open_fds: impl FnMut() -> io::Result<usize>,
-    ) -> io::Result<(usize, i64)> {
-        let mut best = (0, i64::MAX);
+    ) -> io::Result<Option<(usize, i64)>> {
+        let _scan = self.scanning.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut best: Option<(usize, i64)> = None;
         for _ in 0..AUDIT_READINGS {
+            let before = self.changes.load(SeqCst);
             let open = open_fds()?;
-            let diff = open as i64 - self.accounted() as i64;
-            if diff < best.1 {
-                best = (open, diff);
+            let accounted = self.accounted();
+            if self.changes.load(SeqCst) != before {
+                std::thread::yield_now();
+                continue;
             }
-            if diff <= 0 || self.loops() == 1 {
+            let diff = open as i64 - accounted as i64;
+            if best.is_none_or(|(_, d)| diff < d) {
+                best = Some((open, diff));
+            }
+            if diff <= 0 {
                 break;
             }
         }
         Ok(best)
     }
 
-    /// The audit: like [`Ledger::difference`], but fewer descriptors than accounted for means
-    /// one open at start (the application's, or a transient one another thread held while the
-    /// base was measured) has been closed since: no leak, so the base moves down and the
-    /// difference is zero.
-    pub(crate) fn audit(&self) -> io::Result<i64> {
+    /// The audit: [`Ledger::difference_with`] `/proc/self/fd`, kept as the last result (what `/healthz` and
+    /// `/metrics` report; they never list `/proc` themselves). Fewer descriptors than accounted
+    /// for means one open at start (the application's, or a transient one another thread held
+    /// while the base was measured) has been closed since: no leak, so the base moves down and
+    /// the difference is zero. Returns the difference, or `None` (and keeps the last result)
+    /// when no reading was undisturbed.
+    pub(crate) fn audit(&self) -> io::Result<Option<i64>> {
         self.audit_with(sys::open_fds)
     }
 
-    fn audit_with(&self, open_fds: impl FnMut() -> io::Result<usize>) -> io::Result<i64> {
-        let (_, diff) = self.difference_with(open_fds)?;
+    fn audit_with(&self, open_fds: impl FnMut() -> io::Result<usize>) -> io::Result<Option<i64>> {
+        let Some((open, mut diff)) = self.difference_with(open_fds)? else {
+            return Ok(None);
+        };
         if diff < 0 {
             let less = diff.unsigned_abs() as usize;
             let _ = self
                 .base
                 .fetch_update(SeqCst, SeqCst, |b| Some(b.saturating_sub(less)));
-            return Ok(0);
+            diff = 0;
         }
-        Ok(diff)
+        self.audit_open.store(open, SeqCst);
+        self.audit_difference.store(diff, SeqCst);
+        self.audits.fetch_add(1, SeqCst);
+        Ok(Some(diff))
+    }
+
+    /// The last audit's result: descriptors open then, and the difference it found (zero
+    /// before the first audit).
+    pub(crate) fn last_audit(&self) -> (usize, i64) {
+        (
+            self.audit_open.load(SeqCst),
+            self.audit_difference.load(SeqCst),
+        )
+    }
+
+    /// Audits completed.
+    pub(crate) fn audits(&self) -> u64 {
+        self.audits.load(SeqCst)
+    }
+
+    /// Descriptors open in the process, without listing `/proc`: those accounted for now, plus
+    /// the leak the last audit found.
+    pub(crate) fn open_estimate(&self) -> usize {
+        self.accounted() + self.last_audit().1.max(0) as usize
+    }
+
+    /// Whether any loop other than `member` has paused accepting, as it last published.
+    pub(crate) fn others_paused(&self, member: usize) -> bool {
+        (0..self.loops()).filter(|i| *i != member).any(|i| {
+            self.snapshots[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|s| s.stats.accept_paused)
+        })
     }
 
     pub(crate) fn publish(&self, member: usize, snapshot: Snapshot) {
@@ -595,30 +660,44 @@ mod tests {
         ledger.set_owned(1, 2);
         ledger.set_base(20);
         assert_eq!(ledger.accounted(), 20);
-        assert_eq!(ledger.audit_with(|| Ok(20)).unwrap(), 0);
+        assert_eq!(ledger.audit_with(|| Ok(20)).unwrap(), Some(0));
         // Fewer open than accounted for (something open at start closed): the base moves down.
-        assert_eq!(ledger.audit_with(|| Ok(18)).unwrap(), 0);
+        assert_eq!(ledger.audit_with(|| Ok(18)).unwrap(), Some(0));
         assert_eq!(ledger.accounted(), 18);
         // One more open than accounted for at every reading: a leak, and the base stays.
-        assert_eq!(ledger.audit_with(|| Ok(19)).unwrap(), 1);
+        assert_eq!(ledger.audit_with(|| Ok(19)).unwrap(), Some(1));
         assert_eq!(ledger.accounted(), 18);
-        // A race: the first reading saw a descriptor another loop had not counted yet.
+        assert_eq!((ledger.last_audit(), ledger.audits()), ((19, 1), 3));
+        assert_eq!(ledger.open_estimate(), 19);
+        // A race: the first reading saw a descriptor a loop had not counted yet.
         let mut readings = [19, 18, 18].into_iter();
-        let (open, diff) = ledger
+        let found = ledger
             .difference_with(|| Ok(readings.next().unwrap()))
             .unwrap();
-        assert_eq!((open, diff), (18, 0));
-        // A loop of its own reads once: nothing else changes its counts.
-        let alone = Ledger::new(1, &Config::default());
-        alone.set_owned(0, 4);
-        alone.set_base(10);
-        let mut reads = 0;
-        let (_, diff) = alone
-            .difference_with(|| {
-                reads += 1;
-                Ok(15)
+        assert_eq!(found, Some((18, 0)));
+    }
+
+    #[test]
+    fn a_reading_during_which_a_count_moved_does_not_count() {
+        let ledger = Ledger::new(1, &Config::default());
+        ledger.set_owned(0, 4);
+        ledger.set_base(14); // 10 not the loop's
+        assert_eq!(ledger.audit_with(|| Ok(15)).unwrap(), Some(1));
+        // The loop opens a descriptor while every listing is running, and counts it before the
+        // count is read: the listing missed it (14 for 15 accounted). Such readings are not
+        // taken, neither as a difference nor to move the base down; the last result stays.
+        let mut owned = 4;
+        let result = ledger
+            .audit_with(|| {
+                owned += 1;
+                ledger.set_owned(0, owned);
+                Ok(10 + owned - 1)
             })
             .unwrap();
-        assert_eq!((diff, reads), (5, 1));
+        assert_eq!(result, None);
+        assert_eq!(ledger.accounted(), 10 + owned);
+        assert_eq!((ledger.last_audit(), ledger.audits()), ((15, 1), 1));
+        // Undisturbed, the same count is no difference at all.
+        assert_eq!(ledger.audit_with(|| Ok(10 + owned)).unwrap(), Some(0));
     }
 }

@@ -76,10 +76,19 @@ pub struct Config {
     pub write_stall_timeout: Duration,
     /// Open connections are closed (1001) after this long, whatever they do. Default 0 (off).
     pub max_lifetime: Duration,
-    /// Answer `GET /metrics` (Prometheus) and `GET /healthz` on the WebSocket listeners.
-    /// Default true. [`Server::listen_metrics`](crate::Server::listen_metrics) serves them on
-    /// an address of their own either way.
+    /// Answer `GET /metrics` (Prometheus) and `GET /healthz` on the WebSocket listeners too.
+    /// Default false: they tell strangers the server's limits and load, and a flood of them
+    /// there would spend the endpoints' rate budget that health checks on the same port need
+    /// (see `endpoint_rate`). [`Server::listen_metrics`](crate::Server::listen_metrics) serves
+    /// them on an address of their own either way.
     pub serve_metrics: bool,
+    /// Requests a second that `/metrics` and `/healthz` answer, the two together, per loop:
+    /// one budget for the WebSocket listeners and one for the metrics listeners (so that a
+    /// flood on the public port never starves the operators' address), each allowing bursts of
+    /// the same size. Beyond it they answer `429 Too Many Requests` with `Retry-After: 1`.
+    /// Every request costs a connection of its own (the answer closes it). Default 50; 0: no
+    /// limit.
+    pub endpoint_rate: u32,
     /// How often the loop compares `/proc/self/fd` with the descriptors it accounts for, and
     /// warns on a difference. Default 10 s; 0 turns the periodic audit off.
     pub audit_interval: Duration,
@@ -161,7 +170,8 @@ impl Default for Config {
             backpressure_policy: BackpressurePolicy::Close,
             write_stall_timeout: Duration::from_secs(30),
             max_lifetime: Duration::ZERO,
-            serve_metrics: true,
+            serve_metrics: false,
+            endpoint_rate: 50,
             audit_interval: Duration::from_secs(10),
             catch_panics: true,
             stall_threshold: Duration::from_millis(100),

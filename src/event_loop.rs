@@ -54,8 +54,6 @@ const SWEEP_MS: u64 = 10_000;
 const READ_BUDGET: usize = 4;
 /// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
 const PUBLISH_MS: u64 = 250;
-/// Timer-wheel index reserved for the periodic fd audit.
-const AUDIT_TIMER: u32 = u32::MAX - 1;
 
 /// A timer entry: the connection's slab index and generation ([`ACCEPT_TIMER`] for the accept
 /// backoff).
@@ -200,8 +198,8 @@ pub struct Stats {
     pub accepted: u64,
     /// Connections held right now (any state, refused ones being answered included).
     pub connections: usize,
-    /// Timers armed for connections right now (the loop's own accept-backoff and audit timers
-    /// are not counted): zero when no connection is held.
+    /// Timers armed for connections right now (the loop's own accept-backoff timer is not
+    /// counted): zero when no connection is held.
     pub timers: usize,
     /// Connections ended, by [`CloseReason::index`].
     pub closed: [u64; CloseReason::LABELS.len()],
@@ -245,8 +243,12 @@ pub struct Stats {
     /// Handshakes answered with an HTTP error, by
     /// [`metrics::REJECT_STATUSES`](crate::metrics::REJECT_STATUSES) (the last is "other").
     pub rejected_status: [u64; crate::metrics::REJECT_STATUSES.len() + 1],
-    /// The difference the last periodic fd audit found (0: all accounted for).
+    /// The difference the last fd audit found (the periodic one on its own thread, or
+    /// [`Ctx::audit`]; 0: all accounted for).
     pub audit_difference: i64,
+    /// Requests for `/metrics` or `/healthz` answered 429 because of
+    /// [`Config::endpoint_rate`].
+    pub endpoint_limited: u64,
     /// Application callbacks (or posted closures) that panicked.
     pub handler_panics: u64,
     /// Loop turns that ran longer than the stall threshold, as the watchdog saw them.
@@ -334,8 +336,11 @@ pub(crate) struct Core<D> {
     pub(crate) log_throttle: [(u64, u64); crate::listener::LOG_SLOTS],
     /// Whether each listener serves only metrics and health (not WebSocket upgrades).
     pub(crate) listener_admin: Vec<bool>,
-    pub(crate) audit_warned_at: u64,
-    audit_timer: Option<TimerKey>,
+    /// The periodic fd audit's thread (loop 0 only), stopped at shutdown.
+    auditor: Option<crate::audit::Auditor>,
+    /// Token buckets of the operator endpoints (`/metrics`, `/healthz`): requests on the
+    /// WebSocket listeners, and on the metrics listeners.
+    endpoint_buckets: [crate::admission::Bucket; 2],
     /// The heartbeat the stall watchdog reads, if it runs.
     beat: Option<Arc<Heartbeat>>,
     /// Which origins may upgrade.
@@ -441,8 +446,8 @@ impl<H: Handler> Server<H> {
                     accept_timer: None,
                     log_throttle: [(0, 0); crate::listener::LOG_SLOTS],
                     listener_admin: Vec::new(),
-                    audit_warned_at: 0,
-                    audit_timer: None,
+                    auditor: None,
+                    endpoint_buckets: [crate::admission::Bucket::full(config.endpoint_rate, 0); 2],
                     beat: watchdog.as_ref().map(|w| w.beat.clone()),
                     origin,
                     trusted: crate::protocol::proxy::TrustedProxies::parse(&config.trusted_proxies)
@@ -813,16 +818,14 @@ impl<H: Handler> Inner<H> {
             n - len
         };
         conn.awaiting_proxy = false;
+        // A header that names no client (v1 UNKNOWN, v2 LOCAL) leaves the proxy's own address
+        // as the key: never unaccounted.
         if let Some(client) = source {
             conn.peer = client;
-            let verdict = core.ledger.admission().admit_address(client.ip(), core.now);
-            match verdict {
-                Ok(counted) => {
-                    conn.ip_counted = counted;
-                    core.ip_counted += counted as u64;
-                }
-                Err(verdict) => return core.refuse_client(handler, idx, verdict),
-            }
+        }
+        let (total, now, ip) = (&mut core.ip_counted, core.now, conn.peer.ip());
+        if let Err(verdict) = admit_client(&core.ledger, total, now, ip, &mut conn.ip_counted) {
+            return core.refuse_client(handler, idx, verdict);
         }
         rest == 0 || self.handshake(idx, rest)
     }
@@ -857,29 +860,24 @@ impl<H: Handler> Inner<H> {
                 }
                 if conn.via_proxy && !core.config.proxy_protocol {
                     // Only the header the proxy sets: it passes the other on as the client wrote it.
-                    let (name, standard) = match core.config.forwarded_header {
-                        crate::config::ForwardedHeader::XForwardedFor => ("x-forwarded-for", false),
-                        crate::config::ForwardedHeader::Forwarded => ("forwarded", true),
+                    let kind = core.config.forwarded_header;
+                    let name = match kind {
+                        crate::config::ForwardedHeader::XForwardedFor => "x-forwarded-for",
+                        crate::config::ForwardedHeader::Forwarded => "forwarded",
                     };
                     let values: Vec<&[u8]> = request.header_all(name).collect();
-                    let (forwarded, xff) = match standard {
-                        true => (&values[..], &[][..]),
-                        false => (&[][..], &values[..]),
-                    };
                     let trusted = &core.trusted;
-                    let client = crate::protocol::proxy::forwarded_client(forwarded, xff, |ip| {
+                    let proxy = conn.peer.ip();
+                    let key = crate::protocol::proxy::forwarded_key(proxy, kind, &values, |ip| {
                         trusted.contains(ip)
                     });
-                    if let Some(ip) = client {
-                        conn.peer = SocketAddr::new(ip, 0);
-                        let verdict = core.ledger.admission().admit_address(ip, core.now);
-                        match verdict {
-                            Ok(counted) => {
-                                conn.ip_counted = counted;
-                                core.ip_counted += counted as u64;
-                            }
-                            Err(verdict) => return core.refuse_client(handler, idx, verdict),
-                        }
+                    if key != proxy {
+                        conn.peer = SocketAddr::new(key, 0);
+                    }
+                    let (total, now) = (&mut core.ip_counted, core.now);
+                    let counted = &mut conn.ip_counted;
+                    if let Err(verdict) = admit_client(&core.ledger, total, now, key, counted) {
+                        return core.refuse_client(handler, idx, verdict);
                     }
                 }
                 let upgrade = match handshake::validate_upgrade(&request) {
@@ -1047,12 +1045,6 @@ impl<H: Handler> Inner<H> {
         while let Some((_, TimerRef { idx, gen })) = core.wheel.poll(core.now) {
             if idx == ACCEPT_TIMER {
                 core.accept_timer_fired();
-                continue;
-            }
-            if idx == AUDIT_TIMER {
-                core.audit_timer = None;
-                core.run_audit();
-                core.arm_audit();
                 continue;
             }
             let idx = idx as usize;
@@ -1338,6 +1330,20 @@ fn frames<H: Handler>(
     true
 }
 
+/// Count a connection from a trusted proxy against the per-address limits, under the address
+/// it now has (the client the proxy named, or the proxy's own): counted, or refused and why.
+fn admit_client(
+    ledger: &Ledger,
+    total: &mut u64,
+    now: u64,
+    ip: std::net::IpAddr,
+    counted: &mut bool,
+) -> Result<(), crate::admission::Verdict> {
+    *counted = ledger.admission().admit_address(ip, now)?;
+    *total += *counted as u64;
+    Ok(())
+}
+
 /// Answer a refused request (the response is in the cork) and end the connection.
 fn reject<H: Handler>(core: &mut Core<H::Data>, handler: &mut H, idx: usize, status: u16) -> bool {
     let conn = &mut core.conns[idx];
@@ -1440,9 +1446,13 @@ impl<D> Core<D> {
         self.started = true;
         self.fd_budget = budget;
         self.max_connections = max_connections;
-        // One audit per process: loop 0's.
-        if self.member == 0 {
-            self.arm_audit();
+        // One audit per process, on a thread of its own: loop 0's.
+        let every = self.config.audit_interval;
+        if self.member == 0 && !every.is_zero() && self.auditor.is_none() {
+            match crate::audit::Auditor::start(self.ledger.clone(), every) {
+                Ok(a) => self.auditor = Some(a),
+                Err(e) => log::warn!("cannot start the fd audit thread: {e}; no periodic audit"),
+            }
         }
         if self.ledger.loops() > 1 {
             self.publish();
@@ -1465,9 +1475,8 @@ impl<D> Core<D> {
     pub(crate) fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
-            timers: self.wheel.len()
-                - self.accept_timer.is_some() as usize
-                - self.audit_timer.is_some() as usize,
+            timers: self.wheel.len() - self.accept_timer.is_some() as usize,
+            audit_difference: self.ledger.last_audit().1,
             accept_paused: self.accept_paused,
             stalls: self.beat.as_ref().map_or(0, |b| b.stalls.load(Relaxed)),
             longest_stall_ns: self.beat.as_ref().map_or(0, |b| b.longest_ns.load(Relaxed)),
@@ -1495,21 +1504,8 @@ impl<D> Core<D> {
         false
     }
 
-    /// Arm the periodic fd audit, if enabled.
-    fn arm_audit(&mut self) {
-        let every = Self::ms(self.config.audit_interval);
-        if every > 0 && self.shutdown_at.is_none() {
-            self.audit_timer = Some(self.wheel.insert(
-                self.now + every,
-                TimerRef {
-                    idx: AUDIT_TIMER,
-                    gen: 0,
-                },
-            ));
-        }
-    }
-
-    /// Answer a plain HTTP request (metrics, health, or an error) and end the connection.
+    /// Answer a plain HTTP request (metrics or health, within the endpoints' rate, else 429; or
+    /// an error) and end the connection.
     fn answer_http<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
@@ -1518,7 +1514,24 @@ impl<D> Core<D> {
         admin: bool,
     ) -> bool {
         let serve = admin || self.config.serve_metrics;
+        let endpoint = serve && route != Route::Other;
+        let (rate, bucket) = (
+            self.config.endpoint_rate,
+            &mut self.endpoint_buckets[admin as usize],
+        );
+        let limited = endpoint && rate > 0 && !bucket.take(self.now, rate, rate);
         match route {
+            _ if limited => {
+                self.stats.endpoint_limited += 1;
+                self.stats.rejected_status[crate::metrics::status_index(429)] += 1;
+                handshake::write_response(
+                    &mut self.cork,
+                    429,
+                    "",
+                    &[("Retry-After", "1")],
+                    b"too many requests for /metrics and /healthz\n",
+                );
+            }
             Route::Metrics if serve => {
                 let body = self.render_metrics();
                 handshake::write_response(
@@ -1572,7 +1585,8 @@ impl<D> Core<D> {
     /// one another thread held while the baseline was measured) has been closed since: that is
     /// no leak, so the baseline moves down and the difference is zero.
     pub(crate) fn audit(&mut self) -> io::Result<i64> {
-        self.ledger.audit()
+        // No undisturbed reading (other loops opening and closing all along): the last result.
+        Ok(self.ledger.audit()?.unwrap_or(self.ledger.last_audit().1))
     }
 
     pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
@@ -1740,9 +1754,8 @@ impl<D> Core<D> {
         if self.shutdown_at.is_some() {
             return;
         }
-        if let Some(k) = self.audit_timer.take() {
-            self.wheel.cancel(k);
-        }
+        // Stops the audit thread (woken at once; a listing in progress finishes first).
+        self.auditor = None;
         let mut closing = Vec::new();
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
@@ -1855,7 +1868,7 @@ impl<D> Core<D> {
             let timed = self.conns.iter().filter(|(_, c)| c.timer.is_some()).count();
             assert_eq!(
                 self.wheel.len(),
-                timed + self.accept_timer.is_some() as usize + self.audit_timer.is_some() as usize,
+                timed + self.accept_timer.is_some() as usize,
                 "timer wheel entries without an owner"
             );
             if self.ledger.loops() == 1 {

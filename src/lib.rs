@@ -36,6 +36,7 @@
 
 pub mod admission;
 mod app;
+mod audit;
 mod cluster;
 pub mod config;
 

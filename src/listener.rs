@@ -286,6 +286,8 @@ impl<D> Core<D> {
     /// A new connection: admit it, or answer it with 503/429 and let it go.
     fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
+        // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let admitted = self.conns.len() - self.shedding;
         // The metrics listener is for operators, who need it most when the server is full: its
         // connections skip the client limits and may use the whole fd budget.

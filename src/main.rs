@@ -82,12 +82,20 @@ struct Args {
     /// of the fd budget and of --max-connections).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Also serve GET /metrics and GET /healthz on this address (operators only).
+    /// Serve GET /metrics and GET /healthz on this address (operators only).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Do not answer /metrics and /healthz on the WebSocket address (use --metrics-listen).
-    #[arg(long)]
+    /// Also answer /metrics and /healthz on the WebSocket address (off by default: they tell
+    /// strangers the server's limits and load; prefer --metrics-listen).
+    #[arg(long, conflicts_with = "no_metrics_on_ws")]
+    metrics_on_ws: bool,
+    /// The default (kept so that older command lines still start).
+    #[arg(long, hide = true)]
     no_metrics_on_ws: bool,
+    /// Requests a second /metrics and /healthz answer together, per loop, on the WebSocket
+    /// address and on the metrics address each (beyond it: 429; 0: no limit).
+    #[arg(long, default_value_t = Config::default().endpoint_rate)]
+    endpoint_rate: u32,
     /// Seconds between fd audits (/proc/self/fd against accounted descriptors; 0: off).
     #[arg(long, value_parser = seconds, default_value = "10")]
     audit_interval: Duration,
@@ -172,7 +180,8 @@ fn main() -> ExitCode {
         },
         write_stall_timeout: args.write_stall_timeout,
         max_lifetime: args.max_lifetime,
-        serve_metrics: !args.no_metrics_on_ws,
+        serve_metrics: args.metrics_on_ws,
+        endpoint_rate: args.endpoint_rate,
         audit_interval: args.audit_interval,
         allowed_origins: args.allowed_origins.clone(),
         allow_missing_origin: !args.require_origin,

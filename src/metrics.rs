@@ -1,6 +1,7 @@
-//! Prometheus metrics (text exposition format 0.0.4), the health verdict and the periodic fd
-//! audit. Rendering scans the connections once (states, queued bytes) and lists
-//! `/proc/self/fd` once; nothing here runs per message.
+//! Prometheus metrics (text exposition format 0.0.4) and the health verdict. Rendering scans
+//! the connections once (states, queued bytes); neither lists `/proc/self/fd`: the descriptor
+//! figures come from the ledger's counts and the last fd audit, which runs on a thread of its
+//! own (`crate::audit`). Nothing here runs per message.
 
 use crate::admission::Verdict;
 use crate::app::CloseReason;
@@ -94,6 +95,7 @@ impl Snapshot {
             add(&mut a.rejected_status, &b.rejected_status);
             a.audit_difference = a.audit_difference.max(b.audit_difference);
             a.handler_panics += b.handler_panics;
+            a.endpoint_limited += b.endpoint_limited;
             a.stalls += b.stalls;
             a.longest_stall_ns = a.longest_stall_ns.max(b.longest_stall_ns);
             a.queue_peak = a.queue_peak.max(b.queue_peak);
@@ -152,59 +154,32 @@ impl<D> Core<D> {
     }
 
     /// Healthy unless accepting is paused, process descriptors have climbed into the headroom
-    /// (the high-water mark: limit minus `fd_headroom`), or the fd audit finds a difference.
+    /// (the high-water mark: limit minus `fd_headroom`), or the last fd audit found a
+    /// difference. Constant time: the descriptor count is the ledger's (plus the last audit's
+    /// difference), never a listing of `/proc`.
     pub(crate) fn health(&self) -> Health {
-        let paused = match self.ledger.loops() {
-            1 => self.accept_paused,
-            _ => {
-                Snapshot::total(&self.ledger.snapshots(self.member, self.snapshot()))
-                    .stats
-                    .accept_paused
-            }
-        };
-        if paused {
+        if self.accept_paused || self.ledger.others_paused(self.member) {
             return Health::Unhealthy(
                 "accepting is paused (out of file descriptors or memory)".into(),
             );
         }
-        if let (Ok(open), Ok((limit, _))) = (sys::open_fds(), sys::nofile_limit()) {
+        let open = self.ledger.open_estimate();
+        if let Ok((limit, _)) = sys::nofile_limit() {
             let high = limit.saturating_sub(self.config.fd_headroom as u64);
             if open as u64 >= high {
                 return Health::Unhealthy(format!(
                     "{open} file descriptors open, high-water mark {high} (limit {limit})"
                 ));
             }
-            let Ok((open, diff)) = self.ledger.difference() else {
-                return Health::Ok;
-            };
-            if diff > 0 {
-                return Health::Unhealthy(format!(
-                    "fd audit: {open} open, {} accounted for ({diff:+})",
-                    open as i64 - diff
-                ));
-            }
+        }
+        let (audited, diff) = self.ledger.last_audit();
+        if diff > 0 {
+            return Health::Unhealthy(format!(
+                "fd audit: {audited} open, {} accounted for ({diff:+})",
+                audited as i64 - diff
+            ));
         }
         Health::Ok
-    }
-
-    /// The periodic audit: compare `/proc/self/fd` with what the loop owns; warn at most once a
-    /// minute while they differ, and say when they agree again.
-    pub(crate) fn run_audit(&mut self) {
-        let Ok(diff) = self.audit() else { return };
-        let was = self.stats.audit_difference;
-        self.stats.audit_difference = diff;
-        if diff != 0 {
-            if was == 0 || self.now >= self.audit_warned_at + 60_000 {
-                let accounted = self.ledger.accounted();
-                log::warn!(
-                    "fd audit: {} descriptors open, {accounted} accounted for (the loops' own and those open before they started): difference {diff:+}",
-                    accounted as i64 + diff,
-                );
-                self.audit_warned_at = self.now;
-            }
-        } else if was != 0 {
-            log::warn!("fd audit: the difference of {was:+} is gone");
-        }
     }
 
     /// The metrics in Prometheus text format.
@@ -302,21 +277,25 @@ impl<D> Core<D> {
             "Seconds spent with accepting paused.",
             st.paused_ms as f64 / 1000.0,
         );
-        if let Ok((open, diff)) = self.ledger.difference() {
-            m.one(
-                "wsloop_process_open_fds",
-                "gauge",
-                "File descriptors open in the process (/proc/self/fd).",
-                open as f64,
-            );
-            // Negative only transiently (see `Ledger::audit`, which re-baselines): report 0.
-            m.one(
-                "wsloop_fd_audit_difference",
-                "gauge",
-                "Open descriptors minus those accounted for (the loops' own plus those open before they started); non-zero means a leak.",
-                diff.max(0) as f64,
-            );
-        }
+        let (_, diff) = self.ledger.last_audit();
+        m.one(
+            "wsloop_process_open_fds",
+            "gauge",
+            "File descriptors open in the process: those accounted for now plus the last fd audit's difference (no listing of /proc per scrape).",
+            self.ledger.open_estimate() as f64,
+        );
+        m.one(
+            "wsloop_fd_audit_difference",
+            "gauge",
+            "Open descriptors minus those accounted for (the loops' own plus those open before they started), as the last fd audit found; non-zero means a leak.",
+            diff.max(0) as f64,
+        );
+        m.one(
+            "wsloop_fd_audits_total",
+            "counter",
+            "Fd audits completed (listings of /proc/self/fd, on the audit thread).",
+            self.ledger.audits() as f64,
+        );
         m.one(
             "wsloop_fds_accounted",
             "gauge",
@@ -402,6 +381,12 @@ impl<D> Core<D> {
             "counter",
             "Event loop turns.",
             st.loop_turns as f64,
+        );
+        m.one(
+            "wsloop_endpoint_rate_limited_total",
+            "counter",
+            "Requests for /metrics or /healthz answered 429 (over --endpoint-rate).",
+            st.endpoint_limited as f64,
         );
         m.one(
             "wsloop_handler_panics_total",

@@ -11,10 +11,12 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Pattern {
     Exact(String),
-    /// Scheme with "://", and the domain suffix including its leading dot.
+    /// Scheme with "://", the domain suffix including its leading dot, and the port (none: the
+    /// origin must have none either).
     Subdomain {
         scheme: String,
         suffix: String,
+        port: Option<u16>,
     },
     Null,
 }
@@ -73,19 +75,22 @@ impl OriginPolicy {
                     "origin pattern {p:?} has no scheme (like https://)"
                 ));
             };
-            if scheme.is_empty() || host.is_empty() || host.contains('/') {
+            if !is_scheme(scheme) || host.is_empty() || host.contains('/') {
                 return Err(format!("origin pattern {p:?} is not scheme://host[:port]"));
             }
             if let Some(domain) = host.strip_prefix("*.") {
-                if domain.is_empty() || domain.contains('*') {
-                    return Err(format!("origin pattern {p:?} has a bad wildcard"));
+                match split_host(domain) {
+                    Some((Host::Name(name), port)) => parsed.push(Pattern::Subdomain {
+                        scheme: format!("{scheme}://"),
+                        suffix: format!(".{name}"),
+                        port,
+                    }),
+                    _ => return Err(format!("origin pattern {p:?} has a bad wildcard")),
                 }
-                parsed.push(Pattern::Subdomain {
-                    scheme: format!("{scheme}://"),
-                    suffix: format!(".{domain}"),
-                });
             } else if host.contains('*') {
                 return Err(format!("origin pattern {p:?}: a wildcard must be the first label, as in https://*.example.com"));
+            } else if split_host(host).is_none() {
+                return Err(format!("origin pattern {p:?}: {host:?} is not host[:port]"));
             } else {
                 parsed.push(Pattern::Exact(lower));
             }
@@ -123,28 +128,29 @@ impl OriginPolicy {
                 false => Err(OriginRefusal::NotAllowed),
             };
         }
-        let Some((scheme, host)) = origin.split_once("://") else {
+        let Some((scheme, authority)) = origin.split_once("://") else {
             return Err(OriginRefusal::Malformed);
         };
-        let well_formed = !scheme.is_empty()
-            && scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-            && !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-        if !well_formed {
+        if !is_scheme(scheme) {
             return Err(OriginRefusal::Malformed);
         }
-        let allowed = self.patterns.iter().any(|p| match p {
-            Pattern::Exact(o) => *o == origin,
-            Pattern::Subdomain { scheme: s, suffix } => {
+        let (host, port) = split_host(authority).ok_or(OriginRefusal::Malformed)?;
+        let allowed = self.patterns.iter().any(|p| match (p, host) {
+            (Pattern::Exact(o), _) => *o == origin,
+            (
+                Pattern::Subdomain {
+                    scheme: s,
+                    suffix,
+                    port: p,
+                },
+                Host::Name(name),
+            ) => {
                 origin.starts_with(s.as_str())
-                    && host.ends_with(suffix.as_str())
-                    && host.len() > suffix.len()
+                    && name.len() > suffix.len()
+                    && name.ends_with(suffix.as_str())
+                    && port == *p
             }
-            Pattern::Null => false,
+            _ => false,
         });
         if allowed {
             Ok(())
@@ -152,6 +158,58 @@ impl OriginPolicy {
             Err(OriginRefusal::NotAllowed)
         }
     }
+}
+
+/// The host part of an origin: a domain name or IPv4 address (dot-separated labels), or a
+/// bracketed IPv6 literal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Host<'a> {
+    Name(&'a str),
+    Literal,
+}
+
+/// A URI scheme (RFC 3986 section 3.1): a letter, then letters, digits, `+`, `-`, `.`.
+fn is_scheme(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c))
+}
+
+/// `host[:port]` of a serialized origin, or `None` when it is not one: the host is a name of
+/// non-empty labels of letters, digits, `-` and `_` separated by single dots (no empty label,
+/// so no leading, trailing or doubled dot), or an IPv6 address in brackets; the port, when
+/// present, is 1 to 5 digits up to 65535. Anything else (`evil.com:.example.com`,
+/// `[::1]:.example.com`, `..example.com`) is malformed.
+fn split_host(authority: &str) -> Option<(Host<'_>, Option<u16>)> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (literal, after) = rest.split_once(']')?;
+        literal.parse::<std::net::Ipv6Addr>().ok()?;
+        (Host::Literal, after)
+    } else {
+        let end = authority.find(':').unwrap_or(authority.len());
+        let (name, after) = authority.split_at(end);
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c))
+        };
+        if !name.split('.').all(label) {
+            return None;
+        }
+        (Host::Name(name), after)
+    };
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => None,
+        None => return None,
+        Some(digits) => {
+            if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|c| c.is_ascii_digit())
+            {
+                return None;
+            }
+            Some(digits.parse::<u16>().ok()?)
+        }
+    };
+    Some((host, port))
 }
 
 #[cfg(test)]
@@ -216,6 +274,46 @@ mod tests {
     }
 
     #[test]
+    fn hosts_that_are_not_hosts_never_match_a_wildcard() {
+        let p = policy(
+            &["https://*.example.com", "https://*.example.org:8443"],
+            true,
+        );
+        for bad in [
+            &b"https://evil.com:.example.com"[..],
+            b"https://[::1]:.example.com",
+            b"https://..example.com",
+            b"https://a..example.com",
+            b"https://evil.com:8443.example.org:8443",
+        ] {
+            assert_eq!(
+                p.check(Some(bad)),
+                Err(OriginRefusal::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The port is part of the match: none in the pattern, none in the origin.
+        assert_eq!(
+            p.check(Some(b"https://a.example.com:443")),
+            Err(OriginRefusal::NotAllowed)
+        );
+        assert_eq!(p.check(Some(b"https://a.example.org:8443")), Ok(()));
+        assert_eq!(
+            p.check(Some(b"https://a.example.org")),
+            Err(OriginRefusal::NotAllowed)
+        );
+        assert_eq!(
+            p.check(Some(b"https://[::1]:8443")),
+            Err(OriginRefusal::NotAllowed)
+        );
+        assert_eq!(
+            policy(&["http://[::1]:8080"], true).check(Some(b"http://[::1]:8080")),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn missing_origin_follows_the_switch() {
         assert_eq!(policy(&["https://a.com"], true).check(None), Ok(()));
         assert_eq!(
@@ -235,6 +333,18 @@ mod tests {
             b"\xff\xfe",
             b"https://a com",
             b"java script://x",
+            b"https://evil.com:.example.com",
+            b"https://[::1]:.example.com",
+            b"https://..example.com",
+            b"https://.a.com",
+            b"https://a.com.",
+            b"https://a.com:",
+            b"https://a.com:65536",
+            b"https://a.com:80:80",
+            b"https://[::1",
+            b"https://[not-v6]",
+            b"https://a.com@b.com",
+            b"1https://a.com",
         ] {
             assert_eq!(
                 p.check(Some(bad)),
@@ -263,6 +373,10 @@ mod tests {
             "https://a.*.com",
             "https://x/y",
             "https://*.*.com",
+            "https://*.a.com:x",
+            "https://a..com",
+            "https://a.com:99999",
+            "ht tp://a.com",
         ] {
             assert!(
                 OriginPolicy::new(&[bad.to_string()], true).is_err(),

@@ -51,13 +51,13 @@ fn at_baseline(w: &Wsloop) -> Metrics {
 }
 
 /// After an attack: wait (bounded) until the child is back at its baseline descriptors and
-/// holds no connection; the close reasons counted since `m0` must be exactly `closed`, and the
-/// fd audit must find no difference. Returns the final fd count and the metrics.
+/// holds no connection; the close reasons counted since `m0` must be exactly `closed`, and an
+/// fd audit run after that must find no difference. Returns the final fd count and the metrics.
 fn settled(w: &Wsloop, m0: &Metrics, closed: &[(&str, u64)]) -> (usize, Metrics) {
     let end = w.wait_baseline();
     let m1 = w.wait_quiet();
     assert_eq!(m1.closed_since(m0), deltas(closed));
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     (end, m1)
 }
 
@@ -344,7 +344,7 @@ fn churn_with_resets_at_every_stage() {
     let peak = fds.stop();
     let end = w.wait_baseline();
     let m = w.wait_quiet();
-    assert_eq!(m.get("wsloop_fd_audit_difference"), 0.0);
+    assert_eq!(w.audited(&m).get("wsloop_fd_audit_difference"), 0.0);
     assert_echoes(&w, "after the churn");
     println!(
         "churn: {total} connections reset; {}\n  {}",
@@ -1144,7 +1144,7 @@ fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
         "the fd budget keeps accept clear of EMFILE"
     );
     assert_eq!(m1.get("wsloop_accept_paused"), 0.0);
-    assert_eq!(m1.get("wsloop_fd_audit_difference"), 0.0);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     if threads > 1 {
         // Both loops took their share of the storm; the shares add up to the totals.
         let mut total = (0.0, 0.0);
@@ -1286,6 +1286,149 @@ fn per_address_connection_rate() {
         "per-ip rate: 6th quick connection from 127.0.0.2 got 429, 127.0.0.3 admitted, .2 admitted again after 1.1 s; fds baseline {} final {end}; closed {:?}",
         w.baseline_fds,
         m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// h. operator endpoint flood
+
+/// Idle connections held during the endpoint flood: each /healthz used to list /proc/self/fd
+/// twice on the loop thread, each /metrics once (about 1 ms per thousand descriptors).
+const FLOOD_IDLE: usize = 10_000;
+/// Clients asking for /healthz and /metrics at once, and what each asks in turn.
+const FLOOD_CLIENTS: usize = 64;
+const FLOOD_EACH: usize = 10;
+/// The stall threshold and the legitimate client's round-trip bound during the flood: far
+/// above a turn's length when requests cost microseconds, far below one turn of 64 requests
+/// that each list 10,000 descriptors.
+const FLOOD_STALL: Duration = Duration::from_millis(250);
+
+#[test]
+fn endpoint_flood_with_thousands_of_idle_connections_does_not_stall_the_loop() {
+    let needed = FLOOD_IDLE + FLOOD_CLIENTS + 200;
+    let hard = match wsloop::sys::raise_nofile_limit() {
+        Ok((_, soft)) => soft as usize,
+        Err(e) => panic!("cannot raise RLIMIT_NOFILE: {e}"),
+    };
+    if hard < needed {
+        println!("endpoint flood: skipped, RLIMIT_NOFILE hard limit {hard} < {needed}");
+        return;
+    }
+    let rate = wsloop::Config::default().endpoint_rate.to_string();
+    let stall = format!("{}", FLOOD_STALL.as_secs_f64());
+    // Room for the idle connections, the flood, and the eighth of the budget (at most 1024)
+    // kept for answering refused clients.
+    let fd_limit = (FLOOD_IDLE + FLOOD_CLIENTS + 1500) as u64;
+    // The defaults, but for the endpoints on the public port too (the worst case), and no idle
+    // timeout (the idle connections must stay for the whole test).
+    let w = Wsloop::spawn_with_fd_limit(
+        "endpoint-flood",
+        fd_limit,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-on-ws",
+            "--endpoint-rate",
+            &rate,
+            "--stall-threshold",
+            &stall,
+            "--idle-timeout",
+            "0",
+        ],
+    );
+    let admin = w.metrics_listener();
+    let idle: Vec<TcpStream> = (0..FLOOD_IDLE)
+        .map(|i| raw_ws(w.addr, &Opts::default()).unwrap_or_else(|e| panic!("idle {i}: {e}")))
+        .collect();
+    let m0 = metrics_at(admin, localhost(1)).expect("metrics before the flood");
+    assert_eq!(
+        m0.get("wsloop_connections{state=\"open\"}"),
+        FLOOD_IDLE as f64
+    );
+
+    // A legitimate client echoes all through the flood, timing each round trip.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let echoing = {
+        let (addr, flooding) = (w.addr, flooding.clone());
+        thread::spawn(move || {
+            let mut s = raw_ws(addr, &Opts::default()).expect("legit client");
+            s.set_nodelay(true).unwrap();
+            let mut rtts = Vec::new();
+            while flooding.load(Ordering::Relaxed) || rtts.len() < 20 {
+                let sent = Instant::now();
+                s.write_all(&frame(true, OP_TEXT, b"still here")).unwrap();
+                let f = read_frame(&mut s);
+                assert_eq!((f.opcode, &f.payload[..]), (OP_TEXT, &b"still here"[..]));
+                rtts.push(sent.elapsed());
+                thread::sleep(Duration::from_millis(5));
+            }
+            rtts
+        })
+    };
+    let started = Instant::now();
+    let (ws_addr, paths) = (w.addr, ["/healthz", "/metrics"]);
+    let answers = parallel(FLOOD_CLIENTS, move |i| {
+        let mut got = Vec::new();
+        for j in 0..FLOOD_EACH {
+            let addr = if (i + j) % 2 == 0 { ws_addr } else { admin };
+            let path = paths[(i / 2 + j) % 2];
+            let mut s = connect(addr, &Opts::default()).expect("connect");
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .expect("request");
+            let (answer, _) = read_answer(&mut s, IO_TIMEOUT);
+            got.push((addr == admin, answer.status()));
+        }
+        got
+    });
+    let flood_took = started.elapsed();
+    flooding.store(false, Ordering::Relaxed);
+    let rtts = echoing.join().expect("the legitimate client");
+    let worst = rtts.iter().max().copied().unwrap_or_default();
+
+    let answers: Vec<(bool, Option<u16>)> = answers.into_iter().flatten().collect();
+    let count = |admin: bool, status: u16| {
+        answers
+            .iter()
+            .filter(|a| **a == (admin, Some(status)))
+            .count()
+    };
+    let (ws_ok, ws_limited, admin_ok, admin_limited) = (
+        count(false, 200),
+        count(false, 429),
+        count(true, 200),
+        count(true, 429),
+    );
+    assert_eq!(
+        ws_ok + ws_limited + admin_ok + admin_limited,
+        FLOOD_CLIENTS * FLOOD_EACH,
+        "every request answered 200 or 429: {answers:?}"
+    );
+    // Each listener has a budget of its own: the flood on the public port left the operators'
+    // address its share, and both refused what went over.
+    assert!(ws_ok > 0 && admin_ok > 0, "{ws_ok} {admin_ok}");
+    assert!(
+        ws_limited > 0 && admin_limited > 0,
+        "{ws_limited} {admin_limited}"
+    );
+    let m1 = metrics_at(admin, localhost(1)).expect("metrics after the flood");
+    let limited = m1.get("wsloop_endpoint_rate_limited_total");
+    assert_eq!(limited, (ws_limited + admin_limited) as f64);
+    assert_eq!(
+        m1.get("wsloop_loop_stalls_total"),
+        0.0,
+        "the watchdog saw a stall"
+    );
+    assert!(
+        worst < FLOOD_STALL,
+        "the legitimate client's echo took {worst:?} during the flood"
+    );
+    drop(idle);
+    w.wait_baseline();
+    println!(
+        "endpoint flood: {FLOOD_IDLE} idle connections, {} requests from {FLOOD_CLIENTS} clients in {flood_took:?}: public port {ws_ok} answered, {ws_limited} got 429; metrics port {admin_ok} answered, {admin_limited} got 429; {} echoes, worst round trip {worst:?}; no stall",
+        FLOOD_CLIENTS * FLOOD_EACH,
+        rtts.len()
     );
     w.stop();
 }

@@ -273,6 +273,47 @@ fn missing_and_malformed_origins_are_refused_when_required() {
     server.finish();
 }
 
+/// The status of a raw upgrade request carrying the `Origin` header lines `origins`.
+fn raw_origin_status(server: &TestServer, origins: &[&str]) -> u16 {
+    let lines: String = origins.iter().map(|o| format!("Origin: {o}\r\n")).collect();
+    let req = upgrade_request(server.addr).replacen("\r\n\r\n", &format!("\r\n{lines}\r\n"), 1);
+    let mut s = tcp(server.addr);
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    head[9..12].parse().expect("a status")
+}
+
+#[test]
+fn a_duplicated_origin_is_refused_even_when_the_first_is_allowed() {
+    let server = origin_server(&["https://app.example.com"], true);
+    let allowed = "https://app.example.com";
+    assert_eq!(raw_origin_status(&server, &[allowed]), 101);
+    assert_eq!(
+        raw_origin_status(&server, &[allowed, "https://evil.test"]),
+        400
+    );
+    assert_eq!(raw_origin_status(&server, &[allowed, allowed]), 400);
+    let stats = server.finish();
+    assert_eq!(stats.rejected_status[wsloop::metrics::status_index(400)], 2);
+    assert_eq!(stats.closed_by(CloseReason::Rejected(400)), 2);
+}
+
+#[test]
+fn origins_whose_host_is_not_a_host_get_403_and_never_match_a_wildcard() {
+    let server = origin_server(&["https://*.example.com", "https://app.example.org"], true);
+    assert_eq!(upgrade_status(&server, Some("https://a.example.com")), 101);
+    for bad in [
+        "https://evil.com:.example.com",
+        "https://[::1]:.example.com",
+        "https://..example.com",
+        "https://evil.com:443.example.com",
+    ] {
+        assert_eq!(raw_origin_status(&server, &[bad]), 403, "{bad}");
+    }
+    let stats = server.finish();
+    assert_eq!(stats.rejected_status[wsloop::metrics::status_index(403)], 4);
+}
+
 #[test]
 fn an_invalid_origin_pattern_is_a_startup_error() {
     struct Nop;

@@ -19,8 +19,8 @@
 //!   bug): without `proxy_set_header Forwarded "";`, a client's own `Forwarded` header reaches
 //!   wsloop, which prefers it to X-Forwarded-For.
 //! - `http_proxy_metrics_stay_off_the_public_port`: nginx proxies every path, so with
-//!   `--no-metrics-on-ws --metrics-listen 127.0.0.1:0` a GET of /metrics or /healthz through
-//!   nginx gets 426 while the private listener serves them.
+//!   `--metrics-listen 127.0.0.1:0` (and no `--metrics-on-ws`) a GET of /metrics or /healthz
+//!   through nginx gets 426 while the private listener serves them.
 //! - `http_proxy_read_timeout_and_wsloop_pings`: nginx cuts a silent upgraded connection after
 //!   `proxy_read_timeout`; wsloop's idle pings keep a silent client's connection open past it.
 //! - `stream_proxy_protocol_names_the_client`: nginx's stream proxy with `proxy_protocol on`
@@ -307,13 +307,13 @@ fn http_proxy_metrics_stay_off_the_public_port() {
     let Some(bin) = nginx() else { return };
     let started = Instant::now();
     // nginx proxies every path of its WebSocket location, so wsloop's /metrics and /healthz on
-    // the WebSocket port would be public. The recommended flags move them to a port of their
+    // the WebSocket port would be public. By default they are served only on a port of their
     // own that only operators reach.
     let w = Wsloop::spawn(
         "wsloop-private-metrics",
-        &["--no-metrics-on-ws", "--metrics-listen", "127.0.0.1:0"],
+        &["--metrics-listen", "127.0.0.1:0"],
     );
-    let private = metrics_listener(&w);
+    let private = w.metrics_listener();
     let nginx = proxy_one(&bin, "http-metrics", w.addr, true);
     let front = nginx.addr(0);
     for path in ["/metrics", "/healthz"] {
@@ -798,17 +798,6 @@ fn http_status(addr: SocketAddr, src: IpAddr, path: &str) -> Option<u16> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).expect("send the request");
     read_answer(&mut s, attack_support::IO_TIMEOUT).0.status()
-}
-
-/// The address of wsloop's `--metrics-listen` listener, from its log (the last "metrics on"
-/// line: with `--no-metrics-on-ws` the only one).
-fn metrics_listener(w: &Wsloop) -> SocketAddr {
-    let log = w.log();
-    log.lines()
-        .rev()
-        .filter_map(|l| l.split_once("metrics on http://"))
-        .find_map(|(_, rest)| rest.split_once("/metrics")?.0.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics listener in the log:\n{log}"))
 }
 
 fn pattern(len: usize) -> Vec<u8> {

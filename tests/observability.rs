@@ -1027,7 +1027,7 @@ fn soft_nofile(pid: u32) -> f64 {
 
 #[test]
 fn binary_serves_health_and_metrics_and_its_audit_balances() {
-    let child = Child::spawn(&["--metrics-listen", "127.0.0.1:0"]);
+    let child = Child::spawn(&["--metrics-listen", "127.0.0.1:0", "--metrics-on-ws"]);
     let admin = child.metrics.expect("the metrics address in the log");
 
     for addr in [child.ws, admin] {
@@ -1079,8 +1079,12 @@ fn binary_serves_health_and_metrics_and_its_audit_balances() {
 }
 
 #[test]
-fn binary_without_metrics_on_ws_answers_426_there() {
-    let child = Child::spawn(&["--metrics-listen", "127.0.0.1:0", "--no-metrics-on-ws"]);
+fn binary_answers_426_for_metrics_on_the_websocket_port_by_default() {
+    assert!(
+        !Config::default().serve_metrics,
+        "off by default in the library too"
+    );
+    let child = Child::spawn(&["--metrics-listen", "127.0.0.1:0"]);
     let admin = child.metrics.expect("the metrics address in the log");
     for path in ["/metrics", "/healthz"] {
         let r = http_get(child.ws, path);

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use socket2::{Domain, Socket, Type};
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -232,5 +232,182 @@ fn proxy_settings_are_validated() {
     ] {
         let err = config.validate().unwrap_err();
         assert_eq!(err.field, field);
+    }
+}
+
+/// [`upgrade_via`] with raw header bytes (`extra`, CRLF-separated lines, may be non-UTF-8).
+fn upgrade_raw(s: &mut TcpStream, addr: SocketAddr, preamble: &[u8], extra: &[u8]) -> u16 {
+    let mut bytes = preamble.to_vec();
+    let req = upgrade_request(addr);
+    let head = req.strip_suffix("\r\n\r\n").expect("a request head");
+    bytes.extend_from_slice(head.as_bytes());
+    if !extra.is_empty() {
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend_from_slice(extra);
+    }
+    bytes.extend_from_slice(b"\r\n\r\n");
+    s.write_all(&bytes).unwrap();
+    let head = read_head(s);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Three upgrades held open through the trusted proxy, each carrying `extra`: the first is
+/// admitted, the other two are refused with `status`.
+fn one_then_refused(server: &Proxied, extra: &[u8], status: u16) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut s = from("127.0.0.1", server.addr);
+        let got = upgrade_raw(&mut s, server.addr, b"", extra);
+        let want = if i == 0 { 101 } else { status };
+        assert_eq!(
+            got,
+            want,
+            "connection {i} with {:?}",
+            String::from_utf8_lossy(extra)
+        );
+        held.push(s);
+    }
+    held
+}
+
+#[test]
+fn a_non_utf8_forwarded_for_entry_does_not_escape_the_connection_limit() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    // The client wrote "\xff", nginx appended the address it saw.
+    let held = one_then_refused(&server, b"X-Forwarded-For: \xff, 10.0.0.5", 503);
+    assert_eq!(server.seen().ip(), "10.0.0.5".parse::<IpAddr>().unwrap());
+    let stats = server.handle.stats().unwrap();
+    assert_eq!(stats.refused[1], 2, "max_connections_per_ip: {stats:?}");
+    drop(held);
+}
+
+#[test]
+fn a_non_utf8_earlier_forwarded_for_line_does_not_escape_the_rate_limit() {
+    let server = Proxied::start(Config {
+        max_connections_per_ip: 0,
+        connection_rate_per_ip: 1,
+        ..proxy_config(&["127.0.0.1"], false)
+    });
+    // As HAProxy does: the client's own line first, then the proxy's line of its own.
+    let held = one_then_refused(
+        &server,
+        b"X-Forwarded-For: 198.51.100.1, \xff\r\nX-Forwarded-For: 10.0.0.6",
+        429,
+    );
+    assert_eq!(server.seen().ip(), "10.0.0.6".parse::<IpAddr>().unwrap());
+    let stats = server.handle.stats().unwrap();
+    assert_eq!(stats.refused[2], 2, "rate_per_ip: {stats:?}");
+    drop(held);
+}
+
+#[test]
+fn a_non_utf8_forwarded_element_does_not_escape_the_connection_limit() {
+    let server = Proxied::start(Config {
+        forwarded_header: wsloop::config::ForwardedHeader::Forwarded,
+        ..proxy_config(&["127.0.0.1"], false)
+    });
+    let held = one_then_refused(&server, b"Forwarded: for=\"\xff\", for=10.0.0.7", 503);
+    assert_eq!(server.seen().ip(), "10.0.0.7".parse::<IpAddr>().unwrap());
+    drop(held);
+}
+
+#[test]
+fn a_request_naming_no_client_is_counted_under_the_proxy() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    // Nothing usable at the proxy's end of the chain, or no header at all: fail closed, the
+    // proxy's own address is the key (never unlimited).
+    for extra in [
+        &b"X-Forwarded-For: \xff"[..],
+        b"X-Forwarded-For: unknown",
+        b"",
+    ] {
+        let held = one_then_refused(&server, extra, 503);
+        assert_eq!(server.seen().ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        drop(held);
+        // The slot is free again once the held connection has ended.
+        let deadline = std::time::Instant::now() + WAIT;
+        while server.handle.stats().unwrap().connections > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connections not released"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // The same through a PROXY header that names no client (v1 UNKNOWN).
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
+    let mut held = Vec::new();
+    for want in [101, 503] {
+        let mut s = from("127.0.0.1", server.addr);
+        let got = upgrade_via(&mut s, server.addr, b"PROXY UNKNOWN\r\n", "");
+        assert_eq!(got, want);
+        held.push(s);
+    }
+}
+
+#[test]
+fn ipv4_mapped_addresses_count_as_their_ipv4_address() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    let mut a = from("127.0.0.1", server.addr);
+    let mapped = "X-Forwarded-For: ::ffff:10.0.0.9";
+    assert_eq!(upgrade_via(&mut a, server.addr, b"", mapped), 101);
+    assert_eq!(server.seen().ip(), "10.0.0.9".parse::<IpAddr>().unwrap());
+    let mut b = from("127.0.0.1", server.addr);
+    assert_eq!(
+        upgrade_via(&mut b, server.addr, b"", "X-Forwarded-For: 10.0.0.9"),
+        503,
+        "10.0.0.9 holds its one connection already"
+    );
+    let mut c = from("127.0.0.1", server.addr);
+    let bracketed = "X-Forwarded-For: [::ffff:10.0.0.9]:4000";
+    assert_eq!(upgrade_via(&mut c, server.addr, b"", bracketed), 503);
+    // A mapped trusted proxy in the chain is trusted: the client left of it counts.
+    let mut d = from("127.0.0.1", server.addr);
+    let chain = "X-Forwarded-For: 10.0.0.10, ::ffff:127.0.0.1";
+    assert_eq!(upgrade_via(&mut d, server.addr, b"", chain), 101);
+    assert_eq!(server.seen().ip(), "10.0.0.10".parse::<IpAddr>().unwrap());
+
+    // PROXY protocol sources too (v1 TCP6 and v2 over IPv6).
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
+    let mut e = from("127.0.0.1", server.addr);
+    let v1 = b"PROXY TCP6 ::ffff:203.0.113.7 ::1 40001 9001\r\n";
+    assert_eq!(upgrade_via(&mut e, server.addr, v1, ""), 101);
+    assert_eq!(server.seen(), "203.0.113.7:40001".parse().unwrap());
+    let mut f = from("127.0.0.1", server.addr);
+    let v1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 40002 9001\r\n";
+    assert_eq!(upgrade_via(&mut f, server.addr, v1, ""), 503);
+    let mut g = from("127.0.0.1", server.addr);
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(&"::ffff:203.0.113.7".parse::<Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+    v2.extend_from_slice(&[0x9c, 0x43, 0x23, 0x29]);
+    assert_eq!(upgrade_via(&mut g, server.addr, &v2, ""), 503);
+    drop((a, b, c, d, e, f, g));
+}
+
+#[test]
+fn a_refused_request_keeps_its_slot_only_while_its_client_keeps_the_connection() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    // A direct client (untrusted, counted at accept) whose request is malformed: 400.
+    let mut bad = from("127.0.0.2", server.addr);
+    assert_eq!(
+        upgrade_via(&mut bad, server.addr, b"", "Sec-WebSocket-Key: twice"),
+        400
+    );
+    // While it keeps its socket open, the answered connection lingers and holds its slot
+    // (README, "Trusted proxies": one address cannot pile up lingering descriptors).
+    let mut second = from("127.0.0.2", server.addr);
+    assert_eq!(upgrade_via(&mut second, server.addr, b"", ""), 503);
+    // Once it closes, the slot is free.
+    drop(bad);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut again = from("127.0.0.2", server.addr);
+        match upgrade_via(&mut again, server.addr, b"", "") {
+            101 => break,
+            503 => assert!(std::time::Instant::now() < deadline, "slot not released"),
+            other => panic!("{other}"),
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }

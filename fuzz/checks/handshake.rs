@@ -285,6 +285,9 @@ fn expected_outcome(req: &Request<'_>) -> Result<(), Rejection> {
     if !lengths.iter().all(zero) || !values(req, "transfer-encoding").is_empty() {
         return Err(BodyNotAllowed);
     }
+    if values(req, "origin").len() > 1 {
+        return Err(DuplicateOrigin);
+    }
     Ok(())
 }
 

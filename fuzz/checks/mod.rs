@@ -7,6 +7,7 @@
 //! property. Depends only on `wsloop` and `tungstenite`.
 
 pub mod connection;
+pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod timer_wheel;
@@ -17,9 +18,10 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 4] = [
+pub const TARGETS: [(&str, Check); 5] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
     ("timer_wheel", timer_wheel::run),
+    ("forwarded", forwarded::run),
 ];

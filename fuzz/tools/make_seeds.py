@@ -172,6 +172,7 @@ hs = {
     "no_version": req(drop=["Sec-WebSocket-Version"]),
     "key_unpadded": req(drop=["Sec-WebSocket-Key"], extra=[("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ")]),
     "two_keys": req(extra=[("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA==")]),
+    "two_origins": req(extra=[("Origin", "https://a.example.com"), ("Origin", "https://evil.test")]),
     "content_length": req(extra=[("Content-Length", "5")]),
     "chunked": req(extra=[("Transfer-Encoding", "chunked")]),
     "absolute_uri": req("GET ws://example.com/chat?x=1 HTTP/1.1"),
@@ -195,3 +196,36 @@ for flags, name in [(2, "pick_first"), (4, "pick_last"), (6, "pick_hostile")]:
     write("handshake", name, bytes([flags, 0, 0, 0]) + sub)
 write("handshake", "app_refuses_403", b"\x08\x93\x01\x00" + req())
 write("handshake", "app_refuses_200", b"\x08\xc8\x00\x00" + req())
+
+# forwarded: [flags, n], n bytes the client wrote, then the hops the proxies appended, each
+# [selector, 4 or 16 address bytes, 2 port bytes if the form has a port] (see
+# fuzz/checks/forwarded.rs). flags bit 0: Forwarded; bits 1-2: how the client's part ends.
+V4, V4_PORT, V6, V6_PORT, MAPPED, TRUSTED, OWN_LINE, QUOTED, SPACES, PARAMS = 0, 1, 2, 3, 4, 8, 16, 32, 64, 128
+
+
+def fwd(flags, client, *hops):
+    return bytes([flags, len(client)]) + client + b"".join(hops)
+
+
+def hop(sel, addr, port=None):
+    return bytes([sel]) + bytes(addr) + (struct.pack("<H", port) if port is not None else b"")
+
+
+NGINX = hop(V4 | TRUSTED, [10, 0, 0, 2])
+CLIENT = hop(V4, [203, 0, 113, 7])
+fwd_seeds = {
+    "xff_one_client": fwd(0, b"", CLIENT),
+    "xff_client_then_proxy": fwd(0, b"", CLIENT, NGINX),
+    "xff_spoof_non_utf8": fwd(2, b"\xff", CLIENT),
+    "xff_haproxy_own_line": fwd(0, b"198.51.100.1, \xff", hop(V4 | OWN_LINE, [192, 0, 2, 1])),
+    "xff_mapped": fwd(0, b"1.1.1.1", hop(V6 | MAPPED, [192, 0, 2, 9]), hop(V6 | MAPPED | TRUSTED, [0, 0, 0, 1])),
+    "xff_v6_port": fwd(4, b"", hop(V6_PORT, list(range(0x20, 0x30)), 4711)),
+    "xff_all_trusted": fwd(6, b"garbage", NGINX, hop(V4_PORT | TRUSTED, [10, 9, 9, 9], 80)),
+    "xff_nothing_appended": fwd(0, b"192.0.2.1, 192.0.2.2"),
+    "forwarded_quoted_v6": fwd(1, b"for=\"\xff\"", hop(V6_PORT | QUOTED, list(range(0x20, 0x30)), 4711)),
+    "forwarded_params_spaces": fwd(3, b"for=192.0.2.3;proto=http", hop(V4 | PARAMS | SPACES, [198, 51, 100, 4]), NGINX),
+    "forwarded_mapped_own_line": fwd(5, b"", hop(V6_PORT | MAPPED | QUOTED | OWN_LINE, [198, 51, 100, 5], 443)),
+    "forwarded_obfuscated": fwd(7, b"for=_gazonk", hop(V4 | TRUSTED | PARAMS, [10, 1, 1, 1])),
+}
+for name, d in fwd_seeds.items():
+    write("forwarded", name, d)

@@ -80,6 +80,9 @@ pub enum Rejection {
     /// 400: the request declares a body (`Content-Length` other than 0, or
     /// any `Transfer-Encoding`); bytes after the head belong to WebSocket.
     BodyNotAllowed,
+    /// 400: more than one `Origin` header (a browser sends at most one, RFC 6454 section
+    /// 7.3); an origin check reading only one of them could be fooled by the other.
+    DuplicateOrigin,
     /// An application-chosen refusal; build it with [`Rejection::custom`].
     Custom {
         /// HTTP status; [`Rejection::status`] maps anything outside 400..=599 to 500.
@@ -131,6 +134,7 @@ impl Rejection {
             Rejection::MissingVersion => "Sec-WebSocket-Version required",
             Rejection::UnsupportedVersion => "Sec-WebSocket-Version must be 13",
             Rejection::BodyNotAllowed => "upgrade request must not have a body",
+            Rejection::DuplicateOrigin => "Origin header must appear at most once",
             Rejection::Custom { reason, .. } => reason,
         }
     }
@@ -299,7 +303,7 @@ impl<'r> Upgrade<'r> {
             .filter_map(|item| std::str::from_utf8(item).ok())
     }
 
-    /// The first `Origin` header, if any (browsers always send one).
+    /// The `Origin` header, if any (browsers always send one; a request with two is refused).
     pub fn origin(&self) -> Option<&'r [u8]> {
         self.req.header("origin")
     }
@@ -324,7 +328,8 @@ impl<'r> Upgrade<'r> {
 /// `Upgrade` lists `websocket` (400); `Connection` lists `upgrade` (400);
 /// `Sec-WebSocket-Version` is `13` (426, before the key so that a client of
 /// another version learns which one to use); exactly one `Sec-WebSocket-Key`
-/// that is padded standard base64 of 16 bytes (400); no body declared (400).
+/// that is padded standard base64 of 16 bytes (400); no body declared (400); at most one
+/// `Origin` (400).
 /// Token lists are case-insensitive, may repeat the header, and tolerate
 /// optional whitespace and empty elements.
 pub fn validate_upgrade<'r>(req: &'r Request<'_>) -> Result<Upgrade<'r>, Rejection> {
@@ -366,6 +371,9 @@ pub fn validate_upgrade<'r>(req: &'r Request<'_>) -> Result<Upgrade<'r>, Rejecti
     let zero = |v: &[u8]| !v.is_empty() && v.iter().all(|&c| c == b'0');
     if !req.header_all("content-length").all(zero) || req.header("transfer-encoding").is_some() {
         return Err(BodyNotAllowed);
+    }
+    if req.header_all("origin").nth(1).is_some() {
+        return Err(DuplicateOrigin);
     }
     Ok(Upgrade { req, key, host })
 }
@@ -760,6 +768,7 @@ mod tests {
             "sec-websocket-version" = "13", "connection" = "close, Upgrade";
         content_length_body_400: add(&[("Content-Length", "5")]) => BodyNotAllowed;
         chunked_body_400: add(&[("Transfer-Encoding", "chunked")]) => BodyNotAllowed;
+        origin_duplicate_400: add(&[("Origin", "https://a.test"), ("origin", "https://b.test")]) => DuplicateOrigin;
         nine_kib_complete_431: add(&[("X-Big", &"a".repeat(9216))]) => HeadersTooLarge;
         too_many_headers_431: add(&many(60)) => TooManyHeaders;
         garbage_tls_400: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n" => Malformed;

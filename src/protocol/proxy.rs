@@ -2,6 +2,7 @@
 //! `X-Forwarded-For` / `Forwarded` headers: how a trusted proxy tells us the real client address.
 //! Sans-IO: bytes in, an address out.
 
+use crate::config::ForwardedHeader;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The version 2 signature.
@@ -22,7 +23,8 @@ pub enum ProxyHeader {
     Complete {
         /// Header length: the WebSocket handshake starts right after it.
         len: usize,
-        /// The client address the proxy reports.
+        /// The client address the proxy reports, canonical (an IPv4-mapped IPv6 address is
+        /// given as its IPv4 address).
         source: Option<SocketAddr>,
     },
 }
@@ -85,7 +87,7 @@ fn parse_v1(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
             let port: u16 = sport.parse().map_err(|_| ProxyError("v1 source port"))?;
             Ok(ProxyHeader::Complete {
                 len,
-                source: Some(SocketAddr::new(ip, port)),
+                source: Some(SocketAddr::new(ip.to_canonical(), port)),
             })
         }
         _ => Err(ProxyError("v1 header fields")),
@@ -125,9 +127,9 @@ fn parse_v2(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
         (0x1, 0x21) if addr.len() >= 36 => {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(&addr[..16]);
-            let ip = Ipv6Addr::from(octets);
+            let ip = IpAddr::V6(Ipv6Addr::from(octets));
             Some(SocketAddr::new(
-                IpAddr::V6(ip),
+                ip.to_canonical(),
                 u16::from_be_bytes([addr[32], addr[33]]),
             ))
         }
@@ -138,59 +140,88 @@ fn parse_v2(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
     Ok(ProxyHeader::Complete { len, source })
 }
 
-/// The client address from forwarding headers set by a chain of proxies: the last address in
-/// `X-Forwarded-For` (or `Forwarded: for=`) that is not itself a trusted proxy. `values` are the
-/// header values in order of appearance; `Forwarded` is preferred when present. Returns `None`
-/// when no usable address is found. Call this only for a TCP peer that is a trusted proxy:
-/// headers from anyone else are the client's word and must be ignored.
+/// The client address from the forwarding header a chain of proxies sets (`values`: every line
+/// of it, in order of appearance; `header`: which header it is).
+///
+/// The chain is read from the right, the end the proxy nearest to us wrote: trusted proxies are
+/// skipped, and the first address that is not one is the client. The walk stops at the first
+/// element that is not a valid address (`unknown`, an obfuscated name, bytes that are not
+/// UTF-8, an empty element, a `Forwarded` element without `for=`): that element and everything
+/// left of it were written by someone we cannot vouch for. When the walk stops (or the chain
+/// ends) before an untrusted address, the client is the last valid hop it reached, a trusted
+/// address (a client on a proxy's own host). `None` only when the rightmost element is not an
+/// address, or there is no element: the caller must then account the connection under the
+/// proxy's own address ([`forwarded_key`]), never leave it unaccounted. Every address comes out
+/// canonical: an IPv4-mapped IPv6 address (`::ffff:10.0.0.9`) is its IPv4 address.
+///
+/// Call this only for a TCP peer that is a trusted proxy: headers from anyone else are the
+/// client's word and must be ignored.
 pub fn forwarded_client(
-    forwarded: &[&[u8]],
-    x_forwarded_for: &[&[u8]],
+    header: ForwardedHeader,
+    values: &[&[u8]],
     trusted: impl Fn(IpAddr) -> bool,
 ) -> Option<IpAddr> {
-    let mut hops: Vec<IpAddr> = Vec::new();
-    if !forwarded.is_empty() {
-        for v in forwarded {
-            let v = std::str::from_utf8(v).ok()?;
-            for element in v.split(',') {
-                let for_value = element.split(';').find_map(|pair| {
-                    let (k, val) = pair.trim().split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("for").then_some(val.trim())
-                });
-                // An element without an address (or "unknown", or an obfuscated name) breaks the
-                // chain: nothing left of it can be trusted.
-                match for_value.and_then(parse_forwarded_node) {
-                    Some(ip) => hops.push(ip),
-                    None => hops.clear(),
-                }
-            }
+    let elements = values
+        .iter()
+        .rev()
+        .flat_map(|v| v.split(|&b| b == b',').rev());
+    let mut last_valid = None;
+    for element in elements {
+        let node = match header {
+            ForwardedHeader::XForwardedFor => Some(element),
+            ForwardedHeader::Forwarded => forwarded_for(element),
+        };
+        let Some(ip) = node.and_then(parse_node) else {
+            break;
+        };
+        if !trusted(ip) {
+            return Some(ip);
         }
-    } else {
-        for v in x_forwarded_for {
-            let v = std::str::from_utf8(v).ok()?;
-            for item in v.split(',') {
-                match parse_forwarded_node(item.trim()) {
-                    Some(ip) => hops.push(ip),
-                    None => hops.clear(),
-                }
-            }
-        }
+        last_valid = Some(ip);
     }
-    hops.into_iter().rev().find(|ip| !trusted(*ip))
+    last_valid
+}
+
+/// The address a connection from the trusted proxy `proxy` is accounted under: the client
+/// [`forwarded_client`] finds, or, when it finds none, the proxy itself. Fail closed: a request
+/// whose client cannot be determined shares the proxy's per-address limits, it never escapes
+/// them.
+pub fn forwarded_key(
+    proxy: IpAddr,
+    header: ForwardedHeader,
+    values: &[&[u8]],
+    trusted: impl Fn(IpAddr) -> bool,
+) -> IpAddr {
+    forwarded_client(header, values, trusted).unwrap_or(proxy.to_canonical())
+}
+
+/// The value of the `for` parameter of one `Forwarded` element (`for=1.2.3.4;proto=https`).
+fn forwarded_for(element: &[u8]) -> Option<&[u8]> {
+    element.split(|&b| b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (key, value) = (pair[..eq].trim_ascii(), &pair[eq + 1..]);
+        key.eq_ignore_ascii_case(b"for").then_some(value)
+    })
 }
 
 /// An address as it appears in `X-Forwarded-For` or `Forwarded: for=`: `1.2.3.4`,
-/// `1.2.3.4:5678`, `2001:db8::1`, `"[2001:db8::1]:5678"`.
-fn parse_forwarded_node(s: &str) -> Option<IpAddr> {
-    let s = s.trim_matches('"');
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Some(sa.ip());
-    }
-    let inner = s.strip_prefix('[')?.split(']').next()?;
-    inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+/// `1.2.3.4:5678`, `2001:db8::1`, `"[2001:db8::1]:5678"`, `"[2001:db8::1]"`; canonical
+/// (IPv4-mapped IPv6 addresses become IPv4).
+fn parse_node(raw: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(raw.trim_ascii()).ok()?;
+    let s = s
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s);
+    let ip = if let Ok(ip) = s.parse::<IpAddr>() {
+        ip
+    } else if let Ok(sa) = s.parse::<SocketAddr>() {
+        sa.ip()
+    } else {
+        let inner = s.strip_prefix('[')?.strip_suffix(']')?;
+        IpAddr::V6(inner.parse::<Ipv6Addr>().ok()?)
+    };
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -304,32 +335,84 @@ mod tests {
         assert!(parse_proxy(&wrong_version).is_err());
     }
 
+    fn xff(values: &[&[u8]]) -> Option<IpAddr> {
+        let trusted = |ip: IpAddr| ip.to_string().starts_with("10.");
+        forwarded_client(ForwardedHeader::XForwardedFor, values, trusted)
+    }
+
+    fn fwd(values: &[&[u8]]) -> Option<IpAddr> {
+        let trusted = |ip: IpAddr| ip.to_string().starts_with("10.");
+        forwarded_client(ForwardedHeader::Forwarded, values, trusted)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
     #[test]
     fn forwarded_headers_pick_the_last_untrusted_hop() {
-        let trusted = |ip: IpAddr| ip.to_string().starts_with("10.");
-        let xff: &[&[u8]] = &[b"203.0.113.9, 10.0.0.2", b"10.0.0.3"];
         assert_eq!(
-            forwarded_client(&[], xff, trusted),
-            Some("203.0.113.9".parse().unwrap())
+            xff(&[b"203.0.113.9, 10.0.0.2", b"10.0.0.3"]),
+            ip("203.0.113.9")
         );
         // A client-supplied (spoofed) first entry is not picked when a real hop follows it.
-        let xff: &[&[u8]] = &[b"1.1.1.1, 198.51.100.4, 10.0.0.2"];
         assert_eq!(
-            forwarded_client(&[], xff, trusted),
-            Some("198.51.100.4".parse().unwrap())
+            xff(&[b"1.1.1.1, 198.51.100.4, 10.0.0.2"]),
+            ip("198.51.100.4")
         );
-        let fwd: &[&[u8]] = &[b"for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""];
+        let v: &[&[u8]] = &[b"for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""];
+        assert_eq!(fwd(v), ip("2001:db8::1"));
+        assert_eq!(fwd(&[b"For = 192.0.2.61 ; proto=https"]), ip("192.0.2.61"));
+        assert_eq!(fwd(&[b"for=\"[2001:db8::2]\""]), ip("2001:db8::2"));
+        assert_eq!(fwd(&[b"for=unknown"]), None);
+        assert_eq!(fwd(&[b"proto=http"]), None, "no for=");
+        assert_eq!(xff(&[b"garbage"]), None);
+        assert_eq!(xff(&[]), None);
+        assert_eq!(xff(&[b""]), None);
+        assert_eq!(xff(&[b"192.0.2.1,"]), None, "an empty element at the end");
+    }
+
+    #[test]
+    fn the_chain_is_read_from_the_proxy_end_and_stops_at_a_bad_element() {
+        // Whatever the client wrote left of the proxy's entry cannot hide it.
+        assert_eq!(xff(&[b"\xff, 192.0.2.5"]), ip("192.0.2.5"));
+        assert_eq!(xff(&[b"198.51.100.1, \xff", b"192.0.2.6"]), ip("192.0.2.6"));
+        assert_eq!(fwd(&[b"for=\"\xff\", for=192.0.2.7"]), ip("192.0.2.7"));
         assert_eq!(
-            forwarded_client(fwd, xff, trusted),
-            Some("2001:db8::1".parse().unwrap())
+            xff(&[b"192.0.2.8, unknown, 10.0.0.1"]),
+            ip("10.0.0.1"),
+            "last valid hop"
         );
-        let fwd: &[&[u8]] = &[b"for=unknown"];
-        assert_eq!(forwarded_client(fwd, &[], trusted), None);
-        assert_eq!(forwarded_client(&[], &[b"garbage"], trusted), None);
+        assert_eq!(xff(&[b"192.0.2.8, \"10.0.0.1, 10.0.0.2"]), ip("10.0.0.2"));
         assert_eq!(
-            forwarded_client(&[], &[b"10.0.0.1"], trusted),
-            None,
-            "only proxies"
+            xff(&[b"10.0.0.1, 10.0.0.2"]),
+            ip("10.0.0.1"),
+            "all trusted: the first"
+        );
+        assert_eq!(xff(&[b"192.0.2.9, \xff"]), None, "nothing valid at the end");
+    }
+
+    #[test]
+    fn mapped_addresses_are_canonical_and_none_is_the_proxy() {
+        assert_eq!(xff(&[b"::ffff:192.0.2.10"]), ip("192.0.2.10"));
+        assert_eq!(xff(&[b"[::ffff:192.0.2.10]:80"]), ip("192.0.2.10"));
+        // A mapped trusted proxy is trusted.
+        assert_eq!(xff(&[b"192.0.2.11, ::ffff:10.0.0.1"]), ip("192.0.2.11"));
+        let proxy: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let key = |v: &[&[u8]]| {
+            forwarded_key(proxy, ForwardedHeader::XForwardedFor, v, |ip| {
+                ip.to_string().starts_with("10.")
+            })
+        };
+        assert_eq!(Some(key(&[b"\xff"])), ip("10.0.0.1"));
+        assert_eq!(Some(key(&[b"192.0.2.12"])), ip("192.0.2.12"));
+        let h = b"PROXY TCP6 ::ffff:192.0.2.13 ::1 1 2\r\n";
+        assert_eq!(
+            parse_proxy(h),
+            Ok(ProxyHeader::Complete {
+                len: h.len(),
+                source: Some("192.0.2.13:1".parse().unwrap())
+            })
         );
     }
 }
@@ -362,7 +445,11 @@ impl TrustedProxies {
                     .filter(|l| *l <= max)
                     .ok_or_else(|| format!("trusted proxy {e:?} has a bad prefix length"))?,
             };
-            nets.push((ip, len));
+            // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps.
+            match ip.to_canonical() {
+                IpAddr::V4(v4) if ip.is_ipv6() && len >= 96 => nets.push((v4.into(), len - 96)),
+                _ => nets.push((ip, len)),
+            }
         }
         Ok(TrustedProxies { nets })
     }
@@ -372,13 +459,16 @@ impl TrustedProxies {
         self.nets.is_empty()
     }
 
-    /// Whether `ip` is one of the trusted proxies.
+    /// Whether `ip` is one of the trusted proxies (an IPv4-mapped IPv6 address is compared as
+    /// its IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.nets.iter().any(|(net, len)| match (net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
-            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
-            _ => false,
-        })
+        self.nets
+            .iter()
+            .any(|(net, len)| match (net, ip.to_canonical()) {
+                (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
+                (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
+                _ => false,
+            })
     }
 }
 
@@ -410,6 +500,7 @@ mod trust_tests {
             "fd12::1",
             "127.0.0.1",
             "127.0.0.0",
+            "::ffff:10.0.0.1",
         ] {
             assert!(p.contains(yes.parse().unwrap()), "{yes}");
         }
@@ -418,11 +509,12 @@ mod trust_tests {
             "192.168.1.8",
             "fe80::1",
             "127.0.0.2",
-            "::ffff:10.0.0.1",
+            "::ffff:11.0.0.1",
         ] {
             assert!(!p.contains(no.parse().unwrap()), "{no}");
         }
         assert!(t(&[]).is_empty());
+        assert!(t(&["::ffff:192.0.2.0/120"]).contains("192.0.2.9".parse().unwrap()));
         assert!(t(&["0.0.0.0/0"]).contains("8.8.8.8".parse().unwrap()));
     }
 

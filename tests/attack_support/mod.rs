@@ -42,13 +42,39 @@ pub struct Wsloop {
 
 impl Wsloop {
     /// Start `wsloop --listen 127.0.0.1:0 --fd-limit 128` plus `args`, wait until it listens and
-    /// has sized its fd budget, and measure its baseline descriptor count.
+    /// has sized its fd budget, and measure its baseline descriptor count. The suite reads
+    /// `/metrics` on the WebSocket port (`--metrics-on-ws`) unless `args` give the operators an
+    /// address of their own (`--metrics-listen`), polls it faster than the default endpoint
+    /// rate allows (`--endpoint-rate 1000`) unless `args` set one, and has the fd audit run
+    /// every 200 ms (`--audit-interval 0.2`) unless `args` say otherwise.
     pub fn spawn(name: &str, args: &[&str]) -> Wsloop {
+        Self::spawn_with_fd_limit(name, 128, args)
+    }
+
+    /// [`Wsloop::spawn`] with `--fd-limit fd_limit`.
+    pub fn spawn_with_fd_limit(name: &str, fd_limit: u64, args: &[&str]) -> Wsloop {
+        let mut defaults = Vec::new();
+        if !args.contains(&"--metrics-listen") {
+            defaults.push("--metrics-on-ws");
+        }
+        if !args.contains(&"--endpoint-rate") {
+            defaults.extend(["--endpoint-rate", "1000"]);
+        }
+        if !args.contains(&"--audit-interval") {
+            // Often, so that a test can wait for an audit after its attack (see `audited`).
+            defaults.extend(["--audit-interval", "0.2"]);
+        }
         // stderr is drained for the child's whole life so that it never blocks on a full pipe.
         let mut proc = Proc::spawn(
             name,
             Command::new(env!("CARGO_BIN_EXE_wsloop"))
-                .args(["--listen", "127.0.0.1:0", "--fd-limit", "128"])
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--fd-limit",
+                    &fd_limit.to_string(),
+                ])
+                .args(defaults)
                 .args(args)
                 .env("RUST_LOG", "info"),
         )
@@ -92,6 +118,17 @@ impl Wsloop {
     /// Everything the child logged so far.
     pub fn log(&self) -> String {
         self.proc.log()
+    }
+
+    /// The address of its `--metrics-listen` listener, from its log (the last "metrics on"
+    /// line: the WebSocket port's, with `--metrics-on-ws`, comes before it).
+    pub fn metrics_listener(&self) -> SocketAddr {
+        let log = self.log();
+        log.lines()
+            .rev()
+            .filter_map(|l| l.split_once("metrics on http://"))
+            .find_map(|(_, rest)| rest.split_once("/metrics")?.0.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no metrics listener in the log:\n{log}", self.name))
     }
 
     /// Descriptors open in the child now (entries of `/proc/<pid>/fd`).
@@ -165,6 +202,28 @@ impl Wsloop {
                     self.name
                 ),
             }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The metrics after an fd audit that ran wholly after `after` was scraped (bounded wait:
+    /// the audit thread lists `/proc/self/fd` every `--audit-interval`, and the endpoints
+    /// report its last result).
+    pub fn audited(&self, after: &Metrics) -> Metrics {
+        let deadline = Instant::now() + FD_SETTLE;
+        // An audit under way when `after` was scraped completes first: wait for the next one.
+        let want = after.get("wsloop_fd_audits_total") + 2.0;
+        loop {
+            if let Ok(m) = self.try_metrics() {
+                if m.get("wsloop_fd_audits_total") >= want {
+                    return m;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no fd audit completed within {FD_SETTLE:?}",
+                self.name
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }

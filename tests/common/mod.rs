@@ -28,6 +28,9 @@ pub fn config() -> Config {
         idle_timeout: Duration::ZERO,
         close_timeout: Duration::from_secs(1),
         shutdown_timeout: Duration::from_secs(2),
+        // The tests scrape /metrics on the WebSocket port (off by default), often.
+        serve_metrics: true,
+        endpoint_rate: 0,
         ..Config::default()
     }
 }
