@@ -294,6 +294,8 @@ pub(crate) struct Core<D> {
     /// Connections that used their read budget this turn, to read again next turn (slab index,
     /// generation).
     reread: Vec<(usize, u32)>,
+    /// A ping was delivered during the current read: its connection may owe a pong.
+    pong_due: bool,
     pub(crate) config: Config,
     /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
     ping_after: u64,
@@ -419,6 +421,7 @@ impl<H: Handler> Server<H> {
                     cork_owner: None,
                     doomed: Vec::new(),
                     reread: Vec::new(),
+                    pong_due: false,
                     limits,
                     start,
                     ledger,
@@ -590,7 +593,9 @@ impl<H: Handler> Server<H> {
             b.turn_start();
         }
         self.inner.core.tick();
-        self.inner.reread();
+        if !self.inner.core.reread.is_empty() {
+            self.inner.reread();
+        }
         for event in self.events.iter() {
             self.inner.dispatch(event);
         }
@@ -640,20 +645,25 @@ impl<H: Handler> Inner<H> {
     /// Read until the socket is drained (or [`READ_BUDGET`] reads filled the buffer: then the
     /// rest is read next turn), feeding the session; then write the pong owed for the pings
     /// read, if nothing is queued ([`Core::write_owed_pong`]).
+    #[inline(always)]
     fn readable(&mut self, idx: usize, closed: bool) {
-        let gen = self.core.conns[idx].gen;
-        self.read_some(idx, closed);
-        if self.core.alive(idx, gen) {
+        let live = self.read_some(idx, closed);
+        if std::mem::take(&mut self.core.pong_due) && live {
             self.core.write_owed_pong(idx);
         }
     }
 
-    fn read_some(&mut self, idx: usize, closed: bool) {
+    /// The reads of [`Inner::readable`]. Returns false if the connection ended or is ending.
+    #[inline(always)]
+    fn read_some(&mut self, idx: usize, closed: bool) -> bool {
+        let limit = self.core.config.max_backpressure;
         for _ in 0..READ_BUDGET {
             let conn = &mut self.core.conns[idx];
-            if conn.read_paused {
-                return;
+            let queued = !conn.pending.is_empty() || self.core.cork.len() > limit;
+            if conn.read_paused || (queued && self.over_limit(idx)) {
+                return true;
             }
+            let conn = &mut self.core.conns[idx];
             let n = match (&conn.socket).read(&mut self.recv) {
                 Ok(0) => {
                     // The peer finished sending; it may still be reading, so what we owe it
@@ -662,10 +672,10 @@ impl<H: Handler> Inner<H> {
                     let reason = conn.linger.unwrap_or(CloseReason::Abnormal);
                     conn.peer_eof = true;
                     self.core.finish(&mut self.handler, idx, reason);
-                    return;
+                    return false;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let reason = conn.linger.unwrap_or(match e.kind() {
@@ -673,15 +683,15 @@ impl<H: Handler> Inner<H> {
                         _ => CloseReason::IoError,
                     });
                     self.core.end(&mut self.handler, idx, reason);
-                    return;
+                    return false;
                 }
             };
             self.core.stats.bytes_received += n as u64;
-            if !self.received(idx, n) || self.over_limit(idx) {
-                return;
+            if !self.received(idx, n) {
+                return false;
             }
             if n < self.recv.len() && !closed {
-                return;
+                return true;
             }
         }
         // The peer sends faster than the loop reads: let the other connections have their turn
@@ -689,6 +699,7 @@ impl<H: Handler> Inner<H> {
         let gen = self.core.conns[idx].gen;
         self.core.reread.push((idx, gen));
         self.core.stats.read_yields += 1;
+        true
     }
 
     /// Read the connections whose read budget ran out last turn.
@@ -702,10 +713,11 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// After a read: if more than `max_backpressure` bytes are queued for the connection once
-    /// the cork has been offered to the socket, stop reading it (its answers would only queue
-    /// more) until `writable` has drained the queue to half the limit. Returns true when
-    /// reading must stop (paused, or the write failed).
+    /// Before a read, when bytes are queued: if more than `max_backpressure` are queued for the
+    /// connection once the cork has been offered to the socket, stop reading it (its answers
+    /// would only queue more) until `writable` has drained the queue to half the limit.
+    /// Returns true when reading must stop (paused, or the write failed).
+    #[inline(never)]
     fn over_limit(&mut self, idx: usize) -> bool {
         let core = &mut self.core;
         let limit = core.config.max_backpressure;
@@ -728,6 +740,7 @@ impl<H: Handler> Inner<H> {
 
     /// Handle `n` fresh bytes in the receive buffer. Returns false if the connection ended or
     /// is ending (further input is not wanted).
+    #[inline(always)]
     fn received(&mut self, idx: usize, n: usize) -> bool {
         let Inner {
             core,
@@ -1281,6 +1294,7 @@ fn frames<H: Handler>(
                 )
             }
             Event::Ping(p) => {
+                core.pong_due = true;
                 let f = || handler.on_ping(&mut ws, p);
                 (
                     Activity::PingPong,
@@ -1655,6 +1669,7 @@ impl<D> Core<D> {
     /// then the pong waits until `writable` has drained the queue, and later pings only replace
     /// its payload. So a connection holds at most one pong in its queue and owes at most one
     /// more, however many pings it sends without reading.
+    #[inline(never)]
     pub(crate) fn write_owed_pong(&mut self, idx: usize) {
         if self.conns[idx].session.pong_owed() && self.conns[idx].pending.is_empty() {
             self.cork_for(idx);

@@ -190,6 +190,7 @@ impl<'a> Out<'a> {
     }
 
     /// Bytes sent but not yet written to the socket.
+    #[inline]
     pub(crate) fn buffered(&self) -> usize {
         self.pending.len() + self.cork.len()
     }
@@ -291,6 +292,7 @@ impl<D> Core<D> {
                 // Nothing to write; a lingering connection may be done all the same.
             } else if !conn.pending.is_empty() {
                 conn.pending.push(&self.cork);
+                self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
             } else {
                 let written = write_some(&conn.socket, &self.cork);
                 if let Ok(n) = written {
@@ -300,6 +302,7 @@ impl<D> Core<D> {
                     Ok(n) if n == self.cork.len() => {}
                     Ok(n) => {
                         conn.pending.push_unsent(&[&self.cork], n);
+                        self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
                         conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
                         self.cork.clear();
                         self.rearm(idx);
@@ -311,7 +314,6 @@ impl<D> Core<D> {
                 }
             }
             if let Some(conn) = self.conns.get_mut(idx) {
-                self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
                 if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
                     if !conn.half_close() {
                         self.doomed.push((idx, conn.gen, reason));
