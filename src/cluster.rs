@@ -427,7 +427,8 @@ impl<H: Handler + 'static> Cluster<H> {
     /// Start a graceful shutdown of every loop.
     pub fn shutdown(&self) {
         for h in &self.handles {
-            h.shutdown();
+            // `Err(Closed)`: that loop has ended already.
+            let _ = h.shutdown();
         }
     }
 
@@ -485,7 +486,7 @@ impl<H: Handler> Drop for Cluster<H> {
             return;
         }
         for h in &self.handles {
-            h.shutdown();
+            let _ = h.shutdown(); // `Err(Closed)`: ended already
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -111,6 +111,16 @@ pub struct Config {
     /// [`Cluster`](crate::Cluster); a [`Server`](crate::Server) is one loop. Default 1 (no
     /// `SO_REUSEPORT`, so a second server on the same port fails to bind).
     pub threads: usize,
+    /// Most commands a server's [`LoopHandle`](crate::LoopHandle)s may have queued for the
+    /// loop at once (sends, closes, terminates, posted closures), counted until the loop has
+    /// run them. Beyond it the handle refuses the command with
+    /// [`QueueError::Full`](crate::QueueError::Full). Default 65536.
+    pub handle_queue_commands: usize,
+    /// Most bytes those commands may hold at once: each message's (or close reason's) buffer
+    /// and each closure's own size, plus the command's fixed size (a few dozen bytes). Beyond
+    /// it: [`QueueError::Full`](crate::QueueError::Full); a single command larger than this:
+    /// [`QueueError::TooLarge`](crate::QueueError::TooLarge). Default 16 MiB.
+    pub handle_queue_bytes: usize,
 }
 
 /// The header a trusted proxy names the client in.
@@ -166,14 +176,18 @@ impl Default for Config {
             proxy_protocol: false,
             threads: 1,
             forwarded_header: ForwardedHeader::XForwardedFor,
+            handle_queue_commands: 65_536,
+            handle_queue_bytes: 16 << 20,
         }
     }
 }
 
-/// A configuration value outside its allowed range, named with the reason.
+/// A configuration value outside its allowed range, named with the reason. The `wsloop` binary
+/// reports it with the flag that sets the field (`--max-message-size` for `max_message_size`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The field at fault.
+    /// The field at fault; or [`FD_LIMIT`] when it is the process's descriptor limit
+    /// (`RLIMIT_NOFILE`) that is too low for the configuration.
     pub field: &'static str,
     /// What is wrong with it.
     pub reason: String,
@@ -186,6 +200,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The name [`ConfigError::field`] gives the process's descriptor limit (`RLIMIT_NOFILE`, the
+/// binary's `--fd-limit`), which is no field of [`Config`].
+pub const FD_LIMIT: &str = "fd_limit";
+
+/// The ceiling for `fd_headroom`: more descriptors than a Linux process can have
+/// (`fs.nr_open` is at most about 2^30).
+pub const MAX_FD_HEADROOM: usize = 1 << 30;
 
 /// The ceiling for `max_headers` (the parser's stack array).
 pub const MAX_HEADERS_CAP: usize = crate::protocol::handshake::MAX_HEADERS_CAP;

@@ -51,6 +51,8 @@ pub(crate) const NEVER: u64 = u64::MAX;
 const SWEEP_MS: u64 = 10_000;
 /// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
 const PUBLISH_MS: u64 = 250;
+/// Commands whose buffer the loop keeps between batches from its handles' queue.
+const BATCH_KEEP: usize = 1024;
 /// Timer-wheel index reserved for the periodic fd audit.
 const AUDIT_TIMER: u32 = u32::MAX - 1;
 
@@ -341,6 +343,9 @@ struct Inner<H: Handler> {
     handler: H,
     recv: Vec<u8>,
     shared: Arc<Shared<H>>,
+    /// The commands taken from the queue, run by [`Inner::run_commands`] (kept for its
+    /// capacity).
+    batch: Vec<Command<H>>,
 }
 
 impl<H: Handler> Server<H> {
@@ -384,6 +389,7 @@ impl<H: Handler> Server<H> {
             false => Some(Watchdog::start(config.stall_threshold)?),
         };
         let start = ledger.start;
+        let shared = Arc::new(Shared::new(waker, &config));
         let server = Server {
             events: Events::with_capacity(config.events_capacity),
             inner: Inner {
@@ -434,7 +440,8 @@ impl<H: Handler> Server<H> {
                     config,
                 },
                 handler,
-                shared: Arc::new(Shared::new(waker)),
+                shared,
+                batch: Vec::new(),
             },
             poll,
             _watchdog: watchdog,
@@ -531,6 +538,19 @@ impl<H: Handler> Server<H> {
     /// dispatch every event, fire due timers. Returns false once the server has shut down and
     /// every connection has ended. The first call sizes the fd budget (and may fail, as `run`).
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        // Callbacks and posted closures run on this thread until the turn returns: a query from
+        // them would wait for itself (see `LoopHandle::query`).
+        let shared = self.inner.shared.clone();
+        let _on_loop = shared.enter();
+        let more = self.turn_inner(timeout)?;
+        if !more {
+            // Ended: queries and commands get their answer (None, Closed) at once from now on.
+            shared.close();
+        }
+        Ok(more)
+    }
+
+    fn turn_inner(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         let core = &mut self.inner.core;
         if !core.started {
             core.start_up()?;
@@ -987,8 +1007,16 @@ impl<H: Handler> Inner<H> {
         }
     }
 
+    /// Run every command queued so far, in order; then free their room in the queue.
     fn run_commands(&mut self) {
-        for cmd in self.shared.take() {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.shared.take(&mut batch);
+        let (mut count, mut bytes) = (0, 0);
+        for cmd in batch.drain(..) {
+            if let Some(b) = cmd.cost() {
+                count += 1;
+                bytes += b;
+            }
             let Inner { core, handler, .. } = self;
             match cmd {
                 Command::Send(id, msg) => {
@@ -1003,7 +1031,7 @@ impl<H: Handler> Inner<H> {
                     Ctx { core }.close(id, code, &reason);
                 }
                 Command::Terminate(id) => Ctx { core }.terminate(id),
-                Command::Post(f) => {
+                Command::Post(f) | Command::Query(f) => {
                     let beat = core.beat.clone();
                     let catch = core.config.catch_panics;
                     let id = ConnId(0);
@@ -1020,6 +1048,11 @@ impl<H: Handler> Inner<H> {
             self.core.flush_cork();
             self.core.reap(&mut self.handler);
         }
+        // Keep a small batch's buffer for the next one; give a burst's back.
+        if batch.capacity() <= BATCH_KEEP {
+            self.batch = batch;
+        }
+        self.shared.release(count, bytes);
     }
 }
 

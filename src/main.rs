@@ -232,7 +232,7 @@ fn serve(
         if let Some(sig) = signals.forever().next() {
             log::info!("signal {sig}: shutting down");
             for h in &handles {
-                h.shutdown();
+                let _ = h.shutdown(); // `Err(Closed)`: that loop has ended already
             }
         }
     });
