@@ -1530,8 +1530,9 @@ impl<D> Core<D> {
         self.conns.get(idx).is_some_and(|c| c.gen == gen)
     }
 
+    /// `d` in the wheel's milliseconds, rounded up: a deadline never comes before its time.
     pub(crate) fn ms(d: Duration) -> u64 {
-        d.as_millis().min(u64::MAX as u128 / 4) as u64
+        d.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128 / 4) as u64
     }
 
     /// Point the connection's timer at the earliest of its deadlines.
@@ -1811,6 +1812,19 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::Core;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_become_whole_milliseconds_rounded_up() {
+        let ms = |us| Core::<()>::ms(Duration::from_micros(us));
+        assert_eq!(
+            (ms(0), ms(1), ms(1000), ms(1001), ms(1999), ms(2000)),
+            (0, 1, 1, 2, 2, 2)
+        );
+        assert_eq!(Core::<()>::ms(Duration::MAX), u64::MAX / 4);
+    }
+
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
     /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
     #[test]
