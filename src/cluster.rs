@@ -196,7 +196,9 @@ pub(crate) fn check_room(
     }
     // Whom to name: fewer loops would fit; or a headroom above the default takes the whole
     // limit while the rest would fit; or else the limit is too low.
-    let without_headroom = need(1).map(|n| n - headroom as u64);
+    let without_headroom = need(1)
+        .map(|n| n - headroom as u64)
+        .or_else(|| (per_loop + 3 + metrics as u64).checked_add(open as u64));
     let raised = headroom > Config::default().fd_headroom && headroom as u64 >= soft;
     let field = match need(1) {
         Some(one) if loops > 1 && one <= soft => "threads",
@@ -757,6 +759,9 @@ mod tests {
         assert!(e.reason.contains("9 open already"), "{e}");
         let e = check_room(1024, 9, 4096, 1, 1, false).unwrap_err();
         assert_eq!(e.field, "fd_headroom");
+        let e = check_room(1024, 9, usize::MAX, 1, 1, false).unwrap_err();
+        assert_eq!(e.field, "fd_headroom");
+        assert!(e.reason.contains("more than 2^64"), "{e}");
         // The default headroom is not blamed for a tiny limit.
         let e = check_room(20, 9, 32, 1, 1, false).unwrap_err();
         assert_eq!(e.field, FD_LIMIT);

@@ -344,14 +344,14 @@ fn open_client(
 
 /// Queue 1-byte sends until the queue says it is full; how many it took.
 fn fill(handle: &LoopHandle<Recorder>, id: ConnId) -> usize {
-    for n in 0.. {
+    for n in 0..100_000 {
         match handle.try_send_text(id, "x") {
             Ok(()) => {}
             Err(QueueError::Full) => return n,
             Err(e) => panic!("expected a full queue, got {e}"),
         }
     }
-    unreachable!()
+    panic!("100000 commands queued and the queue never said it was full");
 }
 
 #[test]
@@ -394,7 +394,8 @@ fn flooding_producers_stay_within_the_queue_bound_and_are_told_it_is_full() {
     let mut queued = 0;
     let full = loop {
         match server.handle.try_send_text(live, kib.clone()) {
-            Ok(()) => queued += 1,
+            Ok(()) if queued < 10_000 => queued += 1,
+            Ok(()) => panic!("{queued} KiB queued and the queue never said it was full"),
             Err(e) => break e,
         }
     };
@@ -663,6 +664,7 @@ fn dropping_a_server_with_an_hour_long_stall_threshold_returns_at_once() {
         ..config()
     };
     let (server, _addr, _ids) = manual(config.clone());
+    thread::sleep(Duration::from_millis(50)); // the watchdog thread is waiting by now
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         drop(server);
