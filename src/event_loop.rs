@@ -540,12 +540,11 @@ impl<H: Handler> Server<H> {
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         // Callbacks and posted closures run on this thread until the turn returns: a query from
         // them would wait for itself (see `LoopHandle::query`).
-        let shared = self.inner.shared.clone();
-        let _on_loop = shared.enter();
+        let _on_loop = self.inner.shared.enter();
         let more = self.turn_inner(timeout)?;
         if !more {
             // Ended: queries and commands get their answer (None, Closed) at once from now on.
-            shared.close();
+            self.inner.shared.close();
         }
         Ok(more)
     }
