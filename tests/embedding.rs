@@ -529,12 +529,13 @@ fn a_blocked_producer_waits_for_room_and_is_released_when_the_loop_drains() {
     let waiting = thread::spawn(move || h.send_text_timeout(id, "waited", Duration::from_secs(30)));
     thread::sleep(Duration::from_millis(100));
     assert!(!waiting.is_finished(), "returned while the queue was full");
-    // Shutdown is never refused for a full queue, and a query is answered behind the sends.
+    // A query is not refused for a full queue: it is answered behind the sends.
     let h = handle.clone();
     let query = thread::spawn(move || h.query(|_, ctx| ctx.open_ids()));
-    // One turn runs the batch and frees its room: the waiting producer gets in.
+    // One turn runs the batch and frees its room: the waiting producer gets in (and the query,
+    // once its thread has queued it, is answered).
     turn_until(&mut server, "the producer to be released", || {
-        waiting.is_finished()
+        waiting.is_finished() && query.is_finished()
     });
     assert_eq!(waiting.join().unwrap(), Ok(()));
     assert_eq!(query.join().unwrap(), Some(vec![id]));
