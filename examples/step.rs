@@ -45,7 +45,7 @@ fn main() -> std::io::Result<()> {
             );
         }
         if Instant::now() >= stop {
-            handle.shutdown();
+            handle.shutdown().expect("the loop is running");
         }
     }
     Ok(())

@@ -7,7 +7,7 @@
 
 use crate::admission::Admission;
 use crate::app::{ConnId, Handler};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, FD_LIMIT};
 use crate::event_loop::{Server, Stats};
 use crate::handle::LoopHandle;
 use crate::metrics::Snapshot;
@@ -228,41 +228,133 @@ impl Ledger {
     }
 }
 
+/// Descriptors each loop opens for itself: its epoll (the poll and its registry's duplicate),
+/// its waker's eventfd and the spare kept for `EMFILE`, besides one per listener.
+const LOOP_OWN_FDS: u64 = 4;
+
+/// Before any loop starts: whether RLIMIT_NOFILE (`soft`) leaves room, beyond the `open`
+/// descriptors, for `loops` loops with `listeners` listeners each (and loop 0's metrics
+/// listener): their own descriptors, the one each reserves for a refused client, at least two
+/// connections each, and the headroom. Refused naming `threads` when fewer loops would fit,
+/// else the limit itself ([`FD_LIMIT`]), with every number.
+pub(crate) fn check_room(
+    soft: u64,
+    open: usize,
+    headroom: usize,
+    loops: usize,
+    listeners: usize,
+    metrics: bool,
+) -> Result<(), ConfigError> {
+    let per_loop = LOOP_OWN_FDS.saturating_add(listeners as u64);
+    // Its own, one reserved for a refused client, two connections.
+    let need = |loops: u64| {
+        per_loop
+            .checked_add(3)
+            .and_then(|each| each.checked_mul(loops))
+            .and_then(|n| n.checked_add(open as u64))
+            .and_then(|n| n.checked_add(headroom as u64))
+            .and_then(|n| n.checked_add(metrics as u64))
+    };
+    let needed = need(loops as u64);
+    if needed.is_some_and(|n| n <= soft) {
+        return Ok(());
+    }
+    // Whom to name: fewer loops would fit; or a headroom above the default takes the whole
+    // limit while the rest would fit; or else the limit is too low.
+    let without_headroom = need(1)
+        .map(|n| n - headroom as u64)
+        .or_else(|| (per_loop + 3 + metrics as u64).checked_add(open as u64));
+    let raised = headroom > Config::default().fd_headroom && headroom as u64 >= soft;
+    let field = match need(1) {
+        Some(one) if loops > 1 && one <= soft => "threads",
+        _ if raised && without_headroom.is_some_and(|n| n <= soft) => "fd_headroom",
+        _ => FD_LIMIT,
+    };
+    let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+    let plural = if loops == 1 { " needs" } else { "s need" };
+    Err(ConfigError {
+        field,
+        reason: format!(
+            "RLIMIT_NOFILE {soft} is too low: {loops} event loop{plural} at least {needed} file \
+             descriptors ({open} open already, headroom {headroom}, and per loop {per_loop} of its \
+             own, 1 reserved and 2 for connections{}); raise the limit (ulimit -n, systemd \
+             LimitNOFILE){}{}",
+            if metrics {
+                ", 1 for the metrics listener"
+            } else {
+                ""
+            },
+            if loops > 1 { ", run fewer loops" } else { "" },
+            if headroom > 0 {
+                " or lower fd_headroom"
+            } else {
+                ""
+            },
+        ),
+    })
+}
+
 /// How the fd budget is split: per loop, the descriptors it may use for connections and its
 /// connection limit. `soft` is RLIMIT_NOFILE, `in_use` the descriptors open now (every loop's
 /// epoll, waker, listeners and spare included), `wanted` the configured `max_connections`
 /// (0: derive it, keeping an eighth of each share, at most 1024, for answering refused
 /// clients). One descriptor per loop is reserved for a refused client it briefly holds when
-/// its share is full.
+/// its share is full. Every sum is checked: values that cannot fit are refused, naming the
+/// field (`fd_headroom`, `max_connections`) or the limit ([`FD_LIMIT`]) with the numbers.
 pub(crate) fn plan_budget(
     soft: u64,
     in_use: usize,
     headroom: usize,
     wanted: usize,
     loops: usize,
-) -> Result<Vec<(usize, usize)>, String> {
-    let reserved = in_use as u64 + headroom as u64 + loops as u64;
+) -> Result<Vec<(usize, usize)>, ConfigError> {
+    let numbers = format!("RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}");
+    if loops == 0 {
+        return Err(ConfigError {
+            field: "threads",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let reserved = (in_use as u64)
+        .checked_add(headroom as u64)
+        .and_then(|r| r.checked_add(loops as u64));
+    let Some(reserved) = reserved.filter(|_| (headroom as u64) < soft) else {
+        return Err(ConfigError {
+            field: "fd_headroom",
+            reason: format!("{headroom} leaves no descriptor for connections ({numbers})"),
+        });
+    };
     let budget = soft.saturating_sub(reserved).min(1 << 24) as usize;
-    if budget < 2 * loops || wanted > budget {
-        let what = if wanted > 0 {
-            format!("max_connections {wanted} does not fit")
-        } else {
-            "no connection fits".to_string()
-        };
-        let per = match loops {
-            1 => String::new(),
-            n => format!(" shared by {n} threads"),
-        };
-        return Err(format!(
-            "{what} the file-descriptor budget of {budget}{per}: RLIMIT_NOFILE {soft}, {in_use} open, headroom {headroom}; raise the limit (ulimit -n, systemd LimitNOFILE) or lower max_connections"
-        ));
+    let per = match loops {
+        1 => String::new(),
+        n => format!(" shared by {n} threads"),
+    };
+    let least = loops.saturating_mul(2);
+    if budget < least {
+        return Err(ConfigError {
+            field: if loops > 1 { "threads" } else { FD_LIMIT },
+            reason: format!(
+                "no connection fits the file-descriptor budget of {budget}{per} ({numbers}); \
+                 raise the limit (ulimit -n, systemd LimitNOFILE)"
+            ),
+        });
+    }
+    if wanted > budget {
+        return Err(ConfigError {
+            field: "max_connections",
+            reason: format!(
+                "{wanted} does not fit the file-descriptor budget of {budget}{per} ({numbers}); \
+                 raise the limit (ulimit -n, systemd LimitNOFILE) or lower max_connections"
+            ),
+        });
     }
     let share = |total: usize, i: usize| total / loops + (i < total % loops) as usize;
     Ok((0..loops)
         .map(|i| {
             let b = share(budget, i);
             let max = match wanted {
-                0 => b - (b / 8).clamp(1, 1024),
+                // b >= 2: at least one connection is left after the reserve.
+                0 => b.saturating_sub((b / 8).clamp(1, 1024)),
                 w => share(w, i),
             };
             (b, max)
@@ -345,6 +437,25 @@ impl<H: Handler + 'static> Cluster<H> {
             crate::event_loop::raise_fd_limit();
         }
         let loops = config.threads;
+        // Refuse a limit too low for the loops before any opens a descriptor (a loop that
+        // failed with EMFILE halfway would only say "Too many open files").
+        if let Ok((soft, _)) = sys::nofile_limit() {
+            let open = match sys::open_fds() {
+                Ok(n) => n,
+                // Not even the directory that lists them can be opened: every one is in use.
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => soft as usize,
+                Err(_) => 0, // no /proc: only what the limit itself allows is checked
+            };
+            check_room(
+                soft,
+                open,
+                config.fd_headroom,
+                loops,
+                listen.len(),
+                metrics.is_some(),
+            )
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        }
         let ledger = Arc::new(Ledger::new(loops, &config));
         let make_handler = Arc::new(make_handler);
         let (done_tx, done) = mpsc::channel();
@@ -492,7 +603,8 @@ impl<H: Handler + 'static> Cluster<H> {
     /// Start a graceful shutdown of every loop.
     pub fn shutdown(&self) {
         for h in &self.handles {
-            h.shutdown();
+            // `Err(Closed)`: that loop has ended already.
+            let _ = h.shutdown();
         }
     }
 
@@ -550,7 +662,7 @@ impl<H: Handler> Drop for Cluster<H> {
             return;
         }
         for h in &self.handles {
-            h.shutdown();
+            let _ = h.shutdown(); // `Err(Closed)`: ended already
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -641,16 +753,83 @@ mod tests {
     #[test]
     fn a_budget_that_does_not_fit_is_refused_with_the_numbers() {
         let e = plan_budget(64, 40, 20, 0, 2).unwrap_err();
+        assert_eq!(e.field, "threads");
+        let text = e.to_string();
         assert!(
-            e.contains("no connection fits the file-descriptor budget of 2 shared by 2 threads"),
-            "{e}"
+            text.contains("no connection fits the file-descriptor budget of 2 shared by 2 threads"),
+            "{text}"
         );
         let e = plan_budget(1024, 20, 32, 2000, 1).unwrap_err();
-        assert!(e.contains("max_connections 2000 does not fit"), "{e}");
+        assert_eq!(e.field, "max_connections");
+        let text = e.to_string();
         assert!(
-            e.contains("RLIMIT_NOFILE 1024, 20 open, headroom 32"),
-            "{e}"
+            text.contains("max_connections: 2000 does not fit"),
+            "{text}"
         );
+        assert!(
+            text.contains("RLIMIT_NOFILE 1024, 20 open, headroom 32"),
+            "{text}"
+        );
+        let e = plan_budget(40, 30, 8, 0, 1).unwrap_err();
+        assert_eq!(e.field, FD_LIMIT, "{e}");
+    }
+
+    #[test]
+    fn a_headroom_that_overflows_the_sum_is_refused_not_wrapped() {
+        // 13 open + (2^64 - 13) headroom + 1 wraps to 1 in u64: a budget of "20000 fit".
+        let headroom = 18446744073709551603;
+        let e = plan_budget(1 << 20, 13, headroom, 20_000, 1).unwrap_err();
+        assert_eq!(e.field, "fd_headroom", "{e}");
+        assert!(e.to_string().contains(&headroom.to_string()), "{e}");
+        for (soft, open, headroom) in [
+            (u64::MAX, usize::MAX, usize::MAX),
+            (u64::MAX, 1, usize::MAX),
+            (1024, usize::MAX, 1),
+            (1024, 10, 1024),
+        ] {
+            for loops in [1, 3, 256] {
+                assert!(plan_budget(soft, open, headroom, 0, loops).is_err());
+                assert!(check_room(soft, open, headroom, loops, 64, true).is_err());
+            }
+        }
+        // A headroom that fits is taken as before.
+        assert_eq!(
+            plan_budget(1 << 20, 13, 1 << 19, 0, 1).unwrap()[0].0,
+            (1 << 19) - 14
+        );
+    }
+
+    #[test]
+    fn a_limit_too_low_for_the_loops_names_threads_or_the_limit_with_the_numbers() {
+        // 200 loops with one listener: 8 each (4 own + 1 listener + 1 reserved + 2 conns).
+        assert_eq!(check_room(1639, 7, 32, 200, 1, false), Ok(()));
+        assert!(check_room(1638, 7, 32, 200, 1, false).is_err());
+        let e = check_room(300, 7, 32, 200, 1, false).unwrap_err();
+        assert_eq!(
+            e.field, "threads",
+            "one loop would fit: fewer loops is the way"
+        );
+        for n in [
+            "RLIMIT_NOFILE 300",
+            "200 event loops",
+            "at least 1639",
+            "7 open",
+        ] {
+            assert!(e.reason.contains(n), "{n}: {e}");
+        }
+        // Below the descriptors already open: the limit itself.
+        let e = check_room(5, 9, 32, 1, 1, false).unwrap_err();
+        assert_eq!(e.field, FD_LIMIT);
+        assert!(e.reason.contains("RLIMIT_NOFILE 5"), "{e}");
+        assert!(e.reason.contains("9 open already"), "{e}");
+        let e = check_room(1024, 9, 4096, 1, 1, false).unwrap_err();
+        assert_eq!(e.field, "fd_headroom");
+        let e = check_room(1024, 9, usize::MAX, 1, 1, false).unwrap_err();
+        assert_eq!(e.field, "fd_headroom");
+        assert!(e.reason.contains("more than 2^64"), "{e}");
+        // The default headroom is not blamed for a tiny limit.
+        let e = check_room(20, 9, 32, 1, 1, false).unwrap_err();
+        assert_eq!(e.field, FD_LIMIT);
     }
 
     #[test]

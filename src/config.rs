@@ -6,7 +6,9 @@ use std::time::Duration;
 /// The limits and timeouts a server enforces. `Config::default()` is what the `wsloop` binary
 /// runs with unless told otherwise; the README's limits table lists the same values.
 ///
-/// A zero duration disables the timeout it names, except where noted.
+/// A zero duration disables the timeout it names, except where noted. The loop keeps time in
+/// whole milliseconds (its timer wheel's tick): a duration between zero and one millisecond is
+/// refused, and one with a fraction of a millisecond is rounded up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Largest message (after reassembling fragments) accepted from a client, in bytes.
@@ -50,7 +52,7 @@ pub struct Config {
     /// The bucket size for `connection_rate_per_ip` (bursts). 0 means "equal to the rate".
     pub connection_burst_per_ip: u32,
     /// Descriptors left for the rest of the process when deriving `max_connections`.
-    /// Default 32.
+    /// Default 32; at most 2^30 (more than a Linux process can open).
     pub fd_headroom: usize,
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit when the server starts (logged).
     /// Default true.
@@ -125,6 +127,16 @@ pub struct Config {
     /// [`Cluster`](crate::Cluster); a [`Server`](crate::Server) is one loop. Default 1 (no
     /// `SO_REUSEPORT`, so a second server on the same port fails to bind).
     pub threads: usize,
+    /// Most commands a server's [`LoopHandle`](crate::LoopHandle)s may have queued for the
+    /// loop at once (sends, closes, terminates, posted closures), counted until the loop has
+    /// run them. Beyond it the handle refuses the command with
+    /// [`QueueError::Full`](crate::QueueError::Full). Default 65536.
+    pub handle_queue_commands: usize,
+    /// Most bytes those commands may hold at once: each message's (or close reason's) buffer
+    /// and each closure's own size, plus the command's fixed size (a few dozen bytes). Beyond
+    /// it: [`QueueError::Full`](crate::QueueError::Full); a single command larger than this:
+    /// [`QueueError::TooLarge`](crate::QueueError::TooLarge). Default 16 MiB.
+    pub handle_queue_bytes: usize,
 }
 
 /// The header a trusted proxy names the client in.
@@ -181,14 +193,18 @@ impl Default for Config {
             proxy_protocol: false,
             threads: 1,
             forwarded_header: ForwardedHeader::XForwardedFor,
+            handle_queue_commands: 65_536,
+            handle_queue_bytes: 16 << 20,
         }
     }
 }
 
-/// A configuration value outside its allowed range, named with the reason.
+/// A configuration value outside its allowed range, named with the reason. The `wsloop` binary
+/// reports it with the flag that sets the field (`--max-message-size` for `max_message_size`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The field at fault.
+    /// The field at fault; or [`FD_LIMIT`] when it is the process's descriptor limit
+    /// (`RLIMIT_NOFILE`) that is too low for the configuration.
     pub field: &'static str,
     /// What is wrong with it.
     pub reason: String,
@@ -201,6 +217,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The name [`ConfigError::field`] gives the process's descriptor limit (`RLIMIT_NOFILE`, the
+/// binary's `--fd-limit`), which is no field of [`Config`].
+pub const FD_LIMIT: &str = "fd_limit";
+
+/// The ceiling for `fd_headroom`: more descriptors than a Linux process can have
+/// (`fs.nr_open` is at most about 2^30).
+pub const MAX_FD_HEADROOM: usize = 1 << 30;
 
 /// The ceiling for `max_headers` (the parser's stack array).
 pub const MAX_HEADERS_CAP: usize = crate::protocol::handshake::MAX_HEADERS_CAP;
@@ -236,7 +260,7 @@ impl Config {
         if self.close_timeout.is_zero() {
             return err("close_timeout", "may not be zero");
         }
-        let day = Duration::from_secs(86_400 * 365);
+        let year = Duration::from_secs(86_400 * 365);
         for (field, d) in [
             ("write_stall_timeout", self.write_stall_timeout),
             ("max_lifetime", self.max_lifetime),
@@ -247,8 +271,28 @@ impl Config {
             ("close_timeout", self.close_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
         ] {
-            if d > day {
+            if d > year {
                 return err(field, "must be at most a year");
+            }
+        }
+        // The timer wheel ticks in milliseconds: a shorter timeout would read as zero (off, or
+        // at once). The stall watchdog measures in nanoseconds, so its threshold may be shorter.
+        for (field, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("close_timeout", self.close_timeout),
+            ("write_stall_timeout", self.write_stall_timeout),
+            ("max_lifetime", self.max_lifetime),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("audit_interval", self.audit_interval),
+        ] {
+            if !d.is_zero() && d < Duration::from_millis(1) {
+                return err(
+                    field,
+                    format!(
+                        "{d:?} is shorter than the timer's 1 ms tick: use 0 (off) or at least 1 ms"
+                    ),
+                );
             }
         }
         if self.recv_buffer_size < 1024 || self.recv_buffer_size > 64 << 20 {
@@ -280,6 +324,21 @@ impl Config {
         }
         if self.max_connections > 1 << 24 {
             return err("max_connections", "must be at most 16777216");
+        }
+        if self.fd_headroom > MAX_FD_HEADROOM {
+            return err(
+                "fd_headroom",
+                format!(
+                    "{} is more descriptors than a process can have: must be at most {MAX_FD_HEADROOM}",
+                    self.fd_headroom
+                ),
+            );
+        }
+        if self.handle_queue_commands == 0 || self.handle_queue_commands > 1 << 24 {
+            return err("handle_queue_commands", "must be between 1 and 16777216");
+        }
+        if self.handle_queue_bytes < 4096 || self.handle_queue_bytes > 1 << 40 {
+            return err("handle_queue_bytes", "must be between 4 KiB and 1 TiB");
         }
         if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
             return err("allowed_origins", e);
@@ -376,5 +435,86 @@ mod tests {
             assert_eq!(e.field, field);
             assert!(e.to_string().contains(field));
         }
+    }
+
+    #[test]
+    fn timeouts_under_a_millisecond_are_refused_and_zero_still_means_off() {
+        let sub = Duration::from_micros(500);
+        type Set = fn(&mut Config, Duration);
+        let set: [(&str, Set); 7] = [
+            ("handshake_timeout", |c, d| c.handshake_timeout = d),
+            ("idle_timeout", |c, d| c.idle_timeout = d),
+            ("close_timeout", |c, d| c.close_timeout = d),
+            ("write_stall_timeout", |c, d| c.write_stall_timeout = d),
+            ("max_lifetime", |c, d| c.max_lifetime = d),
+            ("shutdown_timeout", |c, d| c.shutdown_timeout = d),
+            ("audit_interval", |c, d| c.audit_interval = d),
+        ];
+        for (field, f) in set {
+            let mut c = Config::default();
+            f(&mut c, sub);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field);
+            assert!(e.reason.contains("500µs"), "{e}");
+            assert!(e.reason.contains("1 ms"), "{e}");
+            for ok in [Duration::from_millis(1), Duration::from_micros(1500)] {
+                f(&mut c, ok);
+                assert_eq!(c.validate(), Ok(()), "{field} = {ok:?}");
+            }
+        }
+        for off in [
+            Config {
+                idle_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+            Config {
+                max_lifetime: Duration::ZERO,
+                audit_interval: Duration::ZERO,
+                shutdown_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+        ] {
+            assert_eq!(off.validate(), Ok(()));
+        }
+        // The stall watchdog measures in nanoseconds: a short threshold is fine.
+        let c = Config {
+            stall_threshold: sub,
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_headroom_and_the_handle_queue_bounds_are_checked() {
+        for (field, c) in [
+            (
+                "fd_headroom",
+                Config {
+                    fd_headroom: 18446744073709551603,
+                    ..Config::default()
+                },
+            ),
+            (
+                "handle_queue_commands",
+                Config {
+                    handle_queue_commands: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "handle_queue_bytes",
+                Config {
+                    handle_queue_bytes: 100,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+        let c = Config {
+            fd_headroom: MAX_FD_HEADROOM,
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
     }
 }

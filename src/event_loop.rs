@@ -54,6 +54,8 @@ const SWEEP_MS: u64 = 10_000;
 const READ_BUDGET: usize = 4;
 /// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
 const PUBLISH_MS: u64 = 250;
+/// Commands whose buffer the loop keeps between batches from its handles' queue.
+const BATCH_KEEP: usize = 1024;
 
 /// A timer entry: the connection's slab index and generation ([`ACCEPT_TIMER`] for the accept
 /// backoff).
@@ -365,6 +367,9 @@ struct Inner<H: Handler> {
     handler: H,
     recv: Vec<u8>,
     shared: Arc<Shared<H>>,
+    /// The commands taken from the queue, run by [`Inner::run_commands`] (kept for its
+    /// capacity).
+    batch: Vec<Command<H>>,
 }
 
 impl<H: Handler> Server<H> {
@@ -408,6 +413,7 @@ impl<H: Handler> Server<H> {
             false => Some(Watchdog::start(config.stall_threshold)?),
         };
         let start = ledger.start;
+        let shared = Arc::new(Shared::new(waker, &config));
         let server = Server {
             events: Events::with_capacity(config.events_capacity),
             inner: Inner {
@@ -460,7 +466,8 @@ impl<H: Handler> Server<H> {
                     config,
                 },
                 handler,
-                shared: Arc::new(Shared::new(waker)),
+                shared,
+                batch: Vec::new(),
             },
             poll,
             _watchdog: watchdog,
@@ -557,6 +564,18 @@ impl<H: Handler> Server<H> {
     /// dispatch every event, fire due timers. Returns false once the server has shut down and
     /// every connection has ended. The first call sizes the fd budget (and may fail, as `run`).
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        // Callbacks and posted closures run on this thread until the turn returns: a query from
+        // them would wait for itself (see `LoopHandle::query`).
+        let _on_loop = self.inner.shared.enter();
+        let more = self.turn_inner(timeout)?;
+        if !more {
+            // Ended: queries and commands get their answer (None, Closed) at once from now on.
+            self.inner.shared.close();
+        }
+        Ok(more)
+    }
+
+    fn turn_inner(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         let core = &mut self.inner.core;
         if !core.started {
             core.start_up()?;
@@ -1074,8 +1093,16 @@ impl<H: Handler> Inner<H> {
         }
     }
 
+    /// Run every command queued so far, in order; then free their room in the queue.
     fn run_commands(&mut self) {
-        for cmd in self.shared.take() {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.shared.take(&mut batch);
+        let (mut count, mut bytes) = (0, 0);
+        for cmd in batch.drain(..) {
+            if let Some(b) = cmd.cost() {
+                count += 1;
+                bytes += b;
+            }
             let Inner { core, handler, .. } = self;
             match cmd {
                 Command::Send(id, msg) => {
@@ -1090,7 +1117,7 @@ impl<H: Handler> Inner<H> {
                     Ctx { core }.close(id, code, &reason);
                 }
                 Command::Terminate(id) => Ctx { core }.terminate(id),
-                Command::Post(f) => {
+                Command::Post(f) | Command::Query(f) => {
                     let beat = core.beat.clone();
                     let catch = core.config.catch_panics;
                     let id = ConnId(0);
@@ -1107,6 +1134,11 @@ impl<H: Handler> Inner<H> {
             self.core.flush_cork();
             self.core.reap(&mut self.handler);
         }
+        // Keep a small batch's buffer for the next one; give a burst's back.
+        if batch.capacity() <= BATCH_KEEP {
+            self.batch = batch;
+        }
+        self.shared.release(count, bytes);
     }
 }
 
@@ -1607,8 +1639,9 @@ impl<D> Core<D> {
         self.conns.get(idx).is_some_and(|c| c.gen == gen)
     }
 
+    /// `d` in the wheel's milliseconds, rounded up: a deadline never comes before its time.
     pub(crate) fn ms(d: Duration) -> u64 {
-        d.as_millis().min(u64::MAX as u128 / 4) as u64
+        d.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128 / 4) as u64
     }
 
     /// Point the connection's timer at the earliest of its deadlines.
@@ -1909,6 +1942,19 @@ impl<H: Handler> Drop for Server<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::Core;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_become_whole_milliseconds_rounded_up() {
+        let ms = |us| Core::<()>::ms(Duration::from_micros(us));
+        assert_eq!(
+            (ms(0), ms(1), ms(1000), ms(1001), ms(1999), ms(2000)),
+            (0, 1, 1, 2, 2, 2)
+        );
+        assert_eq!(Core::<()>::ms(Duration::MAX), u64::MAX / 4);
+    }
+
     /// Idle connections must stay cheap (the memory target is a few hundred bytes of user space
     /// per idle connection, wheel entry included): a guard against the state growing unnoticed.
     #[test]

@@ -1,17 +1,20 @@
-//! Reaching the loop from other threads: [`LoopHandle`] posts commands to a queue and wakes the
-//! loop through a `mio::Waker`; the loop runs them between dispatches, with a [`Ctx`].
+//! Reaching the loop from other threads: [`LoopHandle`] posts commands to a bounded queue and
+//! wakes the loop through a `mio::Waker`; the loop runs them between dispatches, with a [`Ctx`].
 
 use crate::app::{CloseReason, ConnId, Handler, Message, SendStatus};
-use crate::config::BackpressurePolicy;
+use crate::config::{BackpressurePolicy, Config};
 use crate::event_loop::{conn_id, slot_of, Core, Stats};
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::session::State;
 use crate::write::Out;
 use mio::Waker;
+use std::cell::Cell;
+use std::fmt;
 use std::io;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// A message owned by a command in flight to the loop.
 pub(crate) enum OwnedMessage {
@@ -27,63 +30,273 @@ pub(crate) enum Command<H: Handler> {
     Close(ConnId, CloseCode, String),
     Terminate(ConnId),
     Post(Job<H>),
+    /// A closure whose caller waits for its result ([`LoopHandle::query`]): not counted against
+    /// the bound, since each waiting thread has at most one in the queue.
+    Query(Job<H>),
+    /// Queued at most once, never refused for a full queue.
     Shutdown,
+}
+
+impl<H: Handler> Command<H> {
+    /// The bytes this command holds while queued, as counted against
+    /// [`Config::handle_queue_bytes`]: its own size plus what it owns (a message's or reason's
+    /// buffer, a closure's captures; what a closure owns behind pointers is not visible here).
+    /// `None` for the control commands, which the bound does not count.
+    pub(crate) fn cost(&self) -> Option<usize> {
+        let own = std::mem::size_of::<Self>();
+        Some(match self {
+            Command::Send(_, OwnedMessage::Text(s)) => own + s.capacity(),
+            Command::Send(_, OwnedMessage::Binary(b)) => own + b.capacity(),
+            Command::Close(_, _, reason) => own + reason.capacity(),
+            Command::Terminate(_) => own,
+            Command::Post(f) => own + std::mem::size_of_val(&**f),
+            Command::Query(_) | Command::Shutdown => return None,
+        })
+    }
+}
+
+/// Why a [`LoopHandle`] did not queue a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// The queue holds [`Config::handle_queue_commands`] commands or
+    /// [`Config::handle_queue_bytes`] bytes: the loop has not caught up. The command was
+    /// dropped; retry later, give it up, or wait for room with a `*_timeout` method.
+    Full,
+    /// The command alone is larger than [`Config::handle_queue_bytes`]: it can never be queued.
+    TooLarge,
+    /// The loop has ended (its `turn` returned false, or its `Server` was dropped): nothing
+    /// will run the command.
+    Closed,
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QueueError::Full => "the loop's command queue is full",
+            QueueError::TooLarge => "the command is larger than the loop's command queue",
+            QueueError::Closed => "the loop has ended",
+        })
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+/// What a [`LoopHandle`]'s queue holds, from [`LoopHandle::queued`]. Only the bounded commands
+/// count (sends, closes, terminates, posts); queries and shutdown do not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Commands queued or being run by the loop now.
+    pub commands: usize,
+    /// Their bytes (see [`Config::handle_queue_bytes`]).
+    pub bytes: usize,
+    /// The most commands held at once since the server was built.
+    pub peak_commands: usize,
+    /// The most bytes held at once since the server was built.
+    pub peak_bytes: usize,
+    /// Commands refused because the queue was full (or the command too large).
+    pub refused: u64,
+}
+
+/// The queue behind the mutex.
+struct Queue<H: Handler> {
+    /// Commands not yet taken by the loop.
+    commands: Vec<Command<H>>,
+    /// False once the loop has ended: commands are then refused.
+    open: bool,
+    /// A shutdown is queued (or has run): further ones are not queued again.
+    shutdown: bool,
+    /// What the bounded commands queued or running hold, and the high-water marks.
+    stats: QueueStats,
+    /// Producers waiting for room.
+    waiters: usize,
 }
 
 /// The queue and the waker shared by the loop and its handles.
 pub(crate) struct Shared<H: Handler> {
-    /// `None` once the loop has ended: commands are then dropped at once.
-    queue: Mutex<Option<Vec<Command<H>>>>,
+    queue: Mutex<Queue<H>>,
+    /// Signalled when the loop has run a batch (room was freed) or has ended.
+    room: Condvar,
     waker: Waker,
+    max_commands: usize,
+    max_bytes: usize,
+}
+
+thread_local! {
+    /// The `Shared` (by address) of the loop whose turn runs on this thread, or 0.
+    static LOOP_HERE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as running a loop's turn until dropped (see [`Shared::enter`]).
+pub(crate) struct OnLoop {
+    previous: usize,
+}
+
+impl Drop for OnLoop {
+    fn drop(&mut self) {
+        LOOP_HERE.with(|l| l.set(self.previous));
+    }
 }
 
 impl<H: Handler> Shared<H> {
-    pub(crate) fn new(waker: Waker) -> Self {
+    pub(crate) fn new(waker: Waker, config: &Config) -> Self {
         Shared {
-            queue: Mutex::new(Some(Vec::new())),
+            queue: Mutex::new(Queue {
+                commands: Vec::new(),
+                open: true,
+                shutdown: false,
+                stats: QueueStats::default(),
+                waiters: 0,
+            }),
+            room: Condvar::new(),
             waker,
+            max_commands: config.handle_queue_commands,
+            max_bytes: config.handle_queue_bytes,
         }
     }
 
-    /// Everything queued so far, in order.
-    pub(crate) fn take(&self) -> Vec<Command<H>> {
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        q.as_mut().map(std::mem::take).unwrap_or_default()
+    fn lock(&self) -> MutexGuard<'_, Queue<H>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The loop has ended: drop what is queued and refuse what comes.
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// The calling thread runs this loop's turn until the guard is dropped.
+    pub(crate) fn enter(&self) -> OnLoop {
+        OnLoop {
+            previous: LOOP_HERE.with(|l| l.replace(self.id())),
+        }
+    }
+
+    /// Whether the calling thread is running this loop's turn (a callback or posted closure).
+    fn on_loop_thread(&self) -> bool {
+        LOOP_HERE.with(|l| l.get()) == self.id()
+    }
+
+    /// Move everything queued so far, in order, into `batch` (empty). The bounded commands
+    /// among them stay counted until [`Shared::release`].
+    pub(crate) fn take(&self, batch: &mut Vec<Command<H>>) {
+        std::mem::swap(&mut self.lock().commands, batch);
+    }
+
+    /// The loop has run commands holding `commands` and `bytes`: free their room and wake the
+    /// producers waiting for it.
+    pub(crate) fn release(&self, commands: usize, bytes: usize) {
+        if commands == 0 {
+            return;
+        }
+        let mut q = self.lock();
+        q.stats.commands -= commands;
+        q.stats.bytes -= bytes;
+        if q.waiters > 0 {
+            self.room.notify_all();
+        }
+    }
+
+    /// The loop has ended: drop what is queued and refuse what comes; release every waiting
+    /// producer (with [`QueueError::Closed`]) and every waiting query (with `None`).
     pub(crate) fn close(&self) {
-        let old = self
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let mut q = self.lock();
+        q.open = false;
+        let old = std::mem::take(&mut q.commands);
+        for bytes in old.iter().filter_map(Command::cost) {
+            q.stats.commands -= 1;
+            q.stats.bytes -= bytes;
+        }
+        self.room.notify_all();
+        drop(q);
         drop(old);
     }
 
-    fn push(&self, cmd: Command<H>) {
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(queue) = q.as_mut() else {
-            return;
-        };
-        let was_empty = queue.is_empty();
-        queue.push(cmd);
+    /// Queue `cmd`, waiting for room until `deadline` if one is given (and the calling thread
+    /// is not the loop's own, which cannot drain while it waits).
+    fn push(&self, cmd: Command<H>, deadline: Option<Instant>) -> Result<(), QueueError> {
+        let cost = cmd.cost();
+        let mut q = self.lock();
+        if let Some(bytes) = cost {
+            if bytes > self.max_bytes {
+                q.stats.refused += 1;
+                return Err(QueueError::TooLarge);
+            }
+            let deadline = deadline.filter(|_| !self.on_loop_thread());
+            loop {
+                if !q.open {
+                    return Err(QueueError::Closed);
+                }
+                let s = &q.stats;
+                if s.commands < self.max_commands && s.bytes + bytes <= self.max_bytes {
+                    break;
+                }
+                let left = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
+                let Some(left) = left.filter(|l| !l.is_zero()) else {
+                    q.stats.refused += 1;
+                    return Err(QueueError::Full);
+                };
+                q.waiters += 1;
+                q = self
+                    .room
+                    .wait_timeout(q, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                q.waiters -= 1;
+            }
+            let s = &mut q.stats;
+            s.commands += 1;
+            s.bytes += bytes;
+            s.peak_commands = s.peak_commands.max(s.commands);
+            s.peak_bytes = s.peak_bytes.max(s.bytes);
+        } else if !q.open {
+            return Err(QueueError::Closed);
+        }
+        if matches!(cmd, Command::Shutdown) {
+            if q.shutdown {
+                return Ok(());
+            }
+            q.shutdown = true;
+        }
+        let was_empty = q.commands.is_empty();
+        q.commands.push(cmd);
         drop(q);
         if was_empty {
             // A failed wake leaves the command queued for the next wake-up; nothing to recover.
             let _ = self.waker.wake();
         }
+        Ok(())
     }
 }
 
 /// A cloneable, `Send` handle to a running server, for other threads (or the loop's own
 /// callbacks) to send to connections, close them, run closures on the loop, or shut it down.
 ///
-/// Every method only queues a command and wakes the loop (one mutex lock and at most one
-/// `write` to an eventfd); the loop applies commands in order on its next turn. Commands aimed at
-/// a connection that has ended by then are dropped: connection ids carry a generation, so they
-/// never reach a newer connection in the same slot. Commands sent after the loop has returned
-/// are dropped.
+/// # The queue and its bound
+///
+/// Every method queues a command and wakes the loop (one mutex lock and at most one `write` to
+/// an eventfd); the loop takes everything queued on its next turn and runs it in order. The
+/// queue is bounded, so that producers faster than the loop cannot exhaust memory:
+/// [`Config::handle_queue_commands`] commands and [`Config::handle_queue_bytes`] bytes (a
+/// message's bytes plus a fixed overhead per command), counted from the moment a command is
+/// queued until the loop has run the batch it belongs to. Each method says what became of its
+/// command:
+///
+/// - `Ok(())`: queued; the loop will run it (a send to a connection that has ended by then is
+///   dropped cheaply: ids carry a generation, so it never reaches a newer connection in the
+///   same slot).
+/// - [`QueueError::Full`]: the bound is reached and the command was dropped. The `try_*`
+///   methods never wait; the `*_timeout` methods wait for room up to a timeout (woken when the
+///   loop has run a batch). A producer either retries later, gives the message up (a ticker
+///   whose next value replaces this one), or waits.
+/// - [`QueueError::TooLarge`]: the command alone exceeds the byte bound.
+/// - [`QueueError::Closed`]: the loop has ended; nothing will run it.
+///
+/// The control commands are not refused for a full queue: [`LoopHandle::shutdown`] (queued at
+/// most once) and [`LoopHandle::query`] (with [`stats`](LoopHandle::stats) and
+/// [`metrics`](LoopHandle::metrics)), whose caller waits for the answer, so each waiting thread
+/// has at most one in the queue. They run in order after what was queued before them.
+///
+/// On the loop's own thread (in a callback or a posted closure), the `*_timeout` methods do not
+/// wait (the loop cannot drain while it waits), and [`LoopHandle::query`] panics (it would wait
+/// for itself forever): use the [`WebSocket`](crate::WebSocket) or [`Ctx`] at hand instead.
 pub struct LoopHandle<H: Handler> {
     shared: Arc<Shared<H>>,
 }
@@ -101,60 +314,134 @@ impl<H: Handler> LoopHandle<H> {
         LoopHandle { shared }
     }
 
-    /// Send a text message to connection `id`.
-    pub fn send_text(&self, id: ConnId, text: impl Into<String>) {
+    fn deadline(timeout: Duration) -> Option<Instant> {
+        // A timeout too long to represent waits as long as it can.
+        Some(
+            Instant::now()
+                .checked_add(timeout)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365)),
+        )
+    }
+
+    /// Queue a text message for connection `id`; never waits (see [the queue](LoopHandle)).
+    pub fn try_send_text(&self, id: ConnId, text: impl Into<String>) -> Result<(), QueueError> {
+        let cmd = Command::Send(id, OwnedMessage::Text(text.into()));
+        self.shared.push(cmd, None)
+    }
+
+    /// Queue a binary message for connection `id`; never waits.
+    pub fn try_send_binary(&self, id: ConnId, bytes: impl Into<Vec<u8>>) -> Result<(), QueueError> {
+        let cmd = Command::Send(id, OwnedMessage::Binary(bytes.into()));
+        self.shared.push(cmd, None)
+    }
+
+    /// [`LoopHandle::try_send_text`], waiting up to `timeout` for room in a full queue.
+    pub fn send_text_timeout(
+        &self,
+        id: ConnId,
+        text: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<(), QueueError> {
+        let cmd = Command::Send(id, OwnedMessage::Text(text.into()));
+        self.shared.push(cmd, Self::deadline(timeout))
+    }
+
+    /// [`LoopHandle::try_send_binary`], waiting up to `timeout` for room in a full queue.
+    pub fn send_binary_timeout(
+        &self,
+        id: ConnId,
+        bytes: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(), QueueError> {
+        let cmd = Command::Send(id, OwnedMessage::Binary(bytes.into()));
+        self.shared.push(cmd, Self::deadline(timeout))
+    }
+
+    /// Start the close handshake with connection `id`; never waits.
+    pub fn try_close(
+        &self,
+        id: ConnId,
+        code: CloseCode,
+        reason: impl Into<String>,
+    ) -> Result<(), QueueError> {
         self.shared
-            .push(Command::Send(id, OwnedMessage::Text(text.into())));
+            .push(Command::Close(id, code, reason.into()), None)
     }
 
-    /// Send a binary message to connection `id`.
-    pub fn send_binary(&self, id: ConnId, bytes: impl Into<Vec<u8>>) {
+    /// Drop connection `id` without a close handshake; never waits.
+    pub fn try_terminate(&self, id: ConnId) -> Result<(), QueueError> {
+        self.shared.push(Command::Terminate(id), None)
+    }
+
+    /// Run `f` on the loop's thread with the handler and a [`Ctx`]; never waits. The closure's
+    /// own size counts against the byte bound (what it owns behind pointers does not: the
+    /// command count bounds those).
+    pub fn try_post(
+        &self,
+        f: impl FnOnce(&mut H, &mut Ctx<'_, H::Data>) + Send + 'static,
+    ) -> Result<(), QueueError> {
+        self.shared.push(Command::Post(Box::new(f)), None)
+    }
+
+    /// [`LoopHandle::try_post`], waiting up to `timeout` for room in a full queue.
+    pub fn post_timeout(
+        &self,
+        f: impl FnOnce(&mut H, &mut Ctx<'_, H::Data>) + Send + 'static,
+        timeout: Duration,
+    ) -> Result<(), QueueError> {
         self.shared
-            .push(Command::Send(id, OwnedMessage::Binary(bytes.into())));
-    }
-
-    /// Start the close handshake with connection `id`.
-    pub fn close(&self, id: ConnId, code: CloseCode, reason: impl Into<String>) {
-        self.shared.push(Command::Close(id, code, reason.into()));
-    }
-
-    /// Drop connection `id` without a close handshake.
-    pub fn terminate(&self, id: ConnId) {
-        self.shared.push(Command::Terminate(id));
-    }
-
-    /// Run `f` on the loop's thread with the handler and a [`Ctx`].
-    pub fn post(&self, f: impl FnOnce(&mut H, &mut Ctx<'_, H::Data>) + Send + 'static) {
-        self.shared.push(Command::Post(Box::new(f)));
+            .push(Command::Post(Box::new(f)), Self::deadline(timeout))
     }
 
     /// Run `f` on the loop and wait for its result; `None` if the loop has ended (or ends before
-    /// running it). Blocks the calling thread: never call it from the loop's own thread.
+    /// running it), at once if it had already. Not refused for a full queue: it runs after what
+    /// was queued before it.
+    ///
+    /// # Panics
+    ///
+    /// On the loop's own thread (in a callback or posted closure of this server), where it would
+    /// wait for itself forever: use the [`Ctx`] or [`WebSocket`](crate::WebSocket) at hand.
     pub fn query<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut H, &mut Ctx<'_, H::Data>) -> R + Send + 'static,
     ) -> Option<R> {
+        assert!(
+            !self.shared.on_loop_thread(),
+            "LoopHandle::query (or stats, metrics) called on the loop's own thread, from a \
+             callback or posted closure: it would wait for itself forever; use the Ctx or \
+             WebSocket at hand (Ctx::stats, Ctx::metrics) instead"
+        );
         let (tx, rx) = mpsc::sync_channel(1);
-        self.post(move |h, ctx| {
+        let job: Job<H> = Box::new(move |h, ctx| {
             let _ = tx.send(f(h, ctx));
         });
+        self.shared.push(Command::Query(job), None).ok()?;
         rx.recv().ok()
     }
 
-    /// The loop's counters, fetched from the loop; `None` if it has ended.
+    /// The loop's counters, fetched from the loop; `None` if it has ended. Panics on the loop's
+    /// own thread, as [`LoopHandle::query`].
     pub fn stats(&self) -> Option<Stats> {
         self.query(|_, ctx| ctx.stats())
     }
 
     /// The metrics in Prometheus text format, rendered on the loop; `None` if it has ended.
+    /// Panics on the loop's own thread, as [`LoopHandle::query`].
     pub fn metrics(&self) -> Option<String> {
         self.query(|_, ctx| ctx.metrics())
     }
 
     /// Graceful shutdown: stop accepting, send close 1001 to every open connection, wait up to
-    /// the shutdown timeout for their answers, then drop the rest and let `run` return.
-    pub fn shutdown(&self) {
-        self.shared.push(Command::Shutdown);
+    /// the shutdown timeout for their answers, then drop the rest and let `run` return. Never
+    /// refused for a full queue; queued once however often it is called. `Err(Closed)` if the
+    /// loop has already ended.
+    pub fn shutdown(&self) -> Result<(), QueueError> {
+        self.shared.push(Command::Shutdown, None)
+    }
+
+    /// What the queue holds now, its high-water marks and how many commands it refused.
+    pub fn queued(&self) -> QueueStats {
+        self.shared.lock().stats
     }
 }
 

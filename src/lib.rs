@@ -57,7 +57,7 @@ pub use app::{
 pub use cluster::{Budget, Cluster};
 pub use config::{BackpressurePolicy, Config, ConfigError};
 pub use event_loop::{Server, Stats, ACCEPT_ERRNO_LABELS};
-pub use handle::{Ctx, LoopHandle};
+pub use handle::{Ctx, LoopHandle, QueueError, QueueStats};
 pub use protocol::close::CloseCode;
 
 /// The README's examples, compiled as doc tests so that they stay true.

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
-    BackpressurePolicy, Cluster, Config, Decision, Handler, Message, UpgradeRequest, WebSocket,
+    BackpressurePolicy, Cluster, Config, ConfigError, Decision, Handler, Message, UpgradeRequest,
+    WebSocket,
 };
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
@@ -154,10 +155,120 @@ impl Handler for Echo {
     }
 }
 
+/// The configuration fields the binary sets, and the flag that sets each (for errors).
+const FLAGS: &[(&str, &str)] = &[
+    ("max_message_size", "--max-message-size"),
+    ("max_header_bytes", "--max-header-bytes"),
+    ("max_headers", "--max-headers"),
+    ("handshake_timeout", "--handshake-timeout"),
+    ("idle_timeout", "--idle-timeout"),
+    ("close_timeout", "--close-timeout"),
+    ("shutdown_timeout", "--shutdown-timeout"),
+    ("max_connections", "--max-connections"),
+    ("max_connections_per_ip", "--max-connections-per-ip"),
+    ("connection_rate_per_ip", "--connection-rate-per-ip"),
+    ("connection_burst_per_ip", "--connection-burst-per-ip"),
+    ("fd_headroom", "--fd-headroom"),
+    (wsloop::config::FD_LIMIT, "--fd-limit"),
+    ("raise_fd_limit", "--fd-limit"),
+    ("listen_backlog", "--listen-backlog"),
+    ("accepts_per_turn", "--accepts-per-turn"),
+    ("max_backpressure", "--max-backpressure"),
+    ("backpressure_policy", "--backpressure-policy"),
+    ("write_stall_timeout", "--write-stall-timeout"),
+    ("max_lifetime", "--max-lifetime"),
+    ("threads", "--threads"),
+    ("serve_metrics", "--no-metrics-on-ws"),
+    ("audit_interval", "--audit-interval"),
+    ("allowed_origins", "--allowed-origin"),
+    ("allow_missing_origin", "--require-origin"),
+    ("stall_threshold", "--stall-threshold"),
+    ("trusted_proxies", "--trusted-proxy"),
+    ("proxy_protocol", "--proxy-protocol"),
+    ("forwarded_header", "--forwarded-header"),
+];
+
+fn flag_of(field: &str) -> Option<&'static str> {
+    FLAGS
+        .iter()
+        .find(|(f, _)| *f == field)
+        .map(|(_, flag)| *flag)
+}
+
+/// A configuration error as the binary's user sees it: the flags named instead of the fields
+/// (in the reason too, where it names another one), and where the descriptor limit came from.
+fn explain(e: &ConfigError, fd_limit: Option<u64>) -> String {
+    let mut reason = String::new();
+    let mut word = String::new();
+    for c in e.reason.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+            continue;
+        }
+        // Only words with an underscore: `threads` in prose stays a word.
+        match flag_of(&word).filter(|_| word.contains('_')) {
+            Some(flag) => reason.push_str(flag),
+            None => reason.push_str(&word),
+        }
+        word.clear();
+        reason.push(c);
+    }
+    reason.pop();
+    let what = flag_of(e.field).unwrap_or(e.field);
+    let mut text = format!("invalid {what}: {reason}");
+    if let Some(limit) = fd_limit.filter(|_| e.reason.contains("RLIMIT_NOFILE")) {
+        text.push_str(&format!(" (the limit was set by --fd-limit {limit})"));
+    }
+    text
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    let config = Config {
+    let config = config_of(&args);
+    // Every flag is checked before anything is opened or the descriptor limit is changed.
+    if let Err(e) = config.validate() {
+        eprintln!("wsloop: {}", explain(&e, None));
+        return ExitCode::FAILURE;
+    }
+    // Before the loops start, so that the fd audit counts its descriptors as the process's;
+    // and before the limit is lowered, so that a low --fd-limit is reported as such below
+    // rather than failing here with "Too many open files".
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]);
+    let signals = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsloop: cannot handle SIGINT and SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(limit) = args.fd_limit {
+        match wsloop::sys::set_nofile_soft(limit) {
+            Ok(n) => log::info!("soft RLIMIT_NOFILE set to {n}"),
+            Err(e) => {
+                eprintln!("wsloop: invalid --fd-limit: cannot set RLIMIT_NOFILE to {limit}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match serve(config, &args.listen, args.metrics_listen, signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let config_error = e.get_ref().and_then(|e| e.downcast_ref::<ConfigError>());
+            match config_error {
+                Some(c) => eprintln!("wsloop: {}", explain(c, args.fd_limit)),
+                None => eprintln!("wsloop: {e}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_of(args: &Args) -> Config {
+    Config {
         max_message_size: args.max_message_size,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
@@ -194,22 +305,6 @@ fn main() -> ExitCode {
         },
         threads: args.threads,
         ..Config::default()
-    };
-    if let Some(limit) = args.fd_limit {
-        match wsloop::sys::set_nofile_soft(limit) {
-            Ok(n) => log::info!("soft RLIMIT_NOFILE set to {n}"),
-            Err(e) => {
-                eprintln!("wsloop: cannot set RLIMIT_NOFILE to {limit}: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    match serve(config, &args.listen, args.metrics_listen) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wsloop: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 
@@ -217,14 +312,10 @@ fn serve(
     config: Config,
     listen: &[SocketAddr],
     metrics: Option<SocketAddr>,
+    mut signals: signal_hook::iterator::Signals,
 ) -> std::io::Result<()> {
     let on_ws = config.serve_metrics;
     let threads = config.threads;
-    // Before the loops start, so that the fd audit counts its descriptors as the process's.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
     let cluster = Cluster::start(config, listen, metrics, |_| Echo)?;
     for bound in cluster.local_addrs() {
         log::info!("echo server listening on ws://{bound}");
@@ -243,7 +334,7 @@ fn serve(
         if let Some(sig) = signals.forever().next() {
             log::info!("signal {sig}: shutting down");
             for h in &handles {
-                h.shutdown();
+                let _ = h.shutdown(); // `Err(Closed)`: that loop has ended already
             }
         }
     });

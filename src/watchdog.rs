@@ -4,8 +4,8 @@
 //! runs longer than a threshold: a warning naming the callback and the connection, a counter,
 //! and the longest stall seen.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,6 @@ pub(crate) struct Heartbeat {
     /// Stalls reported, and the longest seen, in nanoseconds.
     pub(crate) stalls: AtomicU64,
     pub(crate) longest_ns: AtomicU64,
-    stop: AtomicBool,
 }
 
 impl Heartbeat {
@@ -84,7 +83,6 @@ impl Heartbeat {
             conn: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             longest_ns: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
         }
     }
 
@@ -110,10 +108,13 @@ impl Heartbeat {
     }
 }
 
-/// The watchdog thread; stops when dropped.
+/// The watchdog thread; stops when dropped, at once whatever the threshold.
 #[derive(Debug)]
 pub(crate) struct Watchdog {
     pub(crate) beat: Arc<Heartbeat>,
+    /// Set (and signalled) to stop the thread: it waits on this between checks, so a stop
+    /// wakes it at once instead of after its period.
+    stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -122,53 +123,74 @@ impl Watchdog {
     /// every millisecond).
     pub(crate) fn start(threshold: Duration) -> std::io::Result<Watchdog> {
         let beat = Arc::new(Heartbeat::new());
-        let b = beat.clone();
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (b, s) = (beat.clone(), stop.clone());
         let limit = threshold.as_nanos() as u64;
         let period = (threshold / 4).max(Duration::from_millis(1));
         let thread = thread::Builder::new()
             .name("wsloop-watchdog".into())
             .spawn(move || {
                 let mut reported_turn = 0;
-                while !b.stop.load(Relaxed) {
-                    thread::sleep(period);
-                    let started = b.turn_started.load(Relaxed);
-                    if started == 0 {
-                        continue;
+                let (lock, cvar) = &*s;
+                let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                // Checked before each wait: a stop that came before this thread first waited
+                // is seen too.
+                while !*stopped {
+                    // Wakes early only to stop (or spuriously: one more check, harmless).
+                    stopped = cvar
+                        .wait_timeout(stopped, period)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    if *stopped {
+                        break;
                     }
-                    let stalled = b.now_ns().saturating_sub(started);
-                    if stalled <= limit {
-                        continue;
-                    }
-                    b.longest_ns.fetch_max(stalled, Relaxed);
-                    if reported_turn != started {
-                        reported_turn = started;
-                        b.stalls.fetch_add(1, Relaxed);
-                        let kind = Activity::from_u8(b.activity.load(Relaxed) as u8);
-                        let conn = b.conn.load(Relaxed);
-                        log::warn!(
-                            "event loop stalled: a turn has run for {} ms (threshold {} ms), in {}{}",
-                            stalled / 1_000_000,
-                            limit / 1_000_000,
-                            kind.label(),
-                            if conn != 0 {
-                                format!(" of connection {}", crate::app::ConnId(conn))
-                            } else {
-                                String::new()
-                            }
-                        );
-                    }
+                    check(&b, limit, &mut reported_turn);
                 }
             })?;
         Ok(Watchdog {
             beat,
+            stop,
             thread: Some(thread),
         })
     }
 }
 
+/// One look at the heartbeat: count and report a turn running longer than `limit` ns (once per
+/// turn; `reported_turn` remembers the last one reported).
+fn check(b: &Heartbeat, limit: u64, reported_turn: &mut u64) {
+    let started = b.turn_started.load(Relaxed);
+    if started == 0 {
+        return;
+    }
+    let stalled = b.now_ns().saturating_sub(started);
+    if stalled <= limit {
+        return;
+    }
+    b.longest_ns.fetch_max(stalled, Relaxed);
+    if *reported_turn != started {
+        *reported_turn = started;
+        b.stalls.fetch_add(1, Relaxed);
+        let kind = Activity::from_u8(b.activity.load(Relaxed) as u8);
+        let conn = b.conn.load(Relaxed);
+        log::warn!(
+            "event loop stalled: a turn has run for {} ms (threshold {} ms), in {}{}",
+            stalled / 1_000_000,
+            limit / 1_000_000,
+            kind.label(),
+            if conn != 0 {
+                format!(" of connection {}", crate::app::ConnId(conn))
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        self.beat.stop.store(true, Relaxed);
+        let (lock, cvar) = &*self.stop;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cvar.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -203,5 +225,19 @@ mod tests {
         beat.turn_end();
         assert_eq!(beat.stalls.load(Relaxed), 1, "one stall, reported once");
         assert!(beat.longest_ns.load(Relaxed) >= 20_000_000);
+    }
+
+    #[test]
+    fn dropping_stops_the_thread_at_once_whatever_the_threshold() {
+        // An hour's threshold: the thread would sleep a quarter of it between checks.
+        let dog = Watchdog::start(Duration::from_secs(3600)).unwrap();
+        thread::sleep(Duration::from_millis(20)); // the thread is waiting by now
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            drop(dog);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the watchdog's drop returns promptly");
     }
 }

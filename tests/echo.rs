@@ -385,8 +385,11 @@ fn large_sends_from_a_loop_handle_keep_order_while_the_client_does_not_read() {
     let mut sent = Vec::new();
     for i in 0..24 {
         let large = bytes(sizes[i % sizes.len()], 1000 + i as u64);
-        server.handle.send_binary(id, large.clone());
-        server.handle.send_text(id, format!("small {i}"));
+        server.handle.try_send_binary(id, large.clone()).unwrap();
+        server
+            .handle
+            .try_send_text(id, format!("small {i}"))
+            .unwrap();
         sent.push((OP_BINARY, large));
         sent.push((OP_TEXT, format!("small {i}").into_bytes()));
     }

@@ -176,7 +176,7 @@ fn an_fd_leak_in_the_process_raises_the_audit_alarm_and_clears() {
     assert!(expect_eof(&mut client).is_empty());
     drop(client);
     drop(probes);
-    handle.shutdown();
+    handle.shutdown().unwrap();
     let result = done
         .recv_timeout(Duration::from_secs(10))
         .expect("run() did not return in time");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tungstenite::protocol::frame::coding::CloseCode as TCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as TMsg;
-use wsloop::{CloseCode, CloseReason, Config, ConnId, Message, SendStatus};
+use wsloop::{CloseCode, CloseReason, Config, ConnId, Message, QueueError, SendStatus};
 
 /// Read with tungstenite until the server closes the TCP connection; return the close frame
 /// received on the way, if any.
@@ -327,8 +327,8 @@ fn loop_handle_sends_posts_and_closes_from_another_thread() {
     let h = server.handle.clone();
     let sender = thread::spawn(move || {
         let id = ids.recv_timeout(WAIT).expect("on_open sent the id");
-        h.send_text(id, "from a thread");
-        h.send_binary(id, vec![1, 2, 3]);
+        h.try_send_text(id, "from a thread").unwrap();
+        h.try_send_binary(id, vec![1, 2, 3]).unwrap();
         id
     });
     let mut ws = ws(server.addr);
@@ -338,12 +338,15 @@ fn loop_handle_sends_posts_and_closes_from_another_thread() {
     assert_eq!(ws.read().unwrap(), TMsg::binary(vec![1u8, 2, 3]));
 
     let (tx, rx) = mpsc::channel();
-    server.handle.post(move |_h, ctx| {
-        let sent = ctx.send(id, Message::Text("posted"));
-        let data = ctx.data_mut(id).copied();
-        tx.send((thread::current().id(), sent, data, ctx.open_ids()))
-            .unwrap();
-    });
+    server
+        .handle
+        .try_post(move |_h, ctx| {
+            let sent = ctx.send(id, Message::Text("posted"));
+            let data = ctx.data_mut(id).copied();
+            tx.send((thread::current().id(), sent, data, ctx.open_ids()))
+                .unwrap();
+        })
+        .unwrap();
     let (tid, sent, data, ids) = rx.recv_timeout(WAIT).expect("post ran");
     assert_eq!(Some(tid), server.rec().loop_thread, "post runs on the loop");
     assert_ne!(tid, thread::current().id());
@@ -353,7 +356,10 @@ fn loop_handle_sends_posts_and_closes_from_another_thread() {
     expect_text(&mut ws, "posted");
     assert_eq!(server.handle.query(|_, ctx| ctx.open_ids().len()), Some(1));
 
-    server.handle.close(id, CloseCode(4001), "from handle");
+    server
+        .handle
+        .try_close(id, CloseCode(4001), "from handle")
+        .unwrap();
     let f = read_until_closed(&mut ws).expect("close frame");
     assert_eq!(
         (u16::from(f.code), f.reason.as_str()),
@@ -369,7 +375,7 @@ fn loop_handle_terminate() {
     let server = TestServer::start(config());
     let mut s = raw_ws(server.addr);
     let id = server.wait_open(1);
-    server.handle.terminate(id);
+    server.handle.try_terminate(id).unwrap();
     assert!(expect_eof(&mut s).is_empty());
     server.wait_closes(1);
     server.finish_closed(&[(CloseReason::Terminated, 1)]);
@@ -394,26 +400,35 @@ fn stale_id_never_reaches_the_connection_reusing_its_slot() {
         "B should reuse A's slot for this test to mean anything"
     );
 
-    server.handle.send_text(id_a, "stale text");
-    server.handle.send_binary(id_a, b"stale binary".to_vec());
-    server.handle.close(id_a, CloseCode(4002), "stale close");
-    server.handle.terminate(id_a);
+    server.handle.try_send_text(id_a, "stale text").unwrap();
+    server
+        .handle
+        .try_send_binary(id_a, b"stale binary".to_vec())
+        .unwrap();
+    server
+        .handle
+        .try_close(id_a, CloseCode(4002), "stale close")
+        .unwrap();
+    server.handle.try_terminate(id_a).unwrap();
     let (tx, rx) = mpsc::channel();
-    server.handle.post(move |_h, ctx| {
-        let r = (
-            ctx.send(id_a, Message::Text("stale post")),
-            ctx.close(id_a, CloseCode(4003), "stale"),
-            ctx.data_mut(id_a).is_none(),
-        );
-        ctx.terminate(id_a);
-        tx.send(r).unwrap();
-    });
+    server
+        .handle
+        .try_post(move |_h, ctx| {
+            let r = (
+                ctx.send(id_a, Message::Text("stale post")),
+                ctx.close(id_a, CloseCode(4003), "stale"),
+                ctx.data_mut(id_a).is_none(),
+            );
+            ctx.terminate(id_a);
+            tx.send(r).unwrap();
+        })
+        .unwrap();
     assert_eq!(
         rx.recv_timeout(WAIT).unwrap(),
         (SendStatus::Closed, false, true)
     );
     // Commands run in order: had any stale one reached B, B would see it before this.
-    server.handle.send_text(id_b, "fresh");
+    server.handle.try_send_text(id_b, "fresh").unwrap();
     expect_text(&mut b, "fresh");
     b.send(TMsg::text("B still open")).unwrap();
     expect_text(&mut b, "B still open");
@@ -439,7 +454,7 @@ fn shutdown_closes_every_client_with_1001_and_refuses_new_ones() {
     .unwrap();
     let mut clients: Vec<Ws> = (0..3).map(|_| ws(server.addr)).collect();
     server.wait_open(3);
-    server.handle.shutdown();
+    server.handle.shutdown().unwrap();
     let mut first = true;
     for ws in &mut clients {
         match ws.read() {
@@ -471,15 +486,15 @@ fn shutdown_with_plain_run_returns() {
     let server = TestServer::start(config());
     let mut ws = ws(server.addr);
     let id = server.wait_open(1);
-    server.handle.shutdown();
+    server.handle.shutdown().unwrap();
     let f = read_until_closed(&mut ws).expect("close frame");
     assert_eq!(f.code, TCode::Away);
     let handle = server.handle.clone();
     server.join(Duration::from_secs(10));
-    // The loop is gone: queries answer None, commands are dropped.
+    // The loop is gone: queries answer None, commands are refused.
     assert!(handle.stats().is_none());
-    handle.send_text(id, "nobody");
-    handle.shutdown();
+    assert_eq!(handle.try_send_text(id, "nobody"), Err(QueueError::Closed));
+    assert_eq!(handle.shutdown(), Err(QueueError::Closed));
 }
 
 #[test]
@@ -502,7 +517,7 @@ fn shutdown_gives_up_on_unresponsive_clients_after_shutdown_timeout() {
     let mut half = tcp(server.addr);
     half.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     server.wait_stats("3 connections", |s| s.connections == 3);
-    server.handle.shutdown();
+    server.handle.shutdown().unwrap();
     assert_eq!(expect_close(&mut silent).0, 1001);
     assert_eq!(read_until_closed(&mut polite).unwrap().code, TCode::Away);
     let rec = server.rec.clone();

@@ -56,7 +56,7 @@ impl Proxied {
 
 impl Drop for Proxied {
     fn drop(&mut self) {
-        self.handle.shutdown();
+        let _ = self.handle.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

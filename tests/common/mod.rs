@@ -301,7 +301,7 @@ impl TestServer {
     pub fn finish(self) -> Stats {
         let stats = self.wait_quiet();
         check_open_close_pairs(&self.rec());
-        self.handle.shutdown();
+        self.handle.shutdown().expect("the loop is running");
         self.join(Duration::from_secs(10));
         stats
     }
@@ -327,7 +327,7 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         // A failing test must not leave its loop running (the test binary would not exit).
         if self.thread.is_some() {
-            self.handle.shutdown();
+            let _ = self.handle.shutdown();
         }
     }
 }
