@@ -2,10 +2,11 @@
 //! its callbacks receive, and the types that travel with them.
 
 use crate::config::BackpressurePolicy;
+use crate::io::out::Outbox;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
-use crate::write::Out;
+pub use crate::reason::CloseReason;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -198,7 +199,7 @@ pub struct WebSocket<'a, D> {
     pub(crate) send: &'a mut SendState,
     /// Where frames go: the loop's cork (owned by this connection for the callback's duration),
     /// the connection's queue, or, for large payloads, the socket itself.
-    pub(crate) out: Out<'a>,
+    pub(crate) out: Outbox<'a>,
     pub(crate) subprotocol: Option<&'a str>,
     pub(crate) max_backpressure: usize,
     pub(crate) policy: BackpressurePolicy,
@@ -283,132 +284,6 @@ impl<'a, D> WebSocket<'a, D> {
             // Writing to the socket failed: the connection ends once the callback returns.
             self.send.sealed = true;
             SendStatus::Closed
-        }
-    }
-}
-
-/// Why a connection ended. Each reason maps, in one place, to the close code reported, the
-/// label counted in metrics and the log line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// The request was not a valid upgrade, or the upgrade hook refused it, and got this status.
-    Rejected(u16),
-    /// A plain HTTP request (not an upgrade) was answered.
-    HttpAnswered,
-    /// The upgrade request did not complete within the handshake timeout (408).
-    HandshakeTimeout,
-    /// The client started the close handshake and we answered.
-    PeerClosed,
-    /// The application started the close handshake and the client answered.
-    ClosedByServer,
-    /// The client broke RFC 6455; we sent this close code.
-    Protocol(CloseCode),
-    /// Nothing arrived for the idle timeout, not even a pong to our ping.
-    IdleTimeout,
-    /// The client did not answer our close frame within the close timeout.
-    CloseTimeout,
-    /// The client closed TCP (or reset it) without a close handshake.
-    Abnormal,
-    /// Reading or writing the socket failed.
-    IoError,
-    /// The application terminated the connection.
-    Terminated,
-    /// The server shut down (whether or not the client answered its close frame in time).
-    Shutdown,
-    /// Refused at admission (connection limits or rate) and answered 503 or 429.
-    Refused,
-    /// More than the backpressure limit was queued: a send found it so (with the `Close`
-    /// policy; close 1008), or the queue did not get back under half the limit within the
-    /// write-stall timeout (dropped; 1008 reported).
-    Backpressure,
-    /// Queued bytes (under the backpressure limit) made no progress for the write-stall
-    /// timeout.
-    WriteStall,
-    /// The connection reached its maximum lifetime (close 1001).
-    MaxLifetime,
-    /// An application callback panicked (close 1011).
-    HandlerPanic,
-}
-
-impl CloseReason {
-    /// The label used in logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            CloseReason::Rejected(_) => "rejected",
-            CloseReason::HttpAnswered => "http_answered",
-            CloseReason::HandshakeTimeout => "handshake_timeout",
-            CloseReason::PeerClosed => "peer_closed",
-            CloseReason::ClosedByServer => "closed_by_server",
-            CloseReason::Protocol(_) => "protocol_error",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::CloseTimeout => "close_timeout",
-            CloseReason::Abnormal => "abnormal",
-            CloseReason::IoError => "io_error",
-            CloseReason::Terminated => "terminated",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Refused => "refused",
-            CloseReason::Backpressure => "backpressure",
-            CloseReason::WriteStall => "write_stall",
-            CloseReason::MaxLifetime => "max_lifetime",
-            CloseReason::HandlerPanic => "handler_panic",
-        }
-    }
-
-    /// The close code reported to `on_close` when no close frame decided it.
-    pub fn code(self) -> CloseCode {
-        match self {
-            CloseReason::Protocol(c) => c,
-            CloseReason::IdleTimeout | CloseReason::Shutdown | CloseReason::MaxLifetime => {
-                CloseCode::GOING_AWAY
-            }
-            CloseReason::Backpressure => CloseCode::POLICY_VIOLATION,
-            CloseReason::HandlerPanic => CloseCode::INTERNAL_ERROR,
-            CloseReason::PeerClosed | CloseReason::ClosedByServer => CloseCode::NORMAL,
-            _ => CloseCode::ABNORMAL,
-        }
-    }
-
-    /// Every label, for exporting zero-valued counters.
-    pub const LABELS: [&'static str; 17] = [
-        "rejected",
-        "http_answered",
-        "handshake_timeout",
-        "peer_closed",
-        "closed_by_server",
-        "protocol_error",
-        "idle_timeout",
-        "close_timeout",
-        "abnormal",
-        "io_error",
-        "terminated",
-        "shutdown",
-        "refused",
-        "backpressure",
-        "write_stall",
-        "max_lifetime",
-        "handler_panic",
-    ];
-
-    /// Index of this reason's label in [`CloseReason::LABELS`].
-    pub fn index(self) -> usize {
-        match self {
-            CloseReason::Rejected(_) => 0,
-            CloseReason::HttpAnswered => 1,
-            CloseReason::HandshakeTimeout => 2,
-            CloseReason::PeerClosed => 3,
-            CloseReason::ClosedByServer => 4,
-            CloseReason::Protocol(_) => 5,
-            CloseReason::IdleTimeout => 6,
-            CloseReason::CloseTimeout => 7,
-            CloseReason::Abnormal => 8,
-            CloseReason::IoError => 9,
-            CloseReason::Terminated => 10,
-            CloseReason::Shutdown => 11,
-            CloseReason::Refused => 12,
-            CloseReason::Backpressure => 13,
-            CloseReason::WriteStall => 14,
-            CloseReason::MaxLifetime => 15,
-            CloseReason::HandlerPanic => 16,
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::app::{
 use crate::cluster::{plan_budget, Ledger};
 use crate::config::Config;
 use crate::handle::{Command, Ctx, LoopHandle, OwnedMessage, Shared};
+use crate::io::out::{Outbox, SendQueue, CORK_KEEP};
+use crate::io::transport::Transport;
 use crate::listener::{ACCEPT_ERRNOS, ACCEPT_TIMER};
 use crate::protocol::close::{truncate_reason, CloseCode};
 use crate::protocol::handshake::{self, Rejection};
@@ -26,12 +28,11 @@ use crate::protocol::session::{Event, Head, Session, State};
 use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
 use crate::watchdog::{Activity, Heartbeat, Watchdog};
-use crate::write::{write_error_reason, write_some, Out, SendQueue, CORK_KEEP};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 use std::fs::File;
-use std::io::{self, ErrorKind, Read};
+use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
@@ -67,7 +68,7 @@ pub(crate) struct TimerRef {
 
 /// One connection in the slab.
 pub(crate) struct Conn<D> {
-    pub(crate) socket: TcpStream,
+    pub(crate) socket: Transport,
     pub(crate) gen: u32,
     pub(crate) peer: SocketAddr,
     pub(crate) session: Session,
@@ -127,7 +128,7 @@ pub(crate) struct Rare {
 }
 
 impl<D> Conn<D> {
-    pub(crate) fn new(socket: TcpStream, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
+    pub(crate) fn new(socket: Transport, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
         Conn {
             socket,
             gen,
@@ -164,21 +165,12 @@ impl<D> Conn<D> {
     /// arrive. So shut down our side instead (FIN after the final bytes) and discard input
     /// until the peer's EOF or the deadline (a lingering close, as nginx does).
     pub(crate) fn half_close(&mut self) -> bool {
-        let failed = matches!(
-            self.linger,
-            Some(
-                CloseReason::Protocol(_)
-                    | CloseReason::Rejected(_)
-                    | CloseReason::HttpAnswered
-                    | CloseReason::HandshakeTimeout
-                    | CloseReason::Refused
-            )
-        );
+        let failed = self.linger.is_some_and(CloseReason::is_failure);
         if !failed || self.peer_eof {
             return false;
         }
         if !self.fin_sent {
-            self.fin_sent = self.socket.shutdown(std::net::Shutdown::Write).is_ok();
+            self.fin_sent = self.socket.shutdown_write();
         }
         self.fin_sent
     }
@@ -683,7 +675,7 @@ impl<H: Handler> Inner<H> {
                 return true;
             }
             let conn = &mut self.core.conns[idx];
-            let n = match (&conn.socket).read(&mut self.recv) {
+            let n = match conn.socket.read(&mut self.recv) {
                 Ok(0) => {
                     // The peer finished sending; it may still be reading, so what we owe it
                     // (echoes of its last messages, say) is flushed before the close; when
@@ -697,10 +689,7 @@ impl<H: Handler> Inner<H> {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let reason = conn.linger.unwrap_or(match e.kind() {
-                        ErrorKind::ConnectionReset => CloseReason::Abnormal,
-                        _ => CloseReason::IoError,
-                    });
+                    let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
                     self.core.end(&mut self.handler, idx, reason);
                     return false;
                 }
@@ -1011,10 +1000,10 @@ impl<H: Handler> Inner<H> {
         if conn.pending.is_empty() {
             return;
         }
-        let n = match write_some(&conn.socket, conn.pending.bytes()) {
+        let n = match conn.socket.write(conn.pending.bytes()) {
             Ok(n) => n,
             Err(e) => {
-                let reason = conn.linger.unwrap_or(write_error_reason(&e));
+                let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
                 core.end(&mut self.handler, idx, reason);
                 return;
             }
@@ -1144,7 +1133,7 @@ impl<H: Handler> Inner<H> {
 
 /// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
 /// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
-/// (see [`Out::new`]). Returns false if the connection is ending.
+/// (see [`Outbox::new`]). Returns false if the connection is ending.
 fn callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
@@ -1163,13 +1152,7 @@ fn callback<H: Handler>(
         peer: conn.peer,
         data,
         send: &mut conn.send,
-        out: Out::new(
-            &mut core.cork,
-            &conn.socket,
-            &mut conn.pending,
-            &mut core.stats,
-            last,
-        ),
+        out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
         subprotocol: conn.subprotocol.as_deref(),
         max_backpressure: core.config.max_backpressure,
         policy: core.config.backpressure_policy,
@@ -1178,8 +1161,8 @@ fn callback<H: Handler>(
     let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
         f(handler, &mut ws)
     });
-    let direct = ws.out.direct;
-    let live = core.settle(idx, direct);
+    let sent = ws.out.sent();
+    let live = core.settle(idx, sent);
     if done.is_none() {
         return handler_panicked(core, handler, idx, kind);
     }
@@ -1298,13 +1281,7 @@ fn frames<H: Handler>(
             peer: conn.peer,
             data,
             send: &mut conn.send,
-            out: Out::new(
-                &mut core.cork,
-                &conn.socket,
-                &mut conn.pending,
-                &mut core.stats,
-                last,
-            ),
+            out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
             subprotocol: conn.subprotocol.as_deref(),
             max_backpressure: core.config.max_backpressure,
             policy: core.config.backpressure_policy,
@@ -1353,8 +1330,8 @@ fn frames<H: Handler>(
                 return false;
             }
         };
-        let direct = ws.out.direct;
-        let live = core.settle(idx, direct);
+        let sent = ws.out.sent();
+        let live = core.settle(idx, sent);
         if done.is_none() {
             return handler_panicked(core, handler, idx, kind);
         }

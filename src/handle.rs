@@ -4,10 +4,10 @@
 use crate::app::{CloseReason, ConnId, Handler, Message, SendStatus};
 use crate::config::{BackpressurePolicy, Config};
 use crate::event_loop::{conn_id, slot_of, Core, Stats};
+use crate::io::out::Outbox;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::session::State;
-use crate::write::Out;
 use mio::Waker;
 use std::cell::Cell;
 use std::fmt;
@@ -463,7 +463,7 @@ impl<'a, D> Ctx<'a, D> {
         self.send_as(id, msg, false)
     }
 
-    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Out::new`]).
+    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Outbox::new`]).
     pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
         let Some(idx) = self.locate(id) else {
             return SendStatus::Closed;
@@ -489,19 +489,13 @@ impl<'a, D> Ctx<'a, D> {
             Message::Text(_) => OpCode::Text,
             Message::Binary(_) => OpCode::Binary,
         };
-        let mut out = Out::new(
-            &mut core.cork,
-            &conn.socket,
-            &mut conn.pending,
-            &mut core.stats,
-            last,
-        );
-        let sent = out.frame(op, msg.as_bytes());
-        let direct = out.direct;
-        if !sent {
+        let mut out = Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last);
+        let ok = out.frame(op, msg.as_bytes());
+        let sent = out.sent();
+        if !ok {
             conn.send.sealed = true;
         }
-        match core.settle(idx, direct) {
+        match core.settle(idx, sent) {
             true => SendStatus::Queued,
             false => SendStatus::Closed,
         }

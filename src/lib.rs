@@ -42,10 +42,12 @@ pub mod config;
 
 mod event_loop;
 mod handle;
+mod io;
 mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod protocol;
+mod reason;
 pub mod sys;
 pub mod timer_wheel;
 mod watchdog;

@@ -12,6 +12,7 @@
 use crate::admission::Verdict;
 use crate::app::CloseReason;
 use crate::event_loop::{Conn, Core, TimerRef};
+use crate::io::transport::Transport;
 use crate::protocol::handshake;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
@@ -349,12 +350,11 @@ impl<D> Core<D> {
 
     /// Register a new connection and put it in the slab, with its first deadline.
     fn insert_conn(&mut self, stream: TcpStream, peer: SocketAddr, deadline: u64, kind: Kind) {
-        let _ = stream.set_nodelay(true);
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let gen = self.next_gen;
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
-        let mut socket = stream;
+        let mut socket = Transport::tcp(stream);
         let token = Token(crate::event_loop::conn_id(self.member, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,

@@ -1,0 +1,88 @@
+//! The byte stream under a connection: today a plain TCP socket (TLS adds a variant). The loop
+//! reads, writes and shuts down through this type only, so that what lies under a connection can
+//! change without the loop knowing. It owns the connection's descriptor: dropping it closes the
+//! descriptor.
+
+use mio::event::Source;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
+
+/// One connection's byte stream (non-blocking).
+pub(crate) struct Transport {
+    stream: TcpStream,
+}
+
+impl Transport {
+    /// A transport over an accepted TCP connection (Nagle's algorithm off: the loop corks).
+    pub(crate) fn tcp(stream: TcpStream) -> Transport {
+        let _ = stream.set_nodelay(true);
+        Transport { stream }
+    }
+
+    /// One `recv` into `buf`: `Ok(0)` at the peer's EOF; `WouldBlock` when nothing is there.
+    #[inline]
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.stream).read(buf)
+    }
+
+    /// One `send` of `bytes`; `Ok(0)` when the socket would block.
+    #[inline]
+    pub(crate) fn write(&self, bytes: &[u8]) -> io::Result<usize> {
+        loop {
+            match (&self.stream).write(bytes) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One `writev` of `parts`, in order; `Ok(0)` when the socket would block.
+    pub(crate) fn write_vectored(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); 4];
+        let n = parts.len().min(slices.len());
+        for (slot, part) in slices.iter_mut().zip(parts) {
+            *slot = IoSlice::new(part);
+        }
+        loop {
+            match (&self.stream).write_vectored(&slices[..n]) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Shut down the sending side (a FIN after what is already written). Returns whether it
+    /// took effect.
+    pub(crate) fn shutdown_write(&self) -> bool {
+        self.stream.shutdown(std::net::Shutdown::Write).is_ok()
+    }
+}
+
+impl Source for Transport {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        self.stream.register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        self.stream.reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        self.stream.deregister(registry)
+    }
+}
