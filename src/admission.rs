@@ -191,6 +191,72 @@ impl Admission {
     }
 }
 
+/// The proxies whose word on the client address is taken: single addresses (`10.0.0.5`,
+/// `::1`) or networks in CIDR form (`10.0.0.0/8`, `fd00::/8`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies {
+    nets: Vec<(IpAddr, u8)>,
+}
+
+impl TrustedProxies {
+    /// Parse the list; an entry that is neither an address nor a network is an error naming it.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut nets = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (addr, len) = match e.trim().split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (e.trim(), None),
+            };
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| format!("trusted proxy {e:?} is not an address or network"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = match len {
+                None => max,
+                Some(l) => l
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| format!("trusted proxy {e:?} has a bad prefix length"))?,
+            };
+            // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps.
+            match ip.to_canonical() {
+                IpAddr::V4(v4) if ip.is_ipv6() && len >= 96 => nets.push((v4.into(), len - 96)),
+                _ => nets.push((ip, len)),
+            }
+        }
+        Ok(TrustedProxies { nets })
+    }
+
+    /// Whether any proxy is trusted at all.
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
+    /// Whether `ip` is one of the trusted proxies (an IPv4-mapped IPv6 address is compared as
+    /// its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.nets
+            .iter()
+            .any(|(net, len)| match (net, ip.to_canonical()) {
+                (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
+                (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
+                _ => false,
+            })
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let (bytes, rest) = ((bits / 8) as usize, bits % 8);
+    if a[..bytes] != b[..bytes] {
+        return false;
+    }
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        a[bytes] & mask == b[bytes] & mask
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +367,48 @@ mod tests {
             a.admit(IpAddr::from([10, 0, 0, 0]), 0, 0, 100),
             Err(Verdict::AddressFull)
         );
+    }
+}
+
+#[cfg(test)]
+mod trust_tests {
+    use super::*;
+
+    fn t(e: &[&str]) -> TrustedProxies {
+        TrustedProxies::parse(&e.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn addresses_and_networks_match() {
+        let p = t(&["10.0.0.0/8", "192.168.1.7", "fd00::/8", "127.0.0.0/31"]);
+        for yes in [
+            "10.1.2.3",
+            "192.168.1.7",
+            "fd12::1",
+            "127.0.0.1",
+            "127.0.0.0",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(p.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in [
+            "11.0.0.1",
+            "192.168.1.8",
+            "fe80::1",
+            "127.0.0.2",
+            "::ffff:11.0.0.1",
+        ] {
+            assert!(!p.contains(no.parse().unwrap()), "{no}");
+        }
+        assert!(t(&[]).is_empty());
+        assert!(t(&["::ffff:192.0.2.0/120"]).contains("192.0.2.9".parse().unwrap()));
+        assert!(t(&["0.0.0.0/0"]).contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_entries_are_errors() {
+        for bad in ["10.0.0.0/33", "example.com", "::1/129", "10.0.0.0/x", ""] {
+            assert!(TrustedProxies::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! logs a difference at most once a minute while it lasts. It is started with the first loop
 //! and stopped (woken at once, and joined) when that loop shuts down or is dropped.
 
-use crate::cluster::Ledger;
+use crate::ledger::Ledger;
 use std::io;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;

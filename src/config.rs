@@ -343,7 +343,7 @@ impl Config {
         if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
             return err("allowed_origins", e);
         }
-        if let Err(e) = crate::protocol::proxy::TrustedProxies::parse(&self.trusted_proxies) {
+        if let Err(e) = crate::admission::TrustedProxies::parse(&self.trusted_proxies) {
             return err("trusted_proxies", e);
         }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {

@@ -34,33 +34,38 @@
 //! ```
 #![warn(missing_docs)]
 
+// Layer 0: no wsloop imports.
 pub mod admission;
-mod app;
-mod audit;
-mod cluster;
 pub mod config;
-
-mod event_loop;
-mod handle;
-mod io;
-mod listener;
-pub mod metrics;
 pub mod origin;
-pub mod protocol;
-mod reason;
 pub mod sys;
 pub mod timer_wheel;
+// Layer 1: the sans-IO protocol core.
+pub mod protocol;
+mod reason;
+// Layer 2: moving a connection's bytes.
+mod io;
+// Layer 3: the application's API.
+mod app;
+// Layer 4: what the loops report and share.
+mod audit;
+mod ledger;
+pub mod metrics;
 mod watchdog;
-mod write;
+// Layer 5: the event loop.
+mod server;
+// Layer 6: N loops on one port.
+mod cluster;
 
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
-pub use cluster::{Budget, Cluster};
+pub use cluster::Cluster;
 pub use config::{BackpressurePolicy, Config, ConfigError};
-pub use event_loop::{Server, Stats, ACCEPT_ERRNO_LABELS};
-pub use handle::{Ctx, LoopHandle, QueueError, QueueStats};
+pub use ledger::Budget;
+pub use metrics::{Stats, ACCEPT_ERRNO_LABELS};
 pub use protocol::close::CloseCode;
+pub use server::{Ctx, LoopHandle, QueueError, QueueStats, Server};
 
 /// The README's examples, compiled as doc tests so that they stay true.
 #[doc = include_str!("../README.md")]

@@ -4,9 +4,7 @@
 //! own (`crate::audit`). Nothing here runs per message.
 
 use crate::admission::Verdict;
-use crate::app::CloseReason;
-use crate::event_loop::{Core, Stats, ACCEPT_ERRNO_LABELS};
-use crate::protocol::session::State;
+use crate::reason::CloseReason;
 use crate::sys;
 use std::fmt::Write;
 
@@ -50,13 +48,13 @@ pub enum Health {
 /// What only a scan of the connections can tell.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scan {
-    handshake: usize,
-    open: usize,
-    closing: usize,
-    refusing: usize,
-    queued: usize,
-    largest_queue: usize,
-    read_paused: usize,
+    pub(crate) handshake: usize,
+    pub(crate) open: usize,
+    pub(crate) closing: usize,
+    pub(crate) refusing: usize,
+    pub(crate) queued: usize,
+    pub(crate) largest_queue: usize,
+    pub(crate) read_paused: usize,
 }
 
 /// One loop's counters and scan at one moment: what a loop publishes for the others of its
@@ -64,13 +62,13 @@ pub(crate) struct Scan {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Snapshot {
     pub(crate) stats: Stats,
-    scan: Scan,
+    pub(crate) scan: Scan,
 }
 
 impl Snapshot {
     /// The totals over loops: counters and gauges add up, the largest queue and the longest
     /// stall are the largest, accepting counts as paused if any loop has paused it.
-    fn total(parts: &[Snapshot]) -> Snapshot {
+    pub(crate) fn total(parts: &[Snapshot]) -> Snapshot {
         let mut t = Snapshot::default();
         for p in parts {
             let (a, b) = (&mut t.stats, &p.stats);
@@ -119,328 +117,383 @@ fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
     }
 }
 
-impl<D> Core<D> {
-    fn scan(&self) -> Scan {
-        let mut s = Scan::default();
-        for (_, c) in self.conns.iter() {
-            if c.shed {
-                s.refusing += 1;
-            } else if c.linger.is_some() {
-                s.closing += 1;
-            } else {
-                match c.session.state() {
-                    State::Handshake => s.handshake += 1,
-                    State::Open => s.open += 1,
-                    State::CloseSent | State::Closed => s.closing += 1,
-                }
-            }
-            s.queued += c.pending.len();
-            s.largest_queue = s.largest_queue.max(c.pending.len());
-            s.read_paused += c.read_paused as usize;
-        }
-        s
+/// Counters the loop keeps; read through [`Ctx::stats`](crate::Ctx::stats) or
+/// [`LoopHandle::stats`](crate::LoopHandle::stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted since start (admitted or refused).
+    pub accepted: u64,
+    /// Connections held right now (any state, refused ones being answered included).
+    pub connections: usize,
+    /// Timers armed for connections right now (the loop's own accept-backoff timer is not
+    /// counted): zero when no connection is held.
+    pub timers: usize,
+    /// Connections ended, by [`CloseReason::index`].
+    pub closed: [u64; CloseReason::LABELS.len()],
+    /// Failed accept calls by errno, in the order of [`ACCEPT_ERRNO_LABELS`]; the last is "other".
+    pub accept_errors: [u64; ACCEPT_ERRNOS.len() + 1],
+    /// Connections refused at admission, by [`Verdict::index`](crate::admission::Verdict::index): server full, address full,
+    /// rate limited.
+    pub refused: [u64; 3],
+    /// Accepting is paused right now (out of descriptors or another resource).
+    pub accept_paused: bool,
+    /// Milliseconds spent with accepting paused, over completed pauses.
+    pub paused_ms: u64,
+    /// The connection limit in force (configured, or derived from the fd budget).
+    pub max_connections: usize,
+    /// Descriptors the loop may hold for connections.
+    pub fd_budget: usize,
+    /// Descriptors the loop owns: epoll, waker, listeners, connections, the spare.
+    pub fds_owned: usize,
+    /// Complete messages received from clients.
+    pub messages_received: u64,
+    /// Messages sent to clients.
+    pub messages_sent: u64,
+    /// Bytes read from client sockets.
+    pub bytes_received: u64,
+    /// Bytes written to client sockets.
+    pub bytes_sent: u64,
+    /// Times a connection that sent faster than the loop reads had its reading put off to the
+    /// next turn after four reads that filled the receive buffer, so that it could not hold
+    /// the loop.
+    pub read_yields: u64,
+    /// The most bytes one connection's send queue has held at once since start (what the
+    /// socket did not take; see [`Config::max_backpressure`](crate::Config::max_backpressure)).
+    pub queue_peak: usize,
+    /// Loop turns.
+    pub loop_turns: u64,
+    /// Nanoseconds spent in turns (dispatching, not waiting).
+    pub turn_ns_sum: u64,
+    /// Turns by duration, per bucket of [`metrics::TURN_BUCKETS`](crate::metrics::TURN_BUCKETS)
+    /// (not cumulative; the last is `+Inf`).
+    pub turn_buckets: [u64; crate::metrics::TURN_BUCKETS.len() + 1],
+    /// Handshakes answered with an HTTP error, by
+    /// [`metrics::REJECT_STATUSES`](crate::metrics::REJECT_STATUSES) (the last is "other").
+    pub rejected_status: [u64; crate::metrics::REJECT_STATUSES.len() + 1],
+    /// The difference the last fd audit found (the periodic one on its own thread, or
+    /// [`Ctx::audit`](crate::Ctx::audit); 0: all accounted for).
+    pub audit_difference: i64,
+    /// Requests for `/metrics` or `/healthz` answered 429 because of
+    /// [`Config::endpoint_rate`](crate::Config::endpoint_rate).
+    pub endpoint_limited: u64,
+    /// Application callbacks (or posted closures) that panicked.
+    pub handler_panics: u64,
+    /// Loop turns that ran longer than the stall threshold, as the watchdog saw them.
+    pub stalls: u64,
+    /// The longest stall the watchdog saw, in nanoseconds.
+    pub longest_stall_ns: u64,
+}
+
+/// Labels of [`Stats::accept_errors`], in order.
+pub const ACCEPT_ERRNO_LABELS: [&str; ACCEPT_ERRNOS.len() + 1] = {
+    let mut labels = ["other"; ACCEPT_ERRNOS.len() + 1];
+    let mut i = 0;
+    while i < ACCEPT_ERRNOS.len() {
+        labels[i] = ACCEPT_ERRNOS[i].1;
+        i += 1;
     }
+    labels
+};
 
-    /// This loop's counters and scan now (a pause in progress counted in `paused_ms`).
-    pub(crate) fn snapshot(&self) -> Snapshot {
-        let mut stats = self.stats();
-        if self.accept_paused {
-            stats.paused_ms += self.now.saturating_sub(self.paused_since);
-        }
-        Snapshot {
-            stats,
-            scan: self.scan(),
-        }
+impl Stats {
+    /// How many connections ended with `reason`'s label.
+    pub fn closed_by(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()]
     }
-
-    /// Healthy unless accepting is paused, process descriptors have climbed into the headroom
-    /// (the high-water mark: limit minus `fd_headroom`), or the last fd audit found a
-    /// difference. Constant time: the descriptor count is the ledger's (plus the last audit's
-    /// difference), never a listing of `/proc`.
-    pub(crate) fn health(&self) -> Health {
-        if self.accept_paused || self.ledger.others_paused(self.member) {
-            return Health::Unhealthy(
-                "accepting is paused (out of file descriptors or memory)".into(),
-            );
-        }
-        let open = self.ledger.open_estimate();
-        if let Ok((limit, _)) = sys::nofile_limit() {
-            let high = limit.saturating_sub(self.config.fd_headroom as u64);
-            if open as u64 >= high {
-                return Health::Unhealthy(format!(
-                    "{open} file descriptors open, high-water mark {high} (limit {limit})"
-                ));
-            }
-        }
-        let (audited, diff) = self.ledger.last_audit();
-        if diff > 0 {
-            return Health::Unhealthy(format!(
-                "fd audit: {audited} open, {} accounted for ({diff:+})",
-                audited as i64 - diff
-            ));
-        }
-        Health::Ok
-    }
-
-    /// The metrics in Prometheus text format.
-    pub(crate) fn render_metrics(&self) -> String {
-        let parts = self.ledger.snapshots(self.member, self.snapshot());
-        let total = Snapshot::total(&parts);
-        let (st, scan) = (&total.stats, &total.scan);
-        let mut m = Out(String::with_capacity(8192));
-
-        m.head(
-            "wsloop_connections",
-            "gauge",
-            "Connections held now, by state.",
-        );
-        for (state, n) in [
-            ("handshake", scan.handshake),
-            ("open", scan.open),
-            ("closing", scan.closing),
-            ("refusing", scan.refusing),
-        ] {
-            m.line("wsloop_connections", &[("state", state)], n as f64);
-        }
-        m.one(
-            "wsloop_connections_max",
-            "gauge",
-            "The connection limit in force.",
-            st.max_connections as f64,
-        );
-        m.one(
-            "wsloop_connections_accepted_total",
-            "counter",
-            "Connections accepted (admitted or refused).",
-            st.accepted as f64,
-        );
-        m.head(
-            "wsloop_connections_closed_total",
-            "counter",
-            "Connections ended, by reason.",
-        );
-        for (i, label) in CloseReason::LABELS.iter().enumerate() {
-            m.line(
-                "wsloop_connections_closed_total",
-                &[("reason", label)],
-                st.closed[i] as f64,
-            );
-        }
-        m.head(
-            "wsloop_handshakes_rejected_total",
-            "counter",
-            "Upgrade requests answered with an HTTP error, by status.",
-        );
-        for (i, n) in st.rejected_status.iter().enumerate() {
-            let status = REJECT_STATUSES
-                .get(i)
-                .map_or("other".to_string(), |s| s.to_string());
-            m.line(
-                "wsloop_handshakes_rejected_total",
-                &[("status", &status)],
-                *n as f64,
-            );
-        }
-        m.head(
-            "wsloop_admission_rejections_total",
-            "counter",
-            "Connections refused at admission (503 or 429), by limit.",
-        );
-        for (i, label) in Verdict::LABELS.iter().enumerate() {
-            m.line(
-                "wsloop_admission_rejections_total",
-                &[("limit", label)],
-                st.refused[i] as f64,
-            );
-        }
-        m.head(
-            "wsloop_accept_errors_total",
-            "counter",
-            "Failed accept calls, by errno.",
-        );
-        for (i, label) in ACCEPT_ERRNO_LABELS.iter().enumerate() {
-            m.line(
-                "wsloop_accept_errors_total",
-                &[("errno", label)],
-                st.accept_errors[i] as f64,
-            );
-        }
-        m.one(
-            "wsloop_accept_paused",
-            "gauge",
-            "1 while accepting is paused (out of descriptors or memory).",
-            st.accept_paused as u8 as f64,
-        );
-        m.one(
-            "wsloop_accept_paused_seconds_total",
-            "counter",
-            "Seconds spent with accepting paused.",
-            st.paused_ms as f64 / 1000.0,
-        );
-        let (_, diff) = self.ledger.last_audit();
-        m.one(
-            "wsloop_process_open_fds",
-            "gauge",
-            "File descriptors open in the process: those accounted for now plus the last fd audit's difference (no listing of /proc per scrape).",
-            self.ledger.open_estimate() as f64,
-        );
-        m.one(
-            "wsloop_fd_audit_difference",
-            "gauge",
-            "Open descriptors minus those accounted for (the loops' own plus those open before they started), as the last fd audit found; non-zero means a leak.",
-            diff.max(0) as f64,
-        );
-        m.one(
-            "wsloop_fd_audits_total",
-            "counter",
-            "Fd audits completed (listings of /proc/self/fd, on the audit thread).",
-            self.ledger.audits() as f64,
-        );
-        m.one(
-            "wsloop_fds_accounted",
-            "gauge",
-            "Descriptors the loops own: epoll, waker, listeners, connections, the spares.",
-            self.ledger.owned_total() as f64,
-        );
-        if let Ok((limit, _)) = sys::nofile_limit() {
-            m.one(
-                "wsloop_fd_limit",
-                "gauge",
-                "The soft RLIMIT_NOFILE.",
-                limit.min(1 << 53) as f64,
-            );
-        }
-        m.one(
-            "wsloop_fd_budget",
-            "gauge",
-            "Descriptors the loop may use for connections.",
-            st.fd_budget as f64,
-        );
-        m.one(
-            "wsloop_messages_received_total",
-            "counter",
-            "Complete messages received from clients.",
-            st.messages_received as f64,
-        );
-        m.one(
-            "wsloop_messages_sent_total",
-            "counter",
-            "Messages sent to clients.",
-            st.messages_sent as f64,
-        );
-        m.one(
-            "wsloop_received_bytes_total",
-            "counter",
-            "Bytes read from client sockets.",
-            st.bytes_received as f64,
-        );
-        m.one(
-            "wsloop_sent_bytes_total",
-            "counter",
-            "Bytes written to client sockets.",
-            st.bytes_sent as f64,
-        );
-        m.one(
-            "wsloop_queued_bytes",
-            "gauge",
-            "Bytes waiting for slow readers, over all connections.",
-            scan.queued as f64,
-        );
-        m.one(
-            "wsloop_queued_bytes_largest",
-            "gauge",
-            "Bytes waiting for the slowest reader.",
-            scan.largest_queue as f64,
-        );
-        m.one(
-            "wsloop_queued_bytes_peak",
-            "gauge",
-            "The most bytes one connection's send queue has held at once since start.",
-            st.queue_peak as f64,
-        );
-        m.one(
-            "wsloop_read_yields_total",
-            "counter",
-            "Times a connection sending faster than the loop reads was read again next turn.",
-            st.read_yields as f64,
-        );
-        m.one(
-            "wsloop_read_paused_connections",
-            "gauge",
-            "Connections not read because more than the backpressure limit is queued for them.",
-            scan.read_paused as f64,
-        );
-        m.one(
-            "wsloop_timers",
-            "gauge",
-            "Connection timers armed in the wheel.",
-            st.timers as f64,
-        );
-        m.one(
-            "wsloop_loop_turns_total",
-            "counter",
-            "Event loop turns.",
-            st.loop_turns as f64,
-        );
-        m.one(
-            "wsloop_endpoint_rate_limited_total",
-            "counter",
-            "Requests for /metrics or /healthz answered 429 (over --endpoint-rate).",
-            st.endpoint_limited as f64,
-        );
-        m.one(
-            "wsloop_handler_panics_total",
-            "counter",
-            "Application callbacks or posted closures that panicked (caught; the connection got 1011 or 500).",
-            st.handler_panics as f64,
-        );
-        m.one(
-            "wsloop_loop_stalls_total",
-            "counter",
-            "Loop turns that ran longer than the stall threshold.",
-            st.stalls as f64,
-        );
-        m.one(
-            "wsloop_loop_longest_stall_seconds",
-            "gauge",
-            "The longest loop turn the stall watchdog saw.",
-            st.longest_stall_ns as f64 / 1e9,
-        );
-        m.head(
-            "wsloop_loop_turn_duration_seconds",
-            "histogram",
-            "Time a loop turn spent dispatching events and timers (not waiting).",
-        );
-        let mut cumulative = 0;
-        for (i, n) in st.turn_buckets.iter().enumerate() {
-            cumulative += n;
-            let le = TURN_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            m.line(
-                "wsloop_loop_turn_duration_seconds_bucket",
-                &[("le", &le)],
-                cumulative as f64,
-            );
-        }
-        m.line(
-            "wsloop_loop_turn_duration_seconds_sum",
-            &[],
-            st.turn_ns_sum as f64 / 1e9,
-        );
-        m.line(
-            "wsloop_loop_turn_duration_seconds_count",
-            &[],
-            st.loop_turns as f64,
-        );
-        per_loop(&mut m, &parts);
-        m.0
+    /// Connections ended in total.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().sum()
     }
 }
 
-/// The per-loop series, labelled `loop` (for a cluster's balance; the totals above are what
-/// to alert on).
-fn per_loop(m: &mut Out, parts: &[Snapshot]) {
+/// The accept errors counted by kind, in this order; anything else is "other".
+pub const ACCEPT_ERRNOS: [(i32, &str); 9] = [
+    (libc::EMFILE, "EMFILE"),
+    (libc::ENFILE, "ENFILE"),
+    (libc::ENOBUFS, "ENOBUFS"),
+    (libc::ENOMEM, "ENOMEM"),
+    (libc::ECONNABORTED, "ECONNABORTED"),
+    (libc::EPROTO, "EPROTO"),
+    (libc::ECONNRESET, "ECONNRESET"),
+    (libc::EPERM, "EPERM"),
+    (libc::EINTR, "EINTR"),
+];
+
+/// Index of `errno` in [`ACCEPT_ERRNOS`], or its length for "other".
+pub fn accept_errno_index(errno: i32) -> usize {
+    ACCEPT_ERRNOS
+        .iter()
+        .position(|(e, _)| *e == errno)
+        .unwrap_or(ACCEPT_ERRNOS.len())
+}
+
+/// The process's descriptor figures as the ledger keeps them, for [`render`].
+pub(crate) struct FdFigures {
+    /// Those accounted for now plus the last audit's difference.
+    pub(crate) open_estimate: usize,
+    /// The last audit's difference (open minus accounted for).
+    pub(crate) audit_difference: i64,
+    /// Audits completed.
+    pub(crate) audits: u64,
+    /// Descriptors the loops own.
+    pub(crate) owned: usize,
+}
+
+/// The metrics of every loop (`parts`, in loop order) in Prometheus text format.
+pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
+    let total = Snapshot::total(parts);
+    let (st, scan) = (&total.stats, &total.scan);
+    let mut m = Exposition(String::with_capacity(8192));
+
+    m.head(
+        "wsloop_connections",
+        "gauge",
+        "Connections held now, by state.",
+    );
+    for (state, n) in [
+        ("handshake", scan.handshake),
+        ("open", scan.open),
+        ("closing", scan.closing),
+        ("refusing", scan.refusing),
+    ] {
+        m.line("wsloop_connections", &[("state", state)], n as f64);
+    }
+    m.one(
+        "wsloop_connections_max",
+        "gauge",
+        "The connection limit in force.",
+        st.max_connections as f64,
+    );
+    m.one(
+        "wsloop_connections_accepted_total",
+        "counter",
+        "Connections accepted (admitted or refused).",
+        st.accepted as f64,
+    );
+    m.head(
+        "wsloop_connections_closed_total",
+        "counter",
+        "Connections ended, by reason.",
+    );
+    for (i, label) in CloseReason::LABELS.iter().enumerate() {
+        m.line(
+            "wsloop_connections_closed_total",
+            &[("reason", label)],
+            st.closed[i] as f64,
+        );
+    }
+    m.head(
+        "wsloop_handshakes_rejected_total",
+        "counter",
+        "Upgrade requests answered with an HTTP error, by status.",
+    );
+    for (i, n) in st.rejected_status.iter().enumerate() {
+        let status = REJECT_STATUSES
+            .get(i)
+            .map_or("other".to_string(), |s| s.to_string());
+        m.line(
+            "wsloop_handshakes_rejected_total",
+            &[("status", &status)],
+            *n as f64,
+        );
+    }
+    m.head(
+        "wsloop_admission_rejections_total",
+        "counter",
+        "Connections refused at admission (503 or 429), by limit.",
+    );
+    for (i, label) in Verdict::LABELS.iter().enumerate() {
+        m.line(
+            "wsloop_admission_rejections_total",
+            &[("limit", label)],
+            st.refused[i] as f64,
+        );
+    }
+    m.head(
+        "wsloop_accept_errors_total",
+        "counter",
+        "Failed accept calls, by errno.",
+    );
+    for (i, label) in ACCEPT_ERRNO_LABELS.iter().enumerate() {
+        m.line(
+            "wsloop_accept_errors_total",
+            &[("errno", label)],
+            st.accept_errors[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_accept_paused",
+        "gauge",
+        "1 while accepting is paused (out of descriptors or memory).",
+        st.accept_paused as u8 as f64,
+    );
+    m.one(
+        "wsloop_accept_paused_seconds_total",
+        "counter",
+        "Seconds spent with accepting paused.",
+        st.paused_ms as f64 / 1000.0,
+    );
+    let diff = fds.audit_difference;
+    m.one(
+        "wsloop_process_open_fds",
+        "gauge",
+        "File descriptors open in the process: those accounted for now plus the last fd audit's difference (no listing of /proc per scrape).",
+        fds.open_estimate as f64,
+    );
+    m.one(
+        "wsloop_fd_audit_difference",
+        "gauge",
+        "Open descriptors minus those accounted for (the loops' own plus those open before they started), as the last fd audit found; non-zero means a leak.",
+        diff.max(0) as f64,
+    );
+    m.one(
+        "wsloop_fd_audits_total",
+        "counter",
+        "Fd audits completed (listings of /proc/self/fd, on the audit thread).",
+        fds.audits as f64,
+    );
+    m.one(
+        "wsloop_fds_accounted",
+        "gauge",
+        "Descriptors the loops own: epoll, waker, listeners, connections, the spares.",
+        fds.owned as f64,
+    );
+    if let Ok((limit, _)) = sys::nofile_limit() {
+        m.one(
+            "wsloop_fd_limit",
+            "gauge",
+            "The soft RLIMIT_NOFILE.",
+            limit.min(1 << 53) as f64,
+        );
+    }
+    m.one(
+        "wsloop_fd_budget",
+        "gauge",
+        "Descriptors the loop may use for connections.",
+        st.fd_budget as f64,
+    );
+    m.one(
+        "wsloop_messages_received_total",
+        "counter",
+        "Complete messages received from clients.",
+        st.messages_received as f64,
+    );
+    m.one(
+        "wsloop_messages_sent_total",
+        "counter",
+        "Messages sent to clients.",
+        st.messages_sent as f64,
+    );
+    m.one(
+        "wsloop_received_bytes_total",
+        "counter",
+        "Bytes read from client sockets.",
+        st.bytes_received as f64,
+    );
+    m.one(
+        "wsloop_sent_bytes_total",
+        "counter",
+        "Bytes written to client sockets.",
+        st.bytes_sent as f64,
+    );
+    m.one(
+        "wsloop_queued_bytes",
+        "gauge",
+        "Bytes waiting for slow readers, over all connections.",
+        scan.queued as f64,
+    );
+    m.one(
+        "wsloop_queued_bytes_largest",
+        "gauge",
+        "Bytes waiting for the slowest reader.",
+        scan.largest_queue as f64,
+    );
+    m.one(
+        "wsloop_queued_bytes_peak",
+        "gauge",
+        "The most bytes one connection's send queue has held at once since start.",
+        st.queue_peak as f64,
+    );
+    m.one(
+        "wsloop_read_yields_total",
+        "counter",
+        "Times a connection sending faster than the loop reads was read again next turn.",
+        st.read_yields as f64,
+    );
+    m.one(
+        "wsloop_read_paused_connections",
+        "gauge",
+        "Connections not read because more than the backpressure limit is queued for them.",
+        scan.read_paused as f64,
+    );
+    m.one(
+        "wsloop_timers",
+        "gauge",
+        "Connection timers armed in the wheel.",
+        st.timers as f64,
+    );
+    m.one(
+        "wsloop_loop_turns_total",
+        "counter",
+        "Event loop turns.",
+        st.loop_turns as f64,
+    );
+    m.one(
+        "wsloop_endpoint_rate_limited_total",
+        "counter",
+        "Requests for /metrics or /healthz answered 429 (over --endpoint-rate).",
+        st.endpoint_limited as f64,
+    );
+    m.one(
+        "wsloop_handler_panics_total",
+        "counter",
+        "Application callbacks or posted closures that panicked (caught; the connection got 1011 or 500).",
+        st.handler_panics as f64,
+    );
+    m.one(
+        "wsloop_loop_stalls_total",
+        "counter",
+        "Loop turns that ran longer than the stall threshold.",
+        st.stalls as f64,
+    );
+    m.one(
+        "wsloop_loop_longest_stall_seconds",
+        "gauge",
+        "The longest loop turn the stall watchdog saw.",
+        st.longest_stall_ns as f64 / 1e9,
+    );
+    m.head(
+        "wsloop_loop_turn_duration_seconds",
+        "histogram",
+        "Time a loop turn spent dispatching events and timers (not waiting).",
+    );
+    let mut cumulative = 0;
+    for (i, n) in st.turn_buckets.iter().enumerate() {
+        cumulative += n;
+        let le = TURN_BUCKETS
+            .get(i)
+            .map_or("+Inf".to_string(), |b| b.to_string());
+        m.line(
+            "wsloop_loop_turn_duration_seconds_bucket",
+            &[("le", &le)],
+            cumulative as f64,
+        );
+    }
+    m.line(
+        "wsloop_loop_turn_duration_seconds_sum",
+        &[],
+        st.turn_ns_sum as f64 / 1e9,
+    );
+    m.line(
+        "wsloop_loop_turn_duration_seconds_count",
+        &[],
+        st.loop_turns as f64,
+    );
+    per_loop(&mut m, parts);
+    m.0
+}
+
+fn per_loop(m: &mut Exposition, parts: &[Snapshot]) {
     type Get = fn(&Snapshot) -> f64;
     let series: [(&str, &str, &str, Get); 6] = [
         (
@@ -488,9 +541,9 @@ fn per_loop(m: &mut Out, parts: &[Snapshot]) {
     }
 }
 
-struct Out(String);
+struct Exposition(String);
 
-impl Out {
+impl Exposition {
     fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }

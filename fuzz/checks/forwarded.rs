@@ -20,9 +20,10 @@
 
 use super::util::Reader;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use wsloop::admission::TrustedProxies;
 use wsloop::admission::{Admission, Verdict};
 use wsloop::config::ForwardedHeader;
-use wsloop::protocol::proxy::{forwarded_client, forwarded_key, TrustedProxies};
+use wsloop::protocol::proxy::{forwarded_client, forwarded_key};
 
 /// The proxy the connection comes from (mapped, to check that the fallback is canonical too).
 const PROXY: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001);

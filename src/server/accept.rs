@@ -9,10 +9,12 @@
 //! `ENOBUFS`, `ENOMEM` (and anything unexpected) pause with the same backoff. The close path
 //! resumes accepting as soon as it frees a descriptor.
 
+use super::conn::{conn_id, Conn, TimerRef, MAX_SLOTS};
+use super::core::{Core, LOG_REFUSALS, LOG_SHED};
 use crate::admission::Verdict;
 use crate::app::CloseReason;
-use crate::event_loop::{Conn, Core, TimerRef};
 use crate::io::transport::Transport;
+use crate::metrics::accept_errno_index;
 use crate::protocol::handshake;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
@@ -22,37 +24,9 @@ use std::net::SocketAddr;
 /// Timer-wheel index reserved for the accept backoff timer.
 pub(crate) const ACCEPT_TIMER: u32 = u32::MAX;
 /// How long a refused client has to send its request before we close (we answered already).
-const SHED_LINGER_MS: u64 = 1000;
-const BACKOFF_MIN_MS: u64 = 5;
-const BACKOFF_MAX_MS: u64 = 1000;
-/// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
-const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
-const LOG_SHED: usize = LOG_REFUSALS + 3;
-/// Handshakes answered with an HTTP error.
-pub(crate) const LOG_REJECTS: usize = LOG_SHED + 1;
-/// How many kinds of log line are throttled.
-pub(crate) const LOG_SLOTS: usize = LOG_REJECTS + 1;
-
-/// The accept errors counted by kind, in this order; anything else is "other".
-pub const ACCEPT_ERRNOS: [(i32, &str); 9] = [
-    (libc::EMFILE, "EMFILE"),
-    (libc::ENFILE, "ENFILE"),
-    (libc::ENOBUFS, "ENOBUFS"),
-    (libc::ENOMEM, "ENOMEM"),
-    (libc::ECONNABORTED, "ECONNABORTED"),
-    (libc::EPROTO, "EPROTO"),
-    (libc::ECONNRESET, "ECONNRESET"),
-    (libc::EPERM, "EPERM"),
-    (libc::EINTR, "EINTR"),
-];
-
-/// Index of `errno` in [`ACCEPT_ERRNOS`], or its length for "other".
-pub fn accept_errno_index(errno: i32) -> usize {
-    ACCEPT_ERRNOS
-        .iter()
-        .position(|(e, _)| *e == errno)
-        .unwrap_or(ACCEPT_ERRNOS.len())
-}
+pub(crate) const SHED_LINGER_MS: u64 = 1000;
+pub(crate) const BACKOFF_MIN_MS: u64 = 5;
+pub(crate) const BACKOFF_MAX_MS: u64 = 1000;
 
 /// Create a non-blocking listener on `addr` with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 (so an
 /// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`;
@@ -76,7 +50,7 @@ pub(crate) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Resu
 }
 
 /// How a new connection enters the slab.
-enum Kind {
+pub(crate) enum Kind {
     /// To be served; counted against its address or not; from a metrics-only listener or not;
     /// from a trusted proxy or not.
     Admitted {
@@ -89,7 +63,7 @@ enum Kind {
 }
 
 /// What to do after an accept error.
-enum AcceptError {
+pub(crate) enum AcceptError {
     /// Skip this connection and go on.
     Skip,
     /// Out of descriptors in this process: shed the backlog with the spare fd, then pause.
@@ -98,7 +72,7 @@ enum AcceptError {
     Pause,
 }
 
-fn classify(e: &io::Error) -> AcceptError {
+pub(crate) fn classify(e: &io::Error) -> AcceptError {
     match e.raw_os_error() {
         Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET | libc::EPERM | libc::EINTR) => {
             AcceptError::Skip
@@ -135,7 +109,7 @@ impl<D> Core<D> {
         }
     }
 
-    fn accept_from(&mut self, i: usize) {
+    pub(crate) fn accept_from(&mut self, i: usize) {
         if self.accept_paused {
             return;
         }
@@ -189,7 +163,7 @@ impl<D> Core<D> {
 
     /// `EMFILE`: free the spare descriptor, accept and answer everything pending in the backlog
     /// (each client gets a 503 or, failing that, a reset, instead of hanging), reopen the spare.
-    fn shed_backlog(&mut self, i: usize) {
+    pub(crate) fn shed_backlog(&mut self, i: usize) {
         let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
             return;
         };
@@ -221,7 +195,7 @@ impl<D> Core<D> {
 
     /// Stop accepting until the backoff timer fires (5 ms doubling to 1 s) or the close path
     /// frees a descriptor.
-    fn pause_accept(&mut self) {
+    pub(crate) fn pause_accept(&mut self) {
         if self.backoff_ms == 0 {
             log::warn!("accepting paused; retrying with a backoff from {BACKOFF_MIN_MS} ms to {BACKOFF_MAX_MS} ms");
         }
@@ -262,7 +236,7 @@ impl<D> Core<D> {
     }
 
     /// Log an accept error at most once a second per kind, with how many were suppressed.
-    fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
+    pub(crate) fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
         match self.throttle(accept_errno_index(errno), 1) {
             Some(0) => log::warn!("accept failed: {e}"),
             Some(more) => log::warn!("accept failed: {e} ({more} more suppressed)"),
@@ -270,22 +244,8 @@ impl<D> Core<D> {
         }
     }
 
-    /// Rate-limit one kind of log line (`slot`) to one a second: `n` more events happened;
-    /// returns how many were suppressed since the last line when one may be logged now.
-    pub(crate) fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
-        let (last, suppressed) = &mut self.log_throttle[slot];
-        if *last != 0 && self.now < *last + 1000 {
-            *suppressed += n;
-            return None;
-        }
-        let more = *suppressed + n - 1;
-        *last = self.now.max(1);
-        *suppressed = 0;
-        Some(more)
-    }
-
     /// A new connection: admit it, or answer it with 503/429 and let it go.
-    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
+    pub(crate) fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
         // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -339,7 +299,7 @@ impl<D> Core<D> {
         }
     }
 
-    fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
+    pub(crate) fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
         if let Some(more) = self.throttle(LOG_REFUSALS + verdict.index(), 1) {
             log::info!(
                 "refusing connections ({}), latest from {peer} ({more} more since the last report)",
@@ -349,13 +309,19 @@ impl<D> Core<D> {
     }
 
     /// Register a new connection and put it in the slab, with its first deadline.
-    fn insert_conn(&mut self, stream: TcpStream, peer: SocketAddr, deadline: u64, kind: Kind) {
+    pub(crate) fn insert_conn(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        deadline: u64,
+        kind: Kind,
+    ) {
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let gen = self.next_gen;
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         let mut socket = Transport::tcp(stream);
-        let token = Token(crate::event_loop::conn_id(self.member, idx, gen).0 as usize);
+        let token = Token(conn_id(self.member, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,
             Kind::Admitted {
@@ -363,7 +329,7 @@ impl<D> Core<D> {
                 ..
             }
         );
-        if idx >= crate::event_loop::MAX_SLOTS
+        if idx >= MAX_SLOTS
             || self
                 .registry
                 .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)

@@ -1,17 +1,14 @@
 //! Reaching the loop from other threads: [`LoopHandle`] posts commands to a bounded queue and
 //! wakes the loop through a `mio::Waker`; the loop runs them between dispatches, with a [`Ctx`].
 
-use crate::app::{CloseReason, ConnId, Handler, Message, SendStatus};
-use crate::config::{BackpressurePolicy, Config};
-use crate::event_loop::{conn_id, slot_of, Core, Stats};
-use crate::io::out::Outbox;
+use super::ctx::Ctx;
+use crate::app::{ConnId, Handler};
+use crate::config::Config;
+use crate::metrics::Stats;
 use crate::protocol::close::CloseCode;
-use crate::protocol::frame::OpCode;
-use crate::protocol::session::State;
 use mio::Waker;
 use std::cell::Cell;
 use std::fmt;
-use std::io;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -98,7 +95,7 @@ pub struct QueueStats {
 }
 
 /// The queue behind the mutex.
-struct Queue<H: Handler> {
+pub(crate) struct Queue<H: Handler> {
     /// Commands not yet taken by the loop.
     commands: Vec<Command<H>>,
     /// False once the loop has ended: commands are then refused.
@@ -154,11 +151,11 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue<H>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Queue<H>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn id(&self) -> usize {
+    pub(crate) fn id(&self) -> usize {
         self as *const Self as usize
     }
 
@@ -170,7 +167,7 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Whether the calling thread is running this loop's turn (a callback or posted closure).
-    fn on_loop_thread(&self) -> bool {
+    pub(crate) fn on_loop_thread(&self) -> bool {
         LOOP_HERE.with(|l| l.get()) == self.id()
     }
 
@@ -211,7 +208,11 @@ impl<H: Handler> Shared<H> {
 
     /// Queue `cmd`, waiting for room until `deadline` if one is given (and the calling thread
     /// is not the loop's own, which cannot drain while it waits).
-    fn push(&self, cmd: Command<H>, deadline: Option<Instant>) -> Result<(), QueueError> {
+    pub(crate) fn push(
+        &self,
+        cmd: Command<H>,
+        deadline: Option<Instant>,
+    ) -> Result<(), QueueError> {
         let cost = cmd.cost();
         let mut q = self.lock();
         if let Some(bytes) = cost {
@@ -314,7 +315,7 @@ impl<H: Handler> LoopHandle<H> {
         LoopHandle { shared }
     }
 
-    fn deadline(timeout: Duration) -> Option<Instant> {
+    pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {
         // A timeout too long to represent waits as long as it can.
         Some(
             Instant::now()
@@ -442,117 +443,5 @@ impl<H: Handler> LoopHandle<H> {
     /// What the queue holds now, its high-water marks and how many commands it refused.
     pub fn queued(&self) -> QueueStats {
         self.shared.lock().stats
-    }
-}
-
-/// What a posted closure can do on the loop: reach any connection by id.
-pub struct Ctx<'a, D> {
-    pub(crate) core: &'a mut Core<D>,
-}
-
-impl<'a, D> Ctx<'a, D> {
-    pub(crate) fn locate(&mut self, id: ConnId) -> Option<usize> {
-        let (idx, gen) = slot_of(id.0);
-        (id.loop_index() == self.core.member && self.core.alive(idx, gen)).then_some(idx)
-    }
-
-    /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
-    /// yet open; over the backpressure limit it is refused as in a callback.
-    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> SendStatus {
-        // A closure may send more to the same connection: keep its sends in the cork.
-        self.send_as(id, msg, false)
-    }
-
-    /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Outbox::new`]).
-    pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
-        let Some(idx) = self.locate(id) else {
-            return SendStatus::Closed;
-        };
-        let core = &mut *self.core;
-        if core.conns[idx].send.sealed || core.conns[idx].data.is_none() {
-            return SendStatus::Closed;
-        }
-        core.cork_for(idx);
-        let conn = &mut core.conns[idx];
-        if conn.pending.len() + core.cork.len() > core.config.max_backpressure {
-            if core.config.backpressure_policy == BackpressurePolicy::Close {
-                conn.send.cause = Some(CloseReason::Backpressure);
-                core.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
-                core.linger(idx, CloseReason::Backpressure);
-            }
-            return SendStatus::Dropped;
-        }
-        if conn.session.state() != State::Open {
-            return SendStatus::Closed;
-        }
-        let op = match msg {
-            Message::Text(_) => OpCode::Text,
-            Message::Binary(_) => OpCode::Binary,
-        };
-        let mut out = Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last);
-        let ok = out.frame(op, msg.as_bytes());
-        let sent = out.sent();
-        if !ok {
-            conn.send.sealed = true;
-        }
-        match core.settle(idx, sent) {
-            true => SendStatus::Queued,
-            false => SendStatus::Closed,
-        }
-    }
-
-    /// Start the close handshake with connection `id`. Returns false if it is gone or closing.
-    pub fn close(&mut self, id: ConnId, code: CloseCode, reason: &str) -> bool {
-        let Some(idx) = self.locate(id) else {
-            return false;
-        };
-        let core = &mut *self.core;
-        if core.conns[idx].send.sealed || core.conns[idx].data.is_none() {
-            return false;
-        }
-        core.start_close(idx, code, reason);
-        true
-    }
-
-    /// Drop connection `id` without a close handshake (after the current closure returns).
-    pub fn terminate(&mut self, id: ConnId) {
-        if let Some(idx) = self.locate(id) {
-            let gen = self.core.conns[idx].gen;
-            self.core.doomed.push((idx, gen, CloseReason::Terminated));
-        }
-    }
-
-    /// The data of connection `id`, if it is open.
-    pub fn data_mut(&mut self, id: ConnId) -> Option<&mut D> {
-        let idx = self.locate(id)?;
-        self.core.conns[idx].data.as_mut()
-    }
-
-    /// Ids of every open connection (handshake complete, not yet ended).
-    pub fn open_ids(&self) -> Vec<ConnId> {
-        self.core
-            .conns
-            .iter()
-            .filter(|(_, c)| c.data.is_some())
-            .map(|(i, c)| conn_id(self.core.member, i, c.gen))
-            .collect()
-    }
-
-    /// The loop's counters.
-    pub fn stats(&self) -> Stats {
-        self.core.stats()
-    }
-
-    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
-    pub fn metrics(&self) -> String {
-        self.core.render_metrics()
-    }
-
-    /// Descriptors open in the process (counted in `/proc/self/fd`) minus those it had open
-    /// when the loop started and those the loop owns (epoll, waker, listeners, connections, the
-    /// spare descriptor). Zero when everything is accounted for; positive when something in the
-    /// process leaks descriptors. Costs a directory listing of `/proc/self/fd`.
-    pub fn audit(&mut self) -> io::Result<i64> {
-        self.core.audit()
     }
 }

@@ -1,10 +1,72 @@
 //! The loop's side of the write path: the cork changes hands between connections, what a sender
-//! left for the loop is settled, and the cork is flushed at the end of a dispatch (see
-//! [`crate::io::out`]).
+//! left for the loop is settled, the cork is flushed at the end of a dispatch, a writable event
+//! drains the connection's queue, and an owed pong goes out (see [`crate::io::out`]).
 
-use crate::event_loop::Core;
+use super::conn::NEVER;
+use super::core::Core;
+use super::event_loop::Inner;
+use super::ws::callback;
+use crate::app::{CloseReason, Handler};
 use crate::io::out::{Direct, Sent, CORK_KEEP};
-use crate::reason::CloseReason;
+use crate::protocol::session::State;
+use crate::watchdog::Activity;
+
+impl<H: Handler> Inner<H> {
+    pub(crate) fn writable(&mut self, idx: usize) {
+        let core = &mut self.core;
+        let conn = &mut core.conns[idx];
+        if conn.pending.is_empty() {
+            return;
+        }
+        let n = match conn.socket.write(conn.pending.bytes()) {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
+                core.end(&mut self.handler, idx, reason);
+                return;
+            }
+        };
+        core.stats.bytes_sent += n as u64;
+        conn.pending.consume(n);
+        let resume = conn.read_paused && conn.pending.len() <= core.config.max_backpressure / 2;
+        if resume {
+            conn.read_paused = false;
+        }
+        if conn.pending.is_empty() {
+            conn.stall_at = NEVER;
+            if let Some(reason) = conn.linger {
+                if !conn.half_close() {
+                    core.end(&mut self.handler, idx, reason);
+                }
+                return;
+            }
+        } else if n > 0 && !conn.read_paused {
+            // Progress moves the stall deadline; not while the queue is over the limit, which
+            // must drain to half of it within one write-stall timeout however much each write
+            // takes (a slow but steady reader cannot hold a full queue for ever).
+            conn.stall_at = core.now + Core::<H::Data>::ms(core.config.write_stall_timeout);
+            core.rearm(idx);
+        }
+        if resume {
+            // Input that arrived while paused raised no edge of its own: read it now.
+            let gen = core.conns[idx].gen;
+            self.readable(idx, true);
+            if !self.core.alive(idx, gen) || self.core.doomed.iter().any(|d| d.0 == idx) {
+                return;
+            }
+        }
+        let Inner { core, handler, .. } = self;
+        let conn = &mut core.conns[idx];
+        if conn.pending.is_empty() && conn.data.is_some() && conn.session.state() == State::Open {
+            // A pong owed while bytes were queued goes out now, before anything `on_drain` sends.
+            core.write_owed_pong(idx);
+            // The cork is flushed right after: a direct write adds no system call.
+            callback(core, handler, idx, Activity::Drain, true, |h, ws| {
+                h.on_drain(ws)
+            });
+        }
+    }
+}
 
 impl<D> Core<D> {
     /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
@@ -27,7 +89,7 @@ impl<D> Core<D> {
     }
 
     #[inline(never)]
-    fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
+    pub(crate) fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
         match direct {
             Direct::Done => true,
             Direct::Partial => {
@@ -89,6 +151,18 @@ impl<D> Core<D> {
         self.cork.clear();
         if self.cork.capacity() > 16 * CORK_KEEP {
             self.cork.shrink_to(CORK_KEEP);
+        }
+    }
+
+    /// Write the pong the connection owes for the pings it sent, unless bytes are queued for it:
+    /// then the pong waits until `writable` has drained the queue, and later pings only replace
+    /// its payload. So a connection holds at most one pong in its queue and owes at most one
+    /// more, however many pings it sends without reading.
+    #[inline(never)]
+    pub(crate) fn write_owed_pong(&mut self, idx: usize) {
+        if self.conns[idx].session.pong_owed() && self.conns[idx].pending.is_empty() {
+            self.cork_for(idx);
+            self.conns[idx].session.write_pong(&mut self.cork);
         }
     }
 }

@@ -1,0 +1,198 @@
+//! THE close path: [`Core::end`] is the only code that frees a connection's slab slot. Its ways
+//! in: [`Core::finish`] (graceful: flush what is owed, then end, lingering after a failure),
+//! [`Core::linger`] and [`Core::start_close`] (which arm the close deadline), [`Core::reap`] (the
+//! connections doomed during a dispatch) and [`Core::begin_shutdown`].
+
+use super::conn::conn_id;
+use super::core::Core;
+use super::ws::guarded;
+use crate::app::{CloseReason, Handler};
+use crate::protocol::close::{truncate_reason, CloseCode};
+use crate::protocol::session::State;
+use crate::watchdog::Activity;
+
+impl<D> Core<D> {
+    /// End the doomed connections.
+    pub(crate) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        while let Some((idx, gen, reason)) = self.doomed.pop() {
+            if self.alive(idx, gen) {
+                self.end(handler, idx, reason);
+            }
+        }
+    }
+
+    /// End gracefully: flush what is queued, then close; if the socket cannot take it all now,
+    /// linger until it drains or the close timeout passes. After a failure, drain the peer's
+    /// input until its EOF or the close timeout before closing ([`Conn::half_close`]).
+    pub(crate) fn finish<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        reason: CloseReason,
+    ) {
+        self.cork_for(idx);
+        self.linger(idx, reason);
+        self.flush_cork();
+        self.reap(handler);
+    }
+
+    /// Mark the connection as ending with `reason` once its queued bytes are written (the cork
+    /// flush dooms it when nothing is left), or when the close timeout passes.
+    pub(crate) fn linger(&mut self, idx: usize, reason: CloseReason) {
+        let conn = &mut self.conns[idx];
+        conn.linger = Some(reason);
+        conn.send.sealed = true;
+        conn.deadline = self.now + Self::ms(self.config.close_timeout);
+        self.rearm(idx);
+    }
+
+    /// Start the close handshake on an open connection: send the close frame, seal sends and
+    /// arm the close timeout.
+    pub(crate) fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
+        self.cork_for(idx);
+        let conn = &mut self.conns[idx];
+        conn.send.sealed = true;
+        if conn.session.close(code, reason, &mut self.cork) {
+            // As on the wire: an unsendable code goes out as a close without status.
+            conn.rare().our_close = Some(match code.is_sendable() {
+                true => (code, truncate_reason(reason).into()),
+                false => (CloseCode::NO_STATUS, "".into()),
+            });
+            conn.deadline = self.now + Self::ms(self.config.close_timeout);
+            self.rearm(idx);
+        }
+    }
+
+    pub(crate) fn begin_shutdown<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        // Stops the audit thread (woken at once; a listing in progress finishes first).
+        self.auditor = None;
+        let mut closing = Vec::new();
+        for l in self.listeners.iter_mut() {
+            if let Some(mut l) = l.take() {
+                let _ = self.registry.deregister(&mut l);
+                closing.push(l);
+            }
+        }
+        self.fds_changed();
+        drop(closing);
+        if let Some(k) = self.accept_timer.take() {
+            self.wheel.cancel(k);
+        }
+        self.accept_due = false;
+        self.shutdown_at = Some(self.now + Self::ms(self.config.shutdown_timeout));
+        log::info!("shutting down: closing {} connections", self.conns.len());
+        let all: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for idx in all {
+            let conn = &mut self.conns[idx];
+            if conn.linger.is_some() {
+                continue;
+            }
+            match conn.session.state() {
+                State::Open => {
+                    conn.send.cause = Some(CloseReason::Shutdown);
+                    self.start_close(idx, CloseCode::GOING_AWAY, "server shutdown");
+                    self.flush_cork();
+                }
+                State::CloseSent => {}
+                _ => self.end(handler, idx, CloseReason::Shutdown),
+            }
+        }
+        self.reap(handler);
+    }
+
+    /// The one close path. Every way a connection ends comes here, exactly once: deregister it,
+    /// cancel its timer, free its slab slot, close its fd, count the reason, release its
+    /// admission slot, and call `on_close` if it was opened.
+    pub(crate) fn end<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        reason: CloseReason,
+    ) {
+        // Every descriptor opened so far was counted in the ledger when it was opened.
+        debug_assert_eq!(
+            self.ledger.owned_by(self.member),
+            self.owned_fds(),
+            "descriptor count in the ledger drifted"
+        );
+        let Some(mut conn) = self.conns.try_remove(idx) else {
+            return;
+        };
+        let _ = self.registry.deregister(&mut conn.socket);
+        if let Some(k) = conn.timer.take() {
+            self.wheel.cancel(k);
+        }
+        if self.cork_owner == Some(idx) {
+            self.cork.clear();
+            self.cork_owner = None;
+        }
+        self.fds_changed();
+        drop(conn.socket);
+        if conn.ip_counted {
+            self.ledger.admission().release(conn.peer.ip());
+            self.ip_counted -= 1;
+        }
+        if conn.shed {
+            self.shedding -= 1;
+        }
+        self.stats.closed[reason.index()] += 1;
+        // A descriptor was freed: accepting may go on.
+        self.resume_accept();
+        self.check_consistency();
+        let id = conn_id(self.member, idx, conn.gen);
+        log::debug!(
+            "{id} from {} closed: {} after {} ms",
+            conn.peer,
+            reason.label(),
+            (self.now as u32).wrapping_sub(conn.born)
+        );
+        if let Some(data) = conn.data.take() {
+            // The peer's close when it started the handshake; ours when we did and it answered;
+            // otherwise the reason's own code.
+            let (ours, peers) = match conn.rare.as_deref() {
+                Some(r) => (r.our_close.as_ref(), r.peer_close.as_ref()),
+                None => (None, None),
+            };
+            let (code, text) = match (reason, ours, peers) {
+                (CloseReason::PeerClosed, _, Some((code, text))) => (*code, &**text),
+                (_, Some((code, text)), Some(_)) => (*code, &**text),
+                _ => (reason.code(), reason.label()),
+            };
+            let done = guarded(
+                self.config.catch_panics,
+                &self.beat,
+                Activity::Close,
+                id,
+                || handler.on_close(id, data, code, text),
+            );
+            if done.is_none() {
+                self.stats.handler_panics += 1;
+                log::error!("{id} from {}: on_close panicked", conn.peer);
+            }
+        }
+    }
+
+    /// Debug builds: the slab, the wheel and the admission counters agree after every close.
+    pub(crate) fn check_consistency(&self) {
+        if cfg!(debug_assertions) {
+            let timed = self.conns.iter().filter(|(_, c)| c.timer.is_some()).count();
+            assert_eq!(
+                self.wheel.len(),
+                timed + self.accept_timer.is_some() as usize,
+                "timer wheel entries without an owner"
+            );
+            if self.ledger.loops() == 1 {
+                assert_eq!(
+                    self.ledger.admission().total(),
+                    self.ip_counted,
+                    "per-address counts drifted"
+                );
+            }
+            let shed = self.conns.iter().filter(|(_, c)| c.shed).count();
+            assert_eq!(shed, self.shedding, "refused-connection count drifted");
+        }
+    }
+}

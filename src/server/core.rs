@@ -1,0 +1,250 @@
+//! [`Core`]: everything a loop owns except the poll, the handler and the receive buffer, so that
+//! a callback can borrow a connection, the cork and the handler at once; and the loop's clock,
+//! start-up (the fd budget) and descriptor accounting.
+
+use super::conn::{Conn, TimerRef, NEVER};
+use crate::app::CloseReason;
+use crate::config::Config;
+use crate::ledger::{plan_budget, raise_fd_limit, Budget, Ledger};
+use crate::metrics::{Stats, ACCEPT_ERRNOS};
+use crate::protocol::handshake;
+use crate::sys;
+use crate::timer_wheel::{TimerKey, TimerWheel};
+use crate::watchdog::Heartbeat;
+use mio::net::TcpListener;
+use mio::Registry;
+use slab::Slab;
+use std::fs::File;
+use std::io::{self, ErrorKind};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often per-address admission state is swept, in ms.
+pub(crate) const SWEEP_MS: u64 = 10_000;
+
+/// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
+pub(crate) const PUBLISH_MS: u64 = 250;
+
+/// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
+pub(crate) const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
+pub(crate) const LOG_SHED: usize = LOG_REFUSALS + 3;
+/// Handshakes answered with an HTTP error.
+pub(crate) const LOG_REJECTS: usize = LOG_SHED + 1;
+/// How many kinds of log line are throttled.
+pub(crate) const LOG_SLOTS: usize = LOG_REJECTS + 1;
+
+/// Everything the loop owns except the poll, the handler and the receive buffer, so that a
+/// handler callback can borrow a connection, the cork and the handler at the same time.
+pub(crate) struct Core<D> {
+    pub(crate) registry: Registry,
+    pub(crate) listeners: Vec<Option<TcpListener>>,
+    pub(crate) conns: Slab<Conn<D>>,
+    pub(crate) wheel: TimerWheel<TimerRef>,
+    /// Output collected for `cork_owner` during the current dispatch.
+    pub(crate) cork: Vec<u8>,
+    pub(crate) cork_owner: Option<usize>,
+    /// Connections to end once the current dispatch returns: (slab index, generation, reason).
+    pub(crate) doomed: Vec<(usize, u32, CloseReason)>,
+    /// Connections that used their read budget this turn, to read again next turn (slab index,
+    /// generation).
+    pub(crate) reread: Vec<(usize, u32)>,
+    /// A ping was delivered during the current read: its connection may owe a pong.
+    pub(crate) pong_due: bool,
+    pub(crate) config: Config,
+    /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
+    pub(crate) ping_after: u64,
+    pub(crate) limits: handshake::Limits,
+    pub(crate) start: Instant,
+    /// What this loop shares with the other loops of its cluster (a ledger of one alone).
+    pub(crate) ledger: Arc<Ledger>,
+    /// This loop's index in the ledger.
+    pub(crate) member: usize,
+    /// When this loop next publishes its metrics snapshot to the ledger (clusters only), and the
+    /// turn count it last published at.
+    pub(crate) next_publish: u64,
+    pub(crate) published_turns: u64,
+    pub(crate) now: u64,
+    pub(crate) next_gen: u32,
+    pub(crate) stats: Stats,
+    pub(crate) shutdown_at: Option<u64>,
+    // --- admission and the fd budget
+    /// Connections counted in the ledger's admission table (consistency check).
+    pub(crate) ip_counted: u64,
+    /// Refused connections being answered (in `conns`, not counted as admitted).
+    pub(crate) shedding: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) fd_budget: usize,
+    /// Kept open to be released when accept fails with `EMFILE`.
+    pub(crate) spare_fd: Option<File>,
+    /// Descriptors of the poll and waker.
+    pub(crate) fixed_fds: usize,
+    pub(crate) started: bool,
+    pub(crate) next_sweep: u64,
+    // --- accepting
+    pub(crate) accept_due: bool,
+    /// Connections admitted in the current loop turn (see `Core::accept_from`).
+    pub(crate) turn_admitted: usize,
+    pub(crate) accept_paused: bool,
+    pub(crate) paused_since: u64,
+    pub(crate) backoff_ms: u64,
+    pub(crate) accept_timer: Option<TimerKey>,
+    /// Per log kind: when it was last logged (ms) and how many since were suppressed.
+    pub(crate) log_throttle: [(u64, u64); LOG_SLOTS],
+    /// Whether each listener serves only metrics and health (not WebSocket upgrades).
+    pub(crate) listener_admin: Vec<bool>,
+    /// The periodic fd audit's thread (loop 0 only), stopped at shutdown.
+    pub(crate) auditor: Option<crate::audit::Auditor>,
+    /// Token buckets of the operator endpoints (`/metrics`, `/healthz`): requests on the
+    /// WebSocket listeners, and on the metrics listeners.
+    pub(crate) endpoint_buckets: [crate::admission::Bucket; 2],
+    /// The heartbeat the stall watchdog reads, if it runs.
+    pub(crate) beat: Option<Arc<Heartbeat>>,
+    /// Which origins may upgrade.
+    pub(crate) origin: crate::origin::OriginPolicy,
+    /// Proxies whose word on the client address is taken.
+    pub(crate) trusted: crate::admission::TrustedProxies,
+}
+
+impl<D> Core<D> {
+    pub(crate) fn tick(&mut self) {
+        self.turn_admitted = 0;
+        self.now = self.start.elapsed().as_millis() as u64;
+    }
+
+    /// Size the fd budget (once, before the first poll): raise the soft limit if configured,
+    /// and derive or check `max_connections`.
+    pub(crate) fn start_up(&mut self) -> io::Result<()> {
+        if self.config.raise_fd_limit {
+            raise_fd_limit();
+        }
+        let (soft, _) = sys::nofile_limit()?;
+        let in_use = sys::open_fds()?;
+        self.ledger.set_base(in_use);
+        let headroom = self.config.fd_headroom;
+        let (budget, max) = plan_budget(soft, in_use, headroom, self.config.max_connections, 1)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?[0];
+        let summary = Budget {
+            fd_budget: budget,
+            max_connections: max,
+            fd_limit: soft,
+            open: in_use,
+            headroom,
+            loops: 1,
+        };
+        log::info!("{summary}");
+        self.join_budget(budget, max);
+        Ok(())
+    }
+
+    /// Take `budget` descriptors for connections and `max_connections`, and start.
+    pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
+        self.started = true;
+        self.fd_budget = budget;
+        self.max_connections = max_connections;
+        // One audit per process, on a thread of its own: loop 0's.
+        let every = self.config.audit_interval;
+        if self.member == 0 && !every.is_zero() && self.auditor.is_none() {
+            match crate::audit::Auditor::start(self.ledger.clone(), every) {
+                Ok(a) => self.auditor = Some(a),
+                Err(e) => log::warn!("cannot start the fd audit thread: {e}; no periodic audit"),
+            }
+        }
+        if self.ledger.loops() > 1 {
+            self.publish();
+        }
+    }
+
+    /// Store this loop's descriptor count in the ledger: after opening one, before closing one
+    /// (see [`Ledger`]).
+    pub(crate) fn fds_changed(&self) {
+        self.ledger.set_owned(self.member, self.owned_fds());
+    }
+
+    /// Publish this loop's snapshot for the other loops of its cluster to render.
+    pub(crate) fn publish(&mut self) {
+        self.ledger.publish(self.member, self.snapshot());
+        self.published_turns = self.stats.loop_turns;
+        self.next_publish = self.now + PUBLISH_MS;
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            connections: self.conns.len(),
+            timers: self.wheel.len() - self.accept_timer.is_some() as usize,
+            audit_difference: self.ledger.last_audit().1,
+            accept_paused: self.accept_paused,
+            stalls: self.beat.as_ref().map_or(0, |b| b.stalls.load(Relaxed)),
+            longest_stall_ns: self.beat.as_ref().map_or(0, |b| b.longest_ns.load(Relaxed)),
+            max_connections: self.max_connections,
+            fd_budget: self.fd_budget,
+            fds_owned: self.owned_fds(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Descriptors the loop owns.
+    pub(crate) fn owned_fds(&self) -> usize {
+        self.fixed_fds
+            + self.listeners.iter().flatten().count()
+            + self.conns.len()
+            + self.spare_fd.is_some() as usize
+    }
+
+    /// Open descriptors in the process minus those it had before the loop started and those
+    /// the loop owns: positive when something leaks descriptors, zero when all is accounted.
+    /// Fewer than expected means a descriptor open at start (the application's, or a transient
+    /// one another thread held while the baseline was measured) has been closed since: that is
+    /// no leak, so the baseline moves down and the difference is zero.
+    pub(crate) fn audit(&mut self) -> io::Result<i64> {
+        // No undisturbed reading (other loops opening and closing all along): the last result.
+        Ok(self.ledger.audit()?.unwrap_or(self.ledger.last_audit().1))
+    }
+
+    pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
+        self.conns.get(idx).is_some_and(|c| c.gen == gen)
+    }
+
+    /// `d` in the wheel's milliseconds, rounded up: a deadline never comes before its time.
+    pub(crate) fn ms(d: Duration) -> u64 {
+        d.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128 / 4) as u64
+    }
+
+    /// Rate-limit one kind of log line (`slot`) to one a second: `n` more events happened;
+    /// returns how many were suppressed since the last line when one may be logged now.
+    pub(crate) fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
+        let (last, suppressed) = &mut self.log_throttle[slot];
+        if *last != 0 && self.now < *last + 1000 {
+            *suppressed += n;
+            return None;
+        }
+        let more = *suppressed + n - 1;
+        *last = self.now.max(1);
+        *suppressed = 0;
+        Some(more)
+    }
+}
+
+/// Milliseconds of silence before the idle ping (half the idle timeout); NEVER when off.
+pub(crate) fn ping_after(config: &Config) -> u64 {
+    match Core::<()>::ms(config.idle_timeout) {
+        0 => NEVER,
+        idle => idle.div_ceil(2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Core;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_become_whole_milliseconds_rounded_up() {
+        let ms = |us| Core::<()>::ms(Duration::from_micros(us));
+        assert_eq!(
+            (ms(0), ms(1), ms(1000), ms(1001), ms(1999), ms(2000)),
+            (0, 1, 1, 2, 2, 2)
+        );
+        assert_eq!(Core::<()>::ms(Duration::MAX), u64::MAX / 4);
+    }
+}

@@ -1,0 +1,397 @@
+//! [`Server`]: the poll, one turn (wait, dispatch every event, fire due timers, accept), and the
+//! commands other threads queue through a [`LoopHandle`].
+
+use super::conn::slot_of;
+use super::core::{ping_after, Core, LOG_SLOTS, SWEEP_MS};
+use super::ctx::Ctx;
+use super::handle::{Command, LoopHandle, OwnedMessage, Shared};
+use super::ws::guarded;
+use crate::app::{ConnId, Handler, Message};
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::metrics::Stats;
+use crate::protocol::handshake;
+use crate::sys;
+use crate::timer_wheel::TimerWheel;
+use crate::watchdog::{Activity, Watchdog};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::fs::File;
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Token of the cross-thread waker; listener tokens are 0..MAX_LISTENERS, and connection tokens
+/// carry a generation >= 1 in their upper 32 bits, so they never collide with either.
+pub(crate) const WAKER: Token = Token(u32::MAX as usize);
+
+pub(crate) const MAX_LISTENERS: usize = 64;
+
+/// Commands whose buffer the loop keeps between batches from its handles' queue.
+pub(crate) const BATCH_KEEP: usize = 1024;
+
+/// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
+pub struct Server<H: Handler> {
+    poll: Poll,
+    events: Events,
+    inner: Inner<H>,
+    /// Stops its thread when the server is dropped.
+    _watchdog: Option<Watchdog>,
+}
+
+pub(crate) struct Inner<H: Handler> {
+    pub(crate) core: Core<H::Data>,
+    pub(crate) handler: H,
+    pub(crate) recv: Vec<u8>,
+    pub(crate) shared: Arc<Shared<H>>,
+    /// The commands taken from the queue, run by [`Inner::run_commands`] (kept for its
+    /// capacity).
+    pub(crate) batch: Vec<Command<H>>,
+}
+
+impl<H: Handler> Server<H> {
+    /// A server with `config` and `handler`, listening nowhere yet. Fails on an invalid
+    /// configuration (as `io::ErrorKind::InvalidInput`) or when epoll cannot be created.
+    pub fn new(config: Config, handler: H) -> io::Result<Self> {
+        let ledger = Arc::new(Ledger::new(1, &config));
+        Self::member(config, handler, ledger, 0)
+    }
+
+    /// Loop `member` of the group sharing `ledger` (a [`Cluster`](crate::Cluster) sizes its
+    /// budget with [`Server::join_budget`] before its first turn).
+    pub(crate) fn member(
+        config: Config,
+        handler: H,
+        ledger: Arc<Ledger>,
+        member: usize,
+    ) -> io::Result<Self> {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        let before = sys::open_fds().unwrap_or(0);
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let registry = poll.registry().try_clone()?;
+        let fixed_fds = sys::open_fds().unwrap_or(before + 3).saturating_sub(before);
+        let limits = handshake::Limits {
+            max_header_bytes: config.max_header_bytes,
+            max_headers: config.max_headers,
+        };
+        let origin =
+            crate::origin::OriginPolicy::new(&config.allowed_origins, config.allow_missing_origin)
+                .map_err(|e| {
+                    io::Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("invalid allowed_origins: {e}"),
+                    )
+                })?;
+        let watchdog = match config.stall_threshold.is_zero() {
+            true => None,
+            false => Some(Watchdog::start(config.stall_threshold)?),
+        };
+        let start = ledger.start;
+        let shared = Arc::new(Shared::new(waker, &config));
+        let server = Server {
+            events: Events::with_capacity(config.events_capacity),
+            inner: Inner {
+                recv: vec![0; config.recv_buffer_size],
+                core: Core {
+                    registry,
+                    listeners: Vec::new(),
+                    conns: Slab::new(),
+                    wheel: TimerWheel::new(0),
+                    cork: Vec::new(),
+                    cork_owner: None,
+                    doomed: Vec::new(),
+                    reread: Vec::new(),
+                    pong_due: false,
+                    limits,
+                    start,
+                    ledger,
+                    member,
+                    next_publish: 0,
+                    published_turns: 0,
+                    now: 0,
+                    next_gen: 0,
+                    stats: Stats::default(),
+                    shutdown_at: None,
+                    ip_counted: 0,
+                    shedding: 0,
+                    max_connections: 0,
+                    fd_budget: 0,
+                    // Kept open to be released when accept fails with `EMFILE`.
+                    spare_fd: File::open("/dev/null").ok(),
+                    fixed_fds,
+                    started: false,
+                    next_sweep: SWEEP_MS,
+                    accept_due: false,
+                    turn_admitted: 0,
+                    accept_paused: false,
+                    paused_since: 0,
+                    backoff_ms: 0,
+                    accept_timer: None,
+                    log_throttle: [(0, 0); LOG_SLOTS],
+                    listener_admin: Vec::new(),
+                    auditor: None,
+                    endpoint_buckets: [crate::admission::Bucket::full(config.endpoint_rate, 0); 2],
+                    beat: watchdog.as_ref().map(|w| w.beat.clone()),
+                    origin,
+                    trusted: crate::admission::TrustedProxies::parse(&config.trusted_proxies)
+                        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
+
+                    ping_after: ping_after(&config),
+                    config,
+                },
+                handler,
+                shared,
+                batch: Vec::new(),
+            },
+            poll,
+            _watchdog: watchdog,
+        };
+        server.inner.core.fds_changed();
+        Ok(server)
+    }
+
+    /// Listen on `addr` (IPv4 or IPv6; port 0 picks a free port) and return the bound address.
+    /// The backlog is [`Config::listen_backlog`], capped by `net.core.somaxconn`.
+    /// Besides WebSocket upgrades it answers `GET /metrics` and `GET /healthz` when
+    /// [`Config::serve_metrics`] is set.
+    pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        self.add_listener(addr, false, false)
+    }
+
+    /// [`Server::listen`], with `SO_REUSEPORT` when `reuse_port` (a cluster's loops).
+    pub(crate) fn listen_with(
+        &mut self,
+        addr: SocketAddr,
+        reuse_port: bool,
+    ) -> io::Result<SocketAddr> {
+        self.add_listener(addr, false, reuse_port)
+    }
+
+    /// Listen on `addr` for `GET /metrics` and `GET /healthz` only (an address for operators,
+    /// apart from the WebSocket port); everything else gets 404. Returns the bound address.
+    pub fn listen_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        self.add_listener(addr, true, false)
+    }
+
+    pub(crate) fn add_listener(
+        &mut self,
+        addr: SocketAddr,
+        admin: bool,
+        reuse_port: bool,
+    ) -> io::Result<SocketAddr> {
+        let core = &mut self.inner.core;
+        let i = core.listeners.len();
+        if i >= MAX_LISTENERS {
+            return Err(io::Error::other("too many listeners"));
+        }
+        let mut listener = super::accept::bind(addr, core.config.listen_backlog, reuse_port)?;
+        let bound = listener.local_addr()?;
+        self.poll
+            .registry()
+            .register(&mut listener, Token(i), Interest::READABLE)?;
+        core.listeners.push(Some(listener));
+        core.listener_admin.push(admin);
+        core.accept_due = true;
+        core.fds_changed();
+        Ok(bound)
+    }
+
+    /// A handle for other threads (and for the loop's own callbacks) to reach this server.
+    pub fn handle(&self) -> LoopHandle<H> {
+        LoopHandle::new(self.inner.shared.clone())
+    }
+
+    /// The handler, for inspection between turns.
+    pub fn handler(&self) -> &H {
+        &self.inner.handler
+    }
+
+    /// The loop's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.core.stats()
+    }
+
+    /// Descriptors open in the process beyond those the loop accounts for (see
+    /// [`Ctx::audit`]). Zero when nothing leaks.
+    pub fn audit(&mut self) -> io::Result<i64> {
+        self.inner.core.audit()
+    }
+
+    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics(&self) -> String {
+        self.inner.core.render_metrics()
+    }
+
+    /// A cluster's loop: take its share of the fd budget (see [`Core::join_budget`]).
+    pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
+        self.inner.core.join_budget(budget, max_connections);
+    }
+
+    /// Run until shut down (through [`LoopHandle::shutdown`]) and every connection has ended.
+    /// Fails at once if the configuration does not fit the process's descriptor limit.
+    pub fn run(mut self) -> io::Result<()> {
+        while self.turn(None)? {}
+        Ok(())
+    }
+
+    /// One round: wait for readiness up to `timeout` (and no longer than the next timer),
+    /// dispatch every event, fire due timers. Returns false once the server has shut down and
+    /// every connection has ended. The first call sizes the fd budget (and may fail, as `run`).
+    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        // Callbacks and posted closures run on this thread until the turn returns: a query from
+        // them would wait for itself (see `LoopHandle::query`).
+        let _on_loop = self.inner.shared.enter();
+        let more = self.turn_inner(timeout)?;
+        if !more {
+            // Ended: queries and commands get their answer (None, Closed) at once from now on.
+            self.inner.shared.close();
+        }
+        Ok(more)
+    }
+
+    pub(crate) fn turn_inner(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        let core = &mut self.inner.core;
+        if !core.started {
+            core.start_up()?;
+        }
+        if core.shutdown_at.is_some() && core.conns.is_empty() {
+            return Ok(false);
+        }
+        let timer_wait = core
+            .wheel
+            .next_expiration()
+            .into_iter()
+            .chain(core.shutdown_at)
+            .min()
+            .map(|t| Duration::from_millis(t.saturating_sub(core.now)));
+        let mut wait = match (timeout, timer_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if core.accept_due || !core.reread.is_empty() {
+            wait = Some(Duration::ZERO);
+        }
+        if core.ledger.loops() > 1 && core.stats.loop_turns != core.published_turns {
+            // Publish what changed soon, even if nothing else wakes this loop.
+            let due = Duration::from_millis(core.next_publish.saturating_sub(core.now));
+            wait = Some(wait.map_or(due, |w| w.min(due)));
+        }
+        if let Err(e) = self.poll.poll(&mut self.events, wait) {
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let busy = Instant::now();
+        if let Some(b) = &self.inner.core.beat {
+            b.turn_start();
+        }
+        self.inner.core.tick();
+        if !self.inner.core.reread.is_empty() {
+            self.inner.reread();
+        }
+        for event in self.events.iter() {
+            self.inner.dispatch(event);
+        }
+        self.inner.fire_timers();
+        let core = &mut self.inner.core;
+        if core.accept_due && core.shutdown_at.is_none() {
+            core.accept_all();
+            core.reap(&mut self.inner.handler);
+        }
+        crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
+        let more = !(core.shutdown_at.is_some() && core.conns.is_empty());
+        if core.ledger.loops() > 1 && (core.now >= core.next_publish || !more) {
+            core.publish();
+        }
+        if let Some(b) = &core.beat {
+            b.turn_end();
+        }
+        Ok(more)
+    }
+}
+
+impl<H: Handler> Inner<H> {
+    pub(crate) fn dispatch(&mut self, event: &mio::event::Event) {
+        let token = event.token().0;
+        if token == WAKER.0 {
+            self.run_commands();
+        } else if token < MAX_LISTENERS {
+            // Accept at the end of the turn, once this turn's events and timers have freed
+            // what they free: a slot held by a client that already left is not a full server.
+            self.core.accept_due = true;
+        } else {
+            let (idx, gen) = slot_of(token as u64);
+            if !self.core.alive(idx, gen) {
+                return;
+            }
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                self.readable(idx, event.is_read_closed() || event.is_error());
+            }
+            if event.is_writable() && self.core.alive(idx, gen) {
+                self.writable(idx);
+            }
+        }
+        self.core.flush_cork();
+        self.core.reap(&mut self.handler);
+    }
+
+    /// Run every command queued so far, in order; then free their room in the queue.
+    pub(crate) fn run_commands(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.shared.take(&mut batch);
+        let (mut count, mut bytes) = (0, 0);
+        for cmd in batch.drain(..) {
+            if let Some(b) = cmd.cost() {
+                count += 1;
+                bytes += b;
+            }
+            let Inner { core, handler, .. } = self;
+            match cmd {
+                Command::Send(id, msg) => {
+                    // Flushed right after: a large message may go out without a copy.
+                    let mut ctx = Ctx { core };
+                    match &msg {
+                        OwnedMessage::Text(s) => ctx.send_as(id, Message::Text(s), true),
+                        OwnedMessage::Binary(b) => ctx.send_as(id, Message::Binary(b), true),
+                    };
+                }
+                Command::Close(id, code, reason) => {
+                    Ctx { core }.close(id, code, &reason);
+                }
+                Command::Terminate(id) => Ctx { core }.terminate(id),
+                Command::Post(f) | Command::Query(f) => {
+                    let beat = core.beat.clone();
+                    let catch = core.config.catch_panics;
+                    let id = ConnId(0);
+                    let mut ctx = Ctx { core };
+                    if guarded(catch, &beat, Activity::Posted, id, || f(handler, &mut ctx))
+                        .is_none()
+                    {
+                        log::error!("a posted closure panicked");
+                        self.core.stats.handler_panics += 1;
+                    }
+                }
+                Command::Shutdown => core.begin_shutdown(handler),
+            }
+            self.core.flush_cork();
+            self.core.reap(&mut self.handler);
+        }
+        // Keep a small batch's buffer for the next one; give a burst's back.
+        if batch.capacity() <= BATCH_KEEP {
+            self.batch = batch;
+        }
+        self.shared.release(count, bytes);
+    }
+}
+
+impl<H: Handler> Drop for Server<H> {
+    fn drop(&mut self) {
+        // Commands queued for a loop that will never run them are dropped, which also wakes
+        // any thread waiting in `LoopHandle::query`.
+        self.inner.shared.close();
+    }
+}

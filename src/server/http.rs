@@ -1,0 +1,366 @@
+//! Before the upgrade: the PROXY header, the handshake (admission of a forwarded client, the
+//! RFC 6455 checks, the origin policy, the application's upgrade hook), the 101, and the plain
+//! HTTP requests the loop answers itself (`/metrics`, `/healthz`, refusals).
+
+use super::conn::conn_id;
+use super::core::{Core, LOG_REJECTS};
+use super::event_loop::Inner;
+use super::ws::{callback, frames, guarded};
+use crate::app::{CloseReason, Decision, Handler, UpgradeRequest};
+use crate::ledger::Ledger;
+use crate::protocol::handshake::{self, Rejection};
+use crate::protocol::session::Head;
+use crate::watchdog::Activity;
+use std::net::SocketAddr;
+
+impl<H: Handler> Inner<H> {
+    /// A connection from a trusted proxy starts with a PROXY header: read it, take the client
+    /// address it reports, apply the per-address limits to that client, and hand what follows
+    /// it to the handshake.
+    pub(crate) fn proxy_header(&mut self, idx: usize, n: usize) -> bool {
+        use crate::protocol::proxy::{parse_proxy, ProxyHeader};
+        let Inner {
+            core,
+            handler,
+            recv,
+            ..
+        } = self;
+        let conn = &mut core.conns[idx];
+        let buffered = conn
+            .rare
+            .as_ref()
+            .is_some_and(|r| !r.proxy_partial.is_empty());
+        let parsed = if buffered {
+            let partial = &mut conn.rare().proxy_partial;
+            partial.extend_from_slice(&recv[..n]);
+            parse_proxy(partial)
+        } else {
+            parse_proxy(&recv[..n])
+        };
+        let (len, source) = match parsed {
+            Ok(ProxyHeader::Partial) => {
+                if !buffered {
+                    conn.rare().proxy_partial = recv[..n].to_vec();
+                }
+                return true;
+            }
+            Ok(ProxyHeader::Complete { len, source }) => (len, source),
+            Err(e) => {
+                log::debug!(
+                    "{} from {}: {e}",
+                    conn_id(core.member, idx, conn.gen),
+                    conn.peer
+                );
+                core.cork_for(idx);
+                let rej = Rejection::custom(400, "bad PROXY protocol header");
+                handshake::write_rejection(&mut core.cork, &rej);
+                return reject(core, handler, idx, 400);
+            }
+        };
+        // What follows the header goes where the handshake reads it: the receive buffer. It is
+        // never longer than this read (the header is longer than its buffered start).
+        let rest = if buffered {
+            let partial = std::mem::take(&mut conn.rare().proxy_partial);
+            let rest = &partial[len..];
+            recv[..rest.len()].copy_from_slice(rest);
+            rest.len()
+        } else {
+            recv.copy_within(len..n, 0);
+            n - len
+        };
+        conn.awaiting_proxy = false;
+        // A header that names no client (v1 UNKNOWN, v2 LOCAL) leaves the proxy's own address
+        // as the key: never unaccounted.
+        if let Some(client) = source {
+            conn.peer = client;
+        }
+        let (total, now, ip) = (&mut core.ip_counted, core.now, conn.peer.ip());
+        if let Err(verdict) = admit_client(&core.ledger, total, now, ip, &mut conn.ip_counted) {
+            return core.refuse_client(handler, idx, verdict);
+        }
+        rest == 0 || self.handshake(idx, rest)
+    }
+
+    pub(crate) fn handshake(&mut self, idx: usize, n: usize) -> bool {
+        let Inner {
+            core,
+            handler,
+            recv,
+            ..
+        } = self;
+        core.cork_for(idx);
+        let conn = &mut core.conns[idx];
+        let (head_len, buffered, data, subprotocol) = match conn
+            .session
+            .feed_head(&recv[..n], &core.limits)
+        {
+            Ok(Head::Partial) => return true,
+            Err(rej) => {
+                handshake::write_rejection(&mut core.cork, &rej);
+                return reject(core, handler, idx, rej.status());
+            }
+            Ok(Head::Complete {
+                request,
+                head_len,
+                buffered,
+            }) => {
+                let admin = conn.admin;
+                if admin || !request.is_upgrade() {
+                    let route = Route::of(request.method(), request.path());
+                    return core.answer_http(handler, idx, route, admin);
+                }
+                if conn.via_proxy && !core.config.proxy_protocol {
+                    // Only the header the proxy sets: it passes the other on as the client wrote it.
+                    let kind = core.config.forwarded_header;
+                    let name = match kind {
+                        crate::config::ForwardedHeader::XForwardedFor => "x-forwarded-for",
+                        crate::config::ForwardedHeader::Forwarded => "forwarded",
+                    };
+                    let values: Vec<&[u8]> = request.header_all(name).collect();
+                    let trusted = &core.trusted;
+                    let proxy = conn.peer.ip();
+                    let key = crate::protocol::proxy::forwarded_key(proxy, kind, &values, |ip| {
+                        trusted.contains(ip)
+                    });
+                    if key != proxy {
+                        conn.peer = SocketAddr::new(key, 0);
+                    }
+                    let (total, now) = (&mut core.ip_counted, core.now);
+                    let counted = &mut conn.ip_counted;
+                    if let Err(verdict) = admit_client(&core.ledger, total, now, key, counted) {
+                        return core.refuse_client(handler, idx, verdict);
+                    }
+                }
+                let upgrade = match handshake::validate_upgrade(&request) {
+                    Ok(u) => u,
+                    Err(rej) => {
+                        handshake::write_rejection(&mut core.cork, &rej);
+                        return reject(core, handler, idx, rej.status());
+                    }
+                };
+                if let Err(refusal) = core.origin.check(upgrade.origin()) {
+                    log::debug!("{}: {refusal}", conn.peer);
+                    let rej = Rejection::custom(403, refusal.reason());
+                    handshake::write_rejection(&mut core.cork, &rej);
+                    return reject(core, handler, idx, 403);
+                }
+                let req = UpgradeRequest {
+                    upgrade,
+                    peer: conn.peer,
+                };
+                let id = conn_id(core.member, idx, conn.gen);
+                let decision = guarded(
+                    core.config.catch_panics,
+                    &core.beat,
+                    Activity::Upgrade,
+                    id,
+                    || handler.upgrade(&req),
+                );
+                let Some(decision) = decision else {
+                    log::error!(
+                        "upgrade hook panicked on a request from {}: answering 500",
+                        req.peer
+                    );
+                    core.stats.handler_panics += 1;
+                    let rej = Rejection::custom(500, "internal server error");
+                    handshake::write_rejection(&mut core.cork, &rej);
+                    return reject(core, handler, idx, 500);
+                };
+                match decision {
+                    Decision::Reject { status, reason } => {
+                        let rej = Rejection::custom(status, reason);
+                        handshake::write_rejection(&mut core.cork, &rej);
+                        return reject(core, handler, idx, rej.status());
+                    }
+                    Decision::Accept { data, subprotocol } => {
+                        if let Some(p) = subprotocol.as_deref() {
+                            if !req.subprotocols().any(|o| o == p) {
+                                log::error!("upgrade hook chose subprotocol {p:?}, which the client did not offer");
+                                let rej = Rejection::custom(
+                                    500,
+                                    "server chose a subprotocol the client did not offer",
+                                );
+                                handshake::write_rejection(&mut core.cork, &rej);
+                                return reject(core, handler, idx, 500);
+                            }
+                        }
+                        handshake::write_accept(
+                            &mut core.cork,
+                            req.upgrade.key(),
+                            subprotocol.as_deref(),
+                        );
+                        (head_len, buffered, data, subprotocol)
+                    }
+                }
+            }
+        };
+        let rest = conn.session.finish_handshake(head_len, buffered);
+        conn.data = Some(data);
+        conn.subprotocol = subprotocol.map(String::into_boxed_str);
+        conn.deadline = core.now.saturating_add(core.ping_after);
+        let lifetime = Core::<H::Data>::ms(core.config.max_lifetime);
+        if lifetime > 0 {
+            conn.expire_at = core.now + lifetime;
+        }
+        core.rearm(idx);
+        let conn = &core.conns[idx];
+        log::debug!(
+            "{} open from {}",
+            conn_id(core.member, idx, conn.gen),
+            conn.peer
+        );
+        // Frames may follow in this read: their answers should share the cork's one `send`.
+        let last = false;
+        if !callback(core, handler, idx, Activity::Open, last, |h, ws| {
+            h.on_open(ws)
+        }) {
+            return false;
+        }
+        if buffered {
+            let mut rest = rest;
+            frames(core, handler, idx, &mut rest)
+        } else {
+            frames(core, handler, idx, &mut recv[head_len..n])
+        }
+    }
+}
+
+/// Count a connection from a trusted proxy against the per-address limits, under the address
+/// it now has (the client the proxy named, or the proxy's own): counted, or refused and why.
+pub(crate) fn admit_client(
+    ledger: &Ledger,
+    total: &mut u64,
+    now: u64,
+    ip: std::net::IpAddr,
+    counted: &mut bool,
+) -> Result<(), crate::admission::Verdict> {
+    *counted = ledger.admission().admit_address(ip, now)?;
+    *total += *counted as u64;
+    Ok(())
+}
+
+/// Answer a refused request (the response is in the cork) and end the connection.
+pub(crate) fn reject<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+    status: u16,
+) -> bool {
+    let conn = &mut core.conns[idx];
+    let peer = conn.peer;
+    log::debug!(
+        "{} from {peer} rejected with {status}",
+        conn_id(core.member, idx, conn.gen)
+    );
+    conn.session.finish_rejected();
+    if let Some(more) = core.throttle(LOG_REJECTS, 1) {
+        log::info!("rejecting handshakes: {status} to {peer} ({more} more since the last report)");
+    }
+    core.stats.rejected_status[crate::metrics::status_index(status)] += 1;
+    core.finish(handler, idx, CloseReason::Rejected(status));
+    false
+}
+
+/// The plain HTTP requests the loop answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Metrics,
+    Health,
+    Other,
+}
+
+impl Route {
+    pub(crate) fn of(method: &str, path: &str) -> Route {
+        match (method, path) {
+            ("GET", "/metrics") => Route::Metrics,
+            ("GET", "/healthz") => Route::Health,
+            _ => Route::Other,
+        }
+    }
+}
+
+impl<D> Core<D> {
+    /// Answer a client that the per-address limits refused, once a trusted proxy named it
+    /// (503 or 429), and end the connection.
+    pub(crate) fn refuse_client<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        verdict: crate::admission::Verdict,
+    ) -> bool {
+        self.stats.refused[verdict.index()] += 1;
+        self.cork_for(idx);
+        self.cork
+            .extend_from_slice(&super::accept::refusal(verdict));
+        self.conns[idx].session.finish_rejected();
+        self.finish(handler, idx, CloseReason::Refused);
+        false
+    }
+
+    /// Answer a plain HTTP request (metrics or health, within the endpoints' rate, else 429; or
+    /// an error) and end the connection.
+    pub(crate) fn answer_http<H: Handler<Data = D>>(
+        &mut self,
+        handler: &mut H,
+        idx: usize,
+        route: Route,
+        admin: bool,
+    ) -> bool {
+        let serve = admin || self.config.serve_metrics;
+        let endpoint = serve && route != Route::Other;
+        let (rate, bucket) = (
+            self.config.endpoint_rate,
+            &mut self.endpoint_buckets[admin as usize],
+        );
+        let limited = endpoint && rate > 0 && !bucket.take(self.now, rate, rate);
+        match route {
+            _ if limited => {
+                self.stats.endpoint_limited += 1;
+                self.stats.rejected_status[crate::metrics::status_index(429)] += 1;
+                handshake::write_response(
+                    &mut self.cork,
+                    429,
+                    "",
+                    &[("Retry-After", "1")],
+                    b"too many requests for /metrics and /healthz\n",
+                );
+            }
+            Route::Metrics if serve => {
+                let body = self.render_metrics();
+                handshake::write_response(
+                    &mut self.cork,
+                    200,
+                    "OK",
+                    &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                    body.as_bytes(),
+                );
+            }
+            Route::Health if serve => match self.health() {
+                crate::metrics::Health::Ok => {
+                    handshake::write_response(&mut self.cork, 200, "OK", &[], b"ok\n")
+                }
+                crate::metrics::Health::Unhealthy(why) => {
+                    let body = format!("{why}\n");
+                    handshake::write_response(&mut self.cork, 503, "", &[], body.as_bytes())
+                }
+            },
+            _ if admin => {
+                self.stats.rejected_status[crate::metrics::status_index(404)] += 1;
+                handshake::write_response(&mut self.cork, 404, "", &[], b"not found\n");
+            }
+            _ => {
+                self.stats.rejected_status[crate::metrics::status_index(426)] += 1;
+                handshake::write_response(
+                    &mut self.cork,
+                    426,
+                    "",
+                    &[("Upgrade", "websocket")],
+                    b"this is a WebSocket endpoint\n",
+                );
+            }
+        }
+        self.conns[idx].session.finish_rejected();
+        self.finish(handler, idx, CloseReason::HttpAnswered);
+        false
+    }
+}

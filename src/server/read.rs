@@ -1,0 +1,149 @@
+//! The read path: one receive buffer per loop; a read that fills less than the buffer has drained
+//! the socket (edge-triggered: new data raises a new edge), so a message costs one `recv`. A
+//! connection with more than `max_backpressure` queued is not read; one that sends faster than
+//! the loop parses yields after [`READ_BUDGET`] full reads and is read again next turn.
+
+use super::conn::NEVER;
+use super::event_loop::Inner;
+use super::ws::frames;
+use crate::app::{CloseReason, Handler};
+use crate::protocol::session::State;
+use std::io::ErrorKind;
+
+/// Reads that fill the receive buffer one connection may do per turn; then the loop serves the
+/// others and reads the rest on its next turn, so a peer that sends faster than the loop
+/// parses cannot hold the loop.
+pub(crate) const READ_BUDGET: usize = 4;
+
+impl<H: Handler> Inner<H> {
+    /// Read until the socket is drained (or [`READ_BUDGET`] reads filled the buffer: then the
+    /// rest is read next turn), feeding the session; then write the pong owed for the pings
+    /// read, if nothing is queued ([`Core::write_owed_pong`]).
+    #[inline(always)]
+    pub(crate) fn readable(&mut self, idx: usize, closed: bool) {
+        let live = self.read_some(idx, closed);
+        if std::mem::take(&mut self.core.pong_due) && live {
+            self.core.write_owed_pong(idx);
+        }
+    }
+
+    /// The reads of [`Inner::readable`]. Returns false if the connection ended or is ending.
+    #[inline(always)]
+    pub(crate) fn read_some(&mut self, idx: usize, closed: bool) -> bool {
+        let limit = self.core.config.max_backpressure;
+        for _ in 0..READ_BUDGET {
+            let conn = &mut self.core.conns[idx];
+            let queued = !conn.pending.is_empty() || self.core.cork.len() > limit;
+            if conn.read_paused || (queued && self.over_limit(idx)) {
+                return true;
+            }
+            let conn = &mut self.core.conns[idx];
+            let n = match conn.socket.read(&mut self.recv) {
+                Ok(0) => {
+                    // The peer finished sending; it may still be reading, so what we owe it
+                    // (echoes of its last messages, say) is flushed before the close; when
+                    // nothing is owed, `finish` ends it at once.
+                    let reason = conn.linger.unwrap_or(CloseReason::Abnormal);
+                    conn.peer_eof = true;
+                    self.core.finish(&mut self.handler, idx, reason);
+                    return false;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
+                    self.core.end(&mut self.handler, idx, reason);
+                    return false;
+                }
+            };
+            self.core.stats.bytes_received += n as u64;
+            if !self.received(idx, n) {
+                return false;
+            }
+            if n < self.recv.len() && !closed {
+                return true;
+            }
+        }
+        // The peer sends faster than the loop reads: let the other connections have their turn
+        // and read the rest next turn (no new edge will come for bytes already there).
+        let gen = self.core.conns[idx].gen;
+        self.core.reread.push((idx, gen));
+        self.core.stats.read_yields += 1;
+        true
+    }
+
+    /// Read the connections whose read budget ran out last turn.
+    pub(crate) fn reread(&mut self) {
+        for (idx, gen) in std::mem::take(&mut self.core.reread) {
+            if self.core.alive(idx, gen) {
+                self.readable(idx, true);
+                self.core.flush_cork();
+                self.core.reap(&mut self.handler);
+            }
+        }
+    }
+
+    /// Before a read, when bytes are queued: if more than `max_backpressure` are queued for the
+    /// connection once the cork has been offered to the socket, stop reading it (its answers
+    /// would only queue more) until `writable` has drained the queue to half the limit.
+    /// Returns true when reading must stop (paused, or the write failed).
+    #[inline(never)]
+    pub(crate) fn over_limit(&mut self, idx: usize) -> bool {
+        let core = &mut self.core;
+        let limit = core.config.max_backpressure;
+        let corked = match core.cork_owner {
+            Some(owner) if owner == idx => core.cork.len(),
+            _ => 0,
+        };
+        if core.conns[idx].pending.len() + corked <= limit {
+            return false;
+        }
+        core.flush_cork();
+        if core.doomed.iter().any(|d| d.0 == idx) {
+            return true; // the write failed; `reap` ends it
+        }
+        let conn = &mut core.conns[idx];
+        // Paused only with bytes queued: the socket is full, so a writable edge will come.
+        conn.read_paused = conn.pending.len() > limit;
+        conn.read_paused
+    }
+
+    /// Handle `n` fresh bytes in the receive buffer. Returns false if the connection ended or
+    /// is ending (further input is not wanted).
+    #[inline(always)]
+    pub(crate) fn received(&mut self, idx: usize, n: usize) -> bool {
+        let Inner {
+            core,
+            handler,
+            recv,
+            ..
+        } = self;
+        let conn = &mut core.conns[idx];
+        if conn.linger.is_some() {
+            return true; // ending: discard input, watch for EOF
+        }
+        match conn.session.state() {
+            State::Handshake if conn.awaiting_proxy => self.proxy_header(idx, n),
+            State::Handshake => self.handshake(idx, n),
+            State::Open | State::CloseSent => {
+                if conn.session.state() == State::Open {
+                    conn.pinged = false;
+                    if core.ping_after != NEVER {
+                        // Only moves the deadline later (it was set from an earlier `now`, or
+                        // half an idle timeout after the ping): the timer, filed at the old
+                        // deadline, fires early and `timer_fired` re-files it, so a message
+                        // costs one store here and no wheel work.
+                        let at = core.now + core.ping_after;
+                        let old = std::mem::replace(&mut conn.deadline, at);
+                        if at < old {
+                            core.rearm(idx);
+                        }
+                    }
+                }
+                frames(core, handler, idx, &mut recv[..n])
+            }
+            State::Closed => true,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! After the upgrade: frames through the session, and the application's callbacks, each run
+//! under the stall watchdog and (unless configured otherwise) `catch_unwind`, with a
+//! [`WebSocket`] view of its connection.
+
+use super::conn::conn_id;
+use super::core::Core;
+use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
+use crate::io::out::{Outbox, CORK_KEEP};
+use crate::protocol::close::CloseCode;
+use crate::protocol::session::Event;
+use crate::watchdog::{Activity, Heartbeat};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+/// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
+/// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
+/// (see [`Outbox::new`]). Returns false if the connection is ending.
+pub(crate) fn callback<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+    kind: Activity,
+    last: bool,
+    f: impl FnOnce(&mut H, &mut WebSocket<'_, H::Data>),
+) -> bool {
+    core.cork_for(idx);
+    let conn = &mut core.conns[idx];
+    let Some(data) = conn.data.as_mut() else {
+        return false;
+    };
+    let mut ws = WebSocket {
+        id: conn_id(core.member, idx, conn.gen),
+        peer: conn.peer,
+        data,
+        send: &mut conn.send,
+        out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
+        subprotocol: conn.subprotocol.as_deref(),
+        max_backpressure: core.config.max_backpressure,
+        policy: core.config.backpressure_policy,
+    };
+    let id = ws.id;
+    let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
+        f(handler, &mut ws)
+    });
+    let sent = ws.out.sent();
+    let live = core.settle(idx, sent);
+    if done.is_none() {
+        return handler_panicked(core, handler, idx, kind);
+    }
+    live && after_callback(core, handler, idx)
+}
+
+/// Run application code, reporting it to the stall watchdog, and (unless configured
+/// otherwise) catching a panic: `None` when it panicked.
+pub(crate) fn guarded<R>(
+    catch: bool,
+    beat: &Option<Arc<Heartbeat>>,
+    kind: Activity,
+    id: ConnId,
+    f: impl FnOnce() -> R,
+) -> Option<R> {
+    if let Some(b) = beat {
+        b.running(kind, id.0);
+    }
+    let r = match catch {
+        true => catch_unwind(AssertUnwindSafe(f)).ok(),
+        false => Some(f()),
+    };
+    if let Some(b) = beat {
+        b.running(Activity::Loop, 0);
+    }
+    r
+}
+
+/// A callback for open connection `idx` panicked: count it, and close the connection with 1011
+/// through the close path; the loop goes on serving everyone else. Returns false.
+pub(crate) fn handler_panicked<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+    kind: Activity,
+) -> bool {
+    core.stats.handler_panics += 1;
+    let conn = &mut core.conns[idx];
+    log::error!(
+        "{} from {}: {} panicked; closing the connection with 1011",
+        conn_id(core.member, idx, conn.gen),
+        conn.peer,
+        kind.label()
+    );
+    core.cork_for(idx);
+    let conn = &mut core.conns[idx];
+    let error = crate::protocol::session::ProtocolError {
+        code: CloseCode::INTERNAL_ERROR,
+        reason: "internal server error",
+    };
+    conn.session.fail(error, &mut core.cork);
+    core.finish(handler, idx, CloseReason::HandlerPanic);
+    false
+}
+
+/// Apply a close or terminate that a callback requested. Returns false if the connection ended
+/// or is closing.
+pub(crate) fn after_callback<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+) -> bool {
+    let conn = &mut core.conns[idx];
+    if conn.send.terminate {
+        core.end(handler, idx, CloseReason::Terminated);
+        return false;
+    }
+    if let Some(req) = conn.send.close_req.take() {
+        let (code, reason) = *req;
+        core.start_close(idx, code, &reason);
+        if core.conns[idx].send.cause == Some(CloseReason::Backpressure) {
+            // The client does not read: waiting for its close reply is pointless.
+            core.finish(handler, idx, CloseReason::Backpressure);
+            return false;
+        }
+    }
+    true
+}
+
+/// Feed frame bytes to an open connection's session and dispatch its events.
+/// Returns false if the connection ended or is ending.
+pub(crate) fn frames<H: Handler>(
+    core: &mut Core<H::Data>,
+    handler: &mut H,
+    idx: usize,
+    buf: &mut [u8],
+) -> bool {
+    core.cork_for(idx);
+    let max = core.config.max_message_size;
+    let mut off = 0;
+    let len = buf.len();
+    while off < len {
+        let conn = &mut core.conns[idx];
+        let (used, event) = match conn.session.read(&mut buf[off..], max, &mut core.cork) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!(
+                    "{} protocol error from {}: {e}",
+                    conn_id(core.member, idx, conn.gen),
+                    conn.peer
+                );
+                core.finish(handler, idx, CloseReason::Protocol(e.code));
+                return false;
+            }
+        };
+        off += used;
+        let Some(event) = event else { continue };
+        // The last message of this read: its answer is flushed once this returns, so a direct
+        // write adds no system call. Answers to earlier ones share the cork's one `send`.
+        let last = off == len;
+        let Some(data) = conn.data.as_mut() else {
+            return false;
+        };
+        let id = conn_id(core.member, idx, conn.gen);
+        if matches!(event, Event::Text(_) | Event::Binary(_)) {
+            core.stats.messages_received += 1;
+        }
+        let mut ws = WebSocket {
+            id,
+            peer: conn.peer,
+            data,
+            send: &mut conn.send,
+            out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
+            subprotocol: conn.subprotocol.as_deref(),
+            max_backpressure: core.config.max_backpressure,
+            policy: core.config.backpressure_policy,
+        };
+        let (catch, beat) = (core.config.catch_panics, &core.beat);
+        let (kind, done) = match event {
+            Event::Text(s) => {
+                let f = || handler.on_message(&mut ws, Message::Text(s));
+                (
+                    Activity::Message,
+                    guarded(catch, beat, Activity::Message, id, f),
+                )
+            }
+            Event::Binary(b) => {
+                let f = || handler.on_message(&mut ws, Message::Binary(b));
+                (
+                    Activity::Message,
+                    guarded(catch, beat, Activity::Message, id, f),
+                )
+            }
+            Event::Ping(p) => {
+                core.pong_due = true;
+                let f = || handler.on_ping(&mut ws, p);
+                (
+                    Activity::PingPong,
+                    guarded(catch, beat, Activity::PingPong, id, f),
+                )
+            }
+            Event::Pong(p) => {
+                let f = || handler.on_pong(&mut ws, p);
+                (
+                    Activity::PingPong,
+                    guarded(catch, beat, Activity::PingPong, id, f),
+                )
+            }
+            Event::Close { code, reason } => {
+                let ours = ws.send.sealed;
+                let cause = ws.send.cause;
+                conn.rare().peer_close = Some((code, reason.into()));
+                let reason = match (ours, cause) {
+                    (true, Some(cause)) => cause,
+                    (true, None) => CloseReason::ClosedByServer,
+                    (false, _) => CloseReason::PeerClosed,
+                };
+                core.finish(handler, idx, reason);
+                return false;
+            }
+        };
+        let sent = ws.out.sent();
+        let live = core.settle(idx, sent);
+        if done.is_none() {
+            return handler_panicked(core, handler, idx, kind);
+        }
+        if !live || !after_callback(core, handler, idx) {
+            return false;
+        }
+        // The backpressure limit counts the cork, so a burst of messages read in one dispatch
+        // must not pile its answers up there: what the socket takes at once is no slow
+        // reader's backlog. Offer a cork that reached the limit to the socket now.
+        if core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
+            core.flush_cork();
+            if core.doomed.iter().any(|d| d.0 == idx) {
+                return false; // the write failed; `reap` ends it
+            }
+            core.cork_for(idx);
+        }
+    }
+    core.conns[idx].session.reclaim();
+    true
+}
