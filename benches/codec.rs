@@ -160,13 +160,13 @@ fn session_read(c: &mut Criterion) {
         let mut frame = masked_header(size);
         frame.extend((0..size).map(|i| i as u8));
         let mut session = open_session();
-        let mut out = Vec::new();
+        let (mut out, mut spill) = (Vec::new(), Vec::new());
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
             b.iter(|| {
                 // Unmasking in place toggles the payload; binary payloads may be anything.
                 let (used, event) = session
-                    .read(black_box(&mut frame), 1 << 20, &mut out)
+                    .read(black_box(&mut frame), &mut spill, 1 << 20, &mut out)
                     .expect("valid frame");
                 assert!(event.is_some());
                 used

@@ -228,11 +228,11 @@ impl<'a, D> WebSocket<'a, D> {
     }
     /// Send a text message.
     pub fn send_text(&mut self, text: &str) -> SendStatus {
-        self.frame(OpCode::Text, text.as_bytes())
+        self.message(OpCode::Text, text.as_bytes())
     }
     /// Send a binary message.
     pub fn send_binary(&mut self, bytes: &[u8]) -> SendStatus {
-        self.frame(OpCode::Binary, bytes)
+        self.message(OpCode::Binary, bytes)
     }
     /// Send a message of either kind.
     pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
@@ -243,7 +243,11 @@ impl<'a, D> WebSocket<'a, D> {
     }
     /// Send a ping (payload cut to 125 bytes).
     pub fn ping(&mut self, payload: &[u8]) -> SendStatus {
-        self.frame(OpCode::Ping, &payload[..payload.len().min(125)])
+        if let Some(refused) = self.refused() {
+            return refused;
+        }
+        let sent = self.out.ping(payload);
+        self.sent(sent)
     }
     /// Start the close handshake with `code` and `reason` once the callback returns; later sends
     /// are refused. The connection ends when the client answers or after the close timeout.
@@ -263,9 +267,22 @@ impl<'a, D> WebSocket<'a, D> {
         self.out.buffered()
     }
 
-    fn frame(&mut self, op: OpCode, payload: &[u8]) -> SendStatus {
+    #[inline(always)]
+    fn message(&mut self, op: OpCode, payload: &[u8]) -> SendStatus {
+        if let Some(refused) = self.refused() {
+            return refused;
+        }
+        let sent = self.out.message(op, payload);
+        self.sent(sent)
+    }
+
+    /// Why a send is refused before anything is written, if it is: the connection is closing,
+    /// or more than the backpressure limit is queued (with the `Close` policy the connection is
+    /// then closed with 1008 once the callback returns).
+    #[inline(always)]
+    fn refused(&mut self) -> Option<SendStatus> {
         if self.send.sealed {
-            return SendStatus::Closed;
+            return Some(SendStatus::Closed);
         }
         if self.buffered_amount() > self.max_backpressure {
             if self.policy == BackpressurePolicy::Close {
@@ -276,12 +293,19 @@ impl<'a, D> WebSocket<'a, D> {
                     "backpressure limit".into(),
                 )));
             }
-            return SendStatus::Dropped;
+            return Some(SendStatus::Dropped);
         }
-        if self.out.frame(op, payload) {
+        None
+    }
+
+    /// The status of a send that was not refused: queued, or, if the session refused it (it is
+    /// closing) or writing to the socket failed, closed (sealed: the connection ends once the
+    /// callback returns).
+    #[inline(always)]
+    fn sent(&mut self, sent: bool) -> SendStatus {
+        if sent {
             SendStatus::Queued
         } else {
-            // Writing to the socket failed: the connection ends once the callback returns.
             self.send.sealed = true;
             SendStatus::Closed
         }

@@ -1,6 +1,6 @@
 //! `connection`: a whole sans-IO connection (`Session`) driven the way the event loop drives it
 //! — `feed_head`, `validate_upgrade`, the application's decision, the 101 or a refusal,
-//! `finish_handshake`, then `read` until each chunk is used up and `reclaim` — fed arbitrary
+//! `finish_handshake`, then `read` until each chunk is used up — fed arbitrary
 //! bytes in arbitrary chunks with timer firings and application calls in between.
 //!
 //! Properties: nothing panics; buffered bytes stay within the limits (the head within
@@ -23,7 +23,7 @@
 //! first offered subprotocol.
 
 use wsloop::protocol::close::{parse_close_payload, CloseCode};
-use wsloop::protocol::frame::OpCode;
+use wsloop::protocol::frame::{write_frame, OpCode, MAX_HEADER_LEN};
 use wsloop::protocol::handshake::{self, validate_upgrade, Limits, Rejection};
 use wsloop::protocol::session::{Event, Head, ProtocolError, Session, State};
 
@@ -72,8 +72,10 @@ pub enum Op {
     Ping(u8),
     /// `Session::fail` with this code.
     Fail(u16),
-    /// `Session::reclaim`.
-    Reclaim,
+    /// The application sends a text (true) or binary message of this length the way the loop
+    /// sends a large payload: the session encodes the header (`Session::header`), the payload
+    /// follows from the application's buffer.
+    SendDirect(bool, u16),
 }
 
 pub struct Input {
@@ -100,7 +102,7 @@ pub fn decode(data: &[u8]) -> Input {
             6 => Op::Send(a & 1 != 0, wide),
             7 => Op::Ping(a),
             8 => Op::Fail(wide),
-            _ => Op::Reclaim,
+            _ => Op::SendDirect(a & 1 != 0, wide),
         });
     }
     let mut stream = if flags & 1 != 0 {
@@ -298,9 +300,9 @@ impl<'i> Driver<'i> {
             Phase::SessionClosed => {
                 let before = self.out.len();
                 let mut buf = chunk.to_vec();
-                let got = self
-                    .session
-                    .read(&mut buf, self.input.max_message, &mut self.out);
+                let mut spill = Vec::new();
+                let max = self.input.max_message;
+                let got = self.session.read(&mut buf, &mut spill, max, &mut self.out);
                 assert!(matches!(got, Ok((n, None)) if n == chunk.len()), "{got:?}");
                 assert_eq!(self.out.len(), before, "wrote after the end");
             }
@@ -419,7 +421,7 @@ impl<'i> Driver<'i> {
         }
     }
 
-    /// `frames()` in the loop: read until the chunk is used up, then reclaim.
+    /// `frames()` in the loop: read until the chunk is used up.
     fn frames(&mut self, buf: &mut [u8]) {
         let max = self.input.max_message;
         let mut off = 0;
@@ -427,7 +429,10 @@ impl<'i> Driver<'i> {
             let before = self.session.state();
             let remaining = buf.len() - off;
             let written = self.out.len();
-            let got = self.session.read(&mut buf[off..], max, &mut self.out);
+            let mut spill = Vec::new();
+            let got = self
+                .session
+                .read(&mut buf[off..], &mut spill, max, &mut self.out);
             let wrote = self.out.len() - written;
             assert!(
                 wrote <= MAX_CONTROL_FRAME,
@@ -467,7 +472,6 @@ impl<'i> Driver<'i> {
                 return;
             }
         }
-        self.session.reclaim();
     }
 
     fn failed(&mut self, e: ProtocolError, before: State) {
@@ -559,19 +563,27 @@ impl<'i> Driver<'i> {
                 }
             }
             Op::Send(text, len) => {
-                let (op, payload) = if text {
-                    let s = "aé€😀".repeat(usize::from(len) / 10 + 1);
-                    let mut end = usize::from(len).min(s.len());
-                    while !s.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    (OpCode::Text, s.as_bytes()[..end].to_vec())
-                } else {
-                    (OpCode::Binary, (0..len).map(|i| i as u8).collect())
-                };
+                let (op, payload) = message(text, len);
                 let sent =
                     state != State::Handshake && self.session.send(op, &payload, &mut self.out);
                 assert_eq!(sent, open);
+            }
+            Op::SendDirect(text, len) => {
+                let (op, payload) = message(text, len);
+                let mut head = [0u8; MAX_HEADER_LEN];
+                let header = match state {
+                    State::Handshake => None,
+                    _ => self.session.header(op, payload.len(), &mut head),
+                };
+                assert_eq!(header.is_some(), open);
+                if let Some(n) = header {
+                    // The same bytes as a frame encoded in one piece.
+                    let mut whole = Vec::new();
+                    write_frame(&mut whole, true, op, &payload);
+                    assert_eq!(whole[..n], head[..n]);
+                    self.out.extend_from_slice(&head[..n]);
+                    self.out.extend_from_slice(&payload);
+                }
             }
             Op::Ping(len) => {
                 let payload: Vec<u8> = (0..len).collect();
@@ -593,7 +605,6 @@ impl<'i> Driver<'i> {
                     self.phase = Phase::SessionClosed;
                 }
             }
-            Op::Reclaim => self.session.reclaim(),
         }
         if !open && state != State::Handshake {
             assert_eq!(self.out.len(), before, "{op:?} wrote in state {state:?}");
@@ -654,6 +665,20 @@ impl<'i> Driver<'i> {
         }
         self.result.out = out;
         self.result
+    }
+}
+
+/// A text (valid UTF-8, cut at a character boundary) or binary payload of `len` bytes.
+fn message(text: bool, len: u16) -> (OpCode, Vec<u8>) {
+    if text {
+        let s = "aé€😀".repeat(usize::from(len) / 10 + 1);
+        let mut end = usize::from(len).min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        (OpCode::Text, s.as_bytes()[..end].to_vec())
+    } else {
+        (OpCode::Binary, (0..len).map(|i| i as u8).collect())
     }
 }
 

@@ -6,7 +6,8 @@
 //! ([`Outbox`]).
 
 use super::transport::Transport;
-use crate::protocol::frame::{write_frame, FrameHeader, OpCode, MAX_HEADER_LEN};
+use crate::protocol::frame::{OpCode, MAX_HEADER_LEN};
+use crate::protocol::session::Session;
 use crate::reason::CloseReason;
 
 /// The cork buffer is shrunk back to this after a large message passed through it.
@@ -134,6 +135,8 @@ pub(crate) struct Outbox<'a> {
     cork: &'a mut Vec<u8>,
     transport: &'a Transport,
     pending: &'a mut SendQueue,
+    /// The connection's protocol state, which encodes every frame (and refuses once closing).
+    session: &'a mut Session,
     /// A direct write is allowed: it adds no system call (see [`Outbox::new`]).
     direct_ok: bool,
     /// What the loop must do after the sender returns.
@@ -155,12 +158,14 @@ impl<'a> Outbox<'a> {
         cork: &'a mut Vec<u8>,
         transport: &'a Transport,
         pending: &'a mut SendQueue,
+        session: &'a mut Session,
         last: bool,
     ) -> Self {
         Outbox {
             cork,
             transport,
             pending,
+            session,
             direct_ok: last,
             direct: Direct::Done,
             bytes_written: 0,
@@ -184,36 +189,34 @@ impl<'a> Outbox<'a> {
         self.pending.len() + self.cork.len()
     }
 
-    /// Send one complete frame (a data frame counts as a message sent). Returns false if a
-    /// direct write failed: nothing more may be sent, and the connection must end
-    /// ([`Direct::Failed`]).
+    /// Send one data message (`Text` or `Binary`), encoded by the session. Returns false if
+    /// nothing may be sent: the session refused (it is closing), or a direct write failed
+    /// ([`Direct::Failed`]: the connection must end).
     #[inline]
-    pub(crate) fn frame(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
-            write_frame(self.cork, true, op, payload);
-        } else if !self.write_direct(op, payload) {
-            return false;
-        }
-        if op.is_data() {
-            self.messages += 1;
-        }
-        true
+    pub(crate) fn message(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        let sent = if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
+            self.session.send(op, payload, self.cork)
+        } else {
+            self.write_direct(op, payload)
+        };
+        self.messages += sent as u64;
+        sent
+    }
+
+    /// Send a ping (payload cut to 125 bytes). Returns false if the session refused.
+    pub(crate) fn ping(&mut self, payload: &[u8]) -> bool {
+        self.session.ping(payload, self.cork)
     }
 
     /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
-    /// not take. Returns false if the write failed. Kept out of line: the small-message path
-    /// through [`Outbox::frame`] stays short.
+    /// not take. Returns false if the session refused or the write failed. Kept out of line:
+    /// the small-message path through [`Outbox::message`] stays short.
     #[inline(never)]
     fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        let header = FrameHeader {
-            fin: true,
-            rsv: 0,
-            opcode: op,
-            mask: None,
-            payload_len: payload.len() as u64,
-        };
         let mut head = [0u8; MAX_HEADER_LEN];
-        let head_len = header.encode(&mut head);
+        let Some(head_len) = self.session.header(op, payload.len(), &mut head) else {
+            return false;
+        };
         let parts = [&self.cork[..], &head[..head_len], payload];
         let written = self.transport.write_vectored(&parts);
         self.direct_ok = false;
@@ -238,8 +241,23 @@ mod tests {
     use super::{Direct, Outbox, SendQueue, DIRECT_MIN};
     use crate::io::transport::Transport;
     use crate::protocol::frame::{write_frame, OpCode};
+    use crate::protocol::handshake::Limits;
+    use crate::protocol::session::{Head, Session};
     use crate::reason::CloseReason;
     use std::io::Read;
+
+    /// A session past its handshake, as the loop holds it for an open connection.
+    fn open_session() -> Session {
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let mut session = Session::new();
+        let head_len = match session.feed_head(request, &Limits::default()) {
+            Ok(Head::Complete { head_len, .. }) => head_len,
+            other => panic!("{other:?}"),
+        };
+        session.finish_handshake(head_len, false);
+        session
+    }
 
     #[test]
     fn unsent_remainder_is_queued_exactly_after_any_partial_write() {
@@ -327,6 +345,7 @@ mod tests {
     #[test]
     fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
         let (socket, mut client) = pair();
+        let mut session = open_session();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
         let mut expected = Vec::new();
@@ -339,9 +358,9 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
             let small = format!("small {i}");
             let was_pending = !pending.is_empty();
-            let mut out = Outbox::new(&mut cork, &socket, &mut pending, true);
-            assert!(out.frame(OpCode::Binary, &payload));
-            assert!(out.frame(OpCode::Text, small.as_bytes()));
+            let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+            assert!(out.message(OpCode::Binary, &payload));
+            assert!(out.message(OpCode::Text, small.as_bytes()));
             let direct = out.direct;
             (bytes_sent, messages_sent) =
                 (bytes_sent + out.bytes_written, messages_sent + out.messages);
@@ -402,20 +421,21 @@ mod tests {
     #[test]
     fn a_sender_writes_directly_at_most_once_and_only_when_last() {
         let (socket, mut client) = pair();
+        let mut session = open_session();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let (mut bytes_sent, mut messages_sent);
         let payload = vec![5u8; DIRECT_MIN];
         let mut one = Vec::new();
         write_frame(&mut one, true, OpCode::Binary, &payload);
-        let mut out = Outbox::new(&mut cork, &socket, &mut pending, false);
-        assert!(out.frame(OpCode::Binary, &payload));
+        let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, false);
+        assert!(out.message(OpCode::Binary, &payload));
         assert_eq!(out.direct, Direct::Done);
         (bytes_sent, messages_sent) = (out.bytes_written, out.messages);
         assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
         assert_eq!(bytes_sent, 0);
-        let mut out = Outbox::new(&mut cork, &socket, &mut pending, true);
-        assert!(out.frame(OpCode::Binary, &payload));
-        assert!(out.frame(OpCode::Binary, &payload));
+        let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+        assert!(out.message(OpCode::Binary, &payload));
+        assert!(out.message(OpCode::Binary, &payload));
         assert_eq!(out.direct, Direct::Done);
         (bytes_sent, messages_sent) =
             (bytes_sent + out.bytes_written, messages_sent + out.messages);
@@ -434,6 +454,7 @@ mod tests {
     #[test]
     fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
         let (socket, client) = pair();
+        let mut session = open_session();
         socket2::SockRef::from(&client)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
@@ -444,8 +465,8 @@ mod tests {
         let (mut result, mut sent) = (None, 0);
         for _ in 0..100 {
             cork.extend_from_slice(b"corked");
-            let mut out = Outbox::new(&mut cork, &socket, &mut pending, true);
-            let ok = out.frame(OpCode::Binary, &payload);
+            let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+            let ok = out.message(OpCode::Binary, &payload);
             messages_sent += out.messages;
             if !ok {
                 result = Some(out.direct);

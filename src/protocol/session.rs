@@ -13,8 +13,16 @@
 //! arriving faster than the peer reads are answered by one pong, not one each.
 //!
 //! Memory: a session owns heap buffers only while it holds a partial request head, a message that
-//! spans several reads or fragments, a control frame split across reads, or an owed pong; each
-//! is released as soon as it has been delivered (or written). A single-frame message whose bytes are all in the input is
+//! spans several reads or fragments, a control frame split across reads, or an owed pong; a
+//! message or control frame is handed to the caller when it is delivered (in the caller's
+//! `spill` buffer), and a pong's buffer is released when it is written.
+//!
+//! Output: everything the server writes to a connection after the 101 is encoded here:
+//! [`Session::send`] (a data frame), [`Session::header`] (the header of a data frame whose
+//! payload the caller writes itself, straight from its buffer), [`Session::ping`],
+//! [`Session::write_pong`], [`Session::close`] and the replies [`Session::read`] writes. So the
+//! state machine decides what may still be sent (nothing after our close frame), and the
+//! fuzzers drive the same encoder the server runs. A single-frame message whose bytes are all in the input is
 //! unmasked in place and delivered as a slice of the input, without a copy.
 
 use super::close::{parse_close_payload, truncate_reason, CloseCode};
@@ -143,9 +151,6 @@ pub struct Session {
     buf: Vec<u8>,
     /// A control frame's payload split across reads.
     ctrl: Vec<u8>,
-    /// `buf` / `ctrl` were handed out in the last event and are released on the next call.
-    release_buf: bool,
-    release_ctrl: bool,
     /// The payload of the pong owed for the most recent ping, until [`Session::write_pong`]
     /// writes it. Boxed: a session owes a pong only between a ping and the next write.
     pong: Option<Box<Pong>>,
@@ -181,8 +186,6 @@ impl Session {
             utf8: Utf8Validator::new(),
             buf: Vec::new(),
             ctrl: Vec::new(),
-            release_buf: false,
-            release_ctrl: false,
             pong: None,
         }
     }
@@ -287,7 +290,10 @@ impl Session {
     /// rest of the input until it is used up: each call uses at least one byte (partial frames
     /// are buffered in the session), so each call makes progress; a call may return no event
     /// without using all of `input` (after a non-final fragment, or a frame not delivered in
-    /// [`State::CloseSent`]). Payloads are unmasked in place in `input`. The reply to the peer's
+    /// [`State::CloseSent`]). Payloads are unmasked in place in `input`, and an event delivers
+    /// them as a slice of it; a message that spanned several reads or fragments, or a control
+    /// frame split across reads, is handed over in `spill` instead (the session's buffer is
+    /// moved there, so the session keeps none: the caller drops or reuses it). The reply to the peer's
     /// close is appended to `out`; a ping's pong is only owed (see [`Session::write_pong`]), so
     /// one call appends at most one close frame to `out` whatever the input.
     ///
@@ -298,19 +304,12 @@ impl Session {
     /// Messages longer than `max_message` bytes fail with 1009 as soon as a frame header
     /// announces it, before any of it is buffered.
     pub fn read<'a>(
-        &'a mut self,
+        &mut self,
         input: &'a mut [u8],
+        spill: &'a mut Vec<u8>,
         max_message: usize,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
-        if self.release_buf {
-            self.release_buf = false;
-            self.buf = Vec::new();
-        }
-        if self.release_ctrl {
-            self.release_ctrl = false;
-            self.ctrl = Vec::new();
-        }
         if self.state == State::Closed || self.state == State::Handshake || input.is_empty() {
             return Ok((input.len(), None));
         }
@@ -344,7 +343,8 @@ impl Session {
                 }
             }
             Ready::Buffer { text } => {
-                let bytes = &self.buf[..];
+                *spill = std::mem::take(&mut self.buf);
+                let bytes = &spill[..];
                 if text {
                     // Validated piece by piece as it arrived.
                     let s = std::str::from_utf8(bytes).unwrap_or_default();
@@ -355,7 +355,8 @@ impl Session {
                 }
             }
             Ready::Control { op } => {
-                let bytes = &self.ctrl[..];
+                *spill = std::mem::take(&mut self.ctrl);
+                let bytes = &spill[..];
                 match op {
                     OpCode::Ping => Some(Event::Ping(bytes)),
                     OpCode::Pong => Some(Event::Pong(bytes)),
@@ -368,6 +369,7 @@ impl Session {
 
     /// Append a data frame (`Text` or `Binary`) carrying `payload` to `out`.
     /// Returns false, writing nothing, unless the session is [`State::Open`].
+    #[inline]
     pub fn send(&mut self, op: OpCode, payload: &[u8], out: &mut Vec<u8>) -> bool {
         debug_assert!(op.is_data() && op != OpCode::Continuation);
         if self.state != State::Open {
@@ -375,6 +377,31 @@ impl Session {
         }
         write_frame(out, true, op, payload);
         true
+    }
+
+    /// The header of a data frame (`Text` or `Binary`) of `len` payload bytes, written into
+    /// `head`; returns its length. For a caller that writes the payload itself (one `writev` of
+    /// the header and the caller's buffer instead of a copy): the bytes are exactly those
+    /// [`Session::send`] would append. `None`, writing nothing, unless the session is
+    /// [`State::Open`].
+    pub fn header(
+        &mut self,
+        op: OpCode,
+        len: usize,
+        head: &mut [u8; MAX_HEADER_LEN],
+    ) -> Option<usize> {
+        debug_assert!(op.is_data() && op != OpCode::Continuation);
+        if self.state != State::Open {
+            return None;
+        }
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: op,
+            mask: None,
+            payload_len: len as u64,
+        };
+        Some(header.encode(head))
     }
 
     /// Append a ping (payload cut to 125 bytes) to `out`. Returns false unless [`State::Open`].
@@ -439,21 +466,6 @@ impl Session {
         self.buf = Vec::new();
         self.ctrl = Vec::new();
         self.pong = None;
-        self.release_buf = false;
-        self.release_ctrl = false;
-    }
-
-    /// Release the buffers handed out by the last event, if any. The loop calls this after it
-    /// has drained a read, so an idle connection keeps no message buffer.
-    pub fn reclaim(&mut self) {
-        if self.release_buf {
-            self.release_buf = false;
-            self.buf = Vec::new();
-        }
-        if self.release_ctrl {
-            self.release_ctrl = false;
-            self.ctrl = Vec::new();
-        }
     }
 
     /// Parse at most one frame's worth of `input`; see [`Session::read`].
@@ -542,17 +554,11 @@ impl Session {
             }
             self.in_payload = false;
             let payload = std::mem::take(&mut self.ctrl);
-            let deliver = self.control(op, &payload, out);
+            if !self.control(op, &payload, out)? {
+                return Ok((used, Ready::Nothing)); // the payload is released
+            }
             self.ctrl = payload;
-            self.release_ctrl = true;
-            return Ok((
-                used,
-                if deliver? {
-                    Ready::Control { op }
-                } else {
-                    Ready::Nothing
-                },
-            ));
+            return Ok((used, Ready::Control { op }));
         }
         let text = self.msg_op == Some(OpCode::Text);
         if text && self.utf8.feed(piece).is_err() {
@@ -576,8 +582,8 @@ impl Session {
                 "invalid UTF-8 in text message",
             ));
         }
-        self.release_buf = true;
         if self.state != State::Open {
+            self.buf = Vec::new();
             return Ok((used, Ready::Nothing));
         }
         Ok((used, Ready::Buffer { text }))
@@ -670,7 +676,6 @@ impl Session {
                 self.pong = None;
                 // A half-built message will never be delivered: give its buffer back.
                 self.buf = Vec::new();
-                self.release_buf = false;
                 Ok(true)
             }
         }

@@ -217,7 +217,8 @@ fn read_chunk(s: &mut Session, chunk: &[u8], max: usize, out: &mut Vec<u8>, even
     let mut buf = chunk.to_vec();
     let mut off = 0;
     while off < buf.len() {
-        match s.read(&mut buf[off..], max, out) {
+        let mut spill = Vec::new();
+        match s.read(&mut buf[off..], &mut spill, max, out) {
             Ok((used, ev)) => {
                 let got = ev.map(own);
                 assert!(used > 0 || got.is_some(), "read made no progress");
@@ -371,7 +372,8 @@ fn rfc_6455_5_7_masked_hello() {
     let mut s = open();
     let mut input = frame;
     let mut out = Vec::new();
-    let (used, ev) = s.read(&mut input, 125, &mut out).unwrap();
+    let mut spill = Vec::new();
+    let (used, ev) = s.read(&mut input, &mut spill, 125, &mut out).unwrap();
     assert_eq!(used, frame.len());
     assert_eq!(ev, Some(Event::Text("Hello")));
     assert_eq!(out, []);
@@ -390,8 +392,10 @@ fn read_locate(
 ) -> (usize, Option<Ev>, Option<(usize, usize)>) {
     let base = input.as_ptr() as usize;
     let end = base + input.len();
-    let mut out = Vec::new();
-    let (used, ev) = s.read(&mut input[off..], BIG, &mut out).unwrap();
+    let (mut out, mut spill) = (Vec::new(), Vec::new());
+    let (used, ev) = s
+        .read(&mut input[off..], &mut spill, BIG, &mut out)
+        .unwrap();
     let slice: Option<&[u8]> = match &ev {
         Some(Event::Text(t)) => Some(t.as_bytes()),
         Some(Event::Binary(b)) => Some(b),
@@ -466,12 +470,12 @@ fn text_in_three_fragments_is_reassembled() {
     // Each fragment is consumed by its own call, which returns no event and leaves the rest.
     let mut s = open();
     let mut input = stream.clone();
-    let mut out = Vec::new();
-    let (used, ev) = s.read(&mut input, BIG, &mut out).unwrap();
+    let (mut out, mut spill) = (Vec::new(), Vec::new());
+    let (used, ev) = s.read(&mut input, &mut spill, BIG, &mut out).unwrap();
     assert_eq!((used, ev), (9, None));
-    let (used, ev) = s.read(&mut input[9..], BIG, &mut out).unwrap();
+    let (used, ev) = s.read(&mut input[9..], &mut spill, BIG, &mut out).unwrap();
     assert_eq!((used, ev), (10, None));
-    let (used, ev) = s.read(&mut input[19..], BIG, &mut out).unwrap();
+    let (used, ev) = s.read(&mut input[19..], &mut spill, BIG, &mut out).unwrap();
     assert_eq!(
         (used, ev),
         (stream.len() - 19, Some(Event::Text("Hello, wörld")))
@@ -1538,8 +1542,10 @@ fn head_ended_by_bare_lf_is_recognised() {
 // 11. Memory
 // ---------------------------------------------------------------------------------------------
 
+/// A message or control frame the session reassembled is handed over in the caller's spill
+/// buffer when it is delivered: the session keeps no buffer once it has delivered it.
 #[test]
-fn reclaim_releases_buffers_after_delivery() {
+fn delivery_hands_the_reassembled_buffer_over() {
     let mut s = open();
     let mut out = Vec::new();
     let mut events = Vec::new();
@@ -1550,10 +1556,12 @@ fn reclaim_releases_buffers_after_delivery() {
     read_chunk(&mut s, &f[..1000], BIG, &mut out, &mut events);
     read_chunk(&mut s, &f[1000..2000], BIG, &mut out, &mut events);
     assert!(s.buffered_len() > 0);
-    read_chunk(&mut s, &f[2000..], BIG, &mut out, &mut events);
-    assert_eq!(events, [Ev::Text(payload)]);
-    s.reclaim();
+    let mut last = f[2000..].to_vec();
+    let mut spill = Vec::new();
+    let (_, ev) = s.read(&mut last, &mut spill, BIG, &mut out).unwrap();
+    assert_eq!(ev, Some(Event::Text(&payload)));
     assert_eq!(s.buffered_capacity(), 0);
+    assert_eq!(spill.len(), 3000, "the message is in the spill buffer");
 
     // A fragmented message, each fragment in its own read.
     events.clear();
@@ -1565,24 +1573,15 @@ fn reclaim_releases_buffers_after_delivery() {
         read_chunk(&mut s, &f, BIG, &mut out, &mut events);
     }
     assert_eq!(events.len(), 1);
-    s.reclaim();
     assert_eq!(s.buffered_capacity(), 0);
 
     // A control frame split across reads.
     events.clear();
     let p = ping(&[9; 100]);
     read_chunk(&mut s, &p[..50], BIG, &mut out, &mut events);
+    assert!(s.buffered_capacity() > 0);
     read_chunk(&mut s, &p[50..], BIG, &mut out, &mut events);
     assert_eq!(events, [Ev::Ping(vec![9; 100])]);
-    s.reclaim();
-    assert_eq!(s.buffered_capacity(), 0);
-
-    // The next read also releases them when reclaim was not called.
-    events.clear();
-    read_chunk(&mut s, &f[..1000], BIG, &mut out, &mut events);
-    read_chunk(&mut s, &f[1000..], BIG, &mut out, &mut events);
-    assert_eq!(events.len(), 1);
-    read_chunk(&mut s, &ping(b""), BIG, &mut out, &mut events);
     assert_eq!(s.buffered_capacity(), 0);
     assert_eq!(s.state(), State::Open);
 }
@@ -1601,7 +1600,15 @@ fn ending_mid_message_releases_the_half_built_message() {
     );
     assert!(s.buffered_capacity() >= 4000);
     let mut bad = binary(b"x");
-    let _ = s.read(&mut bad, BIG, &mut out);
+    let mut spill = Vec::new();
+    let got = s.read(&mut bad, &mut spill, BIG, &mut out);
+    assert_eq!(
+        got.map(|(n, e)| (n, e.is_some())),
+        Err(ProtocolError::new(
+            CloseCode::PROTOCOL_ERROR,
+            "new message inside a fragmented one"
+        ))
+    );
     assert_eq!(s.state(), State::Closed);
     assert_eq!(s.buffered_capacity(), 0);
 

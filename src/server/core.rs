@@ -49,6 +49,9 @@ pub(crate) struct Core<D> {
     /// Connections that used their read budget this turn, to read again next turn (slab index,
     /// generation).
     pub(crate) reread: Vec<(usize, u32)>,
+    /// A message the session reassembled, handed over for the callback that gets it (see
+    /// [`Session::read`](crate::protocol::session::Session::read)); released after it.
+    pub(crate) spill: Vec<u8>,
     /// A ping was delivered during the current read: its connection may owe a pong.
     pub(crate) pong_due: bool,
     pub(crate) config: Config,

@@ -56,8 +56,14 @@ impl<'a, D> Ctx<'a, D> {
             Message::Text(_) => OpCode::Text,
             Message::Binary(_) => OpCode::Binary,
         };
-        let mut out = Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last);
-        let ok = out.frame(op, msg.as_bytes());
+        let mut out = Outbox::new(
+            &mut core.cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut conn.session,
+            last,
+        );
+        let ok = out.message(op, msg.as_bytes());
         let sent = out.sent();
         if !ok {
             conn.send.sealed = true;

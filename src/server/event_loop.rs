@@ -105,6 +105,7 @@ impl<H: Handler> Server<H> {
                     cork_owner: None,
                     doomed: Vec::new(),
                     reread: Vec::new(),
+                    spill: Vec::new(),
                     pong_due: false,
                     limits,
                     start,

@@ -2,9 +2,10 @@
 //! under the stall watchdog and (unless configured otherwise) `catch_unwind`, with a
 //! [`WebSocket`] view of its connection.
 
-use super::conn::conn_id;
+use super::conn::{conn_id, Conn};
 use super::core::Core;
 use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
+use crate::config::Config;
 use crate::io::out::{Outbox, CORK_KEEP};
 use crate::protocol::close::CloseCode;
 use crate::protocol::session::Event;
@@ -25,20 +26,10 @@ pub(crate) fn callback<H: Handler>(
 ) -> bool {
     core.cork_for(idx);
     let conn = &mut core.conns[idx];
-    let Some(data) = conn.data.as_mut() else {
+    let id = conn_id(core.member, idx, conn.gen);
+    let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
         return false;
     };
-    let mut ws = WebSocket {
-        id: conn_id(core.member, idx, conn.gen),
-        peer: conn.peer,
-        data,
-        send: &mut conn.send,
-        out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
-        subprotocol: conn.subprotocol.as_deref(),
-        max_backpressure: core.config.max_backpressure,
-        policy: core.config.backpressure_policy,
-    };
-    let id = ws.id;
     let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
         f(handler, &mut ws)
     });
@@ -48,6 +39,41 @@ pub(crate) fn callback<H: Handler>(
         return handler_panicked(core, handler, idx, kind);
     }
     live && after_callback(core, handler, idx)
+}
+
+/// The [`WebSocket`] a callback gets for the open connection `conn` (id `id`), sending into
+/// the cork (which the connection must own); `None` if the connection is not open.
+fn websocket<'a, D>(
+    conn: &'a mut Conn<D>,
+    cork: &'a mut Vec<u8>,
+    config: &Config,
+    id: ConnId,
+    last: bool,
+) -> Option<WebSocket<'a, D>> {
+    let data = conn.data.as_mut()?;
+    Some(WebSocket {
+        id,
+        peer: conn.peer,
+        data,
+        send: &mut conn.send,
+        out: Outbox::new(
+            cork,
+            &conn.socket,
+            &mut conn.pending,
+            &mut conn.session,
+            last,
+        ),
+        subprotocol: conn.subprotocol.as_deref(),
+        max_backpressure: config.max_backpressure,
+        policy: config.backpressure_policy,
+    })
+}
+
+/// An event that a callback answers, with the activity the watchdog reports it as.
+enum Call<'a> {
+    Message(Message<'a>),
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
 }
 
 /// Run application code, reporting it to the stall watchdog, and (unless configured
@@ -137,7 +163,10 @@ pub(crate) fn frames<H: Handler>(
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        let (used, event) = match conn.session.read(&mut buf[off..], max, &mut core.cork) {
+        let read = conn
+            .session
+            .read(&mut buf[off..], &mut core.spill, max, &mut core.cork);
+        let (used, event) = match read {
             Ok(r) => r,
             Err(e) => {
                 log::debug!(
@@ -150,63 +179,11 @@ pub(crate) fn frames<H: Handler>(
             }
         };
         off += used;
-        let Some(event) = event else { continue };
-        // The last message of this read: its answer is flushed once this returns, so a direct
-        // write adds no system call. Answers to earlier ones share the cork's one `send`.
-        let last = off == len;
-        let Some(data) = conn.data.as_mut() else {
-            return false;
-        };
-        let id = conn_id(core.member, idx, conn.gen);
-        if matches!(event, Event::Text(_) | Event::Binary(_)) {
-            core.stats.messages_received += 1;
-        }
-        let mut ws = WebSocket {
-            id,
-            peer: conn.peer,
-            data,
-            send: &mut conn.send,
-            out: Outbox::new(&mut core.cork, &conn.socket, &mut conn.pending, last),
-            subprotocol: conn.subprotocol.as_deref(),
-            max_backpressure: core.config.max_backpressure,
-            policy: core.config.backpressure_policy,
-        };
-        let (catch, beat) = (core.config.catch_panics, &core.beat);
-        let (kind, done) = match event {
-            Event::Text(s) => {
-                let f = || handler.on_message(&mut ws, Message::Text(s));
-                (
-                    Activity::Message,
-                    guarded(catch, beat, Activity::Message, id, f),
-                )
-            }
-            Event::Binary(b) => {
-                let f = || handler.on_message(&mut ws, Message::Binary(b));
-                (
-                    Activity::Message,
-                    guarded(catch, beat, Activity::Message, id, f),
-                )
-            }
-            Event::Ping(p) => {
-                core.pong_due = true;
-                let f = || handler.on_ping(&mut ws, p);
-                (
-                    Activity::PingPong,
-                    guarded(catch, beat, Activity::PingPong, id, f),
-                )
-            }
-            Event::Pong(p) => {
-                let f = || handler.on_pong(&mut ws, p);
-                (
-                    Activity::PingPong,
-                    guarded(catch, beat, Activity::PingPong, id, f),
-                )
-            }
-            Event::Close { code, reason } => {
-                let ours = ws.send.sealed;
-                let cause = ws.send.cause;
+        let (kind, call) = match event {
+            None => continue,
+            Some(Event::Close { code, reason }) => {
                 conn.rare().peer_close = Some((code, reason.into()));
-                let reason = match (ours, cause) {
+                let reason = match (conn.send.sealed, conn.send.cause) {
                     (true, Some(cause)) => cause,
                     (true, None) => CloseReason::ClosedByServer,
                     (false, _) => CloseReason::PeerClosed,
@@ -214,9 +191,41 @@ pub(crate) fn frames<H: Handler>(
                 core.finish(handler, idx, reason);
                 return false;
             }
+            Some(Event::Text(s)) => (Activity::Message, Call::Message(Message::Text(s))),
+            Some(Event::Binary(b)) => (Activity::Message, Call::Message(Message::Binary(b))),
+            Some(Event::Ping(p)) => {
+                core.pong_due = true;
+                (Activity::PingPong, Call::Ping(p))
+            }
+            Some(Event::Pong(p)) => (Activity::PingPong, Call::Pong(p)),
         };
+        if kind == Activity::Message {
+            core.stats.messages_received += 1;
+        }
+        // The last message of this read: its answer is flushed once this returns, so a direct
+        // write adds no system call. Answers to earlier ones share the cork's one `send`.
+        let last = off == len;
+        let id = conn_id(core.member, idx, conn.gen);
+        let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
+            return false;
+        };
+        let done = guarded(
+            core.config.catch_panics,
+            &core.beat,
+            kind,
+            id,
+            || match call {
+                Call::Message(m) => handler.on_message(&mut ws, m),
+                Call::Ping(p) => handler.on_ping(&mut ws, p),
+                Call::Pong(p) => handler.on_pong(&mut ws, p),
+            },
+        );
         let sent = ws.out.sent();
         let live = core.settle(idx, sent);
+        if core.spill.capacity() != 0 {
+            // A message reassembled by the session was handed over for the callback: release it.
+            core.spill = Vec::new();
+        }
         if done.is_none() {
             return handler_panicked(core, handler, idx, kind);
         }
@@ -234,6 +243,5 @@ pub(crate) fn frames<H: Handler>(
             core.cork_for(idx);
         }
     }
-    core.conns[idx].session.reclaim();
     true
 }
