@@ -22,7 +22,7 @@ impl Handler for Echo {
     }
 }
 
-fn main() -> std::io::Result<()> {
+fn main() -> Result<(), wsloop::Error> {
     let mut server = Server::new(Config::default(), Echo)?;
     let addr = server.listen("127.0.0.1:9002".parse().unwrap())?;
     println!("echo on ws://{addr}/ for 10 s, driven step by step");

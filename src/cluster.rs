@@ -7,12 +7,12 @@
 
 use crate::app::{ConnId, Handler};
 use crate::config::Config;
+use crate::error::Error;
 use crate::ledger::{check_room, plan_budget, raise_fd_limit, Budget, Ledger};
 use crate::metrics::Stats;
 use crate::server::LoopHandle;
 use crate::server::Server;
 use crate::sys;
-use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// What a loop thread tells the starter once its listeners are bound.
-struct Ready<H: Handler> {
+struct Bound<H: Handler> {
     handle: LoopHandle<H>,
     bound: Vec<SocketAddr>,
     metrics: Option<SocketAddr>,
@@ -32,7 +32,7 @@ struct Ready<H: Handler> {
 pub struct Cluster<H: Handler> {
     handles: Vec<LoopHandle<H>>,
     threads: Vec<JoinHandle<()>>,
-    done: mpsc::Receiver<io::Result<()>>,
+    done: mpsc::Receiver<Result<(), Error>>,
     addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     budget: Budget,
@@ -51,13 +51,11 @@ impl<H: Handler + 'static> Cluster<H> {
         listen: &[SocketAddr],
         metrics: Option<SocketAddr>,
         make_handler: F,
-    ) -> io::Result<Self>
+    ) -> Result<Self, Error>
     where
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
-        config
-            .validate()
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        config.validate()?;
         if config.raise_fd_limit {
             raise_fd_limit();
         }
@@ -78,8 +76,7 @@ impl<H: Handler + 'static> Cluster<H> {
                 loops,
                 listen.len(),
                 metrics.is_some(),
-            )
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+            )?;
         }
         let ledger = Arc::new(Ledger::new(loops, &config));
         let make_handler = Arc::new(make_handler);
@@ -102,7 +99,7 @@ impl<H: Handler + 'static> Cluster<H> {
         };
         let mut gates = Vec::new();
         for i in 0..loops {
-            let (ready_tx, ready_rx) = mpsc::channel::<io::Result<Ready<H>>>();
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<Bound<H>, Error>>();
             let (gate_tx, gate_rx) = mpsc::channel::<Option<(usize, usize)>>();
             let config = config.clone();
             let ledger = ledger.clone();
@@ -117,7 +114,7 @@ impl<H: Handler + 'static> Cluster<H> {
                     // A loop that panics (with `catch_panics` off, say) reports it like an
                     // error, so that `join` shuts the others down instead of waiting forever.
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        member(
+                        run_loop(
                             config,
                             ledger,
                             i,
@@ -129,19 +126,25 @@ impl<H: Handler + 'static> Cluster<H> {
                             started_tx,
                         )
                     }))
-                    .unwrap_or_else(|_| Err(io::Error::other(format!("loop {i} panicked"))));
+                    .unwrap_or(Err(Error::LoopFailed {
+                        loop_index: i,
+                        what: "panicked",
+                    }));
                     let _ = done_tx.send(result);
                 });
             let thread = match spawned {
                 Ok(t) => t,
                 Err(e) => {
                     cluster.abort(gates);
-                    return Err(e);
+                    return Err(Error::Io(e));
                 }
             };
             cluster.threads.push(thread);
             let ready = ready_rx.recv().unwrap_or_else(|_| {
-                Err(io::Error::other(format!("loop {i} ended while starting")))
+                Err(Error::LoopFailed {
+                    loop_index: i,
+                    what: "ended while starting",
+                })
             });
             match ready {
                 Ok(r) => {
@@ -160,19 +163,14 @@ impl<H: Handler + 'static> Cluster<H> {
             }
         }
         // Every loop has its epoll, waker, listeners and spare open: measure once, split.
-        let plan = sys::nofile_limit().and_then(|(soft, _)| {
+        let plan = (|| -> Result<_, Error> {
+            let (soft, _) = sys::nofile_limit()?;
             let in_use = sys::open_fds()?;
             ledger.set_base(in_use);
-            plan_budget(
-                soft,
-                in_use,
-                config.fd_headroom,
-                config.max_connections,
-                loops,
-            )
-            .map(|p| (p, soft, in_use))
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))
-        });
+            let (headroom, wanted) = (config.fd_headroom, config.max_connections);
+            let plan = plan_budget(soft, in_use, headroom, wanted, loops)?;
+            Ok((plan, soft, in_use))
+        })();
         let (plan, soft, in_use) = match plan {
             Ok(p) => p,
             Err(e) => {
@@ -247,7 +245,7 @@ impl<H: Handler + 'static> Cluster<H> {
     /// Wait until every loop has ended. When one fails (or panics, with
     /// [`Config::catch_panics`] off), the others are shut down, and the first error is
     /// returned once all have ended.
-    pub fn join(mut self) -> io::Result<()> {
+    pub fn join(mut self) -> Result<(), Error> {
         let mut first = Ok(());
         for _ in 0..self.threads.len() {
             match self.done.recv() {
@@ -298,49 +296,45 @@ impl<H: Handler> Drop for Cluster<H> {
 /// One loop's thread: build the server, bind, report ready, wait at the gate for its share of
 /// the fd budget, run.
 #[allow(clippy::too_many_arguments)]
-fn member<H: Handler + 'static>(
+fn run_loop<H: Handler + 'static>(
     config: Config,
     ledger: Arc<Ledger>,
     i: usize,
     addrs: &[SocketAddr],
     metrics: Option<SocketAddr>,
     make_handler: &(dyn Fn(usize) -> H + Send + Sync),
-    ready: mpsc::Sender<io::Result<Ready<H>>>,
+    ready: mpsc::Sender<Result<Bound<H>, Error>>,
     gate: mpsc::Receiver<Option<(usize, usize)>>,
     started: mpsc::Sender<()>,
-) -> io::Result<()> {
+) -> Result<(), Error> {
     let reuse = ledger.loops() > 1;
-    let setup = (|| -> io::Result<(Server<H>, Vec<SocketAddr>, Option<SocketAddr>)> {
-        let mut server = Server::member(config, make_handler(i), ledger, i)?;
+    let setup = (|| -> Result<(Server<H>, Bound<H>), Error> {
+        let mut server = Server::for_loop(config, make_handler(i), ledger, i)?;
         let mut bound = Vec::new();
         for addr in addrs {
-            let b = server
-                .listen_with(*addr, reuse)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            bound.push(b);
+            bound.push(server.listen_with(*addr, reuse)?);
         }
-        let metrics =
-            match metrics {
-                Some(addr) => Some(server.listen_metrics(addr).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-                })?),
-                None => None,
-            };
-        Ok((server, bound, metrics))
+        let metrics = match metrics {
+            Some(addr) => Some(server.listen_metrics(addr)?),
+            None => None,
+        };
+        let handle = server.handle();
+        let ready = Bound {
+            handle,
+            bound,
+            metrics,
+        };
+        Ok((server, ready))
     })();
     let mut server = match setup {
-        Ok((server, bound, metrics)) => {
-            let handle = server.handle();
-            let _ = ready.send(Ok(Ready {
-                handle,
-                bound,
-                metrics,
-            }));
+        Ok((server, bound)) => {
+            let _ = ready.send(Ok(bound));
             server
         }
         Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
+            // Reported to `start`, which fails with it.
+            let _ = ready.send(Err(e));
+            return Ok(());
         }
     };
     match gate.recv() {

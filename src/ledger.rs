@@ -70,9 +70,9 @@ impl Ledger {
         self.owned.len()
     }
 
-    pub(crate) fn set_owned(&self, member: usize, n: usize) {
+    pub(crate) fn set_owned(&self, loop_index: usize, n: usize) {
         self.changes.fetch_add(1, SeqCst);
-        self.owned[member].store(n, SeqCst);
+        self.owned[loop_index].store(n, SeqCst);
         self.changes.fetch_add(1, SeqCst);
     }
 
@@ -81,9 +81,9 @@ impl Ledger {
         self.base.load(SeqCst) + self.owned_total()
     }
 
-    /// Descriptors loop `member` owns, as it last stored them.
-    pub(crate) fn owned_by(&self, member: usize) -> usize {
-        self.owned[member].load(SeqCst)
+    /// Descriptors loop `loop_index` owns, as it last stored them.
+    pub(crate) fn owned_by(&self, loop_index: usize) -> usize {
+        self.owned[loop_index].load(SeqCst)
     }
 
     /// Descriptors the loops own.
@@ -186,9 +186,9 @@ impl Ledger {
         self.accounted() + self.last_audit().1.max(0) as usize
     }
 
-    /// Whether any loop other than `member` has paused accepting, as it last published.
-    pub(crate) fn others_paused(&self, member: usize) -> bool {
-        (0..self.loops()).filter(|i| *i != member).any(|i| {
+    /// Whether any loop other than `loop_index` has paused accepting, as it last published.
+    pub(crate) fn others_paused(&self, loop_index: usize) -> bool {
+        (0..self.loops()).filter(|i| *i != loop_index).any(|i| {
             self.snapshots[i]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -197,18 +197,18 @@ impl Ledger {
         })
     }
 
-    pub(crate) fn publish(&self, member: usize, snapshot: Snapshot) {
-        *self.snapshots[member]
+    pub(crate) fn publish(&self, loop_index: usize, snapshot: Snapshot) {
+        *self.snapshots[loop_index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
     }
 
-    /// Every loop's snapshot, with `own` (fresh) in place of `member`'s published one. A loop
+    /// Every loop's snapshot, with `own` (fresh) in place of `loop_index`'s published one. A loop
     /// that has not published yet counts as empty.
-    pub(crate) fn snapshots(&self, member: usize, own: Snapshot) -> Vec<Snapshot> {
+    pub(crate) fn snapshots(&self, loop_index: usize, own: Snapshot) -> Vec<Snapshot> {
         let mut own = Some(own);
         (0..self.loops())
-            .map(|i| match i == member {
+            .map(|i| match i == loop_index {
                 true => own.take().unwrap_or_default(),
                 false => self.snapshots[i]
                     .lock()

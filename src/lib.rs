@@ -30,13 +30,14 @@
 //! let addr = server.listen("127.0.0.1:9001".parse().unwrap())?;
 //! println!("echo on ws://{addr}");
 //! server.run()?;
-//! # Ok::<(), std::io::Error>(())
+//! # Ok::<(), wsloop::Error>(())
 //! ```
 #![warn(missing_docs)]
 
 // Layer 0: no wsloop imports.
 pub mod admission;
 pub mod config;
+mod error;
 pub mod origin;
 pub mod sys;
 pub mod timer_wheel;
@@ -62,6 +63,7 @@ pub use app::{
 };
 pub use cluster::Cluster;
 pub use config::{BackpressurePolicy, Config, ConfigError};
+pub use error::Error;
 pub use ledger::Budget;
 pub use metrics::{Stats, ACCEPT_ERRNO_LABELS};
 pub use protocol::close::CloseCode;

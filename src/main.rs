@@ -256,12 +256,12 @@ fn main() -> ExitCode {
     }
     match serve(config, &args.listen, args.metrics_listen, signals) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(wsloop::Error::Config(c)) => {
+            eprintln!("wsloop: {}", explain(&c, args.fd_limit));
+            ExitCode::FAILURE
+        }
         Err(e) => {
-            let config_error = e.get_ref().and_then(|e| e.downcast_ref::<ConfigError>());
-            match config_error {
-                Some(c) => eprintln!("wsloop: {}", explain(c, args.fd_limit)),
-                None => eprintln!("wsloop: {e}"),
-            }
+            eprintln!("wsloop: {e}");
             ExitCode::FAILURE
         }
     }
@@ -313,7 +313,7 @@ fn serve(
     listen: &[SocketAddr],
     metrics: Option<SocketAddr>,
     mut signals: signal_hook::iterator::Signals,
-) -> std::io::Result<()> {
+) -> Result<(), wsloop::Error> {
     let on_ws = config.serve_metrics;
     let threads = config.threads;
     let cluster = Cluster::start(config, listen, metrics, |_| Echo)?;

@@ -217,7 +217,10 @@ fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
         |_| Recorder::new(Arc::default(), Opts::default()),
     );
     let e = too_many.err().expect("a budget that does not fit");
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(
+        matches!(&e, wsloop::Error::Config(c) if c.field == "max_connections"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("shared by 2 threads"), "{e}");
     let fewer_than_loops = Config {
         threads: 4,
@@ -243,7 +246,13 @@ fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
     )
     .err()
     .expect("the port is taken");
-    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    match &e {
+        wsloop::Error::Listen { addr, source } => {
+            assert_eq!(*addr, port);
+            assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        }
+        other => panic!("expected a listen error, got {other:?}"),
+    }
     single.shutdown();
     join(single);
 }

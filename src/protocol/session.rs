@@ -114,7 +114,7 @@ pub enum Head<'a> {
 }
 
 /// Where the bytes of a ready event lie, computed before any borrow is handed out.
-enum Ready {
+enum Found {
     Nothing,
     Input {
         start: usize,
@@ -321,8 +321,8 @@ impl Session {
             }
         };
         let event = match ready {
-            Ready::Nothing => None,
-            Ready::Input { start, end, op } => {
+            Found::Nothing => None,
+            Found::Input { start, end, op } => {
                 let bytes = &input[start..end];
                 match op {
                     OpCode::Text => match std::str::from_utf8(bytes) {
@@ -342,7 +342,7 @@ impl Session {
                     _ => Some(close_event(bytes)),
                 }
             }
-            Ready::Buffer { text } => {
+            Found::Buffer { text } => {
                 *spill = std::mem::take(&mut self.buf);
                 let bytes = &spill[..];
                 if text {
@@ -354,7 +354,7 @@ impl Session {
                     Some(Event::Binary(bytes))
                 }
             }
-            Ready::Control { op } => {
+            Found::Control { op } => {
                 *spill = std::mem::take(&mut self.ctrl);
                 let bytes = &spill[..];
                 match op {
@@ -451,11 +451,18 @@ impl Session {
         true
     }
 
-    /// Fail the connection: append a close frame with `err`'s code unless one was sent already,
-    /// and enter [`State::Closed`].
+    /// Fail the connection because the peer broke the protocol: [`Session::abort`] with the
+    /// error's code and reason.
     pub fn fail(&mut self, err: ProtocolError, out: &mut Vec<u8>) {
+        self.abort(err.code, err.reason, out);
+    }
+
+    /// End the connection from our side at once, for a reason of the server's own (an
+    /// application callback that panicked, say): append a close frame with `code` and `reason`
+    /// unless one was sent already, and enter [`State::Closed`] without waiting for the peer's.
+    pub fn abort(&mut self, code: CloseCode, reason: &str, out: &mut Vec<u8>) {
         if self.state == State::Open {
-            write_close(out, err.code, err.reason);
+            write_close(out, code, reason);
         }
         self.state = State::Closed;
         self.release();
@@ -474,7 +481,7 @@ impl Session {
         input: &mut [u8],
         max_message: usize,
         out: &mut Vec<u8>,
-    ) -> Result<(usize, Ready), ProtocolError> {
+    ) -> Result<(usize, Found), ProtocolError> {
         let mut used = 0;
         let fresh = !self.in_payload;
         if fresh {
@@ -487,7 +494,7 @@ impl Session {
                     None => {
                         self.hdr[..input.len()].copy_from_slice(input);
                         self.hdr_len = input.len() as u8;
-                        return Ok((input.len(), Ready::Nothing));
+                        return Ok((input.len(), Found::Nothing));
                     }
                 }
             } else {
@@ -502,7 +509,7 @@ impl Session {
                     }
                     None => {
                         self.hdr_len = (have + take) as u8;
-                        return Ok((take, Ready::Nothing));
+                        return Ok((take, Found::Nothing));
                     }
                 }
             };
@@ -532,12 +539,12 @@ impl Session {
                             "invalid UTF-8 in text message",
                         ));
                     }
-                    return Ok((end, Ready::Nothing));
+                    return Ok((end, Found::Nothing));
                 }
             } else if !self.control(op, &input[start..end], out)? {
-                return Ok((end, Ready::Nothing));
+                return Ok((end, Found::Nothing));
             }
-            return Ok((end, Ready::Input { start, end, op }));
+            return Ok((end, Found::Input { start, end, op }));
         }
 
         // Part of a frame, or a fragment: unmask what is here and append it to a buffer.
@@ -550,15 +557,15 @@ impl Session {
         if op.is_control() {
             append_capped(&mut self.ctrl, piece, MAX_CONTROL_PAYLOAD);
             if self.remaining > 0 {
-                return Ok((used, Ready::Nothing));
+                return Ok((used, Found::Nothing));
             }
             self.in_payload = false;
             let payload = std::mem::take(&mut self.ctrl);
             if !self.control(op, &payload, out)? {
-                return Ok((used, Ready::Nothing)); // the payload is released
+                return Ok((used, Found::Nothing)); // the payload is released
             }
             self.ctrl = payload;
-            return Ok((used, Ready::Control { op }));
+            return Ok((used, Found::Control { op }));
         }
         let text = self.msg_op == Some(OpCode::Text);
         if text && self.utf8.feed(piece).is_err() {
@@ -569,11 +576,11 @@ impl Session {
         }
         append_capped(&mut self.buf, piece, max_message);
         if self.remaining > 0 {
-            return Ok((used, Ready::Nothing));
+            return Ok((used, Found::Nothing));
         }
         self.in_payload = false;
         if !self.frame_fin {
-            return Ok((used, Ready::Nothing));
+            return Ok((used, Found::Nothing));
         }
         self.msg_op = None;
         if text && self.utf8.finish().is_err() {
@@ -584,9 +591,9 @@ impl Session {
         }
         if self.state != State::Open {
             self.buf = Vec::new();
-            return Ok((used, Ready::Nothing));
+            return Ok((used, Found::Nothing));
         }
-        Ok((used, Ready::Buffer { text }))
+        Ok((used, Found::Buffer { text }))
     }
 
     /// Check a new frame's header against the connection's state and enter its payload.

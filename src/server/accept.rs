@@ -21,8 +21,6 @@ use mio::{Interest, Token};
 use std::io::{self, ErrorKind, Write};
 use std::net::SocketAddr;
 
-/// Timer-wheel index reserved for the accept backoff timer.
-pub(crate) const ACCEPT_TIMER: u32 = u32::MAX;
 /// How long a refused client has to send its request before we close (we answered already).
 pub(crate) const SHED_LINGER_MS: u64 = 1000;
 pub(crate) const BACKOFF_MIN_MS: u64 = 5;
@@ -207,13 +205,10 @@ impl<D> Core<D> {
         if let Some(k) = self.accept_timer.take() {
             self.wheel.cancel(k);
         }
-        self.accept_timer = Some(self.wheel.insert(
-            self.now + self.backoff_ms,
-            TimerRef {
-                idx: ACCEPT_TIMER,
-                gen: 0,
-            },
-        ));
+        self.accept_timer = Some(
+            self.wheel
+                .insert(self.now + self.backoff_ms, TimerRef::AcceptBackoff),
+        );
     }
 
     /// Accept again (backoff timer fired, or a descriptor was freed).
@@ -321,7 +316,7 @@ impl<D> Core<D> {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         let mut socket = Transport::tcp(stream);
-        let token = Token(conn_id(self.member, idx, gen).0 as usize);
+        let token = Token(conn_id(self.loop_index, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,
             Kind::Admitted {

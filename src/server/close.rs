@@ -114,7 +114,7 @@ impl<D> Core<D> {
     ) {
         // Every descriptor opened so far was counted in the ledger when it was opened.
         debug_assert_eq!(
-            self.ledger.owned_by(self.member),
+            self.ledger.owned_by(self.loop_index),
             self.owned_fds(),
             "descriptor count in the ledger drifted"
         );
@@ -142,7 +142,7 @@ impl<D> Core<D> {
         // A descriptor was freed: accepting may go on.
         self.resume_accept();
         self.check_consistency();
-        let id = conn_id(self.member, idx, conn.gen);
+        let id = conn_id(self.loop_index, idx, conn.gen);
         log::debug!(
             "{id} from {} closed: {} after {} ms",
             conn.peer,

@@ -15,12 +15,14 @@ pub(crate) const MAX_SLOTS: usize = 1 << 24;
 /// A deadline that is not set.
 pub(crate) const NEVER: u64 = u64::MAX;
 
-/// A timer entry: the connection's slab index and generation ([`ACCEPT_TIMER`] for the accept
-/// backoff).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct TimerRef {
-    pub(crate) idx: u32,
-    pub(crate) gen: u32,
+/// What a timer-wheel entry is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TimerRef {
+    /// The connection's one timer: its slab index and generation (a timer that outlives its
+    /// connection finds another generation in the slot, or none, and is ignored).
+    Conn { idx: u32, gen: u32 },
+    /// The accept backoff.
+    AcceptBackoff,
 }
 
 /// One connection in the slab.
@@ -145,8 +147,8 @@ impl<D> Conn<D> {
 /// A connection's id and token: its generation in the upper 32 bits, its loop's index in the
 /// next 8 and its slab index in the low 24 (a loop never holds 2^24 connections: see
 /// [`MAX_SLOTS`]), so ids are unique across the loops of a cluster.
-pub(crate) fn conn_id(member: usize, idx: usize, gen: u32) -> ConnId {
-    ConnId(((gen as u64) << 32) | ((member as u64) << 24) | idx as u64)
+pub(crate) fn conn_id(loop_index: usize, idx: usize, gen: u32) -> ConnId {
+    ConnId(((gen as u64) << 32) | ((loop_index as u64) << 24) | idx as u64)
 }
 
 /// The slab index and generation in a connection's token or id.

@@ -5,6 +5,7 @@
 use super::conn::{Conn, TimerRef, NEVER};
 use crate::app::CloseReason;
 use crate::config::Config;
+use crate::error::Error;
 use crate::ledger::{plan_budget, raise_fd_limit, Budget, Ledger};
 use crate::metrics::{Stats, ACCEPT_ERRNOS};
 use crate::protocol::handshake;
@@ -15,7 +16,7 @@ use mio::net::TcpListener;
 use mio::Registry;
 use slab::Slab;
 use std::fs::File;
-use std::io::{self, ErrorKind};
+use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,7 +63,7 @@ pub(crate) struct Core<D> {
     /// What this loop shares with the other loops of its cluster (a ledger of one alone).
     pub(crate) ledger: Arc<Ledger>,
     /// This loop's index in the ledger.
-    pub(crate) member: usize,
+    pub(crate) loop_index: usize,
     /// When this loop next publishes its metrics snapshot to the ledger (clusters only), and the
     /// turn count it last published at.
     pub(crate) next_publish: u64,
@@ -117,7 +118,7 @@ impl<D> Core<D> {
 
     /// Size the fd budget (once, before the first poll): raise the soft limit if configured,
     /// and derive or check `max_connections`.
-    pub(crate) fn start_up(&mut self) -> io::Result<()> {
+    pub(crate) fn start_up(&mut self) -> Result<(), Error> {
         if self.config.raise_fd_limit {
             raise_fd_limit();
         }
@@ -125,8 +126,7 @@ impl<D> Core<D> {
         let in_use = sys::open_fds()?;
         self.ledger.set_base(in_use);
         let headroom = self.config.fd_headroom;
-        let (budget, max) = plan_budget(soft, in_use, headroom, self.config.max_connections, 1)
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?[0];
+        let (budget, max) = plan_budget(soft, in_use, headroom, self.config.max_connections, 1)?[0];
         let summary = Budget {
             fd_budget: budget,
             max_connections: max,
@@ -147,7 +147,7 @@ impl<D> Core<D> {
         self.max_connections = max_connections;
         // One audit per process, on a thread of its own: loop 0's.
         let every = self.config.audit_interval;
-        if self.member == 0 && !every.is_zero() && self.auditor.is_none() {
+        if self.loop_index == 0 && !every.is_zero() && self.auditor.is_none() {
             match crate::audit::Auditor::start(self.ledger.clone(), every) {
                 Ok(a) => self.auditor = Some(a),
                 Err(e) => log::warn!("cannot start the fd audit thread: {e}; no periodic audit"),
@@ -161,12 +161,12 @@ impl<D> Core<D> {
     /// Store this loop's descriptor count in the ledger: after opening one, before closing one
     /// (see [`Ledger`]).
     pub(crate) fn fds_changed(&self) {
-        self.ledger.set_owned(self.member, self.owned_fds());
+        self.ledger.set_owned(self.loop_index, self.owned_fds());
     }
 
     /// Publish this loop's snapshot for the other loops of its cluster to render.
     pub(crate) fn publish(&mut self) {
-        self.ledger.publish(self.member, self.snapshot());
+        self.ledger.publish(self.loop_index, self.snapshot());
         self.published_turns = self.stats.loop_turns;
         self.next_publish = self.now + PUBLISH_MS;
     }

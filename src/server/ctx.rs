@@ -20,7 +20,7 @@ pub struct Ctx<'a, D> {
 impl<'a, D> Ctx<'a, D> {
     pub(crate) fn locate(&mut self, id: ConnId) -> Option<usize> {
         let (idx, gen) = slot_of(id.0);
-        (id.loop_index() == self.core.member && self.core.alive(idx, gen)).then_some(idx)
+        (id.loop_index() == self.core.loop_index && self.core.alive(idx, gen)).then_some(idx)
     }
 
     /// Send a message to connection `id`. [`SendStatus::Closed`] if it is gone, closing or not
@@ -107,7 +107,7 @@ impl<'a, D> Ctx<'a, D> {
             .conns
             .iter()
             .filter(|(_, c)| c.data.is_some())
-            .map(|(i, c)| conn_id(self.core.member, i, c.gen))
+            .map(|(i, c)| conn_id(self.core.loop_index, i, c.gen))
             .collect()
     }
 

@@ -7,7 +7,8 @@ use super::ctx::Ctx;
 use super::handle::{Command, LoopHandle, OwnedMessage, Shared};
 use super::ws::guarded;
 use crate::app::{ConnId, Handler, Message};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::metrics::Stats;
 use crate::protocol::handshake;
@@ -52,23 +53,21 @@ pub(crate) struct Inner<H: Handler> {
 
 impl<H: Handler> Server<H> {
     /// A server with `config` and `handler`, listening nowhere yet. Fails on an invalid
-    /// configuration (as `io::ErrorKind::InvalidInput`) or when epoll cannot be created.
-    pub fn new(config: Config, handler: H) -> io::Result<Self> {
+    /// configuration ([`Error::Config`], naming the field) or when epoll cannot be created.
+    pub fn new(config: Config, handler: H) -> Result<Self, Error> {
         let ledger = Arc::new(Ledger::new(1, &config));
-        Self::member(config, handler, ledger, 0)
+        Self::for_loop(config, handler, ledger, 0)
     }
 
-    /// Loop `member` of the group sharing `ledger` (a [`Cluster`](crate::Cluster) sizes its
+    /// Loop `loop_index` of the group sharing `ledger` (a [`Cluster`](crate::Cluster) sizes its
     /// budget with [`Server::join_budget`] before its first turn).
-    pub(crate) fn member(
+    pub(crate) fn for_loop(
         config: Config,
         handler: H,
         ledger: Arc<Ledger>,
-        member: usize,
-    ) -> io::Result<Self> {
-        config
-            .validate()
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        loop_index: usize,
+    ) -> Result<Self, Error> {
+        config.validate()?;
         let before = sys::open_fds().unwrap_or(0);
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
@@ -80,11 +79,9 @@ impl<H: Handler> Server<H> {
         };
         let origin =
             crate::origin::OriginPolicy::new(&config.allowed_origins, config.allow_missing_origin)
-                .map_err(|e| {
-                    io::Error::new(
-                        ErrorKind::InvalidInput,
-                        format!("invalid allowed_origins: {e}"),
-                    )
+                .map_err(|e| ConfigError {
+                    field: "allowed_origins",
+                    reason: e.to_string(),
                 })?;
         let watchdog = match config.stall_threshold.is_zero() {
             true => None,
@@ -110,7 +107,7 @@ impl<H: Handler> Server<H> {
                     limits,
                     start,
                     ledger,
-                    member,
+                    loop_index,
                     next_publish: 0,
                     published_turns: 0,
                     now: 0,
@@ -139,8 +136,10 @@ impl<H: Handler> Server<H> {
                     beat: watchdog.as_ref().map(|w| w.beat.clone()),
                     origin,
                     trusted: crate::admission::TrustedProxies::parse(&config.trusted_proxies)
-                        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
-
+                        .map_err(|reason| ConfigError {
+                            field: "trusted_proxies",
+                            reason,
+                        })?,
                     ping_after: ping_after(&config),
                     config,
                 },
@@ -159,7 +158,7 @@ impl<H: Handler> Server<H> {
     /// The backlog is [`Config::listen_backlog`], capped by `net.core.somaxconn`.
     /// Besides WebSocket upgrades it answers `GET /metrics` and `GET /healthz` when
     /// [`Config::serve_metrics`] is set.
-    pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+    pub fn listen(&mut self, addr: SocketAddr) -> Result<SocketAddr, Error> {
         self.add_listener(addr, false, false)
     }
 
@@ -168,13 +167,13 @@ impl<H: Handler> Server<H> {
         &mut self,
         addr: SocketAddr,
         reuse_port: bool,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, Error> {
         self.add_listener(addr, false, reuse_port)
     }
 
     /// Listen on `addr` for `GET /metrics` and `GET /healthz` only (an address for operators,
     /// apart from the WebSocket port); everything else gets 404. Returns the bound address.
-    pub fn listen_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+    pub fn listen_metrics(&mut self, addr: SocketAddr) -> Result<SocketAddr, Error> {
         self.add_listener(addr, true, false)
     }
 
@@ -183,17 +182,20 @@ impl<H: Handler> Server<H> {
         addr: SocketAddr,
         admin: bool,
         reuse_port: bool,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, Error> {
         let core = &mut self.inner.core;
         let i = core.listeners.len();
+        let failed = |source| Error::Listen { addr, source };
         if i >= MAX_LISTENERS {
-            return Err(io::Error::other("too many listeners"));
+            return Err(failed(io::Error::other("too many listeners")));
         }
-        let mut listener = super::accept::bind(addr, core.config.listen_backlog, reuse_port)?;
-        let bound = listener.local_addr()?;
+        let mut listener =
+            super::accept::bind(addr, core.config.listen_backlog, reuse_port).map_err(failed)?;
+        let bound = listener.local_addr().map_err(failed)?;
         self.poll
             .registry()
-            .register(&mut listener, Token(i), Interest::READABLE)?;
+            .register(&mut listener, Token(i), Interest::READABLE)
+            .map_err(failed)?;
         core.listeners.push(Some(listener));
         core.listener_admin.push(admin);
         core.accept_due = true;
@@ -234,7 +236,7 @@ impl<H: Handler> Server<H> {
 
     /// Run until shut down (through [`LoopHandle::shutdown`]) and every connection has ended.
     /// Fails at once if the configuration does not fit the process's descriptor limit.
-    pub fn run(mut self) -> io::Result<()> {
+    pub fn run(mut self) -> Result<(), Error> {
         while self.turn(None)? {}
         Ok(())
     }
@@ -242,7 +244,7 @@ impl<H: Handler> Server<H> {
     /// One round: wait for readiness up to `timeout` (and no longer than the next timer),
     /// dispatch every event, fire due timers. Returns false once the server has shut down and
     /// every connection has ended. The first call sizes the fd budget (and may fail, as `run`).
-    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+    pub fn turn(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         // Callbacks and posted closures run on this thread until the turn returns: a query from
         // them would wait for itself (see `LoopHandle::query`).
         let _on_loop = self.inner.shared.enter();
@@ -254,7 +256,7 @@ impl<H: Handler> Server<H> {
         Ok(more)
     }
 
-    pub(crate) fn turn_inner(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+    pub(crate) fn turn_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         let core = &mut self.inner.core;
         if !core.started {
             core.start_up()?;
@@ -283,7 +285,7 @@ impl<H: Handler> Server<H> {
         }
         if let Err(e) = self.poll.poll(&mut self.events, wait) {
             if e.kind() != ErrorKind::Interrupted {
-                return Err(e);
+                return Err(Error::Io(e));
             }
         }
         let busy = Instant::now();

@@ -48,13 +48,12 @@ impl<H: Handler> Inner<H> {
             Err(e) => {
                 log::debug!(
                     "{} from {}: {e}",
-                    conn_id(core.member, idx, conn.gen),
+                    conn_id(core.loop_index, idx, conn.gen),
                     conn.peer
                 );
                 core.cork_for(idx);
                 let rej = Rejection::custom(400, "bad PROXY protocol header");
-                handshake::write_rejection(&mut core.cork, &rej);
-                return reject(core, handler, idx, 400);
+                return reject(core, handler, idx, &rej);
             }
         };
         // What follows the header goes where the handshake reads it: the receive buffer. It is
@@ -96,8 +95,7 @@ impl<H: Handler> Inner<H> {
         {
             Ok(Head::Partial) => return true,
             Err(rej) => {
-                handshake::write_rejection(&mut core.cork, &rej);
-                return reject(core, handler, idx, rej.status());
+                return reject(core, handler, idx, &rej);
             }
             Ok(Head::Complete {
                 request,
@@ -134,21 +132,19 @@ impl<H: Handler> Inner<H> {
                 let upgrade = match handshake::validate_upgrade(&request) {
                     Ok(u) => u,
                     Err(rej) => {
-                        handshake::write_rejection(&mut core.cork, &rej);
-                        return reject(core, handler, idx, rej.status());
+                        return reject(core, handler, idx, &rej);
                     }
                 };
                 if let Err(refusal) = core.origin.check(upgrade.origin()) {
                     log::debug!("{}: {refusal}", conn.peer);
                     let rej = Rejection::custom(403, refusal.reason());
-                    handshake::write_rejection(&mut core.cork, &rej);
-                    return reject(core, handler, idx, 403);
+                    return reject(core, handler, idx, &rej);
                 }
                 let req = UpgradeRequest {
                     upgrade,
                     peer: conn.peer,
                 };
-                let id = conn_id(core.member, idx, conn.gen);
+                let id = conn_id(core.loop_index, idx, conn.gen);
                 let decision = guarded(
                     core.config.catch_panics,
                     &core.beat,
@@ -163,14 +159,12 @@ impl<H: Handler> Inner<H> {
                     );
                     core.stats.handler_panics += 1;
                     let rej = Rejection::custom(500, "internal server error");
-                    handshake::write_rejection(&mut core.cork, &rej);
-                    return reject(core, handler, idx, 500);
+                    return reject(core, handler, idx, &rej);
                 };
                 match decision {
                     Decision::Reject { status, reason } => {
                         let rej = Rejection::custom(status, reason);
-                        handshake::write_rejection(&mut core.cork, &rej);
-                        return reject(core, handler, idx, rej.status());
+                        return reject(core, handler, idx, &rej);
                     }
                     Decision::Accept { data, subprotocol } => {
                         if let Some(p) = subprotocol.as_deref() {
@@ -180,8 +174,7 @@ impl<H: Handler> Inner<H> {
                                     500,
                                     "server chose a subprotocol the client did not offer",
                                 );
-                                handshake::write_rejection(&mut core.cork, &rej);
-                                return reject(core, handler, idx, 500);
+                                return reject(core, handler, idx, &rej);
                             }
                         }
                         handshake::write_accept(
@@ -206,7 +199,7 @@ impl<H: Handler> Inner<H> {
         let conn = &core.conns[idx];
         log::debug!(
             "{} open from {}",
-            conn_id(core.member, idx, conn.gen),
+            conn_id(core.loop_index, idx, conn.gen),
             conn.peer
         );
         // Frames may follow in this read: their answers should share the cork's one `send`.
@@ -239,18 +232,21 @@ pub(crate) fn admit_client(
     Ok(())
 }
 
-/// Answer a refused request (the response is in the cork) and end the connection.
+/// Answer a refused request with `rej` and end the connection. Returns false.
 pub(crate) fn reject<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
-    status: u16,
+    rej: &Rejection,
 ) -> bool {
+    let status = rej.status();
+    core.cork_for(idx);
+    handshake::write_rejection(&mut core.cork, rej);
     let conn = &mut core.conns[idx];
     let peer = conn.peer;
     log::debug!(
         "{} from {peer} rejected with {status}",
-        conn_id(core.member, idx, conn.gen)
+        conn_id(core.loop_index, idx, conn.gen)
     );
     conn.session.finish_rejected();
     if let Some(more) = core.throttle(LOG_REJECTS, 1) {

@@ -46,7 +46,7 @@ impl<D> Core<D> {
     /// difference. Constant time: the descriptor count is the ledger's (plus the last audit's
     /// difference), never a listing of `/proc`.
     pub(crate) fn health(&self) -> Health {
-        if self.accept_paused || self.ledger.others_paused(self.member) {
+        if self.accept_paused || self.ledger.others_paused(self.loop_index) {
             return Health::Unhealthy(
                 "accepting is paused (out of file descriptors or memory)".into(),
             );
@@ -72,7 +72,7 @@ impl<D> Core<D> {
 
     /// The metrics of every loop in Prometheus text format, as `GET /metrics` serves them.
     pub(crate) fn render_metrics(&self) -> String {
-        let parts = self.ledger.snapshots(self.member, self.snapshot());
+        let parts = self.ledger.snapshots(self.loop_index, self.snapshot());
         let fds = FdFigures {
             open_estimate: self.ledger.open_estimate(),
             audit_difference: self.ledger.last_audit().1,

@@ -5,7 +5,6 @@
 //! deadline, which every message moves, is not even recorded in the wheel: the message stores it
 //! in the connection, and the entry filed at the old deadline fires early and is re-filed.
 
-use super::accept::ACCEPT_TIMER;
 use super::conn::{conn_id, TimerRef, NEVER};
 use super::core::{Core, SWEEP_MS};
 use super::event_loop::Inner;
@@ -29,11 +28,11 @@ impl<H: Handler> Inner<H> {
             core.ledger.admission().sweep(core.now);
             core.next_sweep = core.now + SWEEP_MS;
         }
-        while let Some((_, TimerRef { idx, gen })) = core.wheel.poll(core.now) {
-            if idx == ACCEPT_TIMER {
+        while let Some((_, timer)) = core.wheel.poll(core.now) {
+            let TimerRef::Conn { idx, gen } = timer else {
                 core.accept_timer_fired();
                 continue;
-            }
+            };
             let idx = idx as usize;
             if !core.alive(idx, gen) {
                 continue;
@@ -66,7 +65,7 @@ impl<D> Core<D> {
             None => {
                 conn.timer = Some(self.wheel.insert(
                     at,
-                    TimerRef {
+                    TimerRef::Conn {
                         idx: idx as u32,
                         gen: conn.gen,
                     },
@@ -88,7 +87,7 @@ impl<D> Core<D> {
             };
             log::debug!(
                 "{} dropped: {}",
-                conn_id(self.member, idx, conn.gen),
+                conn_id(self.loop_index, idx, conn.gen),
                 reason.label()
             );
             self.end(handler, idx, reason);

@@ -7,7 +7,6 @@ use super::core::Core;
 use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
 use crate::config::Config;
 use crate::io::out::{Outbox, CORK_KEEP};
-use crate::protocol::close::CloseCode;
 use crate::protocol::session::Event;
 use crate::watchdog::{Activity, Heartbeat};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,7 +25,7 @@ pub(crate) fn callback<H: Handler>(
 ) -> bool {
     core.cork_for(idx);
     let conn = &mut core.conns[idx];
-    let id = conn_id(core.member, idx, conn.gen);
+    let id = conn_id(core.loop_index, idx, conn.gen);
     let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
         return false;
     };
@@ -110,18 +109,15 @@ pub(crate) fn handler_panicked<H: Handler>(
     let conn = &mut core.conns[idx];
     log::error!(
         "{} from {}: {} panicked; closing the connection with 1011",
-        conn_id(core.member, idx, conn.gen),
+        conn_id(core.loop_index, idx, conn.gen),
         conn.peer,
         kind.label()
     );
     core.cork_for(idx);
-    let conn = &mut core.conns[idx];
-    let error = crate::protocol::session::ProtocolError {
-        code: CloseCode::INTERNAL_ERROR,
-        reason: "internal server error",
-    };
-    conn.session.fail(error, &mut core.cork);
-    core.finish(handler, idx, CloseReason::HandlerPanic);
+    let reason = CloseReason::HandlerPanic;
+    let session = &mut core.conns[idx].session;
+    session.abort(reason.code(), "internal server error", &mut core.cork);
+    core.finish(handler, idx, reason);
     false
 }
 
@@ -171,7 +167,7 @@ pub(crate) fn frames<H: Handler>(
             Err(e) => {
                 log::debug!(
                     "{} protocol error from {}: {e}",
-                    conn_id(core.member, idx, conn.gen),
+                    conn_id(core.loop_index, idx, conn.gen),
                     conn.peer
                 );
                 core.finish(handler, idx, CloseReason::Protocol(e.code));
@@ -205,7 +201,7 @@ pub(crate) fn frames<H: Handler>(
         // The last message of this read: its answer is flushed once this returns, so a direct
         // write adds no system call. Answers to earlier ones share the cork's one `send`.
         let last = off == len;
-        let id = conn_id(core.member, idx, conn.gen);
+        let id = conn_id(core.loop_index, idx, conn.gen);
         let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
             return false;
         };

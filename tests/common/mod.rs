@@ -4,7 +4,7 @@
 //! Every client socket gets a read timeout, so a server bug fails a test instead of hanging it.
 #![allow(dead_code)]
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle, ThreadId};
@@ -168,7 +168,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub handle: LoopHandle<Recorder>,
     pub rec: Arc<Mutex<Rec>>,
-    done: mpsc::Receiver<io::Result<Option<Stats>>>,
+    done: mpsc::Receiver<Result<Option<Stats>, wsloop::Error>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -197,7 +197,7 @@ impl TestServer {
         opts: Opts,
         listen: SocketAddr,
         drive: Drive,
-    ) -> io::Result<TestServer> {
+    ) -> Result<TestServer, wsloop::Error> {
         let rec = Arc::new(Mutex::new(Rec::default()));
         let handler = Recorder {
             rec: rec.clone(),
@@ -681,7 +681,7 @@ impl TestServer {
     pub fn start_setup<T>(
         config: Config,
         opts: Opts,
-        setup: impl FnOnce(&mut Server<Recorder>) -> io::Result<T>,
+        setup: impl FnOnce(&mut Server<Recorder>) -> Result<T, wsloop::Error>,
     ) -> (TestServer, T) {
         let rec = Arc::new(Mutex::new(Rec::default()));
         let handler = Recorder {
