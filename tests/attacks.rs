@@ -788,10 +788,14 @@ fn ping_flood_attack(name: &str, conns: usize, pings: usize) {
     );
     assert!(served > 0, "the legitimate client was never served");
     // The flooders sent faster than the loop parses: their reading was put off to later turns
-    // so that they could not hold the loop (the legitimate client was served meanwhile).
+    // so that they could not hold the loop (the legitimate client was served meanwhile), and
+    // each flooder yields at most once a turn: it is read again on the next turn, once.
+    let yields = m.get("wsloop_read_yields_total") - m0.get("wsloop_read_yields_total");
+    let turns = m.get("wsloop_loop_turns_total") - m0.get("wsloop_loop_turns_total");
+    assert!(yields > 0.0, "no flooder ever yielded the loop");
     assert!(
-        m.get("wsloop_read_yields_total") > 0.0,
-        "no flooder ever yielded the loop"
+        yields <= conns as f64 * turns,
+        "{yields} yields in {turns} turns from {conns} flooders: read more than once a turn"
     );
     let closed = [("peer_closed", (conns + served) as u64)];
     let (end, _) = settled(&w, &m0, &closed);

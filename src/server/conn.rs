@@ -71,6 +71,9 @@ pub(crate) struct Conn<D> {
     /// More than `max_backpressure` bytes are queued: the socket is not read (so the kernel's
     /// flow control holds the peer back) until the queue drains to half the limit.
     pub(crate) read_paused: bool,
+    /// It used its read budget this turn: it is on the loop's list to be read at the start of
+    /// the next turn, and is not read before (however many events it raises meanwhile).
+    pub(crate) read_later: bool,
 }
 
 /// The parts of a connection's state that most connections never use, boxed so that an idle
@@ -113,6 +116,7 @@ impl<D> Conn<D> {
             via_proxy: false,
             awaiting_proxy: false,
             read_paused: false,
+            read_later: false,
         }
     }
 

@@ -34,7 +34,7 @@ impl<H: Handler> Inner<H> {
         for _ in 0..READ_BUDGET {
             let conn = &mut self.core.conns[idx];
             let queued = !conn.pending.is_empty() || self.core.cork.len() > limit;
-            if conn.read_paused || (queued && self.over_limit(idx)) {
+            if conn.read_paused || conn.read_later || (queued && self.over_limit(idx)) {
                 return true;
             }
             let conn = &mut self.core.conns[idx];
@@ -67,8 +67,9 @@ impl<H: Handler> Inner<H> {
         }
         // The peer sends faster than the loop reads: let the other connections have their turn
         // and read the rest next turn (no new edge will come for bytes already there).
-        let gen = self.core.conns[idx].gen;
-        self.core.reread.push((idx, gen));
+        let conn = &mut self.core.conns[idx];
+        conn.read_later = true;
+        self.core.reread.push((idx, conn.gen));
         self.core.stats.read_yields += 1;
         true
     }
@@ -77,6 +78,7 @@ impl<H: Handler> Inner<H> {
     pub(crate) fn reread(&mut self) {
         for (idx, gen) in std::mem::take(&mut self.core.reread) {
             if self.core.alive(idx, gen) {
+                self.core.conns[idx].read_later = false;
                 self.readable(idx, true);
                 self.core.flush_cork();
                 self.core.reap(&mut self.handler);
