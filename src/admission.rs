@@ -89,7 +89,10 @@ struct Entry {
 }
 
 /// Per-address accounting, keyed by canonical address: an IPv4-mapped IPv6 address
-/// (`::ffff:10.0.0.9`) counts as its IPv4 address (`10.0.0.9`). An address has an entry while it holds a connection or its bucket is
+/// (`::ffff:10.0.0.9`) counts as its IPv4 address (`10.0.0.9`), and an IPv6 address counts as
+/// its network of [`Admission::with_ipv6_prefix`] bits (a /64 by default: what one subscriber
+/// of an ISP, or one host with privacy addresses, usually holds, so that one party cannot take
+/// a fresh address for each connection). An address has an entry while it holds a connection or its bucket is
 /// not full; [`Admission::sweep`] drops the others, so memory follows the addresses seen
 /// recently, bounded by `max_tracked` (beyond it, new addresses are not rate limited until entries
 /// free up: fail open, never refuse a stranger because of others' load).
@@ -101,6 +104,8 @@ pub struct Admission {
     rate: u32,
     burst: u32,
     max_tracked: usize,
+    /// Bits of an IPv6 address that make its key.
+    ipv6_prefix: u8,
 }
 
 impl Admission {
@@ -113,6 +118,26 @@ impl Admission {
             rate,
             burst: burst.max(1),
             max_tracked: 1 << 16,
+            ipv6_prefix: 64,
+        }
+    }
+
+    /// Count IPv6 clients by their network of `bits` bits (1 to 128; 128: by address).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Self {
+        self.ipv6_prefix = bits.clamp(1, 128);
+        self
+    }
+
+    /// The key `ip` is counted under: its canonical form, an IPv6 address cut to its network.
+    pub fn key(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.ipv6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
         }
     }
 
@@ -140,7 +165,7 @@ impl Admission {
     /// The per-address part of [`Admission::admit`] alone: for a connection that came through a
     /// trusted proxy, whose client address is known only once the proxy has told it.
     pub fn admit_address(&mut self, ip: IpAddr, now_ms: u64) -> Result<bool, Verdict> {
-        let ip = ip.to_canonical();
+        let ip = self.key(ip);
         if !self.tracking() {
             return Ok(false);
         }
@@ -163,7 +188,8 @@ impl Admission {
 
     /// An admitted connection from `ip` ended.
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(e) = self.table.get_mut(&ip.to_canonical()) {
+        let ip = self.key(ip);
+        if let Some(e) = self.table.get_mut(&ip) {
             e.conns = e.conns.saturating_sub(1);
         }
     }
@@ -177,7 +203,7 @@ impl Admission {
 
     /// Connections counted for `ip`.
     pub fn count(&self, ip: IpAddr) -> u32 {
-        self.table.get(&ip.to_canonical()).map_or(0, |e| e.conns)
+        self.table.get(&self.key(ip)).map_or(0, |e| e.conns)
     }
 
     /// Connections counted over all addresses (for consistency checks).
@@ -309,8 +335,9 @@ mod tests {
         assert_eq!(a.admit(x, 1099, 0, 100), Err(Verdict::RateLimited));
         assert_eq!(a.admit(x, 1100, 0, 100), Ok(true), "one token per 100 ms");
         assert_eq!(a.admit(x, 1100, 0, 100), Err(Verdict::RateLimited));
-        // Other addresses have their own bucket.
-        assert_eq!(a.admit(ip("::2"), 1100, 0, 100), Ok(true));
+        // Other addresses have their own bucket (an IPv6 one outside this one's /64).
+        assert_eq!(a.admit(ip("2001:db8::2"), 1100, 0, 100), Ok(true));
+        assert_eq!(a.admit(ip("::2"), 1100, 0, 100), Err(Verdict::RateLimited));
     }
 
     #[test]
@@ -351,6 +378,35 @@ mod tests {
         a.release(ip("10.0.0.9"));
         assert_eq!(a.count(ip("::ffff:10.0.0.9")), 0);
         assert_eq!(a.admit(ip("10.0.0.9"), 0, 0, 100), Ok(true));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_network() {
+        let mut a = Admission::new(1, 0, 0);
+        assert_eq!(a.admit(ip("2001:db8:1234:5678::1"), 0, 0, 100), Ok(true));
+        for other in ["2001:db8:1234:5678::2", "2001:db8:1234:5678:ffff::9"] {
+            assert_eq!(
+                a.admit(ip(other), 0, 1, 100),
+                Err(Verdict::AddressFull),
+                "{other}"
+            );
+        }
+        assert_eq!(a.admit(ip("2001:db8:1234:5679::1"), 0, 1, 100), Ok(true));
+        a.release(ip("2001:db8:1234:5678::77"));
+        assert_eq!(a.count(ip("2001:db8:1234:5678::1")), 0);
+        // By address, when configured so; IPv4 is never grouped.
+        let mut a = Admission::new(1, 0, 0).with_ipv6_prefix(128);
+        assert_eq!(a.admit(ip("2001:db8::1"), 0, 0, 100), Ok(true));
+        assert_eq!(a.admit(ip("2001:db8::2"), 0, 1, 100), Ok(true));
+        assert_eq!(a.admit(ip("10.0.0.1"), 0, 2, 100), Ok(true));
+        assert_eq!(a.admit(ip("10.0.0.2"), 0, 3, 100), Ok(true));
+        assert_eq!(a.key(ip("::ffff:10.0.0.2")), ip("10.0.0.2"));
+        assert_eq!(
+            Admission::new(1, 0, 0)
+                .with_ipv6_prefix(48)
+                .key(ip("2001:db8:1:2:3::4")),
+            ip("2001:db8:1::")
+        );
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Size of the one receive buffer the loop shares between all connections. Default 64 KiB.
     pub recv_buffer_size: usize,
+    /// The kernel send buffer of each connection (`SO_SNDBUF`, which the kernel doubles), or 0
+    /// (the default) to leave it to the kernel's auto-tuning, which may grow it to
+    /// `net.ipv4.tcp_wmem`'s maximum (4 MiB on many systems) for a client that reads slowly.
+    /// Those bytes are kernel memory, outside `max_backpressure`: set this to bound what a
+    /// connection can hold in the kernel, at the cost of throughput to distant clients.
+    pub socket_send_buffer: usize,
     /// How many readiness events one poll call can return. Default 1024.
     pub events_capacity: usize,
     /// Most connections held at once (handshaking, open or closing). Beyond it new connections
@@ -51,6 +57,11 @@ pub struct Config {
     pub connection_rate_per_ip: u32,
     /// The bucket size for `connection_rate_per_ip` (bursts). 0 means "equal to the rate".
     pub connection_burst_per_ip: u32,
+    /// How many leading bits of an IPv6 client address make the "IP" of the per-IP limits:
+    /// 64 (the default) counts a /64 as one client, since one subscriber usually holds a whole
+    /// /64 and could otherwise take a fresh address for every connection; 128 counts each
+    /// address. 1 to 128. IPv4 addresses always count one by one.
+    pub ipv6_prefix_len: u8,
     /// Descriptors left for the rest of the process when deriving `max_connections`.
     /// Default 32; at most 2^30 (more than a Linux process can open).
     pub fd_headroom: usize,
@@ -169,11 +180,13 @@ impl Default for Config {
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(5),
             recv_buffer_size: 64 * 1024,
+            socket_send_buffer: 0,
             events_capacity: 1024,
             max_connections: 0,
             max_connections_per_ip: 0,
             connection_rate_per_ip: 0,
             connection_burst_per_ip: 0,
+            ipv6_prefix_len: 64,
             fd_headroom: 32,
             raise_fd_limit: true,
             listen_backlog: 1024,
@@ -306,6 +319,15 @@ impl Config {
         }
         if self.accepts_per_turn == 0 {
             return err("accepts_per_turn", "must be at least 1");
+        }
+        if self.socket_send_buffer != 0 && !(4096..=256 << 20).contains(&self.socket_send_buffer) {
+            return err(
+                "socket_send_buffer",
+                "must be 0 (the kernel's) or 4 KiB to 256 MiB",
+            );
+        }
+        if !(1..=128).contains(&self.ipv6_prefix_len) {
+            return err("ipv6_prefix_len", "must be 1 to 128 bits");
         }
         if self.max_backpressure == 0 {
             return err("max_backpressure", "must be at least 1 byte");

@@ -57,11 +57,14 @@ impl Ledger {
             audit_open: AtomicUsize::new(0),
             audit_difference: AtomicI64::new(0),
             audits: AtomicU64::new(0),
-            admission: Mutex::new(Admission::new(
-                config.max_connections_per_ip,
-                config.connection_rate_per_ip,
-                burst,
-            )),
+            admission: Mutex::new(
+                Admission::new(
+                    config.max_connections_per_ip,
+                    config.connection_rate_per_ip,
+                    burst,
+                )
+                .with_ipv6_prefix(config.ipv6_prefix_len),
+            ),
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
         }
     }

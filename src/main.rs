@@ -53,6 +53,10 @@ struct Args {
     /// Burst size for --connection-rate-per-ip (0: equal to the rate).
     #[arg(long, default_value_t = 0)]
     connection_burst_per_ip: u32,
+    /// Leading bits of an IPv6 client address that make its "IP" for the per-IP limits (64: a
+    /// /64 counts as one client; 128: each address).
+    #[arg(long, default_value_t = Config::default().ipv6_prefix_len)]
+    ipv6_prefix: u8,
     /// File descriptors left for the rest of the process when deriving --max-connections.
     #[arg(long, default_value_t = Config::default().fd_headroom)]
     fd_headroom: usize,
@@ -69,6 +73,10 @@ struct Args {
     /// longer read (until half of it is left).
     #[arg(long, default_value_t = Config::default().max_backpressure)]
     max_backpressure: usize,
+    /// Each connection's kernel send buffer (SO_SNDBUF) in bytes, bounding what a slow reader
+    /// holds in the kernel (0: the kernel's auto-tuning, up to net.ipv4.tcp_wmem's maximum).
+    #[arg(long, default_value_t = Config::default().socket_send_buffer)]
+    socket_send_buffer: usize,
     /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
     #[arg(long, value_enum, default_value = "close")]
     backpressure_policy: Policy,
@@ -168,6 +176,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("max_connections_per_ip", "--max-connections-per-ip"),
     ("connection_rate_per_ip", "--connection-rate-per-ip"),
     ("connection_burst_per_ip", "--connection-burst-per-ip"),
+    ("ipv6_prefix_len", "--ipv6-prefix"),
+    ("socket_send_buffer", "--socket-send-buffer"),
     ("fd_headroom", "--fd-headroom"),
     (wsloop::config::FD_LIMIT, "--fd-limit"),
     ("raise_fd_limit", "--fd-limit"),
@@ -280,6 +290,8 @@ fn config_of(args: &Args) -> Config {
         max_connections_per_ip: args.max_connections_per_ip,
         connection_rate_per_ip: args.connection_rate_per_ip,
         connection_burst_per_ip: args.connection_burst_per_ip,
+        ipv6_prefix_len: args.ipv6_prefix,
+        socket_send_buffer: args.socket_send_buffer,
         fd_headroom: args.fd_headroom,
         raise_fd_limit: args.fd_limit.is_none(),
         listen_backlog: args.listen_backlog,

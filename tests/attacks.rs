@@ -654,6 +654,65 @@ fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
     w.stop();
 }
 
+/// Bytes in the kernel's send queues of the child's connections on `port` (the `tx_queue`
+/// column of `/proc/PID/net/tcp` for established sockets with that local port).
+fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
+    let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", w.pid)).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            let established = f[3] == "01";
+            let tx = usize::from_str_radix(f[4].split(':').next()?, 16).ok()?;
+            (local_port == port && established).then_some(tx)
+        })
+        .sum()
+}
+
+/// A reader that never reads makes the kernel hold what the server writes to it, outside
+/// `max_backpressure`; `--socket-send-buffer` bounds that too (the kernel doubles the value).
+#[test]
+fn a_socket_send_buffer_bounds_what_a_reader_holds_in_the_kernel() {
+    const SNDBUF: usize = 64 * 1024;
+    let w = Wsloop::spawn(
+        "send-buffer",
+        &[
+            "--max-message-size",
+            "16384",
+            "--socket-send-buffer",
+            &SNDBUF.to_string(),
+            "--write-stall-timeout",
+            "2",
+        ],
+    );
+    let m0 = at_baseline(&w);
+    let mut s = small_window_client(&w);
+    let port = w.addr.port();
+    // Send until the server stops reading (its queue is over the limit), tracking the peak.
+    let peak = std::cell::Cell::new(0);
+    let sent = flood_without_reading(&mut s, |n| {
+        if n % 8 == 7 {
+            peak.set(peak.get().max(kernel_send_queued(&w, port)));
+        }
+        n >= 400
+    });
+    let peak = peak.get().max(kernel_send_queued(&w, port));
+    assert!(peak > 0, "nothing was ever held in the kernel");
+    assert!(
+        peak <= 2 * SNDBUF + QUEUED_MSG,
+        "the kernel held {peak} bytes for a reader that does not read"
+    );
+    drop(s);
+    let (end, m1) = settled(&w, &m0, &[("backpressure", 1)]);
+    println!(
+        "send buffer: {sent} x 16 KiB sent, at most {peak} bytes held in the kernel (SO_SNDBUF {SNDBUF}); fds final {end}; closed {:?}",
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // f. amplification: replies to input the client never reads
 
@@ -1259,6 +1318,89 @@ fn per_address_connection_limit() {
     println!(
         "per-ip limit: 6th from 127.0.0.2 got 503, 127.0.0.3 and .4 admitted; fds baseline {} held {fds_held} final {end}; closed {:?}",
         w.baseline_fds,
+        m1.closed_since(&m0)
+    );
+    w.stop();
+}
+
+/// One address over its per-IP limit connects again and again, reading nothing and closing
+/// nothing. Each refusal (503) is held for a second at most, and only up to half of the
+/// descriptors the budget keeps beyond `max_connections`: the other half stays free, so the
+/// metrics listener answers `/healthz` and `/metrics` throughout (operators need it most when
+/// the server is full), and a legitimate client from another address is served.
+#[test]
+fn refused_clients_cannot_take_the_operators_descriptors() {
+    let w = Wsloop::spawn(
+        "refusal-hold",
+        &[
+            "--max-connections-per-ip",
+            "4",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-on-ws",
+        ],
+    );
+    let admin = w
+        .log()
+        .lines()
+        .filter_map(|l| l.split_once("metrics on http://")?.1.split_once("/metrics"))
+        .filter_map(|(a, _)| a.parse::<std::net::SocketAddr>().ok())
+        .find(|a| *a != w.addr)
+        .expect("the metrics listener's address in the log");
+    let m0 = at_baseline(&w);
+    let (budget, max) = (m0.get("wsloop_fd_budget"), m0.get("wsloop_connections_max"));
+    let cap = ((budget - max) / 2.0).floor();
+    assert!(cap >= 1.0, "budget {budget}, max {max}");
+    let fds = w.fd_sampler();
+    let addr = w.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // The operator scrapes the metrics listener all along; every answer must be a 200.
+    let operator = thread::spawn(move || {
+        let (mut served, mut peak_refusing) = (0, 0.0f64);
+        while !stop2.load(Ordering::Relaxed) {
+            let m = metrics_at(admin, localhost(1)).expect("/metrics on the metrics listener");
+            peak_refusing = peak_refusing.max(m.get("wsloop_connections{state=\"refusing\"}"));
+            let mut s = connect(admin, &Opts::default()).expect("connect to the metrics listener");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wsloop\r\n\r\n")
+                .unwrap();
+            let (answer, _) = read_answer(&mut s, IO_TIMEOUT);
+            assert_eq!(
+                answer.status(),
+                Some(200),
+                "/healthz during the flood: {answer:?}"
+            );
+            served += 1;
+            thread::sleep(Duration::from_millis(10));
+        }
+        (served, peak_refusing)
+    });
+    // The attacker: its 4 admitted connections, then 600 more that are refused, held open.
+    let mut held = Vec::new();
+    for i in 0..604 {
+        match connect(addr, &Opts::from(localhost(2))) {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("connect {i}: {e}"),
+        }
+    }
+    assert_echoes(&w, "while the refused connections are held");
+    stop.store(true, Ordering::Relaxed);
+    let (served, peak_refusing) = operator.join().unwrap();
+    assert!(served > 0, "the operator was never answered");
+    assert!(
+        peak_refusing <= cap,
+        "{peak_refusing} refused connections held at once (cap {cap})"
+    );
+    drop(held);
+    let peak = fds.stop();
+    let (end, m1) = settled(
+        &w,
+        &m0,
+        &[("refused", 600), ("abnormal", 4), ("peer_closed", 1)],
+    );
+    println!(
+        "refusal hold: 600 refusals from one address, at most {peak_refusing} held (cap {cap}); the operator answered {served} times; {}; closed {:?}",
+        fds_report(&w, peak, end),
         m1.closed_since(&m0)
     );
     w.stop();

@@ -281,6 +281,33 @@ fn a_non_utf8_forwarded_for_entry_does_not_escape_the_connection_limit() {
     drop(held);
 }
 
+/// A client behind the proxy that takes a fresh address of its /64 for every connection is
+/// still one client to the per-IP limits (`ipv6_prefix_len`, 64 by default); another /64 is
+/// another client.
+#[test]
+fn addresses_of_one_ipv6_network_share_the_connection_limit() {
+    let server = Proxied::start(proxy_config(&["127.0.0.1"], false));
+    let mut held = Vec::new();
+    for (i, (client, want)) in [
+        ("2001:db8:1234:5678::1", 101),
+        ("2001:db8:1234:5678::2", 503),
+        ("2001:db8:1234:5678:9:8:7:6", 503),
+        ("2001:db8:1234:5679::1", 101),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = from("127.0.0.1", server.addr);
+        let header = format!("X-Forwarded-For: {client}");
+        let got = upgrade_raw(&mut s, server.addr, b"", header.as_bytes());
+        assert_eq!(got, want, "connection {i} from {client}");
+        held.push(s);
+    }
+    let stats = server.handle.stats().unwrap();
+    assert_eq!(stats.refused[1], 2, "max_connections_per_ip: {stats:?}");
+    drop(held);
+}
+
 #[test]
 fn a_non_utf8_earlier_forwarded_for_line_does_not_escape_the_rate_limit() {
     let server = Proxied::start(Config {

@@ -334,7 +334,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         (
-            Transport::tcp(mio::net::TcpStream::from_std(server)),
+            Transport::tcp(mio::net::TcpStream::from_std(server), 0),
             client,
         )
     }

@@ -14,9 +14,13 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    /// A transport over an accepted TCP connection (Nagle's algorithm off: the loop corks).
-    pub(crate) fn tcp(stream: TcpStream) -> Transport {
+    /// A transport over an accepted TCP connection (Nagle's algorithm off: the loop corks),
+    /// with a kernel send buffer of `send_buffer` bytes (0: the kernel's auto-tuning).
+    pub(crate) fn tcp(stream: TcpStream, send_buffer: usize) -> Transport {
         let _ = stream.set_nodelay(true);
+        if send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(send_buffer);
+        }
         Transport { stream }
     }
 

@@ -9,8 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 const V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest version 1 header, CRLF included.
 const V1_MAX: usize = 107;
-/// The longest version 2 header we accept (addresses plus generous TLVs).
-const V2_MAX: usize = 16 + 536;
+/// The longest version 2 header we accept, TLVs included: room for what proxies send (HAProxy's
+/// SSL TLVs with the client certificate's subject, say) while a connection from a trusted
+/// proxy holds at most this much while its header trickles in.
+pub const V2_MAX: usize = 4096;
 
 /// The result of parsing a PROXY header at the start of a connection's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,12 +198,17 @@ pub fn forwarded_key(
 }
 
 /// The value of the `for` parameter of one `Forwarded` element (`for=1.2.3.4;proto=https`).
+/// None when there is none, or more than one (RFC 7239 section 4: a parameter may appear once
+/// per element; which one a client smuggled in is not ours to guess, so the element is not an
+/// address and the chain stops there).
 fn forwarded_for(element: &[u8]) -> Option<&[u8]> {
-    element.split(|&b| b == b';').find_map(|pair| {
+    let mut fors = element.split(|&b| b == b';').filter_map(|pair| {
         let eq = pair.iter().position(|&b| b == b'=')?;
         let (key, value) = (pair[..eq].trim_ascii(), &pair[eq + 1..]);
         key.eq_ignore_ascii_case(b"for").then_some(value)
-    })
+    });
+    let first = fors.next()?;
+    fors.next().is_none().then_some(first)
 }
 
 /// An address as it appears in `X-Forwarded-For` or `Forwarded: for=`: `1.2.3.4`,
@@ -291,6 +298,29 @@ mod tests {
             parse_proxy(&long).is_err(),
             "v1 without CRLF within 107 bytes"
         );
+    }
+
+    #[test]
+    fn v2_headers_with_large_tlvs_up_to_the_limit() {
+        let mut a4 = vec![192, 0, 2, 7, 198, 51, 100, 1, 0, 1, 0, 2];
+        // One TLV filling the header to exactly V2_MAX bytes: accepted.
+        let tlv_len = V2_MAX - 16 - a4.len() - 3;
+        a4.push(0x20); // PP2_TYPE_SSL
+        a4.extend_from_slice(&(tlv_len as u16).to_be_bytes());
+        a4.extend(std::iter::repeat_n(b'x', tlv_len));
+        let h = v2(1, 0x11, &a4);
+        assert_eq!(h.len(), V2_MAX);
+        assert_eq!(
+            parse_proxy(&h),
+            Ok(ProxyHeader::Complete {
+                len: V2_MAX,
+                source: Some("192.0.2.7:1".parse().unwrap())
+            })
+        );
+        // One byte more: refused as soon as the length is read.
+        a4.push(b'x');
+        let h = v2(1, 0x11, &a4);
+        assert_eq!(parse_proxy(&h[..16]), Err(ProxyError("v2 header too long")));
     }
 
     #[test]
@@ -390,6 +420,13 @@ mod tests {
             "all trusted: the first"
         );
         assert_eq!(xff(&[b"192.0.2.9, \xff"]), None, "nothing valid at the end");
+        // A `for` twice in one element (a client's smuggled inside the proxy's) is no address.
+        assert_eq!(fwd(&[b"for=192.0.2.11;for=198.51.100.2"]), None);
+        assert_eq!(
+            fwd(&[b"for=192.0.2.12, for=198.51.100.3;for=192.0.2.13"]),
+            None,
+            "the chain stops at the bad element"
+        );
     }
 
     #[test]

@@ -283,15 +283,26 @@ impl<D> Core<D> {
         self.log_refusal(verdict, peer);
         let mut stream = stream;
         let _ = stream.write(&refusal(verdict));
-        if self.conns.len() < self.fd_budget {
+        if self.conns.len() < self.fd_budget && self.shedding < self.shed_cap() {
             // Keep it briefly (see `insert_conn`).
             let deadline = self.now + SHED_LINGER_MS.min(Self::ms(self.config.handshake_timeout));
             self.insert_conn(stream, peer, deadline, Kind::Refused);
         } else {
-            // No descriptor to spare for lingering: dropping the stream closes it now; the
-            // answer is on its way, or a reset is. Never in the slab, but counted all the same.
+            // No descriptor to spare for lingering, or as many refused clients held as may be:
+            // dropping the stream closes it now; the answer is on its way, or a reset is.
+            // Never in the slab, but counted all the same.
             self.stats.closed[CloseReason::Refused.index()] += 1;
         }
+    }
+
+    /// How many refused connections may be held at once (each for at most a second, so that it
+    /// reads its answer before the close): half the descriptors the budget keeps beyond
+    /// `max_connections`. The other half stays free for the metrics listener, whose operators
+    /// need it most when the server is full, so that clients refused faster than they leave
+    /// (one address over its limit, say) can never take it; beyond the cap a refused client's
+    /// answer is written and its connection closed at once.
+    pub(crate) fn shed_cap(&self) -> usize {
+        self.fd_budget.saturating_sub(self.max_connections) / 2
     }
 
     pub(crate) fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
@@ -315,7 +326,7 @@ impl<D> Core<D> {
         let gen = self.next_gen;
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
-        let mut socket = Transport::tcp(stream);
+        let mut socket = Transport::tcp(stream, self.config.socket_send_buffer);
         let token = Token(conn_id(self.loop_index, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,
