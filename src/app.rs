@@ -8,7 +8,7 @@ use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
 pub use crate::reason::CloseReason;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// Identifies one connection for its whole life. Ids carry a generation, so an id kept after its
 /// connection ended never reaches the connection that later reuses the same slot: operations on it
@@ -40,6 +40,40 @@ impl fmt::Display for ConnId {
     }
 }
 
+/// A peer's address, packed: its IP and port in 20 bytes where a `SocketAddr` takes 32 (every
+/// connection holds one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Peer {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl Peer {
+    /// The address as a `SocketAddr`.
+    pub(crate) fn addr(self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+    /// The IP.
+    pub(crate) fn ip(self) -> IpAddr {
+        self.ip
+    }
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(a: SocketAddr) -> Peer {
+        Peer {
+            ip: a.ip(),
+            port: a.port(),
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
 /// A complete message from a client. Borrowed: from the loop's receive buffer when the message
 /// arrived whole in one read (no copy), otherwise from the connection's reassembly buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +97,7 @@ impl<'a> Message<'a> {
 /// What the upgrade hook sees: the validated request and the peer's address.
 pub struct UpgradeRequest<'a> {
     pub(crate) upgrade: Upgrade<'a>,
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
 }
 
 impl<'a> UpgradeRequest<'a> {
@@ -97,7 +131,7 @@ impl<'a> UpgradeRequest<'a> {
     }
     /// The TCP peer's address.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+        self.peer.addr()
     }
 }
 
@@ -194,7 +228,7 @@ pub(crate) struct SendState {
 /// A connection as seen from inside a callback: its data, and ways to send and close.
 pub struct WebSocket<'a, D> {
     pub(crate) id: ConnId,
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) data: &'a mut D,
     pub(crate) send: &'a mut SendState,
     /// Where frames go: the loop's cork (owned by this connection for the callback's duration),
@@ -212,7 +246,7 @@ impl<'a, D> WebSocket<'a, D> {
     }
     /// The TCP peer's address.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+        self.peer.addr()
     }
     /// The per-connection data created by the upgrade hook.
     pub fn data(&self) -> &D {

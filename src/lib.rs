@@ -32,7 +32,7 @@
 //! server.run()?;
 //! # Ok::<(), wsloop::Error>(())
 //! ```
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 // Layer 0: no wsloop imports.
 pub mod admission;

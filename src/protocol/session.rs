@@ -147,13 +147,22 @@ pub struct Session {
     /// The opcode (Text or Binary) of the data message being assembled, if any.
     msg_op: Option<OpCode>,
     utf8: Utf8Validator,
+    /// What a partial head, message or control frame holds between reads; none on an idle
+    /// session.
+    held: Option<Box<Held>>,
+    /// The payload of the pong owed for the most recent ping, until [`Session::write_pong`]
+    /// writes it. Boxed: a session owes a pong only between a ping and the next write.
+    pong: Option<Box<Pong>>,
+}
+
+/// The buffers a session holds between reads, boxed so that an idle session spends one
+/// pointer on them.
+#[derive(Debug, Default)]
+struct Held {
     /// The request head while it trickles in; afterwards the message being assembled.
     buf: Vec<u8>,
     /// A control frame's payload split across reads.
     ctrl: Vec<u8>,
-    /// The payload of the pong owed for the most recent ping, until [`Session::write_pong`]
-    /// writes it. Boxed: a session owes a pong only between a ping and the next write.
-    pong: Option<Box<Pong>>,
 }
 
 /// The payload of an owed pong (at most a control frame's 125 bytes).
@@ -184,8 +193,7 @@ impl Session {
             remaining: 0,
             msg_op: None,
             utf8: Utf8Validator::new(),
-            buf: Vec::new(),
-            ctrl: Vec::new(),
+            held: None,
             pong: None,
         }
     }
@@ -198,12 +206,16 @@ impl Session {
     /// Bytes of heap this session holds right now (buffer capacities), for memory accounting
     /// and for checking that buffered bytes stay within the configured limits.
     pub fn buffered_capacity(&self) -> usize {
-        self.buf.capacity() + self.ctrl.capacity()
+        self.held
+            .as_deref()
+            .map_or(0, |h| h.buf.capacity() + h.ctrl.capacity())
     }
 
     /// Bytes of request head or partial message held right now.
     pub fn buffered_len(&self) -> usize {
-        self.buf.len() + self.ctrl.len()
+        self.held
+            .as_deref()
+            .map_or(0, |h| h.buf.len() + h.ctrl.len())
     }
 
     /// Feed bytes of the HTTP request head (state [`State::Handshake`]).
@@ -220,7 +232,7 @@ impl Session {
         limits: &handshake::Limits,
     ) -> Result<Head<'a>, Rejection> {
         debug_assert_eq!(self.state, State::Handshake);
-        if self.buf.is_empty() {
+        if self.buf().is_empty() {
             match handshake::parse(input, limits)? {
                 handshake::Parsed::Complete { request, head_len } => {
                     return Ok(Head::Complete {
@@ -230,28 +242,29 @@ impl Session {
                     })
                 }
                 handshake::Parsed::Partial => {
-                    append_capped(&mut self.buf, input, limits.max_header_bytes);
+                    append_capped(self.buf_mut(), input, limits.max_header_bytes);
                     return Ok(Head::Partial);
                 }
             }
         }
-        let old = self.buf.len();
-        append_capped(&mut self.buf, input, limits.max_header_bytes);
+        let old = self.buf().len();
+        append_capped(self.buf_mut(), input, limits.max_header_bytes);
+        let buf = self.buf();
         // An empty line ends the head: look for "\n\n" or "\n\r\n" ending in the new bytes.
         let from = old.saturating_sub(2);
-        let ended = self.buf[from..]
+        let ended = buf[from..]
             .iter()
             .enumerate()
-            .any(|(i, &b)| b == b'\n' && ends_head(&self.buf[..from + i + 1]));
+            .any(|(i, &b)| b == b'\n' && ends_head(&buf[..from + i + 1]));
         if !ended {
-            if self.buf.len() > limits.max_header_bytes {
-                return Err(handshake::parse(&self.buf, limits)
+            if buf.len() > limits.max_header_bytes {
+                return Err(handshake::parse(buf, limits)
                     .err()
                     .unwrap_or(Rejection::HeadersTooLarge));
             }
             return Ok(Head::Partial);
         }
-        match handshake::parse(&self.buf, limits)? {
+        match handshake::parse(buf, limits)? {
             handshake::Parsed::Complete { request, head_len } => Ok(Head::Complete {
                 request,
                 head_len,
@@ -268,7 +281,7 @@ impl Session {
     /// call to [`Session::feed_head`] and the returned vector is empty.
     pub fn finish_handshake(&mut self, head_len: usize, buffered: bool) -> Vec<u8> {
         self.state = State::Open;
-        let mut rest = std::mem::take(&mut self.buf);
+        let mut rest = self.take_buf();
         if buffered {
             rest.drain(..head_len.min(rest.len()));
             rest
@@ -281,7 +294,7 @@ impl Session {
     /// [`State::Closed`] and its buffers are released.
     pub fn finish_rejected(&mut self) {
         self.state = State::Closed;
-        self.buf = Vec::new();
+        self.held = None;
     }
 
     /// Parse the next frame bytes of `input` (state [`State::Open`] or [`State::CloseSent`]).
@@ -343,7 +356,7 @@ impl Session {
                 }
             }
             Found::Buffer { text } => {
-                *spill = std::mem::take(&mut self.buf);
+                *spill = self.take_buf();
                 let bytes = &spill[..];
                 if text {
                     // Validated piece by piece as it arrived.
@@ -355,7 +368,7 @@ impl Session {
                 }
             }
             Found::Control { op } => {
-                *spill = std::mem::take(&mut self.ctrl);
+                *spill = self.take_ctrl();
                 let bytes = &spill[..];
                 match op {
                     OpCode::Ping => Some(Event::Ping(bytes)),
@@ -470,9 +483,45 @@ impl Session {
 
     /// Drop every buffer: the session is closed and will deliver nothing more.
     fn release(&mut self) {
-        self.buf = Vec::new();
-        self.ctrl = Vec::new();
+        self.held = None;
         self.pong = None;
+    }
+
+    /// The request head or message held so far (empty if none).
+    fn buf(&self) -> &[u8] {
+        self.held.as_deref().map_or(&[], |h| &h.buf)
+    }
+
+    fn buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.held.get_or_insert_with(Box::default).buf
+    }
+
+    fn ctrl_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.held.get_or_insert_with(Box::default).ctrl
+    }
+
+    /// Hand over the head or message held (releasing the box once nothing is held).
+    fn take_buf(&mut self) -> Vec<u8> {
+        let buf = self.held.as_mut().map(|h| std::mem::take(&mut h.buf));
+        self.tidy();
+        buf.unwrap_or_default()
+    }
+
+    /// Hand over the control frame held (releasing the box once nothing is held).
+    fn take_ctrl(&mut self) -> Vec<u8> {
+        let ctrl = self.held.as_mut().map(|h| std::mem::take(&mut h.ctrl));
+        self.tidy();
+        ctrl.unwrap_or_default()
+    }
+
+    fn tidy(&mut self) {
+        if self
+            .held
+            .as_deref()
+            .is_some_and(|h| h.buf.capacity() == 0 && h.ctrl.capacity() == 0)
+        {
+            self.held = None;
+        }
     }
 
     /// Parse at most one frame's worth of `input`; see [`Session::read`].
@@ -555,16 +604,16 @@ impl Session {
         self.remaining -= n as u64;
         used += n;
         if op.is_control() {
-            append_capped(&mut self.ctrl, piece, MAX_CONTROL_PAYLOAD);
+            append_capped(self.ctrl_mut(), piece, MAX_CONTROL_PAYLOAD);
             if self.remaining > 0 {
                 return Ok((used, Found::Nothing));
             }
             self.in_payload = false;
-            let payload = std::mem::take(&mut self.ctrl);
+            let payload = self.take_ctrl();
             if !self.control(op, &payload, out)? {
                 return Ok((used, Found::Nothing)); // the payload is released
             }
-            self.ctrl = payload;
+            *self.ctrl_mut() = payload;
             return Ok((used, Found::Control { op }));
         }
         let text = self.msg_op == Some(OpCode::Text);
@@ -574,7 +623,7 @@ impl Session {
                 "invalid UTF-8 in text message",
             ));
         }
-        append_capped(&mut self.buf, piece, max_message);
+        append_capped(self.buf_mut(), piece, max_message);
         if self.remaining > 0 {
             return Ok((used, Found::Nothing));
         }
@@ -590,7 +639,7 @@ impl Session {
             ));
         }
         if self.state != State::Open {
-            self.buf = Vec::new();
+            self.take_buf();
             return Ok((used, Found::Nothing));
         }
         Ok((used, Found::Buffer { text }))
@@ -618,7 +667,7 @@ impl Session {
                         "continuation without a message",
                     ));
                 }
-                if h.payload_len > (max_message - self.buf.len().min(max_message)) as u64 {
+                if h.payload_len > (max_message - self.buf().len().min(max_message)) as u64 {
                     return Err(too_big());
                 }
             }
@@ -682,7 +731,7 @@ impl Session {
                 self.state = State::Closed;
                 self.pong = None;
                 // A half-built message will never be delivered: give its buffer back.
-                self.buf = Vec::new();
+                self.take_buf();
                 Ok(true)
             }
         }

@@ -1,7 +1,7 @@
 //! One connection's state in the slab, its id and token (generation, loop, slot), and its one
 //! timer entry. Small by design: an idle connection is a [`Conn`] and a timer-wheel entry.
 
-use crate::app::{CloseReason, ConnId, SendState};
+use crate::app::{CloseReason, ConnId, Peer, SendState};
 use crate::io::out::SendQueue;
 use crate::io::transport::Transport;
 use crate::protocol::close::CloseCode;
@@ -29,7 +29,7 @@ pub(crate) enum TimerRef {
 pub(crate) struct Conn<D> {
     pub(crate) socket: Transport,
     pub(crate) gen: u32,
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) session: Session,
     /// The connection's one timer, armed at the earliest of the three deadlines below.
     pub(crate) timer: Option<TimerKey>,
@@ -44,7 +44,6 @@ pub(crate) struct Conn<D> {
     /// Set once the upgrade is accepted: the connection is open and `on_close` is owed.
     pub(crate) data: Option<D>,
     pub(crate) send: SendState,
-    pub(crate) subprotocol: Option<Box<str>>,
     /// An idle ping is out and unanswered.
     pub(crate) pinged: bool,
     /// Ending gracefully: flush `pending`, then close with this reason.
@@ -87,10 +86,13 @@ pub(crate) struct Rare {
     pub(crate) our_close: Option<(CloseCode, Box<str>)>,
     /// The start of a PROXY header split across reads (at most a few hundred bytes).
     pub(crate) proxy_partial: Vec<u8>,
+    /// The subprotocol the upgrade hook chose, if any.
+    pub(crate) subprotocol: Option<Box<str>>,
 }
 
 impl<D> Conn<D> {
     pub(crate) fn new(socket: Transport, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
+        let peer = Peer::from(peer);
         Conn {
             socket,
             gen,
@@ -103,7 +105,6 @@ impl<D> Conn<D> {
             pending: SendQueue::default(),
             data: None,
             send: SendState::default(),
-            subprotocol: None,
             pinged: false,
             linger: None,
             rare: None,
@@ -168,7 +169,7 @@ mod tests {
     fn connection_state_stays_small() {
         let conn = std::mem::size_of::<super::Conn<()>>();
         let session = std::mem::size_of::<crate::protocol::session::Session>();
-        assert!(conn <= 264, "Conn<()> is {conn} bytes");
-        assert!(session <= 96, "Session is {session} bytes");
+        assert!(conn <= 200, "Conn<()> is {conn} bytes");
+        assert!(session <= 56, "Session is {session} bytes");
     }
 }

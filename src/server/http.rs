@@ -71,7 +71,7 @@ impl<H: Handler> Inner<H> {
         // A header that names no client (v1 UNKNOWN, v2 LOCAL) leaves the proxy's own address
         // as the key: never unaccounted.
         if let Some(client) = source {
-            conn.peer = client;
+            conn.peer = client.into();
         }
         let (total, now, ip) = (&mut core.ip_counted, core.now, conn.peer.ip());
         if let Err(verdict) = admit_client(&core.ledger, total, now, ip, &mut conn.ip_counted) {
@@ -121,7 +121,7 @@ impl<H: Handler> Inner<H> {
                         trusted.contains(ip)
                     });
                     if key != proxy {
-                        conn.peer = SocketAddr::new(key, 0);
+                        conn.peer = SocketAddr::new(key, 0).into();
                     }
                     let (total, now) = (&mut core.ip_counted, core.now);
                     let counted = &mut conn.ip_counted;
@@ -189,7 +189,9 @@ impl<H: Handler> Inner<H> {
         };
         let rest = conn.session.finish_handshake(head_len, buffered);
         conn.data = Some(data);
-        conn.subprotocol = subprotocol.map(String::into_boxed_str);
+        if let Some(p) = subprotocol {
+            conn.rare().subprotocol = Some(p.into_boxed_str());
+        }
         conn.deadline = core.now.saturating_add(core.ping_after);
         let lifetime = Core::<H::Data>::ms(core.config.max_lifetime);
         if lifetime > 0 {

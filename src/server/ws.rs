@@ -62,7 +62,7 @@ fn websocket<'a, D>(
             &mut conn.session,
             last,
         ),
-        subprotocol: conn.subprotocol.as_deref(),
+        subprotocol: conn.rare.as_ref().and_then(|r| r.subprotocol.as_deref()),
         max_backpressure: config.max_backpressure,
         policy: config.backpressure_policy,
     })
