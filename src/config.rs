@@ -239,8 +239,9 @@ pub const FD_LIMIT: &str = "fd_limit";
 /// (`fs.nr_open` is at most about 2^30).
 pub const MAX_FD_HEADROOM: usize = 1 << 30;
 
-/// The ceiling for `max_headers` (the parser's stack array).
-pub const MAX_HEADERS_CAP: usize = crate::protocol::handshake::MAX_HEADERS_CAP;
+/// The ceiling for `max_headers`: the handshake parser keeps the headers in a stack array of
+/// this many entries.
+pub const MAX_HEADERS_CAP: usize = 128;
 
 impl Config {
     /// Check every value; the first one out of range is reported. Servers refuse to start with

@@ -32,6 +32,24 @@
 //! server.run()?;
 //! # Ok::<(), wsloop::Error>(())
 //! ```
+//!
+//! ## Layers
+//!
+//! Each module imports only from its own layer or those below (`tests/layers.rs` checks it):
+//!
+//! ```text
+//! 7  lib, main                      re-exports; the wsloop binary
+//! 6  cluster                        N loops on one port (SO_REUSEPORT)
+//! 5  server/                        the event loop: conn, core, ws, close, write, timers,
+//!                                   accept, report, ctx, handle, event_loop, read, http
+//! 4  metrics, ledger, audit,        counters and rendering; what loops share and the fd
+//!    watchdog                       budget; the fd audit thread; the stall watchdog
+//! 3  app                            Handler, WebSocket, Message, Decision, ConnId
+//! 2  io/                            transport (the byte stream), out (cork, writev, queue)
+//! 1  protocol/, reason              the sans-IO core; why connections end, in one table
+//! 0  sys, config, error,            libc and unsafe; limits; errors; timers; per-address
+//!    timer_wheel, admission, origin admission; the origin policy
+//! ```
 #![deny(missing_docs)]
 
 // Layer 0: no wsloop imports.

@@ -13,9 +13,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
-/// Hard upper bound on the number of headers a request may carry; the size of
-/// the stack arrays used by [`parse`] and [`Request`].
-pub const MAX_HEADERS_CAP: usize = 128;
+/// The most header lines the parser keeps (its stack array); `max_headers` above it counts as it.
+pub use crate::config::MAX_HEADERS_CAP;
 
 /// The GUID RFC 6455 appends to `Sec-WebSocket-Key` before hashing.
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";

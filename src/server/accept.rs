@@ -112,7 +112,8 @@ impl<D> Core<D> {
             return;
         }
         for _ in 0..self.config.accepts_per_turn {
-            if self.turn_admitted > 0 && self.conns.len() - self.shedding >= self.max_connections {
+            let admitted = self.conns.len() - self.tally.shedding();
+            if self.turn_admitted > 0 && admitted >= self.max_connections {
                 // Full, but with connections admitted in this very turn, whose events (a
                 // request, a reset) the loop has not seen yet. A connect-and-reset storm would
                 // otherwise fill every slot with dead connections and refuse whoever queued
@@ -244,7 +245,7 @@ impl<D> Core<D> {
         self.stats.accepted += 1;
         // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let admitted = self.conns.len() - self.shedding;
+        let admitted = self.conns.len() - self.tally.shedding();
         // The metrics listener is for operators, who need it most when the server is full: its
         // connections skip the client limits and may use the whole fd budget.
         let via_proxy = !admin && self.trusted.contains(peer.ip());
@@ -283,7 +284,7 @@ impl<D> Core<D> {
         self.log_refusal(verdict, peer);
         let mut stream = stream;
         let _ = stream.write(&refusal(verdict));
-        if self.conns.len() < self.fd_budget && self.shedding < self.shed_cap() {
+        if self.conns.len() < self.fd_budget && self.tally.shedding() < self.shed_cap() {
             // Keep it briefly (see `insert_conn`).
             let deadline = self.now + SHED_LINGER_MS.min(Self::ms(self.config.handshake_timeout));
             self.insert_conn(stream, peer, deadline, Kind::Refused);
@@ -359,7 +360,6 @@ impl<D> Core<D> {
                 conn.admin = admin;
                 conn.via_proxy = via_proxy;
                 conn.awaiting_proxy = via_proxy && self.config.proxy_protocol;
-                self.ip_counted += ip_counted as u64;
             }
             Kind::Refused => {
                 // Answered already: shut down our side and wait for the client's EOF (or the
@@ -369,9 +369,9 @@ impl<D> Core<D> {
                 conn.linger = Some(CloseReason::Refused);
                 conn.send.sealed = true;
                 conn.half_close();
-                self.shedding += 1;
             }
         }
+        self.tally.entered(&conn);
         entry.insert(conn);
         self.fds_changed();
         self.rearm(idx);

@@ -130,14 +130,8 @@ impl<D> Core<D> {
             self.cork_owner = None;
         }
         self.fds_changed();
+        self.tally.left(&self.ledger, &conn);
         drop(conn.socket);
-        if conn.ip_counted {
-            self.ledger.admission().release(conn.peer.ip());
-            self.ip_counted -= 1;
-        }
-        if conn.shed {
-            self.shedding -= 1;
-        }
         self.stats.closed[reason.index()] += 1;
         // A descriptor was freed: accepting may go on.
         self.resume_accept();
@@ -187,12 +181,16 @@ impl<D> Core<D> {
             if self.ledger.loops() == 1 {
                 assert_eq!(
                     self.ledger.admission().total(),
-                    self.ip_counted,
+                    self.tally.ip_counted(),
                     "per-address counts drifted"
                 );
             }
             let shed = self.conns.iter().filter(|(_, c)| c.shed).count();
-            assert_eq!(shed, self.shedding, "refused-connection count drifted");
+            assert_eq!(
+                shed,
+                self.tally.shedding(),
+                "refused-connection count drifted"
+            );
         }
     }
 }

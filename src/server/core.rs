@@ -3,6 +3,7 @@
 //! start-up (the fd budget) and descriptor accounting.
 
 use super::conn::{Conn, TimerRef, NEVER};
+use crate::admission::Verdict;
 use crate::app::CloseReason;
 use crate::config::Config;
 use crate::error::Error;
@@ -17,6 +18,7 @@ use mio::Registry;
 use slab::Slab;
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,9 +76,7 @@ pub(crate) struct Core<D> {
     pub(crate) shutdown_at: Option<u64>,
     // --- admission and the fd budget
     /// Connections counted in the ledger's admission table (consistency check).
-    pub(crate) ip_counted: u64,
-    /// Refused connections being answered (in `conns`, not counted as admitted).
-    pub(crate) shedding: usize,
+    pub(crate) tally: Tally,
     pub(crate) max_connections: usize,
     pub(crate) fd_budget: usize,
     /// Kept open to be released when accept fails with `EMFILE`.
@@ -225,6 +225,62 @@ impl<D> Core<D> {
         *last = self.now.max(1);
         *suppressed = 0;
         Some(more)
+    }
+}
+
+/// The loop's counts over its connections: how many are counted against their address in the
+/// admission table, and how many are refused ones being answered. Private to this type: they
+/// change only where a connection enters the slab, is counted against its address, or leaves
+/// it (the close path), through these methods, which keep them equal to the connections' own
+/// flags.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    ip_counted: u64,
+    shedding: usize,
+}
+
+impl Tally {
+    /// Refused connections being answered now.
+    pub(crate) fn shedding(&self) -> usize {
+        self.shedding
+    }
+
+    /// Connections counted against their address now.
+    pub(crate) fn ip_counted(&self) -> u64 {
+        self.ip_counted
+    }
+
+    /// A connection entered the slab: counted against its address already or not; refused
+    /// (and being answered) or not.
+    pub(crate) fn entered<D>(&mut self, conn: &Conn<D>) {
+        self.ip_counted += conn.ip_counted as u64;
+        self.shedding += conn.shed as usize;
+    }
+
+    /// Count a connection from a trusted proxy against the per-address limits, under the
+    /// address it now has (the client the proxy named, or the proxy's own): counted, or
+    /// refused and why.
+    /// `counted` is the connection's own flag, set here.
+    pub(crate) fn admit_address(
+        &mut self,
+        ledger: &Ledger,
+        now: u64,
+        ip: IpAddr,
+        counted: &mut bool,
+    ) -> Result<(), Verdict> {
+        debug_assert!(!*counted);
+        *counted = ledger.admission().admit_address(ip, now)?;
+        self.ip_counted += *counted as u64;
+        Ok(())
+    }
+
+    /// A connection left the slab (the close path): give back what it was counted for.
+    pub(crate) fn left<D>(&mut self, ledger: &Ledger, conn: &Conn<D>) {
+        if conn.ip_counted {
+            ledger.admission().release(conn.peer.ip());
+            self.ip_counted -= 1;
+        }
+        self.shedding -= conn.shed as usize;
     }
 }
 

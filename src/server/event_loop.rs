@@ -114,8 +114,7 @@ impl<H: Handler> Server<H> {
                     next_gen: 0,
                     stats: Stats::default(),
                     shutdown_at: None,
-                    ip_counted: 0,
-                    shedding: 0,
+                    tally: Default::default(),
                     max_connections: 0,
                     fd_budget: 0,
                     // Kept open to be released when accept fails with `EMFILE`.

@@ -7,7 +7,6 @@ use super::core::{Core, LOG_REJECTS};
 use super::event_loop::Inner;
 use super::ws::{callback, frames, guarded};
 use crate::app::{CloseReason, Decision, Handler, UpgradeRequest};
-use crate::ledger::Ledger;
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::Head;
 use crate::watchdog::Activity;
@@ -73,8 +72,11 @@ impl<H: Handler> Inner<H> {
         if let Some(client) = source {
             conn.peer = client.into();
         }
-        let (total, now, ip) = (&mut core.ip_counted, core.now, conn.peer.ip());
-        if let Err(verdict) = admit_client(&core.ledger, total, now, ip, &mut conn.ip_counted) {
+        let (ip, counted) = (conn.peer.ip(), &mut conn.ip_counted);
+        if let Err(verdict) = core
+            .tally
+            .admit_address(&core.ledger, core.now, ip, counted)
+        {
             return core.refuse_client(handler, idx, verdict);
         }
         rest == 0 || self.handshake(idx, rest)
@@ -123,9 +125,9 @@ impl<H: Handler> Inner<H> {
                     if key != proxy {
                         conn.peer = SocketAddr::new(key, 0).into();
                     }
-                    let (total, now) = (&mut core.ip_counted, core.now);
-                    let counted = &mut conn.ip_counted;
-                    if let Err(verdict) = admit_client(&core.ledger, total, now, key, counted) {
+                    let (tally, counted) = (&mut core.tally, &mut conn.ip_counted);
+                    if let Err(verdict) = tally.admit_address(&core.ledger, core.now, key, counted)
+                    {
                         return core.refuse_client(handler, idx, verdict);
                     }
                 }
@@ -218,20 +220,6 @@ impl<H: Handler> Inner<H> {
             frames(core, handler, idx, &mut recv[head_len..n])
         }
     }
-}
-
-/// Count a connection from a trusted proxy against the per-address limits, under the address
-/// it now has (the client the proxy named, or the proxy's own): counted, or refused and why.
-pub(crate) fn admit_client(
-    ledger: &Ledger,
-    total: &mut u64,
-    now: u64,
-    ip: std::net::IpAddr,
-    counted: &mut bool,
-) -> Result<(), crate::admission::Verdict> {
-    *counted = ledger.admission().admit_address(ip, now)?;
-    *total += *counted as u64;
-    Ok(())
 }
 
 /// Answer a refused request with `rej` and end the connection. Returns false.
