@@ -22,15 +22,15 @@ use std::io::{self, ErrorKind, Write};
 use std::net::SocketAddr;
 
 /// How long a refused client has to send its request before we close (we answered already).
-pub(crate) const SHED_LINGER_MS: u64 = 1000;
-pub(crate) const BACKOFF_MIN_MS: u64 = 5;
-pub(crate) const BACKOFF_MAX_MS: u64 = 1000;
+pub(super) const SHED_LINGER_MS: u64 = 1000;
+pub(super) const BACKOFF_MIN_MS: u64 = 5;
+pub(super) const BACKOFF_MAX_MS: u64 = 1000;
 
 /// Create a non-blocking listener on `addr` with `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 (so an
 /// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`;
 /// with `reuse_port`, `SO_REUSEPORT` too, so that each loop of a cluster binds its own listener
 /// on the same port and the kernel spreads connections over them.
-pub(crate) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+pub(super) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -48,7 +48,7 @@ pub(crate) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Resu
 }
 
 /// How a new connection enters the slab.
-pub(crate) enum Kind {
+pub(super) enum Kind {
     /// To be served; counted against its address or not; from a metrics-only listener or not;
     /// from a trusted proxy or not.
     Admitted {
@@ -61,7 +61,7 @@ pub(crate) enum Kind {
 }
 
 /// What to do after an accept error.
-pub(crate) enum AcceptError {
+pub(super) enum AcceptError {
     /// Skip this connection and go on.
     Skip,
     /// Out of descriptors in this process: shed the backlog with the spare fd, then pause.
@@ -70,7 +70,7 @@ pub(crate) enum AcceptError {
     Pause,
 }
 
-pub(crate) fn classify(e: &io::Error) -> AcceptError {
+pub(super) fn classify(e: &io::Error) -> AcceptError {
     match e.raw_os_error() {
         Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET | libc::EPERM | libc::EINTR) => {
             AcceptError::Skip
@@ -81,7 +81,7 @@ pub(crate) fn classify(e: &io::Error) -> AcceptError {
 }
 
 /// A short answer for a refused client, written straight to its socket.
-pub(crate) fn refusal(verdict: Verdict) -> Vec<u8> {
+pub(super) fn refusal(verdict: Verdict) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
     let (status, reason) = match verdict {
         Verdict::RateLimited => (429, "too many new connections from your address"),
@@ -100,14 +100,14 @@ pub(crate) fn refusal(verdict: Verdict) -> Vec<u8> {
 
 impl<D> Core<D> {
     /// Accept from every listener (after a listener event, a backoff timer, or a freed fd).
-    pub(crate) fn accept_all(&mut self) {
+    pub(super) fn accept_all(&mut self) {
         self.accept_due = false;
         for i in 0..self.listeners.len() {
             self.accept_from(i);
         }
     }
 
-    pub(crate) fn accept_from(&mut self, i: usize) {
+    pub(super) fn accept_from(&mut self, i: usize) {
         if self.accept_paused {
             return;
         }
@@ -162,7 +162,7 @@ impl<D> Core<D> {
 
     /// `EMFILE`: free the spare descriptor, accept and answer everything pending in the backlog
     /// (each client gets a 503 or, failing that, a reset, instead of hanging), reopen the spare.
-    pub(crate) fn shed_backlog(&mut self, i: usize) {
+    pub(super) fn shed_backlog(&mut self, i: usize) {
         let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
             return;
         };
@@ -194,7 +194,7 @@ impl<D> Core<D> {
 
     /// Stop accepting until the backoff timer fires (5 ms doubling to 1 s) or the close path
     /// frees a descriptor.
-    pub(crate) fn pause_accept(&mut self) {
+    pub(super) fn pause_accept(&mut self) {
         if self.backoff_ms == 0 {
             log::warn!("accepting paused; retrying with a backoff from {BACKOFF_MIN_MS} ms to {BACKOFF_MAX_MS} ms");
         }
@@ -213,7 +213,7 @@ impl<D> Core<D> {
     }
 
     /// Accept again (backoff timer fired, or a descriptor was freed).
-    pub(crate) fn resume_accept(&mut self) {
+    pub(super) fn resume_accept(&mut self) {
         if !self.accept_paused {
             return;
         }
@@ -226,13 +226,13 @@ impl<D> Core<D> {
     }
 
     /// The accept backoff timer fired.
-    pub(crate) fn accept_timer_fired(&mut self) {
+    pub(super) fn accept_timer_fired(&mut self) {
         self.accept_timer = None;
         self.resume_accept();
     }
 
     /// Log an accept error at most once a second per kind, with how many were suppressed.
-    pub(crate) fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
+    pub(super) fn warn_throttled(&mut self, errno: i32, e: &io::Error) {
         match self.throttle(accept_errno_index(errno), 1) {
             Some(0) => log::warn!("accept failed: {e}"),
             Some(more) => log::warn!("accept failed: {e} ({more} more suppressed)"),
@@ -241,7 +241,7 @@ impl<D> Core<D> {
     }
 
     /// A new connection: admit it, or answer it with 503/429 and let it go.
-    pub(crate) fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
+    pub(super) fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
         // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -302,11 +302,11 @@ impl<D> Core<D> {
     /// need it most when the server is full, so that clients refused faster than they leave
     /// (one address over its limit, say) can never take it; beyond the cap a refused client's
     /// answer is written and its connection closed at once.
-    pub(crate) fn shed_cap(&self) -> usize {
+    pub(super) fn shed_cap(&self) -> usize {
         self.fd_budget.saturating_sub(self.max_connections) / 2
     }
 
-    pub(crate) fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
+    pub(super) fn log_refusal(&mut self, verdict: Verdict, peer: SocketAddr) {
         if let Some(more) = self.throttle(LOG_REFUSALS + verdict.index(), 1) {
             log::info!(
                 "refusing connections ({}), latest from {peer} ({more} more since the last report)",
@@ -316,7 +316,7 @@ impl<D> Core<D> {
     }
 
     /// Register a new connection and put it in the slab, with its first deadline.
-    pub(crate) fn insert_conn(
+    pub(super) fn insert_conn(
         &mut self,
         stream: TcpStream,
         peer: SocketAddr,

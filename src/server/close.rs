@@ -13,7 +13,7 @@ use crate::watchdog::Activity;
 
 impl<D> Core<D> {
     /// End the doomed connections.
-    pub(crate) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+    pub(super) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         while let Some((idx, gen, reason)) = self.doomed.pop() {
             if self.alive(idx, gen) {
                 self.end(handler, idx, reason);
@@ -24,7 +24,7 @@ impl<D> Core<D> {
     /// End gracefully: flush what is queued, then close; if the socket cannot take it all now,
     /// linger until it drains or the close timeout passes. After a failure, drain the peer's
     /// input until its EOF or the close timeout before closing ([`Conn::half_close`]).
-    pub(crate) fn finish<H: Handler<Data = D>>(
+    pub(super) fn finish<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
         idx: usize,
@@ -38,7 +38,7 @@ impl<D> Core<D> {
 
     /// Mark the connection as ending with `reason` once its queued bytes are written (the cork
     /// flush dooms it when nothing is left), or when the close timeout passes.
-    pub(crate) fn linger(&mut self, idx: usize, reason: CloseReason) {
+    pub(super) fn linger(&mut self, idx: usize, reason: CloseReason) {
         let conn = &mut self.conns[idx];
         conn.linger = Some(reason);
         conn.send.sealed = true;
@@ -48,7 +48,7 @@ impl<D> Core<D> {
 
     /// Start the close handshake on an open connection: send the close frame, seal sends and
     /// arm the close timeout.
-    pub(crate) fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
+    pub(super) fn start_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
         self.cork_for(idx);
         let conn = &mut self.conns[idx];
         conn.send.sealed = true;
@@ -63,7 +63,7 @@ impl<D> Core<D> {
         }
     }
 
-    pub(crate) fn begin_shutdown<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+    pub(super) fn begin_shutdown<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         if self.shutdown_at.is_some() {
             return;
         }
@@ -106,7 +106,7 @@ impl<D> Core<D> {
     /// The one close path. Every way a connection ends comes here, exactly once: deregister it,
     /// cancel its timer, free its slab slot, close its fd, count the reason, release its
     /// admission slot, and call `on_close` if it was opened.
-    pub(crate) fn end<H: Handler<Data = D>>(
+    pub(super) fn end<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
         idx: usize,
@@ -170,7 +170,7 @@ impl<D> Core<D> {
     }
 
     /// Debug builds: the slab, the wheel and the admission counters agree after every close.
-    pub(crate) fn check_consistency(&self) {
+    pub(super) fn check_consistency(&self) {
         if cfg!(debug_assertions) {
             let timed = self.conns.iter().filter(|(_, c)| c.timer.is_some()).count();
             assert_eq!(

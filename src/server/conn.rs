@@ -10,14 +10,14 @@ use crate::timer_wheel::TimerKey;
 use std::net::SocketAddr;
 
 /// Slab slots a loop may use (connection ids keep 24 bits for the slot).
-pub(crate) const MAX_SLOTS: usize = 1 << 24;
+pub(super) const MAX_SLOTS: usize = 1 << 24;
 
 /// A deadline that is not set.
-pub(crate) const NEVER: u64 = u64::MAX;
+pub(super) const NEVER: u64 = u64::MAX;
 
 /// What a timer-wheel entry is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TimerRef {
+pub(super) enum TimerRef {
     /// The connection's one timer: its slab index and generation (a timer that outlives its
     /// connection finds another generation in the slot, or none, and is ignored).
     Conn { idx: u32, gen: u32 },
@@ -26,72 +26,72 @@ pub(crate) enum TimerRef {
 }
 
 /// One connection in the slab.
-pub(crate) struct Conn<D> {
-    pub(crate) socket: Transport,
-    pub(crate) gen: u32,
-    pub(crate) peer: Peer,
-    pub(crate) session: Session,
+pub(super) struct Conn<D> {
+    pub(super) socket: Transport,
+    pub(super) gen: u32,
+    pub(super) peer: Peer,
+    pub(super) session: Session,
     /// The connection's one timer, armed at the earliest of the three deadlines below.
-    pub(crate) timer: Option<TimerKey>,
+    pub(super) timer: Option<TimerKey>,
     /// The state's deadline (ms): handshake, idle ping or close, close handshake, or linger.
-    pub(crate) deadline: u64,
+    pub(super) deadline: u64,
     /// When unsent bytes that made no progress make the connection stall out.
-    pub(crate) stall_at: u64,
+    pub(super) stall_at: u64,
     /// The end of the connection's maximum lifetime.
-    pub(crate) expire_at: u64,
+    pub(super) expire_at: u64,
     /// Bytes the socket did not take yet.
-    pub(crate) pending: SendQueue,
+    pub(super) pending: SendQueue,
     /// Set once the upgrade is accepted: the connection is open and `on_close` is owed.
-    pub(crate) data: Option<D>,
-    pub(crate) send: SendState,
+    pub(super) data: Option<D>,
+    pub(super) send: SendState,
     /// An idle ping is out and unanswered.
-    pub(crate) pinged: bool,
+    pub(super) pinged: bool,
     /// Ending gracefully: flush `pending`, then close with this reason.
-    pub(crate) linger: Option<CloseReason>,
+    pub(super) linger: Option<CloseReason>,
     /// What few connections need (close frames, a split PROXY header), out of line.
-    pub(crate) rare: Option<Box<Rare>>,
+    pub(super) rare: Option<Box<Rare>>,
     /// Ending after a failure: our final bytes are out and our side is shut down (FIN sent);
     /// input is discarded until the peer's EOF or the close timeout.
-    pub(crate) fin_sent: bool,
+    pub(super) fin_sent: bool,
     /// The peer's EOF has been read: there is no input left to drain.
-    pub(crate) peer_eof: bool,
+    pub(super) peer_eof: bool,
     /// When it was accepted (ms since the loop started, wrapping), for the close log.
-    pub(crate) born: u32,
+    pub(super) born: u32,
     /// Counted against its address by admission control.
-    pub(crate) ip_counted: bool,
+    pub(super) ip_counted: bool,
     /// Refused at admission and answered; kept only to read its request.
-    pub(crate) shed: bool,
+    pub(super) shed: bool,
     /// Came in on a metrics-only listener.
-    pub(crate) admin: bool,
+    pub(super) admin: bool,
     /// The TCP peer is a trusted proxy; `peer` becomes the client it reports, once it has.
-    pub(crate) via_proxy: bool,
+    pub(super) via_proxy: bool,
     /// A PROXY header is expected before the request.
-    pub(crate) awaiting_proxy: bool,
+    pub(super) awaiting_proxy: bool,
     /// More than `max_backpressure` bytes are queued: the socket is not read (so the kernel's
     /// flow control holds the peer back) until the queue drains to half the limit.
-    pub(crate) read_paused: bool,
+    pub(super) read_paused: bool,
     /// It used its read budget this turn: it is on the loop's list to be read at the start of
     /// the next turn, and is not read before (however many events it raises meanwhile).
-    pub(crate) read_later: bool,
+    pub(super) read_later: bool,
 }
 
 /// The parts of a connection's state that most connections never use, boxed so that an idle
 /// connection stays small.
 #[derive(Default)]
-pub(crate) struct Rare {
+pub(super) struct Rare {
     /// The close frame the peer sent (code and reason), reported to `on_close`.
-    pub(crate) peer_close: Option<(CloseCode, Box<str>)>,
+    pub(super) peer_close: Option<(CloseCode, Box<str>)>,
     /// The close frame we sent (code and reason), reported to `on_close` when the close
     /// handshake we started completes.
-    pub(crate) our_close: Option<(CloseCode, Box<str>)>,
+    pub(super) our_close: Option<(CloseCode, Box<str>)>,
     /// The start of a PROXY header split across reads (at most a few hundred bytes).
-    pub(crate) proxy_partial: Vec<u8>,
+    pub(super) proxy_partial: Vec<u8>,
     /// The subprotocol the upgrade hook chose, if any.
-    pub(crate) subprotocol: Option<Box<str>>,
+    pub(super) subprotocol: Option<Box<str>>,
 }
 
 impl<D> Conn<D> {
-    pub(crate) fn new(socket: Transport, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
+    pub(super) fn new(socket: Transport, gen: u32, peer: SocketAddr, deadline: u64) -> Self {
         let peer = Peer::from(peer);
         Conn {
             socket,
@@ -128,7 +128,7 @@ impl<D> Conn<D> {
     /// ours it has not transmitted yet: the close frame or HTTP response just written may never
     /// arrive. So shut down our side instead (FIN after the final bytes) and discard input
     /// until the peer's EOF or the deadline (a lingering close, as nginx does).
-    pub(crate) fn half_close(&mut self) -> bool {
+    pub(super) fn half_close(&mut self) -> bool {
         let failed = self.linger.is_some_and(CloseReason::is_failure);
         if !failed || self.peer_eof {
             return false;
@@ -139,12 +139,12 @@ impl<D> Conn<D> {
         self.fin_sent
     }
 
-    pub(crate) fn rare(&mut self) -> &mut Rare {
+    pub(super) fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Default::default)
     }
 
     /// The earliest deadline of any kind.
-    pub(crate) fn next_deadline(&self) -> u64 {
+    pub(super) fn next_deadline(&self) -> u64 {
         self.deadline.min(self.stall_at).min(self.expire_at)
     }
 }
@@ -152,12 +152,12 @@ impl<D> Conn<D> {
 /// A connection's id and token: its generation in the upper 32 bits, its loop's index in the
 /// next 8 and its slab index in the low 24 (a loop never holds 2^24 connections: see
 /// [`MAX_SLOTS`]), so ids are unique across the loops of a cluster.
-pub(crate) fn conn_id(loop_index: usize, idx: usize, gen: u32) -> ConnId {
+pub(super) fn conn_id(loop_index: usize, idx: usize, gen: u32) -> ConnId {
     ConnId(((gen as u64) << 32) | ((loop_index as u64) << 24) | idx as u64)
 }
 
 /// The slab index and generation in a connection's token or id.
-pub(crate) fn slot_of(id: u64) -> (usize, u32) {
+pub(super) fn slot_of(id: u64) -> (usize, u32) {
     ((id & 0xff_ffff) as usize, (id >> 32) as u32)
 }
 

@@ -24,101 +24,101 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often per-address admission state is swept, in ms.
-pub(crate) const SWEEP_MS: u64 = 10_000;
+pub(super) const SWEEP_MS: u64 = 10_000;
 
 /// How often a loop of a cluster publishes its metrics snapshot while busy, in ms.
-pub(crate) const PUBLISH_MS: u64 = 250;
+pub(super) const PUBLISH_MS: u64 = 250;
 
 /// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
-pub(crate) const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
-pub(crate) const LOG_SHED: usize = LOG_REFUSALS + 3;
+pub(super) const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
+pub(super) const LOG_SHED: usize = LOG_REFUSALS + 3;
 /// Handshakes answered with an HTTP error.
-pub(crate) const LOG_REJECTS: usize = LOG_SHED + 1;
+pub(super) const LOG_REJECTS: usize = LOG_SHED + 1;
 /// How many kinds of log line are throttled.
-pub(crate) const LOG_SLOTS: usize = LOG_REJECTS + 1;
+pub(super) const LOG_SLOTS: usize = LOG_REJECTS + 1;
 
 /// Everything the loop owns except the poll, the handler and the receive buffer, so that a
 /// handler callback can borrow a connection, the cork and the handler at the same time.
-pub(crate) struct Core<D> {
-    pub(crate) registry: Registry,
-    pub(crate) listeners: Vec<Option<TcpListener>>,
-    pub(crate) conns: Slab<Conn<D>>,
-    pub(crate) wheel: TimerWheel<TimerRef>,
+pub(super) struct Core<D> {
+    pub(super) registry: Registry,
+    pub(super) listeners: Vec<Option<TcpListener>>,
+    pub(super) conns: Slab<Conn<D>>,
+    pub(super) wheel: TimerWheel<TimerRef>,
     /// Output collected for `cork_owner` during the current dispatch.
-    pub(crate) cork: Vec<u8>,
-    pub(crate) cork_owner: Option<usize>,
+    pub(super) cork: Vec<u8>,
+    pub(super) cork_owner: Option<usize>,
     /// Connections to end once the current dispatch returns: (slab index, generation, reason).
-    pub(crate) doomed: Vec<(usize, u32, CloseReason)>,
+    pub(super) doomed: Vec<(usize, u32, CloseReason)>,
     /// Connections that used their read budget this turn, to read again next turn (slab index,
     /// generation).
-    pub(crate) reread: Vec<(usize, u32)>,
+    pub(super) reread: Vec<(usize, u32)>,
     /// A message the session reassembled, handed over for the callback that gets it (see
     /// [`Session::read`](crate::protocol::session::Session::read)); released after it.
-    pub(crate) spill: Vec<u8>,
+    pub(super) spill: Vec<u8>,
     /// A ping was delivered during the current read: its connection may owe a pong.
-    pub(crate) pong_due: bool,
-    pub(crate) config: Config,
+    pub(super) pong_due: bool,
+    pub(super) config: Config,
     /// Milliseconds of silence before the idle ping ([`ping_after`] of `config`).
-    pub(crate) ping_after: u64,
-    pub(crate) limits: handshake::Limits,
-    pub(crate) start: Instant,
+    pub(super) ping_after: u64,
+    pub(super) limits: handshake::Limits,
+    pub(super) start: Instant,
     /// What this loop shares with the other loops of its cluster (a ledger of one alone).
-    pub(crate) ledger: Arc<Ledger>,
+    pub(super) ledger: Arc<Ledger>,
     /// This loop's index in the ledger.
-    pub(crate) loop_index: usize,
+    pub(super) loop_index: usize,
     /// When this loop next publishes its metrics snapshot to the ledger (clusters only), and the
     /// turn count it last published at.
-    pub(crate) next_publish: u64,
-    pub(crate) published_turns: u64,
-    pub(crate) now: u64,
-    pub(crate) next_gen: u32,
-    pub(crate) stats: Stats,
-    pub(crate) shutdown_at: Option<u64>,
+    pub(super) next_publish: u64,
+    pub(super) published_turns: u64,
+    pub(super) now: u64,
+    pub(super) next_gen: u32,
+    pub(super) stats: Stats,
+    pub(super) shutdown_at: Option<u64>,
     // --- admission and the fd budget
     /// Connections counted in the ledger's admission table (consistency check).
-    pub(crate) tally: Tally,
-    pub(crate) max_connections: usize,
-    pub(crate) fd_budget: usize,
+    pub(super) tally: Tally,
+    pub(super) max_connections: usize,
+    pub(super) fd_budget: usize,
     /// Kept open to be released when accept fails with `EMFILE`.
-    pub(crate) spare_fd: Option<File>,
+    pub(super) spare_fd: Option<File>,
     /// Descriptors of the poll and waker.
-    pub(crate) fixed_fds: usize,
-    pub(crate) started: bool,
-    pub(crate) next_sweep: u64,
+    pub(super) fixed_fds: usize,
+    pub(super) started: bool,
+    pub(super) next_sweep: u64,
     // --- accepting
-    pub(crate) accept_due: bool,
+    pub(super) accept_due: bool,
     /// Connections admitted in the current loop turn (see `Core::accept_from`).
-    pub(crate) turn_admitted: usize,
-    pub(crate) accept_paused: bool,
-    pub(crate) paused_since: u64,
-    pub(crate) backoff_ms: u64,
-    pub(crate) accept_timer: Option<TimerKey>,
+    pub(super) turn_admitted: usize,
+    pub(super) accept_paused: bool,
+    pub(super) paused_since: u64,
+    pub(super) backoff_ms: u64,
+    pub(super) accept_timer: Option<TimerKey>,
     /// Per log kind: when it was last logged (ms) and how many since were suppressed.
-    pub(crate) log_throttle: [(u64, u64); LOG_SLOTS],
+    pub(super) log_throttle: [(u64, u64); LOG_SLOTS],
     /// Whether each listener serves only metrics and health (not WebSocket upgrades).
-    pub(crate) listener_admin: Vec<bool>,
+    pub(super) listener_admin: Vec<bool>,
     /// The periodic fd audit's thread (loop 0 only), stopped at shutdown.
-    pub(crate) auditor: Option<crate::audit::Auditor>,
+    pub(super) auditor: Option<crate::audit::Auditor>,
     /// Token buckets of the operator endpoints (`/metrics`, `/healthz`): requests on the
     /// WebSocket listeners, and on the metrics listeners.
-    pub(crate) endpoint_buckets: [crate::admission::Bucket; 2],
+    pub(super) endpoint_buckets: [crate::admission::Bucket; 2],
     /// The heartbeat the stall watchdog reads, if it runs.
-    pub(crate) beat: Option<Arc<Heartbeat>>,
+    pub(super) beat: Option<Arc<Heartbeat>>,
     /// Which origins may upgrade.
-    pub(crate) origin: crate::origin::OriginPolicy,
+    pub(super) origin: crate::origin::OriginPolicy,
     /// Proxies whose word on the client address is taken.
-    pub(crate) trusted: crate::admission::TrustedProxies,
+    pub(super) trusted: crate::admission::TrustedProxies,
 }
 
 impl<D> Core<D> {
-    pub(crate) fn tick(&mut self) {
+    pub(super) fn tick(&mut self) {
         self.turn_admitted = 0;
         self.now = self.start.elapsed().as_millis() as u64;
     }
 
     /// Size the fd budget (once, before the first poll): raise the soft limit if configured,
     /// and derive or check `max_connections`.
-    pub(crate) fn start_up(&mut self) -> Result<(), Error> {
+    pub(super) fn start_up(&mut self) -> Result<(), Error> {
         if self.config.raise_fd_limit {
             raise_fd_limit();
         }
@@ -141,7 +141,7 @@ impl<D> Core<D> {
     }
 
     /// Take `budget` descriptors for connections and `max_connections`, and start.
-    pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
+    pub(super) fn join_budget(&mut self, budget: usize, max_connections: usize) {
         self.started = true;
         self.fd_budget = budget;
         self.max_connections = max_connections;
@@ -160,18 +160,18 @@ impl<D> Core<D> {
 
     /// Store this loop's descriptor count in the ledger: after opening one, before closing one
     /// (see [`Ledger`]).
-    pub(crate) fn fds_changed(&self) {
+    pub(super) fn fds_changed(&self) {
         self.ledger.set_owned(self.loop_index, self.owned_fds());
     }
 
     /// Publish this loop's snapshot for the other loops of its cluster to render.
-    pub(crate) fn publish(&mut self) {
+    pub(super) fn publish(&mut self) {
         self.ledger.publish(self.loop_index, self.snapshot());
         self.published_turns = self.stats.loop_turns;
         self.next_publish = self.now + PUBLISH_MS;
     }
 
-    pub(crate) fn stats(&self) -> Stats {
+    pub(super) fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
             timers: self.wheel.len() - self.accept_timer.is_some() as usize,
@@ -187,7 +187,7 @@ impl<D> Core<D> {
     }
 
     /// Descriptors the loop owns.
-    pub(crate) fn owned_fds(&self) -> usize {
+    pub(super) fn owned_fds(&self) -> usize {
         self.fixed_fds
             + self.listeners.iter().flatten().count()
             + self.conns.len()
@@ -199,23 +199,23 @@ impl<D> Core<D> {
     /// Fewer than expected means a descriptor open at start (the application's, or a transient
     /// one another thread held while the baseline was measured) has been closed since: that is
     /// no leak, so the baseline moves down and the difference is zero.
-    pub(crate) fn audit(&mut self) -> io::Result<i64> {
+    pub(super) fn audit(&mut self) -> io::Result<i64> {
         // No undisturbed reading (other loops opening and closing all along): the last result.
         Ok(self.ledger.audit()?.unwrap_or(self.ledger.last_audit().1))
     }
 
-    pub(crate) fn alive(&self, idx: usize, gen: u32) -> bool {
+    pub(super) fn alive(&self, idx: usize, gen: u32) -> bool {
         self.conns.get(idx).is_some_and(|c| c.gen == gen)
     }
 
     /// `d` in the wheel's milliseconds, rounded up: a deadline never comes before its time.
-    pub(crate) fn ms(d: Duration) -> u64 {
+    pub(super) fn ms(d: Duration) -> u64 {
         d.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128 / 4) as u64
     }
 
     /// Rate-limit one kind of log line (`slot`) to one a second: `n` more events happened;
     /// returns how many were suppressed since the last line when one may be logged now.
-    pub(crate) fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
+    pub(super) fn throttle(&mut self, slot: usize, n: u64) -> Option<u64> {
         let (last, suppressed) = &mut self.log_throttle[slot];
         if *last != 0 && self.now < *last + 1000 {
             *suppressed += n;
@@ -234,25 +234,25 @@ impl<D> Core<D> {
 /// it (the close path), through these methods, which keep them equal to the connections' own
 /// flags.
 #[derive(Debug, Default)]
-pub(crate) struct Tally {
+pub(super) struct Tally {
     ip_counted: u64,
     shedding: usize,
 }
 
 impl Tally {
     /// Refused connections being answered now.
-    pub(crate) fn shedding(&self) -> usize {
+    pub(super) fn shedding(&self) -> usize {
         self.shedding
     }
 
     /// Connections counted against their address now.
-    pub(crate) fn ip_counted(&self) -> u64 {
+    pub(super) fn ip_counted(&self) -> u64 {
         self.ip_counted
     }
 
     /// A connection entered the slab: counted against its address already or not; refused
     /// (and being answered) or not.
-    pub(crate) fn entered<D>(&mut self, conn: &Conn<D>) {
+    pub(super) fn entered<D>(&mut self, conn: &Conn<D>) {
         self.ip_counted += conn.ip_counted as u64;
         self.shedding += conn.shed as usize;
     }
@@ -261,7 +261,7 @@ impl Tally {
     /// address it now has (the client the proxy named, or the proxy's own): counted, or
     /// refused and why.
     /// `counted` is the connection's own flag, set here.
-    pub(crate) fn admit_address(
+    pub(super) fn admit_address(
         &mut self,
         ledger: &Ledger,
         now: u64,
@@ -275,7 +275,7 @@ impl Tally {
     }
 
     /// A connection left the slab (the close path): give back what it was counted for.
-    pub(crate) fn left<D>(&mut self, ledger: &Ledger, conn: &Conn<D>) {
+    pub(super) fn left<D>(&mut self, ledger: &Ledger, conn: &Conn<D>) {
         if conn.ip_counted {
             ledger.admission().release(conn.peer.ip());
             self.ip_counted -= 1;
@@ -285,7 +285,7 @@ impl Tally {
 }
 
 /// Milliseconds of silence before the idle ping (half the idle timeout); NEVER when off.
-pub(crate) fn ping_after(config: &Config) -> u64 {
+pub(super) fn ping_after(config: &Config) -> u64 {
     match Core::<()>::ms(config.idle_timeout) {
         0 => NEVER,
         idle => idle.div_ceil(2),

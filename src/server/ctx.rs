@@ -14,11 +14,11 @@ use std::io;
 
 /// What a posted closure can do on the loop: reach any connection by id.
 pub struct Ctx<'a, D> {
-    pub(crate) core: &'a mut Core<D>,
+    pub(super) core: &'a mut Core<D>,
 }
 
 impl<'a, D> Ctx<'a, D> {
-    pub(crate) fn locate(&mut self, id: ConnId) -> Option<usize> {
+    pub(super) fn locate(&mut self, id: ConnId) -> Option<usize> {
         let (idx, gen) = slot_of(id.0);
         (id.loop_index() == self.core.loop_index && self.core.alive(idx, gen)).then_some(idx)
     }
@@ -31,7 +31,7 @@ impl<'a, D> Ctx<'a, D> {
     }
 
     /// [`Ctx::send`]; `last`: the cork is flushed right after (see [`Outbox::new`]).
-    pub(crate) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
+    pub(super) fn send_as(&mut self, id: ConnId, msg: Message<'_>, last: bool) -> SendStatus {
         let Some(idx) = self.locate(id) else {
             return SendStatus::Closed;
         };

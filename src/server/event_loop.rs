@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 /// Token of the cross-thread waker; listener tokens are 0..MAX_LISTENERS, and connection tokens
 /// carry a generation >= 1 in their upper 32 bits, so they never collide with either.
-pub(crate) const WAKER: Token = Token(u32::MAX as usize);
+pub(super) const WAKER: Token = Token(u32::MAX as usize);
 
-pub(crate) const MAX_LISTENERS: usize = 64;
+pub(super) const MAX_LISTENERS: usize = 64;
 
 /// Commands whose buffer the loop keeps between batches from its handles' queue.
-pub(crate) const BATCH_KEEP: usize = 1024;
+pub(super) const BATCH_KEEP: usize = 1024;
 
 /// A WebSocket server: listeners, connections and the handler, driven by [`Server::run`].
 pub struct Server<H: Handler> {
@@ -41,14 +41,14 @@ pub struct Server<H: Handler> {
     _watchdog: Option<Watchdog>,
 }
 
-pub(crate) struct Inner<H: Handler> {
-    pub(crate) core: Core<H::Data>,
-    pub(crate) handler: H,
-    pub(crate) recv: Vec<u8>,
-    pub(crate) shared: Arc<Shared<H>>,
+pub(super) struct Inner<H: Handler> {
+    pub(super) core: Core<H::Data>,
+    pub(super) handler: H,
+    pub(super) recv: Vec<u8>,
+    pub(super) shared: Arc<Shared<H>>,
     /// The commands taken from the queue, run by [`Inner::run_commands`] (kept for its
     /// capacity).
-    pub(crate) batch: Vec<Command<H>>,
+    pub(super) batch: Vec<Command<H>>,
 }
 
 impl<H: Handler> Server<H> {
@@ -176,7 +176,7 @@ impl<H: Handler> Server<H> {
         self.add_listener(addr, true, false)
     }
 
-    pub(crate) fn add_listener(
+    pub(super) fn add_listener(
         &mut self,
         addr: SocketAddr,
         admin: bool,
@@ -255,7 +255,7 @@ impl<H: Handler> Server<H> {
         Ok(more)
     }
 
-    pub(crate) fn turn_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+    pub(super) fn turn_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         let core = &mut self.inner.core;
         if !core.started {
             core.start_up()?;
@@ -317,7 +317,7 @@ impl<H: Handler> Server<H> {
 }
 
 impl<H: Handler> Inner<H> {
-    pub(crate) fn dispatch(&mut self, event: &mio::event::Event) {
+    pub(super) fn dispatch(&mut self, event: &mio::event::Event) {
         let token = event.token().0;
         if token == WAKER.0 {
             self.run_commands();
@@ -342,7 +342,7 @@ impl<H: Handler> Inner<H> {
     }
 
     /// Run every command queued so far, in order; then free their room in the queue.
-    pub(crate) fn run_commands(&mut self) {
+    pub(super) fn run_commands(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
         self.shared.take(&mut batch);
         let (mut count, mut bytes) = (0, 0);

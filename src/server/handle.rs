@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A message owned by a command in flight to the loop.
-pub(crate) enum OwnedMessage {
+pub(super) enum OwnedMessage {
     Text(String),
     Binary(Vec<u8>),
 }
@@ -22,7 +22,7 @@ pub(crate) enum OwnedMessage {
 type Job<H> = Box<dyn FnOnce(&mut H, &mut Ctx<'_, <H as Handler>::Data>) + Send>;
 
 /// A request to the loop.
-pub(crate) enum Command<H: Handler> {
+pub(super) enum Command<H: Handler> {
     Send(ConnId, OwnedMessage),
     Close(ConnId, CloseCode, String),
     Terminate(ConnId),
@@ -39,7 +39,7 @@ impl<H: Handler> Command<H> {
     /// [`Config::handle_queue_bytes`]: its own size plus what it owns (a message's or reason's
     /// buffer, a closure's captures; what a closure owns behind pointers is not visible here).
     /// `None` for the control commands, which the bound does not count.
-    pub(crate) fn cost(&self) -> Option<usize> {
+    pub(super) fn cost(&self) -> Option<usize> {
         let own = std::mem::size_of::<Self>();
         Some(match self {
             Command::Send(_, OwnedMessage::Text(s)) => own + s.capacity(),
@@ -95,7 +95,7 @@ pub struct QueueStats {
 }
 
 /// The queue behind the mutex.
-pub(crate) struct Queue<H: Handler> {
+pub(super) struct Queue<H: Handler> {
     /// Commands not yet taken by the loop.
     commands: Vec<Command<H>>,
     /// False once the loop has ended: commands are then refused.
@@ -109,7 +109,7 @@ pub(crate) struct Queue<H: Handler> {
 }
 
 /// The queue and the waker shared by the loop and its handles.
-pub(crate) struct Shared<H: Handler> {
+pub(super) struct Shared<H: Handler> {
     queue: Mutex<Queue<H>>,
     /// Signalled when the loop has run a batch (room was freed) or has ended.
     room: Condvar,
@@ -124,7 +124,7 @@ thread_local! {
 }
 
 /// Marks the current thread as running a loop's turn until dropped (see [`Shared::enter`]).
-pub(crate) struct OnLoop {
+pub(super) struct OnLoop {
     previous: usize,
 }
 
@@ -135,7 +135,7 @@ impl Drop for OnLoop {
 }
 
 impl<H: Handler> Shared<H> {
-    pub(crate) fn new(waker: Waker, config: &Config) -> Self {
+    pub(super) fn new(waker: Waker, config: &Config) -> Self {
         Shared {
             queue: Mutex::new(Queue {
                 commands: Vec::new(),
@@ -151,35 +151,35 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Queue<H>> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Queue<H>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn id(&self) -> usize {
+    pub(super) fn id(&self) -> usize {
         self as *const Self as usize
     }
 
     /// The calling thread runs this loop's turn until the guard is dropped.
-    pub(crate) fn enter(&self) -> OnLoop {
+    pub(super) fn enter(&self) -> OnLoop {
         OnLoop {
             previous: LOOP_HERE.with(|l| l.replace(self.id())),
         }
     }
 
     /// Whether the calling thread is running this loop's turn (a callback or posted closure).
-    pub(crate) fn on_loop_thread(&self) -> bool {
+    pub(super) fn on_loop_thread(&self) -> bool {
         LOOP_HERE.with(|l| l.get()) == self.id()
     }
 
     /// Move everything queued so far, in order, into `batch` (empty). The bounded commands
     /// among them stay counted until [`Shared::release`].
-    pub(crate) fn take(&self, batch: &mut Vec<Command<H>>) {
+    pub(super) fn take(&self, batch: &mut Vec<Command<H>>) {
         std::mem::swap(&mut self.lock().commands, batch);
     }
 
     /// The loop has run commands holding `commands` and `bytes`: free their room and wake the
     /// producers waiting for it.
-    pub(crate) fn release(&self, commands: usize, bytes: usize) {
+    pub(super) fn release(&self, commands: usize, bytes: usize) {
         if commands == 0 {
             return;
         }
@@ -193,7 +193,7 @@ impl<H: Handler> Shared<H> {
 
     /// The loop has ended: drop what is queued and refuse what comes; release every waiting
     /// producer (with [`QueueError::Closed`]) and every waiting query (with `None`).
-    pub(crate) fn close(&self) {
+    pub(super) fn close(&self) {
         let mut q = self.lock();
         q.open = false;
         let old = std::mem::take(&mut q.commands);
@@ -208,7 +208,7 @@ impl<H: Handler> Shared<H> {
 
     /// Queue `cmd`, waiting for room until `deadline` if one is given (and the calling thread
     /// is not the loop's own, which cannot drain while it waits).
-    pub(crate) fn push(
+    pub(super) fn push(
         &self,
         cmd: Command<H>,
         deadline: Option<Instant>,
@@ -311,11 +311,11 @@ impl<H: Handler> Clone for LoopHandle<H> {
 }
 
 impl<H: Handler> LoopHandle<H> {
-    pub(crate) fn new(shared: Arc<Shared<H>>) -> Self {
+    pub(super) fn new(shared: Arc<Shared<H>>) -> Self {
         LoopHandle { shared }
     }
 
-    pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {
+    pub(super) fn deadline(timeout: Duration) -> Option<Instant> {
         // A timeout too long to represent waits as long as it can.
         Some(
             Instant::now()

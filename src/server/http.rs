@@ -16,7 +16,7 @@ impl<H: Handler> Inner<H> {
     /// A connection from a trusted proxy starts with a PROXY header: read it, take the client
     /// address it reports, apply the per-address limits to that client, and hand what follows
     /// it to the handshake.
-    pub(crate) fn proxy_header(&mut self, idx: usize, n: usize) -> bool {
+    pub(super) fn proxy_header(&mut self, idx: usize, n: usize) -> bool {
         use crate::protocol::proxy::{parse_proxy, ProxyHeader};
         let Inner {
             core,
@@ -82,7 +82,7 @@ impl<H: Handler> Inner<H> {
         rest == 0 || self.handshake(idx, rest)
     }
 
-    pub(crate) fn handshake(&mut self, idx: usize, n: usize) -> bool {
+    pub(super) fn handshake(&mut self, idx: usize, n: usize) -> bool {
         let Inner {
             core,
             handler,
@@ -223,7 +223,7 @@ impl<H: Handler> Inner<H> {
 }
 
 /// Answer a refused request with `rej` and end the connection. Returns false.
-pub(crate) fn reject<H: Handler>(
+pub(super) fn reject<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
@@ -249,14 +249,14 @@ pub(crate) fn reject<H: Handler>(
 
 /// The plain HTTP requests the loop answers itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Route {
+pub(super) enum Route {
     Metrics,
     Health,
     Other,
 }
 
 impl Route {
-    pub(crate) fn of(method: &str, path: &str) -> Route {
+    pub(super) fn of(method: &str, path: &str) -> Route {
         match (method, path) {
             ("GET", "/metrics") => Route::Metrics,
             ("GET", "/healthz") => Route::Health,
@@ -268,7 +268,7 @@ impl Route {
 impl<D> Core<D> {
     /// Answer a client that the per-address limits refused, once a trusted proxy named it
     /// (503 or 429), and end the connection.
-    pub(crate) fn refuse_client<H: Handler<Data = D>>(
+    pub(super) fn refuse_client<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
         idx: usize,
@@ -285,7 +285,7 @@ impl<D> Core<D> {
 
     /// Answer a plain HTTP request (metrics or health, within the endpoints' rate, else 429; or
     /// an error) and end the connection.
-    pub(crate) fn answer_http<H: Handler<Data = D>>(
+    pub(super) fn answer_http<H: Handler<Data = D>>(
         &mut self,
         handler: &mut H,
         idx: usize,

@@ -13,14 +13,14 @@ use std::io::ErrorKind;
 /// Reads that fill the receive buffer one connection may do per turn; then the loop serves the
 /// others and reads the rest on its next turn, so a peer that sends faster than the loop
 /// parses cannot hold the loop.
-pub(crate) const READ_BUDGET: usize = 4;
+pub(super) const READ_BUDGET: usize = 4;
 
 impl<H: Handler> Inner<H> {
     /// Read until the socket is drained (or [`READ_BUDGET`] reads filled the buffer: then the
     /// rest is read next turn), feeding the session; then write the pong owed for the pings
     /// read, if nothing is queued ([`Core::write_owed_pong`]).
     #[inline(always)]
-    pub(crate) fn readable(&mut self, idx: usize, closed: bool) {
+    pub(super) fn readable(&mut self, idx: usize, closed: bool) {
         let live = self.read_some(idx, closed);
         if std::mem::take(&mut self.core.pong_due) && live {
             self.core.write_owed_pong(idx);
@@ -29,7 +29,7 @@ impl<H: Handler> Inner<H> {
 
     /// The reads of [`Inner::readable`]. Returns false if the connection ended or is ending.
     #[inline(always)]
-    pub(crate) fn read_some(&mut self, idx: usize, closed: bool) -> bool {
+    pub(super) fn read_some(&mut self, idx: usize, closed: bool) -> bool {
         let limit = self.core.config.max_backpressure;
         for _ in 0..READ_BUDGET {
             let conn = &mut self.core.conns[idx];
@@ -75,7 +75,7 @@ impl<H: Handler> Inner<H> {
     }
 
     /// Read the connections whose read budget ran out last turn.
-    pub(crate) fn reread(&mut self) {
+    pub(super) fn reread(&mut self) {
         for (idx, gen) in std::mem::take(&mut self.core.reread) {
             if self.core.alive(idx, gen) {
                 self.core.conns[idx].read_later = false;
@@ -91,7 +91,7 @@ impl<H: Handler> Inner<H> {
     /// would only queue more) until `writable` has drained the queue to half the limit.
     /// Returns true when reading must stop (paused, or the write failed).
     #[inline(never)]
-    pub(crate) fn over_limit(&mut self, idx: usize) -> bool {
+    pub(super) fn over_limit(&mut self, idx: usize) -> bool {
         let core = &mut self.core;
         let limit = core.config.max_backpressure;
         let corked = match core.cork_owner {
@@ -114,7 +114,7 @@ impl<H: Handler> Inner<H> {
     /// Handle `n` fresh bytes in the receive buffer. Returns false if the connection ended or
     /// is ending (further input is not wanted).
     #[inline(always)]
-    pub(crate) fn received(&mut self, idx: usize, n: usize) -> bool {
+    pub(super) fn received(&mut self, idx: usize, n: usize) -> bool {
         let Inner {
             core,
             handler,

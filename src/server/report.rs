@@ -8,7 +8,7 @@ use crate::protocol::session::State;
 use crate::sys;
 
 impl<D> Core<D> {
-    pub(crate) fn scan(&self) -> Scan {
+    pub(super) fn scan(&self) -> Scan {
         let mut s = Scan::default();
         for (_, c) in self.conns.iter() {
             if c.shed {
@@ -30,7 +30,7 @@ impl<D> Core<D> {
     }
 
     /// This loop's counters and scan now (a pause in progress counted in `paused_ms`).
-    pub(crate) fn snapshot(&self) -> Snapshot {
+    pub(super) fn snapshot(&self) -> Snapshot {
         let mut stats = self.stats();
         if self.accept_paused {
             stats.paused_ms += self.now.saturating_sub(self.paused_since);
@@ -45,7 +45,7 @@ impl<D> Core<D> {
     /// (the high-water mark: limit minus `fd_headroom`), or the last fd audit found a
     /// difference. Constant time: the descriptor count is the ledger's (plus the last audit's
     /// difference), never a listing of `/proc`.
-    pub(crate) fn health(&self) -> Health {
+    pub(super) fn health(&self) -> Health {
         if self.accept_paused || self.ledger.others_paused(self.loop_index) {
             return Health::Unhealthy(
                 "accepting is paused (out of file descriptors or memory)".into(),
@@ -71,7 +71,7 @@ impl<D> Core<D> {
     }
 
     /// The metrics of every loop in Prometheus text format, as `GET /metrics` serves them.
-    pub(crate) fn render_metrics(&self) -> String {
+    pub(super) fn render_metrics(&self) -> String {
         let parts = self.ledger.snapshots(self.loop_index, self.snapshot());
         let fds = FdFigures {
             open_estimate: self.ledger.open_estimate(),

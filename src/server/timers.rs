@@ -14,7 +14,7 @@ use crate::protocol::handshake;
 use crate::protocol::session::State;
 
 impl<H: Handler> Inner<H> {
-    pub(crate) fn fire_timers(&mut self) {
+    pub(super) fn fire_timers(&mut self) {
         let Inner { core, handler, .. } = self;
         if let Some(at) = core.shutdown_at {
             if core.now >= at {
@@ -50,7 +50,7 @@ impl<H: Handler> Inner<H> {
 
 impl<D> Core<D> {
     /// Point the connection's timer at the earliest of its deadlines.
-    pub(crate) fn rearm(&mut self, idx: usize) {
+    pub(super) fn rearm(&mut self, idx: usize) {
         let conn = &mut self.conns[idx];
         let at = conn.next_deadline();
         match conn.timer {
@@ -75,7 +75,7 @@ impl<D> Core<D> {
     }
 
     /// The connection's timer fired: act on every deadline that has passed.
-    pub(crate) fn timer_fired<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize) {
+    pub(super) fn timer_fired<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize) {
         let now = self.now;
         let conn = &mut self.conns[idx];
         if conn.stall_at <= now {

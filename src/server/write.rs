@@ -12,7 +12,7 @@ use crate::protocol::session::State;
 use crate::watchdog::Activity;
 
 impl<H: Handler> Inner<H> {
-    pub(crate) fn writable(&mut self, idx: usize) {
+    pub(super) fn writable(&mut self, idx: usize) {
         let core = &mut self.core;
         let conn = &mut core.conns[idx];
         if conn.pending.is_empty() {
@@ -70,7 +70,7 @@ impl<H: Handler> Inner<H> {
 
 impl<D> Core<D> {
     /// Make `idx` the owner of the cork buffer, first flushing what another connection left in it.
-    pub(crate) fn cork_for(&mut self, idx: usize) {
+    pub(super) fn cork_for(&mut self, idx: usize) {
         if self.cork_owner != Some(idx) {
             self.flush_cork();
             self.cork_owner = Some(idx);
@@ -82,14 +82,14 @@ impl<D> Core<D> {
     /// doom the connection, as [`Core::flush_cork`] does. Returns false if the connection is
     /// doomed.
     #[inline]
-    pub(crate) fn settle(&mut self, idx: usize, sent: Sent) -> bool {
+    pub(super) fn settle(&mut self, idx: usize, sent: Sent) -> bool {
         self.stats.bytes_sent += sent.bytes_written;
         self.stats.messages_sent += sent.messages;
         sent.direct == Direct::Done || self.settle_direct(idx, sent.direct)
     }
 
     #[inline(never)]
-    pub(crate) fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
+    pub(super) fn settle_direct(&mut self, idx: usize, direct: Direct) -> bool {
         match direct {
             Direct::Done => true,
             Direct::Partial => {
@@ -110,7 +110,7 @@ impl<D> Core<D> {
 
     /// Write the cork to its owner with one `send`; queue what the socket does not take.
     /// A write error dooms the connection (ended by `reap`).
-    pub(crate) fn flush_cork(&mut self) {
+    pub(super) fn flush_cork(&mut self) {
         let Some(idx) = self.cork_owner.take() else {
             return;
         };
@@ -159,7 +159,7 @@ impl<D> Core<D> {
     /// its payload. So a connection holds at most one pong in its queue and owes at most one
     /// more, however many pings it sends without reading.
     #[inline(never)]
-    pub(crate) fn write_owed_pong(&mut self, idx: usize) {
+    pub(super) fn write_owed_pong(&mut self, idx: usize) {
         if self.conns[idx].session.pong_owed() && self.conns[idx].pending.is_empty() {
             self.cork_for(idx);
             self.conns[idx].session.write_pong(&mut self.cork);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
 /// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
 /// (see [`Outbox::new`]). Returns false if the connection is ending.
-pub(crate) fn callback<H: Handler>(
+pub(super) fn callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
@@ -77,7 +77,7 @@ enum Call<'a> {
 
 /// Run application code, reporting it to the stall watchdog, and (unless configured
 /// otherwise) catching a panic: `None` when it panicked.
-pub(crate) fn guarded<R>(
+pub(super) fn guarded<R>(
     catch: bool,
     beat: &Option<Arc<Heartbeat>>,
     kind: Activity,
@@ -99,7 +99,7 @@ pub(crate) fn guarded<R>(
 
 /// A callback for open connection `idx` panicked: count it, and close the connection with 1011
 /// through the close path; the loop goes on serving everyone else. Returns false.
-pub(crate) fn handler_panicked<H: Handler>(
+pub(super) fn handler_panicked<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
@@ -123,7 +123,7 @@ pub(crate) fn handler_panicked<H: Handler>(
 
 /// Apply a close or terminate that a callback requested. Returns false if the connection ended
 /// or is closing.
-pub(crate) fn after_callback<H: Handler>(
+pub(super) fn after_callback<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
@@ -147,7 +147,7 @@ pub(crate) fn after_callback<H: Handler>(
 
 /// Feed frame bytes to an open connection's session and dispatch its events.
 /// Returns false if the connection ended or is ending.
-pub(crate) fn frames<H: Handler>(
+pub(super) fn frames<H: Handler>(
     core: &mut Core<H::Data>,
     handler: &mut H,
     idx: usize,
