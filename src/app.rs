@@ -7,6 +7,7 @@ use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
 pub use crate::reason::CloseReason;
+use crate::topics::TopicError;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -193,6 +194,12 @@ pub trait Handler: 'static {
     /// buffered (a slow reader caught up).
     fn on_drain(&mut self, _ws: &mut WebSocket<'_, Self::Data>) {}
 
+    /// The number of this loop's subscribers of `topic` changed from `old` to `new` (a
+    /// connection subscribed, unsubscribed, or ended). Called after the callback that made the
+    /// change returns, never from inside it; an application can mirror its topics elsewhere
+    /// (subscribe to a broker's channel at 0 -> 1, unsubscribe at 1 -> 0).
+    fn on_subscription(&mut self, _topic: &[u8], _old: usize, _new: usize) {}
+
     /// The connection ended, for whatever reason; called exactly once for every connection that
     /// was opened, and never for one that was not. `code` is the peer's close code when it closed,
     /// ours when we did, 1006 when the connection ended without a close frame.
@@ -223,6 +230,30 @@ pub(crate) struct SendState {
     pub sealed: bool,
     /// Why the server is closing, when it is for a reason of its own (counted at the end).
     pub cause: Option<CloseReason>,
+    /// It has subscribed to a topic (the close path then takes it out of the registry).
+    pub subscribed: bool,
+}
+
+/// What a [`WebSocket`]'s topic methods reach: the loop's publish/subscribe (the server
+/// implements it; the application's API sees only these operations).
+pub(crate) trait PubsubOps {
+    /// Subscribe connection `id` to `topic`: whether it was not subscribed before.
+    fn subscribe(&mut self, id: ConnId, topic: &[u8]) -> Result<bool, TopicError>;
+    /// Unsubscribe: whether it was subscribed.
+    fn unsubscribe(&mut self, id: ConnId, topic: &[u8]) -> bool;
+    /// Whether `id` is subscribed to `topic`.
+    fn is_subscribed(&self, id: ConnId, topic: &[u8]) -> bool;
+    /// The topics `id` is subscribed to.
+    fn topics(&self, id: ConnId) -> Vec<Vec<u8>>;
+    /// Publish to `topic`'s subscribers except `except`: how many it is for.
+    fn publish(
+        &mut self,
+        topic: &[u8],
+        msg: Message<'_>,
+        except: Option<ConnId>,
+    ) -> Result<usize, TopicError>;
+    /// How many subscribers `topic` has on this loop.
+    fn num_subscribers(&self, topic: &[u8]) -> usize;
 }
 
 /// A connection as seen from inside a callback: its data, and ways to send and close.
@@ -237,6 +268,8 @@ pub struct WebSocket<'a, D> {
     pub(crate) subprotocol: Option<&'a str>,
     pub(crate) max_backpressure: usize,
     pub(crate) policy: BackpressurePolicy,
+    /// The loop's topics.
+    pub(crate) pubsub: &'a mut dyn PubsubOps,
 }
 
 impl<'a, D> WebSocket<'a, D> {
@@ -295,6 +328,33 @@ impl<'a, D> WebSocket<'a, D> {
     pub fn terminate(&mut self) {
         self.send.sealed = true;
         self.send.terminate = true;
+    }
+    /// Subscribe this connection to `topic` (at most
+    /// [`MAX_TOPIC_LEN`](crate::topics::MAX_TOPIC_LEN) bytes): `Ok(true)` if it was not
+    /// subscribed. It stays subscribed until it unsubscribes or ends.
+    pub fn subscribe(&mut self, topic: &[u8]) -> Result<bool, TopicError> {
+        let new = self.pubsub.subscribe(self.id, topic)?;
+        self.send.subscribed = true;
+        Ok(new)
+    }
+    /// Unsubscribe from `topic`: whether it was subscribed.
+    pub fn unsubscribe(&mut self, topic: &[u8]) -> bool {
+        self.pubsub.unsubscribe(self.id, topic)
+    }
+    /// Whether this connection is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: &[u8]) -> bool {
+        self.pubsub.is_subscribed(self.id, topic)
+    }
+    /// The topics this connection is subscribed to, in no particular order.
+    pub fn topics(&self) -> Vec<Vec<u8>> {
+        self.pubsub.topics(self.id)
+    }
+    /// Publish `msg` to every subscriber of `topic` but this connection (on every loop of a
+    /// cluster): how many subscribers on this loop it is for. The message is framed once; each
+    /// subscriber gets it at the end of the loop's turn (or earlier, before anything else the
+    /// loop writes to it), within its backpressure limit: see README, Topics.
+    pub fn publish(&mut self, topic: &[u8], msg: Message<'_>) -> Result<usize, TopicError> {
+        self.pubsub.publish(topic, msg, Some(self.id))
     }
     /// Bytes sent but not yet written to the socket.
     pub fn buffered_amount(&self) -> usize {

@@ -5,13 +5,13 @@
 //! limits hold for the process, as nginx's shared zones do), and the snapshots from which any
 //! loop renders metrics for all of them. Nothing in it is touched per message.
 
-use crate::app::{ConnId, Handler};
+use crate::app::{ConnId, Handler, Message};
 use crate::config::Config;
 use crate::error::Error;
 use crate::ledger::{check_room, plan_budget, raise_fd_limit, Budget, Ledger};
 use crate::metrics::Stats;
-use crate::server::LoopHandle;
 use crate::server::Server;
+use crate::server::{LoopHandle, QueueError};
 use crate::sys;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -229,6 +229,22 @@ impl<H: Handler + 'static> Cluster<H> {
             // `Err(Closed)`: that loop has ended already.
             let _ = h.shutdown();
         }
+    }
+
+    /// Publish `msg` to every subscriber of `topic` on every loop; never waits. Queued on the
+    /// first loop, which forwards it to the others: publications from one thread reach each
+    /// subscriber in the order they were made. See [`LoopHandle::try_publish`] for the errors.
+    pub fn try_publish(&self, topic: &[u8], msg: Message<'_>) -> Result<(), QueueError> {
+        match self.handles.first() {
+            Some(h) => h.try_publish(topic, msg),
+            None => Err(QueueError::Closed),
+        }
+    }
+
+    /// How many subscribers `topic` has, summed over the loops (each asked in turn, so the sum
+    /// may mix moments); `None` if a loop has ended.
+    pub fn num_subscribers(&self, topic: &[u8]) -> Option<usize> {
+        self.handles.iter().map(|h| h.num_subscribers(topic)).sum()
     }
 
     /// Each loop's counters, in loop order (a loop that has ended is left out).

@@ -148,6 +148,9 @@ pub struct Config {
     /// it: [`QueueError::Full`](crate::QueueError::Full); a single command larger than this:
     /// [`QueueError::TooLarge`](crate::QueueError::TooLarge). Default 16 MiB.
     pub handle_queue_bytes: usize,
+    /// Most topics one connection may be subscribed to at once; a subscription beyond it is
+    /// refused with [`TopicError::TooMany`](crate::topics::TopicError::TooMany). Default 1024.
+    pub max_topics_per_connection: usize,
 }
 
 /// The header a trusted proxy names the client in.
@@ -208,6 +211,7 @@ impl Default for Config {
             forwarded_header: ForwardedHeader::XForwardedFor,
             handle_queue_commands: 65_536,
             handle_queue_bytes: 16 << 20,
+            max_topics_per_connection: 1024,
         }
     }
 }
@@ -362,6 +366,9 @@ impl Config {
         }
         if self.handle_queue_bytes < 4096 || self.handle_queue_bytes > 1 << 40 {
             return err("handle_queue_bytes", "must be between 4 KiB and 1 TiB");
+        }
+        if self.max_topics_per_connection == 0 || self.max_topics_per_connection > 1 << 20 {
+            return err("max_topics_per_connection", "must be between 1 and 1048576");
         }
         if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
             return err("allowed_origins", e);
@@ -528,6 +535,13 @@ mod tests {
                 "handle_queue_bytes",
                 Config {
                     handle_queue_bytes: 100,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_topics_per_connection",
+                Config {
+                    max_topics_per_connection: 0,
                     ..Config::default()
                 },
             ),

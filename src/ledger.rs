@@ -8,9 +8,10 @@ use crate::admission::Admission;
 use crate::config::{Config, ConfigError, FD_LIMIT};
 use crate::metrics::Snapshot;
 use crate::sys;
+use mio::Waker;
 use std::io;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 /// How many readings an fd audit takes at most (see [`Ledger::difference_with`]).
@@ -40,7 +41,29 @@ pub(crate) struct Ledger {
     admission: Mutex<Admission>,
     /// Per loop: its latest published metrics snapshot.
     snapshots: Box<[Mutex<Option<Snapshot>>]>,
+    /// Per loop: the publications other loops forwarded to it, not taken yet, with their bytes;
+    /// and the waker that tells it.
+    inboxes: Box<[Mutex<Inbox>]>,
+    wakers: Box<[OnceLock<Arc<Waker>>]>,
 }
+
+/// A publication one loop of a cluster forwards to the others.
+#[derive(Clone, Debug)]
+pub(crate) struct Forwarded {
+    /// The topic.
+    pub(crate) topic: Arc<[u8]>,
+    /// A text message (else binary).
+    pub(crate) text: bool,
+    /// The message.
+    pub(crate) payload: Arc<[u8]>,
+}
+
+/// One loop's inbox: the publications forwarded to it, and their bytes.
+type Inbox = (Vec<Forwarded>, usize);
+
+/// The most bytes of publications a loop's inbox holds; a loop that does not keep up (a stalled
+/// handler) misses what comes beyond, counted in `wsloop_deliveries_dropped_total`.
+const INBOX_BYTES: usize = 16 << 20;
 
 impl Ledger {
     pub(crate) fn new(loops: usize, config: &Config) -> Self {
@@ -66,7 +89,53 @@ impl Ledger {
                 .with_ipv6_prefix(config.ipv6_prefix_len),
             ),
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
+            inboxes: (0..loops).map(|_| Mutex::new((Vec::new(), 0))).collect(),
+            wakers: (0..loops).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// Loop `loop_index`'s waker, through which the others tell it of forwarded publications.
+    pub(crate) fn set_waker(&self, loop_index: usize, waker: Arc<Waker>) {
+        let _ = self.wakers[loop_index].set(waker);
+    }
+
+    /// Hand `batch` (loop `from`'s publications of one turn, in order) to every other loop:
+    /// one lock of each inbox, and a wake-up for a loop whose inbox was empty. An inbox over
+    /// its bytes takes none of the batch. Returns how many publications were dropped so (each
+    /// counted once per loop that missed it), and how many loops were woken.
+    pub(crate) fn forward(&self, from: usize, batch: &[Forwarded]) -> (u64, u64) {
+        let (mut dropped, mut woken) = (0, 0);
+        let bytes: usize = batch.iter().map(|f| f.topic.len() + f.payload.len()).sum();
+        for to in (0..self.loops()).filter(|&i| i != from) {
+            let mut inbox = self.inboxes[to]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if inbox.1 + bytes > INBOX_BYTES {
+                dropped += batch.len() as u64;
+                continue;
+            }
+            let was_empty = inbox.0.is_empty();
+            inbox.0.extend_from_slice(batch);
+            inbox.1 += bytes;
+            drop(inbox);
+            if was_empty {
+                if let Some(w) = self.wakers[to].get() {
+                    // A failed wake leaves the batch for the loop's next wake-up.
+                    let _ = w.wake();
+                    woken += 1;
+                }
+            }
+        }
+        (dropped, woken)
+    }
+
+    /// What the other loops forwarded to loop `loop_index`, in the order they sent it.
+    pub(crate) fn take_forwarded(&self, loop_index: usize) -> Vec<Forwarded> {
+        let mut inbox = self.inboxes[loop_index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        inbox.1 = 0;
+        std::mem::take(&mut inbox.0)
     }
 
     pub(crate) fn loops(&self) -> usize {

@@ -59,6 +59,7 @@ mod error;
 pub mod origin;
 pub mod sys;
 pub mod timer_wheel;
+pub mod topics;
 // Layer 1: the sans-IO protocol core.
 pub mod protocol;
 mod reason;

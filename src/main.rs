@@ -11,7 +11,7 @@ use wsloop::{
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
 ///
-/// Every message a client sends comes back to it. Durations are in seconds (fractions allowed);
+/// Every message a client sends comes back to it; with --pubsub, to every client in its room. Durations are in seconds (fractions allowed);
 /// 0 disables a timeout where noted. Logging goes to stderr, filtered by RUST_LOG
 /// (for example RUST_LOG=debug). SIGINT or SIGTERM start a graceful shutdown.
 #[derive(Parser, Debug)]
@@ -130,6 +130,11 @@ struct Args {
     /// The header the trusted proxies name the client in (only that one is read).
     #[arg(long, value_enum, default_value = "x-forwarded-for")]
     forwarded_header: Forwarded,
+    /// A topic server instead of the echo server: a client's request path (without the query)
+    /// is its topic, and every message it sends is published to every subscriber of that topic,
+    /// itself included. Paths longer than 256 bytes get 414.
+    #[arg(long)]
+    pubsub: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -159,6 +164,40 @@ impl Handler for Echo {
         Decision::accept(())
     }
     fn on_message(&mut self, ws: &mut WebSocket<'_, ()>, msg: Message<'_>) {
+        ws.send(msg);
+    }
+}
+
+/// `--pubsub`: each connection is in the room its request path names.
+struct Rooms;
+
+impl Handler for Rooms {
+    /// The connection's topic.
+    type Data = Box<[u8]>;
+    fn upgrade(&mut self, req: &UpgradeRequest<'_>) -> Decision<Box<[u8]>> {
+        let topic = req.path().as_bytes();
+        if topic.len() > wsloop::topics::MAX_TOPIC_LEN {
+            return Decision::Reject {
+                status: 414,
+                reason: "request path (the topic) longer than 256 bytes",
+            };
+        }
+        Decision::accept(topic.into())
+    }
+    fn on_open(&mut self, ws: &mut WebSocket<'_, Box<[u8]>>) {
+        let topic = std::mem::take(ws.data_mut());
+        if let Err(e) = ws.subscribe(&topic) {
+            // Not for a path the upgrade accepted; closed rather than left out of its room.
+            ws.close(wsloop::CloseCode::INTERNAL_ERROR, &e.to_string());
+        }
+        *ws.data_mut() = topic;
+    }
+    fn on_message(&mut self, ws: &mut WebSocket<'_, Box<[u8]>>, msg: Message<'_>) {
+        // To the others, then to the sender: everyone in the room (on this loop) sees the
+        // messages in the order they were published.
+        let topic = std::mem::take(ws.data_mut());
+        let _ = ws.publish(&topic, msg);
+        *ws.data_mut() = topic;
         ws.send(msg);
     }
 }
@@ -264,7 +303,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    match serve(config, &args.listen, args.metrics_listen, signals) {
+    let served = match args.pubsub {
+        false => serve(config, &args, signals, "echo server", |_| Echo),
+        true => serve(config, &args, signals, "topic server", |_| Rooms),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(wsloop::Error::Config(c)) => {
             eprintln!("wsloop: {}", explain(&c, args.fd_limit));
@@ -320,17 +363,19 @@ fn config_of(args: &Args) -> Config {
     }
 }
 
-fn serve(
+/// Run the server `make` makes on each loop (`what` it is, for the log) until a signal.
+fn serve<H: Handler>(
     config: Config,
-    listen: &[SocketAddr],
-    metrics: Option<SocketAddr>,
+    args: &Args,
     mut signals: signal_hook::iterator::Signals,
+    what: &str,
+    make: impl Fn(usize) -> H + Send + Sync + 'static,
 ) -> Result<(), wsloop::Error> {
     let on_ws = config.serve_metrics;
     let threads = config.threads;
-    let cluster = Cluster::start(config, listen, metrics, |_| Echo)?;
+    let cluster = Cluster::start(config, &args.listen, args.metrics_listen, make)?;
     for bound in cluster.local_addrs() {
-        log::info!("echo server listening on ws://{bound}");
+        log::info!("{what} listening on ws://{bound}");
         if on_ws {
             log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
         }

@@ -98,6 +98,12 @@ impl Snapshot {
             a.longest_stall_ns = a.longest_stall_ns.max(b.longest_stall_ns);
             a.queue_peak = a.queue_peak.max(b.queue_peak);
             a.read_yields += b.read_yields;
+            a.topics += b.topics;
+            a.subscriptions += b.subscriptions;
+            a.published += b.published;
+            a.deliveries += b.deliveries;
+            add(&mut a.deliveries_dropped, &b.deliveries_dropped);
+            a.forward_wakeups += b.forward_wakeups;
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -116,6 +122,11 @@ fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
         *x += y;
     }
 }
+
+/// The reasons a published message was not handed to a subscriber, as
+/// `wsloop_deliveries_dropped_total` labels them, in the order of
+/// [`Stats::deliveries_dropped`].
+pub const DELIVERY_DROPS: [&str; 3] = ["backpressure", "closing", "overflow"];
 
 /// Counters the loop keeps; read through [`Ctx::stats`](crate::Ctx::stats) or
 /// [`LoopHandle::stats`](crate::LoopHandle::stats).
@@ -157,6 +168,21 @@ pub struct Stats {
     /// next turn after four reads that filled the receive buffer, so that it could not hold
     /// the loop.
     pub read_yields: u64,
+    /// Topics with at least one subscriber on the loop now.
+    pub topics: usize,
+    /// Subscriptions (a connection in a topic) on the loop now.
+    pub subscriptions: usize,
+    /// Messages published (each counted once, however many subscribers it reached).
+    pub published: u64,
+    /// Published messages handed to subscribers (one per subscriber reached).
+    pub deliveries: u64,
+    /// Published messages not handed to a subscriber, by reason ([`DELIVERY_DROPS`]): over its
+    /// backpressure limit; closing; and (per loop that missed it) a publication another loop of
+    /// a cluster could not forward because this loop's inbox was full.
+    pub deliveries_dropped: [u64; 3],
+    /// Times this loop woke another loop of its cluster to deliver the publications it
+    /// forwarded: at most one per other loop per turn, however many it published.
+    pub forward_wakeups: u64,
     /// The most bytes one connection's send queue has held at once since start (what the
     /// socket did not take; see [`Config::max_backpressure`](crate::Config::max_backpressure)).
     pub queue_peak: usize,
@@ -425,6 +451,48 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
         "gauge",
         "Connections not read because more than the backpressure limit is queued for them.",
         scan.read_paused as f64,
+    );
+    m.one(
+        "wsloop_topics",
+        "gauge",
+        "Topics with at least one subscriber (summed over loops: a topic with subscribers on two loops counts twice).",
+        st.topics as f64,
+    );
+    m.one(
+        "wsloop_subscriptions",
+        "gauge",
+        "Subscriptions: a connection in a topic.",
+        st.subscriptions as f64,
+    );
+    m.one(
+        "wsloop_published_total",
+        "counter",
+        "Messages published (each once, on the loop it was published on).",
+        st.published as f64,
+    );
+    m.one(
+        "wsloop_deliveries_total",
+        "counter",
+        "Published messages handed to a subscriber (one per subscriber reached).",
+        st.deliveries as f64,
+    );
+    m.head(
+        "wsloop_deliveries_dropped_total",
+        "counter",
+        "Published messages not handed to a subscriber, by reason.",
+    );
+    for (i, label) in DELIVERY_DROPS.iter().enumerate() {
+        m.line(
+            "wsloop_deliveries_dropped_total",
+            &[("reason", label)],
+            st.deliveries_dropped[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_forward_wakeups_total",
+        "counter",
+        "Wake-ups of another loop of the cluster for publications forwarded to it (at most one per loop per turn).",
+        st.forward_wakeups as f64,
     );
     m.one(
         "wsloop_timers",

@@ -29,6 +29,8 @@ pub enum Activity {
     Close = 6,
     /// A closure posted through a `LoopHandle`.
     Posted = 7,
+    /// `Handler::on_subscription`.
+    Subscription = 8,
 }
 
 impl Activity {
@@ -41,6 +43,7 @@ impl Activity {
             5 => Activity::Drain,
             6 => Activity::Close,
             7 => Activity::Posted,
+            8 => Activity::Subscription,
             _ => Activity::Loop,
         }
     }
@@ -56,6 +59,7 @@ impl Activity {
             Activity::Drain => "on_drain",
             Activity::Close => "on_close",
             Activity::Posted => "posted closure",
+            Activity::Subscription => "on_subscription",
         }
     }
 }

@@ -26,6 +26,8 @@
 //! `WSLOOP_NODE` (node binary), `WSLOOP_INTEROP_NODE_DIR` (the `npm install --prefix` folder
 //! holding `node_modules/ws`; default `target/interop-node`), `WSLOOP_CHROMIUM` (browser binary).
 
+#[allow(dead_code)]
+mod attack_support;
 mod child_support;
 mod common;
 
@@ -76,6 +78,38 @@ fn python_websockets_client() {
         .env("PYTHONUNBUFFERED", "1");
     let (main, proto, report) = run_script("python websockets client", client, "python_client.py");
     check_servers(main, proto, &FULL_EXPECT, &report);
+}
+
+/// `wsloop --pubsub`: a room of Python `websockets` clients (see `tests/interop/python_room.py`)
+/// sees one conversation; the binary's metrics count what it published and delivered.
+#[test]
+fn python_websockets_room_through_the_binary() {
+    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
+    let mut probe = Command::new(&python);
+    probe
+        .args(["-c", "import websockets; print(websockets.__version__)"])
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    if probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL).is_none() {
+        return;
+    }
+    let w = attack_support::Wsloop::spawn("pubsub", &["--pubsub"]);
+    let mut client = Command::new(&python);
+    client
+        .arg(interop_dir().join("python_room.py"))
+        .arg(format!("ws://{}", w.addr))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    let report = run_client("python room", &mut client).report();
+    report.check_cases(&["room", "elsewhere", "too_long"]);
+    let m = w.wait_quiet();
+    // 15 messages in the room, each published to the 2 other members (the sender gets its
+    // own directly), and one in a room of one.
+    assert_eq!(m.get("wsloop_published_total"), 16.0);
+    assert_eq!(m.get("wsloop_deliveries_total"), 30.0);
+    assert_eq!(m.get("wsloop_subscriptions"), 0.0);
+    assert_eq!(m.get("wsloop_topics"), 0.0);
+    assert_eq!(m.rejected_status("other"), 1, "the 414");
+    w.stop();
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod timer_wheel;
+pub mod topics;
 mod util;
 
 /// A target's entry point: decodes the raw input and panics on a violated property.
@@ -18,10 +19,11 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
     ("timer_wheel", timer_wheel::run),
     ("forwarded", forwarded::run),
+    ("topics", topics::run),
 ];

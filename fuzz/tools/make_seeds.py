@@ -229,3 +229,23 @@ fwd_seeds = {
 }
 for name, d in fwd_seeds.items():
     write("forwarded", name, d)
+
+# topics: ops of [op % 8, slot] (+ topic for subscribe 1/2, unsubscribe 3, publish 4):
+# 0 open, 5 deliver, 6 close, 7 end of turn.
+def op(code, slot, *rest):
+    return bytes([code, slot, *rest])
+
+
+OPEN, SUB, UNSUB, PUB, DELIVER, CLOSE, END = 0, 1, 3, 4, 5, 6, 7
+room = op(OPEN, 0) + op(OPEN, 1) + op(OPEN, 2) + op(SUB, 0, 0) + op(SUB, 1, 0) + op(SUB, 2, 1)
+topic_seeds = {
+    "room_publish_end": room + op(PUB, 0, 0) + op(PUB, 7, 0) + op(PUB, 1, 1) + op(END, 0),
+    "deliver_between": room + op(PUB, 7, 0) + op(DELIVER, 1) + op(PUB, 7, 0) + op(END, 0),
+    "close_then_reuse_slot": room + op(PUB, 7, 0) + op(CLOSE, 1) + op(OPEN, 1) + op(SUB, 1, 0)
+    + op(PUB, 7, 0) + op(END, 0),
+    "unsubscribe_midturn": room + op(PUB, 7, 0) + op(UNSUB, 0, 0) + op(PUB, 7, 0) + op(END, 0),
+    "too_many_topics": op(OPEN, 3) + b"".join(op(SUB, 3, t) for t in range(6)) + op(PUB, 7, 5) + op(END, 0),
+    "close_everyone": room + op(PUB, 2, 0) + op(CLOSE, 0) + op(CLOSE, 1) + op(CLOSE, 2) + op(END, 0),
+}
+for name, d in topic_seeds.items():
+    write("topics", name, d)

@@ -218,7 +218,7 @@ impl<'a> Outbox<'a> {
             return false;
         };
         let parts = [&self.cork[..], &head[..head_len], payload];
-        let written = self.transport.write_vectored(&parts);
+        let written = self.transport.write_vectored::<3>(&parts);
         self.direct_ok = false;
         match written {
             Ok(n) => {

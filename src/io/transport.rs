@@ -43,10 +43,12 @@ impl Transport {
         }
     }
 
-    /// One `writev` of `parts`, in order; `Ok(0)` when the socket would block.
-    pub(crate) fn write_vectored(&self, parts: &[&[u8]]) -> io::Result<usize> {
-        let mut slices = [IoSlice::new(&[]); 4];
-        let n = parts.len().min(slices.len());
+    /// One `writev` of `parts` (at most `MAX` of them: the rest are not written), in order;
+    /// `Ok(0)` when the socket would block.
+    pub(crate) fn write_vectored<const MAX: usize>(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        debug_assert!(parts.len() <= MAX);
+        let mut slices = [IoSlice::new(&[]); MAX];
+        let n = parts.len().min(MAX);
         for (slot, part) in slices.iter_mut().zip(parts) {
             *slot = IoSlice::new(part);
         }

@@ -14,6 +14,14 @@ use crate::watchdog::Activity;
 impl<D> Core<D> {
     /// End the doomed connections.
     pub(super) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        while let Some((idx, gen)) = self.closing_subscribers.pop() {
+            // A subscriber over its limit under the `Close` policy: close 1008, as a send over
+            // it does, without waiting for an answer it will not read.
+            if self.alive(idx, gen) && self.conns[idx].linger.is_none() {
+                self.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
+                self.finish(handler, idx, CloseReason::Backpressure);
+            }
+        }
         while let Some((idx, gen, reason)) = self.doomed.pop() {
             if self.alive(idx, gen) {
                 self.end(handler, idx, reason);
@@ -132,11 +140,12 @@ impl<D> Core<D> {
         self.fds_changed();
         self.tally.left(&self.ledger, &conn);
         drop(conn.socket);
+        let id = conn_id(self.loop_index, idx, conn.gen);
+        self.pubsub.forget(id, idx, conn.send.subscribed);
         self.stats.closed[reason.index()] += 1;
         // A descriptor was freed: accepting may go on.
         self.resume_accept();
         self.check_consistency();
-        let id = conn_id(self.loop_index, idx, conn.gen);
         log::debug!(
             "{id} from {} closed: {} after {} ms",
             conn.peer,
@@ -169,6 +178,29 @@ impl<D> Core<D> {
         }
     }
 
+    /// Tell the handler of every subscriber count that changed since it was last told
+    /// (`Handler::on_subscription`); called at the end of each turn, when no other callback
+    /// runs.
+    pub(super) fn report_subscriptions<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        if self.pubsub.changes.is_empty() {
+            return;
+        }
+        for (topic, c) in std::mem::take(&mut self.pubsub.changes) {
+            let id = crate::app::ConnId(0);
+            let done = guarded(
+                self.config.catch_panics,
+                &self.beat,
+                Activity::Subscription,
+                id,
+                || handler.on_subscription(&topic, c.old, c.new),
+            );
+            if done.is_none() {
+                self.stats.handler_panics += 1;
+                log::error!("on_subscription panicked");
+            }
+        }
+    }
+
     /// Debug builds: the slab, the wheel and the admission counters agree after every close.
     pub(super) fn check_consistency(&self) {
         if cfg!(debug_assertions) {
@@ -191,6 +223,10 @@ impl<D> Core<D> {
                 self.tally.shedding(),
                 "refused-connection count drifted"
             );
+            self.pubsub.check(|id| {
+                let (idx, gen) = super::conn::slot_of(id);
+                self.alive(idx, gen)
+            });
         }
     }
 }

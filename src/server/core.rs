@@ -55,6 +55,10 @@ pub(super) struct Core<D> {
     /// A message the session reassembled, handed over for the callback that gets it (see
     /// [`Session::read`](crate::protocol::session::Session::read)); released after it.
     pub(super) spill: Vec<u8>,
+    /// Publish/subscribe: the topics, and this turn's publications and who is owed them.
+    pub(super) pubsub: super::topics::Pubsub,
+    /// Subscribers over their backpressure limit under the `Close` policy, to close with 1008.
+    pub(super) closing_subscribers: Vec<(usize, u32)>,
     /// A ping was delivered during the current read: its connection may owe a pong.
     pub(super) pong_due: bool,
     pub(super) config: Config,
@@ -154,7 +158,7 @@ impl<D> Core<D> {
             }
         }
         if self.ledger.loops() > 1 {
-            self.publish();
+            self.publish_snapshot();
         }
     }
 
@@ -165,7 +169,7 @@ impl<D> Core<D> {
     }
 
     /// Publish this loop's snapshot for the other loops of its cluster to render.
-    pub(super) fn publish(&mut self) {
+    pub(super) fn publish_snapshot(&mut self) {
         self.ledger.publish(self.loop_index, self.snapshot());
         self.published_turns = self.stats.loop_turns;
         self.next_publish = self.now + PUBLISH_MS;
@@ -182,6 +186,9 @@ impl<D> Core<D> {
             max_connections: self.max_connections,
             fd_budget: self.fd_budget,
             fds_owned: self.owned_fds(),
+            topics: self.pubsub.sizes().0,
+            subscriptions: self.pubsub.sizes().1,
+            published: self.pubsub.published,
             ..self.stats.clone()
         }
     }

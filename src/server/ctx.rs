@@ -3,6 +3,7 @@
 
 use super::conn::{conn_id, slot_of};
 use super::core::Core;
+use crate::app::PubsubOps;
 use crate::app::{CloseReason, ConnId, Message, SendStatus};
 use crate::config::BackpressurePolicy;
 use crate::io::out::Outbox;
@@ -10,6 +11,7 @@ use crate::metrics::Stats;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frame::OpCode;
 use crate::protocol::session::State;
+use crate::topics::TopicError;
 use std::io;
 
 /// What a posted closure can do on the loop: reach any connection by id.
@@ -72,6 +74,22 @@ impl<'a, D> Ctx<'a, D> {
             true => SendStatus::Queued,
             false => SendStatus::Closed,
         }
+    }
+
+    /// Publish `msg` to every subscriber of `topic`, on this loop and (in a
+    /// [`Cluster`](crate::Cluster)) on every other: how many subscribers on this loop it is for.
+    /// See [`WebSocket::publish`](crate::WebSocket::publish) for when they get it.
+    pub fn publish(&mut self, topic: &[u8], msg: Message<'_>) -> Result<usize, TopicError> {
+        let op = match msg {
+            Message::Text(_) => OpCode::Text,
+            Message::Binary(_) => OpCode::Binary,
+        };
+        self.core.publish(topic, op, msg.as_bytes(), true)
+    }
+
+    /// How many subscribers `topic` has on this loop.
+    pub fn num_subscribers(&self, topic: &[u8]) -> usize {
+        self.core.pubsub.num_subscribers(topic)
     }
 
     /// Start the close handshake with connection `id`. Returns false if it is gone or closing.

@@ -11,9 +11,11 @@ use crate::config::{Config, ConfigError};
 use crate::error::Error;
 use crate::ledger::Ledger;
 use crate::metrics::Stats;
+use crate::protocol::frame::OpCode;
 use crate::protocol::handshake;
 use crate::sys;
 use crate::timer_wheel::TimerWheel;
+use crate::topics::TopicError;
 use crate::watchdog::{Activity, Watchdog};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -70,7 +72,9 @@ impl<H: Handler> Server<H> {
         config.validate()?;
         let before = sys::open_fds().unwrap_or(0);
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKER)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        // Other loops of a cluster wake this one with publications for its subscribers.
+        ledger.set_waker(loop_index, waker.clone());
         let registry = poll.registry().try_clone()?;
         let fixed_fds = sys::open_fds().unwrap_or(before + 3).saturating_sub(before);
         let limits = handshake::Limits {
@@ -104,6 +108,11 @@ impl<H: Handler> Server<H> {
                     reread: Vec::new(),
                     spill: Vec::new(),
                     pong_due: false,
+                    pubsub: super::topics::Pubsub::new(
+                        config.max_topics_per_connection,
+                        ledger.loops() > 1,
+                    ),
+                    closing_subscribers: Vec::new(),
                     limits,
                     start,
                     ledger,
@@ -228,6 +237,26 @@ impl<H: Handler> Server<H> {
         self.inner.core.render_metrics()
     }
 
+    /// Publish `msg` to every subscriber of `topic` (see [`Ctx::publish`]); between turns,
+    /// so it is written to this loop's subscribers at once.
+    pub fn publish(&mut self, topic: &[u8], msg: Message<'_>) -> Result<usize, TopicError> {
+        let reached = Ctx {
+            core: &mut self.inner.core,
+        }
+        .publish(topic, msg)?;
+        let core = &mut self.inner.core;
+        core.settle_publications();
+        core.reap(&mut self.inner.handler);
+        core.report_subscriptions(&mut self.inner.handler);
+        Ok(reached)
+    }
+
+    /// How many subscribers `topic` has on this loop.
+    pub fn num_subscribers(&self, topic: &[u8]) -> usize {
+        use crate::app::PubsubOps;
+        self.inner.core.pubsub.num_subscribers(topic)
+    }
+
     /// A cluster's loop: take its share of the fd budget (see [`Core::join_budget`]).
     pub(crate) fn join_budget(&mut self, budget: usize, max_connections: usize) {
         self.inner.core.join_budget(budget, max_connections);
@@ -304,10 +333,13 @@ impl<H: Handler> Server<H> {
             core.accept_all();
             core.reap(&mut self.inner.handler);
         }
+        core.settle_publications();
+        core.reap(&mut self.inner.handler);
+        core.report_subscriptions(&mut self.inner.handler);
         crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
         let more = !(core.shutdown_at.is_some() && core.conns.is_empty());
         if core.ledger.loops() > 1 && (core.now >= core.next_publish || !more) {
-            core.publish();
+            core.publish_snapshot();
         }
         if let Some(b) = &core.beat {
             b.turn_end();
@@ -321,6 +353,7 @@ impl<H: Handler> Inner<H> {
         let token = event.token().0;
         if token == WAKER.0 {
             self.run_commands();
+            self.take_forwarded();
         } else if token < MAX_LISTENERS {
             // Accept at the end of the turn, once this turn's events and timers have freed
             // what they free: a slot held by a client that already left is not a full server.
@@ -338,7 +371,26 @@ impl<H: Handler> Inner<H> {
             }
         }
         self.core.flush_cork();
+        if self.core.pubsub.fanout.is_large() {
+            self.core.deliver_owed();
+        }
         self.core.reap(&mut self.handler);
+    }
+
+    /// Publish what the other loops of a cluster forwarded to this one, in their order.
+    pub(super) fn take_forwarded(&mut self) {
+        if self.core.ledger.loops() == 1 {
+            return;
+        }
+        for f in self.core.ledger.take_forwarded(self.core.loop_index) {
+            let op = if f.text { OpCode::Text } else { OpCode::Binary };
+            // A topic too long was refused where it was published.
+            let _ = self.core.publish(&f.topic, op, &f.payload, false);
+            if self.core.pubsub.fanout.is_large() {
+                self.core.deliver_owed();
+                self.core.reap(&mut self.handler);
+            }
+        }
     }
 
     /// Run every command queued so far, in order; then free their room in the queue.
@@ -377,9 +429,17 @@ impl<H: Handler> Inner<H> {
                         self.core.stats.handler_panics += 1;
                     }
                 }
+                Command::Publish(topic, msg) => {
+                    let (op, payload) = msg.parts();
+                    // The length was checked when it was queued.
+                    let _ = core.publish(&topic, op, payload, true);
+                }
                 Command::Shutdown => core.begin_shutdown(handler),
             }
             self.core.flush_cork();
+            if self.core.pubsub.fanout.is_large() {
+                self.core.deliver_owed();
+            }
             self.core.reap(&mut self.handler);
         }
         // Keep a small batch's buffer for the next one; give a burst's back.

@@ -2,10 +2,12 @@
 //! wakes the loop through a `mio::Waker`; the loop runs them between dispatches, with a [`Ctx`].
 
 use super::ctx::Ctx;
-use crate::app::{ConnId, Handler};
+use crate::app::{ConnId, Handler, Message};
 use crate::config::Config;
 use crate::metrics::Stats;
 use crate::protocol::close::CloseCode;
+use crate::protocol::frame::OpCode;
+use crate::topics::MAX_TOPIC_LEN;
 use mio::Waker;
 use std::cell::Cell;
 use std::fmt;
@@ -19,6 +21,22 @@ pub(super) enum OwnedMessage {
     Binary(Vec<u8>),
 }
 
+impl OwnedMessage {
+    pub(super) fn parts(&self) -> (OpCode, &[u8]) {
+        match self {
+            OwnedMessage::Text(s) => (OpCode::Text, s.as_bytes()),
+            OwnedMessage::Binary(b) => (OpCode::Binary, b),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            OwnedMessage::Text(s) => s.capacity(),
+            OwnedMessage::Binary(b) => b.capacity(),
+        }
+    }
+}
+
 type Job<H> = Box<dyn FnOnce(&mut H, &mut Ctx<'_, <H as Handler>::Data>) + Send>;
 
 /// A request to the loop.
@@ -26,6 +44,8 @@ pub(super) enum Command<H: Handler> {
     Send(ConnId, OwnedMessage),
     Close(ConnId, CloseCode, String),
     Terminate(ConnId),
+    /// Publish to a topic's subscribers on every loop.
+    Publish(Box<[u8]>, OwnedMessage),
     Post(Job<H>),
     /// A closure whose caller waits for its result ([`LoopHandle::query`]): not counted against
     /// the bound, since each waiting thread has at most one in the queue.
@@ -42,8 +62,8 @@ impl<H: Handler> Command<H> {
     pub(super) fn cost(&self) -> Option<usize> {
         let own = std::mem::size_of::<Self>();
         Some(match self {
-            Command::Send(_, OwnedMessage::Text(s)) => own + s.capacity(),
-            Command::Send(_, OwnedMessage::Binary(b)) => own + b.capacity(),
+            Command::Send(_, msg) => own + msg.capacity(),
+            Command::Publish(topic, msg) => own + topic.len() + msg.capacity(),
             Command::Close(_, _, reason) => own + reason.capacity(),
             Command::Terminate(_) => own,
             Command::Post(f) => own + std::mem::size_of_val(&**f),
@@ -59,7 +79,8 @@ pub enum QueueError {
     /// [`Config::handle_queue_bytes`] bytes: the loop has not caught up. The command was
     /// dropped; retry later, give it up, or wait for room with a `*_timeout` method.
     Full,
-    /// The command alone is larger than [`Config::handle_queue_bytes`]: it can never be queued.
+    /// The command alone is larger than [`Config::handle_queue_bytes`], or a publish's topic is
+    /// longer than [`MAX_TOPIC_LEN`](crate::topics::MAX_TOPIC_LEN): it can never be queued.
     TooLarge,
     /// The loop has ended (its `turn` returned false, or its `Server` was dropped): nothing
     /// will run the command.
@@ -113,7 +134,7 @@ pub(super) struct Shared<H: Handler> {
     queue: Mutex<Queue<H>>,
     /// Signalled when the loop has run a batch (room was freed) or has ended.
     room: Condvar,
-    waker: Waker,
+    waker: Arc<Waker>,
     max_commands: usize,
     max_bytes: usize,
 }
@@ -135,7 +156,7 @@ impl Drop for OnLoop {
 }
 
 impl<H: Handler> Shared<H> {
-    pub(super) fn new(waker: Waker, config: &Config) -> Self {
+    pub(super) fn new(waker: Arc<Waker>, config: &Config) -> Self {
         Shared {
             queue: Mutex::new(Queue {
                 commands: Vec::new(),
@@ -356,6 +377,43 @@ impl<H: Handler> LoopHandle<H> {
     ) -> Result<(), QueueError> {
         let cmd = Command::Send(id, OwnedMessage::Binary(bytes.into()));
         self.shared.push(cmd, Self::deadline(timeout))
+    }
+
+    /// Publish `msg` to every subscriber of `topic`, on this loop and (in a
+    /// [`Cluster`](crate::Cluster)) on every other; never waits. Publications queued by one
+    /// thread reach each subscriber in the order they were queued. A topic longer than
+    /// [`MAX_TOPIC_LEN`](crate::topics::MAX_TOPIC_LEN) bytes: [`QueueError::TooLarge`].
+    pub fn try_publish(&self, topic: &[u8], msg: Message<'_>) -> Result<(), QueueError> {
+        self.shared.push(Self::publication(topic, msg)?, None)
+    }
+
+    /// [`LoopHandle::try_publish`], waiting up to `timeout` for room in a full queue.
+    pub fn publish_timeout(
+        &self,
+        topic: &[u8],
+        msg: Message<'_>,
+        timeout: Duration,
+    ) -> Result<(), QueueError> {
+        self.shared
+            .push(Self::publication(topic, msg)?, Self::deadline(timeout))
+    }
+
+    fn publication(topic: &[u8], msg: Message<'_>) -> Result<Command<H>, QueueError> {
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err(QueueError::TooLarge);
+        }
+        let msg = match msg {
+            Message::Text(s) => OwnedMessage::Text(s.to_owned()),
+            Message::Binary(b) => OwnedMessage::Binary(b.to_vec()),
+        };
+        Ok(Command::Publish(topic.into(), msg))
+    }
+
+    /// How many subscribers `topic` has on this loop, fetched from it; `None` if it has ended.
+    /// Panics on the loop's own thread, as [`LoopHandle::query`].
+    pub fn num_subscribers(&self, topic: &[u8]) -> Option<usize> {
+        let topic = topic.to_vec();
+        self.query(move |_, ctx| ctx.num_subscribers(&topic))
     }
 
     /// Start the close handshake with connection `id`; never waits.

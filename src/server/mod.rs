@@ -15,12 +15,14 @@ mod close;
 mod conn;
 mod core;
 mod ctx;
+mod deliver;
 mod event_loop;
 mod handle;
 mod http;
 mod read;
 mod report;
 mod timers;
+mod topics;
 mod write;
 mod ws;
 

@@ -74,6 +74,10 @@ impl<D> Core<D> {
         if self.cork_owner != Some(idx) {
             self.flush_cork();
             self.cork_owner = Some(idx);
+            if self.pubsub.fanout.owing() {
+                // What it was published earlier in this turn goes out before what it sends.
+                self.deliver_into_cork(idx);
+            }
         }
     }
 

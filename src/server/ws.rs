@@ -4,6 +4,7 @@
 
 use super::conn::{conn_id, Conn};
 use super::core::Core;
+use super::topics::Pubsub;
 use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
 use crate::config::Config;
 use crate::io::out::{Outbox, CORK_KEEP};
@@ -26,7 +27,14 @@ pub(super) fn callback<H: Handler>(
     core.cork_for(idx);
     let conn = &mut core.conns[idx];
     let id = conn_id(core.loop_index, idx, conn.gen);
-    let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
+    let Some(mut ws) = websocket(
+        conn,
+        &mut core.cork,
+        &mut core.pubsub,
+        &core.config,
+        id,
+        last,
+    ) else {
         return false;
     };
     let done = guarded(core.config.catch_panics, &core.beat, kind, id, || {
@@ -45,6 +53,7 @@ pub(super) fn callback<H: Handler>(
 fn websocket<'a, D>(
     conn: &'a mut Conn<D>,
     cork: &'a mut Vec<u8>,
+    pubsub: &'a mut Pubsub,
     config: &Config,
     id: ConnId,
     last: bool,
@@ -65,6 +74,7 @@ fn websocket<'a, D>(
         subprotocol: conn.rare.as_ref().and_then(|r| r.subprotocol.as_deref()),
         max_backpressure: config.max_backpressure,
         policy: config.backpressure_policy,
+        pubsub,
     })
 }
 
@@ -202,7 +212,14 @@ pub(super) fn frames<H: Handler>(
         // write adds no system call. Answers to earlier ones share the cork's one `send`.
         let last = off == len;
         let id = conn_id(core.loop_index, idx, conn.gen);
-        let Some(mut ws) = websocket(conn, &mut core.cork, &core.config, id, last) else {
+        let Some(mut ws) = websocket(
+            conn,
+            &mut core.cork,
+            &mut core.pubsub,
+            &core.config,
+            id,
+            last,
+        ) else {
             return false;
         };
         let done = guarded(
@@ -231,8 +248,13 @@ pub(super) fn frames<H: Handler>(
         // The backpressure limit counts the cork, so a burst of messages read in one dispatch
         // must not pile its answers up there: what the socket takes at once is no slow
         // reader's backlog. Offer a cork that reached the limit to the socket now.
-        if core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
-            core.flush_cork();
+        // Likewise what this read publishes is delivered once it grows large.
+        let large = core.pubsub.fanout.is_large();
+        if large || core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
+            match large {
+                true => core.deliver_owed(),
+                false => core.flush_cork(),
+            }
             if core.doomed.iter().any(|d| d.0 == idx) {
                 return false; // the write failed; `reap` ends it
             }

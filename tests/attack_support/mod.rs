@@ -81,7 +81,7 @@ impl Wsloop {
         .expect("spawn wsloop");
         let started = proc.wait_for("wsloop start", START_TIMEOUT, |log| {
             let addr = log.lines().find_map(|l| {
-                l.split_once("echo server listening on ws://")
+                l.split_once(" server listening on ws://")
                     .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
             });
             addr.filter(|_| log.contains("fd budget"))

@@ -1,0 +1,213 @@
+//! Delivering publications: from the turn's arena into a subscriber's cork when it is about to
+//! be written to anyway, or at the end of the turn with one `writev` per 64 frames; within
+//! each subscriber's backpressure limit and policy (see [`super::topics`]).
+
+use super::core::Core;
+use crate::config::BackpressurePolicy;
+use crate::protocol::frame::OpCode;
+use crate::reason::CloseReason;
+use crate::topics::{Cursor, TopicError, MAX_TOPIC_LEN};
+
+/// What subscribers did with what they were owed, for the counters.
+#[derive(Default)]
+struct Delivered {
+    delivered: u64,
+    dropped_backpressure: u64,
+    dropped_closing: u64,
+}
+
+/// Whether a subscriber takes its next publication.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Yes,
+    /// Over its backpressure limit, under the `Drop` policy: this one is dropped.
+    Skip,
+    /// Over its limit under the `Close` policy: this one is dropped and the subscriber is
+    /// being closed with 1008, so the rest are dropped too.
+    Close,
+    /// Closing already: this one and the rest are dropped.
+    Closing,
+}
+
+impl<D> Core<D> {
+    /// Publish to `topic`'s subscribers on this loop, and (unless it came from another loop,
+    /// `forward` false) to the other loops of a cluster; the connection that owns the cork now
+    /// (a posted closure's last send, say) gets it there at once. Returns how many subscribers
+    /// on this loop it is for; `Err` for a topic longer than the limit.
+    pub(super) fn publish(
+        &mut self,
+        topic: &[u8],
+        op: OpCode,
+        payload: &[u8],
+        forward: bool,
+    ) -> Result<usize, TopicError> {
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err(TopicError::TooLong);
+        }
+        if forward {
+            self.pubsub.originate(topic, op, payload);
+        }
+        let reached = self.pubsub.publish_local(topic, op, payload, None);
+        if let Some(owner) = self.cork_owner {
+            // It is owed this (and nothing earlier: it got that when it took the cork).
+            self.deliver_into_cork(owner);
+        }
+        Ok(reached)
+    }
+
+    /// Connection `idx` is about to own the cork: what it is owed goes there first, so that
+    /// what it is sent next comes after (the order in which the application made them).
+    pub(super) fn deliver_into_cork(&mut self, idx: usize) {
+        let mut at = self.pubsub.fanout.take(idx);
+        let mut count = Delivered::default();
+        while self.admit_next(idx, &mut at, &mut count) {
+            let frame = self.pubsub.fanout.next(&mut at).expect("not at the end");
+            self.cork.extend_from_slice(frame);
+            count.delivered += 1;
+        }
+        self.count_deliveries(count);
+    }
+
+    /// Move `at` past what connection `idx` does not take (counted); whether a publication it
+    /// takes is next.
+    fn admit_next(&mut self, idx: usize, at: &mut Cursor, count: &mut Delivered) -> bool {
+        while !at.is_end() {
+            match self.admit_delivery(idx) {
+                Admit::Yes => return true,
+                refused => self.refuse(refused, at, count),
+            }
+        }
+        false
+    }
+
+    /// Whether connection `idx` takes one more publication now; under the `Close` policy, one
+    /// over the limit starts its close.
+    fn admit_delivery(&mut self, idx: usize) -> Admit {
+        let conn = &mut self.conns[idx];
+        if conn.data.is_none() || conn.send.sealed {
+            return Admit::Closing;
+        }
+        let corked = match self.cork_owner {
+            Some(owner) if owner == idx => self.cork.len(),
+            _ => 0,
+        };
+        if conn.pending.len() + corked <= self.config.max_backpressure {
+            return Admit::Yes;
+        }
+        if self.config.backpressure_policy == BackpressurePolicy::Drop {
+            return Admit::Skip;
+        }
+        // Closed by `reap` (1008, without waiting for an answer it will not read).
+        conn.send.sealed = true;
+        conn.send.cause = Some(CloseReason::Backpressure);
+        self.closing_subscribers.push((idx, conn.gen));
+        Admit::Close
+    }
+
+    /// Count a refused publication at `at` (and, for a subscriber that takes nothing more,
+    /// everything after it), moving `at` past them.
+    fn refuse(&self, admit: Admit, at: &mut Cursor, count: &mut Delivered) {
+        let fanout = &self.pubsub.fanout;
+        match admit {
+            Admit::Yes => {}
+            Admit::Skip => {
+                fanout.next(at);
+                count.dropped_backpressure += 1;
+            }
+            Admit::Close | Admit::Closing => {
+                if admit == Admit::Close && fanout.next(at).is_some() {
+                    count.dropped_backpressure += 1;
+                }
+                while fanout.next(at).is_some() {
+                    count.dropped_closing += 1;
+                }
+            }
+        }
+    }
+
+    fn count_deliveries(&mut self, c: Delivered) {
+        self.stats.deliveries += c.delivered;
+        self.stats.deliveries_dropped[0] += c.dropped_backpressure;
+        self.stats.deliveries_dropped[1] += c.dropped_closing;
+    }
+
+    /// The end of a turn (or earlier, when what is owed grew large): every subscriber still
+    /// owed something gets it with one `writev` per 64 frames straight from the arena, as much
+    /// as its backpressure limit admits; what its socket does not take is queued, and what comes
+    /// after is queued one frame at a time within the limit. Then the arena is cleared.
+    pub(super) fn deliver_owed(&mut self) {
+        self.flush_cork();
+        let mut count = Delivered::default();
+        let limit = self.config.max_backpressure;
+        for (idx, gen) in self.pubsub.fanout.take_owing() {
+            // A slot reused this turn is owed what its new connection is (the old one's list
+            // was forgotten when it ended): only the new one's entry takes it.
+            if !self.alive(idx, gen) {
+                continue;
+            }
+            let mut at = self.pubsub.fanout.take(idx);
+            // Straight to the socket while nothing is queued for it.
+            while self.conns[idx].pending.is_empty() && self.admit_next(idx, &mut at, &mut count) {
+                let fanout = &self.pubsub.fanout;
+                let mut parts: [&[u8]; 64] = [&[]; 64];
+                let (mut n, mut total) = (0, 0);
+                // Each frame admitted as a send would be: while what goes before it is within
+                // the limit.
+                while n < parts.len() && total <= limit {
+                    let Some(frame) = fanout.next(&mut at) else {
+                        break;
+                    };
+                    parts[n] = frame;
+                    total += frame.len();
+                    n += 1;
+                }
+                let parts = &parts[..n];
+                let conn = &mut self.conns[idx];
+                match conn.socket.write_vectored::<64>(parts) {
+                    Ok(written) => {
+                        self.stats.bytes_sent += written as u64;
+                        count.delivered += n as u64;
+                        if written < total {
+                            conn.pending.push_unsent(parts, written);
+                            let queued = conn.pending.len();
+                            self.stats.queue_peak = self.stats.queue_peak.max(queued);
+                            conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
+                            self.rearm(idx);
+                        }
+                    }
+                    Err(e) => {
+                        let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
+                        self.doomed.push((idx, gen, reason));
+                        // Its connection is ending: the rest is dropped.
+                        self.refuse(Admit::Closing, &mut at, &mut count);
+                    }
+                }
+            }
+            // Behind queued bytes: into the queue, one at a time, within the limit.
+            while self.admit_next(idx, &mut at, &mut count) {
+                let frame = self.pubsub.fanout.next(&mut at).expect("not at the end");
+                let conn = &mut self.conns[idx];
+                conn.pending.push(frame);
+                self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
+                count.delivered += 1;
+            }
+        }
+        self.count_deliveries(count);
+        self.pubsub.fanout.clear();
+    }
+
+    /// Publications of this turn delivered, and forwarded to the other loops of a cluster.
+    pub(super) fn settle_publications(&mut self) {
+        if self.pubsub.fanout.owing() {
+            self.deliver_owed();
+        } else {
+            self.pubsub.fanout.clear();
+        }
+        if !self.pubsub.outgoing.is_empty() {
+            let batch = std::mem::take(&mut self.pubsub.outgoing);
+            let (dropped, woken) = self.ledger.forward(self.loop_index, &batch);
+            self.stats.deliveries_dropped[2] += dropped;
+            self.stats.forward_wakeups += woken;
+        }
+    }
+}

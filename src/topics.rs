@@ -1,0 +1,515 @@
+//! Publish/subscribe without I/O: the registry of topics ([`Topics`]), and one loop turn's
+//! publications with who is owed which ([`Fanout`]). The loop (`server/topics.rs`,
+//! `server/deliver.rs`) writes what they say; here they are unit-tested and fuzzed against
+//! simple models.
+//!
+//! [`Topics`]: each topic lists its subscribers, each subscriber its topics, and a hash map of
+//! subscriptions keeps both positions, so subscribing and unsubscribing are O(1) (hash look-ups
+//! and a swap-remove on each side, fixing the one moved entry's position), removing a subscriber
+//! is O(its topics), and listing a topic's subscribers is O(subscribers). A topic exists while
+//! it has a subscriber: its memory is freed when the last one leaves. A subscriber is an opaque
+//! `u64` key (the loop uses a connection's id).
+//!
+//! [`Fanout`]: a publication is framed once into the turn's arena; each subscriber it is for is
+//! owed a reference to it (8 bytes), appended to that subscriber's list, so that what one
+//! subscriber is owed is read back in publication order without a copy. Subscribers are
+//! addressed by slot and generation (a connection's place in the loop's slab): a slot reused
+//! within the turn is told apart by its generation.
+
+use slab::Slab;
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// The longest topic name, in bytes. Longer names are refused ([`TopicError::TooLong`]).
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Why a subscription was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicError {
+    /// The name is longer than [`MAX_TOPIC_LEN`].
+    TooLong,
+    /// The subscriber is in as many topics as it may be
+    /// ([`Config::max_topics_per_connection`](crate::Config::max_topics_per_connection)).
+    TooMany,
+}
+
+impl fmt::Display for TopicError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TopicError::TooLong => "topic name longer than 256 bytes",
+            TopicError::TooMany => "too many topics for one connection",
+        })
+    }
+}
+
+impl std::error::Error for TopicError {}
+
+/// A subscriber's handle in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubId(u32);
+
+/// One topic: its name and its subscribers.
+struct Topic {
+    name: Arc<[u8]>,
+    members: Vec<u32>,
+}
+
+/// One subscriber: its key and its topics.
+struct Subscriber {
+    key: u64,
+    topics: Vec<u32>,
+}
+
+/// The registry (see the module docs).
+#[derive(Default)]
+pub struct Topics {
+    topics: Slab<Topic>,
+    names: HashMap<Arc<[u8]>, u32>,
+    subscribers: Slab<Subscriber>,
+    /// Per subscription (subscriber, topic): its index in the subscriber's topics and in the
+    /// topic's members.
+    links: HashMap<(u32, u32), (u32, u32)>,
+}
+
+/// What a subscribe or unsubscribe did to a topic: its subscriber count before and after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Change {
+    /// Subscribers before.
+    pub old: usize,
+    /// Subscribers after.
+    pub new: usize,
+}
+
+impl Topics {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new subscriber (in no topic yet) with `key`, which [`Topics::members`] reports.
+    pub fn add_subscriber(&mut self, key: u64) -> SubId {
+        SubId(self.subscribers.insert(Subscriber {
+            key,
+            topics: Vec::new(),
+        }) as u32)
+    }
+
+    /// Subscribe `sub` to `topic` (created if new), unless it is in `max_topics` topics
+    /// already. `Ok(None)`: it was subscribed already.
+    pub fn subscribe(
+        &mut self,
+        sub: SubId,
+        topic: &[u8],
+        max_topics: usize,
+    ) -> Result<Option<Change>, TopicError> {
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err(TopicError::TooLong);
+        }
+        let known = self.names.get(topic).copied();
+        if known.is_some_and(|t| self.links.contains_key(&(sub.0, t))) {
+            return Ok(None);
+        }
+        if self.subscribers[sub.0 as usize].topics.len() >= max_topics {
+            return Err(TopicError::TooMany);
+        }
+        let t = known.unwrap_or_else(|| {
+            let name: Arc<[u8]> = topic.into();
+            let t = self.topics.insert(Topic {
+                name: name.clone(),
+                members: Vec::new(),
+            }) as u32;
+            self.names.insert(name, t);
+            t
+        });
+        let mine = &mut self.subscribers[sub.0 as usize].topics;
+        let members = &mut self.topics[t as usize].members;
+        self.links
+            .insert((sub.0, t), (mine.len() as u32, members.len() as u32));
+        mine.push(t);
+        members.push(sub.0);
+        let new = members.len();
+        Ok(Some(Change { old: new - 1, new }))
+    }
+
+    /// Unsubscribe `sub` from `topic`; `None` if it was not subscribed.
+    pub fn unsubscribe(&mut self, sub: SubId, topic: &[u8]) -> Option<Change> {
+        let t = *self.names.get(topic)?;
+        let at = self.links.remove(&(sub.0, t))?;
+        Some(self.unlink(sub.0, t, at))
+    }
+
+    /// Remove `sub` and its subscriptions; `changed(topic, change)` is called for each topic it
+    /// was in.
+    pub fn remove_subscriber(&mut self, sub: SubId, mut changed: impl FnMut(&[u8], Change)) {
+        while let Some(&t) = self.subscribers[sub.0 as usize].topics.last() {
+            let name = self.topics[t as usize].name.clone();
+            let at = self
+                .links
+                .remove(&(sub.0, t))
+                .expect("a listed subscription");
+            changed(&name, self.unlink(sub.0, t, at));
+        }
+        self.subscribers.remove(sub.0 as usize);
+    }
+
+    /// Whether `sub` is subscribed to `topic`.
+    pub fn is_subscribed(&self, sub: SubId, topic: &[u8]) -> bool {
+        self.names
+            .get(topic)
+            .is_some_and(|&t| self.links.contains_key(&(sub.0, t)))
+    }
+
+    /// The topics `sub` is subscribed to, in no particular order.
+    pub fn topics_of(&self, sub: SubId) -> impl Iterator<Item = &[u8]> {
+        self.subscribers[sub.0 as usize]
+            .topics
+            .iter()
+            .map(|&t| &*self.topics[t as usize].name)
+    }
+
+    /// The keys of `topic`'s subscribers, in no particular order (none if it has none).
+    pub fn members(&self, topic: &[u8]) -> impl Iterator<Item = u64> + '_ {
+        let members = self
+            .names
+            .get(topic)
+            .map_or(&[][..], |&t| &self.topics[t as usize].members[..]);
+        members.iter().map(|&s| self.subscribers[s as usize].key)
+    }
+
+    /// How many subscribers `topic` has.
+    pub fn count(&self, topic: &[u8]) -> usize {
+        self.names
+            .get(topic)
+            .map_or(0, |&t| self.topics[t as usize].members.len())
+    }
+
+    /// Topics with at least one subscriber.
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Whether there is no topic.
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty()
+    }
+
+    /// Subscriptions over all topics.
+    pub fn subscriptions(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Remove subscription (`s`, `t`), which was at `(in_sub, in_topic)`, from both lists,
+    /// fixing the position of the entry each swap-remove moved; drop the topic if it is now
+    /// empty.
+    fn unlink(&mut self, s: u32, t: u32, (in_sub, in_topic): (u32, u32)) -> Change {
+        let mine = &mut self.subscribers[s as usize].topics;
+        mine.swap_remove(in_sub as usize);
+        if let Some(&moved) = mine.get(in_sub as usize) {
+            self.links
+                .get_mut(&(s, moved))
+                .expect("a listed subscription")
+                .0 = in_sub;
+        }
+        let topic = &mut self.topics[t as usize];
+        topic.members.swap_remove(in_topic as usize);
+        if let Some(&moved) = topic.members.get(in_topic as usize) {
+            self.links.get_mut(&(moved, t)).expect("a listed member").1 = in_topic;
+        }
+        let new = topic.members.len();
+        if new == 0 {
+            let topic = self.topics.remove(t as usize);
+            self.names.remove(&topic.name);
+        }
+        Change { old: new + 1, new }
+    }
+
+    /// Debug builds and tests: both lists and the positions agree.
+    pub fn check(&self) {
+        let mut subscriptions = 0;
+        for (t, topic) in self.topics.iter() {
+            assert!(!topic.members.is_empty(), "empty topic kept");
+            assert_eq!(self.names.get(&topic.name), Some(&(t as u32)));
+            for (i, &s) in topic.members.iter().enumerate() {
+                assert_eq!(self.links[&(s, t as u32)].1, i as u32);
+            }
+            subscriptions += topic.members.len();
+        }
+        for (s, sub) in self.subscribers.iter() {
+            for (i, &t) in sub.topics.iter().enumerate() {
+                assert_eq!(self.links[&(s as u32, t)].0, i as u32);
+            }
+        }
+        assert_eq!(self.names.len(), self.topics.len());
+        assert_eq!(subscriptions, self.links.len());
+    }
+}
+
+/// The end of a list of what a subscriber is owed.
+const END: u32 = u32::MAX;
+
+/// One turn's publications, framed once each, and what each subscriber is owed of them (see
+/// the module docs).
+#[derive(Default)]
+pub struct Fanout {
+    /// The publications, framed, back to back.
+    frames: Vec<u8>,
+    /// Each publication's frame in `frames`.
+    pubs: Vec<Range<usize>>,
+    /// What is owed: (publication, next entry for the same subscriber or [`END`]).
+    owed: Vec<(u32, u32)>,
+    /// Per slot: the first and last entry of what it is owed.
+    lists: Vec<Option<(u32, u32)>>,
+    /// Slots owed something, with their generation, in the order they were first owed.
+    owing: Vec<(usize, u32)>,
+}
+
+/// Where a subscriber is in reading what it is owed ([`Fanout::take`], [`Fanout::next`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor(u32);
+
+impl Cursor {
+    /// Whether nothing more is owed.
+    pub fn is_end(self) -> bool {
+        self.0 == END
+    }
+}
+
+/// Deliver early, before the turn ends, once this many deliveries are owed or this many bytes
+/// of publications are framed: what a turn holds for its subscribers stays bounded however many
+/// messages one read publishes to however many subscribers.
+const OWED_MAX: usize = 1 << 16;
+const FRAMES_MAX: usize = 1 << 20;
+
+impl Fanout {
+    /// Frame one publication with `write` and owe it to each of `to` (slot, generation).
+    /// Returns how many it is owed to; with none, nothing is kept.
+    pub fn publish(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>),
+        to: impl IntoIterator<Item = (usize, u32)>,
+    ) -> usize {
+        let start = self.frames.len();
+        write(&mut self.frames);
+        let p = self.pubs.len() as u32;
+        let mut n = 0;
+        for (slot, gen) in to {
+            n += 1;
+            let entry = self.owed.len() as u32;
+            self.owed.push((p, END));
+            if self.lists.len() <= slot {
+                self.lists.resize(slot + 1, None);
+            }
+            match &mut self.lists[slot] {
+                Some((_, last)) => {
+                    self.owed[*last as usize].1 = entry;
+                    *last = entry;
+                }
+                list @ None => {
+                    *list = Some((entry, entry));
+                    self.owing.push((slot, gen));
+                }
+            }
+        }
+        match n {
+            0 => self.frames.truncate(start),
+            _ => self.pubs.push(start..self.frames.len()),
+        }
+        n
+    }
+
+    /// Whether anything is owed to anyone.
+    pub fn owing(&self) -> bool {
+        !self.owing.is_empty()
+    }
+
+    /// What `slot` is owed, from the first (read it with [`Fanout::next`]); its list is
+    /// cleared.
+    pub fn take(&mut self, slot: usize) -> Cursor {
+        let first = self.lists.get_mut(slot).and_then(Option::take);
+        Cursor(first.map_or(END, |(first, _)| first))
+    }
+
+    /// The next publication's frame at `at`, moving `at` on; `None` at the end.
+    pub fn next(&self, at: &mut Cursor) -> Option<&[u8]> {
+        if at.is_end() {
+            return None;
+        }
+        let (p, next) = self.owed[at.0 as usize];
+        at.0 = next;
+        Some(&self.frames[self.pubs[p as usize].clone()])
+    }
+
+    /// The slots owed something, with their generations (each slot with the generation it had
+    /// when first owed; a slot reused since may appear again with its new one). Take each one's
+    /// list with [`Fanout::take`] if that generation is still the slot's, and only then.
+    pub fn take_owing(&mut self) -> Vec<(usize, u32)> {
+        std::mem::take(&mut self.owing)
+    }
+
+    /// The subscriber in `slot` is gone: it is owed nothing more.
+    pub fn forget(&mut self, slot: usize) {
+        if let Some(list) = self.lists.get_mut(slot) {
+            *list = None;
+        }
+    }
+
+    /// Everything owed has been delivered (or forgotten): start the next turn, keeping a small
+    /// arena's memory.
+    pub fn clear(&mut self) {
+        debug_assert!(
+            self.lists.iter().all(Option::is_none),
+            "undelivered publications"
+        );
+        self.frames.clear();
+        if self.frames.capacity() > FRAMES_MAX {
+            self.frames = Vec::new();
+        }
+        self.pubs.clear();
+        self.owed.clear();
+        if self.owed.capacity() > OWED_MAX {
+            self.owed = Vec::new();
+        }
+        self.owing.clear();
+    }
+
+    /// What is owed is large enough to deliver now, before the turn ends.
+    pub fn is_large(&self) -> bool {
+        self.owed.len() >= OWED_MAX || self.frames.len() >= FRAMES_MAX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn subscribe_publish_unsubscribe() {
+        let mut r = Topics::new();
+        let (a, b) = (r.add_subscriber(1), r.add_subscriber(2));
+        assert_eq!(
+            r.subscribe(a, b"room", 8),
+            Ok(Some(Change { old: 0, new: 1 }))
+        );
+        assert_eq!(r.subscribe(a, b"room", 8), Ok(None), "already subscribed");
+        assert_eq!(
+            r.subscribe(b, b"room", 8),
+            Ok(Some(Change { old: 1, new: 2 }))
+        );
+        assert_eq!(
+            r.subscribe(b, b"other", 8),
+            Ok(Some(Change { old: 0, new: 1 }))
+        );
+        let mut m: Vec<u64> = r.members(b"room").collect();
+        m.sort();
+        assert_eq!(m, [1, 2]);
+        assert!(r.is_subscribed(a, b"room") && !r.is_subscribed(a, b"other"));
+        assert_eq!((r.len(), r.subscriptions(), r.count(b"room")), (2, 3, 2));
+        assert_eq!(r.unsubscribe(a, b"room"), Some(Change { old: 2, new: 1 }));
+        assert_eq!(r.unsubscribe(a, b"room"), None);
+        let mut changes = Vec::new();
+        r.remove_subscriber(b, |t, c| changes.push((t.to_vec(), c)));
+        changes.sort();
+        assert_eq!(
+            changes,
+            [
+                (b"other".to_vec(), Change { old: 1, new: 0 }),
+                (b"room".to_vec(), Change { old: 1, new: 0 })
+            ]
+        );
+        assert!(r.is_empty(), "topics are freed with their last subscriber");
+        assert_eq!(r.members(b"room").count(), 0);
+        r.check();
+    }
+
+    #[test]
+    fn names_and_counts_are_bounded() {
+        let mut r = Topics::new();
+        let a = r.add_subscriber(1);
+        let long = vec![b'x'; MAX_TOPIC_LEN + 1];
+        assert_eq!(r.subscribe(a, &long, 8), Err(TopicError::TooLong));
+        assert!(r.subscribe(a, &long[..MAX_TOPIC_LEN], 8).is_ok());
+        assert!(r.subscribe(a, b"two", 2).is_ok());
+        assert_eq!(r.subscribe(a, b"three", 2), Err(TopicError::TooMany));
+        assert_eq!(r.len(), 2, "a refused topic is not created");
+        r.check();
+    }
+
+    /// Random operations against a model (a map from topic to member set): the registry says
+    /// the same, and its back-pointers stay consistent.
+    #[test]
+    fn agrees_with_a_model_under_random_operations() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut r = Topics::new();
+        let mut model: BTreeMap<Vec<u8>, BTreeSet<u64>> = BTreeMap::new();
+        let mut subs: Vec<(u64, SubId)> = Vec::new();
+        let mut key = 0;
+        for _ in 0..20_000 {
+            let topic = vec![b'a' + next(12) as u8];
+            match next(6) {
+                0 => {
+                    key += 1;
+                    subs.push((key, r.add_subscriber(key)));
+                }
+                1 | 2 if !subs.is_empty() => {
+                    let (k, s) = subs[next(subs.len() as u64) as usize];
+                    let got = r.subscribe(s, &topic, 6);
+                    model.entry(topic.clone()).or_default();
+                    let mine = model.values().filter(|m| m.contains(&k)).count();
+                    let set = model.get_mut(&topic).unwrap();
+                    match got {
+                        Ok(Some(c)) => {
+                            assert!(set.insert(k));
+                            assert_eq!(c.new, set.len());
+                        }
+                        Ok(None) => assert!(set.contains(&k)),
+                        Err(TopicError::TooMany) => assert!(mine >= 6 && !set.contains(&k)),
+                        Err(e) => panic!("{e}"),
+                    }
+                    model.retain(|_, m| !m.is_empty());
+                }
+                3 if !subs.is_empty() => {
+                    let (k, s) = subs[next(subs.len() as u64) as usize];
+                    let got = r.unsubscribe(s, &topic);
+                    let had = model.get_mut(&topic).is_some_and(|m| m.remove(&k));
+                    assert_eq!(got.is_some(), had);
+                    model.retain(|_, m| !m.is_empty());
+                }
+                4 if !subs.is_empty() => {
+                    let (k, s) = subs.swap_remove(next(subs.len() as u64) as usize);
+                    let mut seen = 0;
+                    r.remove_subscriber(s, |_, _| seen += 1);
+                    let mut was = 0;
+                    for m in model.values_mut() {
+                        was += m.remove(&k) as usize;
+                    }
+                    assert_eq!(seen, was);
+                    model.retain(|_, m| !m.is_empty());
+                }
+                _ => {}
+            }
+            let got: BTreeSet<u64> = r.members(&topic).collect();
+            assert_eq!(got, model.get(&topic).cloned().unwrap_or_default());
+            assert_eq!(r.len(), model.len());
+        }
+        r.check();
+        for (k, s) in &subs {
+            let mut mine: Vec<&[u8]> = r.topics_of(*s).collect();
+            mine.sort();
+            let want: Vec<&[u8]> = model
+                .iter()
+                .filter(|(_, m)| m.contains(k))
+                .map(|(t, _)| &t[..])
+                .collect();
+            assert_eq!(mine, want);
+        }
+    }
+}
