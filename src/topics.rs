@@ -320,6 +320,7 @@ impl Fanout {
     }
 
     /// Whether anything is owed to anyone.
+    #[inline]
     pub fn owing(&self) -> bool {
         !self.owing.is_empty()
     }

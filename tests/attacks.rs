@@ -655,8 +655,19 @@ fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
 }
 
 /// Bytes in the kernel's send queues of the child's connections on `port` (the `tx_queue`
-/// column of `/proc/PID/net/tcp` for established sockets with that local port).
+/// column of `/proc/PID/net/tcp` for established sockets with that local port, counting only
+/// sockets the child holds: the table lists the whole network namespace's).
 fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
+    let mine: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", w.pid)).unwrap();
     table
         .lines()
@@ -666,7 +677,8 @@ fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
             let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
             let established = f[3] == "01";
             let tx = usize::from_str_radix(f[4].split(':').next()?, 16).ok()?;
-            (local_port == port && established).then_some(tx)
+            let held = mine.contains(*f.get(9)?);
+            (local_port == port && established && held).then_some(tx)
         })
         .sum()
 }

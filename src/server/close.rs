@@ -181,10 +181,15 @@ impl<D> Core<D> {
     /// Tell the handler of every subscriber count that changed since it was last told
     /// (`Handler::on_subscription`); called at the end of each turn, when no other callback
     /// runs.
+    #[inline]
     pub(super) fn report_subscriptions<H: Handler<Data = D>>(&mut self, handler: &mut H) {
-        if self.pubsub.changes.is_empty() {
-            return;
+        if !self.pubsub.changes.is_empty() {
+            self.report_subscriptions_now(handler);
         }
+    }
+
+    #[inline(never)]
+    fn report_subscriptions_now<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         for (topic, c) in std::mem::take(&mut self.pubsub.changes) {
             let id = crate::app::ConnId(0);
             let done = guarded(

@@ -197,11 +197,19 @@ impl<D> Core<D> {
     }
 
     /// Publications of this turn delivered, and forwarded to the other loops of a cluster.
+    #[inline]
     pub(super) fn settle_publications(&mut self) {
+        // Nothing owed means an empty arena: whatever was published was owed to someone, and
+        // only `deliver_owed` takes the list of who is owed.
+        if self.pubsub.fanout.owing() || !self.pubsub.outgoing.is_empty() {
+            self.settle_publications_now();
+        }
+    }
+
+    #[inline(never)]
+    fn settle_publications_now(&mut self) {
         if self.pubsub.fanout.owing() {
             self.deliver_owed();
-        } else {
-            self.pubsub.fanout.clear();
         }
         if !self.pubsub.outgoing.is_empty() {
             let batch = std::mem::take(&mut self.pubsub.outgoing);
