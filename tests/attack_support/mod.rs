@@ -9,6 +9,7 @@ use crate::child_support::Proc;
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -112,6 +113,7 @@ impl Wsloop {
             last = now;
         }
         w.baseline_fds = last;
+        crate::child_support::assert_nothing_leaked_into(name, w.pid);
         w
     }
 
@@ -131,11 +133,18 @@ impl Wsloop {
             .unwrap_or_else(|| panic!("{}: no metrics listener in the log:\n{log}", self.name))
     }
 
-    /// Descriptors open in the child now (entries of `/proc/<pid>/fd`).
+    /// Descriptors open in the child now (entries of `/proc/<pid>/fd`), but for the one its fd
+    /// audit thread holds while it lists `/proc/self/fd` (every `--audit-interval`, for well
+    /// under a millisecond, longer on a loaded machine): a baseline taken during a listing
+    /// would otherwise be one too high for ever, and no later count would come back to it.
     pub fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| d.count())
+        let listing = PathBuf::from(format!("/proc/{}/fd", self.pid));
+        std::fs::read_dir(&listing)
             .unwrap_or_else(|e| panic!("{}: reading /proc/{}/fd: {e}", self.name, self.pid))
+            .flatten()
+            // A descriptor closed since the listing still counts, as `read_dir` saw it.
+            .filter(|e| std::fs::read_link(e.path()).map_or(true, |t| t != listing))
+            .count()
     }
 
     /// CPU seconds (user + system) the child has used so far.
@@ -170,30 +179,31 @@ impl Wsloop {
     }
 
     /// Wait (bounded) until the fd count is back to the baseline and a metrics request finds no
-    /// connection held but itself (a loop that lags may still have connections in its backlog
-    /// when the count is at the baseline); return those metrics.
+    /// connection held and no timer armed but its own (a loop that lags may still have
+    /// connections in its backlog when the count is at the baseline); return those metrics.
     pub fn wait_quiet(&self) -> Metrics {
         let deadline = Instant::now() + FD_SETTLE;
         loop {
             self.wait_baseline();
             let m = self.try_metrics();
             match &m {
-                Ok(m) if m.held() == 1 && !m.0.contains_key(OTHER_LOOP) => return m.clone(),
-                Ok(m) if m.held() == 1 => {
+                Ok(m) if m.quiet() && !m.0.contains_key(OTHER_LOOP) => return m.clone(),
+                Ok(m) if m.quiet() => {
                     // Several loops: the others' figures in these metrics may be up to 250 ms
                     // old (README, Threads); quiet then still quiet after that is quiet.
                     thread::sleep(Duration::from_millis(400));
                     if let Ok(again) = self.try_metrics() {
-                        if again.held() == 1 {
+                        if again.quiet() {
                             return again;
                         }
                     }
                 }
                 Ok(m) => assert!(
                     Instant::now() < deadline,
-                    "{}: connections still held: {:?}",
+                    "{}: connections still held or timers armed: {:?}, wsloop_timers {}",
                     self.name,
-                    m.matching("wsloop_connections{")
+                    m.matching("wsloop_connections{"),
+                    m.get("wsloop_timers")
                 ),
                 // Refused (a rate limit on the metrics address, say): ask again a little later.
                 Err(e) => assert!(
@@ -359,6 +369,11 @@ impl Metrics {
     }
     pub fn accept_errors(&self, errno: &str) -> u64 {
         self.get(&format!("wsloop_accept_errors_total{{errno=\"{errno}\"}}")) as u64
+    }
+    /// Nothing held but the scrape that rendered these metrics: one connection (in its
+    /// handshake) and its one timer (the handshake deadline).
+    pub fn quiet(&self) -> bool {
+        self.held() == 1 && self.get("wsloop_timers") == 1.0
     }
     /// Connections held, over every state.
     pub fn held(&self) -> u64 {
