@@ -37,7 +37,7 @@ fn a_panicking_handler_closes_only_its_connection_with_1011() {
     a.write_all(&frame(true, OP_TEXT, b"panic-me")).unwrap();
     let (code, _) = expect_close(&mut a);
     assert_eq!(code, 1011);
-    expect_eof(&mut a);
+    expect_clean_eof(&mut a);
     echo_ok(&mut b, "after");
     echo_ok(&mut c, "after too");
     // A new connection is served as well.
@@ -52,8 +52,7 @@ fn a_panicking_handler_closes_only_its_connection_with_1011() {
     }
     assert_eq!(server.stats().handler_panics, 1);
     for mut w in [b, c, d] {
-        w.close(None).unwrap();
-        while w.read().is_ok() {}
+        close_client(&mut w);
     }
     let stats = server.finish();
     assert_closed(
@@ -71,11 +70,9 @@ fn a_panicking_upgrade_hook_answers_500() {
     s.write_all(req.as_bytes()).unwrap();
     let resp = read_response(&mut s);
     assert_eq!(resp.status, 500);
-    expect_eof(&mut s);
     let mut ok = ws(server.addr);
     echo_ok(&mut ok, "still serving");
-    ok.close(None).unwrap();
-    while ok.read().is_ok() {}
+    close_client(&mut ok);
     let stats = server.finish();
     assert_eq!(stats.handler_panics, 1);
     assert_eq!(stats.rejected_status[wsloop::metrics::status_index(500)], 1);
@@ -122,8 +119,7 @@ fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
     }
     assert_eq!(quiet.stats().stalls, 0);
     assert_eq!(quiet.stats().longest_stall_ns, 0);
-    w.close(None).unwrap();
-    while w.read().is_ok() {}
+    close_client(&mut w);
     quiet.finish();
 
     // A handler that blocks the loop for 400 ms against a 100 ms threshold.
@@ -137,8 +133,7 @@ fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
     assert!(stats.longest_stall_ns >= 100_000_000, "{stats:?}");
     let text = server.handle.metrics().unwrap();
     assert!(text.contains("wsloop_loop_stalls_total 1\n"), "{text}");
-    w.close(None).unwrap();
-    while w.read().is_ok() {}
+    close_client(&mut w);
     server.finish();
 }
 
@@ -162,8 +157,7 @@ fn the_host_can_drive_the_loop_step_by_step() {
         for i in 0..20 {
             echo_ok(&mut w, &format!("step {i}"));
         }
-        w.close(None).unwrap();
-        while w.read().is_ok() {}
+        close_client(&mut w);
     });
     // The host interleaves its own work (a counter ticking every turn) with busy-polling turns
     // (timeout zero) and short waits, until its client is done.
@@ -210,8 +204,7 @@ fn upgrade_status(server: &TestServer, origin: Option<&str>) -> u16 {
     match tungstenite::client(req, stream) {
         Ok((mut w, resp)) => {
             echo_ok(&mut w, "in");
-            w.close(None).unwrap();
-            while w.read().is_ok() {}
+            close_client(&mut w);
             resp.status().as_u16()
         }
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
@@ -410,8 +403,7 @@ fn flooding_producers_stay_within_the_queue_bound_and_are_told_it_is_full() {
     // A live connection whose client reads everything, and one that has ended.
     let mut gone = ws(server.addr);
     let dead = server.wait_open(1);
-    gone.close(None).unwrap();
-    while gone.read().is_ok() {}
+    close_client(&mut gone);
     server.wait_closes(1);
     let mut reader = ws(server.addr);
     let live = server.wait_open(2);

@@ -226,8 +226,7 @@ fn hook_chooses_an_offered_subprotocol() {
     );
     ws.send(tungstenite::Message::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("hi"));
-    ws.close(None).unwrap();
-    while ws.read().is_ok() {}
+    close_client(&mut ws);
     drop(ws);
     let stats = server.finish();
     assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);

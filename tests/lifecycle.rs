@@ -14,20 +14,6 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as TMsg;
 use wsloop::{CloseCode, CloseReason, Config, ConnId, Message, QueueError, SendStatus};
 
-/// Read with tungstenite until the server closes the TCP connection; return the close frame
-/// received on the way, if any.
-fn read_until_closed(ws: &mut Ws) -> Option<CloseFrame> {
-    let mut frame = None;
-    loop {
-        match ws.read() {
-            Ok(TMsg::Close(f)) => frame = f,
-            Ok(m) => panic!("unexpected message {m:?}"),
-            Err(tungstenite::Error::ConnectionClosed) => return frame,
-            Err(e) => panic!("reading until closed: {e}"),
-        }
-    }
-}
-
 /// Wait until the first connection has closed; `on_close` got `code` and `reason` for `id`.
 fn wait_close_of(server: &TestServer, id: ConnId, code: u16, reason: &str) {
     server.wait_closes(1);
@@ -75,7 +61,7 @@ fn client_close_without_code_is_1005() {
         None,
         "an empty close is answered with an empty close"
     );
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.wait_close_code(1005);
     server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
@@ -145,7 +131,7 @@ fn client_close_behind_a_backlog_delivers_everything_first() {
         assert!(expect_frame(&mut s, OP_BINARY) == *m, "echo differs");
     }
     assert_eq!(expect_close(&mut s).0, 4005);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.wait_close_code(4005);
     server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
@@ -162,7 +148,7 @@ fn client_half_close_still_receives_what_it_is_owed() {
     s.write_all(&frame(true, OP_TEXT, b"last words")).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(expect_frame(&mut s, OP_TEXT), b"last words");
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.wait_close_code(1006);
     server.finish_closed(&[(CloseReason::Abnormal, 1)]);
 }
@@ -232,7 +218,7 @@ fn idle_client_gets_ping_then_close_1001() {
     let mut s = raw_ws(server.addr);
     assert_eq!(expect_frame(&mut s, OP_PING), b"");
     assert_eq!(expect_close(&mut s).0, 1001);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_close_code(1001);
     server.finish_closed(&[(CloseReason::IdleTimeout, 1)]);
@@ -259,7 +245,7 @@ fn client_answering_pings_stays_connected() {
     assert_eq!(server.rec().pongs, 5);
     s.write_all(&close_frame(1000, "")).unwrap();
     expect_close(&mut s);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
@@ -287,7 +273,7 @@ fn messages_postpone_the_idle_ping_and_silence_brings_it_back() {
     assert_eq!(server.stats().timers, 1, "the connection's one timer");
     assert_eq!(expect_frame(&mut s, OP_PING), b"");
     assert_eq!(expect_close(&mut s).0, 1001);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
     assert_eq!(server.rec().messages, n);
@@ -304,7 +290,7 @@ fn unanswered_server_close_times_out() {
     let mut s = raw_ws(server.addr);
     s.write_all(&frame(true, OP_TEXT, b"close-me")).unwrap();
     assert_eq!(expect_close(&mut s), (4000, "bye".to_string()));
-    expect_eof(&mut s); // never answered: the server gives up after the close timeout
+    expect_clean_eof(&mut s); // never answered: the server gives up after the close timeout
     drop(s);
     server.wait_close_code(1006);
     server.finish_closed(&[(CloseReason::CloseTimeout, 1)]);
@@ -522,8 +508,8 @@ fn shutdown_gives_up_on_unresponsive_clients_after_shutdown_timeout() {
     assert_eq!(read_until_closed(&mut polite).unwrap().code, TCode::Away);
     let rec = server.rec.clone();
     let stats = server.join(Duration::from_secs(10)).unwrap();
-    expect_eof(&mut silent);
-    expect_eof(&mut half);
+    expect_clean_eof(&mut silent);
+    expect_clean_eof(&mut half);
     let rec = rec.lock().unwrap();
     check_open_close_pairs(&rec);
     assert!(rec.closes.iter().all(|c| c.code == 1001), "{rec:?}");

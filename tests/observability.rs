@@ -1043,8 +1043,7 @@ fn binary_serves_health_and_metrics_and_its_audit_balances() {
         assert_eq!(ws.read().unwrap(), msg);
     }
     assert_eq!(http_get(child.ws, "/").status, 426);
-    ws.close(None).unwrap();
-    while ws.read().is_ok() {}
+    close_client(&mut ws);
     drop(ws);
 
     // Counted from outside while the scrape's connection is still held, /proc/PID/fd agrees

@@ -29,7 +29,7 @@ fn violation_in_writes(writes: &[&[u8]], code: u16) {
     let (got, reason) = f.close().expect("close frame with a code");
     assert_eq!(got, code, "close code (reason {reason:?})");
     assert!(f.fin && !f.masked);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
     {
@@ -166,7 +166,7 @@ fn violation_after_valid_messages_still_closes_once() {
     s.write_all(&w).unwrap();
     assert_eq!(expect_frame(&mut s, OP_TEXT), b"also fine");
     assert_eq!(expect_close(&mut s).0, 1002);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
     assert_eq!(server.rec().messages, 2);
@@ -191,7 +191,7 @@ fn oversized_message_with_payload_in_flight_still_gets_1009() {
     });
     let f = read_frame(&mut s);
     assert_eq!(f.close().map(|c| c.0), Some(1009));
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     t.join().unwrap();
     drop(s);
     server.wait_close_code(1009);
@@ -211,7 +211,7 @@ fn violation_with_unread_input_ends_with_fin_not_reset() {
     s.write_all(&frame(true, OP_BINARY, &bytes(200_000, 9)))
         .unwrap();
     assert_eq!(expect_close(&mut s).0, 1009);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_close_code(1009);
     server.finish_closed(&[(CloseReason::Protocol(CloseCode(1009)), 1)]);
@@ -230,7 +230,7 @@ fn violation_followed_by_client_fin_ends_promptly() {
     s.write_all(&frame_raw(0x81, b"unmasked", None)).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(expect_close(&mut s).0, 1002);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.wait_closes(1);
     assert_eq!(server.rec().closes_of(id)[0].code, 1002);
     drop(s);
