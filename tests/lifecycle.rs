@@ -8,7 +8,7 @@ use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode as TCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as TMsg;
@@ -211,13 +211,17 @@ fn handler_terminate_drops_without_close_frame() {
 
 #[test]
 fn idle_client_gets_ping_then_close_1001() {
+    let idle = Duration::from_millis(400);
     let server = TestServer::start(Config {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: idle,
         ..config()
     });
+    let start = Instant::now();
     let mut s = raw_ws(server.addr);
     assert_eq!(expect_frame(&mut s, OP_PING), b"");
+    assert_deadline("the idle ping", start.elapsed(), idle / 2);
     assert_eq!(expect_close(&mut s).0, 1001);
+    assert_deadline("the idle close", start.elapsed(), idle);
     expect_clean_eof(&mut s);
     drop(s);
     server.wait_close_code(1001);
@@ -231,12 +235,15 @@ fn client_answering_pings_stays_connected() {
         idle_timeout: idle,
         ..config()
     });
+    let mut last = Instant::now();
     let mut s = raw_ws(server.addr);
-    // Each ping comes about half an idle period after the last pong: five pings span more
-    // than two idle periods.
-    for _ in 0..5 {
+    // Each ping comes half an idle period after the last pong: five pings span more than two
+    // idle periods.
+    for i in 0..5 {
         let f = read_frame(&mut s);
         assert_eq!(f.opcode, OP_PING, "expected a ping, got {f:?}");
+        assert_deadline(&format!("ping {i}"), last.elapsed(), idle / 2);
+        last = Instant::now();
         s.write_all(&frame(true, OP_PONG, &f.payload)).unwrap();
     }
     s.write_all(&frame(true, OP_TEXT, b"still here")).unwrap();
@@ -283,17 +290,111 @@ fn messages_postpone_the_idle_ping_and_silence_brings_it_back() {
 
 #[test]
 fn unanswered_server_close_times_out() {
+    let close_timeout = Duration::from_millis(300);
     let server = TestServer::start(Config {
-        close_timeout: Duration::from_millis(200),
+        close_timeout,
         ..config()
     });
     let mut s = raw_ws(server.addr);
+    let start = Instant::now();
     s.write_all(&frame(true, OP_TEXT, b"close-me")).unwrap();
     assert_eq!(expect_close(&mut s), (4000, "bye".to_string()));
-    expect_clean_eof(&mut s); // never answered: the server gives up after the close timeout
+    // Never answered: the server gives up at the close timeout.
+    expect_clean_eof(&mut s);
+    assert_deadline(
+        "the end of an unanswered close",
+        start.elapsed(),
+        close_timeout,
+    );
     drop(s);
     server.wait_close_code(1006);
     server.finish_closed(&[(CloseReason::CloseTimeout, 1)]);
+}
+
+#[test]
+fn max_lifetime_closes_a_busy_connection_with_1001_when_it_ends() {
+    let lifetime = Duration::from_millis(500);
+    let server = TestServer::start(Config {
+        max_lifetime: lifetime,
+        ..config()
+    });
+    let start = Instant::now();
+    let mut s = raw_ws(server.addr);
+    // Busy all along: messages do not extend a lifetime.
+    let mut echoed = 0;
+    let close = loop {
+        assert!(
+            start.elapsed() < lifetime + LATE,
+            "no close after {echoed} echoes"
+        );
+        let msg = format!("message {echoed}");
+        s.write_all(&frame(true, OP_TEXT, msg.as_bytes())).unwrap();
+        let f = read_frame(&mut s);
+        match f.opcode {
+            OP_TEXT => assert_eq!(f.payload, msg.as_bytes()),
+            OP_CLOSE => break f.close(),
+            _ => panic!("unexpected frame {f:?}"),
+        }
+        echoed += 1;
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_deadline(
+        "the close at the end of the lifetime",
+        start.elapsed(),
+        lifetime,
+    );
+    assert_eq!(close, Some((1001, "maximum lifetime reached".to_string())));
+    assert!(echoed >= 10, "{echoed} echoes in {lifetime:?}");
+    // The client answers: the close handshake completes.
+    s.write_all(&close_frame(1001, "")).unwrap();
+    expect_clean_eof(&mut s);
+    server.wait_close_code(1001);
+    server.finish_closed(&[(CloseReason::MaxLifetime, 1)]);
+}
+
+#[test]
+fn a_refused_client_is_held_at_most_a_second_and_released_at_its_eof() {
+    // One connection at a time: the next is refused with 503. The server keeps a refused
+    // connection (our side shut down) to read the request that may still come, so that
+    // closing does not reset the connection before the answer is read: until the client's
+    // EOF, and at most a second.
+    let server = TestServer::start(Config {
+        max_connections: 1,
+        ..config()
+    });
+    let mut admitted = raw_ws(server.addr);
+    let start = Instant::now();
+    let mut refused = tcp(server.addr);
+    let r = read_response(&mut refused);
+    assert_eq!(
+        (r.status, r.header("retry-after")),
+        (503, Some("1")),
+        "{r:?}"
+    );
+    // The client keeps its side open: the server lets the connection go after a second.
+    server.wait_stats("the refused connection let go", |s| s.connections == 1);
+    assert_deadline(
+        "the refused connection let go",
+        start.elapsed(),
+        Duration::from_secs(1),
+    );
+    drop(refused);
+    // A client that closes after the answer frees its slot at once.
+    let start = Instant::now();
+    let r = http_request(server.addr, &upgrade_request(server.addr));
+    assert_eq!(r.status, 503);
+    server.wait_stats("the closed refused connection let go", |s| {
+        s.connections == 1
+    });
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "held after our EOF"
+    );
+    admitted.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut admitted).0, 1000);
+    expect_clean_eof(&mut admitted);
+    let stats = server.finish_closed(&[(CloseReason::Refused, 2), (CloseReason::PeerClosed, 1)]);
+    assert_eq!(stats.refused[0], 2, "refused as 'server full'");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,13 +604,20 @@ fn shutdown_gives_up_on_unresponsive_clients_after_shutdown_timeout() {
     let mut half = tcp(server.addr);
     half.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     server.wait_stats("3 connections", |s| s.connections == 3);
+    let start = Instant::now();
     server.handle.shutdown().unwrap();
+    expect_clean_eof(&mut half);
+    assert!(start.elapsed() < LATE, "the handshaking connection kept");
     assert_eq!(expect_close(&mut silent).0, 1001);
     assert_eq!(read_until_closed(&mut polite).unwrap().code, TCode::Away);
+    expect_clean_eof(&mut silent);
+    assert_deadline(
+        "the silent client dropped",
+        start.elapsed(),
+        Duration::from_millis(300),
+    );
     let rec = server.rec.clone();
     let stats = server.join(Duration::from_secs(10)).unwrap();
-    expect_clean_eof(&mut silent);
-    expect_clean_eof(&mut half);
     let rec = rec.lock().unwrap();
     check_open_close_pairs(&rec);
     assert!(rec.closes.iter().all(|c| c.code == 1001), "{rec:?}");

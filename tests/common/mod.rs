@@ -259,8 +259,18 @@ impl TestServer {
         self.wait_rec(&format!("{n} closes"), |r| r.closes.len() >= n);
     }
 
+    /// The loop's stats. Panics if it has ended, or does not answer within [`WAIT`] (a loop
+    /// stuck in a turn fails the test instead of hanging it).
     pub fn stats(&self) -> Stats {
-        self.handle.stats().expect("loop is running")
+        let handle = self.handle.clone();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            // The test may have given up waiting: then nobody wants the answer.
+            let _ = tx.send(handle.stats());
+        });
+        rx.recv_timeout(WAIT)
+            .expect("the loop did not answer a query: stuck in a turn?")
+            .expect("loop is running")
     }
 
     /// Wait (bounded) until `cond` holds on the loop's stats, and return them.
