@@ -158,10 +158,10 @@ impl<D> Conn<D> {
 
     /// The final bytes of a connection ending with `linger` are all with the kernel. Returns
     /// whether it stays open to drain input. After a failure (protocol error, refused or timed
-    /// out handshake, refused admission) the peer may still be sending, and closing a socket
-    /// with unread input makes the kernel send a reset instead of a FIN, discarding whatever of
-    /// ours it has not transmitted yet: the close frame or HTTP response just written may never
-    /// arrive. So shut down our side instead (FIN after the final bytes) and discard input
+    /// out handshake, refused admission, a send refused over the backpressure limit) the peer
+    /// may still be sending, and closing a socket with unread input makes the kernel send a
+    /// reset instead of a FIN, discarding whatever of ours it has not transmitted yet: the
+    /// close frame or HTTP response just written may never arrive. So shut down our side instead (FIN after the final bytes) and discard input
     /// until the peer's EOF or the deadline (a lingering close, as nginx does).
     pub(crate) fn half_close(&mut self) -> bool {
         let failed = matches!(
@@ -172,6 +172,7 @@ impl<D> Conn<D> {
                     | CloseReason::HttpAnswered
                     | CloseReason::HandshakeTimeout
                     | CloseReason::Refused
+                    | CloseReason::Backpressure
             )
         );
         if !failed || self.peer_eof {
