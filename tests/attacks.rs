@@ -448,10 +448,11 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             "16384",
             "--max-backpressure",
             "65536",
+            // Long: the reader reads its close frame after the flood, however slow the machine.
             "--close-timeout",
-            "1",
+            "10",
             "--write-stall-timeout",
-            "2",
+            "10",
         ],
     );
     let m0 = at_baseline(&w);
@@ -480,6 +481,29 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             })
     });
     assert_eq!(legit.join().unwrap(), Legit::Echoed, "legit client during");
+    // On the wire: the echoes queued before the limit, in order, then the close frame, 1008.
+    let payload = common::bytes(MSG, 7);
+    let mut echoes = 0;
+    let close = loop {
+        let f = read_frame(&mut s);
+        match f.opcode {
+            OP_BINARY => assert!(f.payload == payload, "echo {echoes} differs"),
+            OP_CLOSE => break f.close(),
+            _ => panic!("unexpected frame {f:?}"),
+        }
+        echoes += 1;
+    };
+    assert_eq!(close, Some((1008, "backpressure limit".to_string())));
+    assert!(
+        echoes < sent,
+        "{echoes} echoes of {sent} messages: none refused"
+    );
+    // The server shut its side down after its close frame (FIN), and drains our input until
+    // our EOF: we answer, read its EOF, and shut ours down.
+    s.write_all(&close_frame(1008, "")).unwrap();
+    let (end, _) = read_answer(&mut s, IO_TIMEOUT);
+    assert!(matches!(end, Answer::Eof(ref b) if b.is_empty()), "{end:?}");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
     let closed = [("backpressure", 1), ("peer_closed", 2)];
     let report = slow_reader_end(&w, &m0, s, [queued, fds], "slow reader", &closed);
     println!("slow reader (close): {sent} x 16 KiB sent; {report}");

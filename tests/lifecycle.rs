@@ -528,6 +528,184 @@ fn stale_id_never_reaches_the_connection_reusing_its_slot() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backpressure: sends to a client that does not read
+
+/// A raw client that completed the upgrade with a 4 KiB receive buffer, and will not read
+/// until told: what the server sends it soon stays queued on the server.
+fn non_reader(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = tcp_rcvbuf(addr, 4096);
+    s.write_all(upgrade_request(addr).as_bytes()).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
+    s
+}
+
+const LIMIT: usize = 64 * 1024;
+const MSG: usize = 16 * 1024;
+
+/// A message carrying its index in its first two bytes.
+fn numbered(i: u16) -> Vec<u8> {
+    let mut m = vec![0x5a; MSG];
+    m[..2].copy_from_slice(&i.to_be_bytes());
+    m
+}
+
+#[test]
+fn a_send_over_the_limit_is_dropped_and_says_so() {
+    let server = TestServer::start(Config {
+        max_backpressure: LIMIT,
+        backpressure_policy: wsloop::BackpressurePolicy::Drop,
+        ..config()
+    });
+    let mut s = non_reader(server.addr);
+    let id = server.wait_open(1);
+    // In one posted closure every send goes to the connection's cork: the fifth 16 KiB
+    // message finds more than 64 KiB queued, and so does every one after it.
+    let statuses = server
+        .handle
+        .query(move |_, ctx| {
+            (0..8u16)
+                .map(|i| ctx.send(id, Message::Binary(&numbered(i))))
+                .collect::<Vec<_>>()
+        })
+        .expect("the loop answers");
+    let queued = SendStatus::Queued;
+    let dropped = SendStatus::Dropped;
+    assert_eq!(statuses[..4], [queued; 4], "{statuses:?}");
+    assert_eq!(statuses[4..], [dropped; 4], "{statuses:?}");
+    // The connection stays; what was queued arrives, in order, and nothing of what was not.
+    for i in 0..4u16 {
+        assert_eq!(expect_frame(&mut s, OP_BINARY), numbered(i));
+    }
+    // Drained, it takes sends again.
+    let again = server
+        .handle
+        .query(move |_, ctx| ctx.send(id, Message::Text("drained")))
+        .unwrap();
+    assert_eq!(again, SendStatus::Queued);
+    assert_eq!(expect_frame(&mut s, OP_TEXT), b"drained");
+    let stats = server.stats();
+    assert!(stats.queue_peak <= LIMIT + MSG + 4, "{stats:?}");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_clean_eof(&mut s);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
+/// `n` numbered 16 KiB messages through the handle, from another thread (each is `Ok`: the
+/// handle's queue takes it; the loop decides), then wait until the loop has run them all.
+fn flood_through_the_handle(server: &TestServer, id: ConnId, n: u16) {
+    let h = server.handle.clone();
+    thread::spawn(move || {
+        for i in 0..n {
+            h.try_send_binary(id, numbered(i))
+                .expect("queued for the loop");
+        }
+    })
+    .join()
+    .expect("the producer");
+    server.wait_stats("the loop to run the sends", |_| {
+        server.handle.queued().commands == 0
+    });
+}
+
+#[test]
+fn loop_handle_sends_over_the_limit_are_dropped_with_the_drop_policy() {
+    let server = TestServer::start(Config {
+        max_backpressure: LIMIT,
+        backpressure_policy: wsloop::BackpressurePolicy::Drop,
+        handle_queue_bytes: 64 << 20,
+        ..config()
+    });
+    let mut s = non_reader(server.addr);
+    let id = server.wait_open(1);
+    // Many: the kernel's buffers take a few MiB of a loopback connection whatever the
+    // client's receive buffer (about 2.8 MiB here), before the server has to queue any.
+    const N: u16 = 1000;
+    flood_through_the_handle(&server, id, N);
+    let stats = server.stats();
+    assert!(
+        stats.queue_peak <= LIMIT + MSG + 4,
+        "queue peaked at {}",
+        stats.queue_peak
+    );
+    // A first run of messages arrives in order (what the limit and the kernel's buffers held);
+    // the rest, sent while more than the limit was queued, were dropped: the marker, sent once
+    // the server's queue has drained (`on_drain`), comes right after the run.
+    let mut got = Vec::new();
+    let mut marked = false;
+    let marker = loop {
+        let deadline = Instant::now() + WAIT;
+        while !marked {
+            if server.rec().drains > 0 {
+                server.handle.try_send_text(id, "marker").unwrap();
+                marked = true;
+            } else if s.set_nonblocking(true).is_ok() && s.peek(&mut [0]).is_ok() {
+                break; // more of the run to read
+            }
+            assert!(Instant::now() < deadline, "the queue never drained");
+            thread::sleep(Duration::from_millis(1));
+        }
+        s.set_nonblocking(false).unwrap();
+        let f = read_frame(&mut s);
+        if f.opcode == OP_TEXT {
+            break f.payload;
+        }
+        assert_eq!(f.opcode, OP_BINARY);
+        got.push(u16::from_be_bytes([f.payload[0], f.payload[1]]));
+    };
+    assert_eq!(marker, b"marker");
+    let k = got.len() as u16;
+    assert_eq!(got, (0..k).collect::<Vec<_>>(), "in order, without gaps");
+    assert!(
+        (LIMIT / MSG) as u16 <= k && k < N / 2,
+        "{k} of {N} messages delivered past a 64 KiB limit"
+    );
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_clean_eof(&mut s);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
+#[test]
+fn loop_handle_sends_over_the_limit_close_the_reader_with_1008() {
+    let server = TestServer::start(Config {
+        max_backpressure: LIMIT,
+        close_timeout: Duration::from_secs(10),
+        handle_queue_bytes: 64 << 20,
+        ..config()
+    });
+    let mut s = non_reader(server.addr);
+    let id = server.wait_open(1);
+    flood_through_the_handle(&server, id, 1000);
+    // On the wire: a run of messages in order, then the close frame, 1008, and nothing after.
+    let mut got = 0u16;
+    let close = loop {
+        let f = read_frame(&mut s);
+        if f.opcode == OP_CLOSE {
+            break f.close();
+        }
+        assert_eq!(
+            (f.opcode, &f.payload[..2]),
+            (OP_BINARY, &got.to_be_bytes()[..])
+        );
+        got += 1;
+    };
+    assert_eq!(close, Some((1008, "backpressure limit".to_string())));
+    assert!(
+        (LIMIT / MSG) as u16 <= got && got < 500,
+        "{got} of 1000 messages before the close"
+    );
+    // The server shut its side down after the close frame (FIN) and drains our input until
+    // our EOF (or its close timeout): we answer, read its EOF, and leave.
+    s.write_all(&close_frame(1008, "")).unwrap();
+    expect_clean_eof(&mut s);
+    drop(s);
+    server.wait_close_code(1008);
+    assert!(server.stats().queue_peak <= LIMIT + MSG + 4 + 127);
+    server.finish_closed(&[(CloseReason::Backpressure, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Graceful shutdown
 
 #[test]
