@@ -365,6 +365,50 @@ fn churn_with_resets_at_every_stage() {
     w.stop();
 }
 
+/// At capacity, the slots of clients that have left are freed before anyone is refused: the
+/// loop accepts at the end of a turn, after the resets that turn saw, and when one turn's
+/// accepts fill every slot it lets the loop see their events before refusing whoever waits
+/// behind them. The child is stopped (SIGSTOP) while three times `--max-connections` clients
+/// connect and reset, and a legitimate client asks after them: let go, the server finds them
+/// all in its backlog, every slot taken by a client that is gone.
+#[test]
+fn churn_at_capacity_frees_the_slots_of_clients_that_left_before_refusing_anyone() {
+    const MAX: usize = 10;
+    let w = Wsloop::spawn(
+        "churn-at-capacity",
+        &["--max-connections", &MAX.to_string()],
+    );
+    let m0 = at_baseline(&w);
+    assert_eq!(m0.get("wsloop_connections_max"), MAX as f64);
+    w.freeze();
+    for i in 0..3 * MAX {
+        reset(connect(w.addr, &Opts::default()).unwrap_or_else(|e| panic!("churner {i}: {e}")));
+    }
+    let mut legit = connect(w.addr, &Opts::default()).expect("connect");
+    legit.write_all(&upgrade_request(w.addr)).unwrap();
+    w.thaw();
+    let head = read_head(&mut legit).expect("an answer");
+    assert!(
+        head.starts_with("HTTP/1.1 101 "),
+        "the client behind the churn: {head:?}"
+    );
+    legit.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close_then_eof(&mut legit), 1000);
+    drop(legit);
+    let (end, m1) = settled(&w, &m0, &[("abnormal", 3 * MAX as u64), ("peer_closed", 1)]);
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[]),
+        "nobody refused"
+    );
+    println!(
+        "churn at capacity: {} resets in the backlog at max connections {MAX}, the client behind them upgraded; fds baseline {} final {end}",
+        3 * MAX,
+        w.baseline_fds
+    );
+    w.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // d. slow readers
 

@@ -272,6 +272,16 @@ impl Wsloop {
         })
     }
 
+    /// Stop the child (SIGSTOP): the kernel still completes connections into its backlog.
+    pub fn freeze(&self) {
+        self.proc.group.signal(libc::SIGSTOP);
+    }
+
+    /// Let a stopped child go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.proc.group.signal(libc::SIGCONT);
+    }
+
     /// SIGTERM, wait (bounded) for the exit, kill -9 as a fallback; the exit must be 0.
     pub fn stop(mut self) {
         let status = self.proc.terminate(STOP_TIMEOUT);
