@@ -54,6 +54,15 @@ impl Wsloop {
 
     /// [`Wsloop::spawn`] with `--fd-limit fd_limit`.
     pub fn spawn_with_fd_limit(name: &str, fd_limit: u64, args: &[&str]) -> Wsloop {
+        let limit = fd_limit.to_string();
+        Self::spawn_args(name, &[&["--fd-limit", &limit][..], args].concat(), None)
+    }
+
+    /// `wsloop --listen 127.0.0.1:0`, the suite's defaults (see [`Wsloop::spawn`]) and `args`
+    /// (no `--fd-limit` unless they say so: the binary then raises its soft limit to the hard
+    /// one), started with a soft `RLIMIT_NOFILE` of `soft` (the shell's `ulimit -Sn`) when
+    /// given.
+    pub fn spawn_args(name: &str, args: &[&str], soft: Option<u64>) -> Wsloop {
         let mut defaults = Vec::new();
         if !args.contains(&"--metrics-listen") {
             defaults.push("--metrics-on-ws");
@@ -65,16 +74,19 @@ impl Wsloop {
             // Often, so that a test can wait for an audit after its attack (see `audited`).
             defaults.extend(["--audit-interval", "0.2"]);
         }
+        let bin = env!("CARGO_BIN_EXE_wsloop");
+        let mut cmd = match soft {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -Sn {n} && exec \"$0\" \"$@\""), bin]);
+                sh
+            }
+        };
         // stderr is drained for the child's whole life so that it never blocks on a full pipe.
         let mut proc = Proc::spawn(
             name,
-            Command::new(env!("CARGO_BIN_EXE_wsloop"))
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--fd-limit",
-                    &fd_limit.to_string(),
-                ])
+            cmd.args(["--listen", "127.0.0.1:0"])
                 .args(defaults)
                 .args(args)
                 .env("RUST_LOG", "info"),
@@ -216,6 +228,24 @@ impl Wsloop {
         }
     }
 
+    /// Scrape (bounded by [`FD_SETTLE`]) until `cond` holds; those metrics.
+    pub fn wait_until(&self, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + FD_SETTLE;
+        loop {
+            if let Ok(m) = self.try_metrics() {
+                if cond(&m) {
+                    return m;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what} not within {FD_SETTLE:?}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The metrics after an fd audit that ran wholly after `after` was scraped (bounded wait:
     /// the audit thread lists `/proc/self/fd` every `--audit-interval`, and the endpoints
     /// report its last result).
@@ -272,9 +302,24 @@ impl Wsloop {
         })
     }
 
-    /// Stop the child (SIGSTOP): the kernel still completes connections into its backlog.
+    /// Stop the child (SIGSTOP), and wait (bounded) until it has stopped: the kernel still
+    /// completes connections into its backlog.
     pub fn freeze(&self) {
         self.proc.group.signal(libc::SIGSTOP);
+        let deadline = Instant::now() + FD_SETTLE;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+            // The state is the first field after the command name, which may hold spaces.
+            if stat[stat.rfind(')').unwrap() + 2..].starts_with('T') {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not stopped by SIGSTOP",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Let a stopped child go on (SIGCONT).
