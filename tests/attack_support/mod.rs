@@ -38,6 +38,8 @@ pub struct Wsloop {
     pub baseline_fds: usize,
     /// Where `GET /metrics` requests come from (matters under per-address limits).
     pub metrics_src: IpAddr,
+    /// Where they go: the WebSocket port (`--metrics-on-ws`), or `--metrics-listen`'s.
+    metrics_addr: SocketAddr,
     name: String,
 }
 
@@ -111,8 +113,12 @@ impl Wsloop {
             addr,
             baseline_fds: 0,
             metrics_src: localhost(1),
+            metrics_addr: addr,
             name: name.to_string(),
         };
+        if args.contains(&"--metrics-listen") {
+            w.metrics_addr = w.metrics_listener();
+        }
         // The loop is in its first poll: every startup descriptor is open. Take the count once
         // it reads the same twice in a row.
         let mut last = w.fds();
@@ -182,7 +188,7 @@ impl Wsloop {
 
     /// `GET /metrics` over a plain TCP connection.
     pub fn try_metrics(&self) -> io::Result<Metrics> {
-        metrics_at(self.addr, self.metrics_src)
+        metrics_at(self.metrics_addr, self.metrics_src)
     }
 
     pub fn metrics(&self) -> Metrics {
