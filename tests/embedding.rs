@@ -108,9 +108,9 @@ fn with_catch_panics_off_the_panic_unwinds_out_of_run() {
 
 #[test]
 fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
-    // A normal run first: a threshold well above any hiccup of this machine.
+    // A normal run first: a threshold well above any hiccup of a loaded machine.
     let quiet = TestServer::start(Config {
-        stall_threshold: Duration::from_millis(500),
+        stall_threshold: Duration::from_secs(2),
         ..config()
     });
     let mut w = ws(quiet.addr);
@@ -122,17 +122,19 @@ fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
     close_client(&mut w);
     quiet.finish();
 
-    // A handler that blocks the loop for 400 ms against a 100 ms threshold.
+    // A handler that blocks the loop for a second against a 100 ms threshold: the watchdog,
+    // looking every 25 ms, has 900 ms to see it, however loaded the machine.
     let server = TestServer::start(Config {
         stall_threshold: Duration::from_millis(100),
         ..config()
     });
     let mut w = ws(server.addr);
-    echo_ok(&mut w, "sleep-ms 400");
-    let stats = server.wait_stats("the stall to be counted", |s| s.stalls == 1);
+    echo_ok(&mut w, "sleep-ms 1000");
+    let stats = server.wait_stats("the stall to be counted", |s| s.stalls >= 1);
     assert!(stats.longest_stall_ns >= 100_000_000, "{stats:?}");
     let text = server.handle.metrics().unwrap();
-    assert!(text.contains("wsloop_loop_stalls_total 1\n"), "{text}");
+    let line = format!("wsloop_loop_stalls_total {}\n", stats.stalls);
+    assert!(text.contains(&line), "{text}");
     close_client(&mut w);
     server.finish();
 }

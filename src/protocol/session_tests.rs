@@ -1601,7 +1601,10 @@ fn ending_mid_message_releases_the_half_built_message() {
     );
     assert!(s.buffered_capacity() >= 4000);
     let mut bad = binary(b"x");
-    let _ = s.read(&mut bad, BIG, &mut out);
+    let err = s
+        .read(&mut bad, BIG, &mut out)
+        .expect_err("a new message inside a fragmented one");
+    assert_eq!(err.code, CloseCode::PROTOCOL_ERROR, "{err:?}");
     assert_eq!(s.state(), State::Closed);
     assert_eq!(s.buffered_capacity(), 0);
 

@@ -326,10 +326,16 @@ pub fn run_bounded(cmd: &mut Command, bound: Duration) -> io::Result<Run> {
 // ---------------------------------------------------------------------------------------------
 // Tools and files
 
+/// Whether the tests run under CI (`CI` set, as CI services and `.ci/run` do, to anything but
+/// `false`, `0` or nothing): there a missing tool is an error, not a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+}
+
 /// A tool is missing: with `CI` set the test fails, otherwise it prints a note and is skipped
 /// (`suite`: which tests, in the note).
 pub fn missing(suite: &str, what: &str, why: &str, install: &str) {
-    if std::env::var_os("CI").is_some() {
+    if under_ci() {
         panic!("{what} is not available ({why}) and CI is set: install it with `{install}`");
     }
     // Straight to stderr, past the test harness's capture: the note shows in a passing run.
