@@ -586,12 +586,27 @@ fn a_blocked_producer_waits_for_room_and_is_released_when_the_loop_drains() {
     assert_eq!(handle.shutdown(), Ok(()));
     let h = handle.clone();
     let waiting = thread::spawn(move || h.send_text_timeout(id, "never", Duration::from_secs(30)));
-    let client = thread::spawn(move || while client.read().is_ok() {});
+    // The client reads what it is sent, then the shutdown's close (1001) and the end.
+    let client = thread::spawn(move || {
+        let mut texts = 0;
+        loop {
+            match client.read() {
+                Ok(TMsg::Text(_)) => texts += 1,
+                Ok(TMsg::Close(f)) => assert_eq!(f.map(|f| u16::from(f.code)), Some(1001)),
+                Err(tungstenite::Error::ConnectionClosed) => return texts,
+                other => panic!("the client, at shutdown: {other:?}"),
+            }
+        }
+    });
     let deadline = Instant::now() + WAIT;
     while server.turn(Some(Duration::from_millis(5))).unwrap() {
         assert!(Instant::now() < deadline, "shutdown did not finish");
     }
-    client.join().unwrap();
+    let texts = client.join().expect("the client");
+    assert!(
+        texts >= 16,
+        "{texts} messages of the 16 queued before the shutdown"
+    );
     let r = waiting.join().unwrap();
     // It got in when the last batch ran (the loop then closed the connection), or the loop ended
     // first: never a wait to the end of its 30 s.
@@ -655,7 +670,7 @@ fn a_query_on_the_loop_thread_panics_clearly_instead_of_deadlocking() {
     .unwrap();
     let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let handle = server.handle();
-    let _ = cell.set(handle.clone());
+    assert!(cell.set(handle.clone()).is_ok(), "the handle is set once");
     let looping = thread::spawn(move || server.run());
     // From a callback: the panic is caught, the connection closed with 1011.
     let mut s = raw_ws(addr);

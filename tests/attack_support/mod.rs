@@ -516,23 +516,22 @@ impl Sampler {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Stop sampling and return the peak.
+    /// Stop sampling and return the peak; a panic of the sampling thread fails the test.
     pub fn stop(mut self) -> usize {
-        self.halt();
+        self.halt().expect("the sampling thread panicked");
         self.peak()
     }
 
-    fn halt(&mut self) {
+    fn halt(&mut self) -> thread::Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.take().map_or(Ok(()), JoinHandle::join)
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        self.halt();
+        // Not stopped: a test failing already, whose own panic says why.
+        let _ = self.halt();
     }
 }
 
@@ -709,7 +708,9 @@ pub fn legit_pipelined(addr: SocketAddr, n: usize, size: usize) -> Legit {
             other => return Legit::Failed(format!("echo {i} of {n}: {other:?}")),
         }
     }
-    let _ = ws.close(None);
+    if let Err(e) = ws.close(None) {
+        return Legit::Failed(format!("close: {e}"));
+    }
     closed_after_echo(&mut ws)
 }
 
