@@ -479,3 +479,82 @@ fn the_fd_budget_keeps_an_eighth_at_most_1024_for_answering_refused_clients() {
         w.stop();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The README's tables name tests that exist
+
+/// The backticked names in the last column ("proved by") of the README's table whose header
+/// starts with `header`: test names (snake case, three underscores at least) and name globs
+/// (`fd_exhaustion_*`).
+fn named_tests(readme: &str, header: &str) -> Vec<String> {
+    let start = readme
+        .find(header)
+        .unwrap_or_else(|| panic!("no table {header:?}"));
+    readme[start..]
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|l| {
+            let last = l
+                .trim_end_matches('|')
+                .rsplit('|')
+                .next()
+                .unwrap_or_default();
+            last.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|n| {
+            let name = n.trim_end_matches('*');
+            !n.starts_with("wsloop_")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && (n.ends_with("_*") || n.matches('_').count() >= 3)
+        })
+        .collect()
+}
+
+/// Every `fn name(` in the Rust files under `dir`.
+fn functions_in(dir: &std::path::Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            functions_in(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            out.extend(text.split("fn ").skip(1).filter_map(|rest| {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest[name.len()..].starts_with(['(', '<']).then_some(name)
+            }));
+        }
+    }
+}
+
+#[test]
+fn every_test_the_readme_tables_name_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut functions = Vec::new();
+    functions_in(&root.join("tests"), &mut functions);
+    functions_in(&root.join("src"), &mut functions);
+    for header in [
+        "| limit | default | flag |",
+        "| threat | defence | default | proved by |",
+    ] {
+        let names = named_tests(&readme, header);
+        assert!(names.len() >= 20, "{header}: {names:?}");
+        for name in names {
+            let found = match name.strip_suffix('*') {
+                Some(prefix) => functions.iter().any(|f| f.starts_with(prefix)),
+                None => functions.contains(&name),
+            };
+            assert!(found, "the README names {name}, which no test is called");
+        }
+    }
+}
