@@ -705,6 +705,49 @@ fn loop_handle_sends_over_the_limit_close_the_reader_with_1008() {
     server.finish_closed(&[(CloseReason::Backpressure, 1)]);
 }
 
+#[test]
+fn pings_while_bytes_are_queued_get_one_pong_with_the_latest_payload() {
+    // A client that does not read fills the kernel's buffers with echoes until the server
+    // queues some (under a 16 MiB limit, so it is still read), then sends 2,000 pings in writes
+    // of 100. While anything is queued for it, no pong is written: the pong owed takes each
+    // ping's payload in turn, and goes out once, when the queue has drained.
+    let server = TestServer::start(Config {
+        max_backpressure: 16 << 20,
+        ..config()
+    });
+    let mut s = non_reader(server.addr);
+    let mut echoes = 0u16;
+    while server.stats().queue_peak == 0 {
+        for _ in 0..16 {
+            s.write_all(&frame(true, OP_BINARY, &numbered(echoes)))
+                .unwrap();
+            echoes += 1;
+        }
+        assert!(echoes < 2000, "{echoes} echoes and nothing queued");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // In 20 writes, each read before the next is sent: 20 reads at least.
+    let pings = 2000;
+    for (n, batch) in (0..pings).collect::<Vec<u32>>().chunks(100).enumerate() {
+        let bytes: Vec<u8> = batch
+            .iter()
+            .flat_map(|i| frame(true, OP_PING, format!("ping {i}").as_bytes()))
+            .collect();
+        s.write_all(&bytes).unwrap();
+        server.wait_rec("a batch of pings read", |r| r.pings == (n + 1) * 100);
+    }
+    for i in 0..echoes {
+        assert_eq!(expect_frame(&mut s, OP_BINARY), numbered(i), "echo {i}");
+    }
+    let last = format!("ping {}", pings - 1);
+    assert_eq!(expect_frame(&mut s, OP_PONG), last.as_bytes());
+    // Nothing more: the close is answered next.
+    s.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1000);
+    expect_clean_eof(&mut s);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Graceful shutdown
 
