@@ -269,8 +269,10 @@ fn messages_postpone_the_idle_ping_and_silence_brings_it_back() {
     let mut s = raw_ws(server.addr);
     let until = std::time::Instant::now() + 2 * idle;
     let mut n = 0;
+    let mut last = Instant::now();
     while std::time::Instant::now() < until {
         let msg = format!("tick {n}");
+        last = Instant::now();
         s.write_all(&frame(true, OP_TEXT, msg.as_bytes())).unwrap();
         // A ping instead of the echo fails here.
         assert_eq!(expect_frame(&mut s, OP_TEXT), msg.as_bytes());
@@ -278,8 +280,11 @@ fn messages_postpone_the_idle_ping_and_silence_brings_it_back() {
         thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(server.stats().timers, 1, "the connection's one timer");
+    // The deadlines count from the last message.
     assert_eq!(expect_frame(&mut s, OP_PING), b"");
+    assert_deadline("the ping after the last message", last.elapsed(), idle / 2);
     assert_eq!(expect_close(&mut s).0, 1001);
+    assert_deadline("the close after the last message", last.elapsed(), idle);
     expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
