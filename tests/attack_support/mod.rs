@@ -157,10 +157,19 @@ impl Wsloop {
     /// would otherwise be one too high for ever, and no later count would come back to it.
     pub fn fds(&self) -> usize {
         let listing = PathBuf::from(format!("/proc/{}/fd", self.pid));
-        std::fs::read_dir(&listing)
+        let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&listing)
             .unwrap_or_else(|e| panic!("{}: reading /proc/{}/fd: {e}", self.name, self.pid))
             .flatten()
-            // A descriptor closed since the listing still counts, as `read_dir` saw it.
+            .collect();
+        // Only a count one over the baseline (or one taken before there is a baseline) can
+        // be the audit's listing: read the links then, and only then (a poll that read
+        // thousands of them would compete with the child for the machine).
+        if self.baseline_fds != 0 && entries.len() != self.baseline_fds + 1 {
+            return entries.len();
+        }
+        // A descriptor closed since the listing still counts, as `read_dir` saw it.
+        entries
+            .iter()
             .filter(|e| std::fs::read_link(e.path()).map_or(true, |t| t != listing))
             .count()
     }
@@ -256,27 +265,21 @@ impl Wsloop {
     /// the audit thread lists `/proc/self/fd` every `--audit-interval`, and the endpoints
     /// report its last result).
     pub fn audited(&self, after: &Metrics) -> Metrics {
-        let deadline = Instant::now() + FD_SETTLE;
         // An audit under way when `after` was scraped completes first: wait for the next one.
         let want = after.get("wsloop_fd_audits_total") + 2.0;
-        loop {
-            if let Ok(m) = self.try_metrics() {
-                if m.get("wsloop_fd_audits_total") >= want {
-                    return m;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no fd audit completed within {FD_SETTLE:?}",
-                self.name
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_until("an fd audit to complete", |m| {
+            m.get("wsloop_fd_audits_total") >= want
+        })
     }
 
     /// Poll `/proc/<pid>/fd` (bounded) until the count is back to the baseline; return it.
     pub fn wait_baseline(&self) -> usize {
-        let deadline = Instant::now() + FD_SETTLE;
+        self.wait_baseline_within(FD_SETTLE)
+    }
+
+    /// [`Wsloop::wait_baseline`], bounded by `bound`.
+    pub fn wait_baseline_within(&self, bound: Duration) -> usize {
+        let deadline = Instant::now() + bound;
         loop {
             let n = self.fds();
             if n == self.baseline_fds {
@@ -286,14 +289,17 @@ impl Wsloop {
                 let list: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
                     .unwrap()
                     .flatten()
+                    .take(40)
                     .map(|e| {
                         let t = std::fs::read_link(e.path()).unwrap_or_default();
                         format!("{}->{}", e.file_name().to_string_lossy(), t.display())
                     })
                     .collect();
                 panic!(
-                    "{}: fd count {n} did not return to the baseline {} within {FD_SETTLE:?}: {list:?}",
-                    self.name, self.baseline_fds
+                    "{}: fd count {n} did not return to the baseline {} within {bound:?}: {list:?}{}",
+                    self.name,
+                    self.baseline_fds,
+                    if n > 40 { " ..." } else { "" }
                 );
             }
             thread::sleep(Duration::from_millis(20));
