@@ -31,7 +31,8 @@ struct Proxied {
     addr: SocketAddr,
     seen: mpsc::Receiver<SocketAddr>,
     handle: wsloop::LoopHandle<Seen>,
-    thread: Option<thread::JoinHandle<std::io::Result<()>>>,
+    /// The loop's thread: `run()`'s result, its error as text.
+    thread: Option<thread::JoinHandle<Result<(), String>>>,
 }
 
 impl Proxied {
@@ -40,7 +41,9 @@ impl Proxied {
         let mut server = Server::new(config, Seen(tx)).unwrap();
         let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let handle = server.handle();
-        let thread = Some(thread::spawn(move || server.run()));
+        let thread = Some(thread::spawn(move || {
+            server.run().map_err(|e| e.to_string())
+        }));
         Proxied {
             addr,
             seen,
