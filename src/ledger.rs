@@ -61,10 +61,6 @@ pub(crate) struct Forwarded {
 /// One loop's inbox: the publications forwarded to it, and their bytes.
 type Inbox = (Vec<Forwarded>, usize);
 
-/// The most bytes of publications a loop's inbox holds; a loop that does not keep up (a stalled
-/// handler) misses what comes beyond, counted in `wsloop_deliveries_dropped_total`.
-const INBOX_BYTES: usize = 16 << 20;
-
 impl Ledger {
     pub(crate) fn new(loops: usize, config: &Config) -> Self {
         let burst = match config.connection_burst_per_ip {
@@ -110,7 +106,7 @@ impl Ledger {
             let mut inbox = self.inboxes[to]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if inbox.1 + bytes > INBOX_BYTES {
+            if inbox.1 + bytes > crate::topics::MAX_FORWARDED {
                 dropped += batch.len() as u64;
                 continue;
             }

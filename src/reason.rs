@@ -5,7 +5,8 @@
 //! end is decided; everything else reads this table.
 //!
 //! A failed connection (a protocol error, a refused or timed-out handshake, a refused
-//! admission, an answered plain HTTP request) may still have input in flight: closing a socket
+//! admission, an answered plain HTTP request, a client closed for not reading what it was sent)
+//! may still have input in flight: closing a socket
 //! with unread input makes the kernel send a reset instead of a FIN, and the reset can discard
 //! the answer just written. So after a failure the loop shuts down its side and discards input
 //! until the peer's EOF or the close timeout.
@@ -90,7 +91,7 @@ const TABLE: [Row; 17] = [
     row("terminated", CloseCode::ABNORMAL, false),
     row("shutdown", CloseCode::GOING_AWAY, false),
     row("refused", CloseCode::ABNORMAL, true),
-    row("backpressure", CloseCode::POLICY_VIOLATION, false),
+    row("backpressure", CloseCode::POLICY_VIOLATION, true),
     row("write_stall", CloseCode::ABNORMAL, false),
     row("max_lifetime", CloseCode::GOING_AWAY, false),
     row("handler_panic", CloseCode::INTERNAL_ERROR, false),
@@ -220,7 +221,8 @@ mod tests {
                 "http_answered",
                 "handshake_timeout",
                 "protocol_error",
-                "refused"
+                "refused",
+                "backpressure"
             ]
         );
     }

@@ -276,11 +276,15 @@ impl Cursor {
     }
 }
 
-/// Deliver early, before the turn ends, once this many deliveries are owed or this many bytes
-/// of publications are framed: what a turn holds for its subscribers stays bounded however many
-/// messages one read publishes to however many subscribers.
-const OWED_MAX: usize = 1 << 16;
-const FRAMES_MAX: usize = 1 << 20;
+/// Deliveries owed in a turn beyond which they are delivered at once rather than at the end of
+/// the turn ([`Fanout::is_large`]): what a turn holds for its subscribers stays bounded however
+/// many messages one read publishes to however many subscribers.
+pub const MAX_OWED: usize = 1 << 16;
+/// Bytes of publications framed in a turn beyond which they are delivered at once.
+pub const MAX_FRAMED: usize = 1 << 20;
+/// The most bytes of publications one loop of a cluster holds forwarded from the others and not
+/// yet taken; beyond it a loop that does not keep up misses them (counted).
+pub const MAX_FORWARDED: usize = 16 << 20;
 
 impl Fanout {
     /// Frame one publication with `write` and owe it to each of `to` (slot, generation).
@@ -364,12 +368,12 @@ impl Fanout {
             "undelivered publications"
         );
         self.frames.clear();
-        if self.frames.capacity() > FRAMES_MAX {
+        if self.frames.capacity() > MAX_FRAMED {
             self.frames = Vec::new();
         }
         self.pubs.clear();
         self.owed.clear();
-        if self.owed.capacity() > OWED_MAX {
+        if self.owed.capacity() > MAX_OWED {
             self.owed = Vec::new();
         }
         self.owing.clear();
@@ -377,7 +381,7 @@ impl Fanout {
 
     /// What is owed is large enough to deliver now, before the turn ends.
     pub fn is_large(&self) -> bool {
-        self.owed.len() >= OWED_MAX || self.frames.len() >= FRAMES_MAX
+        self.owed.len() >= MAX_OWED || self.frames.len() >= MAX_FRAMED
     }
 }
 

@@ -225,7 +225,17 @@ mod tests {
         let beat = dog.beat.clone();
         beat.turn_start();
         beat.running(Activity::Message, 42);
-        thread::sleep(Duration::from_millis(120));
+        // The turn lasts until the watchdog has seen it (bounded: on a loaded machine its
+        // thread may not run for a while), then ten more of its checks.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while beat.stalls.load(Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stall was never seen"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(50));
         beat.turn_end();
         assert_eq!(beat.stalls.load(Relaxed), 1, "one stall, reported once");
         assert!(beat.longest_ns.load(Relaxed) >= 20_000_000);

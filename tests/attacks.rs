@@ -16,7 +16,10 @@ mod child_support;
 mod common;
 
 use attack_support::*;
-use common::{close_frame, frame, read_frame, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT};
+use common::{
+    assert_deadline, close_frame, frame, read_frame, LATE, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING,
+    OP_TEXT, TICK,
+};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,11 +102,12 @@ fn slowloris_ends_at_the_handshake_deadline() {
     }
     let mut socks: Vec<Trickler> = (0..N)
         .map(|_| {
+            let start = Instant::now();
             let s = connect(w.addr, &Opts::default()).expect("connect");
             s.set_nonblocking(true).unwrap();
             Trickler {
                 s,
-                start: Instant::now(),
+                start,
                 sent: 0,
                 got: Vec::new(),
                 done: None,
@@ -159,11 +163,9 @@ fn slowloris_ends_at_the_handshake_deadline() {
             eof,
             "attacker {i} was reset instead of getting 408 and a FIN"
         );
-        // Generous: the deadline is 1 s from accept; trickling would have held it for 30 s.
-        assert!(
-            took < Duration::from_secs(5),
-            "attacker {i} held for {took:?}"
-        );
+        // The deadline is 1 s from accept, whatever trickles in (the whole request would take
+        // 30 s); seen 200 ms at worst after it happened (the attackers are polled every 200 ms).
+        assert_deadline(&format!("attacker {i}'s 408"), took, Duration::from_secs(1));
         slowest = slowest.max(took);
         most_sent = most_sent.max(t.sent);
     }
@@ -198,18 +200,27 @@ fn idle_flood_is_pinged_then_closed() {
     let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let start = Instant::now();
-    let mut socks: Vec<TcpStream> = (0..N)
-        .map(|_| raw_ws(w.addr, &Opts::default()).expect("upgrade"))
+    // Each with the time just before its request: its idle deadlines count from its upgrade.
+    let mut socks: Vec<(TcpStream, Instant)> = (0..N)
+        .map(|_| {
+            let t = Instant::now();
+            (raw_ws(w.addr, &Opts::default()).expect("upgrade"), t)
+        })
         .collect();
     let during = w.metrics();
     assert_eq!(during.get("wsloop_connections{state=\"open\"}"), N as f64);
     assert_echoes(&w, "during the idle flood");
     // They never send and never answer: each gets a ping half-way, then close 1001 and EOF.
-    for (i, s) in socks.iter_mut().enumerate() {
+    // (Read one after the other: the later ones' frames are read after they came, so only the
+    // lower bounds are sharp for them.)
+    let idle = Duration::from_secs(1);
+    for (i, (s, t)) in socks.iter_mut().enumerate() {
         let ping = read_frame(s);
         assert_eq!(ping.opcode, OP_PING, "attacker {i}: {ping:?}");
+        assert_deadline(&format!("attacker {i}'s ping"), t.elapsed(), idle / 2);
         let code = expect_close_then_eof(s);
         assert_eq!(code, 1001, "attacker {i}");
+        assert_deadline(&format!("attacker {i}'s close"), t.elapsed(), idle);
     }
     let took = start.elapsed();
     drop(socks);
@@ -354,6 +365,50 @@ fn churn_with_resets_at_every_stage() {
     w.stop();
 }
 
+/// At capacity, the slots of clients that have left are freed before anyone is refused: the
+/// loop accepts at the end of a turn, after the resets that turn saw, and when one turn's
+/// accepts fill every slot it lets the loop see their events before refusing whoever waits
+/// behind them. The child is stopped (SIGSTOP) while three times `--max-connections` clients
+/// connect and reset, and a legitimate client asks after them: let go, the server finds them
+/// all in its backlog, every slot taken by a client that is gone.
+#[test]
+fn churn_at_capacity_frees_the_slots_of_clients_that_left_before_refusing_anyone() {
+    const MAX: usize = 10;
+    let w = Wsloop::spawn(
+        "churn-at-capacity",
+        &["--max-connections", &MAX.to_string()],
+    );
+    let m0 = at_baseline(&w);
+    assert_eq!(m0.get("wsloop_connections_max"), MAX as f64);
+    w.freeze();
+    for i in 0..3 * MAX {
+        reset(connect(w.addr, &Opts::default()).unwrap_or_else(|e| panic!("churner {i}: {e}")));
+    }
+    let mut legit = connect(w.addr, &Opts::default()).expect("connect");
+    legit.write_all(&upgrade_request(w.addr)).unwrap();
+    w.thaw();
+    let head = read_head(&mut legit).expect("an answer");
+    assert!(
+        head.starts_with("HTTP/1.1 101 "),
+        "the client behind the churn: {head:?}"
+    );
+    legit.write_all(&close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close_then_eof(&mut legit), 1000);
+    drop(legit);
+    let (end, m1) = settled(&w, &m0, &[("abnormal", 3 * MAX as u64), ("peer_closed", 1)]);
+    assert_eq!(
+        m1.moved_since(&m0, "wsloop_admission_rejections_total{limit=\""),
+        deltas(&[]),
+        "nobody refused"
+    );
+    println!(
+        "churn at capacity: {} resets in the backlog at max connections {MAX}, the client behind them upgraded; fds baseline {} final {end}",
+        3 * MAX,
+        w.baseline_fds
+    );
+    w.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // d. slow readers
 
@@ -437,10 +492,11 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             "16384",
             "--max-backpressure",
             "65536",
+            // Long: the reader reads its close frame after the flood, however slow the machine.
             "--close-timeout",
-            "1",
+            "10",
             "--write-stall-timeout",
-            "2",
+            "10",
         ],
     );
     let m0 = at_baseline(&w);
@@ -469,6 +525,29 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             })
     });
     assert_eq!(legit.join().unwrap(), Legit::Echoed, "legit client during");
+    // On the wire: the echoes queued before the limit, in order, then the close frame, 1008.
+    let payload = common::bytes(MSG, 7);
+    let mut echoes = 0;
+    let close = loop {
+        let f = read_frame(&mut s);
+        match f.opcode {
+            OP_BINARY => assert!(f.payload == payload, "echo {echoes} differs"),
+            OP_CLOSE => break f.close(),
+            _ => panic!("unexpected frame {f:?}"),
+        }
+        echoes += 1;
+    };
+    assert_eq!(close, Some((1008, "backpressure limit".to_string())));
+    assert!(
+        echoes < sent,
+        "{echoes} echoes of {sent} messages: none refused"
+    );
+    // The server shut its side down after its close frame (FIN), and drains our input until
+    // our EOF: we answer, read its EOF, and shut ours down.
+    s.write_all(&close_frame(1008, "")).unwrap();
+    let (end, _) = read_answer(&mut s, IO_TIMEOUT);
+    assert!(matches!(end, Answer::Eof(ref b) if b.is_empty()), "{end:?}");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
     let closed = [("backpressure", 1), ("peer_closed", 2)];
     let report = slow_reader_end(&w, &m0, s, [queued, fds], "slow reader", &closed);
     println!("slow reader (close): {sent} x 16 KiB sent; {report}");
@@ -501,13 +580,17 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
         assert_eq!((f.opcode, f.payload), (OP_BINARY, vec![i; 100]));
     }
     // Then it stops reading, and sends until the server has had to queue something for it
-    // (far under the limit); then it sends nothing more.
+    // (far under the limit); then it sends nothing more. The queue's last progress comes
+    // between the first message of the flood and a moment after its last: the drop comes one
+    // write-stall timeout after that.
     let addr = w.addr;
+    let flood_start = Instant::now();
     let sent = flood_without_reading(&mut s, |n| {
         n % 4 == 3
             && metrics_at(addr, localhost(1))
                 .is_ok_and(|m| m.get("wsloop_queued_bytes_largest") > 0.0)
     });
+    let flood_end = Instant::now();
     let m = w.metrics();
     assert_eq!(
         m.get("wsloop_read_paused_connections"),
@@ -515,6 +598,14 @@ fn reader_that_stops_reading_is_dropped_for_write_stall() {
         "paused under the limit"
     );
     assert_echoes(&w, "while the reader stalls");
+    wait_closed(&w, "write_stall", Duration::from_secs(10), "not dropped");
+    let stall = Duration::from_secs(1);
+    assert_deadline("the write-stall drop", flood_start.elapsed(), stall);
+    assert!(
+        flood_end.elapsed() <= stall + LATE,
+        "dropped {:?} after the flood's last message",
+        flood_end.elapsed()
+    );
     let closed = [("write_stall", 1), ("peer_closed", 1)];
     let report = slow_reader_end(&w, &m0, s, [queued, fds], "stalled reader", &closed);
     println!("slow reader (write stall): {sent} x 16 KiB sent; {report}");
@@ -545,20 +636,22 @@ fn reader_that_stops_reading_over_the_limit_is_paused_then_dropped() {
     let queued = queued_sampler(&w);
     let mut s = small_window_client(&w);
     // It sends until reading it is paused; its later writes fill the kernel's buffers and then
-    // block (flow control), and the 5 s write timeout ends the flood.
+    // block (flow control), and the 5 s write timeout ends the flood. The pause is watched from
+    // a thread of its own (the flood's writes block while it lasts).
     let addr = w.addr;
-    let paused_at = std::cell::Cell::new(None);
-    let sent = flood_without_reading(&mut s, |n| {
-        if paused_at.get().is_none()
-            && n % 4 == 3
-            && metrics_at(addr, localhost(1))
-                .is_ok_and(|m| m.get("wsloop_read_paused_connections") == 1.0)
-        {
-            paused_at.set(Some(n));
-        }
-        false
+    let paused = Sampler::every(Duration::from_millis(10), move || {
+        metrics_at(addr, localhost(1))
+            .map_or(0, |m| m.get("wsloop_read_paused_connections") as usize)
     });
-    let paused_at = paused_at.get().expect("reading the flooder was paused");
+    let flood_start = Instant::now();
+    let sent = flood_without_reading(&mut s, |_| false);
+    // Over the limit (paused) a few messages into the flood, and dropped one write-stall
+    // timeout after that; the flood's blocked write fails then (its 5 s write timeout would
+    // end it otherwise).
+    let flood_took = flood_start.elapsed();
+    let paused_peak = paused.stop();
+    assert_eq!(paused_peak, 1, "reading the flooder was paused");
+    assert_deadline("the backpressure drop", flood_took, Duration::from_secs(2));
     let m = w.metrics();
     let peak = m.get("wsloop_queued_bytes_peak") as usize;
     assert!(
@@ -568,7 +661,7 @@ fn reader_that_stops_reading_over_the_limit_is_paused_then_dropped() {
     let closed = [("backpressure", 1)];
     let report = slow_reader_end(&w, &m0, s, [queued, fds], "paused reader", &closed);
     println!(
-        "slow reader (drop + pause): {sent} x 16 KiB sent, paused after {paused_at}; queue peak {peak}; {report}"
+        "slow reader (drop + pause): {sent} x 16 KiB sent, reading paused; queue peak {peak}; {report}"
     );
     w.stop();
 }
@@ -600,14 +693,16 @@ fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
     let mut writer = s.try_clone().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let start = Instant::now();
     let flood = thread::spawn(move || {
         flood_without_reading(&mut writer, |_| stop2.load(Ordering::Relaxed))
     });
     // Read 256 KiB every 64 ms: steady progress, far slower than the echoes come.
-    let (mut reader, mut got, start) = (s.try_clone().unwrap(), 0usize, Instant::now());
+    let (mut reader, mut got) = (s.try_clone().unwrap(), 0usize);
     let mut buf = vec![0u8; 256 * 1024];
     // Queue sizes seen while reading was paused: progress shows as a smaller one.
     let mut paused_queues = Vec::new();
+    let mut first_paused = None;
     let ended = loop {
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -615,15 +710,31 @@ fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
         );
         thread::sleep(Duration::from_millis(64));
         match reader.read(&mut buf) {
-            Ok(0) | Err(_) => break start.elapsed(),
+            Ok(0) => break start.elapsed(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break start.elapsed(),
+            Err(e) => panic!("reading the echoes: {e} after {got} bytes"),
             Ok(n) => got += n,
         }
         if let Ok(m) = w.try_metrics() {
             if m.get("wsloop_read_paused_connections") == 1.0 {
+                first_paused.get_or_insert_with(Instant::now);
                 paused_queues.push(m.get("wsloop_queued_bytes") as usize);
             }
         }
     };
+    // Over the limit (paused) some time after the flood began, and before it was seen so: the
+    // queue did not get under half the limit within the write-stall timeout from then.
+    let stall = Duration::from_secs(3);
+    assert!(
+        ended + TICK >= stall,
+        "dropped {ended:?} after the flood began"
+    );
+    let seen = first_paused.expect("reading was never paused");
+    assert!(
+        seen.elapsed() <= stall + LATE,
+        "dropped {:?} after it was seen paused",
+        seen.elapsed()
+    );
     stop.store(true, Ordering::Relaxed);
     let sent = flood.join().unwrap();
     wait_closed(
@@ -902,10 +1013,16 @@ fn pings_after_the_servers_close_are_not_answered() {
         src: None,
         rcvbuf: Some(4096),
     };
+    let upgrade = Instant::now();
     let mut s = raw_ws(w.addr, &opts).expect("upgrade");
     let f = read_frame(&mut s);
     assert_eq!(f.opcode, OP_CLOSE);
     assert_eq!(f.close().map(|c| c.0), Some(1001));
+    assert_deadline(
+        "the close at the end of the lifetime",
+        upgrade.elapsed(),
+        Duration::from_secs(1),
+    );
     let start = Instant::now();
     // Until the close timeout drops us (a write fails) or 50,000 pings are out.
     let batch = ping_125().repeat(64);
@@ -924,6 +1041,12 @@ fn pings_after_the_servers_close_are_not_answered() {
         answer.bytes().len()
     );
     let took = start.elapsed();
+    // The close timeout (2 s) counts from our close frame, sent at the end of the lifetime.
+    assert_deadline(
+        "the end after our close",
+        upgrade.elapsed(),
+        Duration::from_secs(3),
+    );
     wait_closed(
         &w,
         "max_lifetime",
@@ -1143,27 +1266,22 @@ fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
             *t < ANSWER_BOUND,
             "refused attacker {i} answered after {t:?}"
         );
-        assert!(matches!(s, None | Some(503)), "refused attacker {i}: {s:?}");
+        assert_eq!(*s, Some(503), "refused attacker {i}");
     }
     let slowest_refusal = refused.iter().map(|r| r.0).max().unwrap_or_default();
-    let refused_503 = refused.iter().filter(|r| r.1 == Some(503)).count();
 
     // While every slot is held: new clients get 503 (or EOF/reset) quickly, never silence.
     let mut probe_slowest = Duration::ZERO;
-    let mut probe_503 = 0;
     for i in 0..PROBES {
         let mut s = connect(w.addr, &Opts::default()).expect("probe connects");
-        let _ = s.write_all(&request);
+        // The server may have answered and closed already (a FIN): a write still goes through.
+        s.write_all(&request).expect("the probe's request");
         let (answer, took) = read_answer(&mut s, ANSWER_BOUND);
         assert!(
             !matches!(answer, Answer::TimedOut(_)),
             "probe {i} got no answer within {ANSWER_BOUND:?}: {answer:?}"
         );
-        assert!(
-            matches!(answer.status(), None | Some(503)),
-            "probe {i}: {answer:?}"
-        );
-        probe_503 += (answer.status() == Some(503)) as usize;
+        assert_eq!(answer.status(), Some(503), "probe {i}: {answer:?}");
         probe_slowest = probe_slowest.max(took);
     }
     // A legitimate client gets a clear 503 while the attack holds every slot.
@@ -1179,8 +1297,10 @@ fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
     let wall = storm.elapsed().as_secs_f64();
     drop(attackers);
     let peak = fds.stop();
+    // Accepting and refusing 276 clients is work of milliseconds; the rest of the storm is
+    // quiet (nothing spins): under a tenth of a core.
     assert!(
-        cpu < 0.5 * wall,
+        cpu < 0.1 * wall,
         "the child used {cpu:.2} s of CPU over a {wall:.2} s storm"
     );
     assert!(peak < limit, "fd peak {peak} reached the limit {limit}");
@@ -1233,7 +1353,7 @@ fn fd_exhaustion(name: &str, upgrade: bool, threads: usize) {
         assert_eq!(total, (max as f64, m1.get("wsloop_fd_budget")));
     }
     println!(
-        "fd exhaustion ({}, {threads} threads): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused ({refused_503} with 503 bytes, slowest {slowest_refusal:?}); {PROBES} probes ({probe_503} with 503, slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; {}; closed {closed:?}; refusals {refusals}",
+        "fd exhaustion ({}, {threads} threads): {ATTACKERS} attackers vs fd limit {limit} (max connections {max}, fd budget {}): {held} held, {} refused with 503 (slowest {slowest_refusal:?}); {PROBES} probes refused with 503 (slowest {probe_slowest:?}); CPU {cpu:.2} s over {wall:.2} s; {}; closed {closed:?}; refusals {refusals}",
         if upgrade { "upgrades" } else { "connect only" },
         m0.get("wsloop_fd_budget"),
         refused.len(),
@@ -1581,8 +1701,11 @@ fn endpoint_flood_with_thousands_of_idle_connections_does_not_stall_the_loop() {
         worst < FLOOD_STALL,
         "the legitimate client's echo took {worst:?} during the flood"
     );
+    // Ten thousand closes, each followed by the debug build's consistency check of every
+    // connection left: seconds, more on a loaded machine.
     drop(idle);
-    w.wait_baseline();
+    w.wait_baseline_within(Duration::from_secs(60));
+    w.wait_quiet();
     println!(
         "endpoint flood: {FLOOD_IDLE} idle connections, {} requests from {FLOOD_CLIENTS} clients in {flood_took:?}: public port {ws_ok} answered, {ws_limited} got 429; metrics port {admin_ok} answered, {admin_limited} got 429; {} echoes, worst round trip {worst:?}; no stall",
         FLOOD_CLIENTS * FLOOD_EACH,

@@ -32,6 +32,26 @@ fn start(config: Config) -> (Cluster<Recorder>, Arc<Mutex<Rec>>, SocketAddr) {
     (cluster, rec, addr)
 }
 
+/// Wait (bounded) until the loops hold exactly `open` connections between them and no timer
+/// (with the idle timeout off, as in `common::config`, an open connection has none): nothing is
+/// left of the connections that ended.
+fn wait_quiet(cluster: &Cluster<Recorder>, open: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = cluster.stats();
+        let held: usize = stats.iter().map(|s| s.connections).sum();
+        let timers: usize = stats.iter().map(|s| s.timers).sum();
+        if held == open && timers == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{held} connections and {timers} timers held, expected {open} and none"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `join` with a bound: a loop that never ends fails the test instead of hanging it.
 fn join(cluster: Cluster<Recorder>) {
     let (tx, rx) = mpsc::channel();
@@ -130,10 +150,19 @@ fn loops_share_the_port_and_their_metrics_add_up() {
     // (The fd audit is checked with the binary in tests/attacks.rs: here the clients' own
     // descriptors are in the same process.)
 
-    // Half leave with a close handshake; shutdown closes the rest with 1001 on both loops.
+    // Half leave with a close handshake; shutdown closes the rest with 1001 on both loops. The
+    // pushed message reached one client, and one only.
+    let mut pushed = 0;
     for c in clients.iter_mut().take(N / 2) {
         c.close(None).unwrap();
-        while c.read().is_ok() {}
+        if let Ok(tungstenite::Message::Text(t)) = c.read() {
+            assert_eq!(t.as_str(), "pushed");
+            pushed += 1;
+            expect_close_reply(c);
+        } else {
+            // That read was the close reply; the end of the connection follows.
+            assert!(read_until_closed(c).is_none(), "a second close frame");
+        }
     }
     {
         let rec = rec.clone();
@@ -143,17 +172,20 @@ fn loops_share_the_port_and_their_metrics_add_up() {
             thread::sleep(Duration::from_millis(10));
         }
     }
+    wait_quiet(&cluster, N / 2);
     cluster.shutdown();
     for c in clients.iter_mut().skip(N / 2) {
         let code = loop {
             match c.read() {
                 Ok(tungstenite::Message::Close(f)) => break f.map(|f| f.code),
-                Ok(_) => continue, // the pushed message, or an echo
-                Err(e) => panic!("expected a close frame, got {e}"),
+                Ok(tungstenite::Message::Text(t)) if t.as_str() == "pushed" => pushed += 1,
+                other => panic!("expected a close frame, got {other:?}"),
             }
         };
         assert_eq!(code, Some(WsCloseCode::Away));
+        assert!(read_until_closed(c).is_none(), "a second close frame");
     }
+    assert_eq!(pushed, 1, "the message pushed to {id}");
     join(cluster);
     let rec = rec.lock().unwrap();
     assert_eq!(rec.opens.len(), N);
@@ -162,15 +194,18 @@ fn loops_share_the_port_and_their_metrics_add_up() {
 
 #[test]
 fn per_address_limits_hold_over_all_loops() {
-    const PER_IP: usize = 8;
+    const PER_IP: usize = 16;
     let (cluster, _rec, addr) = start(Config {
         max_connections_per_ip: PER_IP as u32,
         ..config()
     });
     let mut held: Vec<Ws> = (0..PER_IP).map(|_| ws(addr)).collect();
     let split: Vec<usize> = cluster.stats().iter().map(|s| s.connections).collect();
-    // Whichever loop the next clients land on, the address is full: the table is shared (with
-    // a table per loop, a loop holding fewer than 8 would admit them).
+    // Each loop holds fewer than the limit (all 16 on one loop: odds 2^-15): with a table per
+    // loop, either would admit the next clients.
+    assert_eq!(split.iter().sum::<usize>(), PER_IP, "{split:?}");
+    assert!(split.iter().all(|&n| n > 0 && n < PER_IP), "{split:?}");
+    // Whichever loop the next clients land on, the address is full: the table is shared.
     for i in 0..6 {
         let r = http_request(addr, &upgrade_request(addr));
         assert_eq!(
@@ -180,8 +215,7 @@ fn per_address_limits_hold_over_all_loops() {
     }
     // A connection leaving frees the address's slot on whichever loop comes next.
     let mut gone = held.pop().unwrap();
-    gone.close(None).unwrap();
-    while gone.read().is_ok() {}
+    close_client(&mut gone);
     let deadline = Instant::now() + WAIT;
     let mut again = loop {
         let mut s = tcp(addr);
@@ -198,8 +232,13 @@ fn per_address_limits_hold_over_all_loops() {
     };
     let refused: u64 = cluster.stats().iter().map(|s| s.refused[1]).sum();
     assert!(refused >= 6, "refusals counted by the loops: {refused}");
-    drop(held);
+    for mut c in held {
+        close_client(&mut c);
+    }
     std::io::Write::write_all(&mut again, &close_frame(1000, "")).unwrap();
+    assert_eq!(expect_close(&mut again).0, 1000);
+    expect_clean_eof(&mut again);
+    wait_quiet(&cluster, 0);
     cluster.shutdown();
     join(cluster);
 }
@@ -253,6 +292,7 @@ fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
         }
         other => panic!("expected a listen error, got {other:?}"),
     }
+    wait_quiet(&single, 0);
     single.shutdown();
     join(single);
 }
@@ -261,6 +301,7 @@ fn a_budget_that_does_not_fit_fails_to_start_and_the_port_stays_exclusive() {
 fn dropping_a_cluster_shuts_every_loop_down() {
     let (cluster, rec, addr) = start(config());
     let mut clients: Vec<Ws> = (0..8).map(|_| ws(addr)).collect();
+    wait_quiet(&cluster, 8);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         drop(cluster);
@@ -275,6 +316,7 @@ fn dropping_a_cluster_shuts_every_loop_down() {
             }
         };
         assert_eq!(code, Some(WsCloseCode::Away));
+        assert!(read_until_closed(c).is_none(), "a second close frame");
     }
     rx.recv_timeout(Duration::from_secs(15))
         .expect("drop returns once every loop has ended");
@@ -305,11 +347,25 @@ fn a_loop_that_panics_ends_the_cluster_with_an_error() {
         .expect("join returns once every loop has ended")
         .expect_err("a panicked loop is an error");
     assert!(e.to_string().contains("panicked"), "{e}");
-    // Every client's connection is gone: the panicked loop's closed by unwinding, the other
-    // loop's shut down (1001) or closed.
-    for b in &mut bystanders {
-        while b.read().is_ok() {}
+    // Every client's connection is gone: the panicked loop's closed by unwinding (no close
+    // frame: the end of the connection, or a reset), the other loop's shut down with 1001. None
+    // is left waiting (a read timeout fails the test).
+    let mut away = 0;
+    for (i, b) in bystanders.iter_mut().enumerate() {
+        match b.read() {
+            Ok(tungstenite::Message::Close(f)) => {
+                assert_eq!(f.map(|f| f.code), Some(WsCloseCode::Away), "bystander {i}");
+                assert!(read_until_closed(b).is_none(), "a second close frame");
+                away += 1;
+            }
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("bystander {i}: {other:?}"),
+        }
     }
+    println!("bystanders: {away} of 8 on the other loop got 1001");
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "still listening"

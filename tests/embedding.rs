@@ -37,7 +37,7 @@ fn a_panicking_handler_closes_only_its_connection_with_1011() {
     a.write_all(&frame(true, OP_TEXT, b"panic-me")).unwrap();
     let (code, _) = expect_close(&mut a);
     assert_eq!(code, 1011);
-    expect_eof(&mut a);
+    expect_clean_eof(&mut a);
     echo_ok(&mut b, "after");
     echo_ok(&mut c, "after too");
     // A new connection is served as well.
@@ -52,8 +52,7 @@ fn a_panicking_handler_closes_only_its_connection_with_1011() {
     }
     assert_eq!(server.stats().handler_panics, 1);
     for mut w in [b, c, d] {
-        w.close(None).unwrap();
-        while w.read().is_ok() {}
+        close_client(&mut w);
     }
     let stats = server.finish();
     assert_closed(
@@ -71,11 +70,9 @@ fn a_panicking_upgrade_hook_answers_500() {
     s.write_all(req.as_bytes()).unwrap();
     let resp = read_response(&mut s);
     assert_eq!(resp.status, 500);
-    expect_eof(&mut s);
     let mut ok = ws(server.addr);
     echo_ok(&mut ok, "still serving");
-    ok.close(None).unwrap();
-    while ok.read().is_ok() {}
+    close_client(&mut ok);
     let stats = server.finish();
     assert_eq!(stats.handler_panics, 1);
     assert_eq!(stats.rejected_status[wsloop::metrics::status_index(500)], 1);
@@ -111,9 +108,9 @@ fn with_catch_panics_off_the_panic_unwinds_out_of_run() {
 
 #[test]
 fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
-    // A normal run first: a threshold well above any hiccup of this machine.
+    // A normal run first: a threshold well above any hiccup of a loaded machine.
     let quiet = TestServer::start(Config {
-        stall_threshold: Duration::from_millis(500),
+        stall_threshold: Duration::from_secs(2),
         ..config()
     });
     let mut w = ws(quiet.addr);
@@ -122,23 +119,23 @@ fn a_blocking_handler_is_reported_as_a_stall_and_a_normal_run_is_not() {
     }
     assert_eq!(quiet.stats().stalls, 0);
     assert_eq!(quiet.stats().longest_stall_ns, 0);
-    w.close(None).unwrap();
-    while w.read().is_ok() {}
+    close_client(&mut w);
     quiet.finish();
 
-    // A handler that blocks the loop for 400 ms against a 100 ms threshold.
+    // A handler that blocks the loop for a second against a 100 ms threshold: the watchdog,
+    // looking every 25 ms, has 900 ms to see it, however loaded the machine.
     let server = TestServer::start(Config {
         stall_threshold: Duration::from_millis(100),
         ..config()
     });
     let mut w = ws(server.addr);
-    echo_ok(&mut w, "sleep-ms 400");
-    let stats = server.wait_stats("the stall to be counted", |s| s.stalls == 1);
+    echo_ok(&mut w, "sleep-ms 1000");
+    let stats = server.wait_stats("the stall to be counted", |s| s.stalls >= 1);
     assert!(stats.longest_stall_ns >= 100_000_000, "{stats:?}");
     let text = server.handle.metrics().unwrap();
-    assert!(text.contains("wsloop_loop_stalls_total 1\n"), "{text}");
-    w.close(None).unwrap();
-    while w.read().is_ok() {}
+    let line = format!("wsloop_loop_stalls_total {}\n", stats.stalls);
+    assert!(text.contains(&line), "{text}");
+    close_client(&mut w);
     server.finish();
 }
 
@@ -162,8 +159,7 @@ fn the_host_can_drive_the_loop_step_by_step() {
         for i in 0..20 {
             echo_ok(&mut w, &format!("step {i}"));
         }
-        w.close(None).unwrap();
-        while w.read().is_ok() {}
+        close_client(&mut w);
     });
     // The host interleaves its own work (a counter ticking every turn) with busy-polling turns
     // (timeout zero) and short waits, until its client is done.
@@ -210,8 +206,7 @@ fn upgrade_status(server: &TestServer, origin: Option<&str>) -> u16 {
     match tungstenite::client(req, stream) {
         Ok((mut w, resp)) => {
             echo_ok(&mut w, "in");
-            w.close(None).unwrap();
-            while w.read().is_ok() {}
+            close_client(&mut w);
             resp.status().as_u16()
         }
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
@@ -413,8 +408,7 @@ fn flooding_producers_stay_within_the_queue_bound_and_are_told_it_is_full() {
     // A live connection whose client reads everything, and one that has ended.
     let mut gone = ws(server.addr);
     let dead = server.wait_open(1);
-    gone.close(None).unwrap();
-    while gone.read().is_ok() {}
+    close_client(&mut gone);
     server.wait_closes(1);
     let mut reader = ws(server.addr);
     let live = server.wait_open(2);
@@ -595,12 +589,27 @@ fn a_blocked_producer_waits_for_room_and_is_released_when_the_loop_drains() {
     assert_eq!(handle.shutdown(), Ok(()));
     let h = handle.clone();
     let waiting = thread::spawn(move || h.send_text_timeout(id, "never", Duration::from_secs(30)));
-    let client = thread::spawn(move || while client.read().is_ok() {});
+    // The client reads what it is sent, then the shutdown's close (1001) and the end.
+    let client = thread::spawn(move || {
+        let mut texts = 0;
+        loop {
+            match client.read() {
+                Ok(TMsg::Text(_)) => texts += 1,
+                Ok(TMsg::Close(f)) => assert_eq!(f.map(|f| u16::from(f.code)), Some(1001)),
+                Err(tungstenite::Error::ConnectionClosed) => return texts,
+                other => panic!("the client, at shutdown: {other:?}"),
+            }
+        }
+    });
     let deadline = Instant::now() + WAIT;
     while server.turn(Some(Duration::from_millis(5))).unwrap() {
         assert!(Instant::now() < deadline, "shutdown did not finish");
     }
-    client.join().unwrap();
+    let texts = client.join().expect("the client");
+    assert!(
+        texts >= 16,
+        "{texts} messages of the 16 queued before the shutdown"
+    );
     let r = waiting.join().unwrap();
     // It got in when the last batch ran (the loop then closed the connection), or the loop ended
     // first: never a wait to the end of its 30 s.
@@ -664,7 +673,7 @@ fn a_query_on_the_loop_thread_panics_clearly_instead_of_deadlocking() {
     .unwrap();
     let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let handle = server.handle();
-    let _ = cell.set(handle.clone());
+    assert!(cell.set(handle.clone()).is_ok(), "the handle is set once");
     let looping = thread::spawn(move || server.run());
     // From a callback: the panic is caught, the connection closed with 1011.
     let mut s = raw_ws(addr);

@@ -176,6 +176,16 @@ fn an_fd_leak_in_the_process_raises_the_audit_alarm_and_clears() {
     assert!(expect_eof(&mut client).is_empty());
     drop(client);
     drop(probes);
+    // Quiet: no connection and no timer left.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = handle.stats().expect("loop is running");
+        if s.connections == 0 && s.timers == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not quiet: {s:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
     handle.shutdown().unwrap();
     let result = done
         .recv_timeout(Duration::from_secs(10))

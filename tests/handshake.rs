@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use wsloop::{CloseReason, Config};
 
@@ -146,12 +146,13 @@ fn endless_head_still_gets_431_and_fin() {
     let mut w = s.try_clone().unwrap();
     let mut req = format!("{GET}\r\n{HOST}\r\nX-Endless: ").into_bytes();
     req.extend(std::iter::repeat_n(b'z', 256 * 1024));
-    let t = std::thread::spawn(move || {
-        let _ = w.write_all(&req);
-    });
+    // The server drains what follows its answer until our EOF: the whole write goes through.
+    let t = std::thread::spawn(move || w.write_all(&req));
     let r = read_response(&mut s);
     assert_eq!(r.status, 431, "{r:?}");
-    t.join().unwrap();
+    t.join()
+        .expect("the writing thread")
+        .expect("the rest of the head, drained by the server");
     drop(s);
     let stats = server.finish();
     assert_closed(&stats, &[(CloseReason::Rejected(431), 1)]);
@@ -226,8 +227,7 @@ fn hook_chooses_an_offered_subprotocol() {
     );
     ws.send(tungstenite::Message::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("hi"));
-    ws.close(None).unwrap();
-    while ws.read().is_ok() {}
+    close_client(&mut ws);
     drop(ws);
     let stats = server.finish();
     assert_closed(&stats, &[(CloseReason::PeerClosed, 1)]);
@@ -258,20 +258,25 @@ fn hook_choosing_a_subprotocol_not_offered_is_500() {
 
 #[test]
 fn handshake_timeout_is_408() {
+    let deadline = Duration::from_millis(200);
     let server = TestServer::start(Config {
-        handshake_timeout: Duration::from_millis(200),
+        handshake_timeout: deadline,
         ..config()
     });
+    let start = Instant::now();
     let mut s = tcp(server.addr);
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: webso")
         .unwrap();
     let r = read_response(&mut s);
+    assert_deadline("408 for a partial head", start.elapsed(), deadline);
     assert_eq!(r.status, 408, "{r:?}");
     assert!(r.header("connection").unwrap_or_default().contains("close"));
     drop(s);
     // A connection that sends nothing at all times out too.
+    let start = Instant::now();
     let mut s = tcp(server.addr);
     assert_eq!(read_response(&mut s).status, 408);
+    assert_deadline("408 for silence", start.elapsed(), deadline);
     drop(s);
     assert_eq!(server.rec().upgrades, 0);
     let stats = server.finish();
@@ -282,27 +287,33 @@ fn handshake_timeout_is_408() {
 fn trickled_head_does_not_extend_the_handshake_timeout() {
     // Bytes keep arriving (one every 50 ms) but the head never completes: the absolute
     // handshake timeout still fires.
+    let deadline = Duration::from_millis(300);
     let server = TestServer::start(Config {
-        handshake_timeout: Duration::from_millis(300),
+        handshake_timeout: deadline,
         ..config()
     });
+    let start = Instant::now();
     let mut s = tcp(server.addr);
     s.set_nodelay(true).unwrap();
     let mut w = s.try_clone().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let t = std::thread::spawn(move || {
-        let _ = w.write_all(b"GET / HTTP/1.1\r\n");
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            if w.write_all(b"X").is_err() {
-                break;
-            }
+        w.write_all(b"GET / HTTP/1.1\r\n")
+            .expect("the request line");
+        let mut sent = 0;
+        // Until the server has answered and closed (then a write fails), or it is over.
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && w.write_all(b"X").is_ok() {
+            sent += 1;
             std::thread::sleep(Duration::from_millis(50));
         }
+        sent
     });
     let r = read_response(&mut s);
+    assert_deadline("408 for a trickled head", start.elapsed(), deadline);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    t.join().unwrap();
+    let sent = t.join().expect("the trickling thread");
+    assert!(sent >= 5, "only {sent} bytes trickled in {deadline:?}");
     assert_eq!(r.status, 408);
     drop(s);
     let stats = server.finish();

@@ -793,7 +793,11 @@ impl PageServer {
                         Ok((s, _)) => {
                             let (tx, page, rec) = (tx.clone(), page.clone(), rec.clone());
                             thread::spawn(move || {
-                                let _ = serve_one(s, &page, &rec, &tx);
+                                // The browser's requests: one that fails is reported (the
+                                // page then reports no result, and the test fails on that).
+                                if let Err(e) = serve_one(s, &page, &rec, &tx) {
+                                    eprintln!("interop page server: {e}");
+                                }
                             });
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {

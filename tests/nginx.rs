@@ -15,9 +15,10 @@
 //!   127.0.0.1 --max-connections-per-ip 1`, the limit applies to the client nginx appends to
 //!   X-Forwarded-For, whatever the client itself claimed in that header (or in a `Forwarded`
 //!   header, which the configuration drops).
-//! - `http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit` (ignored: a server
-//!   bug): without `proxy_set_header Forwarded "";`, a client's own `Forwarded` header reaches
-//!   wsloop, which prefers it to X-Forwarded-For.
+//! - `http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit`: without
+//!   `proxy_set_header Forwarded "";`, a client's own `Forwarded` header reaches wsloop, which
+//!   reads only the header `--forwarded-header` names (X-Forwarded-For by default): the claim
+//!   changes nothing, the per-address limit holds.
 //! - `http_proxy_metrics_stay_off_the_public_port`: nginx proxies every path, so with
 //!   `--metrics-listen 127.0.0.1:0` (and no `--metrics-on-ws`) a GET of /metrics or /healthz
 //!   through nginx gets 426 while the private listener serves them.
@@ -265,14 +266,12 @@ fn http_proxy_per_ip_limit_applies_to_the_forwarded_client() {
     );
 }
 
-/// Server bug: wsloop prefers `Forwarded` to `X-Forwarded-For` whenever a request has one.
 /// nginx's usual WebSocket configuration maintains only X-Forwarded-For and passes a client's
-/// own `Forwarded` header on untouched, so a client evades the per-address limit (and names
-/// itself to the upgrade hook) by sending `Forwarded: for=<anything>`. Here three concurrent
-/// connections from 127.0.0.2 are all admitted under `--max-connections-per-ip 1`. Until wsloop
-/// lets the operator say which header the proxy sets (or stops preferring one the proxy may not
-/// touch), nginx must drop the header: `proxy_set_header Forwarded "";`, as the other tests and
-/// the README's configuration do.
+/// own `Forwarded` header on untouched. wsloop reads only the header the proxy sets
+/// (`--forwarded-header`, X-Forwarded-For by default), so a client cannot name itself with
+/// `Forwarded: for=<anything>`: here three concurrent connections from 127.0.0.2 claiming three
+/// addresses meet `--max-connections-per-ip 1`, and the second and third are refused. (wsloop
+/// used to prefer `Forwarded` whenever a request had one, and admitted all three.)
 #[test]
 fn http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit() {
     let Some(bin) = nginx() else { return };
@@ -298,7 +297,9 @@ fn http_proxy_client_forwarded_header_does_not_evade_the_per_ip_limit() {
         }
     }
     drop(held);
+    w.wait_quiet();
     w.stop();
+    // nginx logs the refusals it passed on; the connections themselves went as they should.
     nginx.stop();
 }
 
@@ -335,7 +336,6 @@ fn http_proxy_metrics_stay_off_the_public_port() {
     );
     close_echoed(&mut ws, 1000, "");
     drop(ws);
-    w.wait_baseline();
     stop_clean(w, nginx);
     took("http_proxy_metrics_stay_off_the_public_port", started);
 }
@@ -394,7 +394,7 @@ fn http_proxy_read_timeout_and_wsloop_pings() {
     let cut = thread::spawn(move || {
         let mut ws = open(via_silent, localhost(3), "/idle", None).expect("upgrade");
         ws.get_mut()
-            .set_read_timeout(Some(hold + Duration::from_secs(3)))
+            .set_read_timeout(Some(Duration::from_secs(15)))
             .unwrap();
         let start = Instant::now();
         let ended = ws.read();
@@ -407,9 +407,17 @@ fn http_proxy_read_timeout_and_wsloop_pings() {
         "pinged connection: {pings} pings in {hold:?}; silent connection ended after {:.2} s: {how}",
         after.as_secs_f64()
     );
-    assert!(pings >= 3, "wsloop pings every second of silence: {pings}");
+    // A ping after each second of silence (the pong answering it ends the silence): at most
+    // one a second, and on a loaded machine at least three in five seconds.
     assert!(
-        after >= Duration::from_millis(2500) && after < Duration::from_secs(6),
+        (3..=5).contains(&pings),
+        "wsloop pings every second of silence: {pings} in {hold:?}"
+    );
+    // nginx's 3 s timer starts when it read the upstream's 101, a moment before our client
+    // did (and nginx's clock may lag its events by as much): 3 s less that moment, at least;
+    // generous above.
+    assert!(
+        after >= Duration::from_millis(2900) && after < Duration::from_secs(10),
         "nginx cuts the silent connection at its 3 s proxy_read_timeout, not after {after:?} ({how})"
     );
     assert!(
@@ -823,6 +831,7 @@ fn behind_proxy_one_per_ip(name: &str) -> Wsloop {
 
 /// Stop the instance, then nginx; both must exit cleanly, and nginx log no error.
 fn stop_clean(w: Wsloop, nginx: Nginx) {
+    w.wait_quiet();
     w.stop();
     assert_no_nginx_errors(&nginx.stop());
 }

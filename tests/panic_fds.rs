@@ -22,8 +22,7 @@ fn panics_leave_no_descriptor_behind() {
     let mut first = ws(server.addr);
     first.send(TMsg::text("hello")).unwrap();
     assert_eq!(first.read().unwrap(), TMsg::text("hello"));
-    first.close(None).unwrap();
-    while first.read().is_ok() {}
+    close_client(&mut first);
     drop(first);
     server.wait_quiet();
     let baseline = open_fds();
@@ -34,7 +33,7 @@ fn panics_leave_no_descriptor_behind() {
             .write_all(&frame(true, OP_TEXT, b"panic-me"))
             .unwrap();
         assert_eq!(expect_close(&mut victim).0, 1011);
-        expect_eof(&mut victim);
+        expect_clean_eof(&mut victim);
         for w in &mut others {
             let text = format!("round {round}");
             w.send(TMsg::text(text.clone())).unwrap();
@@ -42,8 +41,7 @@ fn panics_leave_no_descriptor_behind() {
         }
     }
     for mut w in others {
-        w.close(None).unwrap();
-        while w.read().is_ok() {}
+        close_client(&mut w);
     }
     server.wait_quiet();
     assert_eq!(server.handle.query(|_, ctx| ctx.audit().unwrap()), Some(0));

@@ -6,6 +6,8 @@ mod common;
 
 use common::*;
 use std::io::Write;
+use std::thread;
+use std::time::{Duration, Instant};
 use wsloop::{CloseCode, CloseReason, Config};
 
 const MAX: usize = 1024;
@@ -29,7 +31,7 @@ fn violation_in_writes(writes: &[&[u8]], code: u16) {
     let (got, reason) = f.close().expect("close frame with a code");
     assert_eq!(got, code, "close code (reason {reason:?})");
     assert!(f.fin && !f.masked);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
     {
@@ -166,7 +168,7 @@ fn violation_after_valid_messages_still_closes_once() {
     s.write_all(&w).unwrap();
     assert_eq!(expect_frame(&mut s, OP_TEXT), b"also fine");
     assert_eq!(expect_close(&mut s).0, 1002);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_closes(1);
     assert_eq!(server.rec().messages, 2);
@@ -181,18 +183,21 @@ fn oversized_message_with_payload_in_flight_still_gets_1009() {
     // reset that destroys it.
     let server = TestServer::start(Config {
         max_message_size: MAX,
+        // Long enough to drain the rest on a loaded machine: the connection ends at our EOF.
+        close_timeout: Duration::from_secs(20),
         ..config()
     });
     let mut s = raw_ws(server.addr);
     let mut writer = s.try_clone().unwrap();
     let big = frame(true, OP_BINARY, &bytes(4 << 20, 9));
-    let t = std::thread::spawn(move || {
-        let _ = writer.write_all(&big); // fails once the server is gone
-    });
+    // The server reads and discards the rest of the frame until our EOF: the write completes.
+    let t = std::thread::spawn(move || writer.write_all(&big));
     let f = read_frame(&mut s);
     assert_eq!(f.close().map(|c| c.0), Some(1009));
-    expect_eof(&mut s);
-    t.join().unwrap();
+    expect_clean_eof(&mut s);
+    t.join()
+        .expect("the writing thread")
+        .expect("the rest of the message, drained by the server");
     drop(s);
     server.wait_close_code(1009);
     server.finish_closed(&[(CloseReason::Protocol(CloseCode(1009)), 1)]);
@@ -211,7 +216,7 @@ fn violation_with_unread_input_ends_with_fin_not_reset() {
     s.write_all(&frame(true, OP_BINARY, &bytes(200_000, 9)))
         .unwrap();
     assert_eq!(expect_close(&mut s).0, 1009);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     drop(s);
     server.wait_close_code(1009);
     server.finish_closed(&[(CloseReason::Protocol(CloseCode(1009)), 1)]);
@@ -222,7 +227,7 @@ fn violation_followed_by_client_fin_ends_promptly() {
     // The bad frame and the client's FIN arrive together: the connection must end on that EOF,
     // not linger until the (here very long) close timeout.
     let server = TestServer::start(Config {
-        close_timeout: std::time::Duration::from_secs(60),
+        close_timeout: Duration::from_secs(60),
         ..config()
     });
     let mut s = raw_ws(server.addr);
@@ -230,9 +235,49 @@ fn violation_followed_by_client_fin_ends_promptly() {
     s.write_all(&frame_raw(0x81, b"unmasked", None)).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(expect_close(&mut s).0, 1002);
-    expect_eof(&mut s);
+    expect_clean_eof(&mut s);
     server.wait_closes(1);
     assert_eq!(server.rec().closes_of(id)[0].code, 1002);
+    drop(s);
+    server.finish_closed(&[(CloseReason::Protocol(CloseCode(1002)), 1)]);
+}
+
+#[test]
+fn after_a_violation_input_is_drained_until_the_close_timeout_when_the_client_never_ends() {
+    // The client breaks the protocol and then keeps its side open, and keeps sending. The
+    // server answers with its close frame and shuts its side down (FIN) at once, then reads
+    // and discards whatever comes (so that closing never turns into a reset that destroys the
+    // close frame), until the client's EOF or the close timeout, whichever is first: here the
+    // timeout, which bounds the lingering.
+    let close_timeout = Duration::from_millis(800);
+    let server = TestServer::start(Config {
+        close_timeout,
+        ..config()
+    });
+    let mut s = raw_ws(server.addr);
+    let start = Instant::now();
+    s.write_all(&frame_raw(0x81, b"unmasked", None)).unwrap();
+    assert_eq!(expect_close(&mut s).0, 1002);
+    expect_clean_eof(&mut s);
+    assert!(start.elapsed() < LATE, "our close frame and FIN came late");
+    // Held and drained: what we send now is read and discarded, not refused with a reset.
+    let mut sent = 0;
+    while start.elapsed() < close_timeout / 2 {
+        s.write_all(&frame(true, OP_TEXT, &[b'x'; 1000]))
+            .expect("the server drains input while it lingers");
+        sent += 1;
+        thread::sleep(Duration::from_millis(10));
+    }
+    let held = server.stats();
+    assert_eq!(held.connections, 1, "{held:?}");
+    server.wait_stats("the lingering connection closed", |s| s.connections == 0);
+    assert_deadline("the end of the lingering", start.elapsed(), close_timeout);
+    server.wait_closes(1);
+    assert_eq!(
+        server.rec().messages,
+        0,
+        "{sent} messages after the violation delivered"
+    );
     drop(s);
     server.finish_closed(&[(CloseReason::Protocol(CloseCode(1002)), 1)]);
 }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wsloop::{Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket};
 
 /// Echoes, and reports the address the upgrade hook saw for each connection.
@@ -31,7 +31,8 @@ struct Proxied {
     addr: SocketAddr,
     seen: mpsc::Receiver<SocketAddr>,
     handle: wsloop::LoopHandle<Seen>,
-    thread: Option<thread::JoinHandle<()>>,
+    /// The loop's thread: `run()`'s result, its error as text.
+    thread: Option<thread::JoinHandle<Result<(), String>>>,
 }
 
 impl Proxied {
@@ -40,7 +41,9 @@ impl Proxied {
         let mut server = Server::new(config, Seen(tx)).unwrap();
         let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let handle = server.handle();
-        let thread = Some(thread::spawn(move || server.run().unwrap()));
+        let thread = Some(thread::spawn(move || {
+            server.run().map_err(|e| e.to_string())
+        }));
         Proxied {
             addr,
             seen,
@@ -52,13 +55,43 @@ impl Proxied {
     fn seen(&self) -> SocketAddr {
         self.seen.recv_timeout(WAIT).expect("the upgrade hook ran")
     }
+
+    fn stats(&self) -> wsloop::Stats {
+        self.handle.stats().expect("the loop is running")
+    }
+
+    /// The end of every test: the clients gone (`held` dropped first), wait (bounded) until no
+    /// connection and no timer is left, shut down, and check that `run()` returned Ok. Returns
+    /// the stats taken before the shutdown.
+    fn finish(mut self, held: impl Sized) -> wsloop::Stats {
+        drop(held);
+        let deadline = Instant::now() + WAIT;
+        let stats = loop {
+            let s = self.stats();
+            if s.connections == 0 && s.timers == 0 {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "not quiet: {s:?}");
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.handle.shutdown().expect("the loop is running");
+        let t = self.thread.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || tx.send(t.join()));
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("run() did not return in time")
+            .expect("the loop thread panicked")
+            .expect("run() returned an error");
+        stats
+    }
 }
 
 impl Drop for Proxied {
     fn drop(&mut self) {
-        let _ = self.handle.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // Only a failing test gets here with the loop running: stop it, and let the test's own
+        // panic say what went wrong.
+        if self.thread.is_some() {
+            let _ = self.handle.shutdown();
         }
     }
 }
@@ -151,6 +184,7 @@ fn proxy_protocol_v1_and_v2_name_the_client() {
     );
     assert_eq!(server.seen(), "192.0.2.1:40004".parse().unwrap());
     echo_on(&mut d, "split header");
+    server.finish((a, b, c, d));
 }
 
 #[test]
@@ -168,6 +202,7 @@ fn a_missing_or_bad_proxy_header_is_refused_and_untrusted_peers_cannot_send_one(
     assert_eq!(upgrade_via(&mut plain, server.addr, b"", ""), 101);
     assert_eq!(server.seen().ip(), "127.0.0.4".parse::<IpAddr>().unwrap());
     echo_on(&mut plain, "direct");
+    server.finish((s, spoof, plain));
 }
 
 #[test]
@@ -202,7 +237,7 @@ fn forwarded_headers_count_only_from_trusted_proxies() {
         503,
         "the untrusted peer is limited by its own address whatever it claims"
     );
-    drop((a, b, spoof));
+    server.finish((a, b, c, spoof, again));
 }
 
 #[test]
@@ -222,6 +257,7 @@ fn with_forwarded_configured_only_forwarded_is_read() {
     let v6 = "Forwarded: for=\"[2001:db8::1]:4711\"";
     assert_eq!(upgrade_via(&mut b, server.addr, b"", v6), 101);
     assert_eq!(server.seen().ip(), "2001:db8::1".parse::<IpAddr>().unwrap());
+    server.finish((a, b));
 }
 
 #[test]
@@ -278,7 +314,7 @@ fn a_non_utf8_forwarded_for_entry_does_not_escape_the_connection_limit() {
     assert_eq!(server.seen().ip(), "10.0.0.5".parse::<IpAddr>().unwrap());
     let stats = server.handle.stats().unwrap();
     assert_eq!(stats.refused[1], 2, "max_connections_per_ip: {stats:?}");
-    drop(held);
+    server.finish(held);
 }
 
 /// A client behind the proxy that takes a fresh address of its /64 for every connection is
@@ -324,7 +360,7 @@ fn a_non_utf8_earlier_forwarded_for_line_does_not_escape_the_rate_limit() {
     assert_eq!(server.seen().ip(), "10.0.0.6".parse::<IpAddr>().unwrap());
     let stats = server.handle.stats().unwrap();
     assert_eq!(stats.refused[2], 2, "rate_per_ip: {stats:?}");
-    drop(held);
+    server.finish(held);
 }
 
 #[test]
@@ -335,7 +371,7 @@ fn a_non_utf8_forwarded_element_does_not_escape_the_connection_limit() {
     });
     let held = one_then_refused(&server, b"Forwarded: for=\"\xff\", for=10.0.0.7", 503);
     assert_eq!(server.seen().ip(), "10.0.0.7".parse::<IpAddr>().unwrap());
-    drop(held);
+    server.finish(held);
 }
 
 #[test]
@@ -361,6 +397,7 @@ fn a_request_naming_no_client_is_counted_under_the_proxy() {
             thread::sleep(Duration::from_millis(10));
         }
     }
+    server.finish(());
     // The same through a PROXY header that names no client (v1 UNKNOWN).
     let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
     let mut held = Vec::new();
@@ -370,6 +407,7 @@ fn a_request_naming_no_client_is_counted_under_the_proxy() {
         assert_eq!(got, want);
         held.push(s);
     }
+    server.finish(held);
 }
 
 #[test]
@@ -394,6 +432,7 @@ fn ipv4_mapped_addresses_count_as_their_ipv4_address() {
     assert_eq!(upgrade_via(&mut d, server.addr, b"", chain), 101);
     assert_eq!(server.seen().ip(), "10.0.0.10".parse::<IpAddr>().unwrap());
 
+    server.finish((a, b, c, d));
     // PROXY protocol sources too (v1 TCP6 and v2 over IPv6).
     let server = Proxied::start(proxy_config(&["127.0.0.1"], true));
     let mut e = from("127.0.0.1", server.addr);
@@ -409,7 +448,7 @@ fn ipv4_mapped_addresses_count_as_their_ipv4_address() {
     v2.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
     v2.extend_from_slice(&[0x9c, 0x43, 0x23, 0x29]);
     assert_eq!(upgrade_via(&mut g, server.addr, &v2, ""), 503);
-    drop((a, b, c, d, e, f, g));
+    server.finish((e, f, g));
 }
 
 #[test]
@@ -437,4 +476,5 @@ fn a_refused_request_keeps_its_slot_only_while_its_client_keeps_the_connection()
         }
         thread::sleep(Duration::from_millis(20));
     }
+    server.finish(second);
 }

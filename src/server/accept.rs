@@ -135,7 +135,10 @@ impl<D> Core<D> {
                     }
                     self.on_accepted(stream, peer, self.listener_admin[i]);
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.restore_spare();
+                    return;
+                }
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(0);
                     self.stats.accept_errors[accept_errno_index(errno)] += 1;
@@ -188,6 +191,19 @@ impl<D> Core<D> {
                     "out of file descriptors: answered {} pending connections with 503",
                     more + 1
                 );
+            }
+        }
+    }
+
+    /// Reopen the spare descriptor if a shortage took it: reopening it after a shed fails when
+    /// another thread (another loop of a cluster, say) took the descriptor it freed, and a loop
+    /// without its spare could not answer the next shortage's backlog. Called when accept finds
+    /// the backlog empty: it says so only when a descriptor was free (else EMFILE).
+    fn restore_spare(&mut self) {
+        if self.spare_fd.is_none() {
+            self.spare_fd = std::fs::File::open("/dev/null").ok();
+            if self.spare_fd.is_some() {
+                self.fds_changed();
             }
         }
     }

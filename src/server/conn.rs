@@ -123,7 +123,8 @@ impl<D> Conn<D> {
 
     /// The final bytes of a connection ending with `linger` are all with the kernel. Returns
     /// whether it stays open to drain input. After a failure (protocol error, refused or timed
-    /// out handshake, refused admission) the peer may still be sending, and closing a socket
+    /// out handshake, refused admission, a send over the backpressure limit) the peer may still
+    /// be sending, and closing a socket
     /// with unread input makes the kernel send a reset instead of a FIN, discarding whatever of
     /// ours it has not transmitted yet: the close frame or HTTP response just written may never
     /// arrive. So shut down our side instead (FIN after the final bytes) and discard input

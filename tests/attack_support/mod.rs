@@ -9,6 +9,7 @@ use crate::child_support::Proc;
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -37,6 +38,8 @@ pub struct Wsloop {
     pub baseline_fds: usize,
     /// Where `GET /metrics` requests come from (matters under per-address limits).
     pub metrics_src: IpAddr,
+    /// Where they go: the WebSocket port (`--metrics-on-ws`), or `--metrics-listen`'s.
+    metrics_addr: SocketAddr,
     name: String,
 }
 
@@ -53,6 +56,15 @@ impl Wsloop {
 
     /// [`Wsloop::spawn`] with `--fd-limit fd_limit`.
     pub fn spawn_with_fd_limit(name: &str, fd_limit: u64, args: &[&str]) -> Wsloop {
+        let limit = fd_limit.to_string();
+        Self::spawn_args(name, &[&["--fd-limit", &limit][..], args].concat(), None)
+    }
+
+    /// `wsloop --listen 127.0.0.1:0`, the suite's defaults (see [`Wsloop::spawn`]) and `args`
+    /// (no `--fd-limit` unless they say so: the binary then raises its soft limit to the hard
+    /// one), started with a soft `RLIMIT_NOFILE` of `soft` (the shell's `ulimit -Sn`) when
+    /// given.
+    pub fn spawn_args(name: &str, args: &[&str], soft: Option<u64>) -> Wsloop {
         let mut defaults = Vec::new();
         if !args.contains(&"--metrics-listen") {
             defaults.push("--metrics-on-ws");
@@ -64,16 +76,19 @@ impl Wsloop {
             // Often, so that a test can wait for an audit after its attack (see `audited`).
             defaults.extend(["--audit-interval", "0.2"]);
         }
+        let bin = env!("CARGO_BIN_EXE_wsloop");
+        let mut cmd = match soft {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -Sn {n} && exec \"$0\" \"$@\""), bin]);
+                sh
+            }
+        };
         // stderr is drained for the child's whole life so that it never blocks on a full pipe.
         let mut proc = Proc::spawn(
             name,
-            Command::new(env!("CARGO_BIN_EXE_wsloop"))
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--fd-limit",
-                    &fd_limit.to_string(),
-                ])
+            cmd.args(["--listen", "127.0.0.1:0"])
                 .args(defaults)
                 .args(args)
                 .env("RUST_LOG", "info"),
@@ -98,8 +113,12 @@ impl Wsloop {
             addr,
             baseline_fds: 0,
             metrics_src: localhost(1),
+            metrics_addr: addr,
             name: name.to_string(),
         };
+        if args.contains(&"--metrics-listen") {
+            w.metrics_addr = w.metrics_listener();
+        }
         // The loop is in its first poll: every startup descriptor is open. Take the count once
         // it reads the same twice in a row.
         let mut last = w.fds();
@@ -112,6 +131,7 @@ impl Wsloop {
             last = now;
         }
         w.baseline_fds = last;
+        crate::child_support::assert_nothing_leaked_into(name, w.pid);
         w
     }
 
@@ -131,11 +151,27 @@ impl Wsloop {
             .unwrap_or_else(|| panic!("{}: no metrics listener in the log:\n{log}", self.name))
     }
 
-    /// Descriptors open in the child now (entries of `/proc/<pid>/fd`).
+    /// Descriptors open in the child now (entries of `/proc/<pid>/fd`), but for the one its fd
+    /// audit thread holds while it lists `/proc/self/fd` (every `--audit-interval`, for well
+    /// under a millisecond, longer on a loaded machine): a baseline taken during a listing
+    /// would otherwise be one too high for ever, and no later count would come back to it.
     pub fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| d.count())
+        let listing = PathBuf::from(format!("/proc/{}/fd", self.pid));
+        let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&listing)
             .unwrap_or_else(|e| panic!("{}: reading /proc/{}/fd: {e}", self.name, self.pid))
+            .flatten()
+            .collect();
+        // Only a count one over the baseline (or one taken before there is a baseline) can
+        // be the audit's listing: read the links then, and only then (a poll that read
+        // thousands of them would compete with the child for the machine).
+        if self.baseline_fds != 0 && entries.len() != self.baseline_fds + 1 {
+            return entries.len();
+        }
+        // A descriptor closed since the listing still counts, as `read_dir` saw it.
+        entries
+            .iter()
+            .filter(|e| std::fs::read_link(e.path()).map_or(true, |t| t != listing))
+            .count()
     }
 
     /// CPU seconds (user + system) the child has used so far.
@@ -161,7 +197,7 @@ impl Wsloop {
 
     /// `GET /metrics` over a plain TCP connection.
     pub fn try_metrics(&self) -> io::Result<Metrics> {
-        metrics_at(self.addr, self.metrics_src)
+        metrics_at(self.metrics_addr, self.metrics_src)
     }
 
     pub fn metrics(&self) -> Metrics {
@@ -170,30 +206,31 @@ impl Wsloop {
     }
 
     /// Wait (bounded) until the fd count is back to the baseline and a metrics request finds no
-    /// connection held but itself (a loop that lags may still have connections in its backlog
-    /// when the count is at the baseline); return those metrics.
+    /// connection held and no timer armed but its own (a loop that lags may still have
+    /// connections in its backlog when the count is at the baseline); return those metrics.
     pub fn wait_quiet(&self) -> Metrics {
         let deadline = Instant::now() + FD_SETTLE;
         loop {
             self.wait_baseline();
             let m = self.try_metrics();
             match &m {
-                Ok(m) if m.held() == 1 && !m.0.contains_key(OTHER_LOOP) => return m.clone(),
-                Ok(m) if m.held() == 1 => {
+                Ok(m) if m.quiet() && !m.0.contains_key(OTHER_LOOP) => return m.clone(),
+                Ok(m) if m.quiet() => {
                     // Several loops: the others' figures in these metrics may be up to 250 ms
                     // old (README, Threads); quiet then still quiet after that is quiet.
                     thread::sleep(Duration::from_millis(400));
                     if let Ok(again) = self.try_metrics() {
-                        if again.held() == 1 {
+                        if again.quiet() {
                             return again;
                         }
                     }
                 }
                 Ok(m) => assert!(
                     Instant::now() < deadline,
-                    "{}: connections still held: {:?}",
+                    "{}: connections still held or timers armed: {:?}, wsloop_timers {}",
                     self.name,
-                    m.matching("wsloop_connections{")
+                    m.matching("wsloop_connections{"),
+                    m.get("wsloop_timers")
                 ),
                 // Refused (a rate limit on the metrics address, say): ask again a little later.
                 Err(e) => assert!(
@@ -206,31 +243,43 @@ impl Wsloop {
         }
     }
 
-    /// The metrics after an fd audit that ran wholly after `after` was scraped (bounded wait:
-    /// the audit thread lists `/proc/self/fd` every `--audit-interval`, and the endpoints
-    /// report its last result).
-    pub fn audited(&self, after: &Metrics) -> Metrics {
+    /// Scrape (bounded by [`FD_SETTLE`]) until `cond` holds; those metrics.
+    pub fn wait_until(&self, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
         let deadline = Instant::now() + FD_SETTLE;
-        // An audit under way when `after` was scraped completes first: wait for the next one.
-        let want = after.get("wsloop_fd_audits_total") + 2.0;
         loop {
             if let Ok(m) = self.try_metrics() {
-                if m.get("wsloop_fd_audits_total") >= want {
+                if cond(&m) {
                     return m;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "{}: no fd audit completed within {FD_SETTLE:?}",
+                "{}: {what} not within {FD_SETTLE:?}",
                 self.name
             );
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The metrics after an fd audit that ran wholly after `after` was scraped (bounded wait:
+    /// the audit thread lists `/proc/self/fd` every `--audit-interval`, and the endpoints
+    /// report its last result).
+    pub fn audited(&self, after: &Metrics) -> Metrics {
+        // An audit under way when `after` was scraped completes first: wait for the next one.
+        let want = after.get("wsloop_fd_audits_total") + 2.0;
+        self.wait_until("an fd audit to complete", |m| {
+            m.get("wsloop_fd_audits_total") >= want
+        })
     }
 
     /// Poll `/proc/<pid>/fd` (bounded) until the count is back to the baseline; return it.
     pub fn wait_baseline(&self) -> usize {
-        let deadline = Instant::now() + FD_SETTLE;
+        self.wait_baseline_within(FD_SETTLE)
+    }
+
+    /// [`Wsloop::wait_baseline`], bounded by `bound`.
+    pub fn wait_baseline_within(&self, bound: Duration) -> usize {
+        let deadline = Instant::now() + bound;
         loop {
             let n = self.fds();
             if n == self.baseline_fds {
@@ -240,14 +289,17 @@ impl Wsloop {
                 let list: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
                     .unwrap()
                     .flatten()
+                    .take(40)
                     .map(|e| {
                         let t = std::fs::read_link(e.path()).unwrap_or_default();
                         format!("{}->{}", e.file_name().to_string_lossy(), t.display())
                     })
                     .collect();
                 panic!(
-                    "{}: fd count {n} did not return to the baseline {} within {FD_SETTLE:?}: {list:?}",
-                    self.name, self.baseline_fds
+                    "{}: fd count {n} did not return to the baseline {} within {bound:?}: {list:?}{}",
+                    self.name,
+                    self.baseline_fds,
+                    if n > 40 { " ..." } else { "" }
                 );
             }
             thread::sleep(Duration::from_millis(20));
@@ -260,6 +312,31 @@ impl Wsloop {
         Sampler::start(move || {
             std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
         })
+    }
+
+    /// Stop the child (SIGSTOP), and wait (bounded) until it has stopped: the kernel still
+    /// completes connections into its backlog.
+    pub fn freeze(&self) {
+        self.proc.group.signal(libc::SIGSTOP);
+        let deadline = Instant::now() + FD_SETTLE;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+            // The state is the first field after the command name, which may hold spaces.
+            if stat[stat.rfind(')').unwrap() + 2..].starts_with('T') {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not stopped by SIGSTOP",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Let a stopped child go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.proc.group.signal(libc::SIGCONT);
     }
 
     /// SIGTERM, wait (bounded) for the exit, kill -9 as a fallback; the exit must be 0.
@@ -360,6 +437,11 @@ impl Metrics {
     pub fn accept_errors(&self, errno: &str) -> u64 {
         self.get(&format!("wsloop_accept_errors_total{{errno=\"{errno}\"}}")) as u64
     }
+    /// Nothing held but the scrape that rendered these metrics: one connection (in its
+    /// handshake) and its one timer (the handshake deadline).
+    pub fn quiet(&self) -> bool {
+        self.held() == 1 && self.get("wsloop_timers") == 1.0
+    }
     /// Connections held, over every state.
     pub fn held(&self) -> u64 {
         self.matching("wsloop_connections{")
@@ -440,23 +522,22 @@ impl Sampler {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Stop sampling and return the peak.
+    /// Stop sampling and return the peak; a panic of the sampling thread fails the test.
     pub fn stop(mut self) -> usize {
-        self.halt();
+        self.halt().expect("the sampling thread panicked");
         self.peak()
     }
 
-    fn halt(&mut self) {
+    fn halt(&mut self) -> thread::Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.take().map_or(Ok(()), JoinHandle::join)
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        self.halt();
+        // Not stopped: a test failing already, whose own panic says why.
+        let _ = self.halt();
     }
 }
 
@@ -633,7 +714,9 @@ pub fn legit_pipelined(addr: SocketAddr, n: usize, size: usize) -> Legit {
             other => return Legit::Failed(format!("echo {i} of {n}: {other:?}")),
         }
     }
-    let _ = ws.close(None);
+    if let Err(e) = ws.close(None) {
+        return Legit::Failed(format!("close: {e}"));
+    }
     closed_after_echo(&mut ws)
 }
 

@@ -236,6 +236,67 @@ impl Proc {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Descriptors
+
+/// The descriptors of process `pid` (`self` for this one), with what each refers to
+/// (`socket:[123]`, `pipe:[456]`, `/dev/null`, ...); a descriptor closed while the table is read
+/// is left out.
+pub fn fd_table(pid: &str) -> io::Result<Vec<(u32, String)>> {
+    let mut table = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            table.push((fd, target.to_string_lossy().into_owned()));
+        }
+    }
+    table.sort();
+    Ok(table)
+}
+
+/// Whether a descriptor target names one kernel object (a pipe or socket, by inode), so that
+/// the same target in two processes is the same object, shared by inheritance.
+fn names_one_object(target: &str) -> bool {
+    target.starts_with("pipe:[") || target.starts_with("socket:[")
+}
+
+/// The pipes and sockets child `pid` holds beyond its standard input, output and error that
+/// this test process holds too and did not itself inherit from its parent (cargo, or whatever
+/// ran the tests): descriptors the suite leaked into the child. A pipe or socket both hold is
+/// one object, which only inheritance shares. What this process inherited from outside is
+/// passed on to every child it spawns (std's `Command` closes nothing it did not open), and is
+/// not the suite's doing: it is left out.
+pub fn leaked_into(pid: u32) -> Vec<String> {
+    let Ok(child) = fd_table(&pid.to_string()) else {
+        return Vec::new(); // exited: a test's own assertions say why
+    };
+    let ours = fd_table("self").expect("this process's descriptors");
+    let outside: Vec<String> = fd_table(&std::os::unix::process::parent_id().to_string())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    child
+        .into_iter()
+        .filter(|(fd, t)| *fd > 2 && names_one_object(t))
+        .filter(|(_, t)| ours.iter().any(|(_, o)| o == t) && !outside.contains(t))
+        .map(|(fd, t)| format!("{fd} -> {t}"))
+        .collect()
+}
+
+/// Panics, naming them, if child `name` (`pid`) holds descriptors leaked from the suite (see
+/// [`leaked_into`]).
+pub fn assert_nothing_leaked_into(name: &str, pid: u32) {
+    let leaked = leaked_into(pid);
+    assert!(
+        leaked.is_empty(),
+        "{name} (pid {pid}) inherited descriptors of the test process: {leaked:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Short runs
 
 /// What a bounded run of a command printed, and how it ended.
@@ -265,10 +326,16 @@ pub fn run_bounded(cmd: &mut Command, bound: Duration) -> io::Result<Run> {
 // ---------------------------------------------------------------------------------------------
 // Tools and files
 
+/// Whether the tests run under CI (`CI` set, as CI services and `.ci/run` do, to anything but
+/// `false`, `0` or nothing): there a missing tool is an error, not a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+}
+
 /// A tool is missing: with `CI` set the test fails, otherwise it prints a note and is skipped
 /// (`suite`: which tests, in the note).
 pub fn missing(suite: &str, what: &str, why: &str, install: &str) {
-    if std::env::var_os("CI").is_some() {
+    if under_ci() {
         panic!("{what} is not available ({why}) and CI is set: install it with `{install}`");
     }
     // Straight to stderr, past the test harness's capture: the note shows in a passing run.

@@ -259,8 +259,18 @@ impl TestServer {
         self.wait_rec(&format!("{n} closes"), |r| r.closes.len() >= n);
     }
 
+    /// The loop's stats. Panics if it has ended, or does not answer within [`WAIT`] (a loop
+    /// stuck in a turn fails the test instead of hanging it).
     pub fn stats(&self) -> Stats {
-        self.handle.stats().expect("loop is running")
+        let handle = self.handle.clone();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            // The test may have given up waiting: then nobody wants the answer.
+            let _ = tx.send(handle.stats());
+        });
+        rx.recv_timeout(WAIT)
+            .expect("the loop did not answer a query: stuck in a turn?")
+            .expect("loop is running")
     }
 
     /// Wait (bounded) until `cond` holds on the loop's stats, and return them.
@@ -585,6 +595,7 @@ pub fn expect_close(s: &mut TcpStream) -> (u16, String) {
 
 /// Read until the server closes the connection. Returns what was read before EOF. Panics on a
 /// timeout, and on a reset: the server must close with a FIN after its last bytes.
+#[must_use = "the bytes before EOF: check them, or use expect_clean_eof"]
 pub fn expect_eof(s: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
@@ -600,6 +611,84 @@ pub fn expect_eof(s: &mut TcpStream) -> Vec<u8> {
             ),
         }
     }
+}
+
+/// Read the server's EOF, with nothing before it (after its close frame, or a terminate).
+pub fn expect_clean_eof(s: &mut TcpStream) {
+    let rest = expect_eof(s);
+    assert!(
+        rest.is_empty(),
+        "{} bytes before EOF, expected none: {:?}",
+        rest.len(),
+        String::from_utf8_lossy(&rest[..rest.len().min(200)])
+    );
+}
+
+/// Read with tungstenite until the server closes the TCP connection; return the close frame
+/// received on the way, if any. Panics on a message, a timeout or a reset.
+pub fn read_until_closed(ws: &mut Ws) -> Option<tungstenite::protocol::CloseFrame> {
+    let mut frame = None;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(f)) => frame = f,
+            Ok(m) => panic!("unexpected message while waiting for the end: {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => return frame,
+            Err(e) => panic!("reading until closed: {e}"),
+        }
+    }
+}
+
+/// The client closes (without a code) and reads to the end: the server must answer with a
+/// close frame, then close the TCP connection. Panics on anything else: a message, a
+/// timeout, a reset, or an end without the server's close frame.
+pub fn close_client(ws: &mut Ws) {
+    ws.close(None)
+        .unwrap_or_else(|e| panic!("sending our close: {e}"));
+    expect_close_reply(ws);
+}
+
+/// After the client's close: the server's close frame, then the end of the TCP connection (see
+/// [`close_client`]).
+pub fn expect_close_reply(ws: &mut Ws) {
+    let mut answered = false;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(_)) => answered = true,
+            Ok(m) => panic!("unexpected message while closing: {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing: {e}"),
+        }
+    }
+    assert!(
+        answered,
+        "the server ended the connection without answering our close"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines
+
+/// The timer wheel's tick. The loop reads its clock in whole milliseconds, rounded down, so a
+/// deadline `d` after an event fires no earlier than `d` minus one tick after it: the exact
+/// lower bound of every deadline seen from outside.
+pub const TICK: Duration = Duration::from_millis(1);
+/// How much later than its deadline something may happen on a loaded machine (two shared,
+/// noisy cores) before a test calls the deadline broken: generous.
+pub const LATE: Duration = Duration::from_secs(2);
+
+/// `took`, measured by a client from before the event a deadline counts from (a connect, the
+/// last byte sent), is that deadline: not earlier (but for the tick), and at most [`LATE`]
+/// later.
+pub fn assert_deadline(what: &str, took: Duration, deadline: Duration) {
+    assert!(
+        took + TICK >= deadline,
+        "{what}: after {took:?}, before its deadline of {deadline:?}"
+    );
+    assert!(
+        took <= deadline + LATE,
+        "{what}: after {took:?}, {:?} past its deadline of {deadline:?}",
+        took - deadline
+    );
 }
 
 /// An HTTP response read up to the server's EOF.
