@@ -44,6 +44,8 @@ pub(crate) struct Ledger {
     /// Per loop: the publications other loops forwarded to it, not taken yet, with their bytes;
     /// and the waker that tells it.
     inboxes: Box<[Mutex<Inbox>]>,
+    /// The memory budget over all loops, and where its size came from.
+    memory: (usize, String),
     wakers: Box<[OnceLock<Arc<Waker>>]>,
 }
 
@@ -87,7 +89,21 @@ impl Ledger {
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
             inboxes: (0..loops).map(|_| Mutex::new((Vec::new(), 0))).collect(),
             wakers: (0..loops).map(|_| OnceLock::new()).collect(),
+            memory: match config.memory_budget {
+                0 => crate::memory::default_budget(),
+                n => (n, "--memory-budget".into()),
+            },
         }
+    }
+
+    /// The memory budget over all loops, and where its size came from.
+    pub(crate) fn memory_budget(&self) -> (usize, &str) {
+        (self.memory.0, &self.memory.1)
+    }
+
+    /// Each loop's share of the memory budget.
+    pub(crate) fn memory_share(&self) -> usize {
+        self.memory.0 / self.loops()
     }
 
     /// Loop `loop_index`'s waker, through which the others tell it of forwarded publications.
@@ -438,6 +454,9 @@ pub struct Budget {
     pub headroom: usize,
     /// Loops sharing the budget.
     pub loops: usize,
+    /// The memory budget over all loops, in bytes (see
+    /// [`Config::memory_budget`](crate::Config::memory_budget)).
+    pub memory_budget: usize,
 }
 
 impl std::fmt::Display for Budget {
@@ -450,7 +469,7 @@ impl std::fmt::Display for Budget {
         if self.loops > 1 {
             write!(f, " over {} loops", self.loops)?;
         }
-        Ok(())
+        write!(f, "; memory budget {} MiB", self.memory_budget >> 20)
     }
 }
 

@@ -56,6 +56,7 @@
 pub mod admission;
 pub mod config;
 mod error;
+pub mod memory;
 pub mod origin;
 pub mod sys;
 pub mod timer_wheel;

@@ -62,6 +62,19 @@ pub fn open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
+/// Bytes in socket `fd`'s send queue that the peer has not acknowledged yet (`SIOCOUTQ`).
+pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one c_int through the pointer, which points
+    // at `n`, alive and writable for the call; `fd` is borrowed open for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// Send `signal` to process `pid` (a negative `pid`: to the process group `-pid`). The caller
 /// makes sure the pid is still its own (a child not yet reaped).
 pub fn kill(pid: i32, signal: i32) -> io::Result<()> {

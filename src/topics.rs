@@ -379,6 +379,17 @@ impl Fanout {
         self.owing.clear();
     }
 
+    /// The heap memory the fan-out holds (arena, references, per-slot lists), as the memory
+    /// budget counts it.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.frames.capacity()
+            + self.pubs.capacity() * size_of::<Range<usize>>()
+            + self.owed.capacity() * size_of::<(u32, u32)>()
+            + self.lists.capacity() * size_of::<Option<(u32, u32)>>()
+            + self.owing.capacity() * size_of::<(usize, u32)>()
+    }
+
     /// What is owed is large enough to deliver now, before the turn ends.
     pub fn is_large(&self) -> bool {
         self.owed.len() >= MAX_OWED || self.frames.len() >= MAX_FRAMED

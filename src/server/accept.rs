@@ -87,6 +87,7 @@ pub(super) fn refusal(verdict: Verdict) -> Vec<u8> {
         Verdict::RateLimited => (429, "too many new connections from your address"),
         Verdict::AddressFull => (503, "too many connections from your address"),
         Verdict::ServerFull => (503, "server at capacity"),
+        Verdict::MemoryBudget => (503, "server memory budget reached"),
     };
     handshake::write_response(
         &mut out,
@@ -270,6 +271,8 @@ impl<D> Core<D> {
                 true => Ok(false),
                 false => Err(Verdict::ServerFull),
             }
+        } else if self.memory.shedding() {
+            Err(Verdict::MemoryBudget)
         } else if via_proxy {
             // A trusted proxy speaks for many clients: the per-address limits apply once it has
             // said which client this is (PROXY header or X-Forwarded-For).

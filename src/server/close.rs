@@ -14,12 +14,21 @@ use crate::watchdog::Activity;
 impl<D> Core<D> {
     /// End the doomed connections.
     pub(super) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
-        while let Some((idx, gen)) = self.closing_subscribers.pop() {
-            // A subscriber over its limit under the `Close` policy: close 1008, as a send over
-            // it does, without waiting for an answer it will not read.
-            if self.alive(idx, gen) && self.conns[idx].linger.is_none() {
-                self.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
-                self.finish(handler, idx, CloseReason::Backpressure);
+        if self.memory.shedding() {
+            self.shed_biggest();
+        }
+        while let Some((idx, gen, reason)) = self.to_close.pop() {
+            if !self.alive(idx, gen) || self.conns[idx].linger.is_some() {
+                continue;
+            }
+            match reason {
+                CloseReason::Memory => self.shed(handler, idx),
+                _ => {
+                    // A subscriber over its limit under the `Close` policy: close 1008, as a
+                    // send over it does, without waiting for an answer it will not read.
+                    self.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
+                    self.finish(handler, idx, reason);
+                }
             }
         }
         while let Some((idx, gen, reason)) = self.doomed.pop() {
@@ -129,6 +138,7 @@ impl<D> Core<D> {
         let Some(mut conn) = self.conns.try_remove(idx) else {
             return;
         };
+        self.release(conn.mem);
         let _ = self.registry.deregister(&mut conn.socket);
         if let Some(k) = conn.timer.take() {
             self.wheel.cancel(k);
@@ -228,6 +238,7 @@ impl<D> Core<D> {
                 self.tally.shedding(),
                 "refused-connection count drifted"
             );
+            self.check_memory();
             self.pubsub.check(|id| {
                 let (idx, gen) = super::conn::slot_of(id);
                 self.alive(idx, gen)

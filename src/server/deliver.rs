@@ -48,6 +48,7 @@ impl<D> Core<D> {
             self.pubsub.originate(topic, op, payload);
         }
         let reached = self.pubsub.publish_local(topic, op, payload, None);
+        self.account_fanout();
         if let Some(owner) = self.cork_owner {
             // It is owed this (and nothing earlier: it got that when it took the cork).
             self.deliver_into_cork(owner);
@@ -100,7 +101,8 @@ impl<D> Core<D> {
         // Closed by `reap` (1008, without waiting for an answer it will not read).
         conn.send.sealed = true;
         conn.send.cause = Some(CloseReason::Backpressure);
-        self.closing_subscribers.push((idx, conn.gen));
+        self.to_close
+            .push((idx, conn.gen, CloseReason::Backpressure));
         Admit::Close
     }
 
@@ -191,6 +193,7 @@ impl<D> Core<D> {
                 self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
                 count.delivered += 1;
             }
+            self.account(idx);
         }
         self.count_deliveries(count);
         self.pubsub.fanout.clear();
@@ -211,6 +214,7 @@ impl<D> Core<D> {
         if self.pubsub.fanout.owing() {
             self.deliver_owed();
         }
+        self.account_fanout();
         if !self.pubsub.outgoing.is_empty() {
             let batch = std::mem::take(&mut self.pubsub.outgoing);
             let (dropped, woken) = self.ledger.forward(self.loop_index, &batch);

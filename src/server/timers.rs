@@ -90,6 +90,7 @@ impl<D> Core<D> {
                 conn_id(self.loop_index, idx, conn.gen),
                 reason.label()
             );
+            conn.socket.abandon();
             self.end(handler, idx, reason);
             return;
         }
@@ -105,6 +106,8 @@ impl<D> Core<D> {
             return;
         }
         if let Some(reason) = conn.linger {
+            // Its final bytes were not all taken in time, or it did not end its side.
+            conn.socket.abandon();
             self.end(handler, idx, reason);
             return;
         }
@@ -139,6 +142,7 @@ impl<D> Core<D> {
                     (None, Some(cause)) => cause,
                     (None, None) => CloseReason::CloseTimeout,
                 };
+                conn.socket.abandon();
                 self.end(handler, idx, reason);
             }
             State::Closed => self.end(handler, idx, CloseReason::Abnormal),

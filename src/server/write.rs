@@ -151,6 +151,7 @@ impl<D> Core<D> {
                     }
                 }
             }
+            self.account(idx);
         }
         self.cork.clear();
         if self.cork.capacity() > 16 * CORK_KEEP {
