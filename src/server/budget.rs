@@ -34,8 +34,13 @@ impl<D> Core<D> {
     /// Bring connection `idx`'s counted buffers up to date (see the module docs).
     #[inline]
     pub(super) fn account(&mut self, idx: usize) {
-        let now = held(&self.conns[idx]);
-        if now != self.conns[idx].mem {
+        let c = &self.conns[idx];
+        // Most connections hold nothing, and held nothing: no arithmetic for them.
+        if c.mem == [0, 0] && !c.session.holds() && c.pending.is_empty() && c.rare.is_none() {
+            return;
+        }
+        let now = held(c);
+        if now != c.mem {
             self.account_changed(idx, now);
         }
     }

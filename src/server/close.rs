@@ -12,8 +12,17 @@ use crate::protocol::session::State;
 use crate::watchdog::Activity;
 
 impl<D> Core<D> {
-    /// End the doomed connections.
+    /// End the doomed connections, close those marked to close (`to_close`), and shed while
+    /// the loop is over its memory mark.
+    #[inline]
     pub(super) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        if !self.doomed.is_empty() || !self.to_close.is_empty() || self.memory.shedding() {
+            self.reap_now(handler);
+        }
+    }
+
+    #[inline(never)]
+    fn reap_now<H: Handler<Data = D>>(&mut self, handler: &mut H) {
         if self.memory.shedding() {
             self.shed_biggest();
         }

@@ -30,16 +30,6 @@ impl<H: Handler> Inner<H> {
     /// The reads of [`Inner::readable`]. Returns false if the connection ended or is ending.
     #[inline(always)]
     pub(super) fn read_some(&mut self, idx: usize, closed: bool) -> bool {
-        if self.core.conns[idx]
-            .rare
-            .as_ref()
-            .is_some_and(|r| !r.stash.is_empty())
-        {
-            match self.stashed(idx) {
-                Some(true) => {}
-                other => return other.is_some(),
-            }
-        }
         let limit = self.core.config.max_backpressure;
         for _ in 0..READ_BUDGET {
             let conn = &mut self.core.conns[idx];
@@ -103,6 +93,17 @@ impl<H: Handler> Inner<H> {
         for (idx, gen) in std::mem::take(&mut self.core.reread) {
             if self.core.alive(idx, gen) {
                 self.core.conns[idx].read_later = false;
+                // What a yield left unparsed goes first (only a yield leaves any, and a
+                // connection that yielded is read nowhere but here).
+                let stashed = self.core.conns[idx].rare.as_ref();
+                if stashed.is_some_and(|r| !r.stash.is_empty()) && self.stashed(idx) != Some(true) {
+                    self.core.flush_cork();
+                    if self.core.alive(idx, gen) {
+                        self.core.account(idx);
+                    }
+                    self.core.reap(&mut self.handler);
+                    continue;
+                }
                 self.readable(idx, true);
                 self.core.flush_cork();
                 if self.core.alive(idx, gen) {
