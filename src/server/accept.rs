@@ -126,6 +126,8 @@ impl<D> Core<D> {
             let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
                 return;
             };
+            // Between the accept and the count of its descriptor, an audit forgives it.
+            let _moving = Moving::new(&self.ledger);
             match listener.accept() {
                 Ok((stream, peer)) => {
                     if self.backoff_ms > 0 {
@@ -177,6 +179,8 @@ impl<D> Core<D> {
         drop(spare);
         let answer = refusal(Verdict::ServerFull);
         let mut shed = 0u64;
+        // Each is accepted, answered and closed without being counted.
+        let _moving = Moving::new(&self.ledger);
         while let Ok((mut stream, _)) = listener.accept() {
             let _ = stream.write(&answer);
             drop(stream);
@@ -394,5 +398,21 @@ impl<D> Core<D> {
         entry.insert(conn);
         self.fds_changed();
         self.rearm(idx);
+    }
+}
+
+/// A descriptor in flight (see [`Ledger::moving`]) for as long as this lives.
+pub(super) struct Moving(std::sync::Arc<crate::ledger::Ledger>);
+
+impl Moving {
+    pub(super) fn new(ledger: &std::sync::Arc<crate::ledger::Ledger>) -> Moving {
+        ledger.moving();
+        Moving(ledger.clone())
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        self.0.settled();
     }
 }

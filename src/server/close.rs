@@ -156,9 +156,12 @@ impl<D> Core<D> {
             self.cork.clear();
             self.cork_owner = None;
         }
+        // Uncounted first, closed then: an audit in between forgives it.
+        let moving = super::accept::Moving::new(&self.ledger);
         self.fds_changed();
         self.tally.left(&self.ledger, &conn);
         drop(conn.socket);
+        drop(moving);
         let id = conn_id(self.loop_index, idx, conn.gen);
         self.pubsub.forget(id, idx, conn.send.subscribed);
         self.stats.closed[reason.index()] += 1;
