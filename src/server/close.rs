@@ -70,6 +70,9 @@ impl<D> Core<D> {
         conn.send.sealed = true;
         conn.deadline = self.now + Self::ms(self.config.close_timeout);
         self.rearm(idx);
+        // What ends this way often dropped its buffers first (a rejected head, an aborted
+        // session).
+        self.account(idx);
     }
 
     /// Start the close handshake on an open connection: send the close frame, seal sends and

@@ -258,7 +258,6 @@ impl<H: Handler> Server<H> {
         core.settle_publications();
         core.reap(&mut self.inner.handler);
         core.report_subscriptions(&mut self.inner.handler);
-        core.check_memory();
         Ok(reached)
     }
 
@@ -347,13 +346,15 @@ impl<H: Handler> Server<H> {
         core.settle_publications();
         core.reap(&mut self.inner.handler);
         core.report_subscriptions(&mut self.inner.handler);
-        crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
+        core.check_memory();
+        let ran = busy.elapsed().as_nanos() as u64;
+        crate::metrics::observe_turn(&mut core.stats, ran);
         let more = !(core.shutdown_at.is_some() && core.conns.is_empty());
         if core.ledger.loops() > 1 && (core.now >= core.next_publish || !more) {
             core.publish_snapshot();
         }
         if let Some(b) = &core.beat {
-            b.turn_end();
+            b.turn_end(ran);
         }
         Ok(more)
     }

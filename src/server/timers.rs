@@ -42,6 +42,8 @@ impl<H: Handler> Inner<H> {
             core.flush_cork();
             core.reap(handler);
             if core.alive(idx, gen) {
+                // A deadline may have freed its buffers (a refused handshake's head).
+                core.account(idx);
                 core.rearm(idx);
             }
         }
