@@ -47,10 +47,19 @@ const LOW_16THS: usize = 12;
 pub struct MemoryBudget {
     limit: usize,
     used: [usize; 3],
+    /// Connections holding any counted bytes (those the shares are split between).
+    holders: usize,
     shedding: bool,
+    /// Shedding stopped since [`MemoryBudget::take_ended`] was last asked.
+    ended: bool,
     /// Times shedding started.
     pub episodes: u64,
 }
+
+/// The least a holder's share is while shedding (so that thousands of connections holding
+/// little cannot shrink everyone's share below a message): 64 KiB, or a sixteenth of the low
+/// mark for a budget too small for that.
+const MIN_SHARE: usize = 64 << 10;
 
 impl MemoryBudget {
     /// A budget of `limit` bytes.
@@ -110,10 +119,39 @@ impl MemoryBudget {
         self.limit / 16 * LOW_16THS
     }
 
-    /// What one of `holders` connections may hold while shedding: an equal share of the point
-    /// where shedding stops, and at least 4 KiB (a small message and its answer).
-    pub fn share(&self, holders: usize) -> usize {
-        (self.limit / 16 * LOW_16THS / holders.max(1)).max(4096)
+    /// A connection's counted bytes went from `before` to `after`: it starts or stops being a
+    /// holder.
+    pub fn holder(&mut self, before: usize, after: usize) {
+        match (before, after) {
+            (0, 1..) => self.holders += 1,
+            (1.., 0) => self.holders = self.holders.saturating_sub(1),
+            _ => {}
+        }
+    }
+
+    /// Connections holding counted bytes.
+    pub fn holders(&self) -> usize {
+        self.holders
+    }
+
+    /// What one holder may hold while shedding: an equal share of the point where shedding
+    /// stops among the connections that hold anything, and at least [`MIN_SHARE`].
+    pub fn share(&self) -> usize {
+        let low = self.low_mark();
+        (low / self.holders.max(1)).max(MIN_SHARE.min(low / 16))
+    }
+
+    /// An equal part of the point where shedding stops among the connections that hold
+    /// anything, with no floor: what a delivery to a subscriber may grow its queue to while the
+    /// loop sheds.
+    pub fn equal_part(&self) -> usize {
+        self.low_mark() / self.holders.max(1)
+    }
+
+    /// Whether shedding stopped since this was last asked (the loop then gives the allocator's
+    /// free memory back to the system).
+    pub fn take_ended(&mut self) -> bool {
+        std::mem::take(&mut self.ended)
     }
 
     fn update(&mut self) {
@@ -125,6 +163,7 @@ impl MemoryBudget {
             self.episodes += 1;
         } else if self.shedding && used <= low {
             self.shedding = false;
+            self.ended = true;
         }
     }
 }
@@ -215,7 +254,9 @@ mod tests {
         // Freeing a little keeps shedding (hysteresis) ...
         assert!(b.resize(Kind::Partial, 14 << 20, 10 << 20));
         // ... until usage is back at 12/16.
+        assert!(!b.take_ended());
         assert!(!b.resize(Kind::Partial, 10 << 20, 9 << 20));
+        assert!(b.take_ended() && !b.take_ended(), "told once");
         assert_eq!(b.used(), 12 << 20);
         assert_eq!(b.by_kind(), [9 << 20, 3 << 20, 0]);
         assert!(
@@ -226,12 +267,32 @@ mod tests {
     }
 
     #[test]
-    fn a_share_is_an_equal_part_of_the_low_mark_and_never_below_4_kib() {
-        let b = MemoryBudget::new(16 << 20);
-        assert_eq!(b.share(1), 12 << 20);
-        assert_eq!(b.share(0), 12 << 20);
-        assert_eq!(b.share(1024), 12 << 10);
-        assert_eq!(b.share(1 << 20), 4096);
+    fn a_share_is_an_equal_part_of_the_low_mark_among_holders_and_at_least_64_kib() {
+        let mut b = MemoryBudget::new(16 << 20);
+        assert_eq!(b.share(), 12 << 20, "no holder");
+        b.holder(0, 100);
+        assert_eq!((b.holders(), b.share()), (1, 12 << 20));
+        b.holder(100, 200);
+        assert_eq!(b.holders(), 1, "still one");
+        for _ in 0..95 {
+            b.holder(0, 1);
+        }
+        assert_eq!(b.share(), (12 << 20) / 96);
+        for _ in 0..1000 {
+            b.holder(0, 1);
+        }
+        assert_eq!(b.share(), 64 << 10, "never below 64 KiB");
+        b.holder(200, 0);
+        assert_eq!(b.holders(), 1095);
+        // A budget too small for 64 KiB shares: a sixteenth of its low mark.
+        let mut small = MemoryBudget::new(1 << 20);
+        small.holder(0, 1);
+        small.holder(0, 1);
+        assert_eq!(small.share(), (1 << 20) / 2 * 12 / 16);
+        for _ in 0..100 {
+            small.holder(0, 1);
+        }
+        assert_eq!(small.share(), (1 << 20) / 16 * 12 / 16);
     }
 
     #[test]

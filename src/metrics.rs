@@ -139,7 +139,7 @@ fn add_usize<const N: usize>(a: &mut [usize; N], b: &[usize; N]) {
 /// The reasons a published message was not handed to a subscriber, as
 /// `wsloop_deliveries_dropped_total` labels them, in the order of
 /// [`Stats::deliveries_dropped`].
-pub const DELIVERY_DROPS: [&str; 3] = ["backpressure", "closing", "overflow"];
+pub const DELIVERY_DROPS: [&str; 4] = ["backpressure", "closing", "overflow", "memory"];
 
 /// Counters the loop keeps; read through [`Ctx::stats`](crate::Ctx::stats) or
 /// [`LoopHandle::stats`](crate::LoopHandle::stats).
@@ -190,9 +190,10 @@ pub struct Stats {
     /// Published messages handed to subscribers (one per subscriber reached).
     pub deliveries: u64,
     /// Published messages not handed to a subscriber, by reason ([`DELIVERY_DROPS`]): over its
-    /// backpressure limit; closing; and (per loop that missed it) a publication another loop of
-    /// a cluster could not forward because this loop's inbox was full.
-    pub deliveries_dropped: [u64; 3],
+    /// backpressure limit; closing; (per loop that missed it) a publication another loop of a
+    /// cluster could not forward because this loop's inbox was full; and, while the loop sheds
+    /// to stay within its memory budget, one for a subscriber holding more than its share.
+    pub deliveries_dropped: [u64; 4],
     /// The loop's share of the memory budget, in bytes.
     pub memory_budget: usize,
     /// Bytes held in buffers counted in the memory budget, by kind

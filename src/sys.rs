@@ -75,6 +75,17 @@ pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Give the allocator's free memory back to the system (glibc's `malloc_trim`; nothing
+/// elsewhere).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes a plain integer and only walks the allocator's own state, which
+    // it locks; it is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Send `signal` to process `pid` (a negative `pid`: to the process group `-pid`). The caller
 /// makes sure the pid is still its own (a child not yet reaped).
 pub fn kill(pid: i32, signal: i32) -> io::Result<()> {

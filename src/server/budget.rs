@@ -15,6 +15,7 @@ use crate::admission::Verdict;
 use crate::app::{CloseReason, Handler};
 use crate::memory::Kind;
 use crate::protocol::close::CloseCode;
+use std::cmp::Reverse;
 
 /// What a connection's buffers hold now: its session's (request head, partial message) with its
 /// unparsed input, and its send queue's heap bytes, each counted up to 4 GiB (a buffer that large is counted as 4 GiB:
@@ -23,9 +24,12 @@ use crate::protocol::close::CloseCode;
 #[inline]
 fn held<D>(c: &Conn<D>) -> [u32; 2] {
     let clamp = |b: usize| u32::try_from(b).unwrap_or(u32::MAX);
-    let stash = c.rare.as_ref().map_or(0, |r| r.stash.capacity());
+    let rare = c
+        .rare
+        .as_ref()
+        .map_or(0, |r| r.stash.capacity() + r.proxy_partial.capacity());
     [
-        clamp(c.session.buffered_capacity() + stash),
+        clamp(c.session.buffered_capacity() + rare),
         clamp(c.pending.heap_bytes()),
     ]
 }
@@ -47,27 +51,37 @@ impl<D> Core<D> {
 
     #[inline(never)]
     fn account_changed(&mut self, idx: usize, now: [u32; 2]) {
-        let holders = self.conns.len();
         let conn = &mut self.conns[idx];
         let old = std::mem::replace(&mut conn.mem, now).map(|b| b as usize);
         let now = now.map(|b| b as usize);
+        let (was, is) = (old[0] + old[1], now[0] + now[1]);
+        self.memory.holder(was, is);
         self.memory.resize(Kind::Partial, old[0], now[0]);
         if !self.memory.resize(Kind::Queue, old[1], now[1]) {
+            self.trim_if_ended();
             return;
         }
-        // Shedding: a connection that grows past its share is closed, unless it is ending
-        // already (then what it holds goes with it) or it is an operator's.
-        let (was, is) = (old[0] + old[1], now[0] + now[1]);
-        let share = self.memory.share(holders);
-        if is > was && is > share && conn.linger.is_none() && !conn.admin {
+        // Shedding: a connection that grows past its share is closed (one ending already too:
+        // its flush may not take what it holds past the budget), unless it is an operator's.
+        if is > was && is > self.memory.share() && !conn.admin {
             self.to_close.push((idx, conn.gen, CloseReason::Memory));
         }
     }
 
     /// A connection ended: what it held is no longer counted.
     pub(super) fn release(&mut self, mem: [u32; 2]) {
+        self.memory.holder(mem[0] as usize + mem[1] as usize, 0);
         self.memory.resize(Kind::Partial, mem[0] as usize, 0);
         self.memory.resize(Kind::Queue, mem[1] as usize, 0);
+        self.trim_if_ended();
+    }
+
+    /// Shedding has just stopped: what the allocator holds free since the attack goes back to
+    /// the system, so that the process's RSS comes back down too.
+    fn trim_if_ended(&mut self) {
+        if self.memory.take_ended() {
+            crate::sys::trim_heap();
+        }
     }
 
     /// Count the turn's publications (after publishing, and after delivering them).
@@ -88,20 +102,30 @@ impl<D> Core<D> {
             return;
         }
         self.last_shed_scan = self.now;
-        let mut holders: Vec<(usize, usize, u32)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.linger.is_none() && !c.admin)
-            .map(|(i, c)| (c.mem[0] as usize + c.mem[1] as usize, i, c.gen))
-            .filter(|h| h.0 > 0)
-            .collect();
-        let mut used: usize = holders.iter().map(|h| h.0).sum::<usize>() + self.fanout_bytes;
+        let mut used = self.memory.used();
         let target = self.memory.low_mark();
         if used <= target {
             return;
         }
-        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-        for (bytes, idx, gen) in holders {
+        // Who goes first: connections ending already (told to go, and what their flush holds
+        // is the easiest to give up), then what strangers park (partial messages, request
+        // heads), then queues of our own output, each biggest first.
+        let mut holders: Vec<((u8, Reverse<usize>), usize, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.admin && c.mem != [0, 0])
+            .map(|(i, c)| {
+                let (partial, queue) = (c.mem[0] as usize, c.mem[1] as usize);
+                let class = match (c.linger.is_some(), partial >= queue) {
+                    (true, _) => 0,
+                    (false, true) => 1,
+                    (false, false) => 2,
+                };
+                ((class, Reverse(partial + queue)), i, c.gen)
+            })
+            .collect();
+        holders.sort_unstable_by_key(|h| h.0);
+        for ((_, Reverse(bytes)), idx, gen) in holders {
             if used <= target {
                 break;
             }
@@ -116,10 +140,11 @@ impl<D> Core<D> {
     /// finished); then it lingers, growing no more, until that is written or the close timeout.
     pub(super) fn shed<H: Handler<Data = D>>(&mut self, handler: &mut H, idx: usize) {
         self.log_shed(idx);
-        if !self.conns[idx].pending.is_empty() {
-            // It does not read what it is sent: a close frame behind its queue would hold the
-            // queue until the close timeout, and it would not read it. Reset it: everything it
-            // holds, here and in the kernel, is freed now.
+        let conn = &self.conns[idx];
+        if !conn.pending.is_empty() || conn.linger.is_some() {
+            // Bytes are queued for it (it does not read them as fast as they come: a close
+            // frame behind them would hold them until the close timeout), or it was ending
+            // already: reset it, and everything it holds, here and in the kernel, is freed now.
             self.conns[idx].socket.reset_on_close();
             self.end(handler, idx, CloseReason::Memory);
             return;

@@ -27,11 +27,13 @@ impl<D> Core<D> {
             self.shed_biggest();
         }
         while let Some((idx, gen, reason)) = self.to_close.pop() {
-            if !self.alive(idx, gen) || self.conns[idx].linger.is_some() {
+            if !self.alive(idx, gen) {
                 continue;
             }
             match reason {
+                // Shedding takes connections that are ending too.
                 CloseReason::Memory => self.shed(handler, idx),
+                _ if self.conns[idx].linger.is_some() => {}
                 _ => {
                     // A subscriber over its limit under the `Close` policy: close 1008, as a
                     // send over it does, without waiting for an answer it will not read.
