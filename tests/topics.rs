@@ -611,6 +611,58 @@ fn a_subscriber_that_stops_reading_is_closed_with_1008_under_the_close_policy() 
     assert_eq!(code, Some(1008), "the close frame after them");
 }
 
+/// Many publications in one turn reach a subscriber as one run of consecutive frames, written
+/// in one slice: what its socket does not take is still held within its limit (plus one
+/// message), the rest dropped and counted, under both policies.
+#[test]
+fn a_burst_published_in_one_turn_to_a_reader_that_stopped_stays_within_its_limit() {
+    const MESSAGES: usize = 100;
+    const SIZE: usize = 4096;
+    let limit = 64 * 1024;
+    for policy in [BackpressurePolicy::Drop, BackpressurePolicy::Close] {
+        let srv = start(Config {
+            max_backpressure: limit,
+            backpressure_policy: policy,
+            socket_send_buffer: 32 * 1024,
+            ..config()
+        });
+        let mut slow = tcp_rcvbuf(srv.addr, 4096);
+        slow.write_all(upgrade_request(srv.addr).as_bytes())
+            .unwrap();
+        assert!(read_head(&mut slow).starts_with("HTTP/1.1 101 "));
+        assert_eq!(ask(&mut slow, "sub burst"), "sub true");
+        // 400 KiB published in one turn, more than the socket and the limit hold together.
+        srv.handle
+            .try_post(|_, ctx| {
+                let mut payload = vec![b'.'; SIZE];
+                for i in 0..MESSAGES {
+                    payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    ctx.publish(b"burst", Message::Binary(&payload)).unwrap();
+                }
+            })
+            .unwrap();
+        let stats = srv.wait_stats("the burst handed over or dropped", |s| {
+            s.deliveries + s.deliveries_dropped[0] + s.deliveries_dropped[1] == MESSAGES as u64
+        });
+        assert!(
+            stats.queue_peak <= limit + SIZE + 16,
+            "{policy:?}: queue peak {} over the limit {limit}",
+            stats.queue_peak
+        );
+        assert!(
+            stats.deliveries_dropped[0] > 0,
+            "{policy:?}: the burst went over the limit: {stats:?}"
+        );
+        let (seqs, code) = drain_slow(slow);
+        assert!(
+            seqs.first() == Some(&0) && seqs.windows(2).all(|w| w[0] < w[1]),
+            "{policy:?}: in order, from the first: {seqs:?}"
+        );
+        assert_eq!(code, (policy == BackpressurePolicy::Close).then_some(1008));
+        srv.finish();
+    }
+}
+
 #[test]
 fn nothing_is_published_to_a_connection_once_it_is_closing() {
     let srv = start(config());
