@@ -89,34 +89,9 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 
-# 10,001 connections need as many descriptors in the server and in the load generator: each
-# process gets its own soft limit of 20000 (or the hard limit, if lower).
-HARD=$(ulimit -Hn)
-if [ "$HARD" = unlimited ] || [ "$HARD" -ge 20000 ]; then ulimit -n 20000; else ulimit -n "$HARD"; fi
+. benches/common.sh
 
-SERVER_PID=""
-TMP=$(mktemp -d)
-cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "== $*" >&2; }
-
-# --- build -----------------------------------------------------------------------------------
-log "building (release)"
-cargo build --release --bin wsloop --message-format=json > "$TMP/build.json"
-cargo bench --no-run --bench loadgen --message-format=json >> "$TMP/build.json"
-exe() { # the executable cargo built for target $1 (kind $2)
-    grep '"reason":"compiler-artifact"' "$TMP/build.json" |
-        grep "\"name\":\"$1\",\"src_path\"" | grep "\"kind\":\[\"$2\"\]" |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
-}
+build loadgen
 WSLOOP=$(exe wsloop bin)
 LOADGEN=$(exe loadgen bench)
 for x in "$WSLOOP" "$LOADGEN"; do
@@ -126,10 +101,7 @@ done
 case " $SERVERS " in
     *" uws "*)
         if [ -z "$UWS_MODULES" ]; then
-            log "installing $UWS_PKG into $TMP/uws"
-            mkdir -p "$TMP/uws"
-            (cd "$TMP/uws" && npm init -y > /dev/null &&
-                npm install --no-audit --no-fund --loglevel=error "$UWS_PKG" > /dev/null)
+            install_uws
             UWS_MODULES="$TMP/uws/node_modules"
         fi
         ;;
@@ -154,63 +126,15 @@ start_server() { # $1: wsloop | uws; sets SERVER_PID
         *) echo "pubsub.sh: unknown server $name" >&2; exit 2 ;;
     esac
     SERVER_PID=$!
-    # Ready when the port accepts a connection (at most 10 s).
-    local i
-    for i in $(seq 100); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            echo "pubsub.sh: $name exited at startup; its log ($logf):" >&2
-            tail -5 "$logf" >&2
-            exit 1
-        fi
-        if (exec 3<> "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-            sleep 0.2
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "pubsub.sh: $name did not listen on $ADDR within 10 s" >&2
-    exit 1
+    await_server "$name" "$logf"
 }
 
-stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-    # Let the port's sockets settle before the next server binds it.
-    sleep 0.5
-}
-
-run_loadgen() { # label, then loadgen arguments; appends its RESULT line
-    local label=$1; shift
-    local line extra=()
-    [ "$label" = wsloop ] && extra=(--metrics-addr "$METRICS")
-    if ! line=$(timeout 300 $CLIENT_CPU "$LOADGEN" "$@" --addr "$ADDR" --server-pid "$SERVER_PID" \
-        --label "$label" "${extra[@]}" 2>> "$OUT/loadgen.log"); then
-        echo "pubsub.sh: loadgen failed against $label ($*); see $OUT/loadgen.log" >&2
-        tail -3 "$OUT/loadgen.log" >&2
-        line="RESULT failed=1 server=$label $*"
-    fi
-    echo "$line" | grep '^RESULT' >> "$RESULTS" || true
-    echo "$line" | sed 's/^RESULT /   /' >&2
-}
+# wsloop's metrics, for the dropped deliveries the load generator checks.
+metrics_of() { [ "$1" = wsloop ] && echo "--metrics-addr $METRICS" || true; }
 
 # --- the machine -----------------------------------------------------------------------------
 {
-    echo "date: $(date -Is)"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (src modified)')"
-    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
-    echo "kernel: $(uname -r)"
-    echo "rustc: $(rustc --version)"
-    echo "node: $(node --version 2>/dev/null || echo none)"
-    echo "fd limit: soft $(ulimit -n), hard $(ulimit -Hn)"
+    describe_machine
     echo "pinned: $([ "$PIN" = 1 ] && echo 'servers CPU 0, load generator CPU 1' || echo no)"
     echo "load at start: $(uptime)"
 } > "$OUT/machine.txt"
@@ -222,8 +146,9 @@ for n in $BROADCAST; do
         for s in $SERVERS; do
             log "broadcast n=$n round $r/$ROUNDS: $s"
             start_server "$s"
-            run_loadgen "$s" broadcast -n "$n" --warmup "$WARMUP" --duration "$DURATION"
-            stop_server
+            run_loadgen "$s" broadcast -n "$n" --warmup "$WARMUP" --duration "$DURATION" \
+                $(metrics_of "$s")
+            stop_server 0.5
         done
     done
 done
@@ -234,8 +159,9 @@ for row in $FANOUT; do
         for s in $SERVERS; do
             log "fanout n=$n window=$w round $r/$ROUNDS: $s"
             start_server "$s"
-            run_loadgen "$s" fanout -n "$n" --window "$w" --warmup "$WARMUP" --duration "$DURATION"
-            stop_server
+            run_loadgen "$s" fanout -n "$n" --window "$w" --warmup "$WARMUP" --duration "$DURATION" \
+                $(metrics_of "$s")
+            stop_server 0.5
         done
     done
 done

@@ -170,16 +170,23 @@ fn drain(
     }
 }
 
+/// The clients of one topic, with their poll, receive buffer and frame parsers.
+struct Room {
+    poll: Poll,
+    events: Events,
+    buf: Vec<u8>,
+    clients: Vec<Client>,
+    frames: Vec<Frames>,
+}
+
 /// Open `n` connections on the topic; every one must open.
-fn open_topic(
-    poll: &mut Poll,
-    events: &mut Events,
-    c: &Common,
-    n: usize,
-    buf: &mut [u8],
-) -> Result<Vec<Client>, String> {
+fn open_topic(c: &Common, n: usize) -> Result<Room, String> {
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; RECV_BUF];
     let t0 = Instant::now();
-    let (clients, errors) = open_all(poll, events, c, n, buf).map_err(|e| e.to_string())?;
+    let (clients, errors) =
+        open_all(&mut poll, &mut events, c, n, &mut buf).map_err(|e| e.to_string())?;
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     eprintln!(
         "[{}] {open}/{n} connections open on {} in {:.2} s",
@@ -194,7 +201,21 @@ fn open_topic(
             errors_field(&errors)
         ));
     }
-    Ok(clients)
+    Ok(Room {
+        poll,
+        events,
+        buf,
+        clients,
+        frames: (0..n).map(|_| Frames::new()).collect(),
+    })
+}
+
+/// A masked binary client frame of `size` payload bytes whose first `head` are zero (to be
+/// rewritten with [`set_masked`]), its length, and where its payload starts.
+fn frame_template(head: usize, size: usize) -> (Vec<u8>, usize, usize) {
+    let frame = client_frame(2, &payload_with(&vec![0; head], size));
+    let len = frame.len();
+    (frame, len, len - size)
 }
 
 /// A message's payload: `size` bytes, the first ones `head`, then a pattern.
@@ -291,14 +312,10 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
     if n == 0 {
         return Err("-n must be at least 1".into());
     }
-    let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    let mut events = Events::with_capacity(4096);
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut clients = open_topic(&mut poll, &mut events, c, n, &mut buf)?;
+    let mut room = open_topic(c, n)?;
 
     // Client i's frame: round (8 bytes, rewritten each round), then i (4 bytes).
-    let template = client_frame(2, &payload_with(&[0; 12], p.size));
-    let (flen, start) = (template.len(), template.len() - p.size);
+    let (template, flen, start) = frame_template(12, p.size);
     let mut out: Vec<u8> = template.repeat(n);
     for i in 0..n {
         set_masked(&mut out[i * flen..], start, 8, &(i as u32).to_le_bytes());
@@ -311,7 +328,6 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
         };
         n
     ];
-    let mut frames: Vec<Frames> = (0..n).map(|_| Frames::new()).collect();
     let want_senders = (n as u64) * (n as u64 - 1) / 2;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
         .map_err(|e| format!("histogram: {e}"))?;
@@ -345,7 +361,7 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
         }
         Ok(())
     };
-    start_round(round, &mut clients, &mut members, &mut out)?;
+    start_round(round, &mut room.clients, &mut members, &mut out)?;
 
     loop {
         let now = Instant::now();
@@ -357,14 +373,15 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
                 stall.as_secs_f64()
             ));
         }
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
+        room.poll
+            .poll(&mut room.events, Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
-        for ev in events.iter() {
+        for ev in room.events.iter() {
             let (i, _) = super::split_token(ev.token());
-            let (cl, m) = (&mut clients[i], &mut members[i]);
+            let (cl, m) = (&mut room.clients[i], &mut members[i]);
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 let before = m.got;
-                drain(cl, &mut frames[i], &mut buf, p.size, |pl| {
+                drain(cl, &mut room.frames[i], &mut room.buf, p.size, |pl| {
                     let r = u64::from_le_bytes(pl[..8].try_into().expect("8 bytes"));
                     let s = u32::from_le_bytes(pl[8..12].try_into().expect("4 bytes"));
                     if r != round || s as usize >= n {
@@ -435,7 +452,7 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
         }
         round_start = now;
         last_progress = now;
-        start_round(round, &mut clients, &mut members, &mut out)?;
+        start_round(round, &mut room.clients, &mut members, &mut out)?;
     }
 }
 
@@ -449,17 +466,12 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
     let window = a.window.max(1) as u64;
     // Client 0 publishes; every client, the publisher included, receives.
     let total = a.subscribers + 1;
-    let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    let mut events = Events::with_capacity(4096);
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut clients = open_topic(&mut poll, &mut events, c, total, &mut buf)?;
+    let mut room = open_topic(c, total)?;
 
-    let template = client_frame(2, &payload_with(&[0; 8], p.size));
-    let (flen, start) = (template.len(), template.len() - p.size);
+    let (template, flen, start) = frame_template(8, p.size);
     // The publisher's output: up to `window` frames, rewritten with their sequence numbers.
     let mut out: Vec<u8> = template.repeat(window as usize);
     let (mut out_from, mut out_to) = (0usize, 0usize);
-    let mut frames: Vec<Frames> = (0..total).map(|_| Frames::new()).collect();
     // Per client, the sequence number it expects next.
     let mut expect = vec![0u64; total];
     // Per message not yet received by everyone (by sequence number modulo the ring): how many
@@ -532,28 +544,35 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
             (out_from, out_to) = (0, k * flen);
         }
         if out_from < out_to {
-            out_from += write_some(&mut clients[0].sock, &out[out_from..out_to])
+            out_from += write_some(&mut room.clients[0].sock, &out[out_from..out_to])
                 .map_err(|e| format!("publisher: {e}"))?;
         }
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
+        room.poll
+            .poll(&mut room.events, Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
-        for ev in events.iter() {
+        for ev in room.events.iter() {
             let (i, _) = super::split_token(ev.token());
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 let before = expect[i];
                 let e = &mut expect[i];
-                drain(&mut clients[i], &mut frames[i], &mut buf, p.size, |pl| {
-                    let seq = u64::from_le_bytes(pl[..8].try_into().expect("8 bytes"));
-                    if seq != *e {
-                        return Err(format!(
-                            "message {seq} instead of {} (missing, duplicated or reordered)",
-                            *e
-                        ));
-                    }
-                    *e += 1;
-                    ring[(seq & ring_mask) as usize] += 1;
-                    Ok(())
-                })
+                drain(
+                    &mut room.clients[i],
+                    &mut room.frames[i],
+                    &mut room.buf,
+                    p.size,
+                    |pl| {
+                        let seq = u64::from_le_bytes(pl[..8].try_into().expect("8 bytes"));
+                        if seq != *e {
+                            return Err(format!(
+                                "message {seq} instead of {} (missing, duplicated or reordered)",
+                                *e
+                            ));
+                        }
+                        *e += 1;
+                        ring[(seq & ring_mask) as usize] += 1;
+                        Ok(())
+                    },
+                )
                 .map_err(|e| format!("client {i}: {e}"))?;
                 if expect[i] > before {
                     received += expect[i] - before;
@@ -572,6 +591,6 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
     check_dropped(p, &mut line)?;
     println!("{line}");
     eprintln!("[{}] {}", c.label, human(&line));
-    drop(clients);
+    drop(room);
     Ok(())
 }

@@ -62,12 +62,8 @@ impl<D> Core<D> {
         let mut count = Delivered::default();
         while self.admit_next(idx, &mut at, &mut count) {
             // The one admitted, and those after it that still fit under the limit.
-            let room = self.room(idx);
-            let (span, n) = self
-                .pubsub
-                .fanout
-                .next_span(&mut at, room)
-                .expect("not at the end");
+            let fanout = &self.pubsub.fanout;
+            let (span, n) = fanout.next_span(&mut at, self.room(idx)).expect("admitted");
             self.cork.extend_from_slice(span);
             count.delivered += n as u64;
         }
@@ -205,12 +201,8 @@ impl<D> Core<D> {
             }
             // Behind queued bytes: into the queue, within the limit.
             while self.admit_next(idx, &mut at, &mut count) {
-                let room = self.room(idx);
-                let (span, n) = self
-                    .pubsub
-                    .fanout
-                    .next_span(&mut at, room)
-                    .expect("not at the end");
+                let fanout = &self.pubsub.fanout;
+                let (span, n) = fanout.next_span(&mut at, self.room(idx)).expect("admitted");
                 let conn = &mut self.conns[idx];
                 conn.pending.push(span);
                 self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
