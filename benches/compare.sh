@@ -73,34 +73,9 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.txt"
 : > "$RESULTS"
 
-# 10000 connections need 10000 descriptors in the server and as many in the load generator:
-# each process gets its own soft limit of 20000 (or the hard limit, if lower).
-HARD=$(ulimit -Hn)
-if [ "$HARD" = unlimited ] || [ "$HARD" -ge 20000 ]; then ulimit -n 20000; else ulimit -n "$HARD"; fi
+. benches/common.sh
 
-SERVER_PID=""
-TMP=$(mktemp -d)
-cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "== $*" >&2; }
-
-# --- build -----------------------------------------------------------------------------------
-log "building (release)"
-cargo build --release --bin wsloop --message-format=json > "$TMP/build.json"
-cargo bench --no-run --bench loadgen --bench tokio_echo --message-format=json >> "$TMP/build.json"
-exe() { # the executable cargo built for target $1 (kind $2)
-    grep '"reason":"compiler-artifact"' "$TMP/build.json" |
-        grep "\"name\":\"$1\",\"src_path\"" | grep "\"kind\":\[\"$2\"\]" |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
-}
+build loadgen tokio_echo
 WSLOOP=$(exe wsloop bin)
 LOADGEN=$(exe loadgen bench)
 TOKIO=$(exe tokio_echo bench)
@@ -110,12 +85,7 @@ done
 case " $SERVERS " in *" tokio "*) [ -x "$TOKIO" ] || { echo "compare.sh: tokio_echo not built" >&2; exit 1; } ;; esac
 
 case " $SERVERS " in
-    *" uws "*|*" uws-"*)
-        log "installing $UWS_PKG into $TMP/uws"
-        mkdir -p "$TMP/uws"
-        (cd "$TMP/uws" && npm init -y > /dev/null &&
-            npm install --no-audit --no-fund --loglevel=error "$UWS_PKG" > /dev/null)
-        ;;
+    *" uws "*|*" uws-"*) install_uws ;;
 esac
 
 SERVER_CPU=""; CLIENT_CPU=""
@@ -151,62 +121,12 @@ start_server() { # $1: wsloop | uws | tokio; sets SERVER_PID
         *) echo "compare.sh: unknown server $name" >&2; exit 2 ;;
     esac
     SERVER_PID=$!
-    # Ready when the port accepts a connection (at most 10 s).
-    local i
-    for i in $(seq 100); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            echo "compare.sh: $name exited at startup; its log ($logf):" >&2
-            tail -5 "$logf" >&2
-            exit 1
-        fi
-        if (exec 3<> "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-            sleep 0.2
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "compare.sh: $name did not listen on $ADDR within 10 s" >&2
-    exit 1
-}
-
-stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-    # Let the port's sockets settle before the next server binds it.
-    sleep 0.3
-}
-
-run_loadgen() { # label, then loadgen arguments; appends its RESULT line
-    local label=$1; shift
-    local line
-    if ! line=$(timeout 300 $CLIENT_CPU "$LOADGEN" "$@" --addr "$ADDR" --server-pid "$SERVER_PID" \
-        --label "$label" 2>> "$OUT/loadgen.log"); then
-        echo "compare.sh: loadgen failed against $label ($*); see $OUT/loadgen.log" >&2
-        tail -3 "$OUT/loadgen.log" >&2
-        line="RESULT failed=1 server=$label $*"
-    fi
-    echo "$line" | grep '^RESULT' >> "$RESULTS" || true
-    echo "$line" | sed 's/^RESULT /   /' >&2
+    await_server "$name" "$logf"
 }
 
 # --- the machine -----------------------------------------------------------------------------
 {
-    echo "date: $(date -Is)"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (src modified)')"
-    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
-    echo "kernel: $(uname -r)"
-    echo "rustc: $(rustc --version)"
-    echo "node: $(node --version 2>/dev/null || echo none)"
-    echo "fd limit: soft $(ulimit -n), hard $(ulimit -Hn)"
+    describe_machine
     echo "load at start: $(uptime)"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2

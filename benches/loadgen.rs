@@ -15,6 +15,9 @@
 //! - `handshake`: C concurrent cycles of connect, upgrade, close handshake; cycles per second.
 //! - `idle`: opens N connections, waits, and reports the server's RSS growth per connection
 //!   (`/proc/<pid>/status` VmRSS with the connections held, minus before, divided by N).
+//! - `broadcast` and `fanout`: the topic rows of `benches/pubsub.sh` (see `loadgen/pubsub.rs`):
+//!   N clients of one topic each sending one message per round (rounds per second), and one
+//!   publisher with S subscribers (deliveries per second); every message is verified.
 //! - `report FILE...`: reads `RESULT` lines written by the other modes (with a `server=` label)
 //!   and prints Markdown tables of medians and of the ratio wsloop/peer per row.
 //!
@@ -31,6 +34,10 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+// Not benches/pubsub.rs, which cargo would take for a bench target of its own.
+#[path = "loadgen/pubsub.rs"]
+mod pubsub;
 
 /// The fixed `Sec-WebSocket-Key` of every client (RFC 6455's example) and its accept value.
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -57,6 +64,10 @@ enum Cmd {
     Handshake(HandshakeArgs),
     /// Idle memory: hold N upgraded connections and report the server's RSS per connection.
     Idle(IdleArgs),
+    /// Topics: N clients in one topic, each sending one message per round; rounds per second.
+    Broadcast(pubsub::BroadcastArgs),
+    /// Topics: one publisher and N subscribers in one topic; deliveries per second.
+    Fanout(pubsub::FanoutArgs),
     /// Summarise RESULT lines (files written by compare.sh) as Markdown tables.
     Report {
         /// Files with RESULT lines.
@@ -169,6 +180,8 @@ fn main() -> ExitCode {
         Cmd::Echo(a) => echo(a),
         Cmd::Handshake(a) => handshake(a),
         Cmd::Idle(a) => idle(a),
+        Cmd::Broadcast(a) => pubsub::broadcast(a),
+        Cmd::Fanout(a) => pubsub::fanout(a),
         Cmd::Report { files, base } => report(&files, &base),
     };
     match result {
@@ -244,7 +257,8 @@ impl CpuWindow {
         }
     }
 
-    /// Append server_user_s, server_sys_s, server_cpu_pct, per-op µs and client_cpu_pct.
+    /// Append server_user_s, server_sys_s, server_cpu_pct, per-op µs (from schedstat; from
+    /// /proc/PID/stat: user, system, both) and client_cpu_pct.
     fn finish(&self, ops: u64, out: &mut String) {
         self.finish_over(ops, self.t0.elapsed().as_secs_f64(), out);
     }
@@ -264,10 +278,11 @@ impl CpuWindow {
             let per = |x: f64| x * 1e6 / ops.max(1) as f64;
             let _ = write!(
                 out,
-                " server_user_s={u:.2} server_sys_s={s:.2} server_cpu_pct={:.0} server_user_us_per_op={:.3} server_sys_us_per_op={:.3}",
+                " server_user_s={u:.2} server_sys_s={s:.2} server_cpu_pct={:.0} server_user_us_per_op={:.3} server_sys_us_per_op={:.3} server_stat_us_per_op={:.3}",
                 (u + s) * 100.0 / wall,
                 per(u),
-                per(s)
+                per(s),
+                per(u + s)
             );
         }
         let _ = write!(out, " client_cpu_pct={:.0}", client * 100.0 / wall);
@@ -1315,7 +1330,9 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
     const CONTEXT: &str = "for context";
     let echo: &[&str] = &["size", "n", "k"];
     // (mode, row key, field, title, which way is better)
-    let tables: [(&str, &[&str], &str, &str, &str); 15] = [
+    let bcast: &[&str] = &["n"];
+    let fanout: &[&str] = &["n", "window"];
+    let tables: [(&str, &[&str], &str, &str, &str); 25] = [
         (
             "echo",
             echo,
@@ -1402,6 +1419,76 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
             "p99_us",
             "Handshake latency p99, µs",
             LOWER,
+        ),
+        (
+            "broadcast",
+            bcast,
+            "rounds_per_s",
+            "Broadcast: rounds per second (N clients in one topic, each sends one message per round)",
+            HIGHER,
+        ),
+        (
+            "broadcast",
+            bcast,
+            "deliveries_per_s",
+            "Broadcast: deliveries per second (N x N per round)",
+            HIGHER,
+        ),
+        (
+            "broadcast",
+            bcast,
+            "server_stat_us_per_op",
+            "Broadcast: server CPU per delivery (utime + stime, /proc/PID/stat), µs",
+            LOWER,
+        ),
+        (
+            "broadcast",
+            bcast,
+            "server_cpu_us_per_op",
+            "Broadcast: server CPU per delivery (schedstat), µs",
+            LOWER,
+        ),
+        (
+            "broadcast",
+            bcast,
+            "client_cpu_pct",
+            "Broadcast: load generator CPU, % of one core",
+            CONTEXT,
+        ),
+        (
+            "fanout",
+            fanout,
+            "deliveries_per_s",
+            "Fan-out: deliveries per second (one publisher, N subscribers + the publisher)",
+            HIGHER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "server_stat_us_per_op",
+            "Fan-out: server CPU per delivery (utime + stime, /proc/PID/stat), µs",
+            LOWER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "server_cpu_us_per_op",
+            "Fan-out: server CPU per delivery (schedstat), µs",
+            LOWER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "server_cpu_pct",
+            "Fan-out: server CPU, % of one core",
+            CONTEXT,
+        ),
+        (
+            "fanout",
+            fanout,
+            "client_cpu_pct",
+            "Fan-out: load generator CPU, % of one core",
+            CONTEXT,
         ),
     ];
     let mut out = String::new();

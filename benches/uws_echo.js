@@ -1,5 +1,8 @@
 // The uWebSockets.js peer of benches/compare.sh: an echo server on µWebSockets' native loop
-// (npm @trufflesuite/uws-js-unofficial, installed by compare.sh into a temporary folder).
+// (npm @trufflesuite/uws-js-unofficial, installed by compare.sh into a temporary folder); with
+// --pubsub, the peer of `wsloop --pubsub` for benches/pubsub.sh: a topic server where a
+// client's request path is its topic, and every message it sends is published with
+// `app.publish` to every subscriber of that topic, the sender included.
 //
 // That package silently falls back to a pure-JS implementation on the `ws` module when its
 // native binary does not load; a benchmark against that would be meaningless, so this script
@@ -7,6 +10,11 @@
 // is that very native module.
 //
 //   node benches/uws_echo.js [--listen 127.0.0.1:9001] [--max-message-size BYTES] [--workers N]
+//                            [--pubsub]
+//
+// Limits as wsloop's defaults: maxBackpressure 64 KiB (wsloop's --max-backpressure); beyond it
+// µWebSockets skips the message for that subscriber (closeOnBackpressureLimit off), as
+// `wsloop --backpressure-policy drop` does. Compression and the idle timeout are off.
 //
 // With --workers N (the peer of `wsloop --threads N`), N worker threads each run their own App
 // listening on the same port; µSockets sets SO_REUSEPORT on Linux, so the kernel spreads the
@@ -24,14 +32,17 @@ function refuse(why) {
 let listen = "127.0.0.1:9001";
 let maxMessage = 64 * 1024;
 let workers = 1;
+let pubsub = false;
 const argv = isMainThread ? process.argv.slice(2) : workerData.argv;
-for (let i = 0; i < argv.length; i += 2) {
-  if (argv[i] === "--listen" && argv[i + 1]) listen = argv[i + 1];
-  else if (argv[i] === "--max-message-size" && argv[i + 1]) maxMessage = Number(argv[i + 1]);
-  else if (argv[i] === "--workers" && Number(argv[i + 1]) >= 1) workers = Number(argv[i + 1]);
+for (let i = 0; i < argv.length; i++) {
+  const value = argv[i + 1];
+  if (argv[i] === "--pubsub") pubsub = true;
+  else if (argv[i] === "--listen" && value) listen = argv[++i];
+  else if (argv[i] === "--max-message-size" && value) maxMessage = Number(argv[++i]);
+  else if (argv[i] === "--workers" && Number(value) >= 1) workers = Number(argv[++i]);
   else {
     console.error(
-      "usage: node uws_echo.js [--listen HOST:PORT] [--max-message-size BYTES] [--workers N]"
+      "usage: node uws_echo.js [--listen HOST:PORT] [--max-message-size BYTES] [--workers N] [--pubsub]"
     );
     process.exit(2);
   }
@@ -69,6 +80,7 @@ if (isMainThread && workers > 1) {
   // waits. A worker that fails takes the whole peer down, so a benchmark never runs short.
   for (let i = 0; i < workers; i++) {
     const args = ["--listen", listen, "--max-message-size", String(maxMessage)];
+    if (pubsub) args.push("--pubsub");
     const w = new Worker(__filename, { workerData: { argv: args, index: i } });
     w.on("error", (e) => refuse(`worker ${i}: ${e.message}`));
     w.on("exit", (code) => {
@@ -80,18 +92,44 @@ if (isMainThread && workers > 1) {
 }
 const who = isMainThread ? "" : ` (worker ${workerData.index})`;
 
-uWS
-  .App()
-  .ws("/*", {
-    compression: uWS.DISABLED,
-    maxPayloadLength: maxMessage,
-    maxBackpressure: 64 * 1024,
-    idleTimeout: 0, // off, as wsloop's --idle-timeout 0
-    sendPingsAutomatically: false,
-    message: (ws, message, isBinary) => {
-      ws.send(message, isBinary);
-    },
-  })
+const limits = {
+  compression: uWS.DISABLED,
+  maxPayloadLength: maxMessage,
+  maxBackpressure: 64 * 1024, // wsloop's default --max-backpressure
+  closeOnBackpressureLimit: false, // skip the message, as wsloop's `drop` policy
+  idleTimeout: 0, // off, as wsloop's --idle-timeout 0
+  sendPingsAutomatically: false,
+};
+const app = uWS.App();
+const behaviour = pubsub
+  ? {
+      ...limits,
+      // The request path is the topic; the upgrade keeps it in the socket's user data.
+      upgrade: (res, req, context) => {
+        res.upgrade(
+          { topic: req.getUrl() },
+          req.getHeader("sec-websocket-key"),
+          req.getHeader("sec-websocket-protocol"),
+          req.getHeader("sec-websocket-extensions"),
+          context
+        );
+      },
+      open: (ws) => {
+        ws.subscribe(ws.getUserData().topic);
+      },
+      // app.publish (not ws.publish): every subscriber, the sender included.
+      message: (ws, message, isBinary) => {
+        app.publish(ws.getUserData().topic, message, isBinary);
+      },
+    }
+  : {
+      ...limits,
+      message: (ws, message, isBinary) => {
+        ws.send(message, isBinary);
+      },
+    };
+app
+  .ws("/*", behaviour)
   .listen(host, port, (token) => {
     if (!token) {
       console.error(`uws_echo: cannot listen on ${listen}`);
@@ -100,6 +138,6 @@ uWS
     const version = require(`${PKG}/package.json`).version;
     console.error(
       `uws_echo: native µWebSockets (${PKG} ${version}, ${path.basename(binary)}) on Node ` +
-        `${process.version} listening on ws://${listen}${who}`
+        `${process.version} listening on ws://${listen}${who}${pubsub ? " (pubsub)" : ""}`
     );
   });

@@ -18,8 +18,8 @@ pub enum Kind {
     /// Bytes a connection's socket did not take yet (at most `max_backpressure` and one
     /// message each).
     Queue = 1,
-    /// One turn's publications for topic subscribers (at most `MAX_FRAMED` bytes and
-    /// `MAX_OWED` references).
+    /// One turn's publications for topic subscribers (at most `MAX_FRAMED` bytes, `MAX_PUBS`
+    /// publications and `MAX_OWED` runs).
     Publications = 2,
 }
 
@@ -135,7 +135,8 @@ impl MemoryBudget {
     }
 
     /// What one holder may hold while shedding: an equal share of the point where shedding
-    /// stops among the connections that hold anything, and at least [`MIN_SHARE`].
+    /// stops among the connections that hold anything, and at least 64 KiB (or a sixteenth
+    /// of that point, if less).
     pub fn share(&self) -> usize {
         let low = self.low_mark();
         (low / self.holders.max(1)).max(MIN_SHARE.min(low / 16))

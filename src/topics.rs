@@ -11,10 +11,14 @@
 //! `u64` key (the loop uses a connection's id).
 //!
 //! [`Fanout`]: a publication is framed once into the turn's arena; each subscriber it is for is
-//! owed a reference to it (8 bytes), appended to that subscriber's list, so that what one
-//! subscriber is owed is read back in publication order without a copy. Subscribers are
-//! addressed by slot and generation (a connection's place in the loop's slab): a slot reused
-//! within the turn is told apart by its generation.
+//! owed a reference to it, appended to that subscriber's list, so that what one subscriber is
+//! owed is read back in publication order without a copy. The list holds runs of consecutive
+//! publications (12 bytes each): a subscriber owed the next publication after the last one it
+//! is owed extends its last run instead, so one topic's subscribers hold one run each however
+//! many messages the turn publishes to it, and since publications are framed back to back, a
+//! run's frames are one slice of the arena, written with one `iovec`. Subscribers are addressed
+//! by slot and generation (a connection's place in the loop's slab): a slot reused within the
+//! turn is told apart by its generation.
 
 use slab::Slab;
 use std::collections::HashMap;
@@ -249,6 +253,15 @@ impl Topics {
 /// The end of a list of what a subscriber is owed.
 const END: u32 = u32::MAX;
 
+/// Publications `from..to` (consecutive), owed to one subscriber; `next` is the entry of the
+/// subscriber's next run, or [`END`].
+#[derive(Clone, Copy)]
+struct Run {
+    from: u32,
+    to: u32,
+    next: u32,
+}
+
 /// One turn's publications, framed once each, and what each subscriber is owed of them (see
 /// the module docs).
 #[derive(Default)]
@@ -257,30 +270,36 @@ pub struct Fanout {
     frames: Vec<u8>,
     /// Each publication's frame in `frames`.
     pubs: Vec<Range<usize>>,
-    /// What is owed: (publication, next entry for the same subscriber or [`END`]).
-    owed: Vec<(u32, u32)>,
-    /// Per slot: the first and last entry of what it is owed.
+    /// What is owed: runs of publications, each subscriber's linked in order.
+    owed: Vec<Run>,
+    /// Per slot: the first and last run of what it is owed.
     lists: Vec<Option<(u32, u32)>>,
     /// Slots owed something, with their generation, in the order they were first owed.
     owing: Vec<(usize, u32)>,
 }
 
-/// Where a subscriber is in reading what it is owed ([`Fanout::take`], [`Fanout::next`]).
+/// Where a subscriber is in reading what it is owed ([`Fanout::take`], [`Fanout::next`]):
+/// the run, and the next publication in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cursor(u32);
+pub struct Cursor {
+    run: u32,
+    at: u32,
+}
 
 impl Cursor {
     /// Whether nothing more is owed.
     pub fn is_end(self) -> bool {
-        self.0 == END
+        self.run == END
     }
 }
 
-/// Deliveries owed in a turn beyond which they are delivered at once rather than at the end of
-/// the turn ([`Fanout::is_large`]): what a turn holds for its subscribers stays bounded however
-/// many messages one read publishes to however many subscribers.
+/// Deliver early, before the turn ends ([`Fanout::is_large`]), once this many runs of
+/// publications are owed: what a turn holds for its subscribers stays bounded however many
+/// messages one read publishes to however many subscribers.
 pub const MAX_OWED: usize = 1 << 16;
-/// Bytes of publications framed in a turn beyond which they are delivered at once.
+/// Deliver early once a turn keeps this many publications.
+pub const MAX_PUBS: usize = 1 << 16;
+/// Deliver early once a turn's publications take this many bytes framed.
 pub const MAX_FRAMED: usize = 1 << 20;
 /// The most bytes of publications one loop of a cluster holds forwarded from the others and not
 /// yet taken; beyond it a loop that does not keep up misses them (counted).
@@ -300,14 +319,18 @@ impl Fanout {
         let mut n = 0;
         for (slot, gen) in to {
             n += 1;
-            let entry = self.owed.len() as u32;
-            self.owed.push((p, END));
             if self.lists.len() <= slot {
                 self.lists.resize(slot + 1, None);
             }
+            let entry = self.owed.len() as u32;
             match &mut self.lists[slot] {
+                // Owed the publication before this one: its run goes on.
+                Some((_, last)) if self.owed[*last as usize].to == p => {
+                    self.owed[*last as usize].to = p + 1;
+                    continue;
+                }
                 Some((_, last)) => {
-                    self.owed[*last as usize].1 = entry;
+                    self.owed[*last as usize].next = entry;
                     *last = entry;
                 }
                 list @ None => {
@@ -315,6 +338,11 @@ impl Fanout {
                     self.owing.push((slot, gen));
                 }
             }
+            self.owed.push(Run {
+                from: p,
+                to: p + 1,
+                next: END,
+            });
         }
         match n {
             0 => self.frames.truncate(start),
@@ -329,11 +357,20 @@ impl Fanout {
         !self.owing.is_empty()
     }
 
-    /// What `slot` is owed, from the first (read it with [`Fanout::next`]); its list is
-    /// cleared.
+    /// What `slot` is owed, from the first (read it with [`Fanout::next`] or
+    /// [`Fanout::next_span`]); its list is cleared.
     pub fn take(&mut self, slot: usize) -> Cursor {
         let first = self.lists.get_mut(slot).and_then(Option::take);
-        Cursor(first.map_or(END, |(first, _)| first))
+        self.cursor(first.map_or(END, |(first, _)| first))
+    }
+
+    /// A cursor at the start of run `run` (or the end).
+    fn cursor(&self, run: u32) -> Cursor {
+        let at = match run {
+            END => 0,
+            r => self.owed[r as usize].from,
+        };
+        Cursor { run, at }
     }
 
     /// The next publication's frame at `at`, moving `at` on; `None` at the end.
@@ -341,9 +378,36 @@ impl Fanout {
         if at.is_end() {
             return None;
         }
-        let (p, next) = self.owed[at.0 as usize];
-        at.0 = next;
-        Some(&self.frames[self.pubs[p as usize].clone()])
+        let p = at.at as usize;
+        let run = self.owed[at.run as usize];
+        at.at += 1;
+        if at.at == run.to {
+            *at = self.cursor(run.next);
+        }
+        Some(&self.frames[self.pubs[p].clone()])
+    }
+
+    /// The next publications at `at` that lie back to back in the arena, as one slice, and how
+    /// many they are, moving `at` past them; `None` at the end. The first is always taken; each
+    /// following one of the same run while the bytes taken before it are at most `room` (as a
+    /// send is admitted while what is queued before it is within a limit).
+    pub fn next_span(&self, at: &mut Cursor, room: usize) -> Option<(&[u8], usize)> {
+        if at.is_end() {
+            return None;
+        }
+        let run = self.owed[at.run as usize];
+        let (from, to) = (at.at as usize, run.to as usize);
+        let base = self.pubs[from].start;
+        let more = self.pubs[from + 1..to].partition_point(|r| r.start - base <= room);
+        let end = from + 1 + more;
+        *at = match end == to {
+            true => self.cursor(run.next),
+            false => Cursor {
+                run: at.run,
+                at: end as u32,
+            },
+        };
+        Some((&self.frames[base..self.pubs[end - 1].end], end - from))
     }
 
     /// The slots owed something, with their generations (each slot with the generation it had
@@ -372,6 +436,9 @@ impl Fanout {
             self.frames = Vec::new();
         }
         self.pubs.clear();
+        if self.pubs.capacity() > MAX_PUBS {
+            self.pubs = Vec::new();
+        }
         self.owed.clear();
         if self.owed.capacity() > MAX_OWED {
             self.owed = Vec::new();
@@ -386,7 +453,7 @@ impl Fanout {
         use std::mem::size_of;
         self.frames.capacity()
             + self.pubs.capacity() * size_of::<Range<usize>>()
-            + self.owed.capacity() * size_of::<(u32, u32)>()
+            + self.owed.capacity() * size_of::<Run>()
             + self.owing.capacity() * size_of::<(usize, u32)>()
     }
 
@@ -399,9 +466,12 @@ impl Fanout {
         self.owing = Vec::new();
     }
 
-    /// What is owed is large enough to deliver now, before the turn ends.
+    /// What is owed (runs of publications, the publications, or their frames) is large enough
+    /// to deliver now, before the turn ends.
     pub fn is_large(&self) -> bool {
-        self.owed.len() >= MAX_OWED || self.frames.len() >= MAX_FRAMED
+        self.owed.len() >= MAX_OWED
+            || self.pubs.len() >= MAX_PUBS
+            || self.frames.len() >= MAX_FRAMED
     }
 }
 
@@ -447,6 +517,91 @@ mod tests {
         assert!(r.is_empty(), "topics are freed with their last subscriber");
         assert_eq!(r.members(b"room").count(), 0);
         r.check();
+    }
+
+    /// Publication `p`'s frame in the tests: three bytes.
+    fn frame(p: u8) -> impl FnOnce(&mut Vec<u8>) {
+        move |f: &mut Vec<u8>| f.extend_from_slice(&[p, p, p])
+    }
+
+    #[test]
+    fn consecutive_publications_are_one_run_and_one_slice() {
+        let mut f = Fanout::default();
+        // Slot 1 is owed 0, 1, 2 and 4; slot 2 only 3.
+        for p in 0..5u8 {
+            let to: &[(usize, u32)] = if p == 3 { &[(2, 7)] } else { &[(1, 9)] };
+            assert_eq!(f.publish(frame(p), to.iter().copied()), 1);
+        }
+        assert_eq!(f.take_owing(), [(1, 9), (2, 7)]);
+        let mut at = f.take(1);
+        assert_eq!(
+            f.next_span(&mut at, usize::MAX),
+            Some((&[0, 0, 0, 1, 1, 1, 2, 2, 2][..], 3)),
+            "a run is one slice"
+        );
+        assert_eq!(f.next_span(&mut at, usize::MAX), Some((&[4, 4, 4][..], 1)));
+        assert_eq!(f.next_span(&mut at, usize::MAX), None);
+        assert!(at.is_end());
+        let mut at = f.take(2);
+        assert_eq!(f.next(&mut at), Some(&[3, 3, 3][..]));
+        assert_eq!(f.next(&mut at), None);
+        f.clear();
+    }
+
+    /// `next_span` takes the first frame, then each one while the bytes before it are within
+    /// `room`, as a send is admitted while what is queued before it is within the limit.
+    #[test]
+    fn a_span_stops_where_the_room_does() {
+        let mut f = Fanout::default();
+        for p in 0..10u8 {
+            f.publish(frame(p), [(0, 0)]);
+        }
+        let mut at = f.take(0);
+        assert_eq!(f.next_span(&mut at, 0), Some((&[0, 0, 0][..], 1)));
+        assert_eq!(f.next_span(&mut at, 2), Some((&[1, 1, 1][..], 1)));
+        // 3 bytes before the second frame and 6 before the third are within 6; 9 are not.
+        let (span, n) = f.next_span(&mut at, 6).expect("owed");
+        assert_eq!((span.len(), n, span[0], span[8]), (9, 3, 2, 4));
+        assert_eq!(f.next(&mut at), Some(&[5, 5, 5][..]));
+        let (span, n) = f.next_span(&mut at, usize::MAX).expect("owed");
+        assert_eq!((span.len(), n, span[0], span[11]), (12, 4, 6, 9));
+        assert_eq!(f.next_span(&mut at, usize::MAX), None);
+        f.clear();
+    }
+
+    /// A turn that publishes many messages to one topic's subscribers holds one run per
+    /// subscriber, not one entry per delivery: 1,000 messages to 100 subscribers (100,000
+    /// deliveries) are not yet large, and all of them are read back in order.
+    #[test]
+    fn one_topics_publications_cost_one_run_per_subscriber() {
+        let mut f = Fanout::default();
+        for p in 0..1000u32 {
+            let n = f.publish(
+                |b: &mut Vec<u8>| b.extend_from_slice(&p.to_le_bytes()),
+                (0..100).map(|s| (s, 1)),
+            );
+            assert_eq!(n, 100);
+        }
+        assert!(!f.is_large(), "100,000 deliveries in 100 runs");
+        for (slot, _) in f.take_owing() {
+            let mut at = f.take(slot);
+            let (span, n) = f.next_span(&mut at, usize::MAX).expect("owed");
+            assert_eq!(n, 1000);
+            let got: Vec<u32> = span
+                .chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(got, (0..1000).collect::<Vec<u32>>());
+            assert!(at.is_end());
+        }
+        f.clear();
+        // Publications are bounded too, even when they cost no new run.
+        for p in 0..MAX_PUBS as u32 {
+            f.publish(|b: &mut Vec<u8>| b.push(p as u8), [(0, 1)]);
+        }
+        assert!(f.is_large());
+        f.take(0);
+        f.clear();
     }
 
     #[test]

@@ -274,6 +274,8 @@ fn the_readme_limits_table_shows_the_defaults() {
             (None, "topics per connection") => vec![c.max_topics_per_connection as f64],
             (None, "topic name") => vec![wsloop::topics::MAX_TOPIC_LEN as f64],
             (None, "publications held in a turn") => {
+                let pubs = default.split(", ").nth(1).map(quantity);
+                assert_eq!(pubs, Some(wsloop::topics::MAX_PUBS as f64), "{default:?}");
                 let framed = default.split(" or ").nth(1).map(quantity);
                 assert_eq!(
                     framed,

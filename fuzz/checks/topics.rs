@@ -208,15 +208,28 @@ fn end_turn(
     received: &mut BTreeMap<(usize, u32), Vec<u64>>,
     expected: &mut BTreeMap<(usize, u32), Vec<u64>>,
 ) {
+    // Read in spans (as the loop writes them), with rooms of none to all.
+    const ROOMS: [usize; 5] = [0, 5, 8, 16, usize::MAX];
+    let mut r = 0;
     for (slot, gen) in fanout.take_owing() {
         if slots[slot].as_ref().is_some_and(|c| c.gen == gen) {
             let c = slots[slot].as_mut().unwrap();
             let mut at = fanout.take(slot);
             let got = received.entry((slot, gen)).or_default();
-            while let Some(frame) = fanout.next(&mut at) {
-                got.push(u64::from_le_bytes(
-                    frame.try_into().expect("one 8-byte frame"),
-                ));
+            loop {
+                let room = ROOMS[r % ROOMS.len()];
+                r += 1;
+                let Some((span, n)) = fanout.next_span(&mut at, room) else {
+                    break;
+                };
+                assert!(n >= 1 && span.len() == 8 * n, "{n} frames in {span:?}");
+                assert!(
+                    8 * (n - 1) <= room,
+                    "{n} frames taken with room for {room} bytes"
+                );
+                for frame in span.chunks(8) {
+                    got.push(u64::from_le_bytes(frame.try_into().expect("8 bytes")));
+                }
             }
             expected.entry((slot, gen)).or_default().append(&mut c.owed);
         }

@@ -1,6 +1,6 @@
 //! Delivering publications: from the turn's arena into a subscriber's cork when it is about to
-//! be written to anyway, or at the end of the turn with one `writev` per 64 frames; within
-//! each subscriber's backpressure limit and policy (see [`super::topics`]).
+//! be written to anyway, or at the end of the turn with one `writev` per 64 runs of frames;
+//! within each subscriber's backpressure limit and policy (see [`super::topics`]).
 
 use super::core::Core;
 use crate::config::BackpressurePolicy;
@@ -66,11 +66,37 @@ impl<D> Core<D> {
         let mut at = self.pubsub.fanout.take(idx);
         let mut count = Delivered::default();
         while self.admit_next(idx, &mut at, &mut count) {
-            let frame = self.pubsub.fanout.next(&mut at).expect("not at the end");
-            self.cork.extend_from_slice(frame);
-            count.delivered += 1;
+            // The one admitted, and those after it that still fit under the limit.
+            let fanout = &self.pubsub.fanout;
+            let (span, n) = fanout.next_span(&mut at, self.room(idx)).expect("admitted");
+            self.cork.extend_from_slice(span);
+            count.delivered += n as u64;
         }
         self.count_deliveries(count);
+    }
+
+    /// What connection `idx` holds against its backpressure limit: its queue, and the cork if
+    /// it owns it.
+    fn held(&self, idx: usize) -> usize {
+        let corked = match self.cork_owner {
+            Some(owner) if owner == idx => self.cork.len(),
+            _ => 0,
+        };
+        self.conns[idx].pending.len() + corked
+    }
+
+    /// What a subscriber may hold: its backpressure limit, and while the loop sheds, its
+    /// equal part of the memory budget.
+    fn limit(&self) -> usize {
+        match self.memory.shedding() {
+            true => self.config.max_backpressure.min(self.memory.equal_part()),
+            false => self.config.max_backpressure,
+        }
+    }
+
+    /// How many more bytes connection `idx` may be handed within its limit.
+    fn room(&self, idx: usize) -> usize {
+        self.limit().saturating_sub(self.held(idx))
     }
 
     /// Move `at` past what connection `idx` does not take (counted); whether a publication it
@@ -88,20 +114,16 @@ impl<D> Core<D> {
     /// Whether connection `idx` takes one more publication now; under the `Close` policy, one
     /// over the limit starts its close.
     fn admit_delivery(&mut self, idx: usize) -> Admit {
+        let held = self.held(idx);
         let conn = &mut self.conns[idx];
         if conn.data.is_none() || conn.send.sealed {
             return Admit::Closing;
         }
-        let corked = match self.cork_owner {
-            Some(owner) if owner == idx => self.cork.len(),
-            _ => 0,
-        };
-        let queued = conn.pending.len() + corked;
-        if queued <= self.config.max_backpressure {
+        if held <= self.config.max_backpressure {
             // While the loop sheds, a subscriber holding its equal part gets no more copies
             // (over the budget itself, none at all: not even one that the socket may take).
             let memory = &self.memory;
-            if memory.shedding() && (memory.over() || queued > memory.equal_part()) {
+            if memory.shedding() && (memory.over() || held > memory.equal_part()) {
                 return Admit::SkipMemory;
             }
             return Admit::Yes;
@@ -135,8 +157,8 @@ impl<D> Core<D> {
                 if admit == Admit::Close && fanout.next(at).is_some() {
                     count.dropped_backpressure += 1;
                 }
-                while fanout.next(at).is_some() {
-                    count.dropped_closing += 1;
+                while let Some((_, n)) = fanout.next_span(at, usize::MAX) {
+                    count.dropped_closing += n as u64;
                 }
             }
         }
@@ -150,9 +172,10 @@ impl<D> Core<D> {
     }
 
     /// The end of a turn (or earlier, when what is owed grew large): every subscriber still
-    /// owed something gets it with one `writev` per 64 frames straight from the arena, as much
-    /// as its backpressure limit admits; what its socket does not take is queued, and what comes
-    /// after is queued one frame at a time within the limit. Then the arena is cleared.
+    /// owed something gets it with one `writev` of up to 64 slices straight from the arena (a
+    /// run of consecutive publications is one slice), as much as its backpressure limit
+    /// admits; what its socket does not take is queued, and what comes after is queued within
+    /// the limit. Then the arena is cleared.
     pub(super) fn deliver_owed(&mut self) {
         self.flush_cork();
         let mut count = Delivered::default();
@@ -160,10 +183,7 @@ impl<D> Core<D> {
             // A batch goes to the socket while what precedes it is within the backpressure
             // limit, and, while the loop sheds, within the subscriber's equal part of the
             // budget (what the socket does not take is queued).
-            let limit = match self.memory.shedding() {
-                true => self.config.max_backpressure.min(self.memory.equal_part()),
-                false => self.config.max_backpressure,
-            };
+            let limit = self.limit();
             // A slot reused this turn is owed what its new connection is (the old one's list
             // was forgotten when it ended): only the new one's entry takes it.
             if !self.alive(idx, gen) {
@@ -174,15 +194,16 @@ impl<D> Core<D> {
             while self.conns[idx].pending.is_empty() && self.admit_next(idx, &mut at, &mut count) {
                 let fanout = &self.pubsub.fanout;
                 let mut parts: [&[u8]; 64] = [&[]; 64];
-                let (mut n, mut total) = (0, 0);
+                let (mut n, mut total, mut frames) = (0, 0, 0);
                 // Each frame admitted as a send would be: while what goes before it is within
                 // the limit.
                 while n < parts.len() && total <= limit {
-                    let Some(frame) = fanout.next(&mut at) else {
+                    let Some((span, k)) = fanout.next_span(&mut at, limit - total) else {
                         break;
                     };
-                    parts[n] = frame;
-                    total += frame.len();
+                    parts[n] = span;
+                    total += span.len();
+                    frames += k as u64;
                     n += 1;
                 }
                 let parts = &parts[..n];
@@ -190,7 +211,7 @@ impl<D> Core<D> {
                 match conn.socket.write_vectored::<64>(parts) {
                     Ok(written) => {
                         self.stats.bytes_sent += written as u64;
-                        count.delivered += n as u64;
+                        count.delivered += frames;
                         if written < total {
                             conn.pending.push_unsent(parts, written);
                             let queued = conn.pending.len();
@@ -207,13 +228,14 @@ impl<D> Core<D> {
                     }
                 }
             }
-            // Behind queued bytes: into the queue, one at a time, within the limit.
+            // Behind queued bytes: into the queue, within the limit.
             while self.admit_next(idx, &mut at, &mut count) {
-                let frame = self.pubsub.fanout.next(&mut at).expect("not at the end");
+                let fanout = &self.pubsub.fanout;
+                let (span, n) = fanout.next_span(&mut at, self.room(idx)).expect("admitted");
                 let conn = &mut self.conns[idx];
-                conn.pending.push(frame);
+                conn.pending.push(span);
                 self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
-                count.delivered += 1;
+                count.delivered += n as u64;
             }
             self.account(idx);
         }
