@@ -8,6 +8,9 @@
 //! zero-fills before every read call). Run by `cargo bench` (with `--bench`), it does nothing
 //! and exits.
 
+#[path = "../tests/rlimit_support/mod.rs"]
+mod rlimit_support;
+
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,7 +52,7 @@ fn main() -> std::io::Result<()> {
 
 /// Take the hard descriptor limit as the soft one (10000 connections need more than 1024).
 fn raise_nofile_limit() {
-    if let Err(e) = wsloop::sys::raise_nofile_limit() {
+    if let Err(e) = rlimit_support::raise_nofile_limit() {
         eprintln!("tokio_echo: cannot raise RLIMIT_NOFILE: {e}");
     }
 }

@@ -295,7 +295,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(limit) = args.fd_limit {
-        match wsloop::sys::set_nofile_soft(limit) {
+        match wsloop::set_fd_limit(limit) {
             Ok(n) => log::info!("soft RLIMIT_NOFILE set to {n}"),
             Err(e) => {
                 eprintln!("wsloop: invalid --fd-limit: cannot set RLIMIT_NOFILE to {limit}: {e}");

@@ -14,6 +14,7 @@
 mod attack_support;
 mod child_support;
 mod common;
+mod rlimit_support;
 
 use attack_support::*;
 use common::{
@@ -1585,8 +1586,8 @@ const FLOOD_STALL: Duration = Duration::from_millis(250);
 #[test]
 fn endpoint_flood_with_thousands_of_idle_connections_does_not_stall_the_loop() {
     let needed = FLOOD_IDLE + FLOOD_CLIENTS + 200;
-    let hard = match wsloop::sys::raise_nofile_limit() {
-        Ok((_, soft)) => soft as usize,
+    let hard = match rlimit_support::raise_nofile_limit() {
+        Ok(soft) => soft as usize,
         Err(e) => panic!("cannot raise RLIMIT_NOFILE: {e}"),
     };
     if hard < needed {

@@ -8,6 +8,7 @@
 mod attack_support;
 mod child_support;
 mod common;
+mod rlimit_support;
 
 use attack_support::*;
 use child_support::{missing, run_bounded};
@@ -471,7 +472,7 @@ fn budget_line(w: &Wsloop) -> (u64, u64, u64, u64, u64) {
 #[test]
 fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
     const LOW: u64 = 256;
-    let hard = wsloop::sys::nofile_limit().expect("getrlimit").1;
+    let hard = rlimit_support::nofile_limit().1;
     if hard <= LOW {
         println!("skipped: the hard RLIMIT_NOFILE ({hard}) leaves nothing to raise");
         return;
@@ -493,7 +494,7 @@ fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
 
 #[test]
 fn the_fd_budget_keeps_an_eighth_at_most_1024_for_answering_refused_clients() {
-    let hard = wsloop::sys::nofile_limit().expect("getrlimit").1;
+    let hard = rlimit_support::nofile_limit().1;
     // An eighth of a budget under 8192 is under 1024; of one over it, more: 1024 is kept.
     for limit in [2000, 20_000] {
         if limit > hard {

@@ -417,7 +417,9 @@ fn run_promtool(tool: &Path, args: &[&str], stdin: &str) -> (bool, String) {
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
             // The child we spawned and have not reaped yet.
-            let _ = wsloop::sys::kill(pid as i32, libc::SIGKILL);
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
             panic!("promtool {args:?} did not finish within 60 s")
         })
         .expect("promtool output");

@@ -55,7 +55,7 @@ fn sigterm_exits_promptly_with_an_hour_long_stall_threshold() {
     })
     .unwrap_or_else(|status| panic!("wsloop exited at startup ({status:?}):\n{}", proc.log()));
     let started = Instant::now();
-    proc.group.signal(libc::SIGTERM);
+    proc.group.signal(rustix::process::Signal::TERM);
     // The watchdog checks every quarter of the threshold (15 minutes here): before, the process
     // waited that long for it after SIGTERM.
     let exited = proc.group.wait_exited(Duration::from_secs(5));
