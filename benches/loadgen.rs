@@ -20,6 +20,9 @@
 //!
 //! Each measuring mode prints one line `RESULT key=value ...` on stdout and a readable summary
 //! on stderr. Run by `cargo bench` (with `--bench`), it does nothing and exits.
+// Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[path = "../tests/rlimit_support/mod.rs"]
 mod rlimit_support;

@@ -7,6 +7,9 @@
 //! `--read-buffer` is tungstenite's `read_buffer_size` (default 128 KiB, which tungstenite
 //! zero-fills before every read call). Run by `cargo bench` (with `--bench`), it does nothing
 //! and exits.
+// Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[path = "../tests/rlimit_support/mod.rs"]
 mod rlimit_support;

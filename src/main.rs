@@ -283,6 +283,7 @@ fn main() -> ExitCode {
     // Before the loops start, so that the fd audit counts its descriptors as the process's;
     // and before the limit is lowered, so that a low --fd-limit is reported as such below
     // rather than failing here with "Too many open files".
+    #[allow(clippy::disallowed_methods)] // open before any loop: the ledger counts it as the base
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,

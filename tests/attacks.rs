@@ -9,6 +9,9 @@
 //! Every test targets 127.0.0.x only, bounds its connections and its time, and runs its own
 //! child on its own port, so the tests run in parallel. `cargo test --test attacks --
 //! --nocapture` prints what each attack measured.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[allow(dead_code)]
 mod attack_support;

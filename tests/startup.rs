@@ -2,6 +2,9 @@
 //! flag (and the numbers, for the descriptor limit) instead of failing later with an OS error or
 //! a wrapped sum, sub-millisecond timeouts are refused, and SIGTERM exits promptly whatever the
 //! stall threshold.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod child_support;
 

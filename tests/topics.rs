@@ -5,6 +5,9 @@
 //! with one text frame), `pub T PAYLOAD` (published to T's subscribers but the sender, no
 //! answer), `send PAYLOAD` (sent back), `loop` (answered with the connection's loop index),
 //! `close` (closed with 4000).
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod common;
 mod rlimit_support;

@@ -471,6 +471,7 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
     sha.update(WS_GUID);
     let digest = sha.finalize();
     let mut out = [0u8; 28];
+    #[allow(clippy::expect_used)] // base64 of 20 bytes is always 28 characters
     let n = STANDARD
         .encode_slice(&digest[..], &mut out)
         .expect("20 bytes are 28 base64 chars");
@@ -665,6 +666,7 @@ mod tests {
     }
 
     /// `n` distinct filler headers.
+    #[allow(clippy::disallowed_methods)] // a few names, kept for the test binary's life
     fn many(n: usize) -> Vec<(&'static str, &'static str)> {
         let name = |i| &*Box::leak(format!("X-H{i}").into_boxed_str());
         (0..n).map(|i| (name(i), "v")).collect()
