@@ -35,13 +35,9 @@
 //! package). Overrides: `WSLOOP_NGINX` (the nginx binary), `WSLOOP_NGINX_STREAM_MODULE` (the
 //! `ngx_stream_module.so` to load).
 // Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::unreachable
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![allow(clippy::unreachable)] // `unreachable!()` marks what a check has ruled out
 
 #[allow(dead_code)]
 mod attack_support;
