@@ -14,6 +14,8 @@ pub enum Verdict {
     AddressFull,
     /// Refuse: this address opens connections faster than its rate allows (429).
     RateLimited,
+    /// Refuse: the loop is near its memory budget and sheds (503).
+    MemoryBudget,
 }
 
 impl Verdict {
@@ -23,12 +25,17 @@ impl Verdict {
             Verdict::ServerFull => 0,
             Verdict::AddressFull => 1,
             Verdict::RateLimited => 2,
+            Verdict::MemoryBudget => 3,
         }
     }
 
-    /// The labels of the three refusals, in index order.
-    pub const LABELS: [&'static str; 3] =
-        ["max_connections", "max_connections_per_ip", "rate_per_ip"];
+    /// The labels of the refusals, in index order.
+    pub const LABELS: [&'static str; 4] = [
+        "max_connections",
+        "max_connections_per_ip",
+        "rate_per_ip",
+        "memory_budget",
+    ];
 
     /// The metric label of a refusal.
     pub fn label(self) -> &'static str {
@@ -36,6 +43,7 @@ impl Verdict {
             Verdict::ServerFull => "max_connections",
             Verdict::AddressFull => "max_connections_per_ip",
             Verdict::RateLimited => "rate_per_ip",
+            Verdict::MemoryBudget => "memory_budget",
         }
     }
 }

@@ -95,6 +95,7 @@ impl<H: Handler + 'static> Cluster<H> {
                 open: 0,
                 headroom: config.fd_headroom,
                 loops,
+                memory_budget: 0,
             },
         };
         let mut gates = Vec::new();
@@ -180,6 +181,7 @@ impl<H: Handler + 'static> Cluster<H> {
         };
         let b = &mut cluster.budget;
         (b.fd_limit, b.open) = (soft, in_use);
+        b.memory_budget = ledger.memory_budget().0;
         for (fds, max) in &plan {
             b.fd_budget += fds;
             b.max_connections += max;

@@ -148,6 +148,14 @@ pub struct Config {
     /// it: [`QueueError::Full`](crate::QueueError::Full); a single command larger than this:
     /// [`QueueError::TooLarge`](crate::QueueError::TooLarge). Default 16 MiB.
     pub handle_queue_bytes: usize,
+    /// The memory budget: the most bytes the loops may hold in buffers that grow with what
+    /// clients send or do not read (partial messages and request heads, send queues, a turn's
+    /// publications), over all loops (split evenly, as the fd budget is). Near it (15/16) the
+    /// loops shed: new connections get 503, and a connection that grows its buffers past its
+    /// share is closed (1013, or 503 before the upgrade); shedding stops at 12/16. 0 (the
+    /// default): half the cgroup's memory limit, else a quarter of the machine's RAM (see
+    /// [`crate::memory::default_budget`]).
+    pub memory_budget: usize,
     /// Most topics one connection may be subscribed to at once; a subscription beyond it is
     /// refused with [`TopicError::TooMany`](crate::topics::TopicError::TooMany). Default 1024.
     pub max_topics_per_connection: usize,
@@ -212,6 +220,7 @@ impl Default for Config {
             handle_queue_commands: 65_536,
             handle_queue_bytes: 16 << 20,
             max_topics_per_connection: 1024,
+            memory_budget: 0,
         }
     }
 }
@@ -366,6 +375,9 @@ impl Config {
         }
         if self.handle_queue_bytes < 4096 || self.handle_queue_bytes > 1 << 40 {
             return err("handle_queue_bytes", "must be between 4 KiB and 1 TiB");
+        }
+        if self.memory_budget != 0 && self.memory_budget < 1 << 20 {
+            return err("memory_budget", "must be 0 (derived) or at least 1 MiB");
         }
         if self.max_topics_per_connection == 0 || self.max_topics_per_connection > 1 << 20 {
             return err("max_topics_per_connection", "must be between 1 and 1048576");

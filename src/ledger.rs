@@ -30,6 +30,10 @@ pub(crate) struct Ledger {
     /// Bumped before and after every store to `owned`: a reading of `/proc/self/fd` taken while
     /// it did not move saw no descriptor counted mid-scan (see [`Ledger::difference_with`]).
     changes: AtomicU64,
+    /// Descriptors being opened or closed right now, between the system call and the store to
+    /// `owned` that counts it (an accept before its count; a close after its count): a reading
+    /// may see each of them one over what is accounted for, and forgives that much.
+    in_flight: AtomicUsize,
     /// One `/proc/self/fd` scan at a time (a scan's own directory descriptor must not show up
     /// in another's count).
     scanning: Mutex<()>,
@@ -44,6 +48,8 @@ pub(crate) struct Ledger {
     /// Per loop: the publications other loops forwarded to it, not taken yet, with their bytes;
     /// and the waker that tells it.
     inboxes: Box<[Mutex<Inbox>]>,
+    /// The memory budget over all loops, and where its size came from.
+    memory: (usize, String),
     wakers: Box<[OnceLock<Arc<Waker>>]>,
 }
 
@@ -72,6 +78,7 @@ impl Ledger {
             base: AtomicUsize::new(0),
             owned: (0..loops).map(|_| AtomicUsize::new(0)).collect(),
             changes: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
             scanning: Mutex::new(()),
             audit_open: AtomicUsize::new(0),
             audit_difference: AtomicI64::new(0),
@@ -87,7 +94,21 @@ impl Ledger {
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
             inboxes: (0..loops).map(|_| Mutex::new((Vec::new(), 0))).collect(),
             wakers: (0..loops).map(|_| OnceLock::new()).collect(),
+            memory: match config.memory_budget {
+                0 => crate::memory::default_budget(),
+                n => (n, "--memory-budget".into()),
+            },
         }
+    }
+
+    /// The memory budget over all loops, and where its size came from.
+    pub(crate) fn memory_budget(&self) -> (usize, &str) {
+        (self.memory.0, &self.memory.1)
+    }
+
+    /// Each loop's share of the memory budget.
+    pub(crate) fn memory_share(&self) -> usize {
+        self.memory.0 / self.loops()
     }
 
     /// Loop `loop_index`'s waker, through which the others tell it of forwarded publications.
@@ -144,6 +165,19 @@ impl Ledger {
         self.changes.fetch_add(1, SeqCst);
     }
 
+    /// A descriptor is about to be opened (before `accept`) or has just been uncounted before
+    /// its close: a reading meanwhile forgives it (see `in_flight`). Call
+    /// [`Ledger::settled`] once it is counted, or closed.
+    pub(crate) fn moving(&self) {
+        self.in_flight.fetch_add(1, SeqCst);
+    }
+
+    /// The descriptor [`Ledger::moving`] announced is counted, or closed (or was never
+    /// opened).
+    pub(crate) fn settled(&self) {
+        self.in_flight.fetch_sub(1, SeqCst);
+    }
+
     /// Descriptors accounted for: those of no loop plus every loop's own.
     pub(crate) fn accounted(&self) -> usize {
         self.base.load(SeqCst) + self.owned_total()
@@ -190,13 +224,18 @@ impl Ledger {
         let mut best: Option<(usize, i64)> = None;
         for _ in 0..AUDIT_READINGS {
             let before = self.changes.load(SeqCst);
+            let moving = self.in_flight.load(SeqCst);
             let open = open_fds()?;
             let accounted = self.accounted();
+            let moving = moving.max(self.in_flight.load(SeqCst)) as i64;
             if self.changes.load(SeqCst) != before {
                 std::thread::yield_now();
                 continue;
             }
-            let diff = open as i64 - accounted as i64;
+            let diff = match open as i64 - accounted as i64 {
+                d if d > 0 => (d - moving).max(0),
+                d => d,
+            };
             if best.is_none_or(|(_, d)| diff < d) {
                 best = Some((open, diff));
             }
@@ -438,6 +477,9 @@ pub struct Budget {
     pub headroom: usize,
     /// Loops sharing the budget.
     pub loops: usize,
+    /// The memory budget over all loops, in bytes (see
+    /// [`Config::memory_budget`](crate::Config::memory_budget)).
+    pub memory_budget: usize,
 }
 
 impl std::fmt::Display for Budget {
@@ -450,7 +492,7 @@ impl std::fmt::Display for Budget {
         if self.loops > 1 {
             write!(f, " over {} loops", self.loops)?;
         }
-        Ok(())
+        write!(f, "; memory budget {} MiB", self.memory_budget >> 20)
     }
 }
 

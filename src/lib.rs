@@ -60,6 +60,7 @@
 pub mod admission;
 pub mod config;
 mod error;
+pub mod memory;
 pub mod origin;
 // The libc wrapper: every `unsafe` block of the crate, each with a `// SAFETY:` comment. Private:
 // a WebSocket library does not export system calls.

@@ -130,6 +130,12 @@ struct Args {
     /// The header the trusted proxies name the client in (only that one is read).
     #[arg(long, value_enum, default_value = "x-forwarded-for")]
     forwarded_header: Forwarded,
+    /// The memory budget in bytes: what the buffers that grow with what clients send or do not
+    /// read may hold in all (partial messages, send queues, publications). Near it new
+    /// connections get 503 and connections that grow past their share are closed with 1013
+    /// (0: half the cgroup's memory limit, else a quarter of the RAM).
+    #[arg(long, default_value_t = Config::default().memory_budget)]
+    memory_budget: usize,
     /// A topic server instead of the echo server: a client's request path (without the query)
     /// is its topic, and every message it sends is published to every subscriber of that topic,
     /// itself included. Paths longer than 256 bytes get 414.
@@ -235,6 +241,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("trusted_proxies", "--trusted-proxy"),
     ("proxy_protocol", "--proxy-protocol"),
     ("forwarded_header", "--forwarded-header"),
+    ("memory_budget", "--memory-budget"),
 ];
 
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -360,6 +367,7 @@ fn config_of(args: &Args) -> Config {
             Forwarded::Forwarded => wsloop::config::ForwardedHeader::Forwarded,
         },
         threads: args.threads,
+        memory_budget: args.memory_budget,
         ..Config::default()
     }
 }

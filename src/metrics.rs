@@ -14,7 +14,7 @@ pub const TURN_BUCKETS: [f64; 11] = [
 ];
 
 /// HTTP statuses counted individually for rejected handshakes; others count as "other".
-pub const REJECT_STATUSES: [u16; 10] = [400, 403, 404, 405, 408, 426, 429, 431, 500, 503];
+pub const REJECT_STATUSES: [u16; 11] = [400, 403, 404, 405, 408, 414, 426, 429, 431, 500, 503];
 
 /// Index of `status` in [`REJECT_STATUSES`], or its length for "other".
 pub fn status_index(status: u16) -> usize {
@@ -55,6 +55,8 @@ pub(crate) struct Scan {
     pub(crate) queued: usize,
     pub(crate) largest_queue: usize,
     pub(crate) read_paused: usize,
+    /// The most bytes one connection holds in its buffers (counted in the memory budget).
+    pub(crate) largest_holder: usize,
 }
 
 /// One loop's counters and scan at one moment: what a loop publishes for the others of its
@@ -104,6 +106,10 @@ impl Snapshot {
             a.deliveries += b.deliveries;
             add(&mut a.deliveries_dropped, &b.deliveries_dropped);
             a.forward_wakeups += b.forward_wakeups;
+            a.memory_budget += b.memory_budget;
+            add_usize(&mut a.memory_bytes, &b.memory_bytes);
+            a.memory_shedding |= b.memory_shedding;
+            a.memory_shed_episodes += b.memory_shed_episodes;
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -112,6 +118,7 @@ impl Snapshot {
             a.queued += b.queued;
             a.largest_queue = a.largest_queue.max(b.largest_queue);
             a.read_paused += b.read_paused;
+            a.largest_holder = a.largest_holder.max(b.largest_holder);
         }
         t
     }
@@ -123,10 +130,16 @@ fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
     }
 }
 
+fn add_usize<const N: usize>(a: &mut [usize; N], b: &[usize; N]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
 /// The reasons a published message was not handed to a subscriber, as
 /// `wsloop_deliveries_dropped_total` labels them, in the order of
 /// [`Stats::deliveries_dropped`].
-pub const DELIVERY_DROPS: [&str; 3] = ["backpressure", "closing", "overflow"];
+pub const DELIVERY_DROPS: [&str; 4] = ["backpressure", "closing", "overflow", "memory"];
 
 /// Counters the loop keeps; read through [`Ctx::stats`](crate::Ctx::stats) or
 /// [`LoopHandle::stats`](crate::LoopHandle::stats).
@@ -144,8 +157,8 @@ pub struct Stats {
     /// Failed accept calls by errno, in the order of [`ACCEPT_ERRNO_LABELS`]; the last is "other".
     pub accept_errors: [u64; ACCEPT_ERRNOS.len() + 1],
     /// Connections refused at admission, by [`Verdict::index`](crate::admission::Verdict::index): server full, address full,
-    /// rate limited.
-    pub refused: [u64; 3],
+    /// rate limited, memory budget.
+    pub refused: [u64; 4],
     /// Accepting is paused right now (out of descriptors or another resource).
     pub accept_paused: bool,
     /// Milliseconds spent with accepting paused, over completed pauses.
@@ -177,9 +190,21 @@ pub struct Stats {
     /// Published messages handed to subscribers (one per subscriber reached).
     pub deliveries: u64,
     /// Published messages not handed to a subscriber, by reason ([`DELIVERY_DROPS`]): over its
-    /// backpressure limit; closing; and (per loop that missed it) a publication another loop of
-    /// a cluster could not forward because this loop's inbox was full.
-    pub deliveries_dropped: [u64; 3],
+    /// backpressure limit; closing; (per loop that missed it) a publication another loop of a
+    /// cluster could not forward because this loop's inbox was full; and, while the loop sheds
+    /// to stay within its memory budget, one for a subscriber holding more than its share.
+    pub deliveries_dropped: [u64; 4],
+    /// The loop's share of the memory budget, in bytes.
+    pub memory_budget: usize,
+    /// Bytes held in buffers counted in the memory budget, by kind
+    /// ([`Kind::ALL`](crate::memory::Kind::ALL)): partial messages and request heads, send
+    /// queues, the turn's publications.
+    pub memory_bytes: [usize; 3],
+    /// The loop is shedding to stay within its memory budget: new connections are refused, and
+    /// connections that grow past their share are closed.
+    pub memory_shedding: bool,
+    /// Times the loop started shedding.
+    pub memory_shed_episodes: u64,
     /// Times this loop woke another loop of its cluster to deliver the publications it
     /// forwarded: at most one per other loop per turn, however many it published.
     pub forward_wakeups: u64,
@@ -488,6 +513,42 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
             st.deliveries_dropped[i] as f64,
         );
     }
+    m.one(
+        "wsloop_memory_budget_bytes",
+        "gauge",
+        "The memory budget for buffers that grow with what clients send or do not read.",
+        st.memory_budget as f64,
+    );
+    m.head(
+        "wsloop_memory_bytes",
+        "gauge",
+        "Bytes held in buffers counted in the memory budget, by kind.",
+    );
+    for kind in crate::memory::Kind::ALL {
+        m.line(
+            "wsloop_memory_bytes",
+            &[("kind", kind.label())],
+            st.memory_bytes[kind as usize] as f64,
+        );
+    }
+    m.one(
+        "wsloop_memory_largest_holder_bytes",
+        "gauge",
+        "The most bytes one connection holds in buffers counted in the memory budget.",
+        scan.largest_holder as f64,
+    );
+    m.one(
+        "wsloop_memory_shedding",
+        "gauge",
+        "1 while a loop sheds to stay within the memory budget (new connections refused, growers closed).",
+        st.memory_shedding as u8 as f64,
+    );
+    m.one(
+        "wsloop_memory_shed_episodes_total",
+        "counter",
+        "Times a loop started shedding to stay within the memory budget.",
+        st.memory_shed_episodes as f64,
+    );
     m.one(
         "wsloop_forward_wakeups_total",
         "counter",

@@ -55,6 +55,9 @@ pub enum CloseReason {
     MaxLifetime,
     /// An application callback panicked (close 1011).
     HandlerPanic,
+    /// Closed to keep the loop within its memory budget: it grew its buffers past its share
+    /// while the loop was shedding (close 1013, or 503 before the upgrade).
+    Memory,
 }
 
 /// One row of the table: what a reason maps to.
@@ -76,7 +79,7 @@ const fn row(label: &'static str, code: CloseCode, failed: bool) -> Row {
 }
 
 /// The table, in the order of [`CloseReason::index`].
-const TABLE: [Row; 17] = [
+const TABLE: [Row; 18] = [
     row("rejected", CloseCode::ABNORMAL, true),
     row("http_answered", CloseCode::ABNORMAL, true),
     row("handshake_timeout", CloseCode::ABNORMAL, true),
@@ -95,6 +98,7 @@ const TABLE: [Row; 17] = [
     row("write_stall", CloseCode::ABNORMAL, false),
     row("max_lifetime", CloseCode::GOING_AWAY, false),
     row("handler_panic", CloseCode::INTERNAL_ERROR, false),
+    row("memory", CloseCode::TRY_AGAIN_LATER, true),
 ];
 
 impl CloseReason {
@@ -129,6 +133,7 @@ impl CloseReason {
             CloseReason::WriteStall => 14,
             CloseReason::MaxLifetime => 15,
             CloseReason::HandlerPanic => 16,
+            CloseReason::Memory => 17,
         }
     }
 
@@ -165,7 +170,7 @@ impl CloseReason {
 mod tests {
     use super::*;
 
-    const ALL: [CloseReason; 17] = [
+    const ALL: [CloseReason; 18] = [
         CloseReason::Rejected(400),
         CloseReason::HttpAnswered,
         CloseReason::HandshakeTimeout,
@@ -183,6 +188,7 @@ mod tests {
         CloseReason::WriteStall,
         CloseReason::MaxLifetime,
         CloseReason::HandlerPanic,
+        CloseReason::Memory,
     ];
 
     #[test]
@@ -222,7 +228,8 @@ mod tests {
                 "handshake_timeout",
                 "protocol_error",
                 "refused",
-                "backpressure"
+                "backpressure",
+                "memory"
             ]
         );
     }

@@ -1,5 +1,6 @@
-//! Everything wsloop asks of the operating system beyond sockets: the file-descriptor limit, the
-//! count of open descriptors and the kernel's listen backlog cap. Every `unsafe` block of the
+//! Everything wsloop asks of the operating system beyond what std, mio and socket2 offer: the
+//! file-descriptor limit, the count of open descriptors, the kernel's listen backlog cap, a
+//! socket's unacknowledged bytes, and giving free heap back. Every `unsafe` block of the
 //! project lives here (the crate denies `unsafe_code` everywhere else, see `lib.rs`); the module
 //! is private: tests and benchmarks make their own system calls through `rustix`.
 // This module may open descriptors (Cargo.toml's [lints]): it reads /proc/self/fd and
@@ -66,6 +67,30 @@ pub(crate) fn open_fds() -> io::Result<usize> {
         .saturating_sub(1))
 }
 
+/// Bytes in socket `fd`'s send queue that the peer has not acknowledged yet (`SIOCOUTQ`).
+pub(crate) fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one c_int through the pointer, which points
+    // at `n`, alive and writable for the call; `fd` is borrowed open for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// Give the allocator's free memory back to the system (glibc's `malloc_trim`; nothing
+/// elsewhere).
+pub(crate) fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes a plain integer and only walks the allocator's own state, which
+    // it locks; it is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The kernel's cap on listen backlogs (`net.core.somaxconn`), if readable.
 pub(crate) fn somaxconn() -> Option<u32> {
     read_number("/proc/sys/net/core/somaxconn")
@@ -76,7 +101,13 @@ fn nr_open() -> Option<u64> {
 }
 
 fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    read_system_file(path)?.trim().parse().ok()
+}
+
+/// A small file of the kernel's (under `/proc` or `/sys`), read whole in one call (its
+/// descriptor open only meanwhile); `None` if it cannot be read.
+pub(crate) fn read_system_file(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
 }
 
 fn to_u64(v: libc::rlim_t) -> u64 {

@@ -381,6 +381,26 @@ impl Fanout {
         self.owing.clear();
     }
 
+    /// The heap memory the fan-out holds for publications (arena and references), as the
+    /// memory budget counts it. (The per-slot lists, 12 bytes a slot, grow with the
+    /// connections, not with what is published.)
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.frames.capacity()
+            + self.pubs.capacity() * size_of::<Range<usize>>()
+            + self.owed.capacity() * size_of::<(u32, u32)>()
+            + self.owing.capacity() * size_of::<(usize, u32)>()
+    }
+
+    /// Nothing was published this turn: give back what the arena kept from the last one.
+    pub fn release(&mut self) {
+        debug_assert!(self.owing.is_empty() && self.pubs.is_empty());
+        self.frames = Vec::new();
+        self.pubs = Vec::new();
+        self.owed = Vec::new();
+        self.owing = Vec::new();
+    }
+
     /// What is owed is large enough to deliver now, before the turn ends.
     pub fn is_large(&self) -> bool {
         self.owed.len() >= MAX_OWED || self.frames.len() >= MAX_FRAMED

@@ -76,6 +76,8 @@ pub(crate) struct Heartbeat {
     /// Stalls reported, and the longest seen, in nanoseconds.
     pub(crate) stalls: AtomicU64,
     pub(crate) longest_ns: AtomicU64,
+    /// The current turn was reported as a stall (its end is logged with its length).
+    reported: std::sync::atomic::AtomicBool,
 }
 
 impl Heartbeat {
@@ -87,6 +89,7 @@ impl Heartbeat {
             conn: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             longest_ns: AtomicU64::new(0),
+            reported: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -100,9 +103,18 @@ impl Heartbeat {
         self.turn_started.store(self.now_ns(), Relaxed);
     }
 
-    /// The turn is over; the loop goes back to waiting.
-    pub(crate) fn turn_end(&self) {
+    /// The turn is over after `ns` nanoseconds; the loop goes back to waiting. A turn the
+    /// watchdog reported as a stall is logged again with its whole length (the report came
+    /// when it crossed the threshold), and counts as the longest if it is.
+    pub(crate) fn turn_end(&self, ns: u64) {
         self.turn_started.store(0, Relaxed);
+        if self.reported.swap(false, Relaxed) {
+            self.longest_ns.fetch_max(ns, Relaxed);
+            log::warn!(
+                "event loop stalled: the turn ended after {} ms",
+                ns / 1_000_000
+            );
+        }
     }
 
     /// Application code of `kind` is about to run for connection `conn` (0: none).
@@ -174,6 +186,7 @@ fn check(b: &Heartbeat, limit: u64, reported_turn: &mut u64) {
     if *reported_turn != started {
         *reported_turn = started;
         b.stalls.fetch_add(1, Relaxed);
+        b.reported.store(true, Relaxed);
         let kind = Activity::from_u8(b.activity.load(Relaxed) as u8);
         let conn = b.conn.load(Relaxed);
         log::warn!(
@@ -212,7 +225,7 @@ mod tests {
         let beat = dog.beat.clone();
         for _ in 0..1000 {
             beat.turn_start();
-            beat.turn_end();
+            beat.turn_end(0);
         }
         thread::sleep(Duration::from_millis(50));
         assert_eq!(beat.stalls.load(Relaxed), 0);
@@ -236,7 +249,7 @@ mod tests {
             thread::sleep(Duration::from_millis(5));
         }
         thread::sleep(Duration::from_millis(50));
-        beat.turn_end();
+        beat.turn_end(0);
         assert_eq!(beat.stalls.load(Relaxed), 1, "one stall, reported once");
         assert!(beat.longest_ns.load(Relaxed) >= 20_000_000);
     }

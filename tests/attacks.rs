@@ -827,8 +827,11 @@ fn a_socket_send_buffer_bounds_what_a_reader_holds_in_the_kernel() {
     });
     let peak = peak.get().max(kernel_send_queued(&w, port));
     assert!(peak > 0, "nothing was ever held in the kernel");
+    // The kernel doubles SO_SNDBUF and accounts in skb sizes; unacknowledged bytes in flight
+    // to the reader's (small) window add to it on a loaded machine: a bound of 8 times the
+    // value, against the megabytes the kernel's auto-tuning gives a reader that does not read.
     assert!(
-        peak <= 2 * SNDBUF + QUEUED_MSG,
+        peak <= 8 * SNDBUF,
         "the kernel held {peak} bytes for a reader that does not read"
     );
     drop(s);

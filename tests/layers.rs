@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error.rs", 0),
     ("timer_wheel.rs", 0),
     ("topics.rs", 0),
+    ("memory.rs", 0),
     ("admission.rs", 0),
     ("origin.rs", 0),
     // 1: the sans-IO protocol core, and why connections end.

@@ -89,6 +89,7 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
         ("--connection-burst-per-ip", num(c.connection_burst_per_ip)),
         ("--ipv6-prefix", num(c.ipv6_prefix_len)),
         ("--socket-send-buffer", num(c.socket_send_buffer as f64)),
+        ("--memory-budget", num(c.memory_budget as f64)),
         ("--fd-headroom", num(c.fd_headroom as f64)),
         ("--listen-backlog", num(c.listen_backlog)),
         ("--accepts-per-turn", num(c.accepts_per_turn as f64)),
@@ -235,6 +236,14 @@ fn the_readme_limits_table_shows_the_defaults() {
             (Some("--ipv6-prefix"), _) => {
                 assert!(default.contains("an IPv6 /64"), "{default:?}");
                 assert_eq!(c.ipv6_prefix_len, 64);
+                continue;
+            }
+            (Some("--memory-budget"), _) => {
+                assert!(
+                    default.starts_with("half the cgroup's memory limit"),
+                    "{default:?}"
+                );
+                assert_eq!(c.memory_budget, 0, "0: derived");
                 continue;
             }
             (Some("--socket-send-buffer"), _) => {

@@ -46,6 +46,15 @@ impl SendQueue {
         self.0.is_none()
     }
 
+    /// The heap memory the queue holds (its buffer's capacity and its box), as the memory
+    /// budget counts it.
+    #[inline]
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, |q| q.bytes.capacity() + std::mem::size_of::<QueueBuf>())
+    }
+
     /// The bytes waiting, in order.
     pub(crate) fn bytes(&self) -> &[u8] {
         self.0.as_ref().map_or(&[][..], |q| &q.bytes[q.head..])

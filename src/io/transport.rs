@@ -28,6 +28,22 @@ impl Transport {
         Transport { stream }
     }
 
+    /// The peer is being given up on (it did not read in time): if the kernel still holds bytes
+    /// for it, the close that follows resets the connection instead of leaving the socket
+    /// orphaned with them until the kernel's retries give up (minutes, and memory all along).
+    pub(crate) fn abandon(&self) {
+        use std::os::fd::AsFd;
+        if crate::sys::unsent_bytes(self.stream.as_fd()).is_ok_and(|n| n > 0) {
+            self.reset_on_close();
+        }
+    }
+
+    /// The close that follows resets the connection (`SO_LINGER` 0): whatever the kernel holds
+    /// for the peer is discarded at once.
+    pub(crate) fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO));
+    }
+
     /// One `recv` into `buf`: `Ok(0)` at the peer's EOF; `WouldBlock` when nothing is there.
     #[inline]
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {

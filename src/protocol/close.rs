@@ -31,11 +31,15 @@ impl CloseCode {
     pub const MANDATORY_EXTENSION: CloseCode = CloseCode(1010);
     /// 1011: the server met an unexpected condition.
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
+    /// 1013 Try Again Later: the server is overloaded (RFC 6455's registry; wsloop sends it when
+    /// it sheds a connection to stay within its memory budget).
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
 
     /// Whether the code may be sent in a close frame: 1000-1003, 1007-1011 (the codes RFC 6455
-    /// defines for endpoints to send) or 3000-4999 (registered and private use).
+    /// defines for endpoints to send), 1012-1014 (added to IANA's registry since: service
+    /// restart, try again later, bad gateway) or 3000-4999 (registered and private use).
     pub fn is_sendable(self) -> bool {
-        matches!(self.0, 1000..=1003 | 1007..=1011 | 3000..=4999)
+        matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
 }
 
@@ -110,9 +114,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sendable_ranges_follow_rfc_7_4() {
+    fn sendable_ranges_follow_rfc_7_4_and_the_iana_registry() {
         for code in 0..=u16::MAX {
-            let expected = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            let expected = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             assert_eq!(CloseCode(code).is_sendable(), expected, "code {code}");
         }
         assert!(!CloseCode::NO_STATUS.is_sendable());
@@ -147,7 +151,7 @@ mod tests {
 
     #[test]
     fn invalid_codes_are_rejected() {
-        for code in [0u16, 999, 1004, 1005, 1006, 1012, 1016, 2999, 5000, 65535] {
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
             assert_eq!(
                 parse_close_payload(&code.to_be_bytes()),
                 Err(ClosePayloadError::InvalidCode(code))

@@ -164,9 +164,17 @@ impl<'b> Request<'b> {
         self.method
     }
 
-    /// The request target up to, not including, the first `?`.
+    /// The path of the request target, up to (not including) the first `?`: for an
+    /// absolute-form target (`http://host/room`, which proxies send and RFC 7230 section 5.3.2
+    /// has servers accept), its path after the authority, `/` when it has none.
     pub fn path(&self) -> &'b str {
-        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+        let before_query = self.target.split_once('?').map_or(self.target, |(p, _)| p);
+        match before_query.split_once("://") {
+            Some((scheme, rest)) if !scheme.contains('/') => {
+                rest.find('/').map_or("/", |at| &rest[at..])
+            }
+            _ => before_query,
+        }
     }
 
     /// The text after the first `?` of the target (possibly empty), or `None`.
@@ -940,6 +948,11 @@ mod tests {
             ("/c?room=1&x=2", "/c", Some("room=1&x=2")),
             ("/", "/", None),
             ("/a?", "/a", Some("")),
+            ("http://x/lobby?a=1", "/lobby", Some("a=1")),
+            ("ws://x", "/", None),
+            ("https://x:8080/a/b", "/a/b", None),
+            ("WSS://x?q", "/", Some("q")),
+            ("/p/x://y", "/p/x://y", None),
         ];
         for (target, path, query) in cases {
             let buf = head(

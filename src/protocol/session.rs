@@ -203,6 +203,12 @@ impl Session {
         self.state
     }
 
+    /// Whether the session holds a buffer (a request head, a partial message or control frame).
+    #[inline]
+    pub fn holds(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Bytes of heap this session holds right now (buffer capacities), for memory accounting
     /// and for checking that buffered bytes stay within the configured limits.
     pub fn buffered_capacity(&self) -> usize {

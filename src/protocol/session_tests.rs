@@ -974,9 +974,7 @@ fn one_byte_close_payload_is_1002() {
 
 #[test]
 fn invalid_close_codes_are_1002() {
-    for code in [
-        0, 999, 1004, 1005, 1006, 1012, 1015, 1016, 2999, 5000, 65535,
-    ] {
+    for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
         let run = assert_fails(&client_close(code, ""), BIG, 1002);
         assert_eq!(run.events, [Ev::Error(1002)], "code {code}");
         let run = assert_fails(&client_close(code, "why"), BIG, 1002);
@@ -987,7 +985,7 @@ fn invalid_close_codes_are_1002() {
 #[test]
 fn valid_close_codes_are_accepted_and_echoed() {
     let codes = (1000..=1003)
-        .chain(1007..=1011)
+        .chain(1007..=1014)
         .chain([3000, 3999, 4000, 4999]);
     for code in codes {
         let mut s = open();

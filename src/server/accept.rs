@@ -99,6 +99,7 @@ pub(super) fn refusal(verdict: Verdict) -> Vec<u8> {
         Verdict::RateLimited => (429, "too many new connections from your address"),
         Verdict::AddressFull => (503, "too many connections from your address"),
         Verdict::ServerFull => (503, "server at capacity"),
+        Verdict::MemoryBudget => (503, "server memory budget reached"),
     };
     handshake::write_response(
         &mut out,
@@ -137,6 +138,8 @@ impl<D> Core<D> {
             let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else {
                 return;
             };
+            // Between the accept and the count of its descriptor, an audit forgives it.
+            let _moving = Moving::new(&self.ledger);
             match listener.accept() {
                 Ok((stream, peer)) => {
                     if self.backoff_ms > 0 {
@@ -188,6 +191,8 @@ impl<D> Core<D> {
         drop(spare);
         let answer = refusal(Verdict::ServerFull);
         let mut shed = 0u64;
+        // Each is accepted, answered and closed without being counted.
+        let _moving = Moving::new(&self.ledger);
         while let Ok((mut stream, _)) = listener.accept() {
             let _ = stream.write(&answer);
             drop(stream);
@@ -282,6 +287,8 @@ impl<D> Core<D> {
                 true => Ok(false),
                 false => Err(Verdict::ServerFull),
             }
+        } else if self.memory.shedding() {
+            Err(Verdict::MemoryBudget)
         } else if via_proxy {
             // A trusted proxy speaks for many clients: the per-address limits apply once it has
             // said which client this is (PROXY header or X-Forwarded-For).
@@ -403,5 +410,21 @@ impl<D> Core<D> {
         entry.insert(conn);
         self.fds_changed();
         self.rearm(idx);
+    }
+}
+
+/// A descriptor in flight (see [`Ledger::moving`]) for as long as this lives.
+pub(super) struct Moving(std::sync::Arc<crate::ledger::Ledger>);
+
+impl Moving {
+    pub(super) fn new(ledger: &std::sync::Arc<crate::ledger::Ledger>) -> Moving {
+        ledger.moving();
+        Moving(ledger.clone())
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        self.0.settled();
     }
 }

@@ -12,14 +12,34 @@ use crate::protocol::session::State;
 use crate::watchdog::Activity;
 
 impl<D> Core<D> {
-    /// End the doomed connections.
+    /// End the doomed connections, close those marked to close (`to_close`), and shed while
+    /// the loop is over its memory mark.
+    #[inline]
     pub(super) fn reap<H: Handler<Data = D>>(&mut self, handler: &mut H) {
-        while let Some((idx, gen)) = self.closing_subscribers.pop() {
-            // A subscriber over its limit under the `Close` policy: close 1008, as a send over
-            // it does, without waiting for an answer it will not read.
-            if self.alive(idx, gen) && self.conns[idx].linger.is_none() {
-                self.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
-                self.finish(handler, idx, CloseReason::Backpressure);
+        if !self.doomed.is_empty() || !self.to_close.is_empty() || self.memory.shedding() {
+            self.reap_now(handler);
+        }
+    }
+
+    #[inline(never)]
+    fn reap_now<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        if self.memory.shedding() {
+            self.shed_biggest();
+        }
+        while let Some((idx, gen, reason)) = self.to_close.pop() {
+            if !self.alive(idx, gen) {
+                continue;
+            }
+            match reason {
+                // Shedding takes connections that are ending too.
+                CloseReason::Memory => self.shed(handler, idx),
+                _ if self.conns[idx].linger.is_some() => {}
+                _ => {
+                    // A subscriber over its limit under the `Close` policy: close 1008, as a
+                    // send over it does, without waiting for an answer it will not read.
+                    self.start_close(idx, CloseCode::POLICY_VIOLATION, "backpressure limit");
+                    self.finish(handler, idx, reason);
+                }
             }
         }
         while let Some((idx, gen, reason)) = self.doomed.pop() {
@@ -52,6 +72,9 @@ impl<D> Core<D> {
         conn.send.sealed = true;
         conn.deadline = self.now + Self::ms(self.config.close_timeout);
         self.rearm(idx);
+        // What ends this way often dropped its buffers first (a rejected head, an aborted
+        // session).
+        self.account(idx);
     }
 
     /// Start the close handshake on an open connection: send the close frame, seal sends and
@@ -129,6 +152,7 @@ impl<D> Core<D> {
         let Some(mut conn) = self.conns.try_remove(idx) else {
             return;
         };
+        self.release(conn.mem);
         let _ = self.registry.deregister(&mut conn.socket);
         if let Some(k) = conn.timer.take() {
             self.wheel.cancel(k);
@@ -137,9 +161,12 @@ impl<D> Core<D> {
             self.cork.clear();
             self.cork_owner = None;
         }
+        // Uncounted first, closed then: an audit in between forgives it.
+        let moving = super::accept::Moving::new(&self.ledger);
         self.fds_changed();
         self.tally.left(&self.ledger, &conn);
         drop(conn.socket);
+        drop(moving);
         let id = conn_id(self.loop_index, idx, conn.gen);
         self.pubsub.forget(id, idx, conn.send.subscribed);
         self.stats.closed[reason.index()] += 1;
@@ -228,6 +255,7 @@ impl<D> Core<D> {
                 self.tally.shedding(),
                 "refused-connection count drifted"
             );
+            self.check_memory();
             self.pubsub.check(|id| {
                 let (idx, gen) = super::conn::slot_of(id);
                 self.alive(idx, gen)

@@ -73,6 +73,10 @@ pub(super) struct Conn<D> {
     /// It used its read budget this turn: it is on the loop's list to be read at the start of
     /// the next turn, and is not read before (however many events it raises meanwhile).
     pub(super) read_later: bool,
+    /// Its buffers as last counted in the loop's memory budget: the session's (request head,
+    /// partial message) and the send queue's heap bytes, each counted up to 4 GiB (see
+    /// `budget.rs`).
+    pub(super) mem: [u32; 2],
 }
 
 /// The parts of a connection's state that most connections never use, boxed so that an idle
@@ -88,6 +92,9 @@ pub(super) struct Rare {
     pub(super) proxy_partial: Vec<u8>,
     /// The subprotocol the upgrade hook chose, if any.
     pub(super) subprotocol: Option<Box<str>>,
+    /// Input read but not parsed yet: the rest of a read whose publications reached the
+    /// turn's bound ([`MAX_OWED`](crate::topics::MAX_OWED)), parsed first on the next turn.
+    pub(super) stash: Vec<u8>,
 }
 
 impl<D> Conn<D> {
@@ -118,6 +125,7 @@ impl<D> Conn<D> {
             awaiting_proxy: false,
             read_paused: false,
             read_later: false,
+            mem: [0, 0],
         }
     }
 

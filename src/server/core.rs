@@ -29,11 +29,13 @@ pub(super) const PUBLISH_MS: u64 = 250;
 
 /// Log throttle slots: accept errors by errno index, then refusals by verdict, then shedding.
 pub(super) const LOG_REFUSALS: usize = ACCEPT_ERRNOS.len() + 1;
-pub(super) const LOG_SHED: usize = LOG_REFUSALS + 3;
+pub(super) const LOG_SHED: usize = LOG_REFUSALS + Verdict::LABELS.len();
 /// Handshakes answered with an HTTP error.
 pub(super) const LOG_REJECTS: usize = LOG_SHED + 1;
+/// Connections closed to stay within the memory budget.
+pub(super) const LOG_MEMORY: usize = LOG_REJECTS + 1;
 /// How many kinds of log line are throttled.
-pub(super) const LOG_SLOTS: usize = LOG_REJECTS + 1;
+pub(super) const LOG_SLOTS: usize = LOG_MEMORY + 1;
 
 /// Everything the loop owns except the poll, the handler and the receive buffer, so that a
 /// handler callback can borrow a connection, the cork and the handler at the same time.
@@ -58,8 +60,16 @@ pub(super) struct Core<D> {
     pub(super) spill: Vec<u8>,
     /// Publish/subscribe: the topics, and this turn's publications and who is owed them.
     pub(super) pubsub: super::topics::Pubsub,
-    /// Subscribers over their backpressure limit under the `Close` policy, to close with 1008.
-    pub(super) closing_subscribers: Vec<(usize, u32)>,
+    /// Connections to close once no callback runs (`reap`): subscribers over their
+    /// backpressure limit under the `Close` policy (1008), and connections shed to keep the
+    /// loop within its memory budget (1013).
+    pub(super) to_close: Vec<(usize, u32, CloseReason)>,
+    /// This loop's share of the memory budget and what it holds.
+    pub(super) memory: crate::memory::MemoryBudget,
+    /// The turn's publications' bytes, as last accounted in `memory`.
+    pub(super) fanout_bytes: usize,
+    /// When the connections were last scanned for the biggest holders (ms).
+    pub(super) last_shed_scan: u64,
     /// A ping was delivered during the current read: its connection may owe a pong.
     pub(super) pong_due: bool,
     pub(super) config: Config,
@@ -142,6 +152,7 @@ impl<D> Core<D> {
             open: in_use,
             headroom,
             loops: 1,
+            memory_budget: self.ledger.memory_budget().0,
         };
         log::info!("{summary}");
         self.join_budget(budget, max);
@@ -163,6 +174,17 @@ impl<D> Core<D> {
         }
         if self.ledger.loops() > 1 {
             self.publish_snapshot();
+        }
+    }
+
+    /// Connection `idx` is read (and its unparsed input parsed) again at the start of the next
+    /// turn, not before, after the other connections have been served.
+    pub(super) fn read_next_turn(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        if !conn.read_later {
+            conn.read_later = true;
+            self.reread.push((idx, conn.gen));
+            self.stats.read_yields += 1;
         }
     }
 
@@ -193,6 +215,10 @@ impl<D> Core<D> {
             topics: self.pubsub.sizes().0,
             subscriptions: self.pubsub.sizes().1,
             published: self.pubsub.published,
+            memory_budget: self.memory.limit(),
+            memory_bytes: self.memory.by_kind(),
+            memory_shedding: self.memory.shedding(),
+            memory_shed_episodes: self.memory.episodes,
             ..self.stats.clone()
         }
     }

@@ -14,6 +14,7 @@ struct Delivered {
     delivered: u64,
     dropped_backpressure: u64,
     dropped_closing: u64,
+    dropped_memory: u64,
 }
 
 /// Whether a subscriber takes its next publication.
@@ -22,6 +23,9 @@ enum Admit {
     Yes,
     /// Over its backpressure limit, under the `Drop` policy: this one is dropped.
     Skip,
+    /// The loop sheds to stay within its memory budget, and this subscriber holds more than
+    /// its share: this one is dropped, rather than copied and then shed for it.
+    SkipMemory,
     /// Over its limit under the `Close` policy: this one is dropped and the subscriber is
     /// being closed with 1008, so the rest are dropped too.
     Close,
@@ -48,6 +52,7 @@ impl<D> Core<D> {
             self.pubsub.originate(topic, op, payload);
         }
         let reached = self.pubsub.publish_local(topic, op, payload, None);
+        self.account_fanout();
         if let Some(owner) = self.cork_owner {
             // It is owed this (and nothing earlier: it got that when it took the cork).
             self.deliver_into_cork(owner);
@@ -92,7 +97,14 @@ impl<D> Core<D> {
             Some(owner) if owner == idx => self.cork.len(),
             _ => 0,
         };
-        if conn.pending.len() + corked <= self.config.max_backpressure {
+        let queued = conn.pending.len() + corked;
+        if queued <= self.config.max_backpressure {
+            // While the loop sheds, a subscriber holding its equal part gets no more copies
+            // (over the budget itself, none at all: not even one that the socket may take).
+            let memory = &self.memory;
+            if memory.shedding() && (memory.over() || queued > memory.equal_part()) {
+                return Admit::SkipMemory;
+            }
             return Admit::Yes;
         }
         if self.config.backpressure_policy == BackpressurePolicy::Drop {
@@ -101,7 +113,8 @@ impl<D> Core<D> {
         // Closed by `reap` (1008, without waiting for an answer it will not read).
         conn.send.sealed = true;
         conn.send.cause = Some(CloseReason::Backpressure);
-        self.closing_subscribers.push((idx, conn.gen));
+        self.to_close
+            .push((idx, conn.gen, CloseReason::Backpressure));
         Admit::Close
     }
 
@@ -114,6 +127,10 @@ impl<D> Core<D> {
             Admit::Skip => {
                 fanout.next(at);
                 count.dropped_backpressure += 1;
+            }
+            Admit::SkipMemory => {
+                fanout.next(at);
+                count.dropped_memory += 1;
             }
             Admit::Close | Admit::Closing => {
                 if admit == Admit::Close && fanout.next(at).is_some() {
@@ -130,6 +147,7 @@ impl<D> Core<D> {
         self.stats.deliveries += c.delivered;
         self.stats.deliveries_dropped[0] += c.dropped_backpressure;
         self.stats.deliveries_dropped[1] += c.dropped_closing;
+        self.stats.deliveries_dropped[3] += c.dropped_memory;
     }
 
     /// The end of a turn (or earlier, when what is owed grew large): every subscriber still
@@ -140,8 +158,14 @@ impl<D> Core<D> {
     pub(super) fn deliver_owed(&mut self) {
         self.flush_cork();
         let mut count = Delivered::default();
-        let limit = self.config.max_backpressure;
         for (idx, gen) in self.pubsub.fanout.take_owing() {
+            // A batch goes to the socket while what precedes it is within the backpressure
+            // limit, and, while the loop sheds, within the subscriber's equal part of the
+            // budget (what the socket does not take is queued).
+            let limit = match self.memory.shedding() {
+                true => self.config.max_backpressure.min(self.memory.equal_part()),
+                false => self.config.max_backpressure,
+            };
             // A slot reused this turn is owed what its new connection is (the old one's list
             // was forgotten when it ended): only the new one's entry takes it.
             if !self.alive(idx, gen) {
@@ -193,6 +217,7 @@ impl<D> Core<D> {
                 self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
                 count.delivered += 1;
             }
+            self.account(idx);
         }
         self.count_deliveries(count);
         self.pubsub.fanout.clear();
@@ -202,17 +227,21 @@ impl<D> Core<D> {
     #[inline]
     pub(super) fn settle_publications(&mut self) {
         // Nothing owed means an empty arena: whatever was published was owed to someone, and
-        // only `deliver_owed` takes the list of who is owed.
-        if self.pubsub.fanout.owing() || !self.pubsub.outgoing.is_empty() {
+        // only `deliver_owed` takes the list of who is owed. An arena kept from a busy turn is
+        // given back on the first turn that publishes nothing.
+        let fanout = &self.pubsub.fanout;
+        if fanout.owing() || !self.pubsub.outgoing.is_empty() || self.fanout_bytes != 0 {
             self.settle_publications_now();
         }
     }
 
     #[inline(never)]
     fn settle_publications_now(&mut self) {
-        if self.pubsub.fanout.owing() {
-            self.deliver_owed();
+        match self.pubsub.fanout.owing() {
+            true => self.deliver_owed(),
+            false => self.pubsub.fanout.release(),
         }
+        self.account_fanout();
         if !self.pubsub.outgoing.is_empty() {
             let batch = std::mem::take(&mut self.pubsub.outgoing);
             let (dropped, woken) = self.ledger.forward(self.loop_index, &batch);

@@ -50,6 +50,11 @@ pub(super) struct Inner<H: Handler> {
     /// The commands taken from the queue, run by [`Inner::run_commands`] (kept for its
     /// capacity).
     pub(super) batch: Vec<Command<H>>,
+    /// Commands taken but not run yet: a batch whose publications reached the turn's bound
+    /// runs the rest on the next turn, before anything queued since.
+    pub(super) leftover: Vec<Command<H>>,
+    /// Publications forwarded by other loops and not published here yet, likewise.
+    pub(super) incoming: Vec<crate::ledger::Forwarded>,
 }
 
 impl<H: Handler> Server<H> {
@@ -109,7 +114,10 @@ impl<H: Handler> Server<H> {
                         config.max_topics_per_connection,
                         ledger.loops() > 1,
                     ),
-                    closing_subscribers: Vec::new(),
+                    to_close: Vec::new(),
+                    memory: crate::memory::MemoryBudget::new(ledger.memory_share()),
+                    fanout_bytes: 0,
+                    last_shed_scan: u64::MAX,
                     limits,
                     start,
                     ledger,
@@ -151,6 +159,8 @@ impl<H: Handler> Server<H> {
                 handler,
                 shared,
                 batch: Vec::new(),
+                leftover: Vec::new(),
+                incoming: Vec::new(),
             },
             poll,
             _watchdog: watchdog,
@@ -333,13 +343,15 @@ impl<H: Handler> Server<H> {
         core.settle_publications();
         core.reap(&mut self.inner.handler);
         core.report_subscriptions(&mut self.inner.handler);
-        crate::metrics::observe_turn(&mut core.stats, busy.elapsed().as_nanos() as u64);
+        core.check_memory();
+        let ran = busy.elapsed().as_nanos() as u64;
+        crate::metrics::observe_turn(&mut core.stats, ran);
         let more = !(core.shutdown_at.is_some() && core.conns.is_empty());
         if core.ledger.loops() > 1 && (core.now >= core.next_publish || !more) {
             core.publish_snapshot();
         }
         if let Some(b) = &core.beat {
-            b.turn_end();
+            b.turn_end(ran);
         }
         Ok(more)
     }
@@ -359,6 +371,7 @@ fn open_poll() -> io::Result<(Poll, Arc<Waker>, Registry)> {
 impl<H: Handler> Inner<H> {
     pub(super) fn dispatch(&mut self, event: &mio::event::Event) {
         let token = event.token().0;
+        let mut touched = None;
         if token == WAKER.0 {
             self.run_commands();
             self.take_forwarded();
@@ -377,36 +390,62 @@ impl<H: Handler> Inner<H> {
             if event.is_writable() && self.core.alive(idx, gen) {
                 self.writable(idx);
             }
+            touched = Some((idx, gen));
         }
         self.core.flush_cork();
+        if let Some((idx, _)) = touched.filter(|&(i, g)| self.core.alive(i, g)) {
+            // What its read or write did to its buffers (sends were counted by the flush).
+            self.core.account(idx);
+        }
         if self.core.pubsub.fanout.is_large() {
             self.core.deliver_owed();
         }
         self.core.reap(&mut self.handler);
     }
 
-    /// Publish what the other loops of a cluster forwarded to this one, in their order.
+    /// Publish what the other loops of a cluster forwarded to this one, in their order; once
+    /// the turn's publications reach their bound, the rest waits for the next turn.
     pub(super) fn take_forwarded(&mut self) {
         if self.core.ledger.loops() == 1 {
             return;
         }
-        for f in self.core.ledger.take_forwarded(self.core.loop_index) {
+        let mut batch = match self.incoming.is_empty() {
+            true => self.core.ledger.take_forwarded(self.core.loop_index),
+            false => std::mem::take(&mut self.incoming),
+        };
+        let mut rest = batch.drain(..);
+        while let Some(f) = rest.next() {
             let op = if f.text { OpCode::Text } else { OpCode::Binary };
             // A topic too long was refused where it was published.
             let _ = self.core.publish(&f.topic, op, &f.payload, false);
             if self.core.pubsub.fanout.is_large() {
                 self.core.deliver_owed();
                 self.core.reap(&mut self.handler);
+                if rest.len() > 0 {
+                    self.incoming = rest.collect();
+                    self.shared.wake();
+                    return;
+                }
             }
         }
     }
 
-    /// Run every command queued so far, in order; then free their room in the queue.
+    /// Run every command queued so far, in order; then free their room in the queue. Once the
+    /// turn's publications reach their bound, the rest of the batch runs on the next turn (so
+    /// that a burst of publications from other threads cannot hold the loop), before anything
+    /// queued since.
     pub(super) fn run_commands(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
-        self.shared.take(&mut batch);
+        let mut batch = match self.leftover.is_empty() {
+            true => {
+                let mut batch = std::mem::take(&mut self.batch);
+                self.shared.take(&mut batch);
+                batch
+            }
+            false => std::mem::take(&mut self.leftover),
+        };
         let (mut count, mut bytes) = (0, 0);
-        for cmd in batch.drain(..) {
+        let mut cmds = batch.drain(..);
+        while let Some(cmd) = cmds.next() {
             if let Some(b) = cmd.cost() {
                 count += 1;
                 bytes += b;
@@ -445,11 +484,18 @@ impl<H: Handler> Inner<H> {
                 Command::Shutdown => core.begin_shutdown(handler),
             }
             self.core.flush_cork();
-            if self.core.pubsub.fanout.is_large() {
+            let large = self.core.pubsub.fanout.is_large();
+            if large {
                 self.core.deliver_owed();
             }
             self.core.reap(&mut self.handler);
+            if large && cmds.len() > 0 {
+                self.leftover = cmds.by_ref().collect();
+                self.shared.wake();
+                break;
+            }
         }
+        drop(cmds);
         // Keep a small batch's buffer for the next one; give a burst's back.
         if batch.capacity() <= BATCH_KEEP {
             self.batch = batch;

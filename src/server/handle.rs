@@ -192,6 +192,11 @@ impl<H: Handler> Shared<H> {
         LOOP_HERE.with(|l| l.get()) == self.id()
     }
 
+    /// Wake the loop (for work it left for its next turn).
+    pub(super) fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Move everything queued so far, in order, into `batch` (empty). The bounded commands
     /// among them stay counted until [`Shared::release`].
     pub(super) fn take(&self, batch: &mut Vec<Command<H>>) {

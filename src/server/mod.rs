@@ -11,6 +11,7 @@
 //! - [`read`], [`http`]: the read path, and the HTTP phase before the upgrade.
 
 mod accept;
+mod budget;
 mod close;
 mod conn;
 mod core;

@@ -67,11 +67,25 @@ impl<H: Handler> Inner<H> {
         }
         // The peer sends faster than the loop reads: let the other connections have their turn
         // and read the rest next turn (no new edge will come for bytes already there).
-        let conn = &mut self.core.conns[idx];
-        conn.read_later = true;
-        self.core.reread.push((idx, conn.gen));
-        self.core.stats.read_yields += 1;
+        self.core.read_next_turn(idx);
         true
+    }
+
+    /// Parse the input a yield left unparsed (see [`Rare::stash`](super::conn::Rare)), before
+    /// anything more is read: `Some(true)` to read on, `Some(false)` if it yielded again (the
+    /// rest is stashed), `None` if the connection ended or is ending.
+    #[inline(never)]
+    fn stashed(&mut self, idx: usize) -> Option<bool> {
+        let core = &mut self.core;
+        let mut stash = std::mem::take(&mut core.conns[idx].rare().stash);
+        let conn = &core.conns[idx];
+        if conn.linger.is_some() || conn.session.state() == State::Closed {
+            return Some(true); // ending: the input is discarded
+        }
+        if !frames(core, &mut self.handler, idx, &mut stash) {
+            return None;
+        }
+        Some(!core.conns[idx].read_later)
     }
 
     /// Read the connections whose read budget ran out last turn.
@@ -79,8 +93,22 @@ impl<H: Handler> Inner<H> {
         for (idx, gen) in std::mem::take(&mut self.core.reread) {
             if self.core.alive(idx, gen) {
                 self.core.conns[idx].read_later = false;
+                // What a yield left unparsed goes first (only a yield leaves any, and a
+                // connection that yielded is read nowhere but here).
+                let stashed = self.core.conns[idx].rare.as_ref();
+                if stashed.is_some_and(|r| !r.stash.is_empty()) && self.stashed(idx) != Some(true) {
+                    self.core.flush_cork();
+                    if self.core.alive(idx, gen) {
+                        self.core.account(idx);
+                    }
+                    self.core.reap(&mut self.handler);
+                    continue;
+                }
                 self.readable(idx, true);
                 self.core.flush_cork();
+                if self.core.alive(idx, gen) {
+                    self.core.account(idx);
+                }
                 self.core.reap(&mut self.handler);
             }
         }

@@ -25,6 +25,7 @@ impl<D> Core<D> {
             s.queued += c.pending.len();
             s.largest_queue = s.largest_queue.max(c.pending.len());
             s.read_paused += c.read_paused as usize;
+            s.largest_holder = s.largest_holder.max(c.mem[0] as usize + c.mem[1] as usize);
         }
         s
     }
@@ -50,6 +51,13 @@ impl<D> Core<D> {
             return Health::Unhealthy(
                 "accepting is paused (out of file descriptors or memory)".into(),
             );
+        }
+        if self.memory.shedding() {
+            return Health::Unhealthy(format!(
+                "shedding to stay within the memory budget: {} of {} bytes held",
+                self.memory.used(),
+                self.memory.limit()
+            ));
         }
         let open = self.ledger.open_estimate();
         if let Ok((limit, _)) = sys::nofile_limit() {

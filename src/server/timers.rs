@@ -42,6 +42,8 @@ impl<H: Handler> Inner<H> {
             core.flush_cork();
             core.reap(handler);
             if core.alive(idx, gen) {
+                // A deadline may have freed its buffers (a refused handshake's head).
+                core.account(idx);
                 core.rearm(idx);
             }
         }
@@ -90,6 +92,7 @@ impl<D> Core<D> {
                 conn_id(self.loop_index, idx, conn.gen),
                 reason.label()
             );
+            conn.socket.abandon();
             self.end(handler, idx, reason);
             return;
         }
@@ -105,6 +108,8 @@ impl<D> Core<D> {
             return;
         }
         if let Some(reason) = conn.linger {
+            // Its final bytes were not all taken in time, or it did not end its side.
+            conn.socket.abandon();
             self.end(handler, idx, reason);
             return;
         }
@@ -139,6 +144,7 @@ impl<D> Core<D> {
                     (None, Some(cause)) => cause,
                     (None, None) => CloseReason::CloseTimeout,
                 };
+                conn.socket.abandon();
                 self.end(handler, idx, reason);
             }
             State::Closed => self.end(handler, idx, CloseReason::Abnormal),

@@ -101,6 +101,7 @@ impl<D> Core<D> {
                 self.stats.queue_peak = self.stats.queue_peak.max(queued);
                 self.conns[idx].stall_at = self.now + Self::ms(self.config.write_stall_timeout);
                 self.rearm(idx);
+                self.account(idx);
                 true
             }
             Direct::Failed(reason) => {
@@ -124,6 +125,7 @@ impl<D> Core<D> {
             } else if !conn.pending.is_empty() {
                 conn.pending.push(&self.cork);
                 self.stats.queue_peak = self.stats.queue_peak.max(conn.pending.len());
+                self.account(idx);
             } else {
                 let written = conn.socket.write(&self.cork);
                 if let Ok(n) = written {
@@ -137,6 +139,7 @@ impl<D> Core<D> {
                         conn.stall_at = self.now + Self::ms(self.config.write_stall_timeout);
                         self.cork.clear();
                         self.rearm(idx);
+                        self.account(idx);
                     }
                     Err(e) => {
                         let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));

@@ -248,7 +248,9 @@ pub(super) fn frames<H: Handler>(
         // The backpressure limit counts the cork, so a burst of messages read in one dispatch
         // must not pile its answers up there: what the socket takes at once is no slow
         // reader's backlog. Offer a cork that reached the limit to the socket now.
-        // Likewise what this read publishes is delivered once it grows large.
+        // Likewise what this read publishes is delivered once it grows large; and then the
+        // rest of the input waits for the next turn, so that one connection's publications
+        // cannot hold the loop (a small input to a large room is a lot of work).
         let large = core.pubsub.fanout.is_large();
         if large || core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
             match large {
@@ -257,6 +259,11 @@ pub(super) fn frames<H: Handler>(
             }
             if core.doomed.iter().any(|d| d.0 == idx) {
                 return false; // the write failed; `reap` ends it
+            }
+            if large && off < len {
+                core.conns[idx].rare().stash.extend_from_slice(&buf[off..]);
+                core.read_next_turn(idx);
+                return true;
             }
             core.cork_for(idx);
         }
