@@ -5,6 +5,10 @@
 //!
 //! `cargo bench --bench codec` (all), `cargo bench --bench codec -- unmask` (a group).
 //! `cargo test` does not run it (harness = false bench targets are only built by `cargo bench`).
+// Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![allow(clippy::unreachable)] // `unreachable!()` marks what a check has ruled out
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;

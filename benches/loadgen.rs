@@ -23,6 +23,12 @@
 //!
 //! Each measuring mode prints one line `RESULT key=value ...` on stdout and a readable summary
 //! on stderr. Run by `cargo bench` (with `--bench`), it does nothing and exits.
+// Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+#[path = "../tests/rlimit_support/mod.rs"]
+mod rlimit_support;
 
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -172,7 +178,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Report { .. }) {
         // Each connection is a descriptor: take the hard limit (20000 here) for 10000 of them.
-        if let Err(e) = wsloop::sys::raise_nofile_limit() {
+        if let Err(e) = rlimit_support::raise_nofile_limit() {
             eprintln!("loadgen: cannot raise RLIMIT_NOFILE: {e}");
         }
     }
@@ -205,7 +211,7 @@ fn proc_cpu(pid: u32) -> Option<(f64, f64)> {
     // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    let hz = wsloop::sys::clock_ticks_per_second() as f64;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
     Some((utime / hz, stime / hz))
 }
 
@@ -232,9 +238,10 @@ fn proc_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-/// Our own CPU time so far (user + system) in seconds.
+/// Our own CPU time so far (user + system, all threads) in seconds.
 fn self_cpu() -> f64 {
-    wsloop::sys::self_cpu_seconds()
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// CPU of the server and of the load generator over one measured window.

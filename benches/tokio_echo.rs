@@ -7,6 +7,12 @@
 //! `--read-buffer` is tungstenite's `read_buffer_size` (default 128 KiB, which tungstenite
 //! zero-fills before every read call). Run by `cargo bench` (with `--bench`), it does nothing
 //! and exits.
+// Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+#[path = "../tests/rlimit_support/mod.rs"]
+mod rlimit_support;
 
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -49,7 +55,7 @@ fn main() -> std::io::Result<()> {
 
 /// Take the hard descriptor limit as the soft one (10000 connections need more than 1024).
 fn raise_nofile_limit() {
-    if let Err(e) = wsloop::sys::raise_nofile_limit() {
+    if let Err(e) = rlimit_support::raise_nofile_limit() {
         eprintln!("tokio_echo: cannot raise RLIMIT_NOFILE: {e}");
     }
 }

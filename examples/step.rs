@@ -6,6 +6,9 @@
 //! price of a whole core.
 //!
 //! Run: `cargo run --release --example step`, then talk to ws://127.0.0.1:9002/.
+// Example code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::time::{Duration, Instant};
 use wsloop::{Config, Decision, Handler, Message, Server, UpgradeRequest, WebSocket};

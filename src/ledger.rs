@@ -496,6 +496,22 @@ impl std::fmt::Display for Budget {
     }
 }
 
+/// Set the process's soft `RLIMIT_NOFILE` to `soft`, at most the hard limit (which is left as it
+/// is; an unlimited one stands for the kernel's `fs.nr_open`). Returns the soft limit now in
+/// force. The `wsloop` binary's `--fd-limit` is this call.
+///
+/// The limit belongs to the process, not to a server: call this before starting any, and set
+/// [`Config::raise_fd_limit`] to false, or each server raises the limit to the hard one again
+/// when it starts. A server measures its fd budget from the limit in force when it starts (a
+/// limit too low for its configuration is a [`ConfigError`] naming every number, before any
+/// connection is accepted); lowering it under a running server makes its accepts fail with
+/// `EMFILE`, which it survives (it sheds the backlog and backs off) but does not foresee.
+///
+/// Fails with the system's error (`EPERM` when the process may not change its limits).
+pub fn set_fd_limit(soft: u64) -> io::Result<u64> {
+    sys::set_nofile_soft(soft)
+}
+
 /// Raise the soft RLIMIT_NOFILE to the hard limit, and say so.
 pub(crate) fn raise_fd_limit() {
     match sys::raise_nofile_limit() {

@@ -290,6 +290,7 @@ fn main() -> ExitCode {
     // Before the loops start, so that the fd audit counts its descriptors as the process's;
     // and before the limit is lowered, so that a low --fd-limit is reported as such below
     // rather than failing here with "Too many open files".
+    #[allow(clippy::disallowed_methods)] // open before any loop: the ledger counts it as the base
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -302,7 +303,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(limit) = args.fd_limit {
-        match wsloop::sys::set_nofile_soft(limit) {
+        match wsloop::set_fd_limit(limit) {
             Ok(n) => log::info!("soft RLIMIT_NOFILE set to {n}"),
             Err(e) => {
                 eprintln!("wsloop: invalid --fd-limit: cannot set RLIMIT_NOFILE to {limit}: {e}");

@@ -7,8 +7,6 @@
 //!
 //! No I/O but reading the limits from `/sys` and `/proc` at start; unit-tested here.
 
-use std::fs;
-
 /// What a buffered byte is for, as `wsloop_memory_bytes{kind}` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -193,7 +191,7 @@ pub fn default_budget() -> (usize, String) {
 
 /// The memory limit of the process's cgroup, if it has one.
 fn cgroup_limit() -> Option<u64> {
-    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = crate::sys::read_system_file("/proc/self/cgroup").unwrap_or_default();
     let mut candidates = Vec::new();
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
@@ -211,7 +209,7 @@ fn cgroup_limit() -> Option<u64> {
     candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".into());
     candidates
         .iter()
-        .filter_map(|p| parse_limit(&fs::read_to_string(p).ok()?))
+        .filter_map(|p| parse_limit(&crate::sys::read_system_file(p)?))
         .min()
 }
 
@@ -223,7 +221,7 @@ fn parse_limit(text: &str) -> Option<u64> {
 
 /// `MemTotal` from `/proc/meminfo`, in bytes.
 fn mem_total() -> Option<u64> {
-    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let info = crate::sys::read_system_file("/proc/meminfo")?;
     parse_mem_total(&info)
 }
 

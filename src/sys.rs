@@ -1,11 +1,16 @@
-//! Everything wsloop asks of the operating system beyond sockets: the file-descriptor limit and
-//! the count of open descriptors; and, for the project's tests and benchmarks, signals to
-//! child processes and CPU time. Every `unsafe` block of the project lives here.
+//! Everything wsloop asks of the operating system beyond what std, mio and socket2 offer: the
+//! file-descriptor limit, the count of open descriptors, the kernel's listen backlog cap, a
+//! socket's unacknowledged bytes, and giving free heap back. Every `unsafe` block of the
+//! project lives here (the crate denies `unsafe_code` everywhere else, see `lib.rs`); the module
+//! is private: tests and benchmarks make their own system calls through `rustix`.
+// This module may open descriptors (Cargo.toml's [lints]): it reads /proc/self/fd and
+// /proc/sys, each a descriptor for the length of one call (the count excludes its own).
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::io;
 
 /// The process's `RLIMIT_NOFILE`: (soft, hard). `u64::MAX` stands for "unlimited".
-pub fn nofile_limit() -> io::Result<(u64, u64)> {
+pub(crate) fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -21,7 +26,7 @@ pub fn nofile_limit() -> io::Result<(u64, u64)> {
 
 /// Set the soft `RLIMIT_NOFILE` to `soft` (at most the hard limit), leaving the hard limit.
 /// Returns the soft limit now in force.
-pub fn set_nofile_soft(soft: u64) -> io::Result<u64> {
+pub(crate) fn set_nofile_soft(soft: u64) -> io::Result<u64> {
     let (_, hard) = nofile_limit()?;
     let mut target = soft.min(hard);
     if target == u64::MAX {
@@ -46,7 +51,7 @@ pub fn set_nofile_soft(soft: u64) -> io::Result<u64> {
 }
 
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns (old soft, new soft).
-pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let (soft, hard) = nofile_limit()?;
     if soft >= hard {
         return Ok((soft, soft));
@@ -56,14 +61,14 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
 
 /// How many file descriptors the process has open right now, counted in `/proc/self/fd`
 /// (not counting the descriptor used to read that directory).
-pub fn open_fds() -> io::Result<usize> {
+pub(crate) fn open_fds() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?
         .count()
         .saturating_sub(1))
 }
 
 /// Bytes in socket `fd`'s send queue that the peer has not acknowledged yet (`SIOCOUTQ`).
-pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+pub(crate) fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one c_int through the pointer, which points
@@ -77,7 +82,7 @@ pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
 
 /// Give the allocator's free memory back to the system (glibc's `malloc_trim`; nothing
 /// elsewhere).
-pub fn trim_heap() {
+pub(crate) fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes a plain integer and only walks the allocator's own state, which
     // it locks; it is safe to call from any thread at any time.
@@ -86,58 +91,8 @@ pub fn trim_heap() {
     }
 }
 
-/// Send `signal` to process `pid` (a negative `pid`: to the process group `-pid`). The caller
-/// makes sure the pid is still its own (a child not yet reaped).
-pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    match unsafe { libc::kill(pid, signal) } {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// Whether child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`): its pid and
-/// process group stay reserved until the caller waits for it.
-pub fn child_exited(pid: u32) -> bool {
-    // SAFETY: an all-zero siginfo_t is a valid value for waitid to overwrite.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable siginfo_t; the flags only query.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    // SAFETY: waitid succeeded, so `info` holds a SIGCHLD siginfo (or zeroes when no child
-    // changed state), whose si_pid field is what it filled in.
-    r == 0 && unsafe { info.si_pid() } != 0
-}
-
-/// Clock ticks per second, the unit of utime and stime in `/proc/PID/stat`.
-pub fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as u64
-    } else {
-        100
-    }
-}
-
-/// This process's CPU time so far, user and system together, in seconds (all its threads).
-pub fn self_cpu_seconds() -> f64 {
-    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage struct; RUSAGE_SELF is a valid target.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
 /// The kernel's cap on listen backlogs (`net.core.somaxconn`), if readable.
-pub fn somaxconn() -> Option<u32> {
+pub(crate) fn somaxconn() -> Option<u32> {
     read_number("/proc/sys/net/core/somaxconn")
 }
 
@@ -146,7 +101,13 @@ fn nr_open() -> Option<u64> {
 }
 
 fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    read_system_file(path)?.trim().parse().ok()
+}
+
+/// A small file of the kernel's (under `/proc` or `/sys`), read whole in one call (its
+/// descriptor open only meanwhile); `None` if it cannot be read.
+pub(crate) fn read_system_file(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
 }
 
 fn to_u64(v: libc::rlim_t) -> u64 {

@@ -142,6 +142,9 @@ impl<T> TimerWheel<T> {
             level: DUE,
             slot: 0,
         });
+        // Timers are bounded by connections, which the fd budget bounds: 2^32 - 1 of them would
+        // take 160 GiB of entries first.
+        #[allow(clippy::panic)]
         let index = match u32::try_from(index) {
             Ok(i) if i != NIL => i,
             _ => panic!("TimerWheel: too many timers"),

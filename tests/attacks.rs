@@ -9,11 +9,15 @@
 //! Every test targets 127.0.0.x only, bounds its connections and its time, and runs its own
 //! child on its own port, so the tests run in parallel. `cargo test --test attacks --
 //! --nocapture` prints what each attack measured.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[allow(dead_code)]
 mod attack_support;
 mod child_support;
 mod common;
+mod rlimit_support;
 
 use attack_support::*;
 use common::{
@@ -919,7 +923,18 @@ fn rss_sampler(w: &Wsloop) -> Sampler {
 /// server's memory does not grow with the flood, and at the end each flooder reads a few pongs,
 /// its echo and a clean close.
 fn ping_flood_attack(name: &str, conns: usize, pings: usize) {
-    let w = Wsloop::spawn(name, &["--max-backpressure", "65536"]);
+    // The flooder never reads, so the pong its socket did not take stays unsent: with the default
+    // write-stall timeout (30 s) a flood that a loaded machine slows past it would be dropped as
+    // stalled (a defence, but not the one this test is about).
+    let w = Wsloop::spawn(
+        name,
+        &[
+            "--max-backpressure",
+            "65536",
+            "--write-stall-timeout",
+            "600",
+        ],
+    );
     let m0 = at_baseline(&w);
     let fds = w.fd_sampler();
     let rss0 = w.rss_kib() as usize;
@@ -1588,8 +1603,8 @@ const FLOOD_STALL: Duration = Duration::from_millis(250);
 #[test]
 fn endpoint_flood_with_thousands_of_idle_connections_does_not_stall_the_loop() {
     let needed = FLOOD_IDLE + FLOOD_CLIENTS + 200;
-    let hard = match wsloop::sys::raise_nofile_limit() {
-        Ok((_, soft)) => soft as usize,
+    let hard = match rlimit_support::raise_nofile_limit() {
+        Ok(soft) => soft as usize,
         Err(e) => panic!("cannot raise RLIMIT_NOFILE: {e}"),
     };
     if hard < needed {

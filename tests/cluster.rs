@@ -1,6 +1,9 @@
 //! Several loops on one port (`Cluster`, `--threads`): connections spread over the loops, ids
 //! name their loop, metrics add up, per-address limits hold for the process, a budget that does
 //! not fit fails cleanly, and shutdown ends every loop and every connection.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod common;
 

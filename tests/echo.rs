@@ -1,6 +1,9 @@
 //! Echo over real loopback sockets: sizes across every length encoding, messages spanning many
 //! reads and partial writes, fragmented messages from a raw client, control frames inside them,
 //! frames arriving with the handshake, and IPv6.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod child_support;
 mod common;

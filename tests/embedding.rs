@@ -2,6 +2,9 @@
 //! drive the loop step by step, cross-site WebSocket hijacking is refused by the origin policy,
 //! the `LoopHandle` queue is bounded and answers every producer, queries never hang, and a
 //! server stops at once. All over real loopback sockets.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod common;
 

@@ -5,6 +5,9 @@
 //! own connections frees a descriptor, and must have its spare back for the next shortage.
 //!
 //! Alone in its test binary: it lowers this process's own RLIMIT_NOFILE and fills it.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod common;
 
@@ -87,7 +90,7 @@ fn earliest_retry(n: u32) -> Duration {
 #[test]
 fn accept_sheds_on_emfile_backs_off_with_a_waiting_client_and_resumes_at_once() {
     let _ = env_logger::builder().is_test(true).try_init();
-    wsloop::sys::set_nofile_soft(LIMIT).unwrap();
+    wsloop::set_fd_limit(LIMIT).unwrap();
     // Fill every descriptor below CUT, so that the server's own land above it.
     let mut padding = Vec::new();
     while padding
@@ -149,7 +152,7 @@ fn accept_sheds_on_emfile_backs_off_with_a_waiting_client_and_resumes_at_once() 
     // 2. The backlog stays full. Lowered to CUT, the limit leaves every usable descriptor
     // taken, and the spare (above it) frees none: a client waits in the backlog, and the loop
     // retries on its schedule, neither spinning nor giving up.
-    wsloop::sys::set_nofile_soft(CUT).unwrap();
+    wsloop::set_fd_limit(CUT).unwrap();
     let before = emfile_errors(&server.stats());
     let t0 = Instant::now();
     let mut held = connect_and_ask(held, server.addr);
@@ -209,7 +212,7 @@ fn accept_sheds_on_emfile_backs_off_with_a_waiting_client_and_resumes_at_once() 
 
     // 4. Descriptors come back: serving resumes, and the spare is back for the next shortage.
     drop(hogged);
-    wsloop::sys::set_nofile_soft(LIMIT).unwrap();
+    wsloop::set_fd_limit(LIMIT).unwrap();
     let mut again = ws(server.addr);
     again.send(TMsg::text("after")).unwrap();
     assert_eq!(again.read().unwrap(), TMsg::text("after"));

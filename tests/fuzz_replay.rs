@@ -13,6 +13,10 @@
 //! not committed, so then required), e.g. after a long fuzzing run.
 //!
 //! No libtest harness (`harness = false` in Cargo.toml): `main` is the parent, or the child.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![allow(clippy::unreachable)] // `unreachable!()` marks what a check has ruled out
 
 #[path = "../fuzz/checks/mod.rs"]
 mod checks;

@@ -25,6 +25,9 @@
 //! [`NODE_INSTALL`] and [`CHROMIUM_INSTALL`]. Overrides: `WSLOOP_PYTHON` (interpreter),
 //! `WSLOOP_NODE` (node binary), `WSLOOP_INTEROP_NODE_DIR` (the `npm install --prefix` folder
 //! holding `node_modules/ws`; default `target/interop-node`), `WSLOOP_CHROMIUM` (browser binary).
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[allow(dead_code)]
 mod attack_support;

@@ -2,10 +2,15 @@
 //! own layer or the layers below; and no files import each other in a circle. Read from the
 //! source text: every `use crate::..`, `use super::..` and inline `crate::..` path of a file is
 //! resolved to the file that defines the module it names.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+mod source_support;
+
+use source_support::{code_of, files, src};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::{Path, PathBuf};
 
 /// Each file's layer (paths relative to src/; a folder's files share its layer).
 const LAYERS: &[(&str, u8)] = &[
@@ -39,29 +44,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("main.rs", 7),
 ];
 
-fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
-}
-
-/// Every .rs file under src/, relative to it, with '/' separators.
-fn files() -> Vec<String> {
-    fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
-        for e in fs::read_dir(dir).expect("read src/") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                walk(&p, base, out);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let rel = p.strip_prefix(base).unwrap().to_string_lossy();
-                out.push(rel.replace('\\', "/"));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&src(), &src(), &mut out);
-    out.sort();
-    out
-}
-
 fn layer_of(file: &str) -> Option<u8> {
     LAYERS
         .iter()
@@ -94,52 +76,6 @@ fn file_of(path: &[String], modules: &BTreeMap<Vec<String>, String>) -> Option<S
     (1..=path.len())
         .rev()
         .find_map(|n| modules.get(&path[..n]).cloned())
-}
-
-/// The code of `text` without comments and string literals (a rough lexer: enough for paths).
-fn code_of(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '/' if chars.peek() == Some(&'/') => {
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        out.push('\n');
-                        break;
-                    }
-                }
-            }
-            '"' => {
-                let mut escaped = false;
-                for c in chars.by_ref() {
-                    match (escaped, c) {
-                        (false, '\\') => escaped = true,
-                        (false, '"') => break,
-                        _ => escaped = false,
-                    }
-                }
-                out.push_str("\"\"");
-            }
-            '\'' => {
-                // A char literal ('a', '\n', '"') or a lifetime ('a): skip a literal whole.
-                let rest: String = chars.clone().take(3).collect();
-                let lit = rest.starts_with('\\') || rest.chars().nth(1) == Some('\'');
-                if lit {
-                    for c in chars.by_ref() {
-                        if c == '\'' {
-                            break;
-                        }
-                    }
-                    out.push_str("' '");
-                } else {
-                    out.push(c);
-                }
-            }
-            _ => out.push(c),
-        }
-    }
-    out
 }
 
 /// The module paths a file refers to: `crate::a::b`, and `super::a::b` resolved from its

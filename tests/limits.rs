@@ -3,11 +3,15 @@
 //! table's; accepts per turn; the listen backlog and its cap (`net.core.somaxconn`); the soft
 //! `RLIMIT_NOFILE` raised to the hard limit; the fd budget and the reserve kept for answering
 //! refused clients.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 #[allow(dead_code)]
 mod attack_support;
 mod child_support;
 mod common;
+mod rlimit_support;
 
 use attack_support::*;
 use child_support::{missing, run_bounded};
@@ -482,7 +486,7 @@ fn budget_line(w: &Wsloop) -> (u64, u64, u64, u64, u64) {
 #[test]
 fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
     const LOW: u64 = 256;
-    let hard = wsloop::sys::nofile_limit().expect("getrlimit").1;
+    let hard = rlimit_support::nofile_limit().1;
     if hard <= LOW {
         println!("skipped: the hard RLIMIT_NOFILE ({hard}) leaves nothing to raise");
         return;
@@ -504,7 +508,7 @@ fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
 
 #[test]
 fn the_fd_budget_keeps_an_eighth_at_most_1024_for_answering_refused_clients() {
-    let hard = wsloop::sys::nofile_limit().expect("getrlimit").1;
+    let hard = rlimit_support::nofile_limit().1;
     // An eighth of a budget under 8192 is under 1024; of one over it, more: 1024 is kept.
     for limit in [2000, 20_000] {
         if limit > hard {

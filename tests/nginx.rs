@@ -34,6 +34,10 @@
 //! libnginx-mod-stream` (Debian builds the stream module as a dynamic module, in its own
 //! package). Overrides: `WSLOOP_NGINX` (the nginx binary), `WSLOOP_NGINX_STREAM_MODULE` (the
 //! `ngx_stream_module.so` to load).
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+#![allow(clippy::unreachable)] // `unreachable!()` marks what a check has ruled out
 
 #[allow(dead_code)]
 mod attack_support;

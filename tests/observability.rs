@@ -7,6 +7,9 @@
 //!
 //! The fd-leak alarm has its own test binary (`tests/fd_audit.rs`): the audit counts every
 //! descriptor of the process, and the tests here run in parallel threads that open sockets.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod child_support;
 mod common;
@@ -417,7 +420,9 @@ fn run_promtool(tool: &Path, args: &[&str], stdin: &str) -> (bool, String) {
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
             // The child we spawned and have not reaped yet.
-            let _ = wsloop::sys::kill(pid as i32, libc::SIGKILL);
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
             panic!("promtool {args:?} did not finish within 60 s")
         })
         .expect("promtool output");

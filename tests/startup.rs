@@ -2,6 +2,9 @@
 //! flag (and the numbers, for the descriptor limit) instead of failing later with an OS error or
 //! a wrapped sum, sub-millisecond timeouts are refused, and SIGTERM exits promptly whatever the
 //! stall threshold.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 mod child_support;
 
@@ -55,7 +58,7 @@ fn sigterm_exits_promptly_with_an_hour_long_stall_threshold() {
     })
     .unwrap_or_else(|status| panic!("wsloop exited at startup ({status:?}):\n{}", proc.log()));
     let started = Instant::now();
-    proc.group.signal(libc::SIGTERM);
+    proc.group.signal(rustix::process::Signal::TERM);
     // The watchdog checks every quarter of the threshold (15 minutes here): before, the process
     // waited that long for it after SIGTERM.
     let exited = proc.group.wait_exited(Duration::from_secs(5));

@@ -331,6 +331,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     /// A connected pair: the server side as the loop holds it (non-blocking mio socket), with a
     /// small send buffer so that partial writes come soon, and the client side (blocking).
+    #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // a loopback pair for the test
     fn pair() -> (Transport, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();

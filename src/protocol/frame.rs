@@ -275,6 +275,7 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     let wide = u64::from(u32::from_ne_bytes(key)) * 0x1_0000_0001;
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
+        #[allow(clippy::expect_used)] // chunks_exact_mut(8) yields 8 bytes at a time
         let chunk: &mut [u8; 8] = chunk.try_into().expect("chunk of 8");
         *chunk = (u64::from_ne_bytes(*chunk) ^ wide).to_ne_bytes();
     }

@@ -479,6 +479,7 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
     sha.update(WS_GUID);
     let digest = sha.finalize();
     let mut out = [0u8; 28];
+    #[allow(clippy::expect_used)] // base64 of 20 bytes is always 28 characters
     let n = STANDARD
         .encode_slice(&digest[..], &mut out)
         .expect("20 bytes are 28 base64 chars");
@@ -672,10 +673,11 @@ mod tests {
         head("GET /chat HTTP/1.1", &[&BASE[..], extra].concat())
     }
 
-    /// `n` distinct filler headers.
-    fn many(n: usize) -> Vec<(&'static str, &'static str)> {
-        let name = |i| &*Box::leak(format!("X-H{i}").into_boxed_str());
-        (0..n).map(|i| (name(i), "v")).collect()
+    /// The valid base request with `n` distinct filler headers appended.
+    fn with_fillers(n: usize) -> Vec<u8> {
+        let names: Vec<String> = (0..n).map(|i| format!("X-H{i}")).collect();
+        let extra: Vec<(&str, &str)> = names.iter().map(|name| (name.as_str(), "v")).collect();
+        add(&extra)
     }
 
     fn complete(buf: &[u8], limits: Limits) -> Request<'_> {
@@ -777,7 +779,7 @@ mod tests {
         chunked_body_400: add(&[("Transfer-Encoding", "chunked")]) => BodyNotAllowed;
         origin_duplicate_400: add(&[("Origin", "https://a.test"), ("origin", "https://b.test")]) => DuplicateOrigin;
         nine_kib_complete_431: add(&[("X-Big", &"a".repeat(9216))]) => HeadersTooLarge;
-        too_many_headers_431: add(&many(60)) => TooManyHeaders;
+        too_many_headers_431: with_fillers(60) => TooManyHeaders;
         garbage_tls_400: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n" => Malformed;
         garbage_header_400: b"GET /chat HTTP/1.1\r\nNo colon here\r\n\r\n" => Malformed;
     }
@@ -896,13 +898,13 @@ mod tests {
 
     #[test]
     fn header_count_limits() {
-        assert_eq!(outcome(&add(&many(59))), Ok(())); // 64 headers: the default limit
+        assert_eq!(outcome(&with_fillers(59)), Ok(())); // 64 headers: the default limit
         let ten = Limits {
             max_headers: 10,
             ..Limits::default()
         };
         assert_eq!(
-            parse(&add(&many(6)), &ten).err(),
+            parse(&with_fillers(6), &ten).err(),
             Some(Rejection::TooManyHeaders)
         );
         // max_headers above the cap behaves as MAX_HEADERS_CAP.
@@ -910,8 +912,8 @@ mod tests {
             max_headers: 1000,
             max_header_bytes: 1 << 20,
         };
-        complete(&add(&many(MAX_HEADERS_CAP - 5)), huge);
-        let over = add(&many(MAX_HEADERS_CAP - 4));
+        complete(&with_fillers(MAX_HEADERS_CAP - 5), huge);
+        let over = with_fillers(MAX_HEADERS_CAP - 4);
         assert_eq!(parse(&over, &huge).err(), Some(Rejection::TooManyHeaders));
     }
 

@@ -9,6 +9,11 @@
 //! `ENOBUFS`, `ENOMEM` (and anything unexpected) pause with the same backoff. The close path
 //! resumes accepting as soon as it frees a descriptor.
 
+// This module opens descriptors (Cargo.toml's [lints]): listeners, accepted connections and the
+// spare. Each is counted in the fd ledger (`fds_changed`) as it is opened, and given back there
+// when it closes: a connection on the close path, the spare here, a listener at shutdown.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use super::conn::{conn_id, Conn, TimerRef, MAX_SLOTS};
 use super::core::{Core, LOG_REFUSALS, LOG_SHED};
 use crate::admission::Verdict;
@@ -18,6 +23,7 @@ use crate::metrics::accept_errno_index;
 use crate::protocol::handshake;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
+use std::fs::File;
 use std::io::{self, ErrorKind, Write};
 use std::net::SocketAddr;
 
@@ -45,6 +51,12 @@ pub(super) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Resu
     let cap = crate::sys::somaxconn().unwrap_or(4096).max(1);
     socket.listen(backlog.min(cap).min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The descriptor kept open to be released when accept fails with `EMFILE` (see
+/// [`Core::shed_backlog`]): `/dev/null`, or none if it cannot be opened now.
+pub(super) fn open_spare() -> Option<File> {
+    File::open("/dev/null").ok()
 }
 
 /// How a new connection enters the slab.
@@ -188,7 +200,7 @@ impl<D> Core<D> {
             self.stats.closed[CloseReason::Refused.index()] += 1;
         }
         self.stats.refused[Verdict::ServerFull.index()] += shed;
-        self.spare_fd = std::fs::File::open("/dev/null").ok();
+        self.spare_fd = open_spare();
         self.fds_changed();
         if shed > 0 {
             if let Some(more) = self.throttle(LOG_SHED, shed) {
@@ -206,7 +218,7 @@ impl<D> Core<D> {
     /// the backlog empty: it says so only when a descriptor was free (else EMFILE).
     fn restore_spare(&mut self) {
         if self.spare_fd.is_none() {
-            self.spare_fd = std::fs::File::open("/dev/null").ok();
+            self.spare_fd = open_spare();
             if self.spare_fd.is_some() {
                 self.fds_changed();
             }

@@ -13,10 +13,8 @@ use crate::protocol::handshake;
 use crate::sys;
 use crate::timer_wheel::{TimerKey, TimerWheel};
 use crate::watchdog::Heartbeat;
-use mio::net::TcpListener;
 use mio::Registry;
 use slab::Slab;
-use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,7 +41,10 @@ pub(super) const LOG_SLOTS: usize = LOG_MEMORY + 1;
 /// handler callback can borrow a connection, the cork and the handler at the same time.
 pub(super) struct Core<D> {
     pub(super) registry: Registry,
-    pub(super) listeners: Vec<Option<TcpListener>>,
+    /// Bound in accept.rs, counted by `fds_changed`, closed at shutdown on the close path.
+    #[allow(clippy::disallowed_types)]
+    // held here, opened and closed where the ledger counts it
+    pub(super) listeners: Vec<Option<mio::net::TcpListener>>,
     pub(super) conns: Slab<Conn<D>>,
     pub(super) wheel: TimerWheel<TimerRef>,
     /// Output collected for `cork_owner` during the current dispatch.
@@ -93,8 +94,11 @@ pub(super) struct Core<D> {
     pub(super) tally: Tally,
     pub(super) max_connections: usize,
     pub(super) fd_budget: usize,
-    /// Kept open to be released when accept fails with `EMFILE`.
-    pub(super) spare_fd: Option<File>,
+    /// Kept open to be released when accept fails with `EMFILE` (opened and released in
+    /// accept.rs, counted by `fds_changed`).
+    #[allow(clippy::disallowed_types)]
+    // held here, opened and closed where the ledger counts it
+    pub(super) spare_fd: Option<std::fs::File>,
     /// Descriptors of the poll and waker.
     pub(super) fixed_fds: usize,
     pub(super) started: bool,

@@ -62,6 +62,7 @@ impl<D> Core<D> {
 
     /// Connection `idx` is about to own the cork: what it is owed goes there first, so that
     /// what it is sent next comes after (the order in which the application made them).
+    #[allow(clippy::expect_used)] // admit_next said a frame is next
     pub(super) fn deliver_into_cork(&mut self, idx: usize) {
         let mut at = self.pubsub.fanout.take(idx);
         let mut count = Delivered::default();
@@ -176,6 +177,7 @@ impl<D> Core<D> {
     /// run of consecutive publications is one slice), as much as its backpressure limit
     /// admits; what its socket does not take is queued, and what comes after is queued within
     /// the limit. Then the arena is cleared.
+    #[allow(clippy::expect_used)] // admit_next said a frame is next
     pub(super) fn deliver_owed(&mut self) {
         self.flush_cork();
         let mut count = Delivered::default();

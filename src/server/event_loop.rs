@@ -17,9 +17,8 @@ use crate::sys;
 use crate::timer_wheel::TimerWheel;
 use crate::topics::TopicError;
 use crate::watchdog::{Activity, Watchdog};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
-use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,11 +75,9 @@ impl<H: Handler> Server<H> {
     ) -> Result<Self, Error> {
         config.validate()?;
         let before = sys::open_fds().unwrap_or(0);
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (poll, waker, registry) = open_poll()?;
         // Other loops of a cluster wake this one with publications for its subscribers.
         ledger.set_waker(loop_index, waker.clone());
-        let registry = poll.registry().try_clone()?;
         let fixed_fds = sys::open_fds().unwrap_or(before + 3).saturating_sub(before);
         let limits = handshake::Limits {
             max_header_bytes: config.max_header_bytes,
@@ -135,7 +132,7 @@ impl<H: Handler> Server<H> {
                     max_connections: 0,
                     fd_budget: 0,
                     // Kept open to be released when accept fails with `EMFILE`.
-                    spare_fd: File::open("/dev/null").ok(),
+                    spare_fd: super::accept::open_spare(),
                     fixed_fds,
                     started: false,
                     next_sweep: SWEEP_MS,
@@ -358,6 +355,17 @@ impl<H: Handler> Server<H> {
         }
         Ok(more)
     }
+}
+
+/// The loop's own descriptors: its epoll, the registry's duplicate of it, and the waker's
+/// eventfd. [`Server::for_loop`] measures them into `fixed_fds` and counts them in the ledger
+/// (`fds_changed`) before it returns; they close when the server is dropped.
+#[allow(clippy::disallowed_methods)] // the one place the loop opens descriptors of its own
+fn open_poll() -> io::Result<(Poll, Arc<Waker>, Registry)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let registry = poll.registry().try_clone()?;
+    Ok((poll, waker, registry))
 }
 
 impl<H: Handler> Inner<H> {

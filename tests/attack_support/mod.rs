@@ -317,7 +317,7 @@ impl Wsloop {
     /// Stop the child (SIGSTOP), and wait (bounded) until it has stopped: the kernel still
     /// completes connections into its backlog.
     pub fn freeze(&self) {
-        self.proc.group.signal(libc::SIGSTOP);
+        self.proc.group.signal(rustix::process::Signal::STOP);
         let deadline = Instant::now() + FD_SETTLE;
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
@@ -336,7 +336,7 @@ impl Wsloop {
 
     /// Let a stopped child go on (SIGCONT).
     pub fn thaw(&self) {
-        self.proc.group.signal(libc::SIGCONT);
+        self.proc.group.signal(rustix::process::Signal::CONT);
     }
 
     /// SIGTERM, wait (bounded) for the exit, kill -9 as a fallback; the exit must be 0.

@@ -8,6 +8,8 @@
 //! `mod attack_support;`, which uses it too).
 #![allow(dead_code)]
 
+use rustix::process::{kill_process, kill_process_group, waitid, Pid, Signal};
+use rustix::process::{WaitId, WaitIdOptions};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -104,7 +106,17 @@ impl Group {
         if self.status.is_some() {
             return true;
         }
-        wsloop::sys::child_exited(self.child.id())
+        let Some(pid) = self.pid() else {
+            return true;
+        };
+        // WNOWAIT: the child stays unreaped.
+        let query = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        matches!(waitid(WaitId::Pid(pid), query), Ok(Some(_)))
+    }
+
+    /// The child's pid (`None` only for a pid no process can have).
+    fn pid(&self) -> Option<Pid> {
+        Pid::from_raw(self.child.id() as i32)
     }
 
     /// Poll (every 20 ms, at most `bound`) until the child has exited; whether it did.
@@ -120,10 +132,10 @@ impl Group {
     }
 
     /// Send `signal` to the child alone (not its group), unless it is reaped already.
-    pub fn signal(&self, signal: i32) {
-        if self.status.is_none() {
+    pub fn signal(&self, signal: Signal) {
+        if let (None, Some(pid)) = (self.status, self.pid()) {
             // Our own child, not reaped: its pid is still its own.
-            let _ = wsloop::sys::kill(self.child.id() as i32, signal);
+            let _ = kill_process(pid, signal);
         }
     }
 
@@ -131,8 +143,10 @@ impl Group {
     /// status.
     pub fn kill(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            // The process group our unreaped child leads.
-            let _ = wsloop::sys::kill(-(self.child.id() as i32), libc::SIGKILL);
+            if let Some(pid) = self.pid() {
+                // The process group our unreaped child leads.
+                let _ = kill_process_group(pid, Signal::KILL);
+            }
             self.status = self.child.wait().ok();
         }
         self.status
@@ -141,7 +155,7 @@ impl Group {
     /// SIGTERM to the child, then a bounded wait for its exit. Its exit status if it exited
     /// within `bound`; otherwise `None`, after the group was killed.
     pub fn terminate(&mut self, bound: Duration) -> Option<ExitStatus> {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         let exited = self.wait_exited(bound);
         let status = self.kill();
         status.filter(|_| exited)
