@@ -243,7 +243,8 @@ impl<'a> Cursor<'a> {
     /// A quoted string (RFC 7230 section 3.2.6) whose unescaped value is a token (RFC 6455
     /// section 9.1), returned with its quotes.
     fn quoted(&mut self) -> Result<&'a [u8], Malformed> {
-        const BAD: Malformed = Malformed("extension parameter value: invalid quoted string");
+        const BAD: Malformed =
+            Malformed("malformed Sec-WebSocket-Extensions: invalid quoted string");
         let start = self.i;
         self.i += 1;
         let mut len = 0;
@@ -283,7 +284,7 @@ fn parse_list<'a>(
             }
             Some(_) => {}
         }
-        let name = c.token("extension name is not a token")?;
+        let name = c.token("malformed Sec-WebSocket-Extensions: extension name is not a token")?;
         let mut params = [(&b""[..], None); MAX_PARAMS + 1];
         let mut n = 0;
         loop {
@@ -291,17 +292,24 @@ fn parse_list<'a>(
             match c.peek() {
                 None | Some(b',') => break,
                 Some(b';') => c.i += 1,
-                Some(_) => return Err(Malformed("extension list: expected ';' or ','")),
+                Some(_) => {
+                    return Err(Malformed(
+                        "malformed Sec-WebSocket-Extensions: expected ';' or ','",
+                    ))
+                }
             }
             c.skip_ws();
-            let pname = c.token("extension parameter name is not a token")?;
+            let pname =
+                c.token("malformed Sec-WebSocket-Extensions: parameter name is not a token")?;
             c.skip_ws();
             let pvalue = if c.peek() == Some(b'=') {
                 c.i += 1;
                 c.skip_ws();
                 Some(match c.peek() {
                     Some(b'"') => c.quoted()?,
-                    _ => c.token("extension parameter value is not a token")?,
+                    _ => c.token(
+                        "malformed Sec-WebSocket-Extensions: parameter value is not a token",
+                    )?,
                 })
             } else {
                 None
@@ -335,6 +343,8 @@ const INFLATE_STEP: usize = 16 * 1024;
 /// context takeover, so one serves every connection of a loop.
 pub struct Inflater {
     d: Decompress,
+    /// Messages inflated (or refused while inflating).
+    messages: u64,
 }
 
 impl fmt::Debug for Inflater {
@@ -358,6 +368,7 @@ impl Inflater {
     pub fn new() -> Self {
         Inflater {
             d: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            messages: 0,
         }
     }
 
@@ -375,6 +386,7 @@ impl Inflater {
         out: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), InflateError> {
+        self.messages += 1;
         self.d.reset(false);
         let r = self.run(compressed, out, limit);
         self.d.reset(false);
@@ -477,6 +489,81 @@ impl Deflater {
             out.truncate(out.len() - TAIL.len());
         }
         self.c.reset();
+    }
+}
+
+/// The shared profile's state for one loop: a compressor per window size asked for (made when
+/// first needed; clients that offer no limit all share the 15-bit one), one decompressor, and
+/// the buffer a message is compressed into before it is framed. No connection holds any of it:
+/// every message is compressed and inflated on its own (no context takeover).
+#[derive(Debug)]
+pub struct SharedCodec {
+    deflaters: [Option<Box<Deflater>>; 7],
+    inflater: Option<Box<Inflater>>,
+    scratch: Vec<u8>,
+    threshold: usize,
+    /// Messages compressed.
+    compressed: u64,
+}
+
+/// The compression buffer is shrunk back to this after a large message passed through it.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+impl SharedCodec {
+    /// Nothing allocated yet. Messages shorter than `threshold` bytes are not compressed.
+    pub fn new(threshold: usize) -> Self {
+        SharedCodec {
+            deflaters: Default::default(),
+            inflater: None,
+            scratch: Vec::new(),
+            threshold,
+            compressed: 0,
+        }
+    }
+
+    /// Whether a message of `len` bytes is compressed (at least the threshold).
+    #[inline]
+    pub fn compressible(&self, len: usize) -> bool {
+        len >= self.threshold
+    }
+
+    /// The decompressor (made on first use).
+    pub fn inflater(&mut self) -> &mut Inflater {
+        self.inflater.get_or_insert_with(Box::default)
+    }
+
+    /// Compress `payload` on its own with a window of `bits` (9 to 15): the frame's payload,
+    /// without the 4-byte tail, valid until the next call.
+    pub fn compress(&mut self, bits: u8, payload: &[u8]) -> &[u8] {
+        let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
+        let slot = &mut self.deflaters[usize::from(bits - MIN_DEFLATE_WINDOW_BITS)];
+        let deflater = slot.get_or_insert_with(|| Box::new(Deflater::new(bits)));
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
+        self.scratch.clear();
+        self.compressed += 1;
+        deflater.compress(payload, &mut self.scratch);
+        &self.scratch
+    }
+
+    /// Messages inflated and messages compressed so far.
+    pub fn messages(&self) -> [u64; 2] {
+        let inflated = self.inflater.as_ref().map_or(0, |i| i.messages);
+        [inflated, self.compressed]
+    }
+
+    /// Heap bytes held: each compressor and the decompressor made so far (zlib's figures, see
+    /// [`Deflater::heap_bytes`], [`Inflater::HEAP_BYTES`]) and the compression buffer.
+    pub fn heap_bytes(&self) -> usize {
+        let deflaters: usize = self
+            .deflaters
+            .iter()
+            .flatten()
+            .map(|d| Deflater::heap_bytes(d.bits))
+            .sum();
+        let inflater = self.inflater.as_ref().map_or(0, |_| Inflater::HEAP_BYTES);
+        deflaters + inflater + self.scratch.capacity()
     }
 }
 

@@ -117,6 +117,8 @@ impl<H: Handler> Server<H> {
                     to_close: Vec::new(),
                     memory: crate::memory::MemoryBudget::new(ledger.memory_share()),
                     fanout_bytes: 0,
+                    codec: crate::protocol::deflate::SharedCodec::new(config.compression_threshold),
+                    codec_bytes: 0,
                     last_shed_scan: u64::MAX,
                     limits,
                     start,

@@ -8,6 +8,7 @@ use super::topics::Pubsub;
 use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
 use crate::config::Config;
 use crate::io::out::{Outbox, CORK_KEEP};
+use crate::protocol::deflate::SharedCodec;
 use crate::protocol::session::Event;
 use crate::watchdog::{Activity, Heartbeat};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +32,7 @@ pub(super) fn callback<H: Handler>(
         conn,
         &mut core.cork,
         &mut core.pubsub,
+        &mut core.codec,
         &core.config,
         id,
         last,
@@ -54,6 +56,7 @@ fn websocket<'a, D>(
     conn: &'a mut Conn<D>,
     cork: &'a mut Vec<u8>,
     pubsub: &'a mut Pubsub,
+    codec: &'a mut SharedCodec,
     config: &Config,
     id: ConnId,
     last: bool,
@@ -69,6 +72,7 @@ fn websocket<'a, D>(
             &conn.socket,
             &mut conn.pending,
             &mut conn.session,
+            codec,
             last,
         ),
         subprotocol: conn.rare.as_ref().and_then(|r| r.subprotocol.as_deref()),
@@ -164,14 +168,28 @@ pub(super) fn frames<H: Handler>(
     buf: &mut [u8],
 ) -> bool {
     core.cork_for(idx);
+    if core.conns[idx].session.deflate_bits() != 0 {
+        // The loop's decompressor, made when first needed, counts in the memory budget.
+        core.codec.inflater();
+        core.account_codec();
+    }
     let max = core.config.max_message_size;
     let mut off = 0;
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        let read = conn
-            .session
-            .read(&mut buf[off..], &mut core.spill, max, &mut core.cork);
+        let read = match conn.session.deflate_bits() {
+            0 => conn
+                .session
+                .read(&mut buf[off..], &mut core.spill, max, &mut core.cork),
+            _ => conn.session.read_inflating(
+                &mut buf[off..],
+                &mut core.spill,
+                max,
+                &mut core.cork,
+                core.codec.inflater(),
+            ),
+        };
         let (used, event) = match read {
             Ok(r) => r,
             Err(e) => {
@@ -216,6 +234,7 @@ pub(super) fn frames<H: Handler>(
             conn,
             &mut core.cork,
             &mut core.pubsub,
+            &mut core.codec,
             &core.config,
             id,
             last,
