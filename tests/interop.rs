@@ -191,7 +191,7 @@ fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer) -> String 
     let started = Instant::now();
     let profile = TempDir::new("interop-chromium");
     let log = std::fs::File::create(profile.0.join("chromium.log")).unwrap();
-    let mut cmd = Command::new(&chromium);
+    let mut cmd = Command::new(chromium);
     cmd.args([
         "--headless",
         "--no-sandbox",
