@@ -1,11 +1,15 @@
 //! permessage-deflate (RFC 7692), shared profile, over real sockets with a raw client: what the
 //! 101 answers to each kind of offer (and the 400 for a malformed header), compressed messages
 //! echoed both ways (RSV1 on the server's frames at or above the threshold, clear below it),
-//! fragmented compressed messages, the RSV1 errors, and the zip bomb closed with 1009.
+//! fragmented compressed messages, the RSV1 errors, and the zip bomb closed with 1009; and the
+//! `wsloop` binary under a flood of zip bombs, its peak memory bounded by the limit.
 // Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+#[allow(dead_code)]
+mod attack_support;
+mod child_support;
 mod common;
 
 use common::*;
@@ -259,4 +263,79 @@ fn a_zip_bomb_is_closed_with_1009_and_rsv1_misuse_with_1002() {
     // The loop's compression state: a decompressor, nothing else (nothing was compressed).
     assert_eq!(stats.memory_bytes[3], Inflater::HEAP_BYTES, "{stats:?}");
     server.finish();
+}
+
+/// The peak resident memory of process `pid` (VmHWM), in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The binary with `--compression shared` and a 1 MiB message limit: 40 connections each send
+/// a zip bomb (15 MB of zeros in a 15 KB frame) at once. Each is closed with 1009, and the
+/// server's peak memory grows by less than 8 MiB (the bound is one message of 1 MiB at a time,
+/// inflated on the loop's one decompressor); inflating a single bomb unbounded would add 15 MB.
+#[test]
+fn a_flood_of_zip_bombs_costs_the_binary_no_more_than_the_limit() {
+    let w = attack_support::Wsloop::spawn(
+        "bombs",
+        &["--compression", "shared", "--max-message-size", "1048576"],
+    );
+    let offer = ["permessage-deflate; client_max_window_bits"];
+    // Warm up: one compressed echo, so that the compressor and decompressor exist.
+    let (mut s, head) = upgrade_offering(w.addr, &offer);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    let big = json(100);
+    s.write_all(&frame_raw(
+        FIN | RSV1 | OP_TEXT,
+        &deflated(big.as_bytes()),
+        Some(MASK),
+    ))
+    .unwrap();
+    let f = read_frame(&mut s);
+    assert_eq!((f.rsv, inflated(&f.payload)), (4, big.into_bytes()));
+    let before = peak_kib(w.pid);
+    let bomb = frame_raw(
+        FIN | RSV1 | OP_BINARY,
+        &deflated(&vec![0u8; 15 << 20]),
+        Some(MASK),
+    );
+    assert!(bomb.len() < 16 << 10, "{}", bomb.len());
+    let mut bombers: Vec<TcpStream> = (0..40)
+        .map(|_| upgrade_offering(w.addr, &offer).0)
+        .collect();
+    for b in &mut bombers {
+        b.write_all(&bomb).unwrap();
+    }
+    for b in &mut bombers {
+        assert_eq!(expect_close(b).0, 1009);
+    }
+    let grown = peak_kib(w.pid).saturating_sub(before);
+    assert!(grown < 8 << 10, "peak memory grew by {grown} KiB");
+    // The legitimate client is still served.
+    s.write_all(&frame(true, OP_TEXT, b"still here")).unwrap();
+    assert_eq!(read_frame(&mut s).payload, b"still here");
+    s.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut s);
+    drop(bombers);
+    let m = w.wait_quiet();
+    assert_eq!(
+        m.get("wsloop_compressed_messages_total{direction=\"received\"}"),
+        41.0
+    );
+    assert_eq!(
+        m.get("wsloop_connections_closed_total{reason=\"protocol_error\"}"),
+        40.0
+    );
+    // Its compression state: the 15-bit compressor, the decompressor, the buffer.
+    let state = m.get("wsloop_memory_bytes{kind=\"compression\"}") as usize;
+    assert!(
+        state >= Deflater::heap_bytes(15) + Inflater::HEAP_BYTES,
+        "{state}"
+    );
+    w.stop();
 }
