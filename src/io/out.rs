@@ -121,9 +121,6 @@ pub(crate) struct Sent {
     pub(crate) bytes_written: u64,
     /// Data frames sent.
     pub(crate) messages: u64,
-    /// Of those, compressed (permessage-deflate): the loop then counts its compression
-    /// buffer, which may have grown, in the memory budget.
-    pub(crate) compressed: u64,
 }
 
 /// What a direct write left for the loop to do once the sender returns.
@@ -160,7 +157,6 @@ pub(crate) struct Outbox<'a> {
     /// counters after the sender returns.
     pub(crate) bytes_written: u64,
     pub(crate) messages: u64,
-    pub(crate) compressed: u64,
 }
 
 impl<'a> Outbox<'a> {
@@ -188,7 +184,6 @@ impl<'a> Outbox<'a> {
             direct: Direct::Done,
             bytes_written: 0,
             messages: 0,
-            compressed: 0,
         }
     }
 
@@ -199,7 +194,6 @@ impl<'a> Outbox<'a> {
             direct: self.direct,
             bytes_written: self.bytes_written,
             messages: self.messages,
-            compressed: self.compressed,
         }
     }
 
@@ -242,7 +236,6 @@ impl<'a> Outbox<'a> {
         if self.session.state() != State::Open {
             return false; // refused before spending time on compressing it
         }
-        self.compressed += 1;
         let z = self.codec.compress(bits, payload);
         if z.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
             return self.session.send_compressed(op, z, self.cork);

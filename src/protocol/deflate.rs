@@ -506,6 +506,8 @@ pub struct SharedCodec {
     threshold: usize,
     /// Messages compressed.
     compressed: u64,
+    /// [`SharedCodec::heap_bytes`], kept up to date where it changes.
+    heap: usize,
 }
 
 /// The compression buffer is shrunk back to this after a large message passed through it.
@@ -520,6 +522,7 @@ impl SharedCodec {
             scratch: Vec::new(),
             threshold,
             compressed: 0,
+            heap: 0,
         }
     }
 
@@ -531,6 +534,9 @@ impl SharedCodec {
 
     /// The decompressor (made on first use).
     pub fn inflater(&mut self) -> &mut Inflater {
+        if self.inflater.is_none() {
+            self.heap += Inflater::HEAP_BYTES;
+        }
         self.inflater.get_or_insert_with(Box::default)
     }
 
@@ -539,13 +545,18 @@ impl SharedCodec {
     pub fn compress(&mut self, bits: u8, payload: &[u8]) -> &[u8] {
         let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
         let slot = &mut self.deflaters[usize::from(bits - MIN_DEFLATE_WINDOW_BITS)];
+        if slot.is_none() {
+            self.heap += Deflater::heap_bytes(bits);
+        }
         let deflater = slot.get_or_insert_with(|| Box::new(Deflater::new(bits)));
+        self.heap -= self.scratch.capacity();
         if self.scratch.capacity() > SCRATCH_KEEP {
             self.scratch = Vec::new();
         }
         self.scratch.clear();
         self.compressed += 1;
         deflater.compress(payload, &mut self.scratch);
+        self.heap += self.scratch.capacity();
         &self.scratch
     }
 
@@ -557,15 +568,19 @@ impl SharedCodec {
 
     /// Heap bytes held: each compressor and the decompressor made so far (zlib's figures, see
     /// [`Deflater::heap_bytes`], [`Inflater::HEAP_BYTES`]) and the compression buffer.
+    #[inline]
     pub fn heap_bytes(&self) -> usize {
-        let deflaters: usize = self
-            .deflaters
-            .iter()
-            .flatten()
-            .map(|d| Deflater::heap_bytes(d.bits))
-            .sum();
-        let inflater = self.inflater.as_ref().map_or(0, |_| Inflater::HEAP_BYTES);
-        deflaters + inflater + self.scratch.capacity()
+        debug_assert_eq!(
+            self.heap,
+            self.deflaters
+                .iter()
+                .flatten()
+                .map(|d| Deflater::heap_bytes(d.bits))
+                .sum::<usize>()
+                + self.inflater.as_ref().map_or(0, |_| Inflater::HEAP_BYTES)
+                + self.scratch.capacity()
+        );
+        self.heap
     }
 }
 

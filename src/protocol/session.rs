@@ -121,12 +121,19 @@ enum Found {
         start: usize,
         end: usize,
         op: OpCode,
-        /// A compressed message (RSV1 on its first frame).
-        z: bool,
     },
     Buffer {
         text: bool,
-        z: bool,
+    },
+    /// A compressed message (RSV1 on its first frame) whole in the input.
+    Inflate {
+        start: usize,
+        end: usize,
+        text: bool,
+    },
+    /// A compressed message in the session's buffer.
+    InflateBuffer {
+        text: bool,
     },
     Control {
         op: OpCode,
@@ -309,7 +316,7 @@ impl Session {
 
     /// permessage-deflate was negotiated in the 101 (see [`super::deflate::negotiate`]), with
     /// the server deflating with a window of `window_bits` (9 to 15): from now on RSV1 on the
-    /// first frame of a data message marks it compressed, inflated by [`Session::read_inflating`],
+    /// first frame of a data message marks it compressed, inflated by [`Session::read_with`],
     /// and [`Session::send_compressed`] may be used.
     pub fn enable_deflate(&mut self, window_bits: u8) {
         self.deflate = window_bits.clamp(9, 15);
@@ -357,25 +364,15 @@ impl Session {
         self.read_with(input, spill, max_message, out, None)
     }
 
-    /// [`Session::read`] on a session that negotiated permessage-deflate: a compressed message
-    /// is inflated by `inflater` into `spill` (it holds no state between messages, so one
-    /// serves every connection of a loop) and delivered from there. Its compressed size and its
-    /// inflated size are each held to `max_message`: the inflated size is checked while
-    /// inflating, which stops the moment it passes the limit (1009), so a zip bomb costs at
-    /// most `max_message + 1` bytes of output. Invalid deflate data is 1007, and so is invalid
-    /// UTF-8 in the inflated text.
-    pub fn read_inflating<'a>(
-        &mut self,
-        input: &'a mut [u8],
-        spill: &'a mut Vec<u8>,
-        max_message: usize,
-        out: &mut Vec<u8>,
-        inflater: &mut Inflater,
-    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
-        self.read_with(input, spill, max_message, out, Some(inflater))
-    }
-
-    fn read_with<'a>(
+    /// [`Session::read`] on a session that may have negotiated permessage-deflate: a compressed
+    /// message is inflated by `inflater` into `spill` (it holds no state between messages, so
+    /// one serves every connection of a loop) and delivered from there; without an inflater a
+    /// compressed message fails the session (1011). Its compressed size and its inflated size
+    /// are each held to `max_message`: the inflated size is checked while inflating, which
+    /// stops the moment it passes the limit (1009), so a zip bomb costs at most
+    /// `max_message + 1` bytes of output, released at once. Invalid deflate data is 1007, and
+    /// so is invalid UTF-8 in the inflated text.
+    pub fn read_with<'a>(
         &mut self,
         input: &'a mut [u8],
         spill: &'a mut Vec<u8>,
@@ -395,36 +392,14 @@ impl Session {
         };
         let event = match ready {
             Found::Nothing => None,
-            Found::Input {
-                start,
-                end,
-                op,
-                z: true,
-            } => {
-                spill.clear();
-                let inflated = inflate(inflater, &input[start..end], spill, max_message);
-                match inflated.and_then(|()| data_event(op == OpCode::Text, spill)) {
-                    Ok(event) => Some(event),
-                    Err(e) => {
-                        self.fail(e, out);
-                        return Err(e);
-                    }
-                }
+            Found::Inflate { start, end, text } => {
+                Some(self.inflated(inflater, &input[start..end], text, spill, max_message, out)?)
             }
-            Found::Buffer { text, z: true } => {
+            Found::InflateBuffer { text } => {
                 let compressed = self.take_buf();
-                spill.clear();
-                let inflated = inflate(inflater, &compressed, spill, max_message);
-                drop(compressed);
-                match inflated.and_then(|()| data_event(text, spill)) {
-                    Ok(event) => Some(event),
-                    Err(e) => {
-                        self.fail(e, out);
-                        return Err(e);
-                    }
-                }
+                Some(self.inflated(inflater, &compressed, text, spill, max_message, out)?)
             }
-            Found::Input { start, end, op, .. } => {
+            Found::Input { start, end, op } => {
                 let bytes = &input[start..end];
                 match op {
                     OpCode::Text => match std::str::from_utf8(bytes) {
@@ -444,7 +419,7 @@ impl Session {
                     _ => Some(close_event(bytes)),
                 }
             }
-            Found::Buffer { text, .. } => {
+            Found::Buffer { text } => {
                 *spill = self.take_buf();
                 let bytes = &spill[..];
                 if text {
@@ -467,6 +442,29 @@ impl Session {
             }
         };
         Ok((used, event))
+    }
+
+    /// Inflate a compressed message into `spill` and make its event; on an error (too big,
+    /// invalid data, invalid UTF-8) fail the session, releasing what was inflated. Out of line:
+    /// the uncompressed path through [`Session::read`] stays short.
+    #[inline(never)]
+    fn inflated<'a>(
+        &mut self,
+        inflater: Option<&mut Inflater>,
+        compressed: &[u8],
+        text: bool,
+        spill: &'a mut Vec<u8>,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Event<'a>, ProtocolError> {
+        spill.clear();
+        if let Err(e) = inflate(inflater, compressed, spill, max) {
+            *spill = Vec::new();
+            self.fail(e, out);
+            return Err(e);
+        }
+        let spill: &'a Vec<u8> = spill;
+        data_event(text, spill).inspect_err(|&e| self.fail(e, out))
     }
 
     /// Append a data frame (`Text` or `Binary`) carrying `payload` to `out`.
@@ -705,9 +703,12 @@ impl Session {
             let start = used;
             self.in_payload = false;
             self.remaining = 0;
-            let z = op.is_data() && std::mem::take(&mut self.msg_z);
             if op.is_data() {
                 self.msg_op = None;
+                let z = self.msg_z;
+                if z {
+                    self.msg_z = false;
+                }
                 if self.state != State::Open {
                     // Not delivered, but validated as on the buffered path, so that the outcome
                     // does not depend on how the frame was split into reads (a compressed
@@ -721,10 +722,14 @@ impl Session {
                     }
                     return Ok((end, Found::Nothing));
                 }
+                if z {
+                    let text = op == OpCode::Text;
+                    return Ok((end, Found::Inflate { start, end, text }));
+                }
             } else if !self.control(op, &input[start..end], out)? {
                 return Ok((end, Found::Nothing));
             }
-            return Ok((end, Found::Input { start, end, op, z }));
+            return Ok((end, Found::Input { start, end, op }));
         }
 
         // Part of a frame, or a fragment: unmask what is here and append it to a buffer.
@@ -775,28 +780,16 @@ impl Session {
             self.take_buf();
             return Ok((used, Found::Nothing));
         }
-        Ok((used, Found::Buffer { text, z }))
+        if z {
+            return Ok((used, Found::InflateBuffer { text }));
+        }
+        Ok((used, Found::Buffer { text }))
     }
 
     /// Check a new frame's header against the connection's state and enter its payload.
     fn begin_frame(&mut self, h: &FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
-        if h.rsv != 0 && (h.rsv != RSV1 || self.deflate == 0) {
-            return Err(ProtocolError::new(
-                CloseCode::PROTOCOL_ERROR,
-                "reserved bits set",
-            ));
-        }
-        if h.rsv == RSV1 && h.opcode.is_control() {
-            return Err(ProtocolError::new(
-                CloseCode::PROTOCOL_ERROR,
-                "compressed control frame",
-            ));
-        }
-        if h.rsv == RSV1 && h.opcode == OpCode::Continuation {
-            return Err(ProtocolError::new(
-                CloseCode::PROTOCOL_ERROR,
-                "RSV1 on a continuation frame",
-            ));
+        if h.rsv != 0 {
+            self.check_rsv(h)?;
         }
         let Some(mask) = h.mask else {
             return Err(ProtocolError::new(
@@ -827,7 +820,6 @@ impl Session {
                     return Err(too_big());
                 }
                 self.msg_op = Some(h.opcode);
-                self.msg_z = h.rsv == RSV1;
             }
             _ => {}
         }
@@ -838,6 +830,28 @@ impl Session {
         self.phase = 0;
         self.remaining = h.payload_len;
         Ok(())
+    }
+
+    /// RSV bits on a frame: only RSV1, only with permessage-deflate, only on the first frame of
+    /// a data message (RFC 7692 section 6); else 1002.
+    /// Marks the message compressed when they say so (kept off the common path: a frame
+    /// without RSV bits does not touch `msg_z`, which is cleared when the message completes).
+    #[cold]
+    #[inline(never)]
+    fn check_rsv(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        let reason = if h.rsv != RSV1 || self.deflate == 0 {
+            "reserved bits set"
+        } else if h.opcode.is_control() {
+            "compressed control frame"
+        } else if h.opcode == OpCode::Continuation {
+            "RSV1 on a continuation frame"
+        } else if self.msg_op.is_some() {
+            "new message inside a fragmented one"
+        } else {
+            self.msg_z = true;
+            return Ok(());
+        };
+        Err(ProtocolError::new(CloseCode::PROTOCOL_ERROR, reason))
     }
 
     /// Act on a complete control frame; returns whether it is delivered as an event.

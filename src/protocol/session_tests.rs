@@ -1645,7 +1645,7 @@ fn deflated(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Feed `pieces` as successive reads through `read_inflating` with one shared inflater.
+/// Feed `pieces` as successive reads through `read_with` with one shared inflater.
 fn feed_z(s: &mut Session, pieces: &[&[u8]], max: usize) -> (Vec<Ev>, Vec<u8>) {
     let mut inflater = Inflater::new();
     let (mut events, mut out) = (Vec::new(), Vec::new());
@@ -1654,7 +1654,13 @@ fn feed_z(s: &mut Session, pieces: &[&[u8]], max: usize) -> (Vec<Ev>, Vec<u8>) {
         let mut off = 0;
         while off < buf.len() {
             let mut spill = Vec::new();
-            match s.read_inflating(&mut buf[off..], &mut spill, max, &mut out, &mut inflater) {
+            match s.read_with(
+                &mut buf[off..],
+                &mut spill,
+                max,
+                &mut out,
+                Some(&mut inflater),
+            ) {
                 Ok((used, ev)) => {
                     off += used;
                     events.extend(ev.map(own));

@@ -84,9 +84,10 @@ impl<D> Core<D> {
         }
     }
 
-    /// Count the loop's compression state (after compressing or inflating a message: its
-    /// compressors and decompressor are made when first needed, its buffer grows with the
-    /// largest message compressed and shrinks back).
+    /// Count the loop's compression state, once a turn: its compressors and decompressor are
+    /// made when first needed, its buffer grows with the largest message compressed and shrinks
+    /// back (between two counts it may hold up to one message more than counted).
+    #[inline]
     pub(super) fn account_codec(&mut self) {
         let now = self.codec.heap_bytes();
         if now != self.codec_bytes {

@@ -343,6 +343,7 @@ impl<H: Handler> Server<H> {
             core.reap(&mut self.inner.handler);
         }
         core.settle_publications();
+        core.account_codec();
         core.reap(&mut self.inner.handler);
         core.report_subscriptions(&mut self.inner.handler);
         core.check_memory();

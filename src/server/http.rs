@@ -210,6 +210,9 @@ impl<H: Handler> Inner<H> {
         let rest = conn.session.finish_handshake(head_len, buffered);
         if let Some(agreement) = deflate {
             conn.session.enable_deflate(agreement.deflate_window_bits());
+            // The loop's decompressor is made with the first connection that may need it
+            // (counted in the memory budget at the end of the turn).
+            core.codec.inflater();
         }
         conn.data = Some(data);
         if let Some(p) = subprotocol {

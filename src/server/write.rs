@@ -89,9 +89,6 @@ impl<D> Core<D> {
     pub(super) fn settle(&mut self, idx: usize, sent: Sent) -> bool {
         self.stats.bytes_sent += sent.bytes_written;
         self.stats.messages_sent += sent.messages;
-        if sent.compressed != 0 {
-            self.account_codec();
-        }
         sent.direct == Direct::Done || self.settle_direct(idx, sent.direct)
     }
 

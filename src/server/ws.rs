@@ -168,28 +168,22 @@ pub(super) fn frames<H: Handler>(
     buf: &mut [u8],
 ) -> bool {
     core.cork_for(idx);
-    if core.conns[idx].session.deflate_bits() != 0 {
-        // The loop's decompressor, made when first needed, counts in the memory budget.
-        core.codec.inflater();
-        core.account_codec();
-    }
     let max = core.config.max_message_size;
     let mut off = 0;
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        let read = match conn.session.deflate_bits() {
-            0 => conn
-                .session
-                .read(&mut buf[off..], &mut core.spill, max, &mut core.cork),
-            _ => conn.session.read_inflating(
-                &mut buf[off..],
-                &mut core.spill,
-                max,
-                &mut core.cork,
-                core.codec.inflater(),
-            ),
+        let inflater = match conn.session.deflate_bits() {
+            0 => None,
+            _ => Some(core.codec.inflater()),
         };
+        let read = conn.session.read_with(
+            &mut buf[off..],
+            &mut core.spill,
+            max,
+            &mut core.cork,
+            inflater,
+        );
         let (used, event) = match read {
             Ok(r) => r,
             Err(e) => {
@@ -198,6 +192,10 @@ pub(super) fn frames<H: Handler>(
                     conn_id(core.loop_index, idx, conn.gen),
                     conn.peer
                 );
+                if core.spill.capacity() != 0 {
+                    // A compressed message inflated before the error (invalid UTF-8).
+                    core.spill = Vec::new();
+                }
                 core.finish(handler, idx, CloseReason::Protocol(e.code));
                 return false;
             }
