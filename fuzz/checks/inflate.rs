@@ -26,7 +26,7 @@ const SLACK: usize = 125;
 
 /// What one message should give, if the frames reach it.
 #[derive(Debug, PartialEq)]
-enum Want {
+pub enum Want {
     /// Exactly these bytes (a message compressed by `Deflater`, or sent plain, within the
     /// limit).
     Bytes(Vec<u8>),
@@ -36,7 +36,7 @@ enum Want {
     Any,
 }
 
-struct Case {
+pub struct Case {
     max: usize,
     stream: Vec<u8>,
     wants: Vec<Want>,
