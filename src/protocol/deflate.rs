@@ -388,10 +388,10 @@ impl Inflater {
         limit: usize,
     ) -> Result<(), InflateError> {
         self.messages += 1;
+        // Reset before each message (not after: once is enough), so that whatever the previous
+        // one left, an error midway included, does not count.
         self.d.reset(false);
-        let r = self.run(compressed, out, limit);
-        self.d.reset(false);
-        r
+        self.run(compressed, out, limit)
     }
 
     fn run(
@@ -470,6 +470,8 @@ impl Deflater {
     /// without the 4-byte tail (RFC 7692 section 7.2.1). An empty payload gives one byte,
     /// `0x00`.
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
+        // Once per message, before it (no context takeover): what earlier messages left in the
+        // window is not referred to.
         self.c.reset();
         let start = out.len();
         // Deflate never grows data by more than a few bytes per 16 KiB (stored blocks).
@@ -490,7 +492,6 @@ impl Deflater {
         if out[start..].ends_with(&TAIL) {
             out.truncate(out.len() - TAIL.len());
         }
-        self.c.reset();
     }
 }
 
