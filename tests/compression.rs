@@ -13,7 +13,7 @@ mod child_support;
 mod common;
 
 use common::*;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use wsloop::protocol::deflate::{Deflater, Inflater};
 use wsloop::{CloseReason, Compression, Config};
@@ -338,4 +338,72 @@ fn a_flood_of_zip_bombs_costs_the_binary_no_more_than_the_limit() {
         "{state}"
     );
     w.stop();
+}
+
+/// Compressed output goes through the connection's one send path: a client that sends
+/// incompressible data compressed and never reads gets its echoes compressed until its queue
+/// passes `max_backpressure`, then close 1008; the queue never held more than the limit and
+/// one (compressed) message.
+#[test]
+fn compressed_echoes_count_against_the_backpressure_limit() {
+    const LIMIT: usize = 64 * 1024;
+    const MSG: usize = 8 * 1024;
+    let server = TestServer::start(Config {
+        max_backpressure: LIMIT,
+        socket_send_buffer: 16 * 1024,
+        ..shared()
+    });
+    let mut s = tcp_rcvbuf(server.addr, 4096);
+    let mut req = upgrade_request(server.addr);
+    req.truncate(req.len() - 2);
+    req.push_str("Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    // Incompressible: deflate makes it a few bytes longer, never shorter.
+    let noise = bytes(MSG, 11);
+    let z = deflated(&noise);
+    assert!(z.len() >= MSG, "{}", z.len());
+    let one = frame_raw(FIN | RSV1 | OP_BINARY, &z, Some(MASK));
+    s.set_write_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let mut sent = 0;
+    // The server stops reading once its queue is over the limit: our writes then stall.
+    while sent < 2000 && s.write_all(&one).is_ok() {
+        sent += 1;
+    }
+    // The connection ends with the 1008 (counted as `backpressure`); what arrived before
+    // (the server resets a connection that does not read, so the tail may be lost) is the
+    // echoes, compressed and intact.
+    let stats = server.wait_stats("the backpressure close", |st| {
+        st.closed[CloseReason::Backpressure.index()] == 1
+    });
+    assert!(
+        stats.queue_peak <= LIMIT + z.len() + 16,
+        "queue peaked at {} bytes",
+        stats.queue_peak
+    );
+    let echoed = stats.compressed_messages[1];
+    assert!(
+        echoed > 0 && echoed < sent,
+        "{echoed} of {sent} echoed compressed"
+    );
+    let mut echoes = 0;
+    let mut header = [0u8; 4];
+    while s.read_exact(&mut header[..2]).is_ok() && header[0] & 0x0f == OP_BINARY {
+        assert_eq!(header[0] & 0x70, 0x40, "echo {echoes} not compressed");
+        assert_eq!(header[1], 126, "an 8 KiB frame");
+        if s.read_exact(&mut header[2..4]).is_err() {
+            break;
+        }
+        let mut payload = vec![0u8; u16::from_be_bytes([header[2], header[3]]) as usize];
+        if s.read_exact(&mut payload).is_err() {
+            break;
+        }
+        assert!(inflated(&payload) == noise, "echo {echoes} differs");
+        echoes += 1;
+    }
+    assert!(echoes as u64 <= echoed);
+    drop(s);
+    server.finish();
 }
