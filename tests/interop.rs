@@ -92,14 +92,9 @@ fn python_websockets_client() {
 /// sees one conversation; the binary's metrics count what it published and delivered.
 #[test]
 fn python_websockets_room_through_the_binary() {
-    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
-    let mut probe = Command::new(&python);
-    probe
-        .args(["-c", "import websockets; print(websockets.__version__)"])
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    if probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL).is_none() {
+    let Some(python) = python_with_websockets() else {
         return;
-    }
+    };
     let w = attack_support::Wsloop::spawn("pubsub", &["--pubsub"]);
     let mut client = Command::new(&python);
     client
@@ -296,14 +291,9 @@ fn check_deflate_server(server: TestServer, messages: usize, received: u64, sent
 
 #[test]
 fn python_websockets_compression() {
-    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
-    let mut probe = Command::new(&python);
-    probe
-        .args(["-c", "import websockets; print(websockets.__version__)"])
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    if probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL).is_none() {
+    let Some(python) = python_with_websockets() else {
         return;
-    }
+    };
     let server = deflate_server();
     let mut client = Command::new(&python);
     client
@@ -322,18 +312,9 @@ fn python_websockets_compression() {
 
 #[test]
 fn node_ws_compression() {
-    let node = std::env::var_os("WSLOOP_NODE").unwrap_or_else(|| "node".into());
-    let modules = node_dir().join("node_modules");
-    let mut probe = Command::new(&node);
-    probe
-        .args([
-            "-e",
-            "process.stdout.write(require('ws/package.json').version)",
-        ])
-        .env("NODE_PATH", &modules);
-    if probe_tool("node with ws", &mut probe, NODE_INSTALL).is_none() {
+    let Some((node, modules)) = node_with_ws() else {
         return;
-    }
+    };
     let server = deflate_server();
     let mut client = Command::new(&node);
     client
@@ -364,6 +345,32 @@ fn headless_chromium_compression() {
     // Chromium compresses every message (at least those over the threshold); json, binary and
     // large come back compressed.
     check_deflate_server(server, 4, 3, 3);
+}
+
+/// Python with `websockets` (`WSLOOP_PYTHON` or `python3`), if installed (see [`probe_tool`]).
+fn python_with_websockets() -> Option<std::ffi::OsString> {
+    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
+    let mut probe = Command::new(&python);
+    probe
+        .args(["-c", "import websockets; print(websockets.__version__)"])
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL)?;
+    Some(python)
+}
+
+/// Node (`WSLOOP_NODE` or `node`) and the `node_modules` folder holding `ws`, if installed.
+fn node_with_ws() -> Option<(std::ffi::OsString, PathBuf)> {
+    let node = std::env::var_os("WSLOOP_NODE").unwrap_or_else(|| "node".into());
+    let modules = node_dir().join("node_modules");
+    let mut probe = Command::new(&node);
+    probe
+        .args([
+            "-e",
+            "process.stdout.write(require('ws/package.json').version)",
+        ])
+        .env("NODE_PATH", &modules);
+    probe_tool("node with ws", &mut probe, NODE_INSTALL)?;
+    Some((node, modules))
 }
 
 // ---------------------------------------------------------------------------------------------

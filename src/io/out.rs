@@ -240,15 +240,13 @@ impl<'a> Outbox<'a> {
         if z.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
             return self.session.send_compressed(op, z, self.cork);
         }
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let Some(head_len) = self.session.header_compressed(op, z.len(), &mut head) else {
-            return false;
-        };
         let written = write_frame_now(
             self.transport,
             self.cork,
             self.pending,
-            &head[..head_len],
+            self.session,
+            op,
+            true,
             z,
         );
         self.settle_direct(written)
@@ -259,22 +257,24 @@ impl<'a> Outbox<'a> {
     /// the small-message path through [`Outbox::message`] stays short.
     #[inline(never)]
     fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let Some(head_len) = self.session.header(op, payload.len(), &mut head) else {
-            return false;
-        };
         let written = write_frame_now(
             self.transport,
             self.cork,
             self.pending,
-            &head[..head_len],
+            self.session,
+            op,
+            false,
             payload,
         );
         self.settle_direct(written)
     }
 
     /// After a direct write: no other this time (see [`Outbox::new`]), and what it left to do.
-    fn settle_direct(&mut self, written: (Result<usize, CloseReason>, bool)) -> bool {
+    /// `None`: the session refused the frame (it is closing), nothing was written.
+    fn settle_direct(&mut self, written: Option<(Result<usize, CloseReason>, bool)>) -> bool {
+        let Some(written) = written else {
+            return false;
+        };
         self.direct_ok = false;
         match written {
             (Ok(n), partial) => {
@@ -292,17 +292,25 @@ impl<'a> Outbox<'a> {
     }
 }
 
-/// One `writev` of the cork, a frame header and its payload; what the socket does not take is
-/// queued in `pending`, and the cork is emptied. Returns the bytes written (or why the
-/// connection must end) and whether some were queued.
+/// One `writev` of the cork, the header of a data frame the session encodes (RSV1 set if
+/// `compressed`) and its payload; what the socket does not take is queued in `pending`, and the
+/// cork is emptied. Returns the bytes written (or why the connection must end) and whether some
+/// were queued; `None` if the session refused the frame (it is closing).
 fn write_frame_now(
     transport: &Transport,
     cork: &mut Vec<u8>,
     pending: &mut SendQueue,
-    head: &[u8],
+    session: &mut Session,
+    op: OpCode,
+    compressed: bool,
     payload: &[u8],
-) -> (Result<usize, CloseReason>, bool) {
-    let parts = [&cork[..], head, payload];
+) -> Option<(Result<usize, CloseReason>, bool)> {
+    let mut head = [0u8; MAX_HEADER_LEN];
+    let head_len = match compressed {
+        true => session.header_compressed(op, payload.len(), &mut head)?,
+        false => session.header(op, payload.len(), &mut head)?,
+    };
+    let parts = [&cork[..], &head[..head_len], payload];
     let written = transport.write_vectored::<3>(&parts);
     let mut partial = false;
     if let Ok(n) = written {
@@ -313,7 +321,7 @@ fn write_frame_now(
         }
     }
     cork.clear();
-    (written.map_err(|e| CloseReason::of_io_error(&e)), partial)
+    Some((written.map_err(|e| CloseReason::of_io_error(&e)), partial))
 }
 
 #[cfg(test)]
