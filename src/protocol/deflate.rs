@@ -335,8 +335,8 @@ pub enum InflateError {
     Invalid,
 }
 
-/// Output grows by at most this much at a time while inflating (and at least this much while
-/// below the limit), so that the buffer's capacity never exceeds the limit plus one byte.
+/// The least the output grows by at a time while inflating; from there it doubles, and it is
+/// never given more than the limit plus one byte of capacity.
 const INFLATE_STEP: usize = 16 * 1024;
 
 /// A raw-deflate decompressor with the largest window (32 KiB), reset for each message: no
@@ -408,7 +408,8 @@ impl Inflater {
                         return Err(InflateError::TooBig);
                     }
                     // Geometric growth (amortized linear copying), capped at `limit + 1`.
-                    let grow = out.len().max(INFLATE_STEP).min(limit + 1 - out.len());
+                    let room = limit.saturating_add(1) - out.len();
+                    let grow = out.len().max(INFLATE_STEP).min(room);
                     out.reserve_exact(grow);
                 }
                 let (in0, out0) = (self.d.total_in(), out.len());
