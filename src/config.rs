@@ -159,6 +159,29 @@ pub struct Config {
     /// Most topics one connection may be subscribed to at once; a subscription beyond it is
     /// refused with [`TopicError::TooMany`](crate::topics::TopicError::TooMany). Default 1024.
     pub max_topics_per_connection: usize,
+    /// permessage-deflate (RFC 7692): which profile the server negotiates with clients that
+    /// offer it. Default [`Compression::Off`] (the header is ignored, as uWebSockets does by
+    /// default). See README, Compression.
+    pub compression: Compression,
+    /// With compression negotiated, messages shorter than this many bytes are sent
+    /// uncompressed (RSV1 clear, which RFC 7692 allows per message): deflating a short message
+    /// costs more time than it saves bytes. Default 1024 (as Node `ws`).
+    pub compression_threshold: usize,
+}
+
+/// The permessage-deflate profile the server negotiates (RFC 7692).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Compression {
+    /// No compression: the extension is never negotiated, and `Sec-WebSocket-Extensions` is
+    /// not read.
+    #[default]
+    Off,
+    /// No context takeover in either direction (the 101 answers
+    /// `server_no_context_takeover; client_no_context_takeover`): each message is compressed
+    /// and inflated on its own, with one compressor and one decompressor per loop shared by
+    /// every connection, so an idle connection holds no compression state.
+    Shared,
 }
 
 /// The header a trusted proxy names the client in.
@@ -221,6 +244,8 @@ impl Default for Config {
             handle_queue_bytes: 16 << 20,
             max_topics_per_connection: 1024,
             memory_budget: 0,
+            compression: Compression::Off,
+            compression_threshold: 1024,
         }
     }
 }

@@ -89,7 +89,7 @@ pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
 pub use cluster::Cluster;
-pub use config::{BackpressurePolicy, Config, ConfigError};
+pub use config::{BackpressurePolicy, Compression, Config, ConfigError};
 pub use error::Error;
 pub use ledger::{set_fd_limit, Budget};
 pub use metrics::{Stats, ACCEPT_ERRNO_LABELS};

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
-    BackpressurePolicy, Cluster, Config, ConfigError, Decision, Handler, Message, UpgradeRequest,
-    WebSocket,
+    BackpressurePolicy, Cluster, Compression, Config, ConfigError, Decision, Handler, Message,
+    UpgradeRequest, WebSocket,
 };
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
@@ -80,6 +80,13 @@ struct Args {
     /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
     #[arg(long, value_enum, default_value = "close")]
     backpressure_policy: Policy,
+    /// permessage-deflate: off, or shared (no context takeover: one compressor and one
+    /// decompressor per loop, nothing held by an idle connection).
+    #[arg(long, value_enum, default_value = "off")]
+    compression: CompressionArg,
+    /// Messages shorter than this many bytes are sent uncompressed.
+    #[arg(long, default_value_t = Config::default().compression_threshold)]
+    compression_threshold: usize,
     /// Seconds a connection may have unsent bytes that the socket does not take before it is
     /// dropped; also how long a queue over --max-backpressure has to get under half of it.
     #[arg(long, value_parser = seconds, default_value = "30")]
@@ -153,6 +160,12 @@ enum Forwarded {
 enum Policy {
     Close,
     Drop,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CompressionArg {
+    Off,
+    Shared,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -242,6 +255,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("proxy_protocol", "--proxy-protocol"),
     ("forwarded_header", "--forwarded-header"),
     ("memory_budget", "--memory-budget"),
+    ("compression", "--compression"),
+    ("compression_threshold", "--compression-threshold"),
 ];
 
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -368,6 +383,11 @@ fn config_of(args: &Args) -> Config {
         },
         threads: args.threads,
         memory_budget: args.memory_budget,
+        compression: match args.compression {
+            CompressionArg::Off => Compression::Off,
+            CompressionArg::Shared => Compression::Shared,
+        },
+        compression_threshold: args.compression_threshold,
         ..Config::default()
     }
 }

@@ -19,11 +19,19 @@ pub enum Kind {
     /// One turn's publications for topic subscribers (at most `MAX_FRAMED` bytes, `MAX_PUBS`
     /// publications and `MAX_OWED` runs).
     Publications = 2,
+    /// The loop's compression state (permessage-deflate's shared profile: its compressors,
+    /// decompressor and compression buffer), held by no connection.
+    Compression = 3,
 }
 
 impl Kind {
     /// Every kind, in the order of [`MemoryBudget::by_kind`].
-    pub const ALL: [Kind; 3] = [Kind::Partial, Kind::Queue, Kind::Publications];
+    pub const ALL: [Kind; 4] = [
+        Kind::Partial,
+        Kind::Queue,
+        Kind::Publications,
+        Kind::Compression,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -31,6 +39,7 @@ impl Kind {
             Kind::Partial => "partial_messages",
             Kind::Queue => "send_queues",
             Kind::Publications => "publications",
+            Kind::Compression => "compression",
         }
     }
 }
@@ -44,7 +53,7 @@ const LOW_16THS: usize = 12;
 #[derive(Debug, Default)]
 pub struct MemoryBudget {
     limit: usize,
-    used: [usize; 3],
+    used: [usize; 4],
     /// Connections holding any counted bytes (those the shares are split between).
     holders: usize,
     shedding: bool,
@@ -98,7 +107,7 @@ impl MemoryBudget {
     }
 
     /// Bytes held, by kind, in the order of [`Kind::ALL`].
-    pub fn by_kind(&self) -> [usize; 3] {
+    pub fn by_kind(&self) -> [usize; 4] {
         self.used
     }
 
@@ -257,7 +266,7 @@ mod tests {
         assert!(!b.resize(Kind::Partial, 10 << 20, 9 << 20));
         assert!(b.take_ended() && !b.take_ended(), "told once");
         assert_eq!(b.used(), 12 << 20);
-        assert_eq!(b.by_kind(), [9 << 20, 3 << 20, 0]);
+        assert_eq!(b.by_kind(), [9 << 20, 3 << 20, 0, 0]);
         assert!(
             !b.resize(Kind::Partial, 9 << 20, 9 << 20 | 1),
             "not at 15/16 again"

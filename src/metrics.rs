@@ -87,6 +87,7 @@ impl Snapshot {
             a.fds_owned += b.fds_owned;
             a.messages_received += b.messages_received;
             a.messages_sent += b.messages_sent;
+            add(&mut a.compressed_messages, &b.compressed_messages);
             a.bytes_received += b.bytes_received;
             a.bytes_sent += b.bytes_sent;
             a.loop_turns += b.loop_turns;
@@ -173,6 +174,9 @@ pub struct Stats {
     pub messages_received: u64,
     /// Messages sent to clients.
     pub messages_sent: u64,
+    /// permessage-deflate: messages inflated (received compressed) and compressed (sent with
+    /// RSV1), in that order.
+    pub compressed_messages: [u64; 2],
     /// Bytes read from client sockets.
     pub bytes_received: u64,
     /// Bytes written to client sockets.
@@ -198,8 +202,8 @@ pub struct Stats {
     pub memory_budget: usize,
     /// Bytes held in buffers counted in the memory budget, by kind
     /// ([`Kind::ALL`](crate::memory::Kind::ALL)): partial messages and request heads, send
-    /// queues, the turn's publications.
-    pub memory_bytes: [usize; 3],
+    /// queues, the turn's publications, the loop's compression state.
+    pub memory_bytes: [usize; 4],
     /// The loop is shedding to stay within its memory budget: new connections are refused, and
     /// connections that grow past their share are closed.
     pub memory_shedding: bool,
@@ -435,6 +439,18 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
         "Messages sent to clients.",
         st.messages_sent as f64,
     );
+    m.head(
+        "wsloop_compressed_messages_total",
+        "counter",
+        "Messages received compressed and inflated, and messages compressed and sent (permessage-deflate).",
+    );
+    for (i, direction) in ["received", "sent"].into_iter().enumerate() {
+        m.line(
+            "wsloop_compressed_messages_total",
+            &[("direction", direction)],
+            st.compressed_messages[i] as f64,
+        );
+    }
     m.one(
         "wsloop_received_bytes_total",
         "counter",

@@ -53,6 +53,7 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
         "handshake",
         &["head_capacity_doubles", "host_not_an_authority"],
     ),
+    ("inflate", &["ping_payload_split_across_reads"]),
 ];
 
 fn fuzz_dir() -> PathBuf {

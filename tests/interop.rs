@@ -15,7 +15,11 @@
 //! binary and of text; one byte more, closed by the server with 1009; the `close-me` command,
 //! closed by the server with 4000 "bye"; and, on a second server, the subprotocol the server
 //! picks from the client's offer `["chat.v2", "chat.v1"]`. Every client offers
-//! permessage-deflate, which wsloop declines. Browsers cannot send pings, see the server's, or
+//! permessage-deflate, which those servers (compression off) decline. The `*_compression` tests
+//! run each client against a server on the shared profile instead (`tests/interop/*deflate*`):
+//! the 101 names the extension as RFC 7692 asks, JSON, binary, short, large and (but for the
+//! page) fragmented messages round-trip, and the server's counters show which arrived and left
+//! compressed. Browsers cannot send pings, see the server's, or
 //! choose fragmentation: the page skips those cases, learns of the pong from the test's HTTP
 //! server (`GET /pongs`), and checks that every close was clean; its servers allow only the
 //! page's origin and refuse requests without one.
@@ -45,7 +49,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-use wsloop::{CloseCode, CloseReason, Config, Stats};
+use wsloop::protocol::deflate::{Deflater, Inflater};
+use wsloop::{CloseCode, CloseReason, Compression, Config, Stats};
 
 /// The main servers' `max_message_size`: the large case sends exactly this much, the too-big
 /// case one byte more.
@@ -87,14 +92,9 @@ fn python_websockets_client() {
 /// sees one conversation; the binary's metrics count what it published and delivered.
 #[test]
 fn python_websockets_room_through_the_binary() {
-    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
-    let mut probe = Command::new(&python);
-    probe
-        .args(["-c", "import websockets; print(websockets.__version__)"])
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    if probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL).is_none() {
+    let Some(python) = python_with_websockets() else {
         return;
-    }
+    };
     let w = attack_support::Wsloop::spawn("pubsub", &["--pubsub"]);
     let mut client = Command::new(&python);
     client
@@ -149,10 +149,44 @@ fn headless_chromium_page() {
         .replace("%%PROTO%%", &args[1])
         .replace("%%LIMIT%%", &args[2]);
     let pages = PageServer::start(http, page, main.rec.clone());
+    let result = chromium_result(&chromium, &origin, &pages);
+    let report = Report::parse("chromium page", &result, "", None);
+    report.check_cases(&BASE_CASES);
+    report.check_common();
+    for case in [
+        "idle_close",
+        "client_close",
+        "large_close",
+        "too_big",
+        "server_close",
+        "subprotocol_close",
+    ] {
+        assert_eq!(
+            report.field(case, "clean"),
+            &Json::Bool(true),
+            "{case}: not clean\n{report}"
+        );
+    }
+    drop(pages);
+    check_servers(
+        main,
+        proto,
+        &Expect {
+            // Idle 1, echo 4 (text, binary, empty text, empty binary), large 2, close-me 1.
+            messages: 8,
+            pings: 0,
+        },
+        &report,
+    );
+}
+
+/// Open `{origin}/page.html` (served by `pages`) in headless Chromium and wait, bounded by
+/// [`CLIENT_BOUND`], for the result the page POSTs; the browser is killed after.
+fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer) -> String {
     let started = Instant::now();
     let profile = TempDir::new("interop-chromium");
     let log = std::fs::File::create(profile.0.join("chromium.log")).unwrap();
-    let mut cmd = Command::new(&chromium);
+    let mut cmd = Command::new(chromium);
     cmd.args([
         "--headless",
         "--no-sandbox",
@@ -211,34 +245,134 @@ fn headless_chromium_page() {
         "chromium page reported after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let report = Report::parse("chromium page", &result, "", None);
-    report.check_cases(&BASE_CASES);
-    report.check_common();
-    for case in [
-        "idle_close",
-        "client_close",
-        "large_close",
-        "too_big",
-        "server_close",
-        "subprotocol_close",
-    ] {
-        assert_eq!(
-            report.field(case, "clean"),
-            &Json::Bool(true),
-            "{case}: not clean\n{report}"
-        );
-    }
-    drop(pages);
-    check_servers(
-        main,
-        proto,
-        &Expect {
-            // Idle 1, echo 4 (text, binary, empty text, empty binary), large 2, close-me 1.
-            messages: 8,
-            pings: 0,
-        },
-        &report,
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// permessage-deflate: each client against a server on the shared profile
+
+/// The cases every client reports on a compressed connection (see `tests/interop/*deflate*`).
+const DEFLATE_CASES: [&str; 5] = [
+    "negotiated",
+    "echo_json",
+    "echo_binary",
+    "echo_small",
+    "echo_large",
+];
+
+/// A server on the shared profile (default threshold, 1024 bytes).
+fn deflate_server() -> TestServer {
+    TestServer::start(Config {
+        compression: Compression::Shared,
+        max_message_size: LIMIT,
+        ..config()
+    })
+}
+
+/// The server's side of a compressed run: the 101 answered the shared profile (the client
+/// checked the header), `received` messages arrived compressed at least (every message the
+/// client compresses: those of 1024 bytes or more for ws, all for the others) and at most
+/// `messages`, and exactly `sent` echoes went out compressed (those at or above the threshold).
+fn check_deflate_server(server: TestServer, messages: usize, received: u64, sent: u64) {
+    let stats = server.wait_quiet();
+    assert_eq!(stats.messages_received, messages as u64, "{stats:?}");
+    let [inflated, compressed] = stats.compressed_messages;
+    assert!(
+        (received..=messages as u64).contains(&inflated),
+        "{inflated} messages arrived compressed, expected {received} to {messages}"
     );
+    assert_eq!(compressed, sent, "echoes sent compressed");
+    // The loop holds its compression state (a 15-bit compressor, the decompressor, the buffer
+    // of the largest message compressed) and nothing else is left.
+    assert!(stats.memory_bytes[3] >= Inflater::HEAP_BYTES + Deflater::heap_bytes(15));
+    assert_eq!(stats.memory_bytes[..3], [0, 0, 0], "{stats:?}");
+    server.finish();
+}
+
+/// Run a client script that fragments too (every case and `fragmented`), then check the
+/// server: five messages, `received` of them compressed, four echoes sent compressed.
+fn run_deflate_client(who: &str, mut client: Command, server: TestServer, received: u64) {
+    let report = run_client(who, &mut client).report();
+    let mut cases = DEFLATE_CASES.to_vec();
+    cases.push("fragmented");
+    report.check_cases(&cases);
+    check_deflate_server(server, 5, received, 4);
+}
+
+#[test]
+fn python_websockets_compression() {
+    let Some(python) = python_with_websockets() else {
+        return;
+    };
+    let server = deflate_server();
+    let mut client = Command::new(&python);
+    client
+        .arg(interop_dir().join("python_deflate.py"))
+        .arg(format!("ws://{}/", server.addr))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    // websockets compresses every message; json, binary, large and fragmented come back
+    // compressed, "hi" does not.
+    run_deflate_client("python deflate", client, server, 5);
+}
+
+#[test]
+fn node_ws_compression() {
+    let Some((node, modules)) = node_with_ws() else {
+        return;
+    };
+    let server = deflate_server();
+    let mut client = Command::new(&node);
+    client
+        .arg(interop_dir().join("node_deflate.js"))
+        .arg(format!("ws://{}/", server.addr))
+        .env("NODE_PATH", &modules);
+    // ws compresses what is 1024 bytes or more: json, binary, large, fragmented.
+    run_deflate_client("node deflate", client, server, 4);
+}
+
+#[test]
+fn headless_chromium_compression() {
+    let Some(chromium) = chromium() else { return };
+    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
+    let origin = format!("http://{}", http.local_addr().unwrap());
+    let server = deflate_server();
+    let page =
+        include_str!("interop/deflate.html").replace("%%URL%%", &format!("ws://{}/", server.addr));
+    let pages = PageServer::start(http, page, server.rec.clone());
+    let result = chromium_result(&chromium, &origin, &pages);
+    drop(pages);
+    let report = Report::parse("chromium deflate page", &result, "", None);
+    report.check_cases(&DEFLATE_CASES);
+    // Chromium compresses every message (at least those over the threshold); json, binary and
+    // large come back compressed.
+    check_deflate_server(server, 4, 3, 3);
+}
+
+/// Python with `websockets` (`WSLOOP_PYTHON` or `python3`), if installed (see [`probe_tool`]).
+fn python_with_websockets() -> Option<std::ffi::OsString> {
+    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
+    let mut probe = Command::new(&python);
+    probe
+        .args(["-c", "import websockets; print(websockets.__version__)"])
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    probe_tool("python3 with websockets", &mut probe, PYTHON_INSTALL)?;
+    Some(python)
+}
+
+/// Node (`WSLOOP_NODE` or `node`) and the `node_modules` folder holding `ws`, if installed.
+fn node_with_ws() -> Option<(std::ffi::OsString, PathBuf)> {
+    let node = std::env::var_os("WSLOOP_NODE").unwrap_or_else(|| "node".into());
+    let modules = node_dir().join("node_modules");
+    let mut probe = Command::new(&node);
+    probe
+        .args([
+            "-e",
+            "process.stdout.write(require('ws/package.json').version)",
+        ])
+        .env("NODE_PATH", &modules);
+    probe_tool("node with ws", &mut probe, NODE_INSTALL)?;
+    Some((node, modules))
 }
 
 // ---------------------------------------------------------------------------------------------

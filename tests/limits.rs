@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use wsloop::config::{ForwardedHeader, MAX_FD_HEADROOM, MAX_HEADERS_CAP};
-use wsloop::{BackpressurePolicy, Config};
+use wsloop::{BackpressurePolicy, Compression, Config};
 
 // ---------------------------------------------------------------------------------------------
 // Defaults: --help, Config::default(), the README
@@ -100,6 +100,18 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
                 BackpressurePolicy::Close => "close",
                 BackpressurePolicy::Drop => "drop",
             }),
+        ),
+        (
+            "--compression",
+            Value::Word(match c.compression {
+                Compression::Off => "off",
+                Compression::Shared => "shared",
+                _ => "(unknown)",
+            }),
+        ),
+        (
+            "--compression-threshold",
+            num(c.compression_threshold as f64),
         ),
         ("--write-stall-timeout", secs(c.write_stall_timeout)),
         ("--max-lifetime", secs(c.max_lifetime)),
@@ -252,6 +264,11 @@ fn the_readme_limits_table_shows_the_defaults() {
                     "{default:?}"
                 );
                 assert_eq!(c.socket_send_buffer, 0, "0: the kernel decides");
+                continue;
+            }
+            (Some("--compression"), _) => {
+                assert!(default.starts_with("off"), "{default:?}");
+                assert_eq!(c.compression, Compression::Off);
                 continue;
             }
             (Some("--fd-headroom"), _) => {

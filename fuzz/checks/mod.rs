@@ -7,9 +7,11 @@
 //! property. Depends only on `wsloop` and `tungstenite`.
 
 pub mod connection;
+pub mod extensions;
 pub mod forwarded;
 pub mod frame;
 pub mod handshake;
+pub mod inflate;
 pub mod timer_wheel;
 pub mod topics;
 mod util;
@@ -19,11 +21,13 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
     ("timer_wheel", timer_wheel::run),
     ("forwarded", forwarded::run),
     ("topics", topics::run),
+    ("extensions", extensions::run),
+    ("inflate", inflate::run),
 ];

@@ -6,8 +6,9 @@
 //! ([`Outbox`]).
 
 use super::transport::Transport;
+use crate::protocol::deflate::SharedCodec;
 use crate::protocol::frame::{OpCode, MAX_HEADER_LEN};
-use crate::protocol::session::Session;
+use crate::protocol::session::{Session, State};
 use crate::reason::CloseReason;
 
 /// The cork buffer is shrunk back to this after a large message passed through it.
@@ -146,6 +147,8 @@ pub(crate) struct Outbox<'a> {
     pending: &'a mut SendQueue,
     /// The connection's protocol state, which encodes every frame (and refuses once closing).
     session: &'a mut Session,
+    /// The loop's compressor, for a connection that negotiated permessage-deflate.
+    codec: &'a mut SharedCodec,
     /// A direct write is allowed: it adds no system call (see [`Outbox::new`]).
     direct_ok: bool,
     /// What the loop must do after the sender returns.
@@ -168,6 +171,7 @@ impl<'a> Outbox<'a> {
         transport: &'a Transport,
         pending: &'a mut SendQueue,
         session: &'a mut Session,
+        codec: &'a mut SharedCodec,
         last: bool,
     ) -> Self {
         Outbox {
@@ -175,6 +179,7 @@ impl<'a> Outbox<'a> {
             transport,
             pending,
             session,
+            codec,
             direct_ok: last,
             direct: Direct::Done,
             bytes_written: 0,
@@ -201,9 +206,16 @@ impl<'a> Outbox<'a> {
     /// Send one data message (`Text` or `Binary`), encoded by the session. Returns false if
     /// nothing may be sent: the session refused (it is closing), or a direct write failed
     /// ([`Direct::Failed`]: the connection must end).
+    ///
+    /// On a connection that negotiated permessage-deflate, a payload of at least the
+    /// compression threshold is compressed on its own with the loop's compressor and sent with
+    /// RSV1 set; a shorter one goes out as it is.
     #[inline]
     pub(crate) fn message(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        let sent = if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
+        let bits = self.session.deflate_bits();
+        let sent = if bits != 0 && self.codec.compressible(payload.len()) {
+            self.compressed(op, payload, bits)
+        } else if payload.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
             self.session.send(op, payload, self.cork)
         } else {
             self.write_direct(op, payload)
@@ -217,37 +229,109 @@ impl<'a> Outbox<'a> {
         self.session.ping(payload, self.cork)
     }
 
+    /// Compress `payload` with the loop's compressor for a window of `bits` and send it as one
+    /// frame with RSV1 set, through the cork or, if large, a direct write as for any frame.
+    #[inline(never)]
+    fn compressed(&mut self, op: OpCode, payload: &[u8], bits: u8) -> bool {
+        if self.session.state() != State::Open {
+            return false; // refused before spending time on compressing it
+        }
+        let z = self.codec.compress(bits, payload);
+        if z.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
+            return self.session.send_compressed(op, z, self.cork);
+        }
+        let written = write_frame_now(
+            self.transport,
+            self.cork,
+            self.pending,
+            self.session,
+            op,
+            true,
+            z,
+        );
+        self.settle_direct(written)
+    }
+
     /// One `writev` of the cork, the frame's header and `payload`; queue what the socket does
     /// not take. Returns false if the session refused or the write failed. Kept out of line:
     /// the small-message path through [`Outbox::message`] stays short.
     #[inline(never)]
     fn write_direct(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let Some(head_len) = self.session.header(op, payload.len(), &mut head) else {
+        let written = write_frame_now(
+            self.transport,
+            self.cork,
+            self.pending,
+            self.session,
+            op,
+            false,
+            payload,
+        );
+        self.settle_direct(written)
+    }
+
+    /// After a direct write: no other this time (see [`Outbox::new`]), and what it left to do.
+    /// `None`: the session refused the frame (it is closing), nothing was written.
+    fn settle_direct(&mut self, written: Option<(Result<usize, CloseReason>, bool)>) -> bool {
+        let Some(written) = written else {
             return false;
         };
-        let parts = [&self.cork[..], &head[..head_len], payload];
-        let written = self.transport.write_vectored::<3>(&parts);
         self.direct_ok = false;
         match written {
-            Ok(n) => {
+            (Ok(n), partial) => {
                 self.bytes_written += n as u64;
-                let total = parts.iter().map(|p| p.len()).sum::<usize>();
-                if n < total {
-                    self.pending.push_unsent(&parts, n);
+                if partial {
                     self.direct = Direct::Partial;
                 }
+                true
             }
-            Err(ref e) => self.direct = Direct::Failed(CloseReason::of_io_error(e)),
+            (Err(reason), _) => {
+                self.direct = Direct::Failed(reason);
+                false
+            }
         }
-        self.cork.clear();
-        written.is_ok()
     }
+}
+
+/// One `writev` of the cork, the header of a data frame the session encodes (RSV1 set if
+/// `compressed`) and its payload; what the socket does not take is queued in `pending`, and the
+/// cork is emptied. Returns the bytes written (or why the connection must end) and whether some
+/// were queued; `None` if the session refused the frame (it is closing).
+fn write_frame_now(
+    transport: &Transport,
+    cork: &mut Vec<u8>,
+    pending: &mut SendQueue,
+    session: &mut Session,
+    op: OpCode,
+    compressed: bool,
+    payload: &[u8],
+) -> Option<(Result<usize, CloseReason>, bool)> {
+    let mut head = [0u8; MAX_HEADER_LEN];
+    let head_len = match compressed {
+        true => session.header_compressed(op, payload.len(), &mut head)?,
+        false => session.header(op, payload.len(), &mut head)?,
+    };
+    let parts = [&cork[..], &head[..head_len], payload];
+    let written = transport.write_vectored::<3>(&parts);
+    let mut partial = false;
+    if let Ok(n) = written {
+        let total = parts.iter().map(|p| p.len()).sum::<usize>();
+        if n < total {
+            pending.push_unsent(&parts, n);
+            partial = true;
+        }
+    }
+    cork.clear();
+    Some((written.map_err(|e| CloseReason::of_io_error(&e)), partial))
 }
 
 #[cfg(test)]
 mod tests {
     use super::{Direct, Outbox, SendQueue, DIRECT_MIN};
+    use crate::protocol::deflate::SharedCodec;
+
+    fn codec() -> SharedCodec {
+        SharedCodec::new(1024)
+    }
     use crate::io::transport::Transport;
     use crate::protocol::frame::{write_frame, OpCode};
     use crate::protocol::handshake::Limits;
@@ -356,6 +440,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
         let (socket, mut client) = pair();
         let mut session = open_session();
+        let mut codec = codec();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let (mut bytes_sent, mut messages_sent) = (0u64, 0u64);
         let mut expected = Vec::new();
@@ -368,7 +453,14 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             let payload: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
             let small = format!("small {i}");
             let was_pending = !pending.is_empty();
-            let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+            let mut out = Outbox::new(
+                &mut cork,
+                &socket,
+                &mut pending,
+                &mut session,
+                &mut codec,
+                true,
+            );
             assert!(out.message(OpCode::Binary, &payload));
             assert!(out.message(OpCode::Text, small.as_bytes()));
             let direct = out.direct;
@@ -432,18 +524,33 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     fn a_sender_writes_directly_at_most_once_and_only_when_last() {
         let (socket, mut client) = pair();
         let mut session = open_session();
+        let mut codec = codec();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
         let (mut bytes_sent, mut messages_sent);
         let payload = vec![5u8; DIRECT_MIN];
         let mut one = Vec::new();
         write_frame(&mut one, true, OpCode::Binary, &payload);
-        let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, false);
+        let mut out = Outbox::new(
+            &mut cork,
+            &socket,
+            &mut pending,
+            &mut session,
+            &mut codec,
+            false,
+        );
         assert!(out.message(OpCode::Binary, &payload));
         assert_eq!(out.direct, Direct::Done);
         (bytes_sent, messages_sent) = (out.bytes_written, out.messages);
         assert_eq!(cork.len(), one.len(), "not the last answer, yet not corked");
         assert_eq!(bytes_sent, 0);
-        let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+        let mut out = Outbox::new(
+            &mut cork,
+            &socket,
+            &mut pending,
+            &mut session,
+            &mut codec,
+            true,
+        );
         assert!(out.message(OpCode::Binary, &payload));
         assert!(out.message(OpCode::Binary, &payload));
         assert_eq!(out.direct, Direct::Done);
@@ -465,6 +572,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
         let (socket, client) = pair();
         let mut session = open_session();
+        let mut codec = codec();
         socket2::SockRef::from(&client)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
@@ -475,7 +583,14 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let (mut result, mut sent) = (None, 0);
         for _ in 0..100 {
             cork.extend_from_slice(b"corked");
-            let mut out = Outbox::new(&mut cork, &socket, &mut pending, &mut session, true);
+            let mut out = Outbox::new(
+                &mut cork,
+                &socket,
+                &mut pending,
+                &mut session,
+                &mut codec,
+                true,
+            );
             let ok = out.message(OpCode::Binary, &payload);
             messages_sent += out.messages;
             if !ok {

@@ -491,14 +491,28 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
 /// whose `Sec-WebSocket-Key` is `key`, selecting `subprotocol` if it is
 /// `Some` and non-empty (it should be one of [`Upgrade::subprotocols`]).
 /// Control characters in `subprotocol` are replaced by spaces. No extension
-/// is ever accepted.
+/// is accepted (see [`write_accept_with`]).
 pub fn write_accept(out: &mut Vec<u8>, key: &[u8], subprotocol: Option<&str>) {
+    write_accept_with(out, key, subprotocol, None);
+}
+
+/// [`write_accept`], accepting permessage-deflate as `deflate` says (its
+/// `Sec-WebSocket-Extensions` line) when it is `Some`.
+pub fn write_accept_with(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    subprotocol: Option<&str>,
+    deflate: Option<&super::deflate::Agreement>,
+) {
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n");
     out.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
     out.extend_from_slice(&accept_key(key));
     out.extend_from_slice(b"\r\n");
     if let Some(p) = subprotocol.filter(|p| !p.is_empty()) {
         push_header(out, "Sec-WebSocket-Protocol", p);
+    }
+    if let Some(agreement) = deflate {
+        agreement.write_header(out);
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -6,9 +6,11 @@
 //! - [`frame`]: frame headers, masking (section 5).
 //! - [`utf8`]: incremental UTF-8 validation for text messages split across frames.
 //! - [`close`]: close codes and payloads (sections 5.5.1 and 7.4).
+//! - [`deflate`]: permessage-deflate (RFC 7692): negotiation, bounded inflate, deflate.
 //! - [`session`]: one connection's state machine, tying the above together.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod proxy;

@@ -26,6 +26,7 @@
 //! unmasked in place and delivered as a slice of the input, without a copy.
 
 use super::close::{parse_close_payload, truncate_reason, CloseCode};
+use super::deflate::{InflateError, Inflater};
 use super::frame::{
     apply_mask, write_frame, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
@@ -124,6 +125,16 @@ enum Found {
     Buffer {
         text: bool,
     },
+    /// A compressed message (RSV1 on its first frame) whole in the input.
+    Inflate {
+        start: usize,
+        end: usize,
+        text: bool,
+    },
+    /// A compressed message in the session's buffer.
+    InflateBuffer {
+        text: bool,
+    },
     Control {
         op: OpCode,
     },
@@ -146,6 +157,11 @@ pub struct Session {
     remaining: u64,
     /// The opcode (Text or Binary) of the data message being assembled, if any.
     msg_op: Option<OpCode>,
+    /// The message being assembled is compressed (RSV1 on its first frame).
+    msg_z: bool,
+    /// permessage-deflate was negotiated: the window the server deflates with (9 to 15 bits);
+    /// 0: not negotiated (RSV1 is then a protocol error).
+    deflate: u8,
     utf8: Utf8Validator,
     /// What a partial head, message or control frame holds between reads; none on an idle
     /// session.
@@ -192,6 +208,8 @@ impl Session {
             phase: 0,
             remaining: 0,
             msg_op: None,
+            msg_z: false,
+            deflate: 0,
             utf8: Utf8Validator::new(),
             held: None,
             pong: None,
@@ -296,6 +314,20 @@ impl Session {
         }
     }
 
+    /// permessage-deflate was negotiated in the 101 (see [`super::deflate::negotiate`]), with
+    /// the server deflating with a window of `window_bits` (9 to 15): from now on RSV1 on the
+    /// first frame of a data message marks it compressed, inflated by [`Session::read_with`],
+    /// and [`Session::send_compressed`] may be used.
+    pub fn enable_deflate(&mut self, window_bits: u8) {
+        self.deflate = window_bits.clamp(9, 15);
+    }
+
+    /// The window the server deflates with if permessage-deflate was negotiated, else 0.
+    #[inline]
+    pub fn deflate_bits(&self) -> u8 {
+        self.deflate
+    }
+
     /// The request was rejected (or was a plain HTTP request that got its answer): the session is
     /// [`State::Closed`] and its buffers are released.
     pub fn finish_rejected(&mut self) {
@@ -329,6 +361,25 @@ impl Session {
         max_message: usize,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        self.read_with(input, spill, max_message, out, None)
+    }
+
+    /// [`Session::read`] on a session that may have negotiated permessage-deflate: a compressed
+    /// message is inflated by `inflater` into `spill` (it holds no state between messages, so
+    /// one serves every connection of a loop) and delivered from there; without an inflater a
+    /// compressed message fails the session (1011). Its compressed size and its inflated size
+    /// are each held to `max_message`: the inflated size is checked while inflating, which
+    /// stops the moment it passes the limit (1009), so a zip bomb costs at most
+    /// `max_message + 1` bytes of output, released at once. Invalid deflate data is 1007, and
+    /// so is invalid UTF-8 in the inflated text.
+    pub fn read_with<'a>(
+        &mut self,
+        input: &'a mut [u8],
+        spill: &'a mut Vec<u8>,
+        max_message: usize,
+        out: &mut Vec<u8>,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
         if self.state == State::Closed || self.state == State::Handshake || input.is_empty() {
             return Ok((input.len(), None));
         }
@@ -341,6 +392,13 @@ impl Session {
         };
         let event = match ready {
             Found::Nothing => None,
+            Found::Inflate { start, end, text } => {
+                Some(self.inflated(inflater, &input[start..end], text, spill, max_message, out)?)
+            }
+            Found::InflateBuffer { text } => {
+                let compressed = self.take_buf();
+                Some(self.inflated(inflater, &compressed, text, spill, max_message, out)?)
+            }
             Found::Input { start, end, op } => {
                 let bytes = &input[start..end];
                 match op {
@@ -386,6 +444,29 @@ impl Session {
         Ok((used, event))
     }
 
+    /// Inflate a compressed message into `spill` and make its event; on an error (too big,
+    /// invalid data, invalid UTF-8) fail the session, releasing what was inflated. Out of line:
+    /// the uncompressed path through [`Session::read`] stays short.
+    #[inline(never)]
+    fn inflated<'a>(
+        &mut self,
+        inflater: Option<&mut Inflater>,
+        compressed: &[u8],
+        text: bool,
+        spill: &'a mut Vec<u8>,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Event<'a>, ProtocolError> {
+        spill.clear();
+        if let Err(e) = inflate(inflater, compressed, spill, max) {
+            *spill = Vec::new();
+            self.fail(e, out);
+            return Err(e);
+        }
+        let spill: &'a Vec<u8> = spill;
+        data_event(text, spill).inspect_err(|&e| self.fail(e, out))
+    }
+
     /// Append a data frame (`Text` or `Binary`) carrying `payload` to `out`.
     /// Returns false, writing nothing, unless the session is [`State::Open`].
     #[inline]
@@ -396,6 +477,35 @@ impl Session {
         }
         write_frame(out, true, op, payload);
         true
+    }
+
+    /// Append a compressed data frame (`Text` or `Binary`, RSV1 set) whose payload is
+    /// `compressed`, a message deflated on its own without its 4-byte tail
+    /// ([`super::deflate::Deflater::compress`]). Returns false, writing nothing, unless the
+    /// session is [`State::Open`] and negotiated permessage-deflate.
+    pub fn send_compressed(&mut self, op: OpCode, compressed: &[u8], out: &mut Vec<u8>) -> bool {
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let Some(n) = self.header_compressed(op, compressed.len(), &mut head) else {
+            return false;
+        };
+        out.reserve(n + compressed.len());
+        out.extend_from_slice(&head[..n]);
+        out.extend_from_slice(compressed);
+        true
+    }
+
+    /// [`Session::header`] for a compressed data frame (RSV1 set); `None` unless the session is
+    /// [`State::Open`] and negotiated permessage-deflate.
+    pub fn header_compressed(
+        &mut self,
+        op: OpCode,
+        len: usize,
+        head: &mut [u8; MAX_HEADER_LEN],
+    ) -> Option<usize> {
+        if self.deflate == 0 {
+            return None;
+        }
+        self.data_header(op, len, RSV1, head)
     }
 
     /// The header of a data frame (`Text` or `Binary`) of `len` payload bytes, written into
@@ -409,13 +519,23 @@ impl Session {
         len: usize,
         head: &mut [u8; MAX_HEADER_LEN],
     ) -> Option<usize> {
+        self.data_header(op, len, 0, head)
+    }
+
+    fn data_header(
+        &mut self,
+        op: OpCode,
+        len: usize,
+        rsv: u8,
+        head: &mut [u8; MAX_HEADER_LEN],
+    ) -> Option<usize> {
         debug_assert!(op.is_data() && op != OpCode::Continuation);
         if self.state != State::Open {
             return None;
         }
         let header = FrameHeader {
             fin: true,
-            rsv: 0,
+            rsv,
             opcode: op,
             mask: None,
             payload_len: len as u64,
@@ -585,16 +705,26 @@ impl Session {
             self.remaining = 0;
             if op.is_data() {
                 self.msg_op = None;
+                let z = self.msg_z;
+                if z {
+                    self.msg_z = false;
+                }
                 if self.state != State::Open {
                     // Not delivered, but validated as on the buffered path, so that the outcome
-                    // does not depend on how the frame was split into reads.
-                    if op == OpCode::Text && std::str::from_utf8(&input[start..end]).is_err() {
+                    // does not depend on how the frame was split into reads (a compressed
+                    // message is not inflated only to be dropped).
+                    if op == OpCode::Text && !z && std::str::from_utf8(&input[start..end]).is_err()
+                    {
                         return Err(ProtocolError::new(
                             CloseCode::INVALID_PAYLOAD,
                             "invalid UTF-8 in text message",
                         ));
                     }
                     return Ok((end, Found::Nothing));
+                }
+                if z {
+                    let text = op == OpCode::Text;
+                    return Ok((end, Found::Inflate { start, end, text }));
                 }
             } else if !self.control(op, &input[start..end], out)? {
                 return Ok((end, Found::Nothing));
@@ -623,7 +753,8 @@ impl Session {
             return Ok((used, Found::Control { op }));
         }
         let text = self.msg_op == Some(OpCode::Text);
-        if text && self.utf8.feed(piece).is_err() {
+        let z = self.msg_z;
+        if text && !z && self.utf8.feed(piece).is_err() {
             return Err(ProtocolError::new(
                 CloseCode::INVALID_PAYLOAD,
                 "invalid UTF-8 in text message",
@@ -638,7 +769,8 @@ impl Session {
             return Ok((used, Found::Nothing));
         }
         self.msg_op = None;
-        if text && self.utf8.finish().is_err() {
+        self.msg_z = false;
+        if text && !z && self.utf8.finish().is_err() {
             return Err(ProtocolError::new(
                 CloseCode::INVALID_PAYLOAD,
                 "invalid UTF-8 in text message",
@@ -648,16 +780,16 @@ impl Session {
             self.take_buf();
             return Ok((used, Found::Nothing));
         }
+        if z {
+            return Ok((used, Found::InflateBuffer { text }));
+        }
         Ok((used, Found::Buffer { text }))
     }
 
     /// Check a new frame's header against the connection's state and enter its payload.
     fn begin_frame(&mut self, h: &FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
         if h.rsv != 0 {
-            return Err(ProtocolError::new(
-                CloseCode::PROTOCOL_ERROR,
-                "reserved bits set",
-            ));
+            self.check_rsv(h)?;
         }
         let Some(mask) = h.mask else {
             return Err(ProtocolError::new(
@@ -698,6 +830,28 @@ impl Session {
         self.phase = 0;
         self.remaining = h.payload_len;
         Ok(())
+    }
+
+    /// RSV bits on a frame: only RSV1, only with permessage-deflate, only on the first frame of
+    /// a data message (RFC 7692 section 6); else 1002.
+    /// Marks the message compressed when they say so (kept off the common path: a frame
+    /// without RSV bits does not touch `msg_z`, which is cleared when the message completes).
+    #[cold]
+    #[inline(never)]
+    fn check_rsv(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        let reason = if h.rsv != RSV1 || self.deflate == 0 {
+            "reserved bits set"
+        } else if h.opcode.is_control() {
+            "compressed control frame"
+        } else if h.opcode == OpCode::Continuation {
+            "RSV1 on a continuation frame"
+        } else if self.msg_op.is_some() {
+            "new message inside a fragmented one"
+        } else {
+            self.msg_z = true;
+            return Ok(());
+        };
+        Err(ProtocolError::new(CloseCode::PROTOCOL_ERROR, reason))
     }
 
     /// Act on a complete control frame; returns whether it is delivered as an event.
@@ -777,6 +931,43 @@ fn write_close(out: &mut Vec<u8>, code: CloseCode, reason: &str) {
     payload[..2].copy_from_slice(&code.0.to_be_bytes());
     payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
     write_frame(out, true, OpCode::Close, &payload[..2 + reason.len()]);
+}
+
+/// The RSV1 bit in [`FrameHeader::rsv`]: a compressed message (RFC 7692 section 6).
+const RSV1: u8 = 0b100;
+
+/// Inflate a whole compressed message into `spill`, held to `max` bytes.
+fn inflate(
+    inflater: Option<&mut Inflater>,
+    compressed: &[u8],
+    spill: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), ProtocolError> {
+    let Some(inflater) = inflater else {
+        // `read` on a session that negotiated deflate: the caller has no decompressor.
+        return Err(ProtocolError::new(
+            CloseCode::INTERNAL_ERROR,
+            "compressed message without a decompressor",
+        ));
+    };
+    inflater
+        .inflate(compressed, spill, max)
+        .map_err(|e| match e {
+            InflateError::TooBig => too_big(),
+            InflateError::Invalid => {
+                ProtocolError::new(CloseCode::INVALID_PAYLOAD, "invalid compressed data")
+            }
+        })
+}
+
+/// The event for an inflated data message in `bytes` (text validated as UTF-8 here).
+fn data_event(text: bool, bytes: &[u8]) -> Result<Event<'_>, ProtocolError> {
+    if !text {
+        return Ok(Event::Binary(bytes));
+    }
+    std::str::from_utf8(bytes).map(Event::Text).map_err(|_| {
+        ProtocolError::new(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message")
+    })
 }
 
 fn too_big() -> ProtocolError {

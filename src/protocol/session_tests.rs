@@ -1623,3 +1623,201 @@ fn ending_mid_message_releases_the_half_built_message() {
     assert_eq!(s.state(), State::Closed);
     assert_eq!(s.buffered_capacity(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// permessage-deflate (RFC 7692)
+// ---------------------------------------------------------------------------------------------
+
+use crate::protocol::deflate::{Deflater, Inflater};
+
+const RSV1: u8 = 0x40;
+
+/// An open session that negotiated permessage-deflate.
+fn open_z() -> Session {
+    let mut s = open();
+    s.enable_deflate(15);
+    s
+}
+
+fn deflated(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Deflater::new(15).compress(data, &mut out);
+    out
+}
+
+/// Feed `pieces` as successive reads through `read_with` with one shared inflater.
+fn feed_z(s: &mut Session, pieces: &[&[u8]], max: usize) -> (Vec<Ev>, Vec<u8>) {
+    let mut inflater = Inflater::new();
+    let (mut events, mut out) = (Vec::new(), Vec::new());
+    'reads: for p in pieces {
+        let mut buf = p.to_vec();
+        let mut off = 0;
+        while off < buf.len() {
+            let mut spill = Vec::new();
+            match s.read_with(
+                &mut buf[off..],
+                &mut spill,
+                max,
+                &mut out,
+                Some(&mut inflater),
+            ) {
+                Ok((used, ev)) => {
+                    off += used;
+                    events.extend(ev.map(own));
+                }
+                Err(e) => {
+                    events.push(Ev::Error(e.code.0));
+                    break 'reads;
+                }
+            }
+        }
+    }
+    (events, out)
+}
+
+#[test]
+fn deflate_compressed_messages_are_inflated_whole_and_split_anyhow() {
+    let json =
+        r#"{"type":"update","items":[1,2,3,4,5,6,7,8,9,10],"note":"aaaaaaaaaaaaaaaaaaaaaaaa"}"#;
+    let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]; // RFC 7692 section 7.2.3.1
+    let stream = cat(&[
+        &client_frame(true, RSV1 | 1, &hello, Some(KEY)),
+        &client_frame(true, RSV1 | 2, &deflated(&[7u8; 3000]), Some(KEY2)),
+        &text("plain"), // RSV1 clear: not compressed, even with the extension
+        &client_frame(true, RSV1 | 1, &deflated(json.as_bytes()), Some(KEY)),
+        &client_frame(true, RSV1 | 1, &[0x00], Some(KEY)), // an empty message (7.2.3.6)
+    ]);
+    let want = vec![
+        Ev::Text("Hello".into()),
+        Ev::Binary(vec![7u8; 3000]),
+        Ev::Text("plain".into()),
+        Ev::Text(json.into()),
+        Ev::Text(String::new()),
+    ];
+    for sizes in [&[usize::MAX][..], &[1], &[2, 3], &[7, 100, 1]] {
+        let mut s = open_z();
+        let (events, out) = feed_z(&mut s, &chunks(&stream, sizes), BIG);
+        assert_eq!(events, want, "{sizes:?}");
+        assert!(out.is_empty());
+        assert_eq!(s.buffered_capacity(), 0, "nothing held after the messages");
+    }
+}
+
+#[test]
+fn deflate_fragmented_compressed_message_rsv1_on_the_first_frame_only() {
+    let data: Vec<u8> = (0..5000u32).flat_map(|i| (i % 50).to_le_bytes()).collect();
+    let z = deflated(&data);
+    let (a, rest) = z.split_at(z.len() / 3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    let stream = cat(&[
+        &client_frame(false, RSV1 | 2, a, Some(KEY)),
+        &client_frame(false, 0, b, Some(KEY2)),
+        &ping(b"between"),
+        &client_frame(true, 0, c, Some(KEY)),
+    ]);
+    for sizes in [&[usize::MAX][..], &[1], &[5, 13]] {
+        let (events, _) = feed_z(&mut open_z(), &chunks(&stream, sizes), BIG);
+        assert_eq!(
+            events,
+            vec![Ev::Ping(b"between".to_vec()), Ev::Binary(data.clone())],
+            "{sizes:?}"
+        );
+    }
+    // Text split inside a multi-byte character, compressed: validated after inflating.
+    let t = "héllo wörld ".repeat(200);
+    let z = deflated(t.as_bytes());
+    let stream = cat(&[
+        &client_frame(false, RSV1 | 1, &z[..3], Some(KEY)),
+        &client_frame(true, 0, &z[3..], Some(KEY)),
+    ]);
+    assert_eq!(feed_z(&mut open_z(), &[&stream], BIG).0, vec![Ev::Text(t)]);
+}
+
+#[test]
+fn deflate_rsv1_errors_are_1002() {
+    let z = deflated(b"hello hello hello");
+    // Without the extension negotiated.
+    let (events, out) = feed_z(
+        &mut open(),
+        &[&client_frame(true, RSV1 | 1, &z, Some(KEY))],
+        BIG,
+    );
+    assert_eq!(events, vec![Ev::Error(1002)]);
+    assert_eq!(server_frames(&out)[0].1[..2], 1002u16.to_be_bytes());
+    for bad in [
+        // On control frames.
+        client_frame(true, RSV1 | 9, b"", Some(KEY)),
+        client_frame(true, RSV1 | 10, b"", Some(KEY)),
+        client_frame(true, RSV1 | 8, &close_payload(1000, b""), Some(KEY)),
+        // On a continuation frame.
+        cat(&[
+            &client_frame(false, RSV1 | 1, &z[..2], Some(KEY)),
+            &client_frame(true, RSV1, &z[2..], Some(KEY)),
+        ]),
+        // RSV2 and RSV3 stay reserved.
+        client_frame(true, 0x20 | 1, b"x", Some(KEY)),
+        client_frame(true, 0x10 | 1, b"x", Some(KEY)),
+        client_frame(true, RSV1 | 0x20 | 1, &z, Some(KEY)),
+    ] {
+        let (events, _) = feed_z(&mut open_z(), &[&bad], BIG);
+        assert_eq!(events.last(), Some(&Ev::Error(1002)), "{bad:02x?}");
+    }
+}
+
+#[test]
+fn deflate_bomb_invalid_data_and_bad_utf8() {
+    // A zip bomb: 15 MB of zeros in a ~15 KB frame; the limit is 16 KiB.
+    let bomb = deflated(&vec![0u8; 15 << 20]);
+    assert!(bomb.len() < 16 << 10, "{}", bomb.len());
+    let frame = client_frame(true, RSV1 | 2, &bomb, Some(KEY));
+    let mut s = open_z();
+    let (events, out) = feed_z(&mut s, &[&frame], 16 << 10);
+    assert_eq!(events, vec![Ev::Error(1009)]);
+    assert_eq!(server_frames(&out)[0].1[..2], 1009u16.to_be_bytes());
+    assert_eq!(s.state(), State::Closed);
+    assert_eq!(s.buffered_capacity(), 0);
+    // The same, fragmented across reads (buffered path).
+    let (events, _) = feed_z(&mut open_z(), &chunks(&frame, &[1000]), 16 << 10);
+    assert_eq!(events, vec![Ev::Error(1009)]);
+    // At the limit exactly it is delivered; one byte more is 1009.
+    let z = deflated(&[1u8; 4096]);
+    let f = client_frame(true, RSV1 | 2, &z, Some(KEY));
+    assert_eq!(
+        feed_z(&mut open_z(), &[&f], 4096).0,
+        vec![Ev::Binary(vec![1; 4096])]
+    );
+    assert_eq!(feed_z(&mut open_z(), &[&f], 4095).0, vec![Ev::Error(1009)]);
+    // Invalid deflate data.
+    let f = client_frame(true, RSV1 | 2, &[0xff, 0xff, 0xff], Some(KEY));
+    assert_eq!(feed_z(&mut open_z(), &[&f], BIG).0, vec![Ev::Error(1007)]);
+    // Invalid UTF-8 once inflated (the compressed bytes themselves are not text).
+    let f = client_frame(true, RSV1 | 1, &deflated(b"ok \xff\xfe"), Some(KEY));
+    assert_eq!(feed_z(&mut open_z(), &[&f], BIG).0, vec![Ev::Error(1007)]);
+    // The plain `read` has no decompressor: a compressed message is refused, never passed on.
+    let f = client_frame(true, RSV1 | 1, &deflated(b"hi"), Some(KEY));
+    let mut s = open_z();
+    let mut buf = f.clone();
+    let mut spill = Vec::new();
+    let r = s.read(&mut buf, &mut spill, BIG, &mut Vec::new());
+    assert_eq!(r.err().map(|e| e.code.0), Some(1011));
+}
+
+#[test]
+fn deflate_compressed_frames_out_carry_rsv1_only_when_negotiated() {
+    let z = deflated(b"Hello");
+    let mut out = Vec::new();
+    assert!(
+        !open().send_compressed(OpCode::Text, &z, &mut out),
+        "not negotiated"
+    );
+    assert!(out.is_empty());
+    let mut s = open_z();
+    assert!(s.send_compressed(OpCode::Text, &z, &mut out));
+    // RFC 7692 section 7.2.3.1's frame: c1 07 f2 48 cd c9 c9 07 00.
+    assert_eq!(out, [0xc1, 0x07, 0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+    let mut head = [0u8; MAX_HEADER_LEN];
+    assert_eq!(s.header_compressed(OpCode::Binary, 300, &mut head), Some(4));
+    assert_eq!(head[..4], [0xc2, 126, 1, 44]);
+    s.close(CloseCode::NORMAL, "", &mut out);
+    assert!(!s.send_compressed(OpCode::Text, &z, &mut out), "closing");
+}

@@ -84,6 +84,18 @@ impl<D> Core<D> {
         }
     }
 
+    /// Count the loop's compression state, once a turn: its compressors and decompressor are
+    /// made when first needed, its buffer grows with the largest message compressed and shrinks
+    /// back (between two counts it may hold up to one message more than counted).
+    #[inline]
+    pub(super) fn account_codec(&mut self) {
+        let now = self.codec.heap_bytes();
+        if now != self.codec_bytes {
+            let old = std::mem::replace(&mut self.codec_bytes, now);
+            self.memory.resize(Kind::Compression, old, now);
+        }
+    }
+
     /// Count the turn's publications (after publishing, and after delivering them).
     pub(super) fn account_fanout(&mut self) {
         let now = self.pubsub.fanout.heap_bytes();
@@ -194,8 +206,8 @@ impl<D> Core<D> {
             }
             let by_kind = self.memory.by_kind();
             assert_eq!(
-                [by_kind[0], by_kind[1], by_kind[2]],
-                [sum[0], sum[1], self.fanout_bytes],
+                by_kind,
+                [sum[0], sum[1], self.fanout_bytes, self.codec_bytes],
                 "the memory budget's totals drifted"
             );
         }

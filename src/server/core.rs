@@ -68,6 +68,11 @@ pub(super) struct Core<D> {
     pub(super) memory: crate::memory::MemoryBudget,
     /// The turn's publications' bytes, as last accounted in `memory`.
     pub(super) fanout_bytes: usize,
+    /// permessage-deflate's shared profile: the loop's compressors, decompressor and
+    /// compression buffer (nothing until a connection negotiates it).
+    pub(super) codec: crate::protocol::deflate::SharedCodec,
+    /// Their heap bytes, as last accounted in `memory`.
+    pub(super) codec_bytes: usize,
     /// When the connections were last scanned for the biggest holders (ms).
     pub(super) last_shed_scan: u64,
     /// A ping was delivered during the current read: its connection may owe a pong.
@@ -217,6 +222,7 @@ impl<D> Core<D> {
             published: self.pubsub.published,
             memory_budget: self.memory.limit(),
             memory_bytes: self.memory.by_kind(),
+            compressed_messages: self.codec.messages(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
             ..self.stats.clone()

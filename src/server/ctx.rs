@@ -63,6 +63,7 @@ impl<'a, D> Ctx<'a, D> {
             &conn.socket,
             &mut conn.pending,
             &mut conn.session,
+            &mut core.codec,
             last,
         );
         let ok = out.message(op, msg.as_bytes());

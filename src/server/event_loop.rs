@@ -117,6 +117,8 @@ impl<H: Handler> Server<H> {
                     to_close: Vec::new(),
                     memory: crate::memory::MemoryBudget::new(ledger.memory_share()),
                     fanout_bytes: 0,
+                    codec: crate::protocol::deflate::SharedCodec::new(config.compression_threshold),
+                    codec_bytes: 0,
                     last_shed_scan: u64::MAX,
                     limits,
                     start,
@@ -341,6 +343,7 @@ impl<H: Handler> Server<H> {
             core.reap(&mut self.inner.handler);
         }
         core.settle_publications();
+        core.account_codec();
         core.reap(&mut self.inner.handler);
         core.report_subscriptions(&mut self.inner.handler);
         core.check_memory();

@@ -7,6 +7,8 @@ use super::core::{Core, LOG_REJECTS};
 use super::event_loop::Inner;
 use super::ws::{callback, frames, guarded};
 use crate::app::{CloseReason, Decision, Handler, UpgradeRequest};
+use crate::config::Compression;
+use crate::protocol::deflate;
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::Head;
 use crate::watchdog::Activity;
@@ -91,7 +93,7 @@ impl<H: Handler> Inner<H> {
         } = self;
         core.cork_for(idx);
         let conn = &mut core.conns[idx];
-        let (head_len, buffered, data, subprotocol) = match conn
+        let (head_len, buffered, data, subprotocol, deflate) = match conn
             .session
             .feed_head(&recv[..n], &core.limits)
         {
@@ -142,6 +144,21 @@ impl<H: Handler> Inner<H> {
                     let rej = Rejection::custom(403, refusal.reason());
                     return reject(core, handler, idx, &rej);
                 }
+                // permessage-deflate: a malformed header fails the handshake here, before the
+                // application is asked; no acceptable offer means no compression.
+                let deflate = match core.config.compression {
+                    Compression::Off => None,
+                    _ => match deflate::negotiate(
+                        upgrade.request().header_all("sec-websocket-extensions"),
+                    ) {
+                        Ok(agreement) => agreement,
+                        Err(malformed) => {
+                            log::debug!("{}: {malformed}", conn.peer);
+                            let rej = Rejection::custom(400, malformed.0);
+                            return reject(core, handler, idx, &rej);
+                        }
+                    },
+                };
                 let req = UpgradeRequest {
                     upgrade,
                     peer: conn.peer,
@@ -179,17 +196,24 @@ impl<H: Handler> Inner<H> {
                                 return reject(core, handler, idx, &rej);
                             }
                         }
-                        handshake::write_accept(
+                        handshake::write_accept_with(
                             &mut core.cork,
                             req.upgrade.key(),
                             subprotocol.as_deref(),
+                            deflate.as_ref(),
                         );
-                        (head_len, buffered, data, subprotocol)
+                        (head_len, buffered, data, subprotocol, deflate)
                     }
                 }
             }
         };
         let rest = conn.session.finish_handshake(head_len, buffered);
+        if let Some(agreement) = deflate {
+            conn.session.enable_deflate(agreement.deflate_window_bits());
+            // The loop's decompressor is made with the first connection that may need it
+            // (counted in the memory budget at the end of the turn).
+            core.codec.inflater();
+        }
         conn.data = Some(data);
         if let Some(p) = subprotocol {
             conn.rare().subprotocol = Some(p.into_boxed_str());

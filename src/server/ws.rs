@@ -8,6 +8,7 @@ use super::topics::Pubsub;
 use crate::app::{CloseReason, ConnId, Handler, Message, WebSocket};
 use crate::config::Config;
 use crate::io::out::{Outbox, CORK_KEEP};
+use crate::protocol::deflate::SharedCodec;
 use crate::protocol::session::Event;
 use crate::watchdog::{Activity, Heartbeat};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +32,7 @@ pub(super) fn callback<H: Handler>(
         conn,
         &mut core.cork,
         &mut core.pubsub,
+        &mut core.codec,
         &core.config,
         id,
         last,
@@ -54,6 +56,7 @@ fn websocket<'a, D>(
     conn: &'a mut Conn<D>,
     cork: &'a mut Vec<u8>,
     pubsub: &'a mut Pubsub,
+    codec: &'a mut SharedCodec,
     config: &Config,
     id: ConnId,
     last: bool,
@@ -69,6 +72,7 @@ fn websocket<'a, D>(
             &conn.socket,
             &mut conn.pending,
             &mut conn.session,
+            codec,
             last,
         ),
         subprotocol: conn.rare.as_ref().and_then(|r| r.subprotocol.as_deref()),
@@ -169,9 +173,17 @@ pub(super) fn frames<H: Handler>(
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        let read = conn
-            .session
-            .read(&mut buf[off..], &mut core.spill, max, &mut core.cork);
+        let inflater = match conn.session.deflate_bits() {
+            0 => None,
+            _ => Some(core.codec.inflater()),
+        };
+        let read = conn.session.read_with(
+            &mut buf[off..],
+            &mut core.spill,
+            max,
+            &mut core.cork,
+            inflater,
+        );
         let (used, event) = match read {
             Ok(r) => r,
             Err(e) => {
@@ -180,6 +192,10 @@ pub(super) fn frames<H: Handler>(
                     conn_id(core.loop_index, idx, conn.gen),
                     conn.peer
                 );
+                if core.spill.capacity() != 0 {
+                    // A compressed message inflated before the error (invalid UTF-8).
+                    core.spill = Vec::new();
+                }
                 core.finish(handler, idx, CloseReason::Protocol(e.code));
                 return false;
             }
@@ -216,6 +232,7 @@ pub(super) fn frames<H: Handler>(
             conn,
             &mut core.cork,
             &mut core.pubsub,
+            &mut core.codec,
             &core.config,
             id,
             last,

@@ -1,0 +1,591 @@
+//! permessage-deflate (RFC 7692), sans-IO: the negotiation of the extension in the opening
+//! handshake, and the compressor and decompressor of the *shared* profile (no context takeover
+//! in either direction: each message is compressed and inflated on its own, so one compressor
+//! and one decompressor serve every connection of a loop, and an idle connection holds no
+//! compression state).
+//!
+//! Negotiation ([`negotiate`]): every `Sec-WebSocket-Extensions` header line is parsed as an
+//! extension list (RFC 6455 section 9.1: tokens, `;` parameters, values as tokens or quoted
+//! strings); a line that does not parse is a malformed header ([`Malformed`], answered 400).
+//! Then the first acceptable `permessage-deflate` offer is taken; an offer with an unknown
+//! parameter, a duplicate, a value where none belongs or an invalid window size is declined
+//! (RFC 7692 section 5.1), as is one asking for `server_max_window_bits=8` (below).
+//!
+//! Window bits 8: zlib (and zlib-rs) cannot deflate with a 256-byte window and silently use 512
+//! bytes when asked for 8, so a stream it makes may refer 512 bytes back, which a peer that
+//! asked for `server_max_window_bits=8` may reject. The server must not answer a larger value
+//! than offered (RFC 7692 section 7.1.2.1), so such an offer is declined. An offer of
+//! `client_max_window_bits=8` is accepted: the server inflates with a 32 KiB window, and an
+//! inflate window at least as large as the sender's reads every stream (the 9-bit ones zlib
+//! makes when asked for 8 included).
+//!
+//! Inflating is bounded exactly ([`Inflater::inflate`]): the output grows geometrically but
+//! never beyond the limit plus one byte, and the moment it holds more than the limit the
+//! message is refused, so a zip bomb costs the limit, not what it would inflate to.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use std::fmt;
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+pub const NAME: &str = "permessage-deflate";
+
+/// The bytes a sender strips from the end of each compressed message and the receiver appends
+/// before inflating (an empty stored block, RFC 7692 section 7.2.1).
+pub const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// The largest LZ77 window, in bits (32 KiB), used when the peer asks for no smaller one.
+pub const MAX_WINDOW_BITS: u8 = 15;
+
+/// The smallest window the server deflates with (see the module's documentation on 8).
+pub const MIN_DEFLATE_WINDOW_BITS: u8 = 9;
+
+/// A `Sec-WebSocket-Extensions` header line that is not an extension list (RFC 6455 section
+/// 9.1): the handshake fails with 400 and this reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Malformed(pub &'static str);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// What the server answers to an accepted permessage-deflate offer, and so how both sides
+/// compress. For the shared profile both `no_context_takeover`s are always set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Agreement {
+    /// The server resets its compressor after each message (answered always by the shared
+    /// profile, RFC 7692 section 7.1.1.1 allows it unasked).
+    pub server_no_context_takeover: bool,
+    /// The client must reset its compressor after each message (answered always by the shared
+    /// profile, whose one decompressor per loop starts afresh for each message).
+    pub client_no_context_takeover: bool,
+    /// The window the server deflates with, answered when the client offered a limit (never
+    /// above it); `None`: not offered, the server uses [`MAX_WINDOW_BITS`].
+    pub server_max_window_bits: Option<u8>,
+    /// The window limit answered for the client's compressor; only ever answered when offered.
+    /// The shared profile answers none: it inflates with the largest window, which reads any.
+    pub client_max_window_bits: Option<u8>,
+}
+
+impl Agreement {
+    /// The window the server deflates with, in bits (9 to 15).
+    pub fn deflate_window_bits(&self) -> u8 {
+        self.server_max_window_bits.unwrap_or(MAX_WINDOW_BITS)
+    }
+
+    /// Append the `Sec-WebSocket-Extensions` response header line (with its CRLF).
+    pub fn write_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"Sec-WebSocket-Extensions: ");
+        out.extend_from_slice(NAME.as_bytes());
+        if self.server_no_context_takeover {
+            out.extend_from_slice(b"; server_no_context_takeover");
+        }
+        if self.client_no_context_takeover {
+            out.extend_from_slice(b"; client_no_context_takeover");
+        }
+        for (name, bits) in [
+            ("server_max_window_bits", self.server_max_window_bits),
+            ("client_max_window_bits", self.client_max_window_bits),
+        ] {
+            if let Some(bits) = bits {
+                out.extend_from_slice(b"; ");
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'=');
+                if bits >= 10 {
+                    out.push(b'1');
+                }
+                out.push(b'0' + bits % 10);
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Negotiate permessage-deflate for the shared profile from the values of every
+/// `Sec-WebSocket-Extensions` header line, in order.
+///
+/// `Err` if a line is not an extension list (the handshake fails with 400); `Ok(None)` if no
+/// offer is acceptable (the 101 names no extension); else the first acceptable offer's answer.
+/// Linear in the header's length; allocates nothing.
+pub fn negotiate<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<Agreement>, Malformed> {
+    let mut chosen = None;
+    for value in values {
+        parse_list(value, |name, params| {
+            if chosen.is_none() && name.eq_ignore_ascii_case(NAME.as_bytes()) {
+                chosen = accept_shared(params);
+            }
+        })?;
+    }
+    Ok(chosen)
+}
+
+/// The parameters of one offer as parsed: name and raw value (a token, or a quoted string with
+/// its quotes and escapes), at most [`MAX_PARAMS`] of them looked at.
+type Params<'a> = [(&'a [u8], Option<&'a [u8]>)];
+
+/// Parameters beyond this many in one offer make it unacceptable (permessage-deflate defines
+/// four, each allowed once).
+const MAX_PARAMS: usize = 8;
+
+/// The shared profile's answer to one permessage-deflate offer, or `None` to decline it.
+fn accept_shared(params: &Params<'_>) -> Option<Agreement> {
+    let mut seen = [false; 4];
+    let mut agreement = Agreement {
+        server_no_context_takeover: true,
+        client_no_context_takeover: true,
+        server_max_window_bits: None,
+        client_max_window_bits: None,
+    };
+    for &(name, value) in params {
+        let which = [
+            "server_no_context_takeover",
+            "client_no_context_takeover",
+            "server_max_window_bits",
+            "client_max_window_bits",
+        ]
+        .iter()
+        .position(|p| name.eq_ignore_ascii_case(p.as_bytes()))?;
+        if std::mem::replace(&mut seen[which], true) {
+            return None; // a duplicate parameter
+        }
+        match which {
+            0 | 1 if value.is_some() => return None,
+            0 | 1 => {}
+            2 => {
+                // The server must deflate with at most this window, and answer it.
+                let bits = window_bits(value?)?;
+                if bits < MIN_DEFLATE_WINDOW_BITS {
+                    return None;
+                }
+                agreement.server_max_window_bits = Some(bits);
+            }
+            _ => {
+                // A hint (or permission to limit the client): the shared profile inflates with
+                // the largest window and needs no answer; the value must still be valid.
+                if let Some(v) = value {
+                    window_bits(v)?;
+                }
+            }
+        }
+    }
+    Some(agreement)
+}
+
+/// A window-bits value (RFC 7692 section 7.1.2.1: a decimal integer from 8 to 15 without
+/// leading zeroes), as a token or a quoted string.
+fn window_bits(raw: &[u8]) -> Option<u8> {
+    let mut buf = [0u8; 2];
+    let v = unquote(raw, &mut buf)?;
+    match v {
+        [d @ b'8'..=b'9'] => Some(d - b'0'),
+        [b'1', d @ b'0'..=b'5'] => Some(10 + d - b'0'),
+        _ => None,
+    }
+}
+
+/// The value of a token or quoted string, unescaped into `buf`; `None` if it does not fit.
+fn unquote<'b>(raw: &'b [u8], buf: &'b mut [u8; 2]) -> Option<&'b [u8]> {
+    let Some(inner) = raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) else {
+        return Some(raw);
+    };
+    let mut n = 0;
+    let mut escaped = false;
+    for &c in inner {
+        if !escaped && c == b'\\' {
+            escaped = true;
+            continue;
+        }
+        escaped = false;
+        *buf.get_mut(n)? = c;
+        n += 1;
+    }
+    Some(&buf[..n])
+}
+
+/// RFC 7230 `tchar`.
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// A cursor over one header value.
+struct Cursor<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn skip_ws(&mut self) {
+        while matches!(self.s.get(self.i), Some(b' ' | b'\t')) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn token(&mut self, what: &'static str) -> Result<&'a [u8], Malformed> {
+        let start = self.i;
+        while self.peek().is_some_and(is_tchar) {
+            self.i += 1;
+        }
+        match self.i > start {
+            true => Ok(&self.s[start..self.i]),
+            false => Err(Malformed(what)),
+        }
+    }
+
+    /// A quoted string (RFC 7230 section 3.2.6) whose unescaped value is a token (RFC 6455
+    /// section 9.1), returned with its quotes.
+    fn quoted(&mut self) -> Result<&'a [u8], Malformed> {
+        const BAD: Malformed =
+            Malformed("malformed Sec-WebSocket-Extensions: invalid quoted string");
+        let start = self.i;
+        self.i += 1;
+        let mut len = 0;
+        loop {
+            let c = self.peek().ok_or(BAD)?;
+            self.i += 1;
+            match c {
+                b'"' if len > 0 => return Ok(&self.s[start..self.i]),
+                b'\\' => {
+                    self.peek().filter(|&e| is_tchar(e)).ok_or(BAD)?;
+                    self.i += 1;
+                }
+                c if is_tchar(c) => {}
+                _ => return Err(BAD),
+            }
+            len += 1;
+        }
+    }
+}
+
+/// Parse one header value as an extension list, calling `offer` with each extension's name and
+/// its first [`MAX_PARAMS`] parameters (more make the offer's parameter list end with an entry
+/// no extension defines, so that it is declined).
+fn parse_list<'a>(
+    value: &'a [u8],
+    mut offer: impl FnMut(&'a [u8], &Params<'a>),
+) -> Result<(), Malformed> {
+    const EXTRA: (&[u8], Option<&[u8]>) = (b"(too many parameters)", None);
+    let mut c = Cursor { s: value, i: 0 };
+    loop {
+        c.skip_ws();
+        match c.peek() {
+            None => return Ok(()),
+            Some(b',') => {
+                c.i += 1; // an empty list element (RFC 7230 section 7)
+                continue;
+            }
+            Some(_) => {}
+        }
+        let name = c.token("malformed Sec-WebSocket-Extensions: extension name is not a token")?;
+        let mut params = [(&b""[..], None); MAX_PARAMS + 1];
+        let mut n = 0;
+        loop {
+            c.skip_ws();
+            match c.peek() {
+                None | Some(b',') => break,
+                Some(b';') => c.i += 1,
+                Some(_) => {
+                    return Err(Malformed(
+                        "malformed Sec-WebSocket-Extensions: expected ';' or ','",
+                    ))
+                }
+            }
+            c.skip_ws();
+            let pname =
+                c.token("malformed Sec-WebSocket-Extensions: parameter name is not a token")?;
+            c.skip_ws();
+            let pvalue = if c.peek() == Some(b'=') {
+                c.i += 1;
+                c.skip_ws();
+                Some(match c.peek() {
+                    Some(b'"') => c.quoted()?,
+                    _ => c.token(
+                        "malformed Sec-WebSocket-Extensions: parameter value is not a token",
+                    )?,
+                })
+            } else {
+                None
+            };
+            if n < MAX_PARAMS {
+                params[n] = (pname, pvalue);
+                n += 1;
+            } else {
+                params[MAX_PARAMS] = EXTRA;
+                n = MAX_PARAMS + 1;
+            }
+        }
+        offer(name, &params[..n]);
+    }
+}
+
+/// Why a compressed message could not be inflated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates to more than the limit (close 1009).
+    TooBig,
+    /// It is not valid deflate data (close 1007).
+    Invalid,
+}
+
+/// The least the output grows by at a time while inflating; from there it doubles, and it is
+/// never given more than the limit plus one byte of capacity.
+const INFLATE_STEP: usize = 16 * 1024;
+
+/// A raw-deflate decompressor with the largest window (32 KiB), reset for each message: no
+/// context takeover, so one serves every connection of a loop.
+pub struct Inflater {
+    d: Decompress,
+    /// Messages inflated (or refused while inflating).
+    messages: u64,
+}
+
+impl fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Inflater")
+    }
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inflater {
+    /// Heap bytes one inflater holds, as the memory budget counts it: 47,552 bytes measured
+    /// (zlib-rs 0.6.9 through flate2 1.1.11, a counting allocator; the 32 KiB window and the
+    /// decoding state and tables), rounded up to 48 KiB.
+    pub const HEAP_BYTES: usize = 48 * 1024;
+
+    /// A decompressor with a 32 KiB window.
+    pub fn new() -> Self {
+        Inflater {
+            d: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            messages: 0,
+        }
+    }
+
+    /// Inflate one whole message (`compressed`, without the 4-byte tail the sender stripped),
+    /// appending the result to `out`.
+    ///
+    /// Bounded exactly: `out` grows geometrically, but never beyond `limit + 1` bytes of
+    /// capacity (unless it had more already), and the moment it holds more than `limit` bytes
+    /// the message fails with [`InflateError::TooBig`], so a message that would inflate to
+    /// gigabytes costs at most the limit plus one byte of output. `out` may hold a partial
+    /// result after an error. Data after a final block is ignored.
+    pub fn inflate(
+        &mut self,
+        compressed: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), InflateError> {
+        self.messages += 1;
+        // Reset before each message (not after: once is enough), so that whatever the previous
+        // one left, an error midway included, does not count.
+        self.d.reset(false);
+        self.run(compressed, out, limit)
+    }
+
+    fn run(
+        &mut self,
+        compressed: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), InflateError> {
+        for part in [compressed, &TAIL[..]] {
+            let mut pos = 0;
+            loop {
+                if out.len() == out.capacity() {
+                    if out.len() > limit {
+                        return Err(InflateError::TooBig);
+                    }
+                    // Geometric growth (amortized linear copying), capped at `limit + 1`.
+                    let room = limit.saturating_add(1) - out.len();
+                    let grow = out.len().max(INFLATE_STEP).min(room);
+                    out.reserve_exact(grow);
+                }
+                let (in0, out0) = (self.d.total_in(), out.len());
+                let status = self
+                    .d
+                    .decompress_vec(&part[pos..], out, FlushDecompress::Sync)
+                    .map_err(|_| InflateError::Invalid)?;
+                pos += (self.d.total_in() - in0) as usize;
+                if out.len() > limit {
+                    return Err(InflateError::TooBig);
+                }
+                if status == Status::StreamEnd {
+                    return Ok(());
+                }
+                let progress = self.d.total_in() > in0 || out.len() > out0;
+                if pos == part.len() && out.len() < out.capacity() {
+                    break; // all input taken, and room left: everything it holds is out
+                }
+                if !progress && out.len() < out.capacity() {
+                    return Err(InflateError::Invalid); // stuck: not a deflate stream
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A raw-deflate compressor with a chosen window (9 to 15 bits), reset for each message.
+pub struct Deflater {
+    c: Compress,
+    bits: u8,
+}
+
+impl fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Deflater({} bits)", self.bits)
+    }
+}
+
+impl Deflater {
+    /// A compressor at zlib's default level (6) with a window of `bits` (clamped to 9..=15).
+    pub fn new(bits: u8) -> Self {
+        let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
+        Deflater {
+            c: Compress::new_with_window_bits(Compression::default(), false, bits),
+            bits,
+        }
+    }
+
+    /// Heap bytes a compressor with a window of `bits` holds, as the memory budget counts it:
+    /// measured (zlib-rs 0.6.9 through flate2 1.1.11 at memory level 8, a counting allocator)
+    /// as `4 << bits` plus 248,960 bytes (251,008 for 9 bits, 380,032 for 15), rounded up to
+    /// `4 << bits` plus 250 KiB.
+    pub fn heap_bytes(bits: u8) -> usize {
+        (4 << bits) + 250 * 1024
+    }
+
+    /// Compress one message (`payload`) on its own, appending the compressed bytes to `out`
+    /// without the 4-byte tail (RFC 7692 section 7.2.1). An empty payload gives one byte,
+    /// `0x00`.
+    pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
+        // Once per message, before it (no context takeover): what earlier messages left in the
+        // window is not referred to.
+        self.c.reset();
+        let start = out.len();
+        // Deflate never grows data by more than a few bytes per 16 KiB (stored blocks).
+        out.reserve(payload.len() + payload.len() / 1024 + 64);
+        let mut pos = 0;
+        loop {
+            let in0 = self.c.total_in();
+            let ok = self
+                .c
+                .compress_vec(&payload[pos..], out, FlushCompress::Sync);
+            pos += (self.c.total_in() - in0) as usize;
+            // Done once every byte is in and the flush left room unused (nothing more pending).
+            if ok.is_err() || (pos == payload.len() && out.len() < out.capacity()) {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out[start..].ends_with(&TAIL) {
+            out.truncate(out.len() - TAIL.len());
+        }
+    }
+}
+
+/// The shared profile's state for one loop: a compressor per window size asked for (made when
+/// first needed; clients that offer no limit all share the 15-bit one), one decompressor, and
+/// the buffer a message is compressed into before it is framed. No connection holds any of it:
+/// every message is compressed and inflated on its own (no context takeover).
+#[derive(Debug)]
+pub struct SharedCodec {
+    deflaters: [Option<Box<Deflater>>; 7],
+    inflater: Option<Box<Inflater>>,
+    scratch: Vec<u8>,
+    threshold: usize,
+    /// Messages compressed.
+    compressed: u64,
+    /// [`SharedCodec::heap_bytes`], kept up to date where it changes.
+    heap: usize,
+}
+
+/// The compression buffer is shrunk back to this after a large message passed through it.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+impl SharedCodec {
+    /// Nothing allocated yet. Messages shorter than `threshold` bytes are not compressed.
+    pub fn new(threshold: usize) -> Self {
+        SharedCodec {
+            deflaters: Default::default(),
+            inflater: None,
+            scratch: Vec::new(),
+            threshold,
+            compressed: 0,
+            heap: 0,
+        }
+    }
+
+    /// Whether a message of `len` bytes is compressed (at least the threshold).
+    #[inline]
+    pub fn compressible(&self, len: usize) -> bool {
+        len >= self.threshold
+    }
+
+    /// The decompressor (made on first use).
+    pub fn inflater(&mut self) -> &mut Inflater {
+        if self.inflater.is_none() {
+            self.heap += Inflater::HEAP_BYTES;
+        }
+        self.inflater.get_or_insert_with(Box::default)
+    }
+
+    /// Compress `payload` on its own with a window of `bits` (9 to 15): the frame's payload,
+    /// without the 4-byte tail, valid until the next call.
+    pub fn compress(&mut self, bits: u8, payload: &[u8]) -> &[u8] {
+        let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
+        let slot = &mut self.deflaters[usize::from(bits - MIN_DEFLATE_WINDOW_BITS)];
+        if slot.is_none() {
+            self.heap += Deflater::heap_bytes(bits);
+        }
+        let deflater = slot.get_or_insert_with(|| Box::new(Deflater::new(bits)));
+        self.heap -= self.scratch.capacity();
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
+        self.scratch.clear();
+        self.compressed += 1;
+        deflater.compress(payload, &mut self.scratch);
+        self.heap += self.scratch.capacity();
+        &self.scratch
+    }
+
+    /// Messages inflated and messages compressed so far.
+    pub fn messages(&self) -> [u64; 2] {
+        let inflated = self.inflater.as_ref().map_or(0, |i| i.messages);
+        [inflated, self.compressed]
+    }
+
+    /// Heap bytes held: each compressor and the decompressor made so far (zlib's figures, see
+    /// [`Deflater::heap_bytes`], [`Inflater::HEAP_BYTES`]) and the compression buffer.
+    #[inline]
+    pub fn heap_bytes(&self) -> usize {
+        debug_assert_eq!(
+            self.heap,
+            self.deflaters
+                .iter()
+                .flatten()
+                .map(|d| Deflater::heap_bytes(d.bits))
+                .sum::<usize>()
+                + self.inflater.as_ref().map_or(0, |_| Inflater::HEAP_BYTES)
+                + self.scratch.capacity()
+        );
+        self.heap
+    }
+}
+
+#[cfg(test)]
+#[path = "deflate_tests.rs"]
+mod tests;
