@@ -496,11 +496,13 @@ fn slow_reader_is_closed_at_the_backpressure_limit() {
             "16384",
             "--max-backpressure",
             "65536",
-            // Long: the reader reads its close frame after the flood, however slow the machine.
+            // Long: the reader reads its close frame after the flood, however slow the machine
+            // (the flood itself may take up to 20 s on a loaded one; with 10 s, the queue's
+            // time over the limit ran out before the reader read and it saw the stream cut).
             "--close-timeout",
-            "10",
+            "60",
             "--write-stall-timeout",
-            "10",
+            "60",
         ],
     );
     let m0 = at_baseline(&w);
