@@ -112,7 +112,7 @@ impl<H: Handler> Server<H> {
                     pong_due: false,
                     pubsub: super::topics::Pubsub::new(
                         config.max_topics_per_connection,
-                        ledger.loops() > 1,
+                        ledger.loops() > 1 || ledger.link().is_some(),
                     ),
                     to_close: Vec::new(),
                     memory: crate::memory::MemoryBudget::new(ledger.memory_share()),
@@ -145,6 +145,7 @@ impl<H: Handler> Server<H> {
                     log_throttle: [(0, 0); LOG_SLOTS],
                     listener_admin: Vec::new(),
                     auditor: None,
+                    bridge: None,
                     endpoint_buckets: [crate::admission::Bucket::full(config.endpoint_rate, 0); 2],
                     beat: watchdog.as_ref().map(|w| w.beat.clone()),
                     origin,
@@ -403,10 +404,11 @@ impl<H: Handler> Inner<H> {
         self.core.reap(&mut self.handler);
     }
 
-    /// Publish what the other loops of a cluster forwarded to this one, in their order; once
+    /// Publish what the other loops of a cluster (and the Redis bridge) forwarded to this one, in
+    /// their order; once
     /// the turn's publications reach their bound, the rest waits for the next turn.
     pub(super) fn take_forwarded(&mut self) {
-        if self.core.ledger.loops() == 1 {
+        if self.core.ledger.loops() == 1 && self.core.ledger.link().is_none() {
             return;
         }
         let mut batch = match self.incoming.is_empty() {
