@@ -305,7 +305,9 @@ fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
             }
             match pubsub.get_message() {
                 Ok(msg) => receive(ledger, link, &mut seen, &msg),
-                Err(e) if e.is_timeout() => {}
+                // A signal (SIGSTOP and SIGCONT, say) interrupts the read: the reply parser
+                // keeps what it has read, and the next read goes on from there.
+                Err(e) if e.is_timeout() || interrupted(&e) => {}
                 Err(e) => {
                     log::warn!("redis subscriber: {e}; reconnecting");
                     break;
@@ -314,6 +316,21 @@ fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
         }
         down(link, ledger, &link.counters.up_in);
     }
+}
+
+/// The read was interrupted by a signal (`EINTR`), not failed.
+fn interrupted(e: &redis::RedisError) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // The crate keeps the cause behind an `Arc`.
+        let shared = c.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>();
+        let inner = shared.and_then(|a| a.downcast_ref::<io::Error>());
+        if let Some(io) = inner.or_else(|| c.downcast_ref::<io::Error>()) {
+            return io.kind() == io::ErrorKind::Interrupted;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Subscribe to the channels of the topics newly wanted and unsubscribe from the others (with

@@ -19,7 +19,7 @@ mod common;
 mod rlimit_support;
 
 use attack_support::{Metrics, Wsloop};
-use child_support::{missing, Proc};
+use child_support::{missing, Proc, TempDir};
 use common::{tcp, Ws};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -66,28 +66,39 @@ fn free_port() -> u16 {
 struct Redis {
     proc: Proc,
     port: u16,
+    /// Its log file (in a temporary folder removed with it).
+    log: PathBuf,
+    _dir: TempDir,
 }
 
 impl Redis {
     fn start(bin: &PathBuf, port: u16) -> Redis {
         let p = port.to_string();
+        let dir = TempDir::new("redis");
+        let log = dir.path().join("redis.log");
         let proc = Proc::spawn(
             "redis",
-            Command::new(bin).args([
-                "--port",
-                &p,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--logfile",
-                "",
-            ]),
+            Command::new(bin)
+                .args([
+                    "--port",
+                    &p,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--logfile",
+                ])
+                .arg(&log),
         )
         .expect("spawn redis-server");
-        let r = Redis { proc, port };
+        let r = Redis {
+            proc,
+            port,
+            log,
+            _dir: dir,
+        };
         let deadline = Instant::now() + BOUND;
         while r.command("PING").as_deref() != Some("+PONG") {
             assert!(
@@ -98,6 +109,11 @@ impl Redis {
             thread::sleep(Duration::from_millis(20));
         }
         r
+    }
+
+    /// What it logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn url(&self) -> String {
@@ -436,7 +452,18 @@ fn redis_closing_the_subscriber_for_its_output_buffer_is_a_disconnect_and_lost_m
         "{}",
         m.get("wsloop_broker_gaps_total")
     );
-    assert!(b.log().contains("redis subscriber"), "{}", b.log_tail(10));
+    // It was Redis that closed it, for its output buffer; b saw the end of the connection.
+    assert!(
+        redis.log().contains("output buffer limits"),
+        "{}",
+        redis.log()
+    );
+    assert!(
+        b.log()
+            .contains("redis subscriber: unexpected end of file; reconnecting"),
+        "{}",
+        b.log_tail(10)
+    );
     audit_balances(&b, "after redis closed the subscriber");
     a.stop();
     b.stop();
