@@ -14,7 +14,6 @@
 #[allow(dead_code)]
 mod attack_support;
 mod child_support;
-#[allow(dead_code)]
 mod common;
 mod rlimit_support;
 
