@@ -146,15 +146,6 @@ fn connect<'a>(
                     );
                     first = false;
                 }
-                link.counters
-                    .down_since_ms
-                    .compare_exchange(
-                        0,
-                        ledger.start.elapsed().as_millis().max(1) as u64,
-                        Relaxed,
-                        Relaxed,
-                    )
-                    .ok();
                 sleep(link, *backoff);
                 *backoff = (*backoff * 2).min(BACKOFF_MAX);
             }
@@ -212,9 +203,6 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
                         if !c.up_out.swap(true, Relaxed) {
                             log::info!("redis publisher: connected to {}", link.config.url);
                         }
-                        if link.up() {
-                            c.down_since_ms.store(0, Relaxed);
-                        }
                     }
                     Err(_) => break,
                 }
@@ -252,18 +240,8 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 }
             }
         }
-        down(link, ledger, &link.counters.up_out);
+        link.counters.up_out.store(false, Relaxed);
     }
-}
-
-/// A connection was lost.
-fn down(link: &Link, ledger: &Ledger, up: &std::sync::atomic::AtomicBool) {
-    up.store(false, Relaxed);
-    let now = ledger.start.elapsed().as_millis().max(1) as u64;
-    let _ = link
-        .counters
-        .down_since_ms
-        .compare_exchange(0, now, Relaxed, Relaxed);
 }
 
 /// The subscriber thread (see the module docs).
@@ -299,9 +277,6 @@ fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 }
                 link.counters.up_in.store(true, Relaxed);
                 log::info!("redis subscriber: connected to {}", link.config.url);
-                if link.up() {
-                    link.counters.down_since_ms.store(0, Relaxed);
-                }
             }
             match pubsub.get_message() {
                 Ok(msg) => receive(ledger, link, &mut seen, &msg),
@@ -314,7 +289,7 @@ fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 }
             }
         }
-        down(link, ledger, &link.counters.up_in);
+        link.counters.up_in.store(false, Relaxed);
     }
 }
 

@@ -58,8 +58,6 @@ pub(crate) struct Counters {
     pub(crate) own: AtomicU64,
     /// The last PING's round trip, in nanoseconds.
     pub(crate) rtt_ns: AtomicU64,
-    /// Milliseconds since the ledger's start when the broker was last seen down (0: never).
-    pub(crate) down_since_ms: AtomicU64,
 }
 
 /// Publications waiting for the bridge, and their bytes.

@@ -15,15 +15,14 @@
 mod attack_support;
 mod child_support;
 mod common;
+mod redis_support;
 mod rlimit_support;
 
 use attack_support::{Metrics, Wsloop};
-use child_support::{missing, Proc, TempDir};
 use common::{tcp, Ws};
+use redis_support::{free_port, redis_server, Redis};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 use tungstenite::Message as WsMessage;
@@ -33,116 +32,6 @@ const BOUND: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
 // Redis as a child
-
-/// `redis-server`, or `None` (with a note) when it is missing outside CI.
-fn redis_server() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        missing(
-            "redis",
-            "redis-server",
-            "not on PATH",
-            "apt-get install redis-server",
-        );
-    }
-    found
-}
-
-/// A port free on 127.0.0.1 now (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `redis-server` on 127.0.0.1:`port`, without persistence; killed when dropped.
-struct Redis {
-    proc: Proc,
-    port: u16,
-    /// Its log file (in a temporary folder removed with it).
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Redis {
-    fn start(bin: &PathBuf, port: u16) -> Redis {
-        let p = port.to_string();
-        let dir = TempDir::new("redis");
-        let log = dir.path().join("redis.log");
-        let proc = Proc::spawn(
-            "redis",
-            Command::new(bin)
-                .args([
-                    "--port",
-                    &p,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--logfile",
-                ])
-                .arg(&log),
-        )
-        .expect("spawn redis-server");
-        let r = Redis {
-            proc,
-            port,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + BOUND;
-        while r.command("PING").as_deref() != Some("+PONG") {
-            assert!(
-                Instant::now() < deadline && r.proc.running(),
-                "redis-server did not answer PING on port {port}:\n{}",
-                r.proc.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    /// What it logged so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// One inline command; the first line of the reply.
-    fn command(&self, cmd: &str) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        text.lines().next().map(str::to_string)
-    }
-
-    /// SIGKILL, and wait until the port refuses connections.
-    fn kill(mut self) {
-        self.proc.group.kill();
-        let deadline = Instant::now() + BOUND;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "redis still answers after SIGKILL"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // wsloop instances and clients
@@ -550,4 +439,42 @@ fn without_redis_configured_the_broker_metrics_stay_at_zero_and_healthz_says_ok(
     assert_eq!(m.get("wsloop_broker_up"), 0.0);
     assert_eq!(healthz(&w).1, "ok\n");
     w.stop();
+}
+
+/// The fd budget's line in a wsloop log: (budget, descriptors open when it was measured).
+fn budget_of(w: &Wsloop) -> (u64, u64) {
+    let log = w.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("fd budget "))
+        .expect("the fd budget line");
+    let number = |after: &str| -> u64 {
+        let rest = &line[line.find(after).expect(after) + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let open = line.split(", ").nth(1).expect("open");
+    (
+        number("fd budget "),
+        open.split(' ').next().unwrap().parse().unwrap(),
+    )
+}
+
+#[test]
+fn the_bridges_sockets_are_kept_out_of_the_connections_budget() {
+    // Both with --fd-limit 128 and the default headroom of 32: the budget is 128 - open - 32 -
+    // 1, less the bridge's two sockets (not connected yet when the budget is measured: Redis
+    // is not even there).
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let with = Wsloop::spawn("with", &["--pubsub", "--redis", &url]);
+    let without = Wsloop::spawn("without", &["--pubsub"]);
+    let (b_with, open_with) = budget_of(&with);
+    let (b_without, open_without) = budget_of(&without);
+    assert_eq!(b_without, 128 - open_without - 32 - 1, "{}", without.log());
+    assert_eq!(b_with, 128 - open_with - 32 - 1 - 2, "{}", with.log());
+    with.stop();
+    without.stop();
 }
