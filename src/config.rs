@@ -433,6 +433,9 @@ impl Config {
                     "the URL must start with redis:// (no TLS, no sockets)",
                 );
             }
+            if let Err(e) = redis::Client::open(r.url.as_str()) {
+                return err("redis", format!("{:?} is not a Redis URL: {e}", r.url));
+            }
             if r.prefix.len() > 64 {
                 return err("redis_prefix", "must be at most 64 bytes");
             }
