@@ -48,6 +48,8 @@ mod attack_support;
 mod child_support;
 mod redis_support;
 
+use redis_support::next_text;
+
 use attack_support::{
     connect, localhost, metrics_at, read_answer, read_head, upgrade_request, Metrics, Opts, Wsloop,
 };
@@ -638,21 +640,6 @@ fn http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis() {
         "http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis",
         started,
     );
-}
-
-/// The next text message within `bound` (pings skipped), if any.
-fn next_text(ws: &mut Ws, bound: Duration) -> Option<String> {
-    let deadline = Instant::now() + bound;
-    while Instant::now() < deadline {
-        match ws.read() {
-            Ok(Message::Text(t)) => return Some(t.to_string()),
-            Ok(_) => {}
-            Err(Error::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("client: {e}"),
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -126,3 +126,22 @@ impl Redis {
         }
     }
 }
+
+/// A client's next text message within `bound` (other frames skipped), if any; the client's
+/// socket has a short read timeout, so that this can wait in steps.
+pub fn next_text(ws: &mut tungstenite::WebSocket<TcpStream>, bound: Duration) -> Option<String> {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return Some(t.to_string()),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("client: {e}"),
+        }
+    }
+    None
+}
