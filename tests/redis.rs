@@ -82,9 +82,12 @@ fn until_connected(publisher: &mut Ws, subscriber: &mut Ws, what: &str, logs: &[
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: no probe arrived within {BOUND:?}; logs:\n{}",
+            "{what}: no probe arrived within {BOUND:?}; broker metrics and logs:\n{}",
             logs.iter()
-                .map(|w| w.log_tail(15))
+                .map(|w| {
+                    let m = w.metrics().matching("wsloop_broker_");
+                    format!("{m:?}\n{}", w.log_tail(15))
+                })
                 .collect::<Vec<_>>()
                 .join("\n---\n")
         );
