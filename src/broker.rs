@@ -9,15 +9,16 @@
 //! no link then.
 //!
 //! The wire format (README, "Several instances (Redis)"): a topic's channel is the prefix
-//! followed by the topic's bytes; a message is a 19-byte header, then the payload, unchanged:
+//! followed by the topic's bytes; a message is a 20-byte header ([`HEADER`]), then the
+//! payload, unchanged:
 //!
 //! ```text
-//! 0      2     3            11           19
-//! | "ws" | 1   | instance   | sequence   | opcode | payload ...
-//!   magic  ver   u64 BE       u64 BE       1: text, 2: binary
+//! byte 0      2     3            11           19       20
+//!      | "ws" | 1   | instance   | sequence   | opcode | payload ...
+//!        magic  ver   u64 BE       u64 BE       1: text, 2: binary
 //! ```
 //!
-//! (the opcode is byte 19, so the header is 20 bytes with it). The sequence counts one
+//! The sequence counts one
 //! publisher's messages on one topic from 1; a receiver counts the numbers it did not see as
 //! gaps (Redis pub/sub is at-most-once).
 
