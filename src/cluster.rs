@@ -69,9 +69,14 @@ impl<H: Handler + 'static> Cluster<H> {
                 Err(e) if e.raw_os_error() == Some(libc::EMFILE) => soft as usize,
                 Err(_) => 0, // no /proc: only what the limit itself allows is checked
             };
+            // The Redis bridge's sockets count as open already.
+            let bridge = config
+                .redis
+                .as_ref()
+                .map_or(0, |_| crate::broker::BRIDGE_FDS);
             check_room(
                 soft,
-                open,
+                open + bridge,
                 config.fd_headroom,
                 loops,
                 listen.len(),
@@ -169,7 +174,9 @@ impl<H: Handler + 'static> Cluster<H> {
             let in_use = sys::open_fds()?;
             ledger.set_base(in_use);
             let (headroom, wanted) = (config.fd_headroom, config.max_connections);
-            let plan = plan_budget(soft, in_use, headroom, wanted, loops)?;
+            // The Redis bridge's sockets, not open yet, are kept out of the connections' budget.
+            let fixed = in_use + ledger.bridge_reserve();
+            let plan = plan_budget(soft, fixed, headroom, wanted, loops)?;
             Ok((plan, soft, in_use))
         })();
         let (plan, soft, in_use) = match plan {

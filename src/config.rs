@@ -167,6 +167,49 @@ pub struct Config {
     /// uncompressed (RSV1 clear, which RFC 7692 allows per message): deflating a short message
     /// costs more time than it saves bytes. Default 1024 (as Node `ws`).
     pub compression_threshold: usize,
+    /// Share topics with other instances through Redis pub/sub (see [`RedisConfig`]): `None`
+    /// (the default) keeps topics within this process.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The Redis bridge: one per process, on threads of its own, sharing this process's topics with
+/// every other instance connected to the same Redis (README, "Several instances (Redis)").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Where Redis listens: `redis://HOST:PORT/` (`redis://:PASSWORD@HOST:PORT/` with a
+    /// password). No TLS (`rediss://` is refused): run Redis on a trusted network.
+    pub url: String,
+    /// Prepended to every topic to make its Redis channel, so that several applications can
+    /// share one Redis (default `wsloop:`; at most 64 bytes).
+    pub prefix: String,
+    /// The most publications waiting to be sent to Redis (default 65,536): beyond it, or beyond
+    /// [`RedisConfig::queue_bytes`], the oldest are dropped and counted, so that a slow or
+    /// absent Redis never makes the process grow.
+    pub queue_messages: usize,
+    /// The most bytes (topics and payloads) of the publications waiting to be sent to Redis
+    /// (default 16 MiB).
+    pub queue_bytes: usize,
+}
+
+impl RedisConfig {
+    /// The bridge to the Redis at `url`, with the default prefix and queue bounds.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            ..RedisConfig::default()
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            prefix: "wsloop:".into(),
+            queue_messages: 65_536,
+            queue_bytes: 16 << 20,
+        }
+    }
 }
 
 /// The permessage-deflate profile the server negotiates (RFC 7692).
@@ -246,6 +289,7 @@ impl Default for Config {
             memory_budget: 0,
             compression: Compression::Off,
             compression_threshold: 1024,
+            redis: None,
         }
     }
 }
@@ -406,6 +450,26 @@ impl Config {
         }
         if self.max_topics_per_connection == 0 || self.max_topics_per_connection > 1 << 20 {
             return err("max_topics_per_connection", "must be between 1 and 1048576");
+        }
+        if let Some(r) = &self.redis {
+            if !r.url.starts_with("redis://") {
+                return err(
+                    "redis",
+                    "the URL must start with redis:// (no TLS, no sockets)",
+                );
+            }
+            if let Err(e) = redis::Client::open(r.url.as_str()) {
+                return err("redis", format!("{:?} is not a Redis URL: {e}", r.url));
+            }
+            if r.prefix.len() > 64 {
+                return err("redis_prefix", "must be at most 64 bytes");
+            }
+            if r.queue_messages == 0 || r.queue_messages > 1 << 24 {
+                return err("redis_queue_messages", "must be between 1 and 16777216");
+            }
+            if r.queue_bytes < 4096 || r.queue_bytes > 1 << 40 {
+                return err("redis_queue_bytes", "must be between 4 KiB and 1 TiB");
+            }
         }
         if let Err(e) = crate::origin::OriginPolicy::new(&self.allowed_origins, true) {
             return err("allowed_origins", e);

@@ -5,9 +5,11 @@
 //! in one place for one loop or many ([`plan_budget`]).
 
 use crate::admission::Admission;
+use crate::broker::Link;
 use crate::config::{Config, ConfigError, FD_LIMIT};
 use crate::metrics::Snapshot;
 use crate::sys;
+pub(crate) use crate::topics::Forwarded;
 use mio::Waker;
 use std::io;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -51,17 +53,11 @@ pub(crate) struct Ledger {
     /// The memory budget over all loops, and where its size came from.
     memory: (usize, String),
     wakers: Box<[OnceLock<Arc<Waker>>]>,
-}
-
-/// A publication one loop of a cluster forwards to the others.
-#[derive(Clone, Debug)]
-pub(crate) struct Forwarded {
-    /// The topic.
-    pub(crate) topic: Arc<[u8]>,
-    /// A text message (else binary).
-    pub(crate) text: bool,
-    /// The message.
-    pub(crate) payload: Arc<[u8]>,
+    /// What the loops share with the Redis bridge, when there is one.
+    link: Option<Arc<Link>>,
+    /// The Redis bridge's sockets (see `bridge.rs`): counted after they connect, uncounted
+    /// before they close, like a loop's.
+    bridge_fds: AtomicUsize,
 }
 
 /// One loop's inbox: the publications forwarded to it, and their bytes.
@@ -94,6 +90,8 @@ impl Ledger {
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
             inboxes: (0..loops).map(|_| Mutex::new((Vec::new(), 0))).collect(),
             wakers: (0..loops).map(|_| OnceLock::new()).collect(),
+            link: config.redis.clone().map(|r| Arc::new(Link::new(r))),
+            bridge_fds: AtomicUsize::new(0),
             memory: match config.memory_budget {
                 0 => crate::memory::default_budget(),
                 n => (n, "--memory-budget".into()),
@@ -116,14 +114,54 @@ impl Ledger {
         let _ = self.wakers[loop_index].set(waker);
     }
 
+    /// What the loops share with the Redis bridge, if there is one.
+    pub(crate) fn link(&self) -> Option<&Arc<Link>> {
+        self.link.as_ref()
+    }
+
+    /// Descriptors kept out of the connections' budget for the Redis bridge (its two sockets)
+    /// and not open now: added to those in use when the budget is planned.
+    pub(crate) fn bridge_reserve(&self) -> usize {
+        match self.link {
+            Some(_) => crate::broker::BRIDGE_FDS.saturating_sub(self.bridge_fds.load(SeqCst)),
+            None => 0,
+        }
+    }
+
+    /// The Redis bridge opened (`+1`) a socket, or is about to close (`-1`) one: counted like a
+    /// loop's descriptor (see `owned`), bracketed by [`Ledger::moving`] and [`Ledger::settled`].
+    pub(crate) fn bridge_fd(&self, opened: bool) {
+        self.changes.fetch_add(1, SeqCst);
+        match opened {
+            true => self.bridge_fds.fetch_add(1, SeqCst),
+            false => self.bridge_fds.fetch_sub(1, SeqCst),
+        };
+        self.changes.fetch_add(1, SeqCst);
+    }
+
+    /// The Redis bridge's sockets open now.
+    pub(crate) fn bridge_fds(&self) -> usize {
+        self.bridge_fds.load(SeqCst)
+    }
+
+    /// Hand `batch` (messages from other instances, through Redis) to every loop, as
+    /// [`Ledger::forward`] does. Returns how many were dropped for a full inbox (once per loop).
+    pub(crate) fn forward_all(&self, batch: &[Forwarded]) -> u64 {
+        self.forward_to(None, batch).0
+    }
+
     /// Hand `batch` (loop `from`'s publications of one turn, in order) to every other loop:
     /// one lock of each inbox, and a wake-up for a loop whose inbox was empty. An inbox over
     /// its bytes takes none of the batch. Returns how many publications were dropped so (each
     /// counted once per loop that missed it), and how many loops were woken.
     pub(crate) fn forward(&self, from: usize, batch: &[Forwarded]) -> (u64, u64) {
+        self.forward_to(Some(from), batch)
+    }
+
+    fn forward_to(&self, from: Option<usize>, batch: &[Forwarded]) -> (u64, u64) {
         let (mut dropped, mut woken) = (0, 0);
         let bytes: usize = batch.iter().map(|f| f.topic.len() + f.payload.len()).sum();
-        for to in (0..self.loops()).filter(|&i| i != from) {
+        for to in (0..self.loops()).filter(|&i| Some(i) != from) {
             let mut inbox = self.inboxes[to]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
@@ -178,9 +216,9 @@ impl Ledger {
         self.in_flight.fetch_sub(1, SeqCst);
     }
 
-    /// Descriptors accounted for: those of no loop plus every loop's own.
+    /// Descriptors accounted for: those of no loop plus every loop's own and the Redis bridge's.
     pub(crate) fn accounted(&self) -> usize {
-        self.base.load(SeqCst) + self.owned_total()
+        self.base.load(SeqCst) + self.owned_total() + self.bridge_fds()
     }
 
     /// Descriptors loop `loop_index` owns, as it last stored them.
@@ -195,8 +233,8 @@ impl Ledger {
 
     /// Set the base from the descriptors open now, when every loop has stored its count.
     pub(crate) fn set_base(&self, open: usize) {
-        self.base
-            .store(open.saturating_sub(self.owned_total()), SeqCst);
+        let own = self.owned_total() + self.bridge_fds();
+        self.base.store(open.saturating_sub(own), SeqCst);
     }
 
     pub(crate) fn admission(&self) -> MutexGuard<'_, Admission> {

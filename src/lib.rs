@@ -77,6 +77,8 @@ mod io;
 mod app;
 // Layer 4: what the loops report and share.
 mod audit;
+mod bridge;
+mod broker;
 mod ledger;
 pub mod metrics;
 mod watchdog;
@@ -89,7 +91,7 @@ pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
 pub use cluster::Cluster;
-pub use config::{BackpressurePolicy, Compression, Config, ConfigError};
+pub use config::{BackpressurePolicy, Compression, Config, ConfigError, RedisConfig};
 pub use error::Error;
 pub use ledger::{set_fd_limit, Budget};
 pub use metrics::{Stats, ACCEPT_ERRNO_LABELS};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
     BackpressurePolicy, Cluster, Compression, Config, ConfigError, Decision, Handler, Message,
-    UpgradeRequest, WebSocket,
+    RedisConfig, UpgradeRequest, WebSocket,
 };
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
@@ -148,6 +148,14 @@ struct Args {
     /// itself included. Paths longer than 256 bytes get 414.
     #[arg(long)]
     pubsub: bool,
+    /// With --pubsub: share the topics with every other instance connected to this Redis
+    /// (redis://HOST:PORT/): a message published here reaches their subscribers too. Redis may
+    /// be down at start or go away: local delivery goes on, and the bridge reconnects.
+    #[arg(long, value_name = "URL", requires = "pubsub")]
+    redis: Option<String>,
+    /// Prepended to each topic to make its Redis channel.
+    #[arg(long, default_value_t = RedisConfig::default().prefix, requires = "redis")]
+    redis_prefix: String,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -257,6 +265,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("memory_budget", "--memory-budget"),
     ("compression", "--compression"),
     ("compression_threshold", "--compression-threshold"),
+    ("redis", "--redis"),
+    ("redis_prefix", "--redis-prefix"),
 ];
 
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -388,6 +398,10 @@ fn config_of(args: &Args) -> Config {
             CompressionArg::Shared => Compression::Shared,
         },
         compression_threshold: args.compression_threshold,
+        redis: args.redis.as_ref().map(|url| RedisConfig {
+            prefix: args.redis_prefix.clone(),
+            ..RedisConfig::new(url.clone())
+        }),
         ..Config::default()
     }
 }

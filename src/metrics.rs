@@ -290,12 +290,108 @@ pub(crate) struct FdFigures {
     pub(crate) audit_difference: i64,
     /// Audits completed.
     pub(crate) audits: u64,
-    /// Descriptors the loops own.
+    /// Descriptors the loops own, and the Redis bridge's sockets.
     pub(crate) owned: usize,
 }
 
+/// The Redis bridge's figures, for [`render`] (all zero without a bridge).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BrokerFigures {
+    /// A bridge is configured.
+    pub(crate) enabled: bool,
+    /// Both its connections are up.
+    pub(crate) up: bool,
+    pub(crate) reconnects: u64,
+    /// Messages sent to Redis, and received from it (other instances' only).
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    /// Messages dropped, by reason (see `broker::DROP_REASONS`).
+    pub(crate) dropped: Vec<(&'static str, u64)>,
+    pub(crate) gaps: u64,
+    /// The last PING's round trip.
+    pub(crate) rtt_seconds: f64,
+    /// Publications waiting to be sent, and their bytes.
+    pub(crate) queued: usize,
+    pub(crate) queued_bytes: usize,
+}
+
+/// The reasons of `wsloop_broker_dropped_total` (the Redis bridge's `Counters::dropped`, in
+/// order), listed even without a bridge.
+pub(crate) const BROKER_DROP_REASONS: [&str; 4] =
+    ["queue_full", "send_failed", "inbox_full", "invalid"];
+
+fn render_broker(m: &mut Exposition, b: &BrokerFigures) {
+    m.one(
+        "wsloop_broker_enabled",
+        "gauge",
+        "1 if topics are shared with other instances through Redis (--redis).",
+        b.enabled as u8 as f64,
+    );
+    m.one(
+        "wsloop_broker_up",
+        "gauge",
+        "1 while both of the Redis bridge's connections are up.",
+        b.up as u8 as f64,
+    );
+    m.one(
+        "wsloop_broker_reconnects_total",
+        "counter",
+        "Times the Redis bridge's publisher connected again after losing Redis.",
+        b.reconnects as f64,
+    );
+    m.one(
+        "wsloop_broker_sent_total",
+        "counter",
+        "Publications sent to Redis.",
+        b.sent as f64,
+    );
+    m.one(
+        "wsloop_broker_received_total",
+        "counter",
+        "Publications of other instances received from Redis and handed to the loops.",
+        b.received as f64,
+    );
+    m.head(
+        "wsloop_broker_dropped_total",
+        "counter",
+        "Publications the Redis bridge dropped, by reason.",
+    );
+    for r in BROKER_DROP_REASONS {
+        let n = b
+            .dropped
+            .iter()
+            .find(|(k, _)| *k == r)
+            .map_or(0, |(_, n)| *n);
+        m.line("wsloop_broker_dropped_total", &[("reason", r)], n as f64);
+    }
+    m.one(
+        "wsloop_broker_gaps_total",
+        "counter",
+        "Messages of other instances that never arrived (gaps in their sequence numbers).",
+        b.gaps as f64,
+    );
+    m.one(
+        "wsloop_broker_rtt_seconds",
+        "gauge",
+        "The round trip of the last PING to Redis.",
+        b.rtt_seconds,
+    );
+    m.one(
+        "wsloop_broker_queued",
+        "gauge",
+        "Publications waiting to be sent to Redis.",
+        b.queued as f64,
+    );
+    m.one(
+        "wsloop_broker_queued_bytes",
+        "gauge",
+        "Bytes of the publications waiting to be sent to Redis.",
+        b.queued_bytes as f64,
+    );
+}
+
 /// The metrics of every loop (`parts`, in loop order) in Prometheus text format.
-pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
+pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures) -> String {
     let total = Snapshot::total(parts);
     let (st, scan) = (&total.stats, &total.scan);
     let mut m = Exposition(String::with_capacity(8192));
@@ -410,7 +506,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
     m.one(
         "wsloop_fds_accounted",
         "gauge",
-        "Descriptors the loops own: epoll, waker, listeners, connections, the spares.",
+        "Descriptors the loops own (epoll, waker, listeners, connections, the spares) and the Redis bridge's sockets.",
         fds.owned as f64,
     );
     if let Ok((limit, _)) = sys::nofile_limit() {
@@ -589,6 +685,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures) -> String {
         "Requests for /metrics or /healthz answered 429 (over --endpoint-rate).",
         st.endpoint_limited as f64,
     );
+    render_broker(&mut m, broker);
     m.one(
         "wsloop_handler_panics_total",
         "counter",

@@ -26,6 +26,18 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// A publication one loop of a cluster forwards to the others, and the Redis bridge to and
+/// from the other instances.
+#[derive(Clone, Debug)]
+pub(crate) struct Forwarded {
+    /// The topic.
+    pub(crate) topic: std::sync::Arc<[u8]>,
+    /// A text message (else binary).
+    pub(crate) text: bool,
+    /// The message.
+    pub(crate) payload: std::sync::Arc<[u8]>,
+}
+
 /// The longest topic name, in bytes. Longer names are refused ([`TopicError::TooLong`]).
 pub const MAX_TOPIC_LEN: usize = 256;
 

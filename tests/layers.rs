@@ -35,6 +35,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("ledger.rs", 4),
     ("audit.rs", 4),
     ("watchdog.rs", 4),
+    // What the loops share with the Redis bridge, and the bridge's threads (it reaches the
+    // loops through the ledger's inboxes, never through the loop layer).
+    ("broker.rs", 4),
+    ("bridge.rs", 4),
     // 5: the event loop.
     ("server/", 5),
     // 6: N loops on one port.

@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use wsloop::config::{ForwardedHeader, MAX_FD_HEADROOM, MAX_HEADERS_CAP};
-use wsloop::{BackpressurePolicy, Compression, Config};
+use wsloop::{BackpressurePolicy, Compression, Config, RedisConfig};
 
 // ---------------------------------------------------------------------------------------------
 // Defaults: --help, Config::default(), the README
@@ -119,6 +119,10 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
         ("--endpoint-rate", num(c.endpoint_rate)),
         ("--audit-interval", secs(c.audit_interval)),
         ("--stall-threshold", secs(c.stall_threshold)),
+        (
+            "--redis-prefix",
+            Value::Word(Box::leak(RedisConfig::default().prefix.into_boxed_str())),
+        ),
         (
             "--forwarded-header",
             Value::Word(match c.forwarded_header {
@@ -312,6 +316,17 @@ fn the_readme_limits_table_shows_the_defaults() {
                 let bytes = default.split(", ").nth(1).map(quantity);
                 assert_eq!(bytes, Some(c.handle_queue_bytes as f64), "{default:?}");
                 vec![c.handle_queue_commands as f64]
+            }
+            (None, "Redis bridge's outgoing queue") => {
+                let r = RedisConfig::default();
+                let bytes = default.split(", ").nth(1).map(quantity);
+                assert_eq!(bytes, Some(r.queue_bytes as f64), "{default:?}");
+                vec![r.queue_messages as f64]
+            }
+            (None, "Redis bridge's reconnection backoff") => {
+                // 100 ms doubling to 2 s (src/bridge.rs BACKOFF_MIN, BACKOFF_MAX).
+                assert!(default.contains("doubling to 2 s"), "{default:?}");
+                vec![0.1]
             }
             (None, "reads per turn") => {
                 // Fixed in the loop: 4 full reads of the receive buffer.

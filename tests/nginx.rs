@@ -28,6 +28,10 @@
 //!   in front of `wsloop --proxy-protocol --trusted-proxy 127.0.0.1`: echo, the per-address
 //!   limit on the client the PROXY header names, and 400 for clients that bypass nginx
 //!   without a PROXY header (from the proxy's address) or forge one (from elsewhere).
+//! - `http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis`: the README's
+//!   deployment with several instances (two `wsloop --pubsub --redis` behind round robin, one
+//!   `redis-server`, see `tests/redis_support`): clients spread over both instances all
+//!   receive every message of their room, each sender's in order.
 //!
 //! Without nginx (or, for the last test, without its stream module) a test prints a note and
 //! is skipped, unless `CI` is set: then it fails. On Debian: `apt-get install -y nginx
@@ -42,6 +46,9 @@
 #[allow(dead_code)]
 mod attack_support;
 mod child_support;
+mod redis_support;
+
+use redis_support::next_text;
 
 use attack_support::{
     connect, localhost, metrics_at, read_answer, read_head, upgrade_request, Metrics, Opts, Wsloop,
@@ -514,6 +521,125 @@ fn stream_proxy_protocol_names_the_client() {
     w.wait_quiet();
     stop_clean(w, nginx);
     took("stream_proxy_protocol_names_the_client", started);
+}
+
+#[test]
+fn http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis() {
+    let Some(bin) = nginx() else { return };
+    let Some(redis_bin) = redis_support::redis_server() else {
+        return;
+    };
+    let started = Instant::now();
+    let redis = redis_support::Redis::start(&redis_bin, redis_support::free_port());
+    let url = redis.url();
+    let args = ["--pubsub", "--redis", &url, "--trusted-proxy", "127.0.0.1"];
+    let a = Wsloop::spawn("wsloop-a", &args);
+    let b = Wsloop::spawn("wsloop-b", &args);
+    let nginx = Nginx::start(&bin, "http-rooms", 1, |dir, ports| {
+        let upstreams = [("wsloop_rooms", &[a.addr, b.addr][..])];
+        http_conf(
+            dir,
+            &upstreams,
+            &[Site::new(ports[0], "wsloop_rooms", "3600s")],
+        )
+    });
+    let front = nginx.addr(0);
+    // Six members of one room, and one of another, through round robin.
+    let n = 6;
+    let mut members: Vec<Ws> = (0..n)
+        .map(|i| {
+            let ws = open(front, localhost(2), "/room", None)
+                .unwrap_or_else(|e| panic!("member {i}: {e:?}"));
+            ws.get_ref()
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            ws
+        })
+        .collect();
+    let mut other = open(front, localhost(2), "/other", None).expect("the other room");
+    other
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let on = |w: &Wsloop| w.metrics().get("wsloop_connections{state=\"open\"}");
+    let (on_a, on_b) = (on(&a), on(&b));
+    assert_eq!(on_a + on_b, (n + 1) as f64);
+    assert!(on_a >= 1.0 && on_b >= 1.0, "round robin: {on_a} and {on_b}");
+
+    // Member 0 sends probes until every member has one: both instances have subscribed.
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let mut reached = vec![false; n];
+    let mut i = 0;
+    while reached.iter().any(|r| !r) {
+        members[0]
+            .send(Message::text(format!("probe {i}")))
+            .unwrap();
+        i += 1;
+        for (k, m) in members.iter_mut().enumerate() {
+            while let Some(t) = next_text(m, Duration::from_millis(50)) {
+                assert!(t.starts_with("probe "), "member {k}: {t:?}");
+                reached[k] = true;
+            }
+        }
+        assert!(Instant::now() < deadline, "probes reached {reached:?}");
+    }
+    for m in members.iter_mut() {
+        while next_text(m, Duration::from_millis(300)).is_some() {}
+    }
+
+    // Each member says 20 things; everyone hears all of them, each sender's in order.
+    let per = 20;
+    for (k, m) in members.iter_mut().enumerate() {
+        for j in 0..per {
+            m.send(Message::text(format!("{k} {j}"))).unwrap();
+        }
+    }
+    for (k, m) in members.iter_mut().enumerate() {
+        let mut next = vec![0; n];
+        let mut got = 0;
+        while got < n * per {
+            let t = next_text(m, PROBE_TIMEOUT)
+                .unwrap_or_else(|| panic!("member {k}: {got} of {} ({next:?})", n * per));
+            let (from, j) = t.split_once(' ').expect("sender and number");
+            let (from, j): (usize, usize) = (from.parse().unwrap(), j.parse().unwrap());
+            assert_eq!(
+                j, next[from],
+                "member {k}: sender {from}'s messages in order"
+            );
+            next[from] += 1;
+            got += 1;
+        }
+        assert_eq!(
+            next_text(m, Duration::from_millis(300)),
+            None,
+            "member {k}: no more"
+        );
+    }
+    assert_eq!(
+        next_text(&mut other, Duration::from_millis(300)),
+        None,
+        "another room"
+    );
+    for w in [&a, &b] {
+        let m = w.metrics();
+        assert_eq!(m.get("wsloop_broker_up"), 1.0);
+        assert_eq!(m.get("wsloop_broker_gaps_total"), 0.0);
+        assert!(
+            m.get("wsloop_broker_received_total") > 0.0,
+            "each hears the other"
+        );
+    }
+    drop(members);
+    drop(other);
+    a.stop();
+    b.stop();
+    let log = nginx.stop();
+    assert_no_nginx_errors(&log);
+    drop(redis);
+    took(
+        "http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis",
+        started,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -217,6 +217,12 @@ impl<D> Core<D> {
 
     #[inline(never)]
     fn report_subscriptions_now<H: Handler<Data = D>>(&mut self, handler: &mut H) {
+        // The Redis bridge follows local interest (a topic's first subscriber on any loop, its
+        // last one leaving) without a callback into the application.
+        if let Some(link) = self.ledger.link() {
+            let changes = self.pubsub.changes.iter();
+            link.interest(changes.map(|(t, c)| (&**t, c.old, c.new)));
+        }
         for (topic, c) in std::mem::take(&mut self.pubsub.changes) {
             let id = crate::app::ConnId(0);
             let done = guarded(

@@ -122,6 +122,8 @@ pub(super) struct Core<D> {
     pub(super) listener_admin: Vec<bool>,
     /// The periodic fd audit's thread (loop 0 only), stopped at shutdown.
     pub(super) auditor: Option<crate::audit::Auditor>,
+    /// The Redis bridge's threads (loop 0 only, with `Config::redis`), stopped at shutdown.
+    pub(super) bridge: Option<crate::bridge::Bridge>,
     /// Token buckets of the operator endpoints (`/metrics`, `/healthz`): requests on the
     /// WebSocket listeners, and on the metrics listeners.
     pub(super) endpoint_buckets: [crate::admission::Bucket; 2],
@@ -149,7 +151,9 @@ impl<D> Core<D> {
         let in_use = sys::open_fds()?;
         self.ledger.set_base(in_use);
         let headroom = self.config.fd_headroom;
-        let (budget, max) = plan_budget(soft, in_use, headroom, self.config.max_connections, 1)?[0];
+        // The Redis bridge's sockets, not open yet, are kept out of the connections' budget.
+        let fixed = in_use + self.ledger.bridge_reserve();
+        let (budget, max) = plan_budget(soft, fixed, headroom, self.config.max_connections, 1)?[0];
         let summary = Budget {
             fd_budget: budget,
             max_connections: max,
@@ -175,6 +179,13 @@ impl<D> Core<D> {
             match crate::audit::Auditor::start(self.ledger.clone(), every) {
                 Ok(a) => self.auditor = Some(a),
                 Err(e) => log::warn!("cannot start the fd audit thread: {e}; no periodic audit"),
+            }
+        }
+        // One Redis bridge per process, likewise.
+        if self.loop_index == 0 && self.bridge.is_none() {
+            match crate::bridge::Bridge::start(&self.ledger) {
+                Ok(b) => self.bridge = b,
+                Err(e) => log::error!("cannot start the Redis bridge: {e}; topics stay local"),
             }
         }
         if self.ledger.loops() > 1 {

@@ -245,7 +245,8 @@ impl<D> Core<D> {
         self.pubsub.fanout.clear();
     }
 
-    /// Publications of this turn delivered, and forwarded to the other loops of a cluster.
+    /// Publications of this turn delivered, and forwarded to the other loops of a cluster and
+    /// to the Redis bridge.
     #[inline]
     pub(super) fn settle_publications(&mut self) {
         // Nothing owed means an empty arena: whatever was published was owed to someone, and
@@ -266,9 +267,15 @@ impl<D> Core<D> {
         self.account_fanout();
         if !self.pubsub.outgoing.is_empty() {
             let batch = std::mem::take(&mut self.pubsub.outgoing);
-            let (dropped, woken) = self.ledger.forward(self.loop_index, &batch);
-            self.stats.deliveries_dropped[2] += dropped;
-            self.stats.forward_wakeups += woken;
+            if self.ledger.loops() > 1 {
+                let (dropped, woken) = self.ledger.forward(self.loop_index, &batch);
+                self.stats.deliveries_dropped[2] += dropped;
+                self.stats.forward_wakeups += woken;
+            }
+            // To the other instances: one lock of the bridge's bounded queue.
+            if let Some(link) = self.ledger.link() {
+                link.send(&batch);
+            }
         }
     }
 }

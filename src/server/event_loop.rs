@@ -112,7 +112,7 @@ impl<H: Handler> Server<H> {
                     pong_due: false,
                     pubsub: super::topics::Pubsub::new(
                         config.max_topics_per_connection,
-                        ledger.loops() > 1,
+                        ledger.loops() > 1 || ledger.link().is_some(),
                     ),
                     to_close: Vec::new(),
                     memory: crate::memory::MemoryBudget::new(ledger.memory_share()),
@@ -147,6 +147,7 @@ impl<H: Handler> Server<H> {
                     log_throttle: [(0, 0); LOG_SLOTS],
                     listener_admin: Vec::new(),
                     auditor: None,
+                    bridge: None,
                     endpoint_buckets: [crate::admission::Bucket::full(config.endpoint_rate, 0); 2],
                     beat: watchdog.as_ref().map(|w| w.beat.clone()),
                     origin,
@@ -406,29 +407,39 @@ impl<H: Handler> Inner<H> {
         self.core.reap(&mut self.handler);
     }
 
-    /// Publish what the other loops of a cluster forwarded to this one, in their order; once
-    /// the turn's publications reach their bound, the rest waits for the next turn.
+    /// Publish what the other loops of a cluster (and the Redis bridge) forwarded to this one, in
+    /// their order; once the turn's publications reach their bound, the rest waits for the next
+    /// turn. When the rest of an earlier batch is done, the inbox is taken too: what arrived in
+    /// it meanwhile woke the loop only if the inbox was empty, and that wake-up may be this one
+    /// (else the inbox would fill, and what comes next would be dropped, with no wake-up left
+    /// to take it).
     pub(super) fn take_forwarded(&mut self) {
-        if self.core.ledger.loops() == 1 {
+        if self.core.ledger.loops() == 1 && self.core.ledger.link().is_none() {
             return;
         }
-        let mut batch = match self.incoming.is_empty() {
-            true => self.core.ledger.take_forwarded(self.core.loop_index),
-            false => std::mem::take(&mut self.incoming),
-        };
-        let mut rest = batch.drain(..);
-        while let Some(f) = rest.next() {
-            let op = if f.text { OpCode::Text } else { OpCode::Binary };
-            // A topic too long was refused where it was published.
-            let _ = self.core.publish(&f.topic, op, &f.payload, false);
-            if self.core.pubsub.fanout.is_large() {
-                self.core.deliver_owed();
-                self.core.reap(&mut self.handler);
-                if rest.len() > 0 {
-                    self.incoming = rest.collect();
-                    self.shared.wake();
-                    return;
+        loop {
+            let leftover = !self.incoming.is_empty();
+            let mut batch = match leftover {
+                false => self.core.ledger.take_forwarded(self.core.loop_index),
+                true => std::mem::take(&mut self.incoming),
+            };
+            let mut rest = batch.drain(..);
+            while let Some(f) = rest.next() {
+                let op = if f.text { OpCode::Text } else { OpCode::Binary };
+                // A topic too long was refused where it was published.
+                let _ = self.core.publish(&f.topic, op, &f.payload, false);
+                if self.core.pubsub.fanout.is_large() {
+                    self.core.deliver_owed();
+                    self.core.reap(&mut self.handler);
+                    if rest.len() > 0 {
+                        self.incoming = rest.collect();
+                        self.shared.wake();
+                        return;
+                    }
                 }
+            }
+            if !leftover {
+                return;
             }
         }
     }

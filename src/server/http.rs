@@ -347,7 +347,12 @@ impl<D> Core<D> {
             }
             Route::Health if serve => match self.health() {
                 crate::metrics::Health::Ok => {
-                    handshake::write_response(&mut self.cork, 200, "OK", &[], b"ok\n")
+                    // Local service works: 200, with the broker's state when there is one.
+                    let body = match self.health_detail() {
+                        Some(d) => format!("ok\n{d}\n"),
+                        None => "ok\n".into(),
+                    };
+                    handshake::write_response(&mut self.cork, 200, "OK", &[], body.as_bytes())
                 }
                 crate::metrics::Health::Unhealthy(why) => {
                     let body = format!("{why}\n");

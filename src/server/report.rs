@@ -78,6 +78,11 @@ impl<D> Core<D> {
         Health::Ok
     }
 
+    /// What `/healthz` says after `ok` (nothing without a Redis bridge).
+    pub(super) fn health_detail(&self) -> Option<String> {
+        self.ledger.link().map(|l| l.health_line())
+    }
+
     /// The metrics of every loop in Prometheus text format, as `GET /metrics` serves them.
     pub(super) fn render_metrics(&self) -> String {
         let parts = self.ledger.snapshots(self.loop_index, self.snapshot());
@@ -85,8 +90,9 @@ impl<D> Core<D> {
             open_estimate: self.ledger.open_estimate(),
             audit_difference: self.ledger.last_audit().1,
             audits: self.ledger.audits(),
-            owned: self.ledger.owned_total(),
+            owned: self.ledger.owned_total() + self.ledger.bridge_fds(),
         };
-        render(&parts, &fds)
+        let broker = self.ledger.link().map(|l| l.figures()).unwrap_or_default();
+        render(&parts, &fds, &broker)
     }
 }

@@ -28,24 +28,25 @@ pub(super) struct Pubsub {
     subscribers: HashMap<u64, SubId>,
     /// [`Config::max_topics_per_connection`](crate::Config::max_topics_per_connection).
     max_topics: usize,
-    /// This loop is one of several: publications are forwarded to the others.
-    cluster: bool,
+    /// This loop is one of several, or there is a Redis bridge: publications are kept for the
+    /// other loops and the bridge.
+    forward: bool,
     /// This turn's publications and who is owed them.
     pub(super) fanout: Fanout,
     /// Subscriber counts that changed, reported at the end of the turn
     /// (`Handler::on_subscription`).
     pub(super) changes: Vec<(Arc<[u8]>, Change)>,
-    /// This turn's publications, for the other loops of a cluster.
+    /// This turn's publications, for the other loops of a cluster and the Redis bridge.
     pub(super) outgoing: Vec<Forwarded>,
     /// Messages published on this loop (each once, however many subscribers it reached).
     pub(super) published: u64,
 }
 
 impl Pubsub {
-    pub(super) fn new(max_topics: usize, cluster: bool) -> Self {
+    pub(super) fn new(max_topics: usize, forward: bool) -> Self {
         Pubsub {
             max_topics,
-            cluster,
+            forward,
             ..Pubsub::default()
         }
     }
@@ -75,10 +76,10 @@ impl Pubsub {
     }
 
     /// A message published on this loop: counted, and kept for the other loops of a cluster,
-    /// if this is one.
+    /// if this is one, and for the Redis bridge, if there is one.
     pub(super) fn originate(&mut self, topic: &[u8], op: OpCode, payload: &[u8]) {
         self.published += 1;
-        if self.cluster {
+        if self.forward {
             self.outgoing.push(Forwarded {
                 topic: topic.into(),
                 text: op == OpCode::Text,

@@ -1,0 +1,384 @@
+//! The Redis bridge: one per process, started with the first loop and stopped with it (as the
+//! fd audit is), sharing this process's topics with every other instance on the same Redis.
+//!
+//! It is built on the `redis` crate's synchronous client, on two threads of its own, one per
+//! connection, because a Redis connection that has subscribed can do nothing but (un)subscribe
+//! and read its messages:
+//!
+//! - `wsloop-redis-out` takes the loops' publications from the [`Link`]'s bounded queue and
+//!   sends them (`PUBLISH`, pipelined, numbered per topic), and measures the round trip with a
+//!   `PING` every [`PING_EVERY`];
+//! - `wsloop-redis-in` subscribes to the channel of every topic with local interest (on any
+//!   loop) and unsubscribes from those without, reads the messages of the other instances and
+//!   hands each to every loop through the inboxes the loops of a cluster use for each other (a
+//!   loop is woken only when its inbox was empty: one wake per batch).
+//!
+//! Either thread reconnects after any error (Redis down, killed, or closing the connection, as
+//! it does to a subscriber over its output-buffer limit) with a backoff from
+//! [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]; after a reconnection the subscriber subscribes
+//! again to every topic with local interest. Local delivery never waits for either.
+//!
+//! Descriptors: the crate opens its sockets itself (`Client::get_connection_with_timeout`), so
+//! this file counts them in the ledger around that call: [`Ledger::moving`] twice before it (a
+//! host name's resolution may open a file or a socket for a moment), the socket counted with
+//! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget keeps
+//! [`BRIDGE_FDS`](crate::broker::BRIDGE_FDS) out of the connections' share ([`Ledger::bridge_reserve`]).
+
+use crate::broker::{decode, encode, Link, Seen, Sequences};
+use crate::ledger::Ledger;
+use crate::topics::Forwarded;
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// The first wait before reconnecting; doubled after each failure.
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait before reconnecting.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often the publisher measures the round trip.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(2);
+/// How long connecting, or waiting for a reply, may take before the connection counts as down.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the subscriber waits for a message before it looks at local interest again: the
+/// most a new local topic waits for its channel to be subscribed.
+const POLL: Duration = Duration::from_millis(20);
+/// Publications sent in one pipeline at most.
+const PIPELINE: usize = 256;
+
+/// The bridge's threads; stopped (and joined) when dropped.
+pub(crate) struct Bridge {
+    link: Arc<Link>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Bridge {
+    /// Start the bridge for `ledger`'s link (none: no bridge).
+    pub(crate) fn start(ledger: &Arc<Ledger>) -> io::Result<Option<Bridge>> {
+        let Some(link) = ledger.link().cloned() else {
+            return Ok(None);
+        };
+        let client = redis::Client::open(link.config.url.as_str())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut bridge = Bridge {
+            link: link.clone(),
+            threads: Vec::new(),
+        };
+        let (l, c, s) = (ledger.clone(), client.clone(), link.clone());
+        bridge.threads.push(
+            thread::Builder::new()
+                .name("wsloop-redis-out".into())
+                .spawn(move || publisher(&l, &c, &s))?,
+        );
+        let (l, s) = (ledger.clone(), link);
+        bridge.threads.push(
+            thread::Builder::new()
+                .name("wsloop-redis-in".into())
+                .spawn(move || subscriber(&l, &client, &s))?,
+        );
+        Ok(Some(bridge))
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.link.stop();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection to Redis, counted in the ledger while it is open.
+struct Counted<'a> {
+    ledger: &'a Ledger,
+    con: Option<redis::Connection>,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(con) = self.con.take() {
+            self.ledger.moving();
+            self.ledger.bridge_fd(false);
+            drop(con);
+            self.ledger.settled();
+        }
+    }
+}
+
+/// Connect, counted; on failure wait the backoff (or until stopped) and say so.
+#[allow(clippy::disallowed_methods)] // the bridge's sockets, counted in the ledger here
+fn connect<'a>(
+    ledger: &'a Ledger,
+    client: &redis::Client,
+    link: &Link,
+    backoff: &mut Duration,
+    what: &str,
+) -> Option<Counted<'a>> {
+    let mut first = true;
+    loop {
+        if link.stopped() {
+            return None;
+        }
+        ledger.moving();
+        ledger.moving();
+        let got = client.get_connection_with_timeout(IO_TIMEOUT);
+        if got.is_ok() {
+            ledger.bridge_fd(true);
+        }
+        ledger.settled();
+        ledger.settled();
+        match got {
+            Ok(con) => {
+                *backoff = BACKOFF_MIN;
+                return Some(Counted {
+                    ledger,
+                    con: Some(con),
+                });
+            }
+            Err(e) => {
+                if first {
+                    log::warn!(
+                        "redis {what}: cannot connect to {}: {e}; retrying with backoff",
+                        link.config.url
+                    );
+                    first = false;
+                }
+                sleep(link, *backoff);
+                *backoff = (*backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Sleep `d`, or until the bridge is stopped.
+fn sleep(link: &Link, d: Duration) {
+    let until = Instant::now() + d;
+    while !link.stopped() {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        thread::sleep((until - now).min(Duration::from_millis(20)));
+    }
+}
+
+/// The channel of `topic`.
+fn channel(link: &Link, topic: &[u8]) -> Vec<u8> {
+    let mut c = Vec::with_capacity(link.config.prefix.len() + topic.len());
+    c.extend_from_slice(link.config.prefix.as_bytes());
+    c.extend_from_slice(topic);
+    c
+}
+
+/// The publisher thread (see the module docs).
+fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
+    let mut backoff = BACKOFF_MIN;
+    let mut seqs: HashMap<Arc<[u8]>, u64> = HashMap::new();
+    let mut connected_once = false;
+    while let Some(mut counted) = connect(ledger, client, link, &mut backoff, "publisher") {
+        let Some(con) = counted.con.as_mut() else {
+            break;
+        };
+        let ok = con
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|_| con.set_write_timeout(Some(IO_TIMEOUT)));
+        if ok.is_err() {
+            continue;
+        }
+        if connected_once {
+            link.counters.reconnects.fetch_add(1, Relaxed);
+        }
+        connected_once = true;
+        let mut next_ping = Instant::now();
+        loop {
+            if Instant::now() >= next_ping {
+                let t = Instant::now();
+                match redis::cmd("PING").query::<String>(con) {
+                    Ok(_) => {
+                        let c = &link.counters;
+                        c.rtt_ns.store(t.elapsed().as_nanos() as u64, Relaxed);
+                        if !c.up_out.swap(true, Relaxed) {
+                            log::info!("redis publisher: connected to {}", link.config.url);
+                        }
+                    }
+                    Err(_) => break,
+                }
+                next_ping = Instant::now() + PING_EVERY;
+            }
+            let wait = next_ping.saturating_duration_since(Instant::now());
+            let batch = link.take(wait, PIPELINE);
+            if link.stopped() {
+                return;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            if seqs.len() + batch.len() > crate::broker::MAX_SEQUENCES {
+                seqs.clear();
+            }
+            let mut pipe = redis::Pipeline::with_capacity(batch.len());
+            for f in &batch {
+                let seq = seqs.entry(f.topic.clone()).or_insert(0);
+                *seq += 1;
+                let msg = encode(link.instance, *seq, f.text, &f.payload);
+                pipe.cmd("PUBLISH")
+                    .arg(channel(link, &f.topic))
+                    .arg(msg)
+                    .ignore();
+            }
+            match pipe.exec(con) {
+                Ok(()) => {
+                    link.counters.sent.fetch_add(batch.len() as u64, Relaxed);
+                }
+                Err(e) => {
+                    link.counters.dropped[1].fetch_add(batch.len() as u64, Relaxed);
+                    log::warn!("redis publisher: {e}; reconnecting");
+                    break;
+                }
+            }
+        }
+        link.counters.up_out.store(false, Relaxed);
+    }
+}
+
+/// The subscriber thread (see the module docs).
+fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
+    let mut backoff = BACKOFF_MIN;
+    let mut seen = Sequences::default();
+    while let Some(mut counted) = connect(ledger, client, link, &mut backoff, "subscriber") {
+        let Some(con) = counted.con.as_mut() else {
+            break;
+        };
+        if con.set_write_timeout(Some(IO_TIMEOUT)).is_err() {
+            continue;
+        }
+        let mut pubsub = con.as_pubsub();
+        let mut subscribed: HashSet<Arc<[u8]>> = HashSet::new();
+        // Every topic with local interest is subscribed again on a new connection.
+        let mut version = u64::MAX;
+        let mut first = true;
+        loop {
+            if link.stopped() {
+                return;
+            }
+            if let Some((v, wanted)) = link.wanted(version) {
+                if resubscribe(link, &mut pubsub, &mut subscribed, &mut seen, wanted).is_err() {
+                    break;
+                }
+                version = v;
+            }
+            if first {
+                first = false;
+                if pubsub.set_read_timeout(Some(POLL)).is_err() {
+                    break;
+                }
+                link.counters.up_in.store(true, Relaxed);
+                log::info!("redis subscriber: connected to {}", link.config.url);
+            }
+            match pubsub.get_message() {
+                Ok(msg) => receive(ledger, link, &mut seen, &msg),
+                // A signal (SIGSTOP and SIGCONT, say) interrupts the read: the reply parser
+                // keeps what it has read, and the next read goes on from there.
+                Err(e) if e.is_timeout() || interrupted(&e) => {}
+                Err(e) => {
+                    log::warn!("redis subscriber: {e}; reconnecting");
+                    break;
+                }
+            }
+        }
+        link.counters.up_in.store(false, Relaxed);
+    }
+}
+
+/// The read was interrupted by a signal (`EINTR`), not failed.
+fn interrupted(e: &redis::RedisError) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // The crate keeps the cause behind an `Arc`.
+        let shared = c.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>();
+        let inner = shared.and_then(|a| a.downcast_ref::<io::Error>());
+        if let Some(io) = inner.or_else(|| c.downcast_ref::<io::Error>()) {
+            return io.kind() == io::ErrorKind::Interrupted;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Subscribe to the channels of the topics newly wanted and unsubscribe from the others (with
+/// a longer read timeout: the replies must come, else the connection is dropped).
+fn resubscribe(
+    link: &Link,
+    pubsub: &mut redis::PubSub<'_>,
+    subscribed: &mut HashSet<Arc<[u8]>>,
+    seen: &mut Sequences,
+    wanted: Vec<Arc<[u8]>>,
+) -> redis::RedisResult<()> {
+    let wanted: HashSet<Arc<[u8]>> = wanted.into_iter().collect();
+    let add: Vec<Vec<u8>> = wanted
+        .difference(subscribed)
+        .map(|t| channel(link, t))
+        .collect();
+    let gone: Vec<Arc<[u8]>> = subscribed.difference(&wanted).cloned().collect();
+    if add.is_empty() && gone.is_empty() {
+        return Ok(());
+    }
+    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+    if !add.is_empty() {
+        pubsub.subscribe(add)?;
+    }
+    if !gone.is_empty() {
+        let chans: Vec<Vec<u8>> = gone.iter().map(|t| channel(link, t)).collect();
+        pubsub.unsubscribe(chans)?;
+        for t in &gone {
+            seen.forget(t);
+        }
+    }
+    *subscribed = wanted;
+    pubsub.set_read_timeout(Some(POLL))
+}
+
+/// A message from Redis: another instance's publication goes to every loop.
+fn receive(ledger: &Ledger, link: &Link, seen: &mut Sequences, msg: &redis::Msg) {
+    let c = &link.counters;
+    let chan: Vec<u8> = match msg.get_channel() {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let prefix = link.config.prefix.as_bytes();
+    let decoded = decode(msg.get_payload_bytes());
+    let (Some(topic), Some((instance, seq, text, payload))) = (chan.strip_prefix(prefix), decoded)
+    else {
+        c.dropped[3].fetch_add(1, Relaxed);
+        return;
+    };
+    if topic.len() > crate::topics::MAX_TOPIC_LEN {
+        c.dropped[3].fetch_add(1, Relaxed);
+        return;
+    }
+    if instance == link.instance {
+        // Delivered here when it was published.
+        c.own.fetch_add(1, Relaxed);
+        return;
+    }
+    match seen.see(instance, topic, seq) {
+        Seen::Next(gaps) => {
+            c.gaps.fetch_add(gaps, Relaxed);
+        }
+        Seen::Old => {
+            c.dropped[3].fetch_add(1, Relaxed);
+            return;
+        }
+    }
+    c.received.fetch_add(1, Relaxed);
+    let f = Forwarded {
+        topic: topic.into(),
+        text,
+        payload: payload.into(),
+    };
+    let dropped = ledger.forward_all(std::slice::from_ref(&f));
+    c.dropped[2].fetch_add(dropped, Relaxed);
+}

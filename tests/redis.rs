@@ -1,0 +1,481 @@
+//! Topics shared between instances through a real Redis (README, "Several instances (Redis)"):
+//! two `wsloop --pubsub --redis` binaries as child processes share a `redis-server` the test
+//! starts on a free loopback port (no persistence) and stops. A subscriber on one instance
+//! receives, in order, what a client on the other publishes; Redis down at start, killed and
+//! started again on the same port: local delivery goes on, the broker-up metric follows, and
+//! cross-instance delivery resumes without restarting wsloop; the fd audit finds nothing
+//! unaccounted for throughout. Without `redis-server` the tests print a note and skip (under
+//! `CI` its absence is an error: `.ci/run` installs Debian's `redis-server`). The bounded
+//! outgoing queue needs no Redis at all: it is tested in-process against a closed port.
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+#[allow(dead_code)]
+mod attack_support;
+mod child_support;
+mod common;
+mod redis_support;
+mod rlimit_support;
+
+use attack_support::{Metrics, Wsloop};
+use common::{tcp, Ws};
+use redis_support::{free_port, next_text, redis_server, Redis};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+use tungstenite::Message as WsMessage;
+
+/// How long Redis, a reconnection or a message may take on a loaded machine.
+const BOUND: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Redis as a child
+
+// ---------------------------------------------------------------------------------------------
+// wsloop instances and clients
+
+/// `wsloop --pubsub --redis URL` (the suite's defaults: --fd-limit 128, metrics on the
+/// WebSocket port, the fd audit every 200 ms).
+fn instance(name: &str, url: &str) -> Wsloop {
+    Wsloop::spawn(name, &["--pubsub", "--redis", url])
+}
+
+/// A client in `room` on `w`, with a short read timeout.
+fn member(w: &Wsloop, room: &str) -> Ws {
+    let req = format!("ws://{}/{room}", w.addr);
+    let stream = tcp(w.addr);
+    let (ws, _) = tungstenite::client::client(req.as_str(), stream).expect("upgrade");
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    ws
+}
+
+/// Every text message that arrives within `quiet` of the last one.
+fn drain(ws: &mut Ws, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(t) = next_text(ws, quiet) {
+        got.push(t);
+    }
+    got
+}
+
+/// Publish probes from `publisher` until `subscriber` receives one (the other instance has
+/// subscribed to the room's channel and Redis is up), bounded; then drain both. What arrives
+/// before the first probe is skipped.
+fn until_connected(publisher: &mut Ws, subscriber: &mut Ws, what: &str, logs: &[&Wsloop]) {
+    let deadline = Instant::now() + BOUND;
+    let mut i = 0;
+    loop {
+        publisher
+            .send(WsMessage::text(format!("probe {i}")))
+            .unwrap();
+        i += 1;
+        // Publications queued while Redis was away may arrive first (the bridge sends its
+        // queue once Redis is back): wait for a probe.
+        if let Some(t) = next_text(subscriber, Duration::from_millis(100)) {
+            if t.starts_with("probe ") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no probe arrived within {BOUND:?}; broker metrics and logs:\n{}",
+            logs.iter()
+                .map(|w| {
+                    let m = w.metrics().matching("wsloop_broker_");
+                    format!("{m:?}\n{}", w.log_tail(15))
+                })
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+    }
+    drain(subscriber, Duration::from_millis(300));
+    drain(publisher, Duration::from_millis(300));
+}
+
+/// `GET /healthz` on the instance's WebSocket port: (status line, body).
+fn healthz(w: &Wsloop) -> (String, String) {
+    let mut s = tcp(w.addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wsloop\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The fd audit ran after now and found every descriptor accounted for (the bridge's sockets
+/// included, whatever state they are in).
+fn audit_balances(w: &Wsloop, what: &str) -> Metrics {
+    let m = w.audited(&w.metrics());
+    assert_eq!(
+        m.get("wsloop_fd_audit_difference"),
+        0.0,
+        "{what}: the fd audit found descriptors unaccounted for:\n{}",
+        w.log_tail(20)
+    );
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_subscriber_on_one_instance_receives_in_order_what_a_client_on_the_other_publishes() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let a = instance("a", &redis.url());
+    let b = instance("b", &redis.url());
+    let mut far = member(&b, "room");
+    let mut near = member(&a, "room");
+    let mut publisher = member(&a, "room");
+    until_connected(
+        &mut publisher,
+        &mut far,
+        "b subscribed through redis",
+        &[&a, &b],
+    );
+    drain(&mut near, Duration::from_millis(300));
+    let before = (a.metrics(), b.metrics());
+
+    let n = 300;
+    for i in 0..n {
+        publisher.send(WsMessage::text(format!("m{i}"))).unwrap();
+    }
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next_text(&mut far, BOUND) {
+            Some(t) => got.push(t),
+            None => panic!("b received {} of {n}: {:?}", got.len(), got.last()),
+        }
+    }
+    assert_eq!(got, want, "b: every message, in the order published on a");
+    // On a (the publisher's instance): each exactly once, though Redis sends a's own messages
+    // back to it; and nothing more arrives on either.
+    let local = drain(&mut near, Duration::from_millis(500));
+    assert_eq!(local, want, "a: each message once, in order");
+    assert_eq!(
+        drain(&mut far, Duration::from_millis(500)),
+        Vec::<String>::new()
+    );
+
+    let (ma, mb) = (a.metrics(), b.metrics());
+    let sent = ma.get("wsloop_broker_sent_total") - before.0.get("wsloop_broker_sent_total");
+    let received =
+        mb.get("wsloop_broker_received_total") - before.1.get("wsloop_broker_received_total");
+    assert_eq!(sent, n as f64, "a sent each publication to redis once");
+    assert_eq!(received, n as f64, "b received each once");
+    for (m, w) in [(&ma, "a"), (&mb, "b")] {
+        assert_eq!(m.get("wsloop_broker_enabled"), 1.0, "{w}");
+        assert_eq!(m.get("wsloop_broker_up"), 1.0, "{w}");
+        assert_eq!(m.get("wsloop_broker_gaps_total"), 0.0, "{w}");
+        assert_eq!(m.get("wsloop_broker_received_total") > 0.0, w == "b");
+        assert!(
+            m.get("wsloop_broker_rtt_seconds") > 0.0,
+            "{w}: a PING answered"
+        );
+    }
+    let (status, body) = healthz(&a);
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.starts_with("ok\nbroker: up"), "{body:?}");
+    // The bridge's two sockets are counted: the audit balances, and the count includes them.
+    let m = audit_balances(&a, "connected");
+    assert!(m.get("wsloop_fds_accounted") >= 2.0);
+    // The last member of the room on b leaves: b unsubscribes from the channel (redis counts
+    // a's subscriber only).
+    drop(far);
+    let deadline = Instant::now() + BOUND;
+    let chan = "PUBSUB NUMSUB wsloop:/room";
+    loop {
+        let mut s = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("{chan}\r\n").as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let k = s.read(&mut buf).unwrap();
+        let reply = String::from_utf8_lossy(&buf[..k]).to_string();
+        if reply.ends_with(":1\r\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{chan}: {reply:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn redis_down_at_start_killed_and_restarted_local_delivery_goes_on_and_sharing_resumes() {
+    let Some(bin) = redis_server() else { return };
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    // Redis down at start: both serve their own rooms.
+    let a = instance("a", &url);
+    let b = instance("b", &url);
+    let mut far = member(&b, "room");
+    let mut near = member(&a, "room");
+    let mut publisher = member(&a, "room");
+    let local = |publisher: &mut Ws, near: &mut Ws, tag: &str| {
+        for i in 0..20 {
+            publisher
+                .send(WsMessage::text(format!("{tag}{i}")))
+                .unwrap();
+        }
+        let want: Vec<String> = (0..20).map(|i| format!("{tag}{i}")).collect();
+        let got: Vec<String> = (0..20).map_while(|_| next_text(near, BOUND)).collect();
+        assert_eq!(got, want, "local delivery on a ({tag})");
+        drain(publisher, Duration::from_millis(200));
+    };
+    local(&mut publisher, &mut near, "down-at-start ");
+    let m = a.metrics();
+    assert_eq!(m.get("wsloop_broker_up"), 0.0);
+    assert_eq!(m.get("wsloop_broker_enabled"), 1.0);
+    let (status, body) = healthz(&a);
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.starts_with("ok\nbroker: down"), "{body:?}");
+    assert_eq!(
+        next_text(&mut far, Duration::from_millis(300)),
+        None,
+        "no redis, no sharing"
+    );
+    audit_balances(&a, "redis down at start");
+
+    // Redis comes up: both connect (with their backoff) and share the room.
+    let redis = Redis::start(&bin, port);
+    for w in [&a, &b] {
+        w.wait_until("the broker up", |m| m.get("wsloop_broker_up") == 1.0);
+    }
+    until_connected(&mut publisher, &mut far, "after redis came up", &[&a, &b]);
+    drain(&mut near, Duration::from_millis(300));
+    audit_balances(&a, "redis up");
+
+    // Redis killed: local delivery goes on, broker up is 0, descriptors balance.
+    redis.kill();
+    for w in [&a, &b] {
+        w.wait_until("the broker down", |m| {
+            // The publisher notices at its next PING or PUBLISH: publish to make it try.
+            m.get("wsloop_broker_up") == 0.0
+        });
+    }
+    local(&mut publisher, &mut near, "killed ");
+    drain(&mut far, Duration::from_millis(300));
+    let m = audit_balances(&a, "redis killed");
+    assert_eq!(m.get("wsloop_broker_up"), 0.0);
+    let (status, body) = healthz(&b);
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains("broker: down"), "{body:?}");
+
+    // Started again on the same port: the bridges reconnect and subscribe again to the room
+    // (its members never left), without restarting wsloop.
+    let redis = Redis::start(&bin, port);
+    for w in [&a, &b] {
+        w.wait_until("the broker up again", |m| {
+            m.get("wsloop_broker_up") == 1.0 && m.get("wsloop_broker_reconnects_total") >= 1.0
+        });
+    }
+    until_connected(&mut publisher, &mut far, "after redis restarted", &[&a, &b]);
+    for i in 0..50 {
+        publisher
+            .send(WsMessage::text(format!("again {i}")))
+            .unwrap();
+    }
+    let got: Vec<String> = (0..50).map_while(|_| next_text(&mut far, BOUND)).collect();
+    let want: Vec<String> = (0..50).map(|i| format!("again {i}")).collect();
+    assert_eq!(got, want, "b after the restart");
+    audit_balances(&b, "redis restarted");
+    drop(redis);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn redis_closing_the_subscriber_for_its_output_buffer_is_a_disconnect_and_lost_messages_are_gaps() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let a = instance("a", &redis.url());
+    // b drops what its frozen-then-flooded client cannot take, rather than closing it.
+    let b = Wsloop::spawn(
+        "b",
+        &[
+            "--pubsub",
+            "--redis",
+            &redis.url(),
+            "--backpressure-policy",
+            "drop",
+        ],
+    );
+    let mut far = member(&b, "room");
+    let mut publisher = member(&a, "room");
+    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    // A subscriber whose output buffer passes 64 KiB is disconnected by Redis at once.
+    let set = "CONFIG SET client-output-buffer-limit \"pubsub 65536 0 0\"";
+    assert_eq!(redis.command(set).as_deref(), Some("+OK"));
+    // b is stopped (SIGSTOP) while a publishes 24 MiB, more than the kernel's socket buffers
+    // between Redis and b hold: Redis's output buffer for b passes the limit, and Redis
+    // closes b's subscriber connection.
+    b.freeze();
+    let big = "x".repeat(8 * 1024);
+    let n = 3000;
+    for i in 0..n {
+        publisher
+            .send(WsMessage::text(format!("{i} {big}")))
+            .unwrap();
+        // Its own echo (--pubsub), read in step so that it never backs up.
+        assert!(next_text(&mut publisher, BOUND).is_some(), "echo {i}");
+    }
+    a.wait_until("a sent them all", |m| {
+        m.get("wsloop_broker_sent_total") >= n as f64
+    });
+    b.thaw();
+    // b reconnects, subscribes again, and counts what it lost in a's numbering as gaps.
+    b.wait_until("b reconnected", |m| m.get("wsloop_broker_up") == 1.0);
+    drain(&mut far, Duration::from_millis(500));
+    until_connected(&mut publisher, &mut far, "b subscribed again", &[&a, &b]);
+    let m = b.wait_until("the gap counted", |m| {
+        m.get("wsloop_broker_gaps_total") > 0.0
+    });
+    assert!(
+        m.get("wsloop_broker_gaps_total") <= n as f64,
+        "{}",
+        m.get("wsloop_broker_gaps_total")
+    );
+    // It was Redis that closed it, for its output buffer; b saw the end of the connection.
+    assert!(
+        redis.log().contains("output buffer limits"),
+        "{}",
+        redis.log()
+    );
+    assert!(
+        b.log()
+            .contains("redis subscriber: unexpected end of file; reconnecting"),
+        "{}",
+        b.log_tail(10)
+    );
+    audit_balances(&b, "after redis closed the subscriber");
+    a.stop();
+    b.stop();
+}
+
+/// The outgoing queue while Redis is unreachable: bounded, the oldest dropped and counted
+/// (in-process, against a port nothing listens on: no redis-server needed).
+#[test]
+fn the_outgoing_queue_keeps_the_newest_within_its_bound_while_redis_is_unreachable() {
+    use wsloop::{
+        Config, Decision, Handler, Message, RedisConfig, Server, UpgradeRequest, WebSocket,
+    };
+    struct Nobody;
+    impl Handler for Nobody {
+        type Data = ();
+        fn upgrade(&mut self, _req: &UpgradeRequest<'_>) -> Decision<()> {
+            Decision::accept(())
+        }
+        fn on_message(&mut self, _ws: &mut WebSocket<'_, ()>, _msg: Message<'_>) {}
+    }
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let config = Config {
+        redis: Some(RedisConfig {
+            queue_messages: 100,
+            queue_bytes: 64 * 1024,
+            ..RedisConfig::new(url)
+        }),
+        audit_interval: Duration::ZERO,
+        ..common::config()
+    };
+    let mut server = Server::new(config, Nobody).unwrap();
+    server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let handle = server.handle();
+    let t = thread::spawn(move || server.run());
+    for i in 0..1000u32 {
+        let msg = format!("{i:04}");
+        while handle.try_publish(b"t", Message::Text(&msg)).is_err() {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let deadline = Instant::now() + BOUND;
+    let m = loop {
+        let text = handle.metrics().expect("metrics");
+        let m: Vec<(String, f64)> = text
+            .lines()
+            .filter(|l| l.starts_with("wsloop_broker_") || l.starts_with("wsloop_published"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect();
+        let get = |k: &str| m.iter().find(|(n, _)| n == k).map_or(-1.0, |(_, v)| *v);
+        // Handed to the bridge at the end of the turn that published them.
+        let handed =
+            get("wsloop_broker_queued") + get("wsloop_broker_dropped_total{reason=\"queue_full\"}");
+        if get("wsloop_published_total") == 1000.0 && handed == 1000.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m:?}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let get = |k: &str| m.iter().find(|(n, _)| n == k).map_or(-1.0, |(_, v)| *v);
+    assert_eq!(get("wsloop_broker_up"), 0.0);
+    assert_eq!(get("wsloop_broker_queued"), 100.0, "{m:?}");
+    assert_eq!(
+        get("wsloop_broker_queued_bytes"),
+        100.0 * 5.0,
+        "topic + payload"
+    );
+    assert_eq!(
+        get("wsloop_broker_dropped_total{reason=\"queue_full\"}"),
+        900.0,
+        "{m:?}"
+    );
+    assert_eq!(get("wsloop_broker_sent_total"), 0.0);
+    handle.shutdown().unwrap();
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn without_redis_configured_the_broker_metrics_stay_at_zero_and_healthz_says_ok() {
+    let w = Wsloop::spawn("plain", &["--pubsub"]);
+    let m = w.metrics();
+    assert_eq!(m.get("wsloop_broker_enabled"), 0.0);
+    assert_eq!(m.get("wsloop_broker_up"), 0.0);
+    assert_eq!(healthz(&w).1, "ok\n");
+    w.stop();
+}
+
+/// The fd budget's line in a wsloop log: (budget, descriptors open when it was measured).
+fn budget_of(w: &Wsloop) -> (u64, u64) {
+    let log = w.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("fd budget "))
+        .expect("the fd budget line");
+    let number = |after: &str| -> u64 {
+        let rest = &line[line.find(after).expect(after) + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let open = line.split(", ").nth(1).expect("open");
+    (
+        number("fd budget "),
+        open.split(' ').next().unwrap().parse().unwrap(),
+    )
+}
+
+#[test]
+fn the_bridges_sockets_are_kept_out_of_the_connections_budget() {
+    // Both with --fd-limit 128 and the default headroom of 32: the budget is 128 - open - 32 -
+    // 1, less the bridge's two sockets (not connected yet when the budget is measured: Redis
+    // is not even there).
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let with = Wsloop::spawn("with", &["--pubsub", "--redis", &url]);
+    let without = Wsloop::spawn("without", &["--pubsub"]);
+    let (b_with, open_with) = budget_of(&with);
+    let (b_without, open_without) = budget_of(&without);
+    assert_eq!(b_without, 128 - open_without - 32 - 1, "{}", without.log());
+    assert_eq!(b_with, 128 - open_with - 32 - 1 - 2, "{}", with.log());
+    with.stop();
+    without.stop();
+}
