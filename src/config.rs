@@ -41,6 +41,13 @@ pub struct Config {
     /// Those bytes are kernel memory, outside `max_backpressure`: set this to bound what a
     /// connection can hold in the kernel, at the cost of throughput to distant clients.
     pub socket_send_buffer: usize,
+    /// The kernel receive buffer of each connection (`SO_RCVBUF` on the listeners, which
+    /// accepted connections inherit, so that the window they announce fits it; the kernel
+    /// doubles it), or 0 (the default) to leave it to the kernel's auto-tuning, which may grow
+    /// it to `net.ipv4.tcp_rmem`'s maximum (6 MiB on many systems). While the loop does not
+    /// read a connection (its queue over `max_backpressure`, say) what the client sends waits
+    /// there, in kernel memory outside the memory budget: set this to bound it.
+    pub socket_receive_buffer: usize,
     /// How many readiness events one poll call can return. Default 1024.
     pub events_capacity: usize,
     /// Most connections held at once (handshaking, open or closing). Beyond it new connections
@@ -258,6 +265,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             recv_buffer_size: 64 * 1024,
             socket_send_buffer: 0,
+            socket_receive_buffer: 0,
             events_capacity: 1024,
             max_connections: 0,
             max_connections_per_ip: 0,
@@ -409,6 +417,14 @@ impl Config {
                 "must be 0 (the kernel's) or 4 KiB to 256 MiB",
             );
         }
+        if self.socket_receive_buffer != 0
+            && !(4096..=256 << 20).contains(&self.socket_receive_buffer)
+        {
+            return err(
+                "socket_receive_buffer",
+                "must be 0 (the kernel's) or 4 KiB to 256 MiB",
+            );
+        }
         if !(1..=128).contains(&self.ipv6_prefix_len) {
             return err("ipv6_prefix_len", "must be 1 to 128 bits");
         }
@@ -515,6 +531,13 @@ mod tests {
                 "max_header_bytes",
                 Config {
                     max_header_bytes: 10,
+                    ..Config::default()
+                },
+            ),
+            (
+                "socket_receive_buffer",
+                Config {
+                    socket_receive_buffer: 100,
                     ..Config::default()
                 },
             ),

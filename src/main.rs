@@ -77,6 +77,11 @@ struct Args {
     /// holds in the kernel (0: the kernel's auto-tuning, up to net.ipv4.tcp_wmem's maximum).
     #[arg(long, default_value_t = Config::default().socket_send_buffer)]
     socket_send_buffer: usize,
+    /// Each connection's kernel receive buffer (SO_RCVBUF) in bytes, bounding what a client the
+    /// server is not reading holds in the kernel (0: the kernel's auto-tuning, up to
+    /// net.ipv4.tcp_rmem's maximum).
+    #[arg(long, default_value_t = Config::default().socket_receive_buffer)]
+    socket_receive_buffer: usize,
     /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
     #[arg(long, value_enum, default_value = "close")]
     backpressure_policy: Policy,
@@ -244,6 +249,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("connection_burst_per_ip", "--connection-burst-per-ip"),
     ("ipv6_prefix_len", "--ipv6-prefix"),
     ("socket_send_buffer", "--socket-send-buffer"),
+    ("socket_receive_buffer", "--socket-receive-buffer"),
     ("fd_headroom", "--fd-headroom"),
     (wsloop::config::FD_LIMIT, "--fd-limit"),
     ("raise_fd_limit", "--fd-limit"),
@@ -368,6 +374,7 @@ fn config_of(args: &Args) -> Config {
         connection_burst_per_ip: args.connection_burst_per_ip,
         ipv6_prefix_len: args.ipv6_prefix,
         socket_send_buffer: args.socket_send_buffer,
+        socket_receive_buffer: args.socket_receive_buffer,
         fd_headroom: args.fd_headroom,
         raise_fd_limit: args.fd_limit.is_none(),
         listen_backlog: args.listen_backlog,

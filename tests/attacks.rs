@@ -773,9 +773,10 @@ fn slow_but_steady_reader_is_dropped_when_its_queue_stays_over_the_limit() {
 
 /// Bytes in the kernel's send queues of the child's connections on `port` (the `tx_queue`
 /// column of `/proc/PID/net/tcp` for established sockets with that local port, counting only
-/// sockets the child holds: the table lists the whole network namespace's).
-fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
-    let mine: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+/// sockets the child holds: the table lists the whole network namespace's); with `receive`,
+/// their receive queues instead (`rx_queue`).
+fn kernel_queued(pid: u32, port: u16, receive: bool) -> usize {
+    let mine: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
                 .filter_map(|l| {
@@ -785,7 +786,9 @@ fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", w.pid)).unwrap();
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return 0;
+    };
     table
         .lines()
         .skip(1)
@@ -793,11 +796,21 @@ fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
             let established = f[3] == "01";
-            let tx = usize::from_str_radix(f[4].split(':').next()?, 16).ok()?;
+            let mut queues = f[4].split(':');
+            let tx = queues.next()?;
+            let queued = match receive {
+                false => tx,
+                true => queues.next()?,
+            };
+            let queued = usize::from_str_radix(queued, 16).ok()?;
             let held = mine.contains(*f.get(9)?);
-            (local_port == port && established && held).then_some(tx)
+            (local_port == port && established && held).then_some(queued)
         })
         .sum()
+}
+
+fn kernel_send_queued(w: &Wsloop, port: u16) -> usize {
+    kernel_queued(w.pid, port, false)
 }
 
 /// A reader that never reads makes the kernel hold what the server writes to it, outside
@@ -843,6 +856,65 @@ fn a_socket_send_buffer_bounds_what_a_reader_holds_in_the_kernel() {
         m1.closed_since(&m0)
     );
     w.stop();
+}
+
+/// A client that sends while the server does not read it (its queue over the backpressure
+/// limit: it does not read its echoes) makes the kernel hold what it sends in the connection's
+/// receive queue, outside the memory budget; `--socket-receive-buffer` bounds that (the kernel
+/// doubles the value). Without it the kernel's auto-tuning, having seen the server read fast,
+/// lets the queue grow far past the same bound: the control run shows the flag is what holds.
+#[test]
+fn a_socket_receive_buffer_bounds_what_an_unread_client_holds_in_the_kernel() {
+    const RCVBUF: usize = 16 * 1024;
+    let bound = 4 * RCVBUF;
+    let mut peaks = Vec::new();
+    for receive_buffer in [Some(RCVBUF), None] {
+        let mut args = vec!["--max-message-size", "16384", "--write-stall-timeout", "3"];
+        let value = RCVBUF.to_string();
+        if receive_buffer.is_some() {
+            args.extend(["--socket-receive-buffer", &value]);
+        }
+        let w = Wsloop::spawn("receive-buffer", &args);
+        let m0 = at_baseline(&w);
+        let mut s = small_window_client(&w);
+        let (pid, port) = (w.pid, w.addr.port());
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        // The receive queue fills once the server stops reading, while our writes block: a
+        // thread of its own samples it.
+        let sampler = thread::spawn(move || {
+            let mut peak = 0;
+            while !done2.load(Ordering::Relaxed) {
+                peak = peak.max(kernel_queued(pid, port, true));
+                thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        // Until the server gives up on us (write stall: we never read), our writes block, or
+        // 4,000 messages (64 MB) are out.
+        let sent = flood_without_reading(&mut s, |_| false);
+        done.store(true, Ordering::Relaxed);
+        let peak = sampler.join().unwrap();
+        drop(s);
+        let (end, m1) = settled(&w, &m0, &[("backpressure", 1)]);
+        println!(
+            "receive buffer {receive_buffer:?}: {sent} x 16 KiB sent, at most {peak} bytes held in the kernel's receive queue; fds final {end}; closed {:?}",
+            m1.closed_since(&m0)
+        );
+        w.stop();
+        peaks.push(peak);
+    }
+    assert!(peaks[0] > 0, "nothing was ever held in the receive queue");
+    assert!(
+        peaks[0] <= bound,
+        "the kernel held {} bytes from a client the server did not read (SO_RCVBUF {RCVBUF})",
+        peaks[0]
+    );
+    assert!(
+        peaks[1] > bound,
+        "without the flag the kernel held only {} bytes: the test shows nothing",
+        peaks[1]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
         ("--connection-burst-per-ip", num(c.connection_burst_per_ip)),
         ("--ipv6-prefix", num(c.ipv6_prefix_len)),
         ("--socket-send-buffer", num(c.socket_send_buffer as f64)),
+        (
+            "--socket-receive-buffer",
+            num(c.socket_receive_buffer as f64),
+        ),
         ("--memory-budget", num(c.memory_budget as f64)),
         ("--fd-headroom", num(c.fd_headroom as f64)),
         ("--listen-backlog", num(c.listen_backlog)),
@@ -268,6 +272,14 @@ fn the_readme_limits_table_shows_the_defaults() {
                     "{default:?}"
                 );
                 assert_eq!(c.socket_send_buffer, 0, "0: the kernel decides");
+                continue;
+            }
+            (Some("--socket-receive-buffer"), _) => {
+                assert!(
+                    default.starts_with("the kernel's auto-tuning"),
+                    "{default:?}"
+                );
+                assert_eq!(c.socket_receive_buffer, 0, "0: the kernel decides");
                 continue;
             }
             (Some("--compression"), _) => {

@@ -36,7 +36,15 @@ pub(super) const BACKOFF_MAX_MS: u64 = 1000;
 /// IPv4 listener can share the port) and the given backlog, capped by `net.core.somaxconn`;
 /// with `reuse_port`, `SO_REUSEPORT` too, so that each loop of a cluster binds its own listener
 /// on the same port and the kernel spreads connections over them.
-pub(super) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+/// A listener on `addr` with our backlog (capped by `somaxconn`); a `receive_buffer` other than 0
+/// is set on it before `listen`, so that the connections it accepts inherit it and announce a
+/// window that fits it.
+pub(super) fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+    receive_buffer: usize,
+) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -45,6 +53,9 @@ pub(super) fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Resu
     }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if receive_buffer > 0 {
+        socket.set_recv_buffer_size(receive_buffer)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

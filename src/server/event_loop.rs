@@ -207,8 +207,13 @@ impl<H: Handler> Server<H> {
         if i >= MAX_LISTENERS {
             return Err(failed(io::Error::other("too many listeners")));
         }
-        let mut listener =
-            super::accept::bind(addr, core.config.listen_backlog, reuse_port).map_err(failed)?;
+        let mut listener = super::accept::bind(
+            addr,
+            core.config.listen_backlog,
+            reuse_port,
+            core.config.socket_receive_buffer,
+        )
+        .map_err(failed)?;
         let bound = listener.local_addr().map_err(failed)?;
         self.poll
             .registry()
