@@ -51,7 +51,11 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
     ),
     (
         "handshake",
-        &["head_capacity_doubles", "host_not_an_authority"],
+        &[
+            "absolute_target_with_an_unknown_scheme",
+            "head_capacity_doubles",
+            "host_not_an_authority",
+        ],
     ),
     ("inflate", &["ping_payload_split_across_reads"]),
 ];

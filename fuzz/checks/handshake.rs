@@ -293,11 +293,8 @@ fn expected_outcome(req: &Request<'_>) -> Result<(), Rejection> {
 
 /// The request target is origin-form (a resource name) or an absolute http(s) or ws(s) URI.
 fn is_resource_target(req: &Request<'_>) -> bool {
-    let mut target = req.path().to_owned();
-    if let Some(q) = req.query() {
-        target = format!("{target}?{q}");
-    }
-    let t = target.as_bytes();
+    // The target as sent: `path` drops an absolute-form target's scheme and authority.
+    let t = req.target().as_bytes();
     let absolute = ["http://", "https://", "ws://", "wss://"]
         .iter()
         .any(|s| t.len() > s.len() && t[..s.len()].eq_ignore_ascii_case(s.as_bytes()));

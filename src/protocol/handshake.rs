@@ -164,6 +164,12 @@ impl<'b> Request<'b> {
         self.method
     }
 
+    /// The request target exactly as sent: origin-form (`/room?x=1`) or absolute-form
+    /// (`http://host/room`); [`Request::path`] and [`Request::query`] are its parts.
+    pub fn target(&self) -> &'b str {
+        self.target
+    }
+
     /// The path of the request target, up to (not including) the first `?`: for an
     /// absolute-form target (`http://host/room`, which proxies send and RFC 7230 section 5.3.2
     /// has servers accept), its path after the authority, `/` when it has none.
