@@ -342,8 +342,10 @@ fn a_flood_of_zip_bombs_costs_the_binary_no_more_than_the_limit() {
 
 /// Compressed output goes through the connection's one send path: a client that sends
 /// incompressible data compressed and never reads gets its echoes compressed until its queue
-/// passes `max_backpressure`, then close 1008; the queue never held more than the limit and
-/// one (compressed) message.
+/// passes `max_backpressure`; it is then closed for backpressure (1008 when the server reads one
+/// more message in the turn that filled the queue, else a reset when the paused connection has
+/// not drained by the write-stall deadline, here 1 s); the queue never held more than the limit
+/// and one (compressed) message.
 #[test]
 fn compressed_echoes_count_against_the_backpressure_limit() {
     const LIMIT: usize = 64 * 1024;
@@ -351,6 +353,7 @@ fn compressed_echoes_count_against_the_backpressure_limit() {
     let server = TestServer::start(Config {
         max_backpressure: LIMIT,
         socket_send_buffer: 16 * 1024,
+        write_stall_timeout: std::time::Duration::from_secs(1),
         ..shared()
     });
     let mut s = tcp_rcvbuf(server.addr, 4096);
