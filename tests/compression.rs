@@ -218,6 +218,53 @@ fn compressed_messages_are_echoed_compressed_and_small_ones_plain() {
     assert_eq!(stats.compressed_messages, [4, 3]);
 }
 
+/// Compression work is metered per connection and turn, as reads are: 24 compressed 4 KiB
+/// messages that arrive in one read (about 10 KB on the wire) are inflated and echoed compressed
+/// over several turns (8 KiB of work each; past 32 KiB in a turn the rest waits), every one
+/// intact and in order. Unmetered, they were all handled in the one turn, however many there
+/// were: 32 clients sending hard-to-compress messages held the loop for seconds.
+#[test]
+fn compression_work_is_metered_per_turn_as_reads_are() {
+    const N: usize = 24;
+    let server = TestServer::start(shared());
+    let (mut s, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    let messages: Vec<String> = (0..N)
+        .map(|i| {
+            let mut m = format!("{i:03}{}", json(120));
+            m.truncate(4096);
+            m
+        })
+        .collect();
+    let mut burst = Vec::new();
+    for m in &messages {
+        burst.extend(frame_raw(
+            FIN | RSV1 | OP_TEXT,
+            &deflated(m.as_bytes()),
+            Some(MASK),
+        ));
+    }
+    assert!(burst.len() < 32 * 1024, "{} bytes: one read", burst.len());
+    let before = server.stats().read_yields;
+    assert_eq!(before, 0);
+    s.write_all(&burst).unwrap();
+    for (i, m) in messages.iter().enumerate() {
+        let f = read_frame(&mut s);
+        assert_eq!((f.rsv, f.opcode), (4, OP_TEXT), "echo {i}");
+        assert_eq!(inflated(&f.payload), m.as_bytes(), "echo {i}");
+    }
+    let stats = server.stats();
+    // 24 x 8 KiB of work at 32 KiB a turn: a yield every 4 messages (and after the last).
+    assert!(
+        stats.read_yields >= (N / 4) as u64 - 1,
+        "{} yields for {N} messages in one read",
+        stats.read_yields
+    );
+    assert_eq!(stats.compressed_messages, [N as u64, N as u64]);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
 #[test]
 fn a_zip_bomb_is_closed_with_1009_and_rsv1_misuse_with_1002() {
     let config = Config {
