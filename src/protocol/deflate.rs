@@ -347,6 +347,8 @@ pub struct Inflater {
     messages: u64,
     /// Bytes inflated, those of refused messages included: the work done.
     produced: u64,
+    /// Compressed bytes given to inflate (without the tail).
+    taken: u64,
 }
 
 impl fmt::Debug for Inflater {
@@ -373,6 +375,7 @@ impl Inflater {
             d: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
             messages: 0,
             produced: 0,
+            taken: 0,
         }
     }
 
@@ -398,6 +401,7 @@ impl Inflater {
         let start = out.len();
         let r = self.run(compressed, out, limit);
         self.produced += (out.len() - start) as u64;
+        self.taken += compressed.len() as u64;
         r
     }
 
@@ -550,6 +554,8 @@ pub struct SharedCodec {
     compressed: u64,
     /// Bytes compressed: the work done.
     consumed: u64,
+    /// What they were compressed to (without the tail).
+    emitted: u64,
     /// [`SharedCodec::heap_bytes`], kept up to date where it changes.
     heap: usize,
 }
@@ -567,6 +573,7 @@ impl SharedCodec {
             threshold,
             compressed: 0,
             consumed: 0,
+            emitted: 0,
             heap: 0,
         }
     }
@@ -602,6 +609,7 @@ impl SharedCodec {
         self.compressed += 1;
         self.consumed += payload.len() as u64;
         deflater.compress(payload, &mut self.scratch);
+        self.emitted += self.scratch.len() as u64;
         self.heap += self.scratch.capacity();
         &self.scratch
     }
@@ -610,6 +618,17 @@ impl SharedCodec {
     pub fn messages(&self) -> [u64; 2] {
         let inflated = self.inflater.as_ref().map_or(0, |i| i.messages);
         [inflated, self.compressed]
+    }
+
+    /// Bytes so far: received compressed and what they inflated to; compressed to send and what
+    /// they were compressed to (without the 4-byte tails), in that order. A publication is
+    /// compressed once for all its subscribers, and counted once.
+    pub fn bytes(&self) -> [u64; 4] {
+        let (taken, produced) = self
+            .inflater
+            .as_ref()
+            .map_or((0, 0), |i| (i.taken, i.produced));
+        [taken, produced, self.consumed, self.emitted]
     }
 
     /// The work done so far, in bytes: those inflated plus those compressed. Both cost far

@@ -238,6 +238,7 @@ impl<D> Core<D> {
             memory_budget: self.memory.limit(),
             memory_bytes: self.memory.by_kind(),
             compressed_messages: self.codec.messages(),
+            compression_bytes: self.codec.bytes(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
             ..self.stats.clone()
