@@ -174,6 +174,18 @@ pub struct Config {
     /// uncompressed (RSV1 clear, which RFC 7692 allows per message): deflating a short message
     /// costs more time than it saves bytes. Default 1024 (as Node `ws`).
     pub compression_threshold: usize,
+    /// [`Compression::Dedicated`]: the largest window the server compresses with, in bits
+    /// (9 to 15; a client's `server_max_window_bits` may lower it). Default 15 (32 KiB).
+    pub compression_window_bits: u8,
+    /// [`Compression::Dedicated`]: zlib's memory level for each connection's compressor (1 to
+    /// 9). Default 8. What a connection's state costs for each window and level is in README,
+    /// Compression (from about 180 KiB to 530 KiB).
+    pub compression_mem_level: u8,
+    /// [`Compression::Dedicated`]: the most bytes all connections' own compression state may
+    /// hold, over the whole process. A connection whose state would pass it is negotiated with
+    /// the shared profile instead (counted as a downgrade). 0 (the default): a quarter of the
+    /// memory budget.
+    pub compression_budget: usize,
     /// Share topics with other instances through Redis pub/sub (see [`RedisConfig`]): `None`
     /// (the default) keeps topics within this process.
     pub redis: Option<RedisConfig>,
@@ -232,6 +244,12 @@ pub enum Compression {
     /// and inflated on its own, with one compressor and one decompressor per loop shared by
     /// every connection, so an idle connection holds no compression state.
     Shared,
+    /// Context takeover both ways (unless the client asks for none): each connection its own
+    /// compressor and decompressor ([`Config::compression_window_bits`],
+    /// [`Config::compression_mem_level`]), which compress repetitive traffic better, within a
+    /// process-wide budget ([`Config::compression_budget`]); past it, new connections get the
+    /// shared profile.
+    Dedicated,
 }
 
 /// The header a trusted proxy names the client in.
@@ -297,6 +315,9 @@ impl Default for Config {
             memory_budget: 0,
             compression: Compression::Off,
             compression_threshold: 1024,
+            compression_window_bits: 15,
+            compression_mem_level: 8,
+            compression_budget: 0,
             redis: None,
         }
     }
@@ -463,6 +484,12 @@ impl Config {
         }
         if self.memory_budget != 0 && self.memory_budget < 1 << 20 {
             return err("memory_budget", "must be 0 (derived) or at least 1 MiB");
+        }
+        if !(9..=15).contains(&self.compression_window_bits) {
+            return err("compression_window_bits", "must be 9 to 15");
+        }
+        if !(1..=9).contains(&self.compression_mem_level) {
+            return err("compression_mem_level", "must be 1 to 9");
         }
         if self.max_topics_per_connection == 0 || self.max_topics_per_connection > 1 << 20 {
             return err("max_topics_per_connection", "must be between 1 and 1048576");

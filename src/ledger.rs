@@ -1,8 +1,9 @@
 //! What the loops of one process share, touched only when a connection opens or closes (never
 //! per message): the descriptor accounting behind the fd audit ([`Ledger`]), the per-address
 //! admission table (so per-IP limits hold for the process, as nginx's shared zones do), and
-//! the snapshots from which any loop renders metrics for all of them; and the fd budget, planned
-//! in one place for one loop or many ([`plan_budget`]).
+//! the snapshots from which any loop renders metrics for all of them, and the compression
+//! budget that connections' own compression state draws on; and the fd budget, planned in one
+//! place for one loop or many ([`plan_budget`]).
 
 use crate::admission::Admission;
 use crate::broker::Link;
@@ -52,6 +53,9 @@ pub(crate) struct Ledger {
     inboxes: Box<[Mutex<Inbox>]>,
     /// The memory budget over all loops, and where its size came from.
     memory: (usize, String),
+    /// The compression budget (bytes all connections' own compression state may hold, see
+    /// [`Config::compression_budget`]) and what is reserved of it.
+    compression: (usize, AtomicUsize),
     wakers: Box<[OnceLock<Arc<Waker>>]>,
     /// What the loops share with the Redis bridge, when there is one.
     link: Option<Arc<Link>>,
@@ -96,7 +100,37 @@ impl Ledger {
                 0 => crate::memory::default_budget(),
                 n => (n, "--memory-budget".into()),
             },
+            compression: (0, AtomicUsize::new(0)),
         }
+        .with_compression_budget(config.compression_budget)
+    }
+
+    fn with_compression_budget(mut self, configured: usize) -> Self {
+        self.compression.0 = match configured {
+            0 => self.memory.0 / 4,
+            n => n,
+        };
+        self
+    }
+
+    /// Reserve `bytes` of the compression budget for one connection's own state: false (nothing
+    /// reserved) if that would pass it.
+    pub(crate) fn reserve_compression(&self, bytes: usize) -> bool {
+        let (cap, held) = (&self.compression.0, &self.compression.1);
+        held.fetch_update(SeqCst, SeqCst, |h| {
+            h.checked_add(bytes).filter(|&n| n <= *cap)
+        })
+        .is_ok()
+    }
+
+    /// Give back `bytes` of the compression budget (the connection holding them ended).
+    pub(crate) fn release_compression(&self, bytes: usize) {
+        self.compression.1.fetch_sub(bytes, SeqCst);
+    }
+
+    /// The compression budget and what is reserved of it.
+    pub(crate) fn compression_budget(&self) -> (usize, usize) {
+        (self.compression.0, self.compression.1.load(SeqCst))
     }
 
     /// The memory budget over all loops, and where its size came from.

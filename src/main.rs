@@ -85,13 +85,24 @@ struct Args {
     /// What a send over --max-backpressure does: close the connection (1008) or drop the message.
     #[arg(long, value_enum, default_value = "close")]
     backpressure_policy: Policy,
-    /// permessage-deflate: off, or shared (no context takeover: one compressor and one
-    /// decompressor per loop, nothing held by an idle connection).
+    /// permessage-deflate: off; shared (no context takeover: one compressor and one
+    /// decompressor per loop, nothing held by an idle connection); or dedicated (context
+    /// takeover: each connection its own, within --compression-budget).
     #[arg(long, value_enum, default_value = "off")]
     compression: CompressionArg,
     /// Messages shorter than this many bytes are sent uncompressed.
     #[arg(long, default_value_t = Config::default().compression_threshold)]
     compression_threshold: usize,
+    /// dedicated: the largest window the server compresses with, in bits (9 to 15).
+    #[arg(long, default_value_t = Config::default().compression_window_bits)]
+    compression_window_bits: u8,
+    /// dedicated: zlib's memory level for each connection's compressor (1 to 9).
+    #[arg(long, default_value_t = Config::default().compression_mem_level)]
+    compression_mem_level: u8,
+    /// dedicated: the most bytes all connections' own compression state may hold; past it new
+    /// connections get the shared profile (0: a quarter of the memory budget).
+    #[arg(long, default_value_t = 0)]
+    compression_budget: usize,
     /// Seconds a connection may have unsent bytes that the socket does not take before it is
     /// dropped; also how long a queue over --max-backpressure has to get under half of it.
     #[arg(long, value_parser = seconds, default_value = "30")]
@@ -179,6 +190,7 @@ enum Policy {
 enum CompressionArg {
     Off,
     Shared,
+    Dedicated,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -271,6 +283,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("memory_budget", "--memory-budget"),
     ("compression", "--compression"),
     ("compression_threshold", "--compression-threshold"),
+    ("compression_window_bits", "--compression-window-bits"),
+    ("compression_mem_level", "--compression-mem-level"),
+    ("compression_budget", "--compression-budget"),
     ("redis", "--redis"),
     ("redis_prefix", "--redis-prefix"),
 ];
@@ -403,8 +418,12 @@ fn config_of(args: &Args) -> Config {
         compression: match args.compression {
             CompressionArg::Off => Compression::Off,
             CompressionArg::Shared => Compression::Shared,
+            CompressionArg::Dedicated => Compression::Dedicated,
         },
         compression_threshold: args.compression_threshold,
+        compression_window_bits: args.compression_window_bits,
+        compression_mem_level: args.compression_mem_level,
+        compression_budget: args.compression_budget,
         redis: args.redis.as_ref().map(|url| RedisConfig {
             prefix: args.redis_prefix.clone(),
             ..RedisConfig::new(url.clone())

@@ -89,6 +89,10 @@ impl Snapshot {
             a.messages_sent += b.messages_sent;
             add(&mut a.compressed_messages, &b.compressed_messages);
             add(&mut a.compression_bytes, &b.compression_bytes);
+            add_usize(&mut a.compression_connections, &b.compression_connections);
+            a.compression_downgrades += b.compression_downgrades;
+            // Process-wide: every loop reports the same.
+            a.compression_budget = b.compression_budget;
             a.bytes_received += b.bytes_received;
             a.bytes_sent += b.bytes_sent;
             a.loop_turns += b.loop_turns;
@@ -182,6 +186,15 @@ pub struct Stats {
     /// to send, and what they were compressed to (the payloads, without the 4-byte tails; a
     /// publication compressed once for all its subscribers counts once), in that order.
     pub compression_bytes: [u64; 4],
+    /// Open connections that negotiated permessage-deflate: with the shared profile, and with
+    /// their own state (the dedicated profile), in that order.
+    pub compression_connections: [usize; 2],
+    /// Connections that would have had their own compression state but were given the shared
+    /// profile because the compression budget was full.
+    pub compression_downgrades: u64,
+    /// The process's compression budget and what connections' own state holds of it (the same
+    /// figures in every loop's stats: process-wide).
+    pub compression_budget: [usize; 2],
     /// Bytes read from client sockets.
     pub bytes_received: u64,
     /// Bytes written to client sockets.
@@ -552,6 +565,36 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
             st.compressed_messages[i] as f64,
         );
     }
+    m.head(
+        "wsloop_compression_connections",
+        "gauge",
+        "Open connections that negotiated permessage-deflate, by profile: shared (the loop's compressor), dedicated (their own state).",
+    );
+    for (i, profile) in ["shared", "dedicated"].into_iter().enumerate() {
+        m.line(
+            "wsloop_compression_connections",
+            &[("profile", profile)],
+            st.compression_connections[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_compression_downgrades_total",
+        "counter",
+        "Connections given the shared profile instead of their own compression state, the compression budget being full.",
+        st.compression_downgrades as f64,
+    );
+    m.one(
+        "wsloop_compression_budget_bytes",
+        "gauge",
+        "The process's compression budget: the most bytes connections' own compression state may hold.",
+        st.compression_budget[0] as f64,
+    );
+    m.one(
+        "wsloop_compression_budget_held_bytes",
+        "gauge",
+        "Bytes of the compression budget held by connections' own compression state.",
+        st.compression_budget[1] as f64,
+    );
     m.head(
         "wsloop_compression_bytes_total",
         "counter",

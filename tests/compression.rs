@@ -15,7 +15,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use wsloop::protocol::deflate::{Deflater, Inflater};
+use wsloop::protocol::deflate::{Agreement, Dedicated, Deflater, Inflater};
 use wsloop::{CloseReason, Compression, Config};
 
 const RSV1: u8 = 0x40;
@@ -444,5 +444,94 @@ fn compressed_echoes_count_against_the_backpressure_limit() {
     }
     assert!(echoes as u64 <= echoed);
     drop(s);
+    server.finish();
+}
+
+/// The dedicated profile within its budget: each connection gets its own compressor and
+/// decompressor (context taken over both ways: two messages that repeat each other are echoed
+/// intact, the second far smaller on the wire) while the compression budget has room for its
+/// state; the next one is answered with the shared profile instead (a downgrade, counted) and
+/// works as well; a connection that ends gives its bytes back, and the next one gets its own
+/// again. The budget is never passed.
+#[test]
+fn the_dedicated_profile_downgrades_to_shared_when_its_budget_is_full() {
+    let plain_offer = Agreement {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: None,
+        client_max_window_bits: None,
+    };
+    let each = Dedicated::heap_bytes(&plain_offer, 15, 8);
+    let server = TestServer::start(Config {
+        compression: Compression::Dedicated,
+        compression_threshold: 100,
+        compression_budget: 2 * each + each / 2,
+        ..config()
+    });
+    // Two repetitive messages, compressed with context taken over, as a dedicated client does.
+    let message = |i: usize| format!("{i} {}", json(30));
+    let talk = |s: &mut TcpStream, takeover: bool| {
+        let mut d = Deflater::with(15, 8, takeover);
+        let mut i = Inflater::with_window(15, takeover);
+        let mut sizes = Vec::new();
+        for n in 0..2 {
+            let m = message(n);
+            let mut z = Vec::new();
+            d.compress(m.as_bytes(), &mut z);
+            s.write_all(&frame_raw(FIN | RSV1 | OP_TEXT, &z, Some(MASK)))
+                .unwrap();
+            let f = read_frame(s);
+            assert_eq!((f.rsv, f.opcode), (4, OP_TEXT));
+            let mut out = Vec::new();
+            i.inflate(&f.payload, &mut out, 1 << 20).unwrap();
+            assert_eq!(out, m.as_bytes());
+            sizes.push(f.payload.len());
+        }
+        sizes
+    };
+    let dedicated_answer = Some("permessage-deflate");
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let (mut s, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+        assert_eq!(extension_of(&head).as_deref(), dedicated_answer);
+        let sizes = talk(&mut s, true);
+        assert!(sizes[1] < sizes[0] / 3, "context taken over: {sizes:?}");
+        conns.push(s);
+    }
+    let st = server.stats();
+    assert_eq!(st.compression_budget, [2 * each + each / 2, 2 * each]);
+    assert_eq!(
+        (st.compression_connections, st.compression_downgrades),
+        ([0, 2], 0)
+    );
+    assert!(st.memory_bytes[3] >= 2 * each, "{:?}", st.memory_bytes);
+    // The third does not fit: the shared profile, and it works.
+    let (mut third, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    let sizes = talk(&mut third, false);
+    assert!(sizes[1] > sizes[0] / 2, "each on its own: {sizes:?}");
+    let st = server.stats();
+    assert_eq!(
+        (st.compression_connections, st.compression_downgrades),
+        ([1, 2], 1)
+    );
+    assert_eq!(st.compression_budget[1], 2 * each, "never over the budget");
+    // One dedicated connection leaves: its bytes come back, and the next one has its own.
+    let mut first = conns.remove(0);
+    first.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut first);
+    server.wait_stats("the first to end", |st| st.compression_budget[1] == each);
+    let (mut fourth, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+    assert_eq!(extension_of(&head).as_deref(), dedicated_answer);
+    talk(&mut fourth, true);
+    let st = server.stats();
+    assert_eq!(
+        (st.compression_connections, st.compression_downgrades),
+        ([1, 2], 1)
+    );
+    drop((conns, third, fourth, first));
+    let st = server.wait_stats("every connection to end", |st| st.connections == 0);
+    assert_eq!(st.compression_connections, [0, 0]);
+    assert_eq!(st.compression_budget[1], 0, "every reservation given back");
     server.finish();
 }

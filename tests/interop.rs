@@ -316,6 +316,72 @@ fn python_websockets_compression() {
     run_deflate_client("python deflate", client, server, 5);
 }
 
+/// The dedicated profile with Python `websockets` (which offers `client_max_window_bits`):
+/// context takeover both ways, answered as plain `permessage-deflate`; the same messages
+/// round-trip, each side referring back to the ones before.
+#[test]
+fn python_websockets_dedicated_compression() {
+    let Some(python) = python_with_websockets() else {
+        return;
+    };
+    let server = dedicated_server();
+    let mut client = Command::new(&python);
+    client
+        .arg(interop_dir().join("python_deflate.py"))
+        .arg(format!("ws://{}/", server.addr))
+        .arg("permessage-deflate")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    run_dedicated_client("python dedicated", client, server, 5);
+}
+
+/// The dedicated profile with Node `ws` (context takeover both ways).
+#[test]
+fn node_ws_dedicated_compression() {
+    let Some((node, modules)) = node_with_ws() else {
+        return;
+    };
+    let server = dedicated_server();
+    let mut client = Command::new(&node);
+    client
+        .arg(interop_dir().join("node_deflate.js"))
+        .arg(format!("ws://{}/", server.addr))
+        .arg("permessage-deflate")
+        .env("NODE_PATH", &modules);
+    run_dedicated_client("node dedicated", client, server, 4);
+}
+
+/// A server on the dedicated profile (default window, memory level and budget).
+fn dedicated_server() -> TestServer {
+    TestServer::start(Config {
+        compression: Compression::Dedicated,
+        max_message_size: LIMIT,
+        ..config()
+    })
+}
+
+/// [`run_deflate_client`] for the dedicated profile: the connection had its own state (one
+/// dedicated connection while it was open, its bytes reserved from the budget), given back
+/// when it ended.
+fn run_dedicated_client(who: &str, mut client: Command, server: TestServer, received: u64) {
+    let report = run_client(who, &mut client).report();
+    let mut cases = DEFLATE_CASES.to_vec();
+    cases.push("fragmented");
+    report.check_cases(&cases);
+    let stats = server.wait_quiet();
+    assert_eq!(stats.messages_received, 5, "{stats:?}");
+    let [inflated, compressed] = stats.compressed_messages;
+    assert!((received..=5).contains(&inflated), "{inflated} inflated");
+    assert_eq!(compressed, 4, "echoes sent compressed");
+    assert_eq!(stats.compression_downgrades, 0);
+    assert_eq!(stats.compression_connections, [0, 0], "ended");
+    assert_eq!(
+        stats.compression_budget[1], 0,
+        "its state's bytes given back"
+    );
+    server.finish();
+}
+
 #[test]
 fn node_ws_compression() {
     let Some((node, modules)) = node_with_ws() else {

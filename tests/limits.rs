@@ -110,6 +110,7 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
             Value::Word(match c.compression {
                 Compression::Off => "off",
                 Compression::Shared => "shared",
+                Compression::Dedicated => "dedicated",
                 _ => "(unknown)",
             }),
         ),
@@ -117,6 +118,15 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
             "--compression-threshold",
             num(c.compression_threshold as f64),
         ),
+        (
+            "--compression-window-bits",
+            num(c.compression_window_bits as f64),
+        ),
+        (
+            "--compression-mem-level",
+            num(c.compression_mem_level as f64),
+        ),
+        ("--compression-budget", num(c.compression_budget as f64)),
         ("--write-stall-timeout", secs(c.write_stall_timeout)),
         ("--max-lifetime", secs(c.max_lifetime)),
         ("--threads", num(c.threads as f64)),

@@ -12,11 +12,29 @@
 //!
 //! Input: the header lines, separated by `\n`.
 
-use wsloop::protocol::deflate::{negotiate, Agreement};
+use wsloop::protocol::deflate::{negotiate, Agreement, Profile};
+
+const DEDICATED: Profile = Profile::Dedicated { window_bits: 12 };
 
 pub fn run(data: &[u8]) {
     let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
-    let result = negotiate(lines.iter().copied());
+    let result = negotiate(lines.iter().copied(), Profile::Shared);
+    // The dedicated profile accepts and declines the same offers, answers at most what the
+    // shared one does, and never a window above its own.
+    let dedicated = negotiate(lines.iter().copied(), DEDICATED);
+    match (&result, &dedicated) {
+        (Ok(Some(s)), Ok(Some(d))) => {
+            assert!(!d.server_no_context_takeover || s.server_no_context_takeover);
+            assert!(!d.client_no_context_takeover || s.client_no_context_takeover);
+            assert_eq!(d.client_max_window_bits, None, "{d:?}");
+            assert_eq!(
+                d.server_max_window_bits,
+                s.server_max_window_bits.map(|b| b.min(12))
+            );
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        (s, d) => panic!("shared {s:?}, dedicated {d:?}"),
+    }
     match result {
         Ok(Some(a)) => check_agreement(&a, data),
         Ok(None) => {}
@@ -24,12 +42,16 @@ pub fn run(data: &[u8]) {
             assert!(m.0.starts_with("malformed Sec-WebSocket-Extensions"), "{m}");
             // Malformed stays malformed whatever follows.
             let more = lines.iter().copied().chain([&b"permessage-deflate"[..]]);
-            assert!(negotiate(more).is_err());
+            assert!(negotiate(more, Profile::Shared).is_err());
         }
     }
     if result.is_ok() {
         let joined = lines.join(&b","[..]);
-        assert_eq!(negotiate([&joined[..]]), result, "joined lines differ");
+        assert_eq!(
+            negotiate([&joined[..]], Profile::Shared),
+            result,
+            "joined lines differ"
+        );
     }
 }
 
@@ -64,7 +86,7 @@ fn check_agreement(a: &Agreement, data: &[u8]) {
         .and_then(|v| v.strip_suffix(b"\r\n"))
         .expect("the header line's shape");
     assert_eq!(
-        negotiate([value]),
+        negotiate([value], Profile::Shared),
         Ok(Some(*a)),
         "the answer is not an offer of itself"
     );

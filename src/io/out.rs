@@ -6,7 +6,7 @@
 //! ([`Outbox`]).
 
 use super::transport::Transport;
-use crate::protocol::deflate::SharedCodec;
+use crate::protocol::deflate::{Deflater, SharedCodec};
 use crate::protocol::frame::{OpCode, MAX_HEADER_LEN};
 use crate::protocol::session::{Session, State};
 use crate::reason::CloseReason;
@@ -149,6 +149,8 @@ pub(crate) struct Outbox<'a> {
     session: &'a mut Session,
     /// The loop's compressor, for a connection that negotiated permessage-deflate.
     codec: &'a mut SharedCodec,
+    /// The connection's own compressor (the dedicated profile), used instead of the loop's.
+    own: Option<&'a mut Deflater>,
     /// A direct write is allowed: it adds no system call (see [`Outbox::new`]).
     direct_ok: bool,
     /// What the loop must do after the sender returns.
@@ -180,11 +182,19 @@ impl<'a> Outbox<'a> {
             pending,
             session,
             codec,
+            own: None,
             direct_ok: last,
             direct: Direct::Done,
             bytes_written: 0,
             messages: 0,
         }
+    }
+
+    /// Compress with the connection's own compressor, if it has one (the dedicated profile).
+    #[inline]
+    pub(crate) fn with_own(mut self, own: Option<&'a mut Deflater>) -> Self {
+        self.own = own;
+        self
     }
 
     /// What was sent through this outbox, for the loop to settle.
@@ -242,7 +252,10 @@ impl<'a> Outbox<'a> {
         if self.session.state() != State::Open {
             return false; // refused before spending time on compressing it
         }
-        let z = self.codec.compress(bits, payload);
+        let z = match &mut self.own {
+            Some(own) => self.codec.compress_with(own, payload),
+            None => self.codec.compress(bits, payload),
+        };
         if z.len() < DIRECT_MIN || !self.direct_ok || !self.pending.is_empty() {
             return self.session.send_compressed(op, z, self.cork);
         }

@@ -23,7 +23,7 @@
 //! never beyond the limit plus one byte, and the moment it holds more than the limit the
 //! message is refused, so a zip bomb costs the limit, not what it would inflate to.
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress, Status};
 use std::fmt;
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
@@ -104,7 +104,20 @@ impl Agreement {
     }
 }
 
-/// Negotiate permessage-deflate for the shared profile from the values of every
+/// How connections compress: what [`negotiate`] answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// No context takeover either way: the loop's one compressor and decompressor serve all.
+    Shared,
+    /// Each connection its own compressor and decompressor, with context takeover unless the
+    /// client asks for none; the server deflates with at most `window_bits`.
+    Dedicated {
+        /// The largest window the server compresses with (9 to 15).
+        window_bits: u8,
+    },
+}
+
+/// Negotiate permessage-deflate for `profile` from the values of every
 /// `Sec-WebSocket-Extensions` header line, in order.
 ///
 /// `Err` if a line is not an extension list (the handshake fails with 400); `Ok(None)` if no
@@ -112,12 +125,13 @@ impl Agreement {
 /// Linear in the header's length; allocates nothing.
 pub fn negotiate<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
+    profile: Profile,
 ) -> Result<Option<Agreement>, Malformed> {
     let mut chosen = None;
     for value in values {
         parse_list(value, |name, params| {
             if chosen.is_none() && name.eq_ignore_ascii_case(NAME.as_bytes()) {
-                chosen = accept_shared(params);
+                chosen = accept(params, profile);
             }
         })?;
     }
@@ -132,12 +146,22 @@ type Params<'a> = [(&'a [u8], Option<&'a [u8]>)];
 /// four, each allowed once).
 const MAX_PARAMS: usize = 8;
 
-/// The shared profile's answer to one permessage-deflate offer, or `None` to decline it.
-fn accept_shared(params: &Params<'_>) -> Option<Agreement> {
+/// The answer to one permessage-deflate offer, or `None` to decline it.
+///
+/// The shared profile always answers both `no_context_takeover`s (RFC 7692 section 7.1.1
+/// allows the server to), so every message stands alone. The dedicated profile takes over its
+/// context both ways unless the offer asks for none: it answers `server_no_context_takeover`
+/// only when offered, and `client_no_context_takeover` when offered (it then resets its
+/// decompressor per message, as the client promised). Both answer `server_max_window_bits`
+/// only when offered, never above it (the dedicated profile at most its own window, which it
+/// also uses unannounced when not offered: a smaller window is read by any decoder), and never
+/// `client_max_window_bits` (the decompressor holds a 32 KiB window whatever the client uses).
+fn accept(params: &Params<'_>, profile: Profile) -> Option<Agreement> {
     let mut seen = [false; 4];
+    let shared = profile == Profile::Shared;
     let mut agreement = Agreement {
-        server_no_context_takeover: true,
-        client_no_context_takeover: true,
+        server_no_context_takeover: shared,
+        client_no_context_takeover: shared,
         server_max_window_bits: None,
         client_max_window_bits: None,
     };
@@ -155,18 +179,22 @@ fn accept_shared(params: &Params<'_>) -> Option<Agreement> {
         }
         match which {
             0 | 1 if value.is_some() => return None,
-            0 | 1 => {}
+            0 => agreement.server_no_context_takeover = true,
+            1 => agreement.client_no_context_takeover = true,
             2 => {
                 // The server must deflate with at most this window, and answer it.
                 let bits = window_bits(value?)?;
                 if bits < MIN_DEFLATE_WINDOW_BITS {
                     return None;
                 }
-                agreement.server_max_window_bits = Some(bits);
+                agreement.server_max_window_bits = Some(match profile {
+                    Profile::Shared => bits,
+                    Profile::Dedicated { window_bits } => bits.min(window_bits),
+                });
             }
             _ => {
-                // A hint (or permission to limit the client): the shared profile inflates with
-                // the largest window and needs no answer; the value must still be valid.
+                // A hint (or permission to limit the client): inflating with the largest
+                // window reads any; the value must still be valid.
                 if let Some(v) = value {
                     window_bits(v)?;
                 }
@@ -339,10 +367,14 @@ pub enum InflateError {
 /// never given more than the limit plus one byte of capacity.
 const INFLATE_STEP: usize = 16 * 1024;
 
-/// A raw-deflate decompressor with the largest window (32 KiB), reset for each message: no
-/// context takeover, so one serves every connection of a loop.
+/// A raw-deflate decompressor: with the largest window (32 KiB), reset for each message (no
+/// context takeover), one serves every connection of a loop; the dedicated profile gives each
+/// connection its own, which may keep its window from one message to the next.
 pub struct Inflater {
     d: Decompress,
+    bits: u8,
+    /// Context takeover: each message may refer to those before it.
+    takeover: bool,
     /// Messages inflated (or refused while inflating).
     messages: u64,
     /// Bytes inflated, those of refused messages included: the work done.
@@ -353,7 +385,7 @@ pub struct Inflater {
 
 impl fmt::Debug for Inflater {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Inflater")
+        write!(f, "Inflater({} bits)", self.bits)
     }
 }
 
@@ -364,15 +396,26 @@ impl Default for Inflater {
 }
 
 impl Inflater {
-    /// Heap bytes one inflater holds, as the memory budget counts it: 47,552 bytes measured
-    /// (zlib-rs 0.6.9 through flate2 1.1.11, a counting allocator; the 32 KiB window and the
-    /// decoding state and tables), rounded up to 48 KiB.
+    /// Heap bytes a decompressor holds once it has inflated, as the memory budget counts it:
+    /// 47,552 bytes measured with a counting allocator (`tests/compression_memory.rs`; zlib-rs
+    /// 0.6.9 through flate2 1.1.11: the 32 KiB window and the decoding state and tables, the
+    /// same for every window size, since zlib-rs allocates the largest window whatever it is
+    /// asked for), rounded up to 48 KiB.
     pub const HEAP_BYTES: usize = 48 * 1024;
 
-    /// A decompressor with a 32 KiB window.
+    /// A decompressor with a 32 KiB window, reset for each message.
     pub fn new() -> Self {
+        Self::with_window(MAX_WINDOW_BITS, false)
+    }
+
+    /// A decompressor with a window of `bits` (8 to 15; a sender asked for 8 may use 9, so 8
+    /// is read as 9), keeping it from one message to the next with `takeover`.
+    pub fn with_window(bits: u8, takeover: bool) -> Self {
+        let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
         Inflater {
-            d: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            d: Decompress::new_with_window_bits(false, bits),
+            bits,
+            takeover,
             messages: 0,
             produced: 0,
             taken: 0,
@@ -395,9 +438,11 @@ impl Inflater {
         limit: usize,
     ) -> Result<(), InflateError> {
         self.messages += 1;
-        // Reset before each message (not after: once is enough), so that whatever the previous
-        // one left, an error midway included, does not count.
-        self.d.reset(false);
+        if !self.takeover {
+            // Reset before each message (not after: once is enough), so that whatever the
+            // previous one left, an error midway included, does not count.
+            self.d.reset(false);
+        }
         let start = out.len();
         let r = self.run(compressed, out, limit);
         self.produced += (out.len() - start) as u64;
@@ -442,10 +487,14 @@ impl Inflater {
                     // tail). Anything else, or a final block that needed the tail's bytes to
                     // end, is not what the sender compressed.
                     let rest = &part[pos..];
-                    return match n == 0 && rest.len() <= 1 && rest.iter().all(|&b| b == 0) {
-                        true => Ok(()),
-                        false => Err(InflateError::Invalid),
-                    };
+                    if !(n == 0 && rest.len() <= 1 && rest.iter().all(|&b| b == 0)) {
+                        return Err(InflateError::Invalid);
+                    }
+                    if self.takeover {
+                        // The stream ended: the next message begins a new one.
+                        self.d.reset(false);
+                    }
+                    return Ok(());
                 }
                 let progress = self.d.total_in() > in0 || out.len() > out0;
                 if pos == part.len() && out.len() < out.capacity() {
@@ -456,7 +505,13 @@ impl Inflater {
                 }
             }
         }
-        self.ended(out)
+        match self.takeover {
+            // The stream goes on into the next message: it cannot be ended to check it. A
+            // stream cut short leaves the decoder mid-block, and the next message then decodes
+            // as garbage or fails.
+            true => Ok(()),
+            false => self.ended(out),
+        }
     }
 
     /// After the message and the tail: the stream must stand at a block boundary, as the empty
@@ -483,57 +538,106 @@ impl Inflater {
 
 /// A raw-deflate compressor with a chosen window (9 to 15 bits), reset for each message.
 pub struct Deflater {
-    c: Compress,
+    c: zlib_rs::Deflate,
     bits: u8,
+    mem_level: u8,
+    /// Context takeover: the window carries over from one message to the next (the dedicated
+    /// profile), instead of a reset before each.
+    takeover: bool,
 }
 
 impl fmt::Debug for Deflater {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Deflater({} bits)", self.bits)
+        write!(
+            f,
+            "Deflater({} bits, memory level {})",
+            self.bits, self.mem_level
+        )
     }
 }
 
+/// zlib's default memory level (its hash table and its buffer of pending symbols).
+pub const DEFAULT_MEM_LEVEL: u8 = 8;
+
 impl Deflater {
-    /// A compressor at zlib's default level (6) with a window of `bits` (clamped to 9..=15).
+    /// A compressor at zlib's default level (6) with a window of `bits` (clamped to 9..=15)
+    /// and the default memory level, reset for each message (the shared profile).
     pub fn new(bits: u8) -> Self {
+        Self::with(bits, DEFAULT_MEM_LEVEL, false)
+    }
+
+    /// A compressor at zlib's default level (6) with a window of `bits` (clamped to 9..=15),
+    /// a memory level of `mem_level` (clamped to 1..=9), and, with `takeover`, the window kept
+    /// from one message to the next (context takeover).
+    pub fn with(bits: u8, mem_level: u8, takeover: bool) -> Self {
         let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
+        let mem_level = mem_level.clamp(1, 9);
+        let config = zlib_rs::DeflateConfig {
+            level: 6,
+            method: zlib_rs::Method::Deflated,
+            window_bits: -i32::from(bits), // raw deflate: no zlib header
+            mem_level: i32::from(mem_level),
+            strategy: zlib_rs::Strategy::Default,
+        };
         Deflater {
-            c: Compress::new_with_window_bits(Compression::default(), false, bits),
+            c: zlib_rs::Deflate::new_with_config(config),
             bits,
+            mem_level,
+            takeover,
         }
     }
 
-    /// Heap bytes a compressor with a window of `bits` holds, as the memory budget counts it:
-    /// measured (zlib-rs 0.6.9 through flate2 1.1.11 at memory level 8, a counting allocator)
-    /// as `4 << bits` plus 248,960 bytes (251,008 for 9 bits, 380,032 for 15), rounded up to
-    /// `4 << bits` plus 250 KiB.
+    /// Heap bytes a compressor with a window of `bits` and the default memory level holds.
     pub fn heap_bytes(bits: u8) -> usize {
-        (4 << bits) + 250 * 1024
+        Self::heap_bytes_with(bits, DEFAULT_MEM_LEVEL)
     }
 
-    /// Compress one message (`payload`) on its own, appending the compressed bytes to `out`
-    /// without the 4-byte tail (RFC 7692 section 7.2.1). An empty payload gives one byte,
-    /// `0x00`.
+    /// Heap bytes a compressor with a window of `bits` and memory level `mem_level` holds, as
+    /// the memory budget counts it. Measured with a counting allocator for every window and
+    /// level (`tests/compression_memory.rs`, zlib-rs 0.6.9): `4 << bits` (the window and its
+    /// chain), `448 << mem_level` (the buffer of pending symbols), and 134,272 bytes that do not
+    /// change (the hash table, which zlib-rs sizes at 64 Ki entries whatever the memory level,
+    /// and the state): from 137,216 bytes (9 bits, level 1) to 494,720 (15 bits, level 9);
+    /// 380,032 at 15 bits and the default level 8. Counted with the constant rounded up to
+    /// 135 KiB.
+    pub fn heap_bytes_with(bits: u8, mem_level: u8) -> usize {
+        let bits = bits.clamp(MIN_DEFLATE_WINDOW_BITS, MAX_WINDOW_BITS);
+        let mem = mem_level.clamp(1, 9);
+        (4 << bits) + (448 << mem) + 135 * 1024
+    }
+
+    /// Compress one message (`payload`), appending the compressed bytes to `out` without the
+    /// 4-byte tail (RFC 7692 section 7.2.1). Without context takeover the message is
+    /// compressed on its own. An empty payload gives one byte, `0x00` (`02 00` after another
+    /// message with context takeover).
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
-        // Once per message, before it (no context takeover): what earlier messages left in the
-        // window is not referred to.
-        self.c.reset();
+        if !self.takeover {
+            // Once per message, before it: what earlier messages left in the window is not
+            // referred to.
+            self.c.reset();
+        }
         let start = out.len();
         // Deflate never grows data by more than a few bytes per 16 KiB (stored blocks).
-        out.reserve(payload.len() + payload.len() / 1024 + 64);
+        let mut end = start;
         let mut pos = 0;
+        let mut room = payload.len() + payload.len() / 1024 + 64;
         loop {
-            let in0 = self.c.total_in();
-            let ok = self
-                .c
-                .compress_vec(&payload[pos..], out, FlushCompress::Sync);
+            out.resize(end + room, 0);
+            let (in0, out0) = (self.c.total_in(), self.c.total_out());
+            let r = self.c.compress(
+                &payload[pos..],
+                &mut out[end..],
+                zlib_rs::DeflateFlush::SyncFlush,
+            );
             pos += (self.c.total_in() - in0) as usize;
+            end += (self.c.total_out() - out0) as usize;
             // Done once every byte is in and the flush left room unused (nothing more pending).
-            if ok.is_err() || (pos == payload.len() && out.len() < out.capacity()) {
+            if r.is_err() || (pos == payload.len() && end < out.len()) {
                 break;
             }
-            out.reserve(out.capacity().max(64));
+            room = room.max(64) * 2;
         }
+        out.truncate(end);
         if out[start..].ends_with(&TAIL) {
             out.truncate(out.len() - TAIL.len());
         }
@@ -550,14 +654,47 @@ pub struct SharedCodec {
     inflater: Option<Box<Inflater>>,
     scratch: Vec<u8>,
     threshold: usize,
-    /// Messages compressed.
-    compressed: u64,
-    /// Bytes compressed: the work done.
-    consumed: u64,
-    /// What they were compressed to (without the tail).
-    emitted: u64,
+    /// Messages compressed, the bytes compressed (the work done), and what they were
+    /// compressed to (without the tails).
+    sent: [u64; 3],
+    /// The counts of connections' own decompressors ([`SharedCodec::absorb`]): messages,
+    /// bytes taken and bytes inflated.
+    absorbed: [u64; 3],
+    /// Heap bytes held by connections' own state ([`Dedicated`]) on this loop.
+    dedicated: usize,
     /// [`SharedCodec::heap_bytes`], kept up to date where it changes.
     heap: usize,
+}
+
+/// The dedicated profile's state for one connection: its own compressor and decompressor,
+/// each keeping its window from one message to the next unless the agreement says not to.
+#[derive(Debug)]
+pub struct Dedicated {
+    /// Compresses what the server sends.
+    pub deflater: Deflater,
+    /// Inflates what the client sends.
+    pub inflater: Inflater,
+    /// The heap bytes both hold ([`Dedicated::heap_bytes`]).
+    pub bytes: usize,
+}
+
+impl Dedicated {
+    /// The state for `agreement`, deflating with at most `window_bits` at `mem_level`.
+    pub fn new(agreement: &Agreement, window_bits: u8, mem_level: u8) -> Self {
+        let bits = agreement.deflate_window_bits().min(window_bits);
+        Dedicated {
+            deflater: Deflater::with(bits, mem_level, !agreement.server_no_context_takeover),
+            inflater: Inflater::with_window(MAX_WINDOW_BITS, !agreement.client_no_context_takeover),
+            bytes: Self::heap_bytes(agreement, window_bits, mem_level),
+        }
+    }
+
+    /// Heap bytes one connection's state holds for `agreement`, `window_bits` and `mem_level`,
+    /// as the memory budget and the compression budget count it.
+    pub fn heap_bytes(agreement: &Agreement, window_bits: u8, mem_level: u8) -> usize {
+        let bits = agreement.deflate_window_bits().min(window_bits);
+        Deflater::heap_bytes_with(bits, mem_level) + Inflater::HEAP_BYTES
+    }
 }
 
 /// The compression buffer is shrunk back to this after a large message passed through it.
@@ -571,9 +708,9 @@ impl SharedCodec {
             inflater: None,
             scratch: Vec::new(),
             threshold,
-            compressed: 0,
-            consumed: 0,
-            emitted: 0,
+            sent: [0; 3],
+            absorbed: [0; 3],
+            dedicated: 0,
             heap: 0,
         }
     }
@@ -601,23 +738,77 @@ impl SharedCodec {
             self.heap += Deflater::heap_bytes(bits);
         }
         let deflater = slot.get_or_insert_with(|| Box::new(Deflater::new(bits)));
-        self.heap -= self.scratch.capacity();
-        if self.scratch.capacity() > SCRATCH_KEEP {
-            self.scratch = Vec::new();
+        Self::deflate_into(
+            &mut self.scratch,
+            &mut self.heap,
+            &mut self.sent,
+            deflater,
+            payload,
+        )
+    }
+
+    /// Compress `payload` with a connection's own compressor `deflater` (its context taken over
+    /// or not): the frame's payload, without the 4-byte tail, valid until the next call. Counted
+    /// with the loop's own.
+    pub fn compress_with(&mut self, deflater: &mut Deflater, payload: &[u8]) -> &[u8] {
+        Self::deflate_into(
+            &mut self.scratch,
+            &mut self.heap,
+            &mut self.sent,
+            deflater,
+            payload,
+        )
+    }
+
+    /// Compress `payload` with `deflater` into the buffer `scratch` (shrunk first if a large
+    /// message grew it), counting it in `sent` and its capacity in `heap`.
+    fn deflate_into<'s>(
+        scratch: &'s mut Vec<u8>,
+        heap: &mut usize,
+        sent: &mut [u64; 3],
+        deflater: &mut Deflater,
+        payload: &[u8],
+    ) -> &'s [u8] {
+        *heap -= scratch.capacity();
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
         }
-        self.scratch.clear();
-        self.compressed += 1;
-        self.consumed += payload.len() as u64;
-        deflater.compress(payload, &mut self.scratch);
-        self.emitted += self.scratch.len() as u64;
-        self.heap += self.scratch.capacity();
-        &self.scratch
+        scratch.clear();
+        deflater.compress(payload, scratch);
+        sent[0] += 1;
+        sent[1] += payload.len() as u64;
+        sent[2] += scratch.len() as u64;
+        *heap += scratch.capacity();
+        scratch
+    }
+
+    /// Add what a connection's own decompressor counted since last time to the loop's counts
+    /// (its counts start again from zero).
+    pub fn absorb(&mut self, inflater: &mut Inflater) {
+        let counts = [inflater.messages, inflater.taken, inflater.produced];
+        for (sum, n) in self.absorbed.iter_mut().zip(counts) {
+            *sum += n;
+        }
+        (inflater.messages, inflater.taken, inflater.produced) = (0, 0, 0);
+    }
+
+    /// A connection of this loop made its own state ([`Dedicated`], `bytes` of heap): counted
+    /// in [`SharedCodec::heap_bytes`] until [`SharedCodec::forget_dedicated`].
+    pub fn adopt_dedicated(&mut self, bytes: usize) {
+        self.dedicated += bytes;
+        self.heap += bytes;
+    }
+
+    /// A connection with its own state of `bytes` ended.
+    pub fn forget_dedicated(&mut self, bytes: usize) {
+        self.dedicated -= bytes;
+        self.heap -= bytes;
     }
 
     /// Messages inflated and messages compressed so far.
     pub fn messages(&self) -> [u64; 2] {
         let inflated = self.inflater.as_ref().map_or(0, |i| i.messages);
-        [inflated, self.compressed]
+        [inflated + self.absorbed[0], self.sent[0]]
     }
 
     /// Bytes so far: received compressed and what they inflated to; compressed to send and what
@@ -628,7 +819,8 @@ impl SharedCodec {
             .inflater
             .as_ref()
             .map_or((0, 0), |i| (i.taken, i.produced));
-        [taken, produced, self.consumed, self.emitted]
+        let [_, t, p] = self.absorbed;
+        [taken + t, produced + p, self.sent[1], self.sent[2]]
     }
 
     /// The work done so far, in bytes: those inflated plus those compressed. Both cost far
@@ -636,11 +828,12 @@ impl SharedCodec {
     /// more), so the loop meters a connection's turn by it as well as by the bytes it reads.
     #[inline]
     pub fn work(&self) -> u64 {
-        self.consumed + self.inflater.as_ref().map_or(0, |i| i.produced)
+        self.sent[1] + self.absorbed[2] + self.inflater.as_ref().map_or(0, |i| i.produced)
     }
 
     /// Heap bytes held: each compressor and the decompressor made so far (zlib's figures, see
-    /// [`Deflater::heap_bytes`], [`Inflater::HEAP_BYTES`]) and the compression buffer.
+    /// [`Deflater::heap_bytes`], [`Inflater::HEAP_BYTES`]), the compression buffer, and the
+    /// state of this loop's connections with their own ([`Dedicated`]).
     #[inline]
     pub fn heap_bytes(&self) -> usize {
         debug_assert_eq!(
@@ -652,6 +845,7 @@ impl SharedCodec {
                 .sum::<usize>()
                 + self.inflater.as_ref().map_or(0, |_| Inflater::HEAP_BYTES)
                 + self.scratch.capacity()
+                + self.dedicated
         );
         self.heap
     }

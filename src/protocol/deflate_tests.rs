@@ -15,7 +15,92 @@ fn with_server_bits(bits: u8) -> Agreement {
 }
 
 fn neg(lines: &[&str]) -> Result<Option<Agreement>, Malformed> {
-    negotiate(lines.iter().map(|l| l.as_bytes()))
+    negotiate(lines.iter().map(|l| l.as_bytes()), Profile::Shared)
+}
+
+/// The dedicated profile's answer (compressing with at most 12 bits) to one offer.
+fn dedicated(offer: &str) -> Option<String> {
+    let profile = Profile::Dedicated { window_bits: 12 };
+    let a = negotiate([offer.as_bytes()], profile).expect("well-formed")?;
+    let mut out = Vec::new();
+    a.write_header(&mut out);
+    let line = String::from_utf8(out).unwrap();
+    Some(
+        line.trim_end()
+            .trim_start_matches("Sec-WebSocket-Extensions: ")
+            .to_string(),
+    )
+}
+
+/// The dedicated profile takes over its context unless asked not to, answers what was
+/// offered and nothing more, and its window never above the offer or its own.
+#[test]
+fn the_dedicated_profile_answers_only_what_was_offered() {
+    let cases = [
+        ("permessage-deflate", Some("permessage-deflate")),
+        (
+            "permessage-deflate; client_max_window_bits",
+            Some("permessage-deflate"),
+        ),
+        (
+            "permessage-deflate; server_no_context_takeover",
+            Some("permessage-deflate; server_no_context_takeover"),
+        ),
+        (
+            "permessage-deflate; client_no_context_takeover",
+            Some("permessage-deflate; client_no_context_takeover"),
+        ),
+        (
+            "permessage-deflate; server_max_window_bits=10",
+            Some("permessage-deflate; server_max_window_bits=10"),
+        ),
+        (
+            "permessage-deflate; server_max_window_bits=15",
+            Some("permessage-deflate; server_max_window_bits=12"),
+        ),
+        ("permessage-deflate; server_max_window_bits=8", None),
+        ("permessage-deflate; server_no_context_takeover=1", None),
+    ];
+    for (offer, want) in cases {
+        assert_eq!(dedicated(offer).as_deref(), want, "{offer}");
+    }
+}
+
+/// RFC 7692 section 7.2.3.2: "Hello" twice with context takeover; the second message refers
+/// to the first. Our compressor makes those bytes, and a decompressor that keeps its window
+/// reads them, where one reset per message cannot.
+#[test]
+fn rfc_7692_sliding_window_example() {
+    let mut d = Deflater::with(15, DEFAULT_MEM_LEVEL, true);
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    d.compress(b"Hello", &mut first);
+    d.compress(b"Hello", &mut second);
+    assert_eq!(first, [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+    assert_eq!(second, [0xf2, 0x00, 0x11, 0x00, 0x00]);
+    let mut i = Inflater::with_window(15, true);
+    let mut out = Vec::new();
+    i.inflate(&first, &mut out, 100).unwrap();
+    i.inflate(&second, &mut out, 100).unwrap();
+    assert_eq!(out, b"HelloHello");
+    // Without the first message's context, the second does not inflate to "Hello".
+    assert_ne!(inflate(&second, 100), Ok(b"Hello".to_vec()));
+    // Many messages of repetitive JSON, both ways with context: each after the first is far
+    // smaller than it would be on its own.
+    let mut d = Deflater::with(15, DEFAULT_MEM_LEVEL, true);
+    let mut i = Inflater::with_window(15, true);
+    for n in 0..50 {
+        let msg = format!("{{\"type\":\"tick\",\"symbol\":\"ACME\",\"price\":{n},\"volume\":100}}");
+        let mut z = Vec::new();
+        d.compress(msg.as_bytes(), &mut z);
+        let mut alone = Vec::new();
+        Deflater::new(15).compress(msg.as_bytes(), &mut alone);
+        if n > 0 {
+            assert!(z.len() < alone.len() / 2, "{} vs {}", z.len(), alone.len());
+        }
+        let mut out = Vec::new();
+        i.inflate(&z, &mut out, 1000).unwrap();
+        assert_eq!(out, msg.as_bytes());
+    }
 }
 
 fn answer(lines: &[&str]) -> Option<String> {

@@ -169,6 +169,17 @@ impl<D> Core<D> {
         drop(moving);
         let id = conn_id(self.loop_index, idx, conn.gen);
         self.pubsub.forget(id, idx, conn.send.subscribed);
+        if conn.session.deflate_bits() != 0 {
+            // Its compression profile, and its own state's bytes back to the budgets.
+            match conn.rare.as_mut().and_then(|r| r.dedicated.take()) {
+                Some(state) => {
+                    self.stats.compression_connections[1] -= 1;
+                    self.ledger.release_compression(state.bytes);
+                    self.codec.forget_dedicated(state.bytes);
+                }
+                None => self.stats.compression_connections[0] -= 1,
+            }
+        }
         self.stats.closed[reason.index()] += 1;
         // A descriptor was freed: accepting may go on.
         self.resume_accept();

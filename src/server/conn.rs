@@ -95,6 +95,9 @@ pub(super) struct Rare {
     /// Input read but not parsed yet: the rest of a read whose publications reached the
     /// turn's bound ([`MAX_OWED`](crate::topics::MAX_OWED)), parsed first on the next turn.
     pub(super) stash: Vec<u8>,
+    /// permessage-deflate's dedicated profile: the connection's own compressor and
+    /// decompressor (its bytes reserved from the compression budget, given back on close).
+    pub(super) dedicated: Option<Box<crate::protocol::deflate::Dedicated>>,
 }
 
 impl<D> Conn<D> {

@@ -239,6 +239,7 @@ impl<D> Core<D> {
             memory_bytes: self.memory.by_kind(),
             compressed_messages: self.codec.messages(),
             compression_bytes: self.codec.bytes(),
+            compression_budget: self.ledger.compression_budget().into(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
             ..self.stats.clone()

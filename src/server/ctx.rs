@@ -65,6 +65,12 @@ impl<'a, D> Ctx<'a, D> {
             &mut conn.session,
             &mut core.codec,
             last,
+        )
+        .with_own(
+            conn.rare
+                .as_deref_mut()
+                .and_then(|r| r.dedicated.as_deref_mut())
+                .map(|d| &mut d.deflater),
         );
         let ok = out.message(op, msg.as_bytes());
         let sent = out.sent();

@@ -8,7 +8,7 @@ use super::event_loop::Inner;
 use super::ws::{callback, frames, guarded};
 use crate::app::{CloseReason, Decision, Handler, UpgradeRequest};
 use crate::config::Compression;
-use crate::protocol::deflate;
+use crate::protocol::deflate::{self, Dedicated, Profile};
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::Head;
 use crate::watchdog::Activity;
@@ -146,18 +146,22 @@ impl<H: Handler> Inner<H> {
                 }
                 // permessage-deflate: a malformed header fails the handshake here, before the
                 // application is asked; no acceptable offer means no compression.
-                let deflate = match core.config.compression {
+                let profile = match core.config.compression {
                     Compression::Off => None,
-                    _ => match deflate::negotiate(
-                        upgrade.request().header_all("sec-websocket-extensions"),
-                    ) {
-                        Ok(agreement) => agreement,
-                        Err(malformed) => {
-                            log::debug!("{}: {malformed}", conn.peer);
-                            let rej = Rejection::custom(400, malformed.0);
-                            return reject(core, handler, idx, &rej);
-                        }
-                    },
+                    Compression::Shared => Some(Profile::Shared),
+                    Compression::Dedicated => Some(Profile::Dedicated {
+                        window_bits: core.config.compression_window_bits,
+                    }),
+                };
+                let offers = upgrade.request().header_all("sec-websocket-extensions");
+                let mut deflate = match profile.map(|p| deflate::negotiate(offers, p)) {
+                    None => None,
+                    Some(Ok(agreement)) => agreement.map(|a| (a, profile)),
+                    Some(Err(malformed)) => {
+                        log::debug!("{}: {malformed}", conn.peer);
+                        let rej = Rejection::custom(400, malformed.0);
+                        return reject(core, handler, idx, &rej);
+                    }
                 };
                 let req = UpgradeRequest {
                     upgrade,
@@ -196,11 +200,30 @@ impl<H: Handler> Inner<H> {
                                 return reject(core, handler, idx, &rej);
                             }
                         }
+                        if let Some((agreement, Some(Profile::Dedicated { .. }))) = &deflate {
+                            // Its own state, if the compression budget has room; else the
+                            // shared profile (whose answer differs: negotiated again).
+                            let config = &core.config;
+                            let bytes = Dedicated::heap_bytes(
+                                agreement,
+                                config.compression_window_bits,
+                                config.compression_mem_level,
+                            );
+                            if !core.ledger.reserve_compression(bytes) {
+                                core.stats.compression_downgrades += 1;
+                                let offers =
+                                    req.upgrade.request().header_all("sec-websocket-extensions");
+                                deflate = deflate::negotiate(offers, Profile::Shared)
+                                    .ok()
+                                    .flatten()
+                                    .map(|a| (a, Some(Profile::Shared)));
+                            }
+                        }
                         handshake::write_accept_with(
                             &mut core.cork,
                             req.upgrade.key(),
                             subprotocol.as_deref(),
-                            deflate.as_ref(),
+                            deflate.as_ref().map(|(a, _)| a),
                         );
                         (head_len, buffered, data, subprotocol, deflate)
                     }
@@ -208,16 +231,33 @@ impl<H: Handler> Inner<H> {
             }
         };
         let rest = conn.session.finish_handshake(head_len, buffered);
-        if let Some(agreement) = deflate {
-            let bits = agreement.deflate_window_bits();
-            conn.session.enable_deflate(bits);
-            // The loop's decompressor is made with the first connection that may need it
-            // (counted in the memory budget at the end of the turn).
-            core.codec.inflater();
-            // Publications are compressed once, with the largest window, for every subscriber
-            // that allows it; one that asked for a smaller window takes them plain.
-            let full = bits == crate::protocol::deflate::MAX_WINDOW_BITS;
-            core.pubsub.fanout.set_compressed(idx, full);
+        match deflate {
+            None => {}
+            Some((agreement, Some(Profile::Dedicated { window_bits }))) => {
+                // Its own compressor and decompressor (the budget reserved above).
+                let mem_level = core.config.compression_mem_level;
+                let state = Dedicated::new(&agreement, window_bits, mem_level);
+                conn.session
+                    .enable_deflate(agreement.deflate_window_bits().min(window_bits));
+                core.codec.adopt_dedicated(state.bytes);
+                conn.rare().dedicated = Some(Box::new(state));
+                core.stats.compression_connections[1] += 1;
+                // Publications compressed for all would not fit its context: it takes them
+                // plain (not marked for the compressed framing).
+            }
+            Some((agreement, _)) => {
+                let bits = agreement.deflate_window_bits();
+                conn.session.enable_deflate(bits);
+                // The loop's decompressor is made with the first connection that may need it
+                // (counted in the memory budget at the end of the turn).
+                core.codec.inflater();
+                core.stats.compression_connections[0] += 1;
+                // Publications are compressed once, with the largest window, for every
+                // subscriber that allows it; one that asked for a smaller window takes them
+                // plain.
+                let full = bits == crate::protocol::deflate::MAX_WINDOW_BITS;
+                core.pubsub.fanout.set_compressed(idx, full);
+            }
         }
         conn.data = Some(data);
         if let Some(p) = subprotocol {

@@ -73,6 +73,10 @@ fn websocket<'a, D>(
     last: bool,
 ) -> Option<WebSocket<'a, D>> {
     let data = conn.data.as_mut()?;
+    let (subprotocol, own) = match conn.rare.as_deref_mut() {
+        Some(r) => (r.subprotocol.as_deref(), r.dedicated.as_deref_mut()),
+        None => (None, None),
+    };
     Some(WebSocket {
         id,
         peer: conn.peer,
@@ -85,8 +89,9 @@ fn websocket<'a, D>(
             &mut conn.session,
             codec,
             last,
-        ),
-        subprotocol: conn.rare.as_ref().and_then(|r| r.subprotocol.as_deref()),
+        )
+        .with_own(own.map(|d| &mut d.deflater)),
+        subprotocol,
         max_backpressure: config.max_backpressure,
         policy: config.backpressure_policy,
         pubsub,
@@ -184,9 +189,15 @@ pub(super) fn frames<H: Handler>(
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        let inflater = match conn.session.deflate_bits() {
-            0 => None,
-            _ => Some(core.codec.inflater()),
+        // The connection's own decompressor (dedicated profile), or the loop's.
+        let own = conn
+            .rare
+            .as_deref_mut()
+            .and_then(|r| r.dedicated.as_deref_mut());
+        let inflater = match (conn.session.deflate_bits(), own) {
+            (0, _) => None,
+            (_, Some(own)) => Some(&mut own.inflater),
+            (_, None) => Some(core.codec.inflater()),
         };
         let read = conn.session.read_with(
             &mut buf[off..],
@@ -195,6 +206,14 @@ pub(super) fn frames<H: Handler>(
             &mut core.cork,
             inflater,
         );
+        if let Some(own) = conn
+            .rare
+            .as_deref_mut()
+            .and_then(|r| r.dedicated.as_deref_mut())
+        {
+            // Its counts join the loop's (and meter this turn's work).
+            core.codec.absorb(&mut own.inflater);
+        }
         let (used, event) = match read {
             Ok(r) => r,
             Err(e) => {

@@ -11,7 +11,9 @@ const WebSocket = require('ws');
 
 const URL = process.argv[2];
 const STEP = 10000;
-const ANSWER = 'permessage-deflate; server_no_context_takeover; client_no_context_takeover';
+// The shared profile's answer by default; the dedicated profile's (context takeover) if given.
+const ANSWER = process.argv[3] ||
+  'permessage-deflate; server_no_context_takeover; client_no_context_takeover';
 let failures = 0;
 function report(c, ok, fields = {}) {
   if (!ok) failures += 1;

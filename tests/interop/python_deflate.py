@@ -2,10 +2,11 @@
 """permessage-deflate with Python's `websockets` (which offers it by default), run by
 tests/interop.rs against wsloop on the shared profile.
 
-Usage: python_deflate.py URL
+Usage: python_deflate.py URL [ANSWER]
 
-One connection: the 101 must name permessage-deflate with both no_context_takeover
-parameters; then a JSON text message, a binary message, a short text, a large JSON text and a
+One connection: the 101 must name ANSWER (by default the shared profile's, permessage-deflate
+with both no_context_takeover parameters; the dedicated profile answers plain
+permessage-deflate, context takeover both ways); then a JSON text message, a binary message, a short text, a large JSON text and a
 fragmented compressed text are echoed back intact (the test checks on the server's side that
 they arrived compressed and that the echoes at or above the threshold went out compressed).
 Prints one JSON line per case; exit code 0 when every case passed.
@@ -19,7 +20,8 @@ from websockets.asyncio.client import connect
 
 URL = sys.argv[1]
 STEP = 10.0
-ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+ANSWER = sys.argv[2] if len(sys.argv) > 2 else (
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover")
 failures = 0
 
 
