@@ -9,8 +9,9 @@
 //!   sends them (`PUBLISH`, pipelined, numbered per topic), and measures the round trip with a
 //!   `PING` every [`PING_EVERY`];
 //! - `wsloop-redis-in` subscribes to the channel of every topic with local interest (on any
-//!   loop) and unsubscribes from those without, reads the messages of the other instances and
-//!   hands each to every loop through the inboxes the loops of a cluster use for each other (a
+//!   loop) and unsubscribes from those without, reads the messages of the other instances,
+//!   drops (and counts) those over `max_message_size` or not in the wire format, and hands the
+//!   others to every loop through the inboxes the loops of a cluster use for each other (a
 //!   loop is woken only when its inbox was empty: one wake per batch).
 //!
 //! Either thread reconnects after any error (Redis down, killed, or closing the connection, as

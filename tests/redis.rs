@@ -95,6 +95,18 @@ fn until_connected(publisher: &mut Ws, subscriber: &mut Ws, what: &str, logs: &[
     drain(publisher, Duration::from_millis(300));
 }
 
+/// Instances `a` and `b` on `redis` (`b` with `b_args` too), a member of the room on `b` and a
+/// publisher in it on `a`, connected through Redis (see [`until_connected`]).
+fn pair(redis: &Redis, b_args: &[&str]) -> (Wsloop, Wsloop, Ws, Ws) {
+    let url = redis.url();
+    let a = instance("a", &url);
+    let b = Wsloop::spawn("b", &[&["--pubsub", "--redis", &url][..], b_args].concat());
+    let mut far = member(&b, "room");
+    let mut publisher = member(&a, "room");
+    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    (a, b, far, publisher)
+}
+
 /// `GET /healthz` on the instance's WebSocket port: (status line, body).
 fn healthz(w: &Wsloop) -> (String, String) {
     let mut s = tcp(w.addr);
@@ -279,21 +291,8 @@ fn redis_down_at_start_killed_and_restarted_local_delivery_goes_on_and_sharing_r
 fn redis_closing_the_subscriber_for_its_output_buffer_is_a_disconnect_and_lost_messages_are_gaps() {
     let Some(bin) = redis_server() else { return };
     let redis = Redis::start(&bin, free_port());
-    let a = instance("a", &redis.url());
     // b drops what its frozen-then-flooded client cannot take, rather than closing it.
-    let b = Wsloop::spawn(
-        "b",
-        &[
-            "--pubsub",
-            "--redis",
-            &redis.url(),
-            "--backpressure-policy",
-            "drop",
-        ],
-    );
-    let mut far = member(&b, "room");
-    let mut publisher = member(&a, "room");
-    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    let (a, b, mut far, mut publisher) = pair(&redis, &["--backpressure-policy", "drop"]);
     // A subscriber whose output buffer passes 64 KiB is disconnected by Redis at once.
     let set = "CONFIG SET client-output-buffer-limit \"pubsub 65536 0 0\"";
     assert_eq!(redis.command(set).as_deref(), Some("+OK"));
@@ -440,11 +439,7 @@ fn instance_id(redis: &Redis, publisher: &mut Ws, room: &str) -> (u64, u64) {
 fn a_forged_high_sequence_number_does_not_silence_the_real_publisher() {
     let Some(bin) = redis_server() else { return };
     let redis = Redis::start(&bin, free_port());
-    let a = instance("a", &redis.url());
-    let b = instance("b", &redis.url());
-    let mut far = member(&b, "room");
-    let mut publisher = member(&a, "room");
-    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    let (a, b, mut far, mut publisher) = pair(&redis, &[]);
     let (id, seq) = instance_id(&redis, &mut publisher, "room");
     assert!(seq > 1, "the probes came before it: {seq}");
     drain(&mut far, Duration::from_millis(300));
@@ -481,21 +476,8 @@ fn a_flood_of_random_instance_ids_keeps_the_sequence_table_bounded() {
     const BOUND_TABLE: f64 = 65_536.0;
     let Some(bin) = redis_server() else { return };
     let redis = Redis::start(&bin, free_port());
-    let a = instance("a", &redis.url());
     // b drops what its members do not read in time rather than closing them.
-    let b = Wsloop::spawn(
-        "b",
-        &[
-            "--pubsub",
-            "--redis",
-            &redis.url(),
-            "--backpressure-policy",
-            "drop",
-        ],
-    );
-    let mut far = member(&b, "room");
-    let mut publisher = member(&a, "room");
-    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    let (a, b, mut far, mut publisher) = pair(&redis, &["--backpressure-policy", "drop"]);
     let before = b.metrics();
     assert!(before.get("wsloop_broker_sequences_tracked") >= 1.0);
     // More distinct ids than the table holds, each with its first number, in binary messages
