@@ -4,6 +4,7 @@
 use crate::config::BackpressurePolicy;
 use crate::io::out::Outbox;
 use crate::protocol::close::CloseCode;
+use crate::protocol::deflate::SharedCodec;
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::Upgrade;
 pub use crate::reason::CloseReason;
@@ -245,12 +246,14 @@ pub(crate) trait PubsubOps {
     fn is_subscribed(&self, id: ConnId, topic: &[u8]) -> bool;
     /// The topics `id` is subscribed to.
     fn topics(&self, id: ConnId) -> Vec<Vec<u8>>;
-    /// Publish to `topic`'s subscribers except `except`: how many it is for.
+    /// Publish to `topic`'s subscribers except `except` (framed compressed with `codec` for
+    /// those that negotiated permessage-deflate): how many it is for.
     fn publish(
         &mut self,
         topic: &[u8],
         msg: Message<'_>,
         except: Option<ConnId>,
+        codec: &mut SharedCodec,
     ) -> Result<usize, TopicError>;
     /// How many subscribers `topic` has on this loop.
     fn num_subscribers(&self, topic: &[u8]) -> usize;
@@ -354,7 +357,8 @@ impl<'a, D> WebSocket<'a, D> {
     /// subscriber gets it at the end of the loop's turn (or earlier, before anything else the
     /// loop writes to it), within its backpressure limit: see README, Topics.
     pub fn publish(&mut self, topic: &[u8], msg: Message<'_>) -> Result<usize, TopicError> {
-        self.pubsub.publish(topic, msg, Some(self.id))
+        self.pubsub
+            .publish(topic, msg, Some(self.id), self.out.codec())
     }
     /// Bytes sent but not yet written to the socket.
     pub fn buffered_amount(&self) -> usize {

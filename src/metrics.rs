@@ -88,6 +88,7 @@ impl Snapshot {
             a.messages_received += b.messages_received;
             a.messages_sent += b.messages_sent;
             add(&mut a.compressed_messages, &b.compressed_messages);
+            add(&mut a.compression_bytes, &b.compression_bytes);
             a.bytes_received += b.bytes_received;
             a.bytes_sent += b.bytes_sent;
             a.loop_turns += b.loop_turns;
@@ -177,6 +178,10 @@ pub struct Stats {
     /// permessage-deflate: messages inflated (received compressed) and compressed (sent with
     /// RSV1), in that order.
     pub compressed_messages: [u64; 2],
+    /// permessage-deflate's bytes: received compressed, and what they inflated to; compressed
+    /// to send, and what they were compressed to (the payloads, without the 4-byte tails; a
+    /// publication compressed once for all its subscribers counts once), in that order.
+    pub compression_bytes: [u64; 4],
     /// Bytes read from client sockets.
     pub bytes_received: u64,
     /// Bytes written to client sockets.
@@ -569,6 +574,24 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
             "wsloop_compressed_messages_total",
             &[("direction", direction)],
             st.compressed_messages[i] as f64,
+        );
+    }
+    m.head(
+        "wsloop_compression_bytes_total",
+        "counter",
+        "permessage-deflate payload bytes, compressed and uncompressed: received (compressed, and what they inflated to) and sent (before compression, and what they were compressed to; a publication counts once).",
+    );
+    let forms = [
+        ("received", "compressed"),
+        ("received", "uncompressed"),
+        ("sent", "uncompressed"),
+        ("sent", "compressed"),
+    ];
+    for (i, (direction, form)) in forms.into_iter().enumerate() {
+        m.line(
+            "wsloop_compression_bytes_total",
+            &[("direction", direction), ("form", form)],
+            st.compression_bytes[i] as f64,
         );
     }
     m.one(

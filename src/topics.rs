@@ -19,6 +19,11 @@
 //! run's frames are one slice of the arena, written with one `iovec`. Subscribers are addressed
 //! by slot and generation (a connection's place in the loop's slab): a slot reused within the
 //! turn is told apart by its generation.
+//!
+//! Subscribers that negotiated permessage-deflate take a second framing, compressed once for
+//! all of them: from the turn's first publication owed to one of them on, every publication is
+//! framed into a second arena too (compressed, or as it is when short), back to back, so that
+//! their runs are single slices there as well.
 
 use slab::Slab;
 use std::collections::HashMap;
@@ -278,7 +283,6 @@ struct Run {
 
 /// One turn's publications, framed once each, and what each subscriber is owed of them (see
 /// the module docs).
-#[derive(Default)]
 pub struct Fanout {
     /// The publications, framed, back to back.
     frames: Vec<u8>,
@@ -290,6 +294,30 @@ pub struct Fanout {
     lists: Vec<Option<(u32, u32)>>,
     /// Slots owed something, with their generation, in the order they were first owed.
     owing: Vec<(usize, u32)>,
+    /// The publications from `z0` on, framed for subscribers that take them compressed.
+    zframes: Vec<u8>,
+    /// Each of those frames in `zframes` (publication `z0 + i` at `i`).
+    zpubs: Vec<Range<usize>>,
+    /// The turn's first publication owed to a slot in `zslots`, or [`END`].
+    z0: u32,
+    /// Per slot: it takes publications compressed ([`Fanout::set_compressed`]).
+    zslots: Vec<bool>,
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Fanout {
+            frames: Vec::new(),
+            pubs: Vec::new(),
+            owed: Vec::new(),
+            lists: Vec::new(),
+            owing: Vec::new(),
+            zframes: Vec::new(),
+            zpubs: Vec::new(),
+            z0: END,
+            zslots: Vec::new(),
+        }
+    }
 }
 
 /// Where a subscriber is in reading what it is owed ([`Fanout::take`], [`Fanout::next`]):
@@ -298,6 +326,8 @@ pub struct Fanout {
 pub struct Cursor {
     run: u32,
     at: u32,
+    /// Its subscriber takes the compressed framing where there is one.
+    z: bool,
 }
 
 impl Cursor {
@@ -320,19 +350,24 @@ pub const MAX_FRAMED: usize = 1 << 20;
 pub const MAX_FORWARDED: usize = 16 << 20;
 
 impl Fanout {
-    /// Frame one publication with `write` and owe it to each of `to` (slot, generation).
-    /// Returns how many it is owed to; with none, nothing is kept.
+    /// Frame one publication with `write` and owe it to each of `to` (slot, generation); if one
+    /// of them takes publications compressed, or one did earlier this turn, frame it with
+    /// `write_z` too (see the module docs). Returns how many it is owed to; with none, nothing
+    /// is kept.
     pub fn publish(
         &mut self,
         write: impl FnOnce(&mut Vec<u8>),
+        write_z: impl FnOnce(&mut Vec<u8>),
         to: impl IntoIterator<Item = (usize, u32)>,
     ) -> usize {
         let start = self.frames.len();
         write(&mut self.frames);
         let p = self.pubs.len() as u32;
         let mut n = 0;
+        let mut z = false;
         for (slot, gen) in to {
             n += 1;
+            z = z || self.zslots.get(slot).copied().unwrap_or(false);
             if self.lists.len() <= slot {
                 self.lists.resize(slot + 1, None);
             }
@@ -358,11 +393,43 @@ impl Fanout {
                 next: END,
             });
         }
-        match n {
-            0 => self.frames.truncate(start),
-            _ => self.pubs.push(start..self.frames.len()),
+        if n == 0 {
+            self.frames.truncate(start);
+            return 0;
+        }
+        self.pubs.push(start..self.frames.len());
+        if z && self.z0 == END {
+            self.z0 = p;
+        }
+        if self.z0 != END {
+            let zstart = self.zframes.len();
+            write_z(&mut self.zframes);
+            self.zpubs.push(zstart..self.zframes.len());
         }
         n
+    }
+
+    /// Whether the connection in `slot` takes publications compressed (it negotiated
+    /// permessage-deflate), from its next publication on. A slot's new connection sets it anew.
+    pub fn set_compressed(&mut self, slot: usize, on: bool) {
+        if self.zslots.len() <= slot {
+            if !on {
+                return;
+            }
+            self.zslots.resize(slot + 1, false);
+        }
+        self.zslots[slot] = on;
+    }
+
+    /// The frames of publications `from..to` of one run, as a subscriber with the compressed
+    /// framing (`z`) or not takes them: one slice, and each publication's range in it.
+    #[inline]
+    fn arena(&self, z: bool, from: usize) -> (&[u8], &[Range<usize>], usize) {
+        let z0 = self.z0 as usize;
+        match z && self.z0 != END && from >= z0 {
+            true => (&self.zframes, &self.zpubs, z0),
+            false => (&self.frames, &self.pubs, 0),
+        }
     }
 
     /// Whether anything is owed to anyone.
@@ -375,16 +442,17 @@ impl Fanout {
     /// [`Fanout::next_span`]); its list is cleared.
     pub fn take(&mut self, slot: usize) -> Cursor {
         let first = self.lists.get_mut(slot).and_then(Option::take);
-        self.cursor(first.map_or(END, |(first, _)| first))
+        let z = self.zslots.get(slot).copied().unwrap_or(false);
+        self.cursor(first.map_or(END, |(first, _)| first), z)
     }
 
     /// A cursor at the start of run `run` (or the end).
-    fn cursor(&self, run: u32) -> Cursor {
+    fn cursor(&self, run: u32, z: bool) -> Cursor {
         let at = match run {
             END => 0,
             r => self.owed[r as usize].from,
         };
-        Cursor { run, at }
+        Cursor { run, at, z }
     }
 
     /// The next publication's frame at `at`, moving `at` on; `None` at the end.
@@ -394,11 +462,12 @@ impl Fanout {
         }
         let p = at.at as usize;
         let run = self.owed[at.run as usize];
+        let (frames, pubs, base) = self.arena(at.z, run.from as usize);
         at.at += 1;
         if at.at == run.to {
-            *at = self.cursor(run.next);
+            *at = self.cursor(run.next, at.z);
         }
-        Some(&self.frames[self.pubs[p].clone()])
+        Some(&frames[pubs[p - base].clone()])
     }
 
     /// The next publications at `at` that lie back to back in the arena, as one slice, and how
@@ -410,18 +479,20 @@ impl Fanout {
             return None;
         }
         let run = self.owed[at.run as usize];
-        let (from, to) = (at.at as usize, run.to as usize);
-        let base = self.pubs[from].start;
-        let more = self.pubs[from + 1..to].partition_point(|r| r.start - base <= room);
+        let (frames, pubs, z0) = self.arena(at.z, run.from as usize);
+        let (from, to) = (at.at as usize - z0, run.to as usize - z0);
+        let base = pubs[from].start;
+        let more = pubs[from + 1..to].partition_point(|r| r.start - base <= room);
         let end = from + 1 + more;
         *at = match end == to {
-            true => self.cursor(run.next),
+            true => self.cursor(run.next, at.z),
             false => Cursor {
                 run: at.run,
-                at: end as u32,
+                at: (end + z0) as u32,
+                z: at.z,
             },
         };
-        Some((&self.frames[base..self.pubs[end - 1].end], end - from))
+        Some((&frames[base..pubs[end - 1].end], end - from))
     }
 
     /// The slots owed something, with their generations (each slot with the generation it had
@@ -436,6 +507,7 @@ impl Fanout {
         if let Some(list) = self.lists.get_mut(slot) {
             *list = None;
         }
+        self.set_compressed(slot, false);
     }
 
     /// Everything owed has been delivered (or forgotten): start the next turn, keeping a small
@@ -458,6 +530,15 @@ impl Fanout {
             self.owed = Vec::new();
         }
         self.owing.clear();
+        self.zframes.clear();
+        if self.zframes.capacity() > MAX_FRAMED {
+            self.zframes = Vec::new();
+        }
+        self.zpubs.clear();
+        if self.zpubs.capacity() > MAX_PUBS {
+            self.zpubs = Vec::new();
+        }
+        self.z0 = END;
     }
 
     /// The heap memory the fan-out holds for publications (arena and references), as the
@@ -469,6 +550,8 @@ impl Fanout {
             + self.pubs.capacity() * size_of::<Range<usize>>()
             + self.owed.capacity() * size_of::<Run>()
             + self.owing.capacity() * size_of::<(usize, u32)>()
+            + self.zframes.capacity()
+            + self.zpubs.capacity() * size_of::<Range<usize>>()
     }
 
     /// Nothing was published this turn: give back what the arena kept from the last one.
@@ -478,6 +561,8 @@ impl Fanout {
         self.pubs = Vec::new();
         self.owed = Vec::new();
         self.owing = Vec::new();
+        self.zframes = Vec::new();
+        self.zpubs = Vec::new();
     }
 
     /// What is owed (runs of publications, the publications, or their frames) is large enough
@@ -485,7 +570,7 @@ impl Fanout {
     pub fn is_large(&self) -> bool {
         self.owed.len() >= MAX_OWED
             || self.pubs.len() >= MAX_PUBS
-            || self.frames.len() >= MAX_FRAMED
+            || self.frames.len() + self.zframes.len() >= MAX_FRAMED
     }
 }
 
@@ -538,13 +623,53 @@ mod tests {
         move |f: &mut Vec<u8>| f.extend_from_slice(&[p, p, p])
     }
 
+    /// The compressed framing, where no subscriber takes it: never written.
+    fn plain() -> impl FnOnce(&mut Vec<u8>) {
+        |_: &mut Vec<u8>| panic!("no subscriber takes publications compressed")
+    }
+
+    /// Subscribers that take publications compressed share a second framing from the turn's
+    /// first publication owed to one of them; a run that began before it is read plain to its
+    /// end; a slot's next connection is plain unless set again.
+    #[test]
+    fn compressed_subscribers_read_the_second_framing() {
+        let mut f = Fanout::default();
+        f.set_compressed(2, true);
+        // 0 to slot 1 only (plain); 1 and 2 to both; 3 to slot 1 only, yet framed twice.
+        let zframe = |p: u8| move |z: &mut Vec<u8>| z.extend_from_slice(&[p + 100; 2]);
+        assert_eq!(f.publish(frame(0), zframe(0), [(1, 1)]), 1);
+        for p in 1..3 {
+            assert_eq!(f.publish(frame(p), zframe(p), [(1, 1), (2, 1)]), 2);
+        }
+        assert_eq!(f.publish(frame(3), zframe(3), [(1, 1)]), 1);
+        assert_eq!(f.publish(frame(4), zframe(4), [(2, 1)]), 1);
+        let mut at = f.take(1);
+        let (span, n) = f.next_span(&mut at, usize::MAX).expect("owed");
+        assert_eq!((span, n), (&[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3][..], 4));
+        let mut at = f.take(2);
+        assert_eq!(
+            f.next_span(&mut at, usize::MAX),
+            Some((&[101, 101, 102, 102][..], 2)),
+            "one slice of the second arena"
+        );
+        assert_eq!(f.next(&mut at), Some(&[104, 104][..]));
+        assert!(at.is_end());
+        f.clear();
+        // The slot's connection ended; the next one there is plain.
+        f.forget(2);
+        assert_eq!(f.publish(frame(5), plain(), [(2, 2)]), 1);
+        let mut at = f.take(2);
+        assert_eq!(f.next(&mut at), Some(&[5, 5, 5][..]));
+        f.clear();
+    }
+
     #[test]
     fn consecutive_publications_are_one_run_and_one_slice() {
         let mut f = Fanout::default();
         // Slot 1 is owed 0, 1, 2 and 4; slot 2 only 3.
         for p in 0..5u8 {
             let to: &[(usize, u32)] = if p == 3 { &[(2, 7)] } else { &[(1, 9)] };
-            assert_eq!(f.publish(frame(p), to.iter().copied()), 1);
+            assert_eq!(f.publish(frame(p), plain(), to.iter().copied()), 1);
         }
         assert_eq!(f.take_owing(), [(1, 9), (2, 7)]);
         let mut at = f.take(1);
@@ -568,7 +693,7 @@ mod tests {
     fn a_span_stops_where_the_room_does() {
         let mut f = Fanout::default();
         for p in 0..10u8 {
-            f.publish(frame(p), [(0, 0)]);
+            f.publish(frame(p), plain(), [(0, 0)]);
         }
         let mut at = f.take(0);
         assert_eq!(f.next_span(&mut at, 0), Some((&[0, 0, 0][..], 1)));
@@ -592,6 +717,7 @@ mod tests {
         for p in 0..1000u32 {
             let n = f.publish(
                 |b: &mut Vec<u8>| b.extend_from_slice(&p.to_le_bytes()),
+                plain(),
                 (0..100).map(|s| (s, 1)),
             );
             assert_eq!(n, 100);
@@ -611,7 +737,7 @@ mod tests {
         f.clear();
         // Publications are bounded too, even when they cost no new run.
         for p in 0..MAX_PUBS as u32 {
-            f.publish(|b: &mut Vec<u8>| b.push(p as u8), [(0, 1)]);
+            f.publish(|b: &mut Vec<u8>| b.push(p as u8), plain(), [(0, 1)]);
         }
         assert!(f.is_large());
         f.take(0);

@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use wsloop::protocol::deflate::{Deflater, Inflater};
 use wsloop::{CloseReason, Compression, Config};
 
@@ -28,22 +28,6 @@ fn shared() -> Config {
         compression_threshold: 100,
         ..config()
     }
-}
-
-/// Upgrade with these `Sec-WebSocket-Extensions` lines; returns the socket and the response
-/// head.
-fn upgrade_offering(addr: SocketAddr, offers: &[&str]) -> (TcpStream, String) {
-    let mut s = tcp(addr);
-    s.set_nodelay(true).unwrap();
-    let mut req = upgrade_request(addr);
-    req.truncate(req.len() - 2);
-    for o in offers {
-        req.push_str(&format!("Sec-WebSocket-Extensions: {o}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let head = read_head(&mut s);
-    (s, head)
 }
 
 fn extension_of(head: &str) -> Option<String> {
@@ -216,6 +200,58 @@ fn compressed_messages_are_echoed_compressed_and_small_ones_plain() {
     let stats = server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
     // Received compressed: the first, the short one, the empty one and the fragmented one.
     assert_eq!(stats.compressed_messages, [4, 3]);
+}
+
+/// Compression work is metered per connection and turn, as reads are: 24 compressed 4 KiB
+/// messages that arrive in one read (about 10 KB on the wire) are inflated and echoed compressed
+/// over several turns (8 KiB of work each; past 32 KiB in a turn the rest waits), every one
+/// intact and in order. Unmetered, they were all handled in the one turn, however many there
+/// were: 32 clients sending hard-to-compress messages held the loop for seconds.
+#[test]
+fn compression_work_is_metered_per_turn_as_reads_are() {
+    const N: usize = 24;
+    let server = TestServer::start(shared());
+    let (mut s, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    let messages: Vec<String> = (0..N)
+        .map(|i| {
+            let mut m = format!("{i:03}{}", json(120));
+            m.truncate(4096);
+            m
+        })
+        .collect();
+    let mut burst = Vec::new();
+    let mut wire_in = 0;
+    for m in &messages {
+        let z = deflated(m.as_bytes());
+        wire_in += z.len() as u64;
+        burst.extend(frame_raw(FIN | RSV1 | OP_TEXT, &z, Some(MASK)));
+    }
+    assert!(burst.len() < 32 * 1024, "{} bytes: one read", burst.len());
+    let before = server.stats().read_yields;
+    assert_eq!(before, 0);
+    s.write_all(&burst).unwrap();
+    let mut wire_out = 0;
+    for (i, m) in messages.iter().enumerate() {
+        let f = read_frame(&mut s);
+        assert_eq!((f.rsv, f.opcode), (4, OP_TEXT), "echo {i}");
+        assert_eq!(inflated(&f.payload), m.as_bytes(), "echo {i}");
+        wire_out += f.payload.len() as u64;
+    }
+    let stats = server.stats();
+    // The bytes before and after compression, both ways.
+    let plain = (N * 4096) as u64;
+    assert_eq!(stats.compression_bytes, [wire_in, plain, plain, wire_out]);
+    assert!(wire_out < plain / 3, "{wire_out} of {plain}");
+    // 24 x 8 KiB of work at 32 KiB a turn: a yield every 4 messages (and after the last).
+    assert!(
+        stats.read_yields >= (N / 4) as u64 - 1,
+        "{} yields for {N} messages in one read",
+        stats.read_yields
+    );
+    assert_eq!(stats.compressed_messages, [N as u64, N as u64]);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
 #[test]

@@ -289,6 +289,89 @@ fn a_publish_reaches_every_subscriber_but_the_publisher_in_order() {
     srv.finish();
 }
 
+/// With permessage-deflate, a publication is compressed once for every subscriber that
+/// negotiated it (with the full window): they get it with RSV1, inflating to the message; a
+/// subscriber without the extension, or that asked for a smaller window, gets it plain; short
+/// ones are plain for all. All in order.
+#[test]
+fn a_publication_is_compressed_once_for_every_subscriber_that_negotiated_it() {
+    use wsloop::protocol::deflate::Inflater;
+    let srv = start(Config {
+        compression: wsloop::Compression::Shared,
+        compression_threshold: 100,
+        ..config()
+    });
+    let join = |offer: Option<&str>| {
+        let (mut s, head) = upgrade_offering(srv.addr, offer.as_slice());
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(ask(&mut s, "sub room"), "sub true");
+        s
+    };
+    let mut zipped = [
+        join(Some("permessage-deflate")),
+        join(Some("permessage-deflate")),
+    ];
+    let mut small_window = join(Some("permessage-deflate; server_max_window_bits=10"));
+    let mut plain = join(None);
+    let mut publisher = raw_ws(srv.addr);
+    const N: usize = 40;
+    let messages: Vec<String> = (0..N)
+        .map(|i| match i % 4 {
+            3 => format!("short {i}"),
+            _ => format!(
+                "{i:03} {}",
+                "the quick brown fox jumps over the lazy dog ".repeat(10)
+            ),
+        })
+        .collect();
+    let long = messages.iter().filter(|m| m.len() >= 100).count() as u64;
+    let long_bytes: usize = messages.iter().map(String::len).filter(|&n| n >= 100).sum();
+    let mut batch = Vec::new();
+    for m in &messages {
+        batch.extend_from_slice(&frame(true, OP_TEXT, format!("pub room {m}").as_bytes()));
+    }
+    publisher.write_all(&batch).unwrap();
+    for s in zipped.iter_mut() {
+        for (i, m) in messages.iter().enumerate() {
+            let f = read_frame(s);
+            assert_eq!(f.opcode, OP_TEXT, "message {i}");
+            match m.len() >= 100 {
+                true => {
+                    assert_eq!(f.rsv, 4, "message {i} compressed");
+                    assert!(f.payload.len() < m.len() / 2);
+                    let mut out = Vec::new();
+                    Inflater::new()
+                        .inflate(&f.payload, &mut out, 1 << 20)
+                        .unwrap();
+                    assert_eq!(out, m.as_bytes(), "message {i}");
+                }
+                false => assert_eq!((f.rsv, &f.payload[..]), (0, m.as_bytes()), "message {i}"),
+            }
+        }
+    }
+    for s in [&mut small_window, &mut plain] {
+        for (i, m) in messages.iter().enumerate() {
+            let f = read_frame(s);
+            assert_eq!(
+                (f.rsv, f.opcode, &f.payload[..]),
+                (0, OP_TEXT, m.as_bytes()),
+                "message {i}"
+            );
+        }
+    }
+    let st = srv.stats();
+    assert_eq!((st.published, st.deliveries), (N as u64, 4 * N as u64));
+    assert_eq!(
+        st.compressed_messages[1], long,
+        "each long publication compressed once, for both subscribers"
+    );
+    assert_eq!(
+        st.compression_bytes[2], long_bytes as u64,
+        "and counted once"
+    );
+    srv.finish();
+}
+
 #[test]
 fn sends_and_publishes_to_one_connection_arrive_in_the_order_they_were_made() {
     let srv = start(config());

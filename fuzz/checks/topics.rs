@@ -4,7 +4,9 @@
 //! exactly the publications of the topics it was subscribed to when they were published (but
 //! its own, when it published), in publication order, until it closes; a connection that takes
 //! a closed one's slot receives nothing meant for that one. The registry's positions stay
-//! consistent, and topics are freed with their last subscriber.
+//! consistent, and topics are freed with their last subscriber. Connections of odd
+//! generations take publications compressed: they may get the second framing (here the
+//! sequence number inverted), the others never do.
 //!
 //! Input: operations of 1 + up to 2 bytes each (see [`decode`]).
 
@@ -68,6 +70,27 @@ fn key(slot: usize, gen: u32) -> u64 {
     (u64::from(gen) << 32) | slot as u64
 }
 
+/// Whether the connection of generation `gen` takes publications compressed.
+fn compressed(gen: u32) -> bool {
+    gen % 2 == 1
+}
+
+/// The sequence number in a frame: as it is, or inverted in the compressed framing, which only
+/// connections that take it may get.
+fn seq_of(frame: &[u8], gen: u32) -> u64 {
+    let v = u64::from_le_bytes(frame.try_into().expect("one 8-byte frame"));
+    match v >> 63 {
+        0 => v,
+        _ => {
+            assert!(
+                compressed(gen),
+                "a plain connection got the compressed framing"
+            );
+            !v
+        }
+    }
+}
+
 pub fn run(data: &[u8]) {
     let ops = decode(data);
     let mut topics = Topics::new();
@@ -89,9 +112,7 @@ pub fn run(data: &[u8]) {
         let mut at = fanout.take(slot);
         let got = received.entry((slot, c.gen)).or_default();
         while let Some(frame) = fanout.next(&mut at) {
-            got.push(u64::from_le_bytes(
-                frame.try_into().expect("one 8-byte frame"),
-            ));
+            got.push(seq_of(frame, c.gen));
         }
         expected
             .entry((slot, c.gen))
@@ -105,6 +126,7 @@ pub fn run(data: &[u8]) {
                 if slots[s].is_none() {
                     next_gen += 1;
                     let sub = topics.add_subscriber(key(s, next_gen));
+                    fanout.set_compressed(s, compressed(next_gen));
                     slots[s] = Some(Conn {
                         gen: next_gen,
                         sub,
@@ -142,7 +164,11 @@ pub fn run(data: &[u8]) {
                     .members(&[t])
                     .filter(|&k| Some(k) != except)
                     .map(|k| ((k & 0xffff_ffff) as usize, (k >> 32) as u32));
-                let n = fanout.publish(|f| f.extend_from_slice(&seq.to_le_bytes()), to);
+                let n = fanout.publish(
+                    |f| f.extend_from_slice(&seq.to_le_bytes()),
+                    |f| f.extend_from_slice(&(!seq).to_le_bytes()),
+                    to,
+                );
                 let mut want = 0;
                 for (i, c) in slots.iter_mut().enumerate() {
                     if let Some(c) = c {
@@ -228,7 +254,7 @@ fn end_turn(
                     "{n} frames taken with room for {room} bytes"
                 );
                 for frame in span.chunks(8) {
-                    got.push(u64::from_le_bytes(frame.try_into().expect("8 bytes")));
+                    got.push(seq_of(frame, gen));
                 }
             }
             expected.entry((slot, gen)).or_default().append(&mut c.owed);

@@ -197,6 +197,12 @@ impl<'a> Outbox<'a> {
         }
     }
 
+    /// The loop's compressor (a publication is compressed once for every subscriber).
+    #[inline]
+    pub(crate) fn codec(&mut self) -> &mut SharedCodec {
+        self.codec
+    }
+
     /// Bytes sent but not yet written to the socket.
     #[inline]
     pub(crate) fn buffered(&self) -> usize {

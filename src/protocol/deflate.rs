@@ -345,6 +345,10 @@ pub struct Inflater {
     d: Decompress,
     /// Messages inflated (or refused while inflating).
     messages: u64,
+    /// Bytes inflated, those of refused messages included: the work done.
+    produced: u64,
+    /// Compressed bytes given to inflate (without the tail).
+    taken: u64,
 }
 
 impl fmt::Debug for Inflater {
@@ -370,6 +374,8 @@ impl Inflater {
         Inflater {
             d: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
             messages: 0,
+            produced: 0,
+            taken: 0,
         }
     }
 
@@ -380,7 +386,8 @@ impl Inflater {
     /// capacity (unless it had more already), and the moment it holds more than `limit` bytes
     /// the message fails with [`InflateError::TooBig`], so a message that would inflate to
     /// gigabytes costs at most the limit plus one byte of output. `out` may hold a partial
-    /// result after an error. Data after a final block is ignored.
+    /// result after an error. A stream cut short, or bytes after a final block other than the
+    /// one zero byte of a flush, are [`InflateError::Invalid`].
     pub fn inflate(
         &mut self,
         compressed: &[u8],
@@ -391,7 +398,11 @@ impl Inflater {
         // Reset before each message (not after: once is enough), so that whatever the previous
         // one left, an error midway included, does not count.
         self.d.reset(false);
-        self.run(compressed, out, limit)
+        let start = out.len();
+        let r = self.run(compressed, out, limit);
+        self.produced += (out.len() - start) as u64;
+        self.taken += compressed.len() as u64;
+        r
     }
 
     fn run(
@@ -400,7 +411,10 @@ impl Inflater {
         out: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), InflateError> {
-        for part in [compressed, &TAIL[..]] {
+        if compressed.is_empty() {
+            return Ok(()); // nothing to be cut short (a sender should send 0x00, 7.2.3.6)
+        }
+        for (n, part) in [compressed, &TAIL[..]].into_iter().enumerate() {
             let mut pos = 0;
             loop {
                 if out.len() == out.capacity() {
@@ -422,7 +436,16 @@ impl Inflater {
                     return Err(InflateError::TooBig);
                 }
                 if status == Status::StreamEnd {
-                    return Ok(());
+                    // A final block (BFINAL) ended the message. RFC 7692 allows it (section
+                    // 7.2.3.4's example); what may follow is the first byte of the empty
+                    // stored block the sender flushed with (its other four are the stripped
+                    // tail). Anything else, or a final block that needed the tail's bytes to
+                    // end, is not what the sender compressed.
+                    let rest = &part[pos..];
+                    return match n == 0 && rest.len() <= 1 && rest.iter().all(|&b| b == 0) {
+                        true => Ok(()),
+                        false => Err(InflateError::Invalid),
+                    };
                 }
                 let progress = self.d.total_in() > in0 || out.len() > out0;
                 if pos == part.len() && out.len() < out.capacity() {
@@ -433,7 +456,28 @@ impl Inflater {
                 }
             }
         }
-        Ok(())
+        self.ended(out)
+    }
+
+    /// After the message and the tail: the stream must stand at a block boundary, as the empty
+    /// stored block the tail ends leaves it. A stream cut short (a stored block claiming more
+    /// bytes than it carries, a Huffman block without its end code) took the tail as data and
+    /// does not: fed a final empty block (fixed codes, `03 00`), it must end at once and
+    /// produce nothing.
+    fn ended(&mut self, out: &mut Vec<u8>) -> Result<(), InflateError> {
+        const FINAL_EMPTY_BLOCK: [u8; 2] = [0x03, 0x00];
+        if out.len() == out.capacity() {
+            out.reserve_exact(1); // room to show output, if it (wrongly) makes any
+        }
+        let before = out.len();
+        let status = self
+            .d
+            .decompress_vec(&FINAL_EMPTY_BLOCK, out, FlushDecompress::Finish)
+            .map_err(|_| InflateError::Invalid)?;
+        match status == Status::StreamEnd && out.len() == before {
+            true => Ok(()),
+            false => Err(InflateError::Invalid),
+        }
     }
 }
 
@@ -508,6 +552,10 @@ pub struct SharedCodec {
     threshold: usize,
     /// Messages compressed.
     compressed: u64,
+    /// Bytes compressed: the work done.
+    consumed: u64,
+    /// What they were compressed to (without the tail).
+    emitted: u64,
     /// [`SharedCodec::heap_bytes`], kept up to date where it changes.
     heap: usize,
 }
@@ -524,6 +572,8 @@ impl SharedCodec {
             scratch: Vec::new(),
             threshold,
             compressed: 0,
+            consumed: 0,
+            emitted: 0,
             heap: 0,
         }
     }
@@ -557,7 +607,9 @@ impl SharedCodec {
         }
         self.scratch.clear();
         self.compressed += 1;
+        self.consumed += payload.len() as u64;
         deflater.compress(payload, &mut self.scratch);
+        self.emitted += self.scratch.len() as u64;
         self.heap += self.scratch.capacity();
         &self.scratch
     }
@@ -566,6 +618,25 @@ impl SharedCodec {
     pub fn messages(&self) -> [u64; 2] {
         let inflated = self.inflater.as_ref().map_or(0, |i| i.messages);
         [inflated, self.compressed]
+    }
+
+    /// Bytes so far: received compressed and what they inflated to; compressed to send and what
+    /// they were compressed to (without the 4-byte tails), in that order. A publication is
+    /// compressed once for all its subscribers, and counted once.
+    pub fn bytes(&self) -> [u64; 4] {
+        let (taken, produced) = self
+            .inflater
+            .as_ref()
+            .map_or((0, 0), |i| (i.taken, i.produced));
+        [taken, produced, self.consumed, self.emitted]
+    }
+
+    /// The work done so far, in bytes: those inflated plus those compressed. Both cost far
+    /// more CPU per byte than framing (deflating at zlib's level 6, about a hundred times
+    /// more), so the loop meters a connection's turn by it as well as by the bytes it reads.
+    #[inline]
+    pub fn work(&self) -> u64 {
+        self.consumed + self.inflater.as_ref().map_or(0, |i| i.produced)
     }
 
     /// Heap bytes held: each compressor and the decompressor made so far (zlib's figures, see

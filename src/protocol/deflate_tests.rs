@@ -241,8 +241,10 @@ fn rfc_7692_examples_inflate() {
     // 7.2.3.1: "Hello" in a compressed block.
     let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
     assert_eq!(inflate(&hello, 100).unwrap(), b"Hello");
-    // 7.2.3.3: a block with no compression.
-    let stored = [0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f];
+    // 7.2.3.3: a block with no compression (the last byte begins the flush's empty block).
+    let stored = [
+        0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00,
+    ];
     assert_eq!(inflate(&stored, 100).unwrap(), b"Hello");
     // 7.2.3.4: a block with BFINAL set.
     let last = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
@@ -256,6 +258,47 @@ fn rfc_7692_examples_inflate() {
     let mut twice = Vec::new();
     d.compress(b"HelloHello", &mut twice);
     assert_eq!(inflate(&twice, 100).unwrap(), b"HelloHello");
+}
+
+/// A stream cut short, or followed by more than a flush's zero byte after its final block, is
+/// invalid (close 1007), not delivered as whatever inflated from it.
+#[test]
+fn a_stream_cut_short_or_with_bytes_after_its_final_block_is_invalid() {
+    let invalid = |bytes: &[u8]| inflate(bytes, 10_000) == Err(InflateError::Invalid);
+    // The stored example without the flush's byte: the tail is taken as the next header.
+    assert!(invalid(&[
+        0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f
+    ]));
+    // A stored block claiming 100 bytes that carries 5.
+    assert!(invalid(&[
+        0x00, 0x64, 0x00, 0x9b, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f
+    ]));
+    // "Hello" in fixed codes without its end-of-block code, final or not.
+    assert!(invalid(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9]));
+    assert!(invalid(&[0xf3, 0x48, 0xcd, 0xc9, 0xc9]));
+    // A whole message cut anywhere inside its data.
+    let mut whole = Vec::new();
+    let text: Vec<u8> = (0..4000u32)
+        .map(|i| b"abcdefgh"[(i * i % 7) as usize])
+        .collect();
+    Deflater::new(15).compress(&text, &mut whole);
+    assert_eq!(inflate(&whole, 10_000).unwrap(), text);
+    for cut in 1..whole.len() {
+        assert!(invalid(&whole[..cut]), "cut at {cut} of {}", whole.len());
+    }
+    // After a final block: the flush's one zero byte is fine (7.2.3.4), more is not.
+    let last = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    assert_eq!(inflate(&last, 100).unwrap(), b"Hello");
+    for extra in [
+        &[0x00, 0x00][..],
+        &[0x01],
+        &[0x00, 0x00, 0xff, 0xff],
+        b"trailing",
+    ] {
+        let mut m = last.to_vec();
+        m.extend_from_slice(extra);
+        assert!(invalid(&m), "{extra:?} after the final block");
+    }
 }
 
 #[test]

@@ -247,9 +247,20 @@ pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8])
         !opcode.is_control() || (fin && payload.len() <= MAX_CONTROL_PAYLOAD),
         "invalid control frame"
     );
+    write_frame_rsv(out, fin, 0, opcode, payload);
+}
+
+/// Append one complete unmasked data message compressed with permessage-deflate (RFC 7692): a
+/// final frame with RSV1 set, its payload `compressed` (without the 4-byte tail).
+pub fn write_compressed_frame(out: &mut Vec<u8>, opcode: OpCode, compressed: &[u8]) {
+    debug_assert!(!opcode.is_control(), "control frames are never compressed");
+    write_frame_rsv(out, true, 0b100, opcode, compressed);
+}
+
+fn write_frame_rsv(out: &mut Vec<u8>, fin: bool, rsv: u8, opcode: OpCode, payload: &[u8]) {
     let header = FrameHeader {
         fin,
-        rsv: 0,
+        rsv,
         opcode,
         mask: None,
         payload_len: payload.len() as u64,

@@ -73,6 +73,10 @@ pub(super) struct Core<D> {
     pub(super) codec: crate::protocol::deflate::SharedCodec,
     /// Their heap bytes, as last accounted in `memory`.
     pub(super) codec_bytes: usize,
+    /// `codec.work()` when the connection being read began its turn (see [`CODEC_BUDGET`]).
+    ///
+    /// [`CODEC_BUDGET`]: super::ws::CODEC_BUDGET
+    pub(super) codec_mark: u64,
     /// When the connections were last scanned for the biggest holders (ms).
     pub(super) last_shed_scan: u64,
     /// A ping was delivered during the current read: its connection may owe a pong.
@@ -234,6 +238,7 @@ impl<D> Core<D> {
             memory_budget: self.memory.limit(),
             memory_bytes: self.memory.by_kind(),
             compressed_messages: self.codec.messages(),
+            compression_bytes: self.codec.bytes(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
             ..self.stats.clone()

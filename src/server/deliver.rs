@@ -51,7 +51,9 @@ impl<D> Core<D> {
         if forward {
             self.pubsub.originate(topic, op, payload);
         }
-        let reached = self.pubsub.publish_local(topic, op, payload, None);
+        let reached = self
+            .pubsub
+            .publish_local(topic, op, payload, None, &mut self.codec);
         self.account_fanout();
         if let Some(owner) = self.cork_owner {
             // It is owed this (and nothing earlier: it got that when it took the cork).

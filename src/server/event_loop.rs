@@ -119,6 +119,7 @@ impl<H: Handler> Server<H> {
                     fanout_bytes: 0,
                     codec: crate::protocol::deflate::SharedCodec::new(config.compression_threshold),
                     codec_bytes: 0,
+                    codec_mark: 0,
                     last_shed_scan: u64::MAX,
                     limits,
                     start,

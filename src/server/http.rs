@@ -209,10 +209,15 @@ impl<H: Handler> Inner<H> {
         };
         let rest = conn.session.finish_handshake(head_len, buffered);
         if let Some(agreement) = deflate {
-            conn.session.enable_deflate(agreement.deflate_window_bits());
+            let bits = agreement.deflate_window_bits();
+            conn.session.enable_deflate(bits);
             // The loop's decompressor is made with the first connection that may need it
             // (counted in the memory budget at the end of the turn).
             core.codec.inflater();
+            // Publications are compressed once, with the largest window, for every subscriber
+            // that allows it; one that asked for a smaller window takes them plain.
+            let full = bits == crate::protocol::deflate::MAX_WINDOW_BITS;
+            core.pubsub.fanout.set_compressed(idx, full);
         }
         conn.data = Some(data);
         if let Some(p) = subprotocol {

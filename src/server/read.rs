@@ -1,7 +1,10 @@
 //! The read path: one receive buffer per loop; a read that fills less than the buffer has drained
 //! the socket (edge-triggered: new data raises a new edge), so a message costs one `recv`. A
 //! connection with more than `max_backpressure` queued is not read; one that sends faster than
-//! the loop parses yields after [`READ_BUDGET`] full reads and is read again next turn.
+//! the loop parses yields after [`READ_BUDGET`] full reads (or [`CODEC_BUDGET`] bytes of
+//! compression work) and is read again next turn.
+//!
+//! [`CODEC_BUDGET`]: super::ws::CODEC_BUDGET
 
 use super::conn::NEVER;
 use super::event_loop::Inner;
@@ -19,8 +22,18 @@ impl<H: Handler> Inner<H> {
     /// Read until the socket is drained (or [`READ_BUDGET`] reads filled the buffer: then the
     /// rest is read next turn), feeding the session; then write the pong owed for the pings
     /// read, if nothing is queued ([`Core::write_owed_pong`]).
+    /// The connection's turn begins here: its compression work is metered from now (see
+    /// [`CODEC_BUDGET`](super::ws::CODEC_BUDGET)).
     #[inline(always)]
     pub(super) fn readable(&mut self, idx: usize, closed: bool) {
+        self.core.codec_mark = self.core.codec.work();
+        self.read_and_answer(idx, closed);
+    }
+
+    /// [`Inner::readable`] without starting the meter (a yielded connection's stash was parsed
+    /// first, on the same meter).
+    #[inline(always)]
+    fn read_and_answer(&mut self, idx: usize, closed: bool) {
         let live = self.read_some(idx, closed);
         if std::mem::take(&mut self.core.pong_due) && live {
             self.core.write_owed_pong(idx);
@@ -93,6 +106,7 @@ impl<H: Handler> Inner<H> {
         for (idx, gen) in std::mem::take(&mut self.core.reread) {
             if self.core.alive(idx, gen) {
                 self.core.conns[idx].read_later = false;
+                self.core.codec_mark = self.core.codec.work();
                 // What a yield left unparsed goes first (only a yield leaves any, and a
                 // connection that yielded is read nowhere but here).
                 let stashed = self.core.conns[idx].rare.as_ref();
@@ -104,7 +118,7 @@ impl<H: Handler> Inner<H> {
                     self.core.reap(&mut self.handler);
                     continue;
                 }
-                self.readable(idx, true);
+                self.read_and_answer(idx, true);
                 self.core.flush_cork();
                 if self.core.alive(idx, gen) {
                     self.core.account(idx);

@@ -82,11 +82,13 @@ impl<D> Core<D> {
         let conn = &mut self.conns[idx];
         if conn.stall_at <= now {
             // Over the limit (reading paused) it had to drain to half of it; otherwise it had
-            // to make progress at all.
+            // to make progress at all. A connection already closing for a reason (a
+            // backpressure close that waits for its queue to drain) ends for that reason.
             let reason = match conn.read_paused {
                 true => CloseReason::Backpressure,
                 false => CloseReason::WriteStall,
             };
+            let reason = conn.linger.unwrap_or(reason);
             log::debug!(
                 "{} dropped: {}",
                 conn_id(self.loop_index, idx, conn.gen),

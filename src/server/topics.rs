@@ -15,7 +15,8 @@
 use super::conn::slot_of;
 use crate::app::{ConnId, Message, PubsubOps};
 use crate::ledger::Forwarded;
-use crate::protocol::frame::{write_frame, OpCode};
+use crate::protocol::deflate::{SharedCodec, MAX_WINDOW_BITS};
+use crate::protocol::frame::{write_compressed_frame, write_frame, OpCode};
 use crate::topics::{Change, Fanout, SubId, TopicError, Topics, MAX_TOPIC_LEN};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,13 +53,16 @@ impl Pubsub {
     }
 
     /// Frame one message for `topic`'s subscribers on this loop, except `except`: each is owed
-    /// it. Returns how many it is for.
+    /// it. For subscribers that negotiated permessage-deflate it is also framed compressed, once
+    /// for all of them, with `codec` (as it is, if shorter than the compression threshold).
+    /// Returns how many it is for.
     pub(super) fn publish_local(
         &mut self,
         topic: &[u8],
         op: OpCode,
         payload: &[u8],
         except: Option<u64>,
+        codec: &mut SharedCodec,
     ) -> usize {
         if self.registry.count(topic) == 0 {
             return 0;
@@ -71,8 +75,15 @@ impl Pubsub {
                 let (idx, gen) = slot_of(key);
                 (idx, gen)
             });
-        self.fanout
-            .publish(|frames| write_frame(frames, true, op, payload), to)
+        let compressed = |frames: &mut Vec<u8>| match codec.compressible(payload.len()) {
+            true => write_compressed_frame(frames, op, codec.compress(MAX_WINDOW_BITS, payload)),
+            false => write_frame(frames, true, op, payload),
+        };
+        self.fanout.publish(
+            |frames| write_frame(frames, true, op, payload),
+            compressed,
+            to,
+        )
     }
 
     /// A message published on this loop: counted, and kept for the other loops of a cluster,
@@ -164,13 +175,15 @@ impl PubsubOps for Pubsub {
         topic: &[u8],
         msg: Message<'_>,
         except: Option<ConnId>,
+        codec: &mut SharedCodec,
     ) -> Result<usize, TopicError> {
         if topic.len() > MAX_TOPIC_LEN {
             return Err(TopicError::TooLong);
         }
         let op = op_of(&msg);
         self.originate(topic, op, msg.as_bytes());
-        Ok(self.publish_local(topic, op, msg.as_bytes(), except.map(|id| id.0)))
+        let except = except.map(|id| id.0);
+        Ok(self.publish_local(topic, op, msg.as_bytes(), except, codec))
     }
 
     fn num_subscribers(&self, topic: &[u8]) -> usize {

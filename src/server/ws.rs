@@ -14,6 +14,17 @@ use crate::watchdog::{Activity, Heartbeat};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+/// Bytes of compression work (inflated plus compressed, see [`SharedCodec::work`]) one
+/// connection's input may cost per turn; past it the rest of its input waits for the next turn,
+/// as it does after [`READ_BUDGET`] full reads. Compression costs up to a hundred times more
+/// CPU per byte than framing, so without it 32 clients sending hard-to-compress messages that
+/// are echoed compressed held the loop for 0.8-2 s a turn. At least one message is handled per
+/// turn, so a turn's work is bounded by this or one message (`max_message_size`), whichever
+/// is larger.
+///
+/// [`READ_BUDGET`]: super::read::READ_BUDGET
+pub(super) const CODEC_BUDGET: u64 = 32 * 1024;
+
 /// Run one handler callback for the open connection `idx` with a [`WebSocket`] view, then apply
 /// what it asked for (close, terminate). `last`: the cork is flushed right after the callback
 /// (see [`Outbox::new`]). Returns false if the connection is ending.
@@ -268,8 +279,11 @@ pub(super) fn frames<H: Handler>(
         // Likewise what this read publishes is delivered once it grows large; and then the
         // rest of the input waits for the next turn, so that one connection's publications
         // cannot hold the loop (a small input to a large room is a lot of work).
+        // Compression work is metered the same way: past `CODEC_BUDGET` this turn, the rest
+        // waits (and no more is read: `read_later` stops the reads).
         let large = core.pubsub.fanout.is_large();
-        if large || core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
+        let spent = core.codec.work() - core.codec_mark >= CODEC_BUDGET;
+        if large || spent || core.cork.len() >= core.config.max_backpressure.min(CORK_KEEP) {
             match large {
                 true => core.deliver_owed(),
                 false => core.flush_cork(),
@@ -277,7 +291,7 @@ pub(super) fn frames<H: Handler>(
             if core.doomed.iter().any(|d| d.0 == idx) {
                 return false; // the write failed; `reap` ends it
             }
-            if large && off < len {
+            if (large && off < len) || spent {
                 core.conns[idx].rare().stash.extend_from_slice(&buf[off..]);
                 core.read_next_turn(idx);
                 return true;

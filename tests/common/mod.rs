@@ -427,6 +427,22 @@ pub fn upgrade_request(addr: SocketAddr) -> String {
     )
 }
 
+/// Upgrade with these `Sec-WebSocket-Extensions` lines; returns the socket and the response
+/// head.
+pub fn upgrade_offering(addr: SocketAddr, offers: &[&str]) -> (TcpStream, String) {
+    let mut s = tcp(addr);
+    s.set_nodelay(true).unwrap();
+    let mut req = upgrade_request(addr);
+    req.truncate(req.len() - 2);
+    for o in offers {
+        req.push_str(&format!("Sec-WebSocket-Extensions: {o}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    (s, head)
+}
+
 /// Read an HTTP response head byte by byte (so no frame bytes after it are consumed).
 pub fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
