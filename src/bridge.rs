@@ -9,8 +9,9 @@
 //!   sends them (`PUBLISH`, pipelined, numbered per topic), and measures the round trip with a
 //!   `PING` every [`PING_EVERY`];
 //! - `wsloop-redis-in` subscribes to the channel of every topic with local interest (on any
-//!   loop) and unsubscribes from those without, reads the messages of the other instances and
-//!   hands each to every loop through the inboxes the loops of a cluster use for each other (a
+//!   loop) and unsubscribes from those without, reads the messages of the other instances,
+//!   drops (and counts) those over `max_message_size` or not in the wire format, and hands the
+//!   others to every loop through the inboxes the loops of a cluster use for each other (a
 //!   loop is woken only when its inbox was empty: one wake per batch).
 //!
 //! Either thread reconnects after any error (Redis down, killed, or closing the connection, as
@@ -24,7 +25,7 @@
 //! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget keeps
 //! [`BRIDGE_FDS`](crate::broker::BRIDGE_FDS) out of the connections' share ([`Ledger::bridge_reserve`]).
 
-use crate::broker::{decode, encode, Link, Seen, Sequences};
+use crate::broker::{decode, encode, Link, Refused, Seen, Sequences, INBOX_FULL, SEND_FAILED};
 use crate::ledger::Ledger;
 use crate::topics::Forwarded;
 use std::collections::{HashMap, HashSet};
@@ -47,6 +48,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(20);
 /// Publications sent in one pipeline at most.
 const PIPELINE: usize = 256;
+/// The subscriber logs a message it dropped at most this often (with how many more it
+/// dropped since); each one at debug level.
+const LOG_DROPS_EVERY: Duration = Duration::from_secs(10);
+/// The most of a channel's name a log line shows.
+const LOG_CHANNEL: usize = 80;
 
 /// The bridge's threads; stopped (and joined) when dropped.
 pub(crate) struct Bridge {
@@ -234,7 +240,7 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
                     link.counters.sent.fetch_add(batch.len() as u64, Relaxed);
                 }
                 Err(e) => {
-                    link.counters.dropped[1].fetch_add(batch.len() as u64, Relaxed);
+                    link.counters.dropped[SEND_FAILED].fetch_add(batch.len() as u64, Relaxed);
                     log::warn!("redis publisher: {e}; reconnecting");
                     break;
                 }
@@ -248,6 +254,7 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
 fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
     let mut backoff = BACKOFF_MIN;
     let mut seen = Sequences::default();
+    let mut drops = Throttle::default();
     while let Some(mut counted) = connect(ledger, client, link, &mut backoff, "subscriber") {
         let Some(con) = counted.con.as_mut() else {
             break;
@@ -279,7 +286,7 @@ fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 log::info!("redis subscriber: connected to {}", link.config.url);
             }
             match pubsub.get_message() {
-                Ok(msg) => receive(ledger, link, &mut seen, &msg),
+                Ok(msg) => receive(ledger, link, &mut seen, &mut drops, &msg),
                 // A signal (SIGSTOP and SIGCONT, say) interrupts the read: the reply parser
                 // keeps what it has read, and the next read goes on from there.
                 Err(e) if e.is_timeout() || interrupted(&e) => {}
@@ -336,41 +343,60 @@ fn resubscribe(
         for t in &gone {
             seen.forget(t);
         }
+        link.counters.tracked.store(seen.len() as u64, Relaxed);
     }
     *subscribed = wanted;
     pubsub.set_read_timeout(Some(POLL))
 }
 
-/// A message from Redis: another instance's publication goes to every loop.
-fn receive(ledger: &Ledger, link: &Link, seen: &mut Sequences, msg: &redis::Msg) {
+/// A message from Redis: another instance's publication goes to every loop. One that is not
+/// in the wire format, or whose payload is over `max_message_size`, is dropped here, before
+/// any loop is woken or any of it copied; its sequence number only counts gaps and resets.
+fn receive(
+    ledger: &Ledger,
+    link: &Link,
+    seen: &mut Sequences,
+    drops: &mut Throttle,
+    msg: &redis::Msg,
+) {
     let c = &link.counters;
-    let chan: Vec<u8> = match msg.get_channel() {
-        Ok(c) => c,
-        Err(_) => return,
+    let chan: Vec<u8> = msg.get_channel().unwrap_or_default();
+    let raw = msg.get_payload_bytes();
+    let checked = match chan.strip_prefix(link.config.prefix.as_bytes()) {
+        Some(topic) if topic.len() <= crate::topics::MAX_TOPIC_LEN => {
+            decode(raw, link.max_message).map(|d| (topic, d))
+        }
+        _ => Err(Refused::Invalid),
     };
-    let prefix = link.config.prefix.as_bytes();
-    let decoded = decode(msg.get_payload_bytes());
-    let (Some(topic), Some((instance, seq, text, payload))) = (chan.strip_prefix(prefix), decoded)
-    else {
-        c.dropped[3].fetch_add(1, Relaxed);
-        return;
+    let (topic, (instance, seq, text, payload)) = match checked {
+        Ok(ok) => ok,
+        Err(why) => {
+            c.dropped[why.index()].fetch_add(1, Relaxed);
+            log_drop(drops, why, &chan, raw.len());
+            return;
+        }
     };
-    if topic.len() > crate::topics::MAX_TOPIC_LEN {
-        c.dropped[3].fetch_add(1, Relaxed);
-        return;
-    }
     if instance == link.instance {
         // Delivered here when it was published.
         c.own.fetch_add(1, Relaxed);
         return;
     }
     match seen.see(instance, topic, seq) {
-        Seen::Next(gaps) => {
-            c.gaps.fetch_add(gaps, Relaxed);
+        Seen::First => c.tracked.store(seen.len() as u64, Relaxed),
+        Seen::Next => {}
+        Seen::Gap(lost) => {
+            c.gaps.fetch_add(1, Relaxed);
+            log::debug!(
+                "redis subscriber: {lost} messages of instance {instance:016x} on {} lost",
+                shown(&chan)
+            );
         }
-        Seen::Old => {
-            c.dropped[3].fetch_add(1, Relaxed);
-            return;
+        Seen::Reset => {
+            c.resets.fetch_add(1, Relaxed);
+            log::debug!(
+                "redis subscriber: instance {instance:016x} on {} went back to {seq}",
+                shown(&chan)
+            );
         }
     }
     c.received.fetch_add(1, Relaxed);
@@ -380,5 +406,77 @@ fn receive(ledger: &Ledger, link: &Link, seen: &mut Sequences, msg: &redis::Msg)
         payload: payload.into(),
     };
     let dropped = ledger.forward_all(std::slice::from_ref(&f));
-    c.dropped[2].fetch_add(dropped, Relaxed);
+    c.dropped[INBOX_FULL].fetch_add(dropped, Relaxed);
+}
+
+/// A channel's name for a log line: escaped, and cut at [`LOG_CHANNEL`] bytes.
+fn shown(chan: &[u8]) -> String {
+    let cut = &chan[..chan.len().min(LOG_CHANNEL)];
+    let more = if cut.len() < chan.len() { "..." } else { "" };
+    format!("{}{more}", cut.escape_ascii())
+}
+
+/// Log a dropped message: each at debug level, and at info level at most once every
+/// [`LOG_DROPS_EVERY`], with how many were dropped since the last such line.
+fn log_drop(drops: &mut Throttle, why: Refused, chan: &[u8], bytes: usize) {
+    let why = why.as_str();
+    log::debug!(
+        "redis subscriber: dropped a message on {} ({bytes} bytes): {why}",
+        shown(chan)
+    );
+    if let Some(more) = drops.due(Instant::now(), LOG_DROPS_EVERY) {
+        log::info!(
+            "redis subscriber: dropped a message on {} ({bytes} bytes): {why} \
+             ({more} more dropped since the last report; see wsloop_broker_dropped_total)",
+            shown(chan)
+        );
+    }
+}
+
+/// One line at most every period: how many more happened in between.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// One more happened at `now`: `Some(suppressed since the last line)` if a line is due.
+    fn due(&mut self, now: Instant, every: Duration) -> Option<u64> {
+        match self.last {
+            Some(last) if now < last + every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drop_log_is_throttled_and_says_how_many_it_left_out() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(10);
+        assert_eq!(t.due(t0, every), Some(0));
+        assert_eq!(t.due(t0 + Duration::from_secs(1), every), None);
+        assert_eq!(t.due(t0 + Duration::from_secs(9), every), None);
+        assert_eq!(t.due(t0 + every, every), Some(2));
+        assert_eq!(t.due(t0 + every, every), None);
+        assert_eq!(t.due(t0 + 3 * every, every), Some(1));
+    }
+
+    #[test]
+    fn channels_are_shown_escaped_and_cut() {
+        assert_eq!(shown(b"wsloop:/a\n\xff"), "wsloop:/a\\n\\xff");
+        let long = vec![b'x'; 300];
+        assert_eq!(shown(&long), format!("{}...", "x".repeat(LOG_CHANNEL)));
+    }
 }

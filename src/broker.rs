@@ -19,8 +19,16 @@
 //! ```
 //!
 //! The sequence counts one
-//! publisher's messages on one topic from 1; a receiver counts the numbers it did not see as
-//! gaps (Redis pub/sub is at-most-once).
+//! publisher's messages on one topic from 1. A receiver uses it to notice loss, never to drop
+//! a message: Redis pub/sub delivers one connection's messages in order and never twice, so a
+//! number past the next one is a gap (messages lost: Redis pub/sub is at-most-once), and one
+//! not past the last is a reset (the publisher forgot its numbers, or the message was forged
+//! by someone else who can publish on the channels); either way it is delivered, and the
+//! receiver follows the new number.
+//!
+//! What arrives from Redis is checked before any loop hears of it ([`decode`]): the header,
+//! the payload against the loops' `max_message_size` (before text is checked for UTF-8, so
+//! that an oversized payload costs no scan), the opcode (text or binary only) and UTF-8 text.
 
 use crate::config::RedisConfig;
 use crate::metrics::{BrokerFigures, BROKER_DROP_REASONS as DROP_REASONS};
@@ -39,10 +47,19 @@ const MAGIC: &[u8; 3] = b"ws\x01";
 pub(crate) const BRIDGE_FDS: usize = 2;
 
 /// Entries the bridge keeps to number its own messages (one per topic it published to) and to
-/// check the numbers it receives (one per publisher and topic): beyond this many it forgets
-/// them all and starts again (a publisher's numbers then restart at 1, which a receiver takes
-/// as a restart, not a gap).
+/// check the numbers it receives (one per publisher and topic). The publisher forgets all of
+/// its numbers beyond this many (they restart at 1, which a receiver counts as a reset); the
+/// receiver forgets the half it heard from least recently ([`Sequences`]), so that messages
+/// forged with random instance ids cannot make it grow.
 pub(crate) const MAX_SEQUENCES: usize = 1 << 16;
+
+/// The indices of [`Counters::dropped`], in the order of the reasons
+/// (`metrics::BROKER_DROP_REASONS`).
+pub(crate) const QUEUE_FULL: usize = 0;
+pub(crate) const SEND_FAILED: usize = 1;
+pub(crate) const INBOX_FULL: usize = 2;
+pub(crate) const INVALID: usize = 3;
+pub(crate) const TOO_LARGE: usize = 4;
 
 /// The counters the bridge keeps (the README's `wsloop_broker_*` metrics).
 #[derive(Default)]
@@ -52,10 +69,16 @@ pub(crate) struct Counters {
     pub(crate) reconnects: AtomicU64,
     pub(crate) sent: AtomicU64,
     pub(crate) received: AtomicU64,
-    /// Dropped: the queue was full; a send failed (Redis gone); a loop's inbox was full;
-    /// invalid messages (not in the wire format, or a number already seen).
-    pub(crate) dropped: [AtomicU64; 4],
+    /// Dropped ([`QUEUE_FULL`] and the other indices): the queue was full; a send failed
+    /// (Redis gone); a loop's inbox was full; a message from Redis not in the wire format; one
+    /// whose payload is over `max_message_size`.
+    pub(crate) dropped: [AtomicU64; 5],
+    /// Gaps: times a publisher's number on a topic jumped past the next one.
     pub(crate) gaps: AtomicU64,
+    /// Resets: times a publisher's number on a topic was not past its last one.
+    pub(crate) resets: AtomicU64,
+    /// The receiver's entries in [`Sequences`] (at most [`MAX_SEQUENCES`]).
+    pub(crate) tracked: AtomicU64,
     pub(crate) own: AtomicU64,
     /// The last PING's round trip, in nanoseconds.
     pub(crate) rtt_ns: AtomicU64,
@@ -78,6 +101,8 @@ struct Interest {
 /// What the loops and the bridge share (see the module docs).
 pub(crate) struct Link {
     pub(crate) config: RedisConfig,
+    /// The loops' `max_message_size`: a message from Redis with a longer payload is dropped.
+    pub(crate) max_message: usize,
     /// This process's id on the wire: random, drawn at start.
     pub(crate) instance: u64,
     queue: Mutex<Queue>,
@@ -92,13 +117,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Link {
-    pub(crate) fn new(config: RedisConfig) -> Self {
+    pub(crate) fn new(config: RedisConfig, max_message: usize) -> Self {
         // The standard library seeds each RandomState from the system's random source.
         let instance = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
         Link {
             config,
+            max_message,
             instance,
             queue: Mutex::default(),
             ready: Condvar::new(),
@@ -126,7 +152,7 @@ impl Link {
             dropped += 1;
         }
         drop(q);
-        self.counters.dropped[0].fetch_add(dropped, Relaxed);
+        self.counters.dropped[QUEUE_FULL].fetch_add(dropped, Relaxed);
         if was_empty {
             self.ready.notify_one();
         }
@@ -218,6 +244,8 @@ impl Link {
                 .map(|(r, n)| (*r, n.load(Relaxed)))
                 .collect(),
             gaps: c.gaps.load(Relaxed),
+            resets: c.resets.load(Relaxed),
+            tracked: c.tracked.load(Relaxed),
             rtt_seconds: c.rtt_ns.load(Relaxed) as f64 / 1e9,
             queued,
             queued_bytes,
@@ -247,11 +275,44 @@ pub(crate) fn encode(instance: u64, seq: u64, text: bool, payload: &[u8]) -> Vec
     out
 }
 
-/// A message read from the wire: (instance, sequence, text, payload); `None` when it is not one
-/// (another version, a bad opcode, text that is not UTF-8, a sequence of 0).
-pub(crate) fn decode(msg: &[u8]) -> Option<(u64, u64, bool, &[u8])> {
+/// A message read from the wire: the publisher's instance and sequence number, whether it is
+/// text, and its payload.
+pub(crate) type Decoded<'a> = (u64, u64, bool, &'a [u8]);
+
+/// Why a message from Redis is not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Not in the wire format: short, another magic or version, an opcode other than text or
+    /// binary, text that is not UTF-8, a sequence number of 0 (or a channel outside the prefix,
+    /// or a topic over `MAX_TOPIC_LEN`: see the bridge).
+    Invalid,
+    /// A payload over `max_message_size`.
+    TooLarge,
+}
+
+impl Refused {
+    /// Its index in [`Counters::dropped`].
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Refused::Invalid => INVALID,
+            Refused::TooLarge => TOO_LARGE,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        crate::metrics::BROKER_DROP_REASONS[self.index()]
+    }
+}
+
+/// A message read from the wire, its payload at most `max` bytes. The length is checked before
+/// the opcode and the UTF-8 of text, so that an oversized payload is refused without a scan.
+pub(crate) fn decode(msg: &[u8], max: usize) -> Result<Decoded<'_>, Refused> {
     if msg.len() < HEADER || &msg[..3] != MAGIC {
-        return None;
+        return Err(Refused::Invalid);
+    }
+    let payload = &msg[HEADER..];
+    if payload.len() > max {
+        return Err(Refused::TooLarge);
     }
     let word = |at: usize| {
         let mut b = [0; 8];
@@ -259,57 +320,115 @@ pub(crate) fn decode(msg: &[u8]) -> Option<(u64, u64, bool, &[u8])> {
         u64::from_be_bytes(b)
     };
     let (instance, seq) = (word(3), word(11));
-    let payload = &msg[HEADER..];
     let text = match msg[19] {
-        1 => std::str::from_utf8(payload).is_ok(),
+        1 => true,
         2 => false,
-        _ => return None,
+        _ => return Err(Refused::Invalid),
     };
-    if seq == 0 || (msg[19] == 1 && !text) {
-        return None;
+    if seq == 0 || (text && std::str::from_utf8(payload).is_err()) {
+        return Err(Refused::Invalid);
     }
-    Some((instance, seq, text, payload))
+    Ok((instance, seq, text, payload))
 }
 
-/// The numbers a receiver has seen, per publisher and topic.
+/// The last number a receiver heard from each publisher on each topic it is subscribed to, at
+/// most [`MAX_SEQUENCES`] of them: when a new one would pass that, the half heard from least
+/// recently are forgotten (amortised O(1) a message). A publisher forgotten is heard as new
+/// again: its next message is neither a gap nor a reset, and is delivered as every message is.
 #[derive(Default)]
 pub(crate) struct Sequences {
-    last: HashMap<(u64, Arc<[u8]>), u64>,
+    topics: HashMap<Arc<[u8]>, HashMap<u64, Last>>,
+    /// Entries over all topics.
+    len: usize,
+    /// Counts calls to [`Sequences::see`]: when each entry was last heard from.
+    tick: u64,
 }
 
-/// What a received number means.
+#[derive(Clone, Copy)]
+struct Last {
+    seq: u64,
+    tick: u64,
+}
+
+/// What a received number says (the message is delivered whatever it says).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Seen {
-    /// The next one (or the first seen, or a restart at 1): deliver it. With the numbers
-    /// skipped before it (gaps).
-    Next(u64),
-    /// One already seen, or older: not delivered again.
-    Old,
+    /// The first number heard from this publisher on this topic (or since it was forgotten).
+    First,
+    /// The next one.
+    Next,
+    /// A jump forward past this many numbers: the messages lost between (one gap).
+    Gap(u64),
+    /// A number not past the last one: the publisher started again (its numbers restart at 1
+    /// after it forgets them), or someone else published it. Followed from now on.
+    Reset,
 }
 
 impl Sequences {
     pub(crate) fn see(&mut self, instance: u64, topic: &[u8], seq: u64) -> Seen {
-        if self.last.len() >= MAX_SEQUENCES {
-            self.last.clear();
+        self.tick += 1;
+        let now = Last {
+            seq,
+            tick: self.tick,
+        };
+        if let Some(last) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|p| p.get_mut(&instance))
+        {
+            let was = std::mem::replace(last, now).seq;
+            return match seq.checked_sub(was) {
+                Some(1) => Seen::Next,
+                Some(0) | None => Seen::Reset,
+                Some(d) => Seen::Gap(d - 1),
+            };
         }
-        let key = (instance, Arc::<[u8]>::from(topic));
-        match self.last.get_mut(&key) {
-            Some(last) if seq == 1 || seq > *last => {
-                let gaps = if seq == 1 { 0 } else { seq - *last - 1 };
-                *last = seq;
-                Seen::Next(gaps)
+        if self.len >= MAX_SEQUENCES {
+            self.forget_oldest_half();
+        }
+        match self.topics.get_mut(topic) {
+            Some(p) => {
+                p.insert(instance, now);
             }
-            Some(_) => Seen::Old,
             None => {
-                self.last.insert(key, seq);
-                Seen::Next(0)
+                self.topics
+                    .insert(topic.into(), HashMap::from([(instance, now)]));
             }
         }
+        self.len += 1;
+        Seen::First
+    }
+
+    /// The entries kept.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forget the half of the entries heard from least recently (the ticks are distinct: each
+    /// call to `see` stamps one entry).
+    fn forget_oldest_half(&mut self) {
+        let mut ticks: Vec<u64> = self
+            .topics
+            .values()
+            .flat_map(|p| p.values().map(|l| l.tick))
+            .collect();
+        if ticks.is_empty() {
+            return;
+        }
+        let half = ticks.len() / 2;
+        let cut = *ticks.select_nth_unstable(half).1;
+        self.topics.retain(|_, p| {
+            p.retain(|_, l| l.tick > cut);
+            !p.is_empty()
+        });
+        self.len = self.topics.values().map(HashMap::len).sum();
     }
 
     /// A topic no longer subscribed: what was missed meanwhile was not for us.
     pub(crate) fn forget(&mut self, topic: &[u8]) {
-        self.last.retain(|(_, t), _| &**t != topic);
+        if let Some(p) = self.topics.remove(topic) {
+            self.len -= p.len();
+        }
     }
 }
 
@@ -323,46 +442,120 @@ mod tests {
         assert_eq!(&m[..3], b"ws\x01");
         assert_eq!(m.len(), HEADER + "héllo".len());
         assert_eq!(
-            decode(&m),
-            Some((0x0102_0304_0506_0708, 9, true, "héllo".as_bytes()))
+            decode(&m, 16),
+            Ok((0x0102_0304_0506_0708, 9, true, "héllo".as_bytes()))
         );
         let b = encode(7, 1, false, &[0, 255, 0]);
-        assert_eq!(decode(&b), Some((7, 1, false, &[0u8, 255, 0][..])));
-        // Not a message: short, another magic, a bad opcode, text that is not UTF-8, seq 0.
-        assert_eq!(decode(&m[..HEADER - 1]), None);
+        assert_eq!(decode(&b, 16), Ok((7, 1, false, &[0u8, 255, 0][..])));
+        // Not a message: short, another magic, a bad opcode (every one but text and binary),
+        // text that is not UTF-8, seq 0.
+        assert_eq!(decode(&m[..HEADER - 1], 16), Err(Refused::Invalid));
         let mut other = m.clone();
         other[2] = 2;
-        assert_eq!(decode(&other), None);
-        let mut op = b.clone();
-        op[19] = 3;
-        assert_eq!(decode(&op), None);
-        assert_eq!(decode(&encode(7, 1, true, &[0xff])), None);
-        assert_eq!(decode(&encode(7, 0, false, b"x")), None);
+        assert_eq!(decode(&other, 16), Err(Refused::Invalid));
+        for opcode in (0..=255u8).filter(|o| ![1, 2].contains(o)) {
+            let mut op = b.clone();
+            op[19] = opcode;
+            assert_eq!(decode(&op, 16), Err(Refused::Invalid), "opcode {opcode}");
+        }
+        assert_eq!(
+            decode(&encode(7, 1, true, &[0xff]), 16),
+            Err(Refused::Invalid)
+        );
+        assert_eq!(
+            decode(&encode(7, 0, false, b"x"), 16),
+            Err(Refused::Invalid)
+        );
     }
 
     #[test]
-    fn sequences_count_gaps_and_refuse_old_numbers() {
+    fn a_payload_over_the_limit_is_refused_before_anything_else_is_read() {
+        let max = 16;
+        let at = encode(7, 1, false, &[b'a'; 16]);
+        assert_eq!(decode(&at, max), Ok((7, 1, false, &[b'a'; 16][..])));
+        let over = encode(7, 1, false, &[b'a'; 17]);
+        assert_eq!(decode(&over, max), Err(Refused::TooLarge));
+        // Too large whatever else is wrong past the magic: its text is not even looked at.
+        assert_eq!(
+            decode(&encode(7, 1, true, &[0xff; 17]), max),
+            Err(Refused::TooLarge)
+        );
+        let mut op = over.clone();
+        op[19] = 9;
+        assert_eq!(decode(&op, max), Err(Refused::TooLarge));
+        assert_eq!(
+            decode(&encode(7, 0, false, &[0; 17]), max),
+            Err(Refused::TooLarge)
+        );
+        assert_eq!(Refused::TooLarge.as_str(), "too_large");
+        assert_eq!(Refused::Invalid.as_str(), "invalid");
+    }
+
+    #[test]
+    fn sequences_count_gaps_and_resets_and_never_refuse_a_number() {
         let mut s = Sequences::default();
-        assert_eq!(s.see(1, b"t", 5), Seen::Next(0)); // first seen
-        assert_eq!(s.see(1, b"t", 6), Seen::Next(0));
-        assert_eq!(s.see(1, b"t", 9), Seen::Next(2)); // 7 and 8 lost
-        assert_eq!(s.see(1, b"t", 9), Seen::Old);
-        assert_eq!(s.see(1, b"t", 4), Seen::Old);
-        assert_eq!(s.see(2, b"t", 3), Seen::Next(0)); // another publisher
-        assert_eq!(s.see(1, b"u", 3), Seen::Next(0)); // another topic
-        assert_eq!(s.see(1, b"t", 1), Seen::Next(0)); // a restart
+        assert_eq!(s.see(1, b"t", 5), Seen::First);
+        assert_eq!(s.see(1, b"t", 6), Seen::Next);
+        assert_eq!(s.see(1, b"t", 9), Seen::Gap(2)); // 7 and 8 lost
+        assert_eq!(s.see(1, b"t", 9), Seen::Reset); // a repeat: followed, not refused
+        assert_eq!(s.see(1, b"t", 10), Seen::Next);
+        assert_eq!(s.see(1, b"t", 4), Seen::Reset); // backwards
+        assert_eq!(s.see(1, b"t", 5), Seen::Next); // followed from there
+        assert_eq!(s.see(2, b"t", 3), Seen::First); // another publisher
+        assert_eq!(s.see(1, b"u", 3), Seen::First); // another topic
+        assert_eq!(s.see(1, b"t", 1), Seen::Reset); // the publisher forgot its numbers
+        assert_eq!(s.see(1, b"t", 2), Seen::Next);
+        // A forged number far ahead: one gap; the real publisher's next is a reset, and the
+        // one after is the next again.
+        assert_eq!(s.see(1, b"t", 1 << 62), Seen::Gap((1 << 62) - 3));
+        assert_eq!(s.see(1, b"t", 3), Seen::Reset);
+        assert_eq!(s.see(1, b"t", 4), Seen::Next);
+        assert_eq!(s.see(1, b"t", u64::MAX), Seen::Gap(u64::MAX - 5));
+        assert_eq!(s.see(1, b"t", u64::MAX), Seen::Reset);
+        assert_eq!(s.len(), 3);
         s.forget(b"t");
-        assert_eq!(s.see(1, b"t", 40), Seen::Next(0));
-        assert_eq!(s.see(1, b"u", 4), Seen::Next(0));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.see(1, b"t", 40), Seen::First);
+        assert_eq!(s.see(1, b"u", 4), Seen::Next);
+    }
+
+    #[test]
+    fn a_flood_of_publishers_keeps_the_sequences_bounded_and_the_recent_ones() {
+        let mut s = Sequences::default();
+        // Two real publishers, heard from throughout a flood of random ones on their topic.
+        let mut next = [1u64, 1];
+        let mut most = 0;
+        for i in 0..(3 * MAX_SEQUENCES as u64) {
+            s.see(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 3), b"room", 1);
+            if i % 1000 == 0 {
+                for (p, n) in next.iter_mut().enumerate() {
+                    // Never forgotten: always among the half heard from most recently.
+                    let want = if *n == 1 { Seen::First } else { Seen::Next };
+                    assert_eq!(s.see(p as u64 + 1, b"room", *n), want, "after {i}");
+                    *n += 1;
+                }
+            }
+            most = most.max(s.len());
+        }
+        assert_eq!(most, MAX_SEQUENCES);
+        assert!(s.len() <= MAX_SEQUENCES);
+        // The real ones were heard from recently: still known, their next is the next.
+        assert_eq!(s.see(1, b"room", next[0]), Seen::Next);
+        assert_eq!(s.see(2, b"room", next[1]), Seen::Next);
+        s.forget(b"room");
+        assert_eq!(s.len(), 0);
     }
 
     #[test]
     fn the_queue_drops_its_oldest_beyond_its_bounds_and_interest_counts_loops() {
-        let link = Link::new(RedisConfig {
-            queue_messages: 3,
-            queue_bytes: 4096,
-            ..RedisConfig::default()
-        });
+        let link = Link::new(
+            RedisConfig {
+                queue_messages: 3,
+                queue_bytes: 4096,
+                ..RedisConfig::default()
+            },
+            16 * 1024,
+        );
         let f = |n: u8| Forwarded {
             topic: Arc::from(&b"t"[..]),
             text: false,
@@ -371,7 +564,7 @@ mod tests {
         link.send(&[f(1), f(2)]);
         link.send(&[f(3), f(4), f(5)]);
         assert_eq!(link.queued(), (3, 6));
-        assert_eq!(link.counters.dropped[0].load(Relaxed), 2);
+        assert_eq!(link.counters.dropped[QUEUE_FULL].load(Relaxed), 2);
         let got = link.take(Duration::ZERO, 2);
         assert_eq!(got.iter().map(|f| f.payload[0]).collect::<Vec<_>>(), [3, 4]);
         assert_eq!(link.queued(), (1, 2));

@@ -94,7 +94,10 @@ impl Ledger {
             snapshots: (0..loops).map(|_| Mutex::new(None)).collect(),
             inboxes: (0..loops).map(|_| Mutex::new((Vec::new(), 0))).collect(),
             wakers: (0..loops).map(|_| OnceLock::new()).collect(),
-            link: config.redis.clone().map(|r| Arc::new(Link::new(r))),
+            link: config
+                .redis
+                .clone()
+                .map(|r| Arc::new(Link::new(r, config.max_message_size))),
             bridge_fds: AtomicUsize::new(0),
             memory: match config.memory_budget {
                 0 => crate::memory::default_budget(),

@@ -325,7 +325,11 @@ pub(crate) struct BrokerFigures {
     pub(crate) received: u64,
     /// Messages dropped, by reason (see `broker::DROP_REASONS`).
     pub(crate) dropped: Vec<(&'static str, u64)>,
+    /// Gaps (jumps forward) and resets (jumps back) in other instances' sequence numbers.
     pub(crate) gaps: u64,
+    pub(crate) resets: u64,
+    /// Publishers (per topic) whose numbers the bridge follows.
+    pub(crate) tracked: u64,
     /// The last PING's round trip.
     pub(crate) rtt_seconds: f64,
     /// Publications waiting to be sent, and their bytes.
@@ -335,8 +339,13 @@ pub(crate) struct BrokerFigures {
 
 /// The reasons of `wsloop_broker_dropped_total` (the Redis bridge's `Counters::dropped`, in
 /// order), listed even without a bridge.
-pub(crate) const BROKER_DROP_REASONS: [&str; 4] =
-    ["queue_full", "send_failed", "inbox_full", "invalid"];
+pub(crate) const BROKER_DROP_REASONS: [&str; 5] = [
+    "queue_full",
+    "send_failed",
+    "inbox_full",
+    "invalid",
+    "too_large",
+];
 
 fn render_broker(m: &mut Exposition, b: &BrokerFigures) {
     m.one(
@@ -385,8 +394,23 @@ fn render_broker(m: &mut Exposition, b: &BrokerFigures) {
     m.one(
         "wsloop_broker_gaps_total",
         "counter",
-        "Messages of other instances that never arrived (gaps in their sequence numbers).",
+        "Times messages of another instance on a topic were lost: its sequence number jumped \
+         forward (one per jump, however many numbers it skipped).",
         b.gaps as f64,
+    );
+    m.one(
+        "wsloop_broker_sequence_resets_total",
+        "counter",
+        "Times another instance's sequence number on a topic went back or repeated (it forgot \
+         its numbers, or the message was forged): delivered, and followed from there.",
+        b.resets as f64,
+    );
+    m.one(
+        "wsloop_broker_sequences_tracked",
+        "gauge",
+        "Publishers (instance and topic) whose sequence numbers the bridge follows (at most \
+         65,536: beyond, the half heard from least recently are forgotten).",
+        b.tracked as f64,
     );
     m.one(
         "wsloop_broker_rtt_seconds",

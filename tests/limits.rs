@@ -350,6 +350,10 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert!(default.contains("doubling to 2 s"), "{default:?}");
                 vec![0.1]
             }
+            (None, "publishers whose sequence numbers the Redis bridge follows") => {
+                // src/broker.rs MAX_SEQUENCES.
+                vec![65_536.0]
+            }
             (None, "reads per turn") => {
                 // Fixed in the loop: 4 full reads of the receive buffer.
                 assert!(

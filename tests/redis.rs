@@ -20,9 +20,8 @@ mod rlimit_support;
 
 use attack_support::{Metrics, Wsloop};
 use common::{tcp, Ws};
-use redis_support::{free_port, next_text, redis_server, Redis};
+use redis_support::{free_port, next_text, redis_server, wire, RawRedis, Redis, Reply};
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 use tungstenite::Message as WsMessage;
@@ -94,6 +93,18 @@ fn until_connected(publisher: &mut Ws, subscriber: &mut Ws, what: &str, logs: &[
     }
     drain(subscriber, Duration::from_millis(300));
     drain(publisher, Duration::from_millis(300));
+}
+
+/// Instances `a` and `b` on `redis` (`b` with `b_args` too), a member of the room on `b` and a
+/// publisher in it on `a`, connected through Redis (see [`until_connected`]).
+fn pair(redis: &Redis, b_args: &[&str]) -> (Wsloop, Wsloop, Ws, Ws) {
+    let url = redis.url();
+    let a = instance("a", &url);
+    let b = Wsloop::spawn("b", &[&["--pubsub", "--redis", &url][..], b_args].concat());
+    let mut far = member(&b, "room");
+    let mut publisher = member(&a, "room");
+    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    (a, b, far, publisher)
 }
 
 /// `GET /healthz` on the instance's WebSocket port: (status line, body).
@@ -187,21 +198,7 @@ fn a_subscriber_on_one_instance_receives_in_order_what_a_client_on_the_other_pub
     // The last member of the room on b leaves: b unsubscribes from the channel (redis counts
     // a's subscriber only).
     drop(far);
-    let deadline = Instant::now() + BOUND;
-    let chan = "PUBSUB NUMSUB wsloop:/room";
-    loop {
-        let mut s = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(format!("{chan}\r\n").as_bytes()).unwrap();
-        let mut buf = [0u8; 256];
-        let k = s.read(&mut buf).unwrap();
-        let reply = String::from_utf8_lossy(&buf[..k]).to_string();
-        if reply.ends_with(":1\r\n") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{chan}: {reply:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    RawRedis::connect(redis.port).wait_numsub("wsloop:/room", 1);
     a.stop();
     b.stop();
 }
@@ -294,21 +291,8 @@ fn redis_down_at_start_killed_and_restarted_local_delivery_goes_on_and_sharing_r
 fn redis_closing_the_subscriber_for_its_output_buffer_is_a_disconnect_and_lost_messages_are_gaps() {
     let Some(bin) = redis_server() else { return };
     let redis = Redis::start(&bin, free_port());
-    let a = instance("a", &redis.url());
     // b drops what its frozen-then-flooded client cannot take, rather than closing it.
-    let b = Wsloop::spawn(
-        "b",
-        &[
-            "--pubsub",
-            "--redis",
-            &redis.url(),
-            "--backpressure-policy",
-            "drop",
-        ],
-    );
-    let mut far = member(&b, "room");
-    let mut publisher = member(&a, "room");
-    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    let (a, b, mut far, mut publisher) = pair(&redis, &["--backpressure-policy", "drop"]);
     // A subscriber whose output buffer passes 64 KiB is disconnected by Redis at once.
     let set = "CONFIG SET client-output-buffer-limit \"pubsub 65536 0 0\"";
     assert_eq!(redis.command(set).as_deref(), Some("+OK"));
@@ -354,6 +338,178 @@ fn redis_closing_the_subscriber_for_its_output_buffer_is_a_disconnect_and_lost_m
         b.log_tail(10)
     );
     audit_balances(&b, "after redis closed the subscriber");
+    a.stop();
+    b.stop();
+}
+
+/// The binary's default `--max-message-size`.
+const MAX_MESSAGE: usize = 16 * 1024;
+
+/// A metric's growth since `before`.
+fn grown(before: &Metrics, now: &Metrics, key: &str) -> f64 {
+    now.get(key) - before.get(key)
+}
+
+const TOO_LARGE: &str = "wsloop_broker_dropped_total{reason=\"too_large\"}";
+const INVALID: &str = "wsloop_broker_dropped_total{reason=\"invalid\"}";
+
+#[test]
+fn a_redis_message_over_max_message_size_or_malformed_is_dropped_and_counted_and_the_next_one_delivered(
+) {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let w = instance("a", &redis.url());
+    let mut room = member(&w, "room");
+    let mut raw = RawRedis::connect(redis.port);
+    raw.wait_numsub("wsloop:/room", 1);
+    let before = w.metrics();
+    // Someone else who can publish on the channels: every payload is text, so that any that
+    // got through would show.
+    let id = 0x0bad_cafe_0000_0001;
+    let x = |n: usize| "x".repeat(n).into_bytes();
+    let too_large = [
+        wire(id, 1, 1, &x(MAX_MESSAGE + 1)),
+        wire(id, 2, 1, &x(8 << 20)),
+    ];
+    let invalid = [
+        wire(id, 3, 9, b"ping"),            // an opcode other than text or binary
+        wire(id, 3, 8, b"\x03\xe8"),        // a close frame's
+        wire(id, 3, 1, b"\xff\xfe"),        // text that is not UTF-8
+        wire(id, 0, 1, b"seq 0"),           // a sequence number of 0
+        b"ws\x02 another version".to_vec(), // another version
+        b"ws\x01short".to_vec(),            // shorter than the header
+        vec![0xff; 50],                     // not ours at all
+    ];
+    for m in too_large.iter().chain(&invalid) {
+        assert_eq!(raw.publish("wsloop:/room", m), 1);
+    }
+    // Right after: one exactly at the limit, and a short one.
+    assert_eq!(
+        raw.publish("wsloop:/room", &wire(id, 3, 1, &x(MAX_MESSAGE))),
+        1
+    );
+    assert_eq!(raw.publish("wsloop:/room", &wire(id, 4, 1, b"after")), 1);
+    let at_limit = next_text(&mut room, BOUND).expect("the message at the limit");
+    assert_eq!(
+        at_limit.len(),
+        MAX_MESSAGE,
+        "the first delivered is the one at the limit"
+    );
+    assert_eq!(next_text(&mut room, BOUND).as_deref(), Some("after"));
+    assert_eq!(
+        drain(&mut room, Duration::from_millis(300)),
+        Vec::<String>::new()
+    );
+    let m = w.wait_until("the drops counted", |m| {
+        grown(&before, m, "wsloop_broker_received_total") >= 2.0
+    });
+    assert_eq!(grown(&before, &m, TOO_LARGE), too_large.len() as f64);
+    assert_eq!(grown(&before, &m, INVALID), invalid.len() as f64);
+    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 2.0);
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 0.0);
+    // Logged once at info level, not once per drop (each is at debug level).
+    let log = w.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("redis subscriber: dropped a message"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("on wsloop:/room (16405 bytes): too_large (0 more dropped"),
+        "{lines:?}"
+    );
+    w.stop();
+}
+
+/// The instance id and sequence number `publisher` (on `w`) puts on its messages to `room`,
+/// read off the channel by a subscriber of our own.
+fn instance_id(redis: &Redis, publisher: &mut Ws, room: &str) -> (u64, u64) {
+    let channel = format!("wsloop:/{room}");
+    let mut spy = RawRedis::connect(redis.port);
+    let reply = spy.call(&[b"SUBSCRIBE", channel.as_bytes()]);
+    assert!(matches!(reply, Reply::Array(_)), "{reply:?}");
+    publisher.send(WsMessage::text("seen by the spy")).unwrap();
+    let m = spy.next_message(&channel);
+    assert_eq!(&m[..3], b"ws\x01", "{m:?}");
+    let word = |at: usize| u64::from_be_bytes(m[at..at + 8].try_into().unwrap());
+    (word(3), word(11))
+}
+
+#[test]
+fn a_forged_high_sequence_number_does_not_silence_the_real_publisher() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let (a, b, mut far, mut publisher) = pair(&redis, &[]);
+    let (id, seq) = instance_id(&redis, &mut publisher, "room");
+    assert!(seq > 1, "the probes came before it: {seq}");
+    drain(&mut far, Duration::from_millis(300));
+    drain(&mut publisher, Duration::from_millis(300));
+    let before = b.metrics();
+    // A message forged with a's id and a number far ahead of a's: delivered like any other
+    // (whoever can publish on the channels can send to the rooms).
+    let mut raw = RawRedis::connect(redis.port);
+    assert!(raw.publish("wsloop:/room", &wire(id, 1 << 62, 1, b"forged")) >= 2);
+    assert_eq!(next_text(&mut far, BOUND).as_deref(), Some("forged"));
+    // a's own next messages still arrive, every one, in order.
+    let want: Vec<String> = (0..20).map(|i| format!("real {i}")).collect();
+    for t in &want {
+        publisher.send(WsMessage::text(t.as_str())).unwrap();
+    }
+    let got: Vec<String> = (0..20).map_while(|_| next_text(&mut far, BOUND)).collect();
+    assert_eq!(got, want, "b: a's messages after the forged one");
+    let m = b.metrics();
+    // One gap (the jump to 2^62) and one reset (back to a's numbers), nothing more.
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 1.0);
+    assert_eq!(
+        grown(&before, &m, "wsloop_broker_sequence_resets_total"),
+        1.0
+    );
+    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 21.0);
+    assert_eq!(grown(&before, &m, INVALID), 0.0);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_flood_of_random_instance_ids_keeps_the_sequence_table_bounded() {
+    // The bound of the table (MAX_SEQUENCES in src/broker.rs).
+    const BOUND_TABLE: f64 = 65_536.0;
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    // b drops what its members do not read in time rather than closing them.
+    let (a, b, mut far, mut publisher) = pair(&redis, &["--backpressure-policy", "drop"]);
+    let before = b.metrics();
+    assert!(before.get("wsloop_broker_sequences_tracked") >= 1.0);
+    // More distinct ids than the table holds, each with its first number, in binary messages
+    // (skipped by `next_text`): pipelined a thousand at a time.
+    let n = 65_536 + 4_096;
+    let mut raw = RawRedis::connect(redis.port);
+    for chunk in (0..n as u64).collect::<Vec<_>>().chunks(1000) {
+        for i in chunk {
+            let id = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            raw.send(&[b"PUBLISH", b"wsloop:/room", &wire(id, 1, 2, b"flood")]);
+        }
+        for _ in chunk {
+            assert!(matches!(raw.read(), Reply::Int(n) if n >= 2));
+        }
+    }
+    let m = b.wait_until("the flood received", |m| {
+        grown(&before, m, "wsloop_broker_received_total") >= n as f64
+    });
+    let tracked = m.get("wsloop_broker_sequences_tracked");
+    assert!(tracked <= BOUND_TABLE, "{tracked} publishers tracked");
+    assert!(tracked < n as f64, "forgotten: {tracked} tracked after {n}");
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 0.0);
+    // a's messages still arrive in order, and were never counted as lost.
+    let want: Vec<String> = (0..20).map(|i| format!("after {i}")).collect();
+    for t in &want {
+        publisher.send(WsMessage::text(t.as_str())).unwrap();
+    }
+    let got: Vec<String> = (0..20).map_while(|_| next_text(&mut far, BOUND)).collect();
+    assert_eq!(got, want);
+    let m = b.metrics();
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 0.0);
+    assert!(m.get("wsloop_broker_sequences_tracked") <= BOUND_TABLE);
     a.stop();
     b.stop();
 }

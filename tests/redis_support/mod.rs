@@ -145,3 +145,136 @@ pub fn next_text(ws: &mut tungstenite::WebSocket<TcpStream>, bound: Duration) ->
     }
     None
 }
+
+/// A reply from Redis (RESP2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+/// A raw client of the Redis at 127.0.0.1:`port`: commands as arrays of bulk strings, replies
+/// parsed; for what the bridge must withstand from someone else who can publish.
+pub struct RawRedis {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawRedis {
+    pub fn connect(port: u16) -> RawRedis {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        s.set_write_timeout(Some(BOUND)).unwrap();
+        RawRedis {
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Send one command without waiting for its reply.
+    pub fn send(&mut self, args: &[&[u8]]) {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.writer.write_all(&out).expect("write to redis");
+    }
+
+    /// The next reply (or message pushed to a subscriber).
+    pub fn read(&mut self) -> Reply {
+        use std::io::BufRead;
+        let mut line = Vec::new();
+        self.reader
+            .read_until(b'\n', &mut line)
+            .expect("read from redis");
+        assert!(line.ends_with(b"\r\n"), "redis: {line:?}");
+        let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+        let int = || text.parse::<i64>().expect("a length");
+        match line[0] {
+            b'+' => Reply::Status(text),
+            b'-' => Reply::Error(text),
+            b':' => Reply::Int(int()),
+            b'$' if int() < 0 => Reply::Bulk(None),
+            b'$' => {
+                let mut b = vec![0; int() as usize + 2];
+                self.reader.read_exact(&mut b).expect("read a bulk string");
+                b.truncate(b.len() - 2);
+                Reply::Bulk(Some(b))
+            }
+            b'*' => Reply::Array((0..int().max(0)).map(|_| self.read()).collect()),
+            _ => panic!("redis: {line:?}"),
+        }
+    }
+
+    /// One command and its reply.
+    pub fn call(&mut self, args: &[&[u8]]) -> Reply {
+        self.send(args);
+        self.read()
+    }
+
+    /// `PUBLISH`: how many subscribers received it.
+    pub fn publish(&mut self, channel: &str, payload: &[u8]) -> i64 {
+        match self.call(&[b"PUBLISH", channel.as_bytes(), payload]) {
+            Reply::Int(n) => n,
+            other => panic!("PUBLISH {channel}: {other:?}"),
+        }
+    }
+
+    /// Subscribers of `channel` now (`PUBSUB NUMSUB`).
+    pub fn numsub(&mut self, channel: &str) -> i64 {
+        match self.call(&[b"PUBSUB", b"NUMSUB", channel.as_bytes()]) {
+            Reply::Array(a) if a.len() == 2 => match a[1] {
+                Reply::Int(n) => n,
+                _ => panic!("NUMSUB {channel}: {a:?}"),
+            },
+            other => panic!("NUMSUB {channel}: {other:?}"),
+        }
+    }
+
+    /// Wait (bounded) until `channel` has `n` subscribers.
+    pub fn wait_numsub(&mut self, channel: &str, n: i64) {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let now = self.numsub(channel);
+            if now == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{channel}: {now} subscribers, not {n}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Subscribed (after `SUBSCRIBE`): the next message's payload on `channel`.
+    pub fn next_message(&mut self, channel: &str) -> Vec<u8> {
+        loop {
+            if let Reply::Array(a) = self.read() {
+                if let [Reply::Bulk(Some(kind)), Reply::Bulk(Some(chan)), Reply::Bulk(Some(p))] =
+                    &a[..]
+                {
+                    if kind == b"message" && chan == channel.as_bytes() {
+                        return p.clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A message in the bridge's wire format (README, "Several instances (Redis)"): magic and
+/// version, instance, sequence number, opcode (1 text, 2 binary), payload.
+pub fn wire(instance: u64, seq: u64, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = b"ws\x01".to_vec();
+    m.extend_from_slice(&instance.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.push(opcode);
+    m.extend_from_slice(payload);
+    m
+}
