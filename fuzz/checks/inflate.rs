@@ -9,7 +9,12 @@
 //! and fails with 1009 when it does not; an error is 1002 (RSV misuse), 1007 (invalid data or
 //! UTF-8) or 1009, and nothing is delivered after it.
 //!
-//! Input: `[max_message index, n_messages]`, then per message `[kind, fragments, len u16]` and
+//! With bit 7 of the first byte, both sides take over their context (the dedicated profile):
+//! the messages are compressed by one `Deflater` that keeps its window, and read by an
+//! `Inflater` that keeps its own; once an arbitrary or corrupted compressed message has entered
+//! the reader's window, what follows may read as anything.
+//!
+//! Input: `[max_message index and takeover, n_messages]`, then per message `[kind, fragments, len u16]` and
 //! `len` bytes; then the read sizes (see [`decode`]). `kind` bit 0: text; bit 1: the bytes are
 //! the payload as they are (arbitrary "compressed" data) rather than compressed by `Deflater`;
 //! bit 2: RSV1 clear (an uncompressed message); bit 3: RSV1 on every fragment; bit 4: a ping
@@ -42,6 +47,8 @@ pub struct Case {
     pub stream: Vec<u8>,
     wants: Vec<Want>,
     pub reads: Vec<usize>,
+    /// Context takeover both ways.
+    pub takeover: bool,
 }
 
 fn frame(out: &mut Vec<u8>, fin: bool, rsv1: bool, op: u8, payload: &[u8]) {
@@ -62,11 +69,15 @@ fn frame(out: &mut Vec<u8>, fin: bool, rsv1: bool, op: u8, payload: &[u8]) {
 
 pub fn decode(data: &[u8]) -> Case {
     let mut r = Reader::new(data);
-    let max = MAX_MESSAGE[usize::from(r.u8() % 8)];
+    let first = r.u8();
+    let max = MAX_MESSAGE[usize::from(first % 8)];
+    let takeover = first & 0x80 != 0;
     let n = r.u8() % 8;
     let mut stream = Vec::new();
     let mut wants = Vec::new();
-    let mut deflater = Deflater::new(15);
+    let mut deflater = Deflater::with(15, 8, takeover);
+    // With takeover: the reader's window no longer matches the writer's.
+    let mut poisoned = false;
     for _ in 0..n {
         let kind = r.u8();
         let fragments = usize::from(r.u8() % 4) + 1;
@@ -97,8 +108,14 @@ pub fn decode(data: &[u8]) -> Case {
         }
         let arbitrary = kind & 2 != 0 || (flip != 0 && !plain);
         let misuse = kind & 8 != 0 && fragments > 1 && !plain;
+        let was_poisoned = poisoned;
+        poisoned |= takeover && (arbitrary || misuse);
         wants.push(
-            if misuse || arbitrary || (plain && text && std::str::from_utf8(&body).is_err()) {
+            if was_poisoned
+                || misuse
+                || arbitrary
+                || (plain && text && std::str::from_utf8(&body).is_err())
+            {
                 Want::Any
             } else if body.len() > max || payload.len() > max {
                 Want::TooBig
@@ -137,6 +154,7 @@ pub fn decode(data: &[u8]) -> Case {
         stream,
         wants,
         reads,
+        takeover,
     }
 }
 
@@ -153,7 +171,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         other => panic!("canned request: {other:?}"),
     }
     session.enable_deflate(15);
-    let mut inflater = Inflater::new();
+    let mut inflater = Inflater::with_window(15, case.takeover);
     let mut got: Vec<Result<Vec<u8>, u16>> = Vec::new();
     let mut out = Vec::new();
     let mut rest = &case.stream[..];

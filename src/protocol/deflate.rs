@@ -608,8 +608,7 @@ impl Deflater {
 
     /// Compress one message (`payload`), appending the compressed bytes to `out` without the
     /// 4-byte tail (RFC 7692 section 7.2.1). Without context takeover the message is
-    /// compressed on its own. An empty payload gives one byte, `0x00` (`02 00` after another
-    /// message with context takeover).
+    /// compressed on its own. An empty payload on its own gives one byte, `0x00`.
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
         if !self.takeover {
             // Once per message, before it: what earlier messages left in the window is not
