@@ -1,6 +1,7 @@
 //! Every limit and timeout of a [`Server`](crate::Server), with its documented default.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The limits and timeouts a server enforces. `Config::default()` is what the `wsloop` binary
@@ -177,6 +178,33 @@ pub struct Config {
     /// Share topics with other instances through Redis pub/sub (see [`RedisConfig`]): `None`
     /// (the default) keeps topics within this process.
     pub redis: Option<RedisConfig>,
+    /// TLS (wss://) on the WebSocket listeners, with this certificate and key (see
+    /// [`TlsConfig`]); the metrics-only listener stays plain. `None` (the default): plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS on the WebSocket listeners (rustls; TLS 1.2 and 1.3, ALPN `http/1.1`). The files are
+/// read once when the server starts, and the configuration made from them is shared by every
+/// loop of a [`Cluster`](crate::Cluster). A file that cannot be read, holds no certificate or
+/// no key, a key that does not match the certificate, or a certificate past its `notAfter` is a
+/// start-up error ([`ConfigError`] with the field `tls_cert` or `tls_key`, naming the file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM: the server's certificate first, then the intermediates.
+    pub cert_chain: PathBuf,
+    /// The private key, PEM: PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or SEC1
+    /// (`EC PRIVATE KEY`).
+    pub private_key: PathBuf,
+}
+
+impl TlsConfig {
+    /// TLS with the certificate chain and the private key in these PEM files.
+    pub fn new(cert_chain: impl Into<PathBuf>, private_key: impl Into<PathBuf>) -> Self {
+        TlsConfig {
+            cert_chain: cert_chain.into(),
+            private_key: private_key.into(),
+        }
+    }
 }
 
 /// The Redis bridge: one per process, on threads of its own, sharing this process's topics with
@@ -298,6 +326,7 @@ impl Default for Config {
             compression: Compression::Off,
             compression_threshold: 1024,
             redis: None,
+            tls: None,
         }
     }
 }
@@ -492,6 +521,20 @@ impl Config {
         }
         if let Err(e) = crate::admission::TrustedProxies::parse(&self.trusted_proxies) {
             return err("trusted_proxies", e);
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_chain.as_os_str().is_empty() {
+                return err("tls_cert", "names no file");
+            }
+            if tls.private_key.as_os_str().is_empty() {
+                return err("tls_key", "names no file");
+            }
+            if self.proxy_protocol {
+                return err(
+                    "proxy_protocol",
+                    "not supported with TLS yet (the PROXY header comes before the TLS handshake)",
+                );
+            }
         }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {
             return err(

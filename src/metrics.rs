@@ -111,6 +111,12 @@ impl Snapshot {
             add_usize(&mut a.memory_bytes, &b.memory_bytes);
             a.memory_shedding |= b.memory_shedding;
             a.memory_shed_episodes += b.memory_shed_episodes;
+            a.tls_handshakes_ok += b.tls_handshakes_ok;
+            add(&mut a.tls_handshakes_failed, &b.tls_handshakes_failed);
+            a.tls_handshaking += b.tls_handshaking;
+            add_usize(&mut a.tls_connections, &b.tls_connections);
+            a.tls_certificate_not_after =
+                a.tls_certificate_not_after.max(b.tls_certificate_not_after);
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -237,6 +243,18 @@ pub struct Stats {
     pub stalls: u64,
     /// The longest stall the watchdog saw, in nanoseconds.
     pub longest_stall_ns: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes_ok: u64,
+    /// TLS handshakes that failed (the connection ended before it completed), by the
+    /// [`CloseReason::index`] of its end: `tls_error` (garbage, cleartext, a bad record or an
+    /// alert), `handshake_timeout`, `abnormal` (the client left), and so on.
+    pub tls_handshakes_failed: [u64; CloseReason::LABELS.len()],
+    /// TLS handshakes in progress now.
+    pub tls_handshaking: usize,
+    /// Established TLS connections held now, by version (TLS 1.2, TLS 1.3).
+    pub tls_connections: [usize; 2],
+    /// The server certificate's `notAfter`, in seconds since 1970 (0 without TLS).
+    pub tls_certificate_not_after: i64,
 }
 
 /// Labels of [`Stats::accept_errors`], in order.
@@ -387,6 +405,50 @@ fn render_broker(m: &mut Exposition, b: &BrokerFigures) {
         "gauge",
         "Bytes of the publications waiting to be sent to Redis.",
         b.queued_bytes as f64,
+    );
+}
+
+fn render_tls(m: &mut Exposition, st: &Stats) {
+    m.head(
+        "wsloop_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed (ok) or failed, by how the connection ended.",
+    );
+    m.line(
+        "wsloop_tls_handshakes_total",
+        &[("result", "ok")],
+        st.tls_handshakes_ok as f64,
+    );
+    for (i, label) in CloseReason::LABELS.iter().enumerate() {
+        m.line(
+            "wsloop_tls_handshakes_total",
+            &[("result", label)],
+            st.tls_handshakes_failed[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_tls_handshakes_in_progress",
+        "gauge",
+        "TLS handshakes begun and not completed yet.",
+        st.tls_handshaking as f64,
+    );
+    m.head(
+        "wsloop_tls_connections",
+        "gauge",
+        "Established TLS connections held now, by TLS version.",
+    );
+    for (i, version) in crate::io::transport::TLS_VERSIONS.iter().enumerate() {
+        m.line(
+            "wsloop_tls_connections",
+            &[("version", version)],
+            st.tls_connections[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_tls_certificate_not_after_seconds",
+        "gauge",
+        "The server certificate's notAfter (seconds since 1970; 0 without TLS).",
+        st.tls_certificate_not_after as f64,
     );
 }
 
@@ -559,6 +621,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
         "Bytes written to client sockets.",
         st.bytes_sent as f64,
     );
+    render_tls(&mut m, st);
     m.one(
         "wsloop_queued_bytes",
         "gauge",

@@ -137,6 +137,9 @@ pub(super) struct Core<D> {
     pub(super) origin: crate::origin::OriginPolicy,
     /// Proxies whose word on the client address is taken.
     pub(super) trusted: crate::admission::TrustedProxies,
+    /// TLS on the WebSocket listeners: the configuration the loops share, and the
+    /// certificate's expiry.
+    pub(super) tls: Option<crate::io::tls::TlsSetup>,
 }
 
 impl<D> Core<D> {
@@ -240,6 +243,7 @@ impl<D> Core<D> {
             compressed_messages: self.codec.messages(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
+            tls_certificate_not_after: self.tls.as_ref().map_or(0, |t| t.not_after),
             ..self.stats.clone()
         }
     }

@@ -80,7 +80,7 @@ fn websocket<'a, D>(
         send: &mut conn.send,
         out: Outbox::new(
             cork,
-            &conn.socket,
+            &mut conn.socket,
             &mut conn.pending,
             &mut conn.session,
             codec,
