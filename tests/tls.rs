@@ -442,7 +442,12 @@ fn openssl_s_client_negotiates_alpn_http_1_1_over_tls_1_2_and_1_3() {
 #[test]
 fn tungstenite_over_rustls_echoes_and_the_server_ends_with_close_notify() {
     let Some(certs) = certs() else { return };
-    let server = TestServer::start(tls_config(&certs));
+    // A small kernel send buffer: large echoes fill the socket again and again, so that rustls
+    // is often left holding ciphertext that only a writable edge can flush.
+    let server = TestServer::start(Config {
+        socket_send_buffer: 4096,
+        ..tls_config(&certs)
+    });
     let mut ws = wss(server.addr, &certs);
     let stats = server.wait_stats("a TLS connection", |s| s.tls_connections[1] == 1);
     assert_eq!((stats.tls_handshakes_ok, stats.tls_handshaking), (1, 0));
@@ -651,6 +656,33 @@ fn garbage_and_cleartext_http_to_a_tls_port_are_closed_at_once_and_counted() {
     w.wait_baseline();
     let m2 = w.wait_quiet();
     assert_eq!(handshakes(&m2, "ok") - handshakes(&m0, "ok"), 1);
+    w.stop();
+}
+
+/// A client refused at admission (here: over `--max-connections-per-ip`) on a TLS port gets no
+/// cleartext 503 it could not read, and costs no handshake: it is closed at once, and counted.
+#[test]
+fn a_refused_client_on_a_tls_port_is_closed_without_a_cleartext_answer() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-refused", &["--max-connections-per-ip", "1"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut first = tls_connect(w.addr, &certs);
+    assert!(upgrade_over(&mut first, w.addr).starts_with("HTTP/1.1 101 "));
+    let mut second = tcp(w.addr);
+    let (got, took) = until_closed(&mut second, Instant::now());
+    assert!(got.is_empty(), "the refused client got {got:?}");
+    assert!(took < Duration::from_millis(900), "closed after {took:?}");
+    drop((first, second));
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&1), "{since:?}");
+    assert_eq!(
+        m1.admission("max_connections_per_ip") - m0.admission("max_connections_per_ip"),
+        1
+    );
+    assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), 1);
     w.stop();
 }
 
