@@ -287,6 +287,11 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert_eq!(c.compression, Compression::Off);
                 continue;
             }
+            (Some("--tls-cert"), _) => {
+                assert!(default.starts_with("off"), "{default:?}");
+                assert_eq!(c.tls, None);
+                continue;
+            }
             (Some("--fd-headroom"), _) => {
                 assert_eq!(MAX_FD_HEADROOM, 1 << 30);
                 assert!(default.contains("at most 2^30"), "{default:?}");
@@ -340,6 +345,8 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert!(default.contains("doubling to 2 s"), "{default:?}");
                 vec![0.1]
             }
+            // src/io/transport.rs, TLS_CHUNK (crate-private): the unit test there proves it.
+            (None, "TLS output held by rustls per connection") => vec![16384.0],
             (None, "reads per turn") => {
                 // Fixed in the loop: 4 full reads of the receive buffer.
                 assert!(
