@@ -419,13 +419,11 @@ fn render_tls(m: &mut Exposition, st: &Stats) {
         &[("result", "ok")],
         st.tls_handshakes_ok as f64,
     );
-    for (i, label) in CloseReason::LABELS.iter().enumerate() {
-        m.line(
-            "wsloop_tls_handshakes_total",
-            &[("result", label)],
-            st.tls_handshakes_failed[i] as f64,
-        );
-    }
+    m.by_reason(
+        "wsloop_tls_handshakes_total",
+        "result",
+        &st.tls_handshakes_failed,
+    );
     m.one(
         "wsloop_tls_handshakes_in_progress",
         "gauge",
@@ -488,13 +486,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
         "counter",
         "Connections ended, by reason.",
     );
-    for (i, label) in CloseReason::LABELS.iter().enumerate() {
-        m.line(
-            "wsloop_connections_closed_total",
-            &[("reason", label)],
-            st.closed[i] as f64,
-        );
-    }
+    m.by_reason("wsloop_connections_closed_total", "reason", &st.closed);
     m.head(
         "wsloop_handshakes_rejected_total",
         "counter",
@@ -865,6 +857,12 @@ impl Exposition {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {v}");
+    }
+    /// One line per close reason: `name{key="<reason's label>"}` with its count.
+    fn by_reason(&mut self, name: &str, key: &str, counts: &[u64; CloseReason::LABELS.len()]) {
+        for (label, n) in CloseReason::LABELS.iter().zip(counts) {
+            self.line(name, &[(key, label)], *n as f64);
+        }
     }
     fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
         self.head(name, kind, help);
