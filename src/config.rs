@@ -181,6 +181,12 @@ pub struct Config {
     /// TLS (wss://) on the WebSocket listeners, with this certificate and key (see
     /// [`TlsConfig`]); the metrics-only listener stays plain. `None` (the default): plain TCP.
     pub tls: Option<TlsConfig>,
+    /// With TLS: the most TLS handshakes in progress at once, over all loops (split evenly,
+    /// at least one per loop). A new connection on a TLS listener beyond it is closed at once,
+    /// before any handshake work and without an answer, and counted
+    /// (`wsloop_tls_handshakes_capped_total`), so that a flood of half-done handshakes holds
+    /// no more than this many connections' TLS state. Default 1024; 0: no cap.
+    pub tls_max_handshakes: usize,
 }
 
 /// TLS on the WebSocket listeners (rustls; TLS 1.2 and 1.3, ALPN `http/1.1`). The files are
@@ -327,6 +333,7 @@ impl Default for Config {
             compression_threshold: 1024,
             redis: None,
             tls: None,
+            tls_max_handshakes: 1024,
         }
     }
 }
@@ -522,6 +529,9 @@ impl Config {
         if let Err(e) = crate::admission::TrustedProxies::parse(&self.trusted_proxies) {
             return err("trusted_proxies", e);
         }
+        if self.tls_max_handshakes > 1 << 24 {
+            return err("tls_max_handshakes", "must be at most 16777216 (0: no cap)");
+        }
         if let Some(tls) = &self.tls {
             if tls.cert_chain.as_os_str().is_empty() {
                 return err("tls_cert", "names no file");
@@ -679,6 +689,33 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let tls = |cert: &str, key: &str| Config {
+            tls: Some(TlsConfig::new(cert, key)),
+            ..Config::default()
+        };
+        assert_eq!(tls("cert.pem", "key.pem").validate(), Ok(()));
+        assert_eq!(tls("", "key.pem").validate().unwrap_err().field, "tls_cert");
+        assert_eq!(tls("cert.pem", "").validate().unwrap_err().field, "tls_key");
+        let proxied = Config {
+            proxy_protocol: true,
+            trusted_proxies: vec!["10.0.0.1".into()],
+            ..tls("cert.pem", "key.pem")
+        };
+        let e = proxied.validate().unwrap_err();
+        assert_eq!(e.field, "proxy_protocol");
+        assert!(e.reason.contains("TLS"), "{e}");
+        let capped = |n| Config {
+            tls_max_handshakes: n,
+            ..Config::default()
+        };
+        assert_eq!(capped(0).validate(), Ok(()));
+        assert_eq!(capped(1 << 24).validate(), Ok(()));
+        let e = capped((1 << 24) + 1).validate().unwrap_err();
+        assert_eq!(e.field, "tls_max_handshakes");
     }
 
     #[test]

@@ -168,6 +168,10 @@ struct Args {
     /// The private key (PEM) of --tls-cert's certificate.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// With TLS: the most TLS handshakes in progress at once (split over the threads); new
+    /// connections beyond it are closed at once, without a handshake (0: no cap).
+    #[arg(long, default_value_t = Config::default().tls_max_handshakes)]
+    tls_max_handshakes: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -282,6 +286,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("redis_prefix", "--redis-prefix"),
     ("tls_cert", "--tls-cert"),
     ("tls_key", "--tls-key"),
+    ("tls_max_handshakes", "--tls-max-handshakes"),
 ];
 
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -422,6 +427,7 @@ fn config_of(args: &Args) -> Config {
             (Some(cert), Some(key)) => Some(TlsConfig::new(cert, key)),
             _ => None,
         },
+        tls_max_handshakes: args.tls_max_handshakes,
         ..Config::default()
     }
 }

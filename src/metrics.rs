@@ -114,6 +114,7 @@ impl Snapshot {
             a.tls_handshakes_ok += b.tls_handshakes_ok;
             add(&mut a.tls_handshakes_failed, &b.tls_handshakes_failed);
             a.tls_handshaking += b.tls_handshaking;
+            a.tls_handshakes_capped += b.tls_handshakes_capped;
             add_usize(&mut a.tls_connections, &b.tls_connections);
             a.tls_certificate_not_after =
                 a.tls_certificate_not_after.max(b.tls_certificate_not_after);
@@ -251,6 +252,9 @@ pub struct Stats {
     pub tls_handshakes_failed: [u64; CloseReason::LABELS.len()],
     /// TLS handshakes in progress now.
     pub tls_handshaking: usize,
+    /// New connections on TLS listeners closed at once because the loop's share of
+    /// [`Config::tls_max_handshakes`](crate::Config::tls_max_handshakes) was in progress.
+    pub tls_handshakes_capped: u64,
     /// Established TLS connections held now, by version (TLS 1.2, TLS 1.3).
     pub tls_connections: [usize; 2],
     /// The server certificate's `notAfter`, in seconds since 1970 (0 without TLS).
@@ -429,6 +433,12 @@ fn render_tls(m: &mut Exposition, st: &Stats) {
         "gauge",
         "TLS handshakes begun and not completed yet.",
         st.tls_handshaking as f64,
+    );
+    m.one(
+        "wsloop_tls_handshakes_capped_total",
+        "counter",
+        "New connections on TLS listeners closed at once: the cap on handshakes in progress was reached.",
+        st.tls_handshakes_capped as f64,
     );
     m.head(
         "wsloop_tls_connections",

@@ -98,6 +98,7 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
         ("--listen-backlog", num(c.listen_backlog)),
         ("--accepts-per-turn", num(c.accepts_per_turn as f64)),
         ("--max-backpressure", num(c.max_backpressure as f64)),
+        ("--tls-max-handshakes", num(c.tls_max_handshakes as f64)),
         (
             "--backpressure-policy",
             Value::Word(match c.backpressure_policy {

@@ -659,6 +659,63 @@ fn garbage_and_cleartext_http_to_a_tls_port_are_closed_at_once_and_counted() {
     w.stop();
 }
 
+/// A flood of connections that never finish their handshake: beyond `--tls-max-handshakes`
+/// in progress, new connections are closed at once (no handshake, nothing sent) and counted;
+/// an established connection is served throughout; once the held ones reach their deadline,
+/// new clients are served again.
+#[test]
+fn handshakes_in_progress_are_capped_and_established_clients_are_served() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-cap", &["--tls-max-handshakes", "10"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut ws = wss(w.addr, &certs);
+    let start = Instant::now();
+    let held: Vec<TcpStream> = (0..10).map(|_| tcp(w.addr)).collect();
+    w.wait_until("10 handshakes in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 10.0
+    });
+    for i in 0..20 {
+        let mut s = tcp(w.addr);
+        let (got, took) = until_closed(&mut s, Instant::now());
+        assert!(got.is_empty(), "capped connection {i} got {got:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "capped connection {i} closed after {took:?}"
+        );
+        ws.send(tungstenite::Message::text(format!("during {i}")))
+            .unwrap();
+        assert_eq!(
+            ws.read().unwrap().into_text().unwrap(),
+            format!("during {i}")
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the held ones timed out meanwhile"
+    );
+    let m = w.metrics();
+    assert_eq!(
+        m.get("wsloop_tls_handshakes_capped_total") - m0.get("wsloop_tls_handshakes_capped_total"),
+        20.0
+    );
+    drop(held);
+    // The held ones end (their EOF, or the deadline): handshakes are taken again.
+    w.wait_until("no handshake in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 0.0
+    });
+    let mut s = tls_connect(w.addr, &certs);
+    assert!(upgrade_over(&mut s, w.addr).starts_with("HTTP/1.1 101 "));
+    drop((s, ws));
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&20), "{since:?}");
+    assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), 2);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    w.stop();
+}
+
 /// A client refused at admission (here: over `--max-connections-per-ip`) on a TLS port gets no
 /// cleartext 503 it could not read, and costs no handshake: it is closed at once, and counted.
 #[test]

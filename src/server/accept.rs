@@ -15,7 +15,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use super::conn::{conn_id, Conn, TimerRef, MAX_SLOTS};
-use super::core::{Core, LOG_REFUSALS, LOG_SHED};
+use super::core::{Core, LOG_REFUSALS, LOG_SHED, LOG_TLS_CAP};
 use crate::admission::Verdict;
 use crate::app::CloseReason;
 use crate::io::transport::Transport;
@@ -291,6 +291,10 @@ impl<D> Core<D> {
     /// A new connection: admit it, or answer it with 503/429 and let it go.
     pub(super) fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
+        let tls = self.tls.is_some() && !admin;
+        if tls && self.stats.tls_handshaking >= self.handshake_cap() {
+            return self.cap_handshakes(stream);
+        }
         // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let admitted = self.conns.len() - self.tally.shedding();
@@ -332,7 +336,7 @@ impl<D> Core<D> {
         };
         self.stats.refused[verdict.index()] += 1;
         self.log_refusal(verdict, peer);
-        if self.tls.is_some() && !admin {
+        if tls {
             // A TLS client can read no answer before a handshake, and a handshake is what a
             // refusal spares the server: closed at once.
             drop(stream);
@@ -350,6 +354,30 @@ impl<D> Core<D> {
             // dropping the stream closes it now; the answer is on its way, or a reset is.
             // Never in the slab, but counted all the same.
             self.stats.closed[CloseReason::Refused.index()] += 1;
+        }
+    }
+
+    /// This loop's share of `tls_max_handshakes` (at least one; no cap at 0).
+    fn handshake_cap(&self) -> usize {
+        match self.config.tls_max_handshakes {
+            0 => usize::MAX,
+            n => n.div_ceil(self.ledger.loops()),
+        }
+    }
+
+    /// A new TLS connection while the loop's share of `tls_max_handshakes` is in progress:
+    /// closed at once, before any handshake work, the admission table and an answer it could
+    /// not read; counted and logged (at most once a second).
+    #[inline(never)]
+    fn cap_handshakes(&mut self, stream: TcpStream) {
+        drop(stream);
+        self.stats.tls_handshakes_capped += 1;
+        self.stats.closed[CloseReason::Refused.index()] += 1;
+        let in_progress = self.stats.tls_handshaking;
+        if let Some(more) = self.throttle(LOG_TLS_CAP, 1) {
+            log::warn!(
+                "{in_progress} TLS handshakes in progress, this loop's cap: closing new                  connections ({more} more since the last report)"
+            );
         }
     }
 

@@ -34,8 +34,10 @@ pub(super) const LOG_SHED: usize = LOG_REFUSALS + Verdict::LABELS.len();
 pub(super) const LOG_REJECTS: usize = LOG_SHED + 1;
 /// Connections closed to stay within the memory budget.
 pub(super) const LOG_MEMORY: usize = LOG_REJECTS + 1;
+/// New TLS connections refused at the cap on handshakes in progress.
+pub(super) const LOG_TLS_CAP: usize = LOG_MEMORY + 1;
 /// How many kinds of log line are throttled.
-pub(super) const LOG_SLOTS: usize = LOG_MEMORY + 1;
+pub(super) const LOG_SLOTS: usize = LOG_TLS_CAP + 1;
 
 /// Everything the loop owns except the poll, the handler and the receive buffer, so that a
 /// handler callback can borrow a connection, the cork and the handler at the same time.
