@@ -716,6 +716,37 @@ fn handshakes_in_progress_are_capped_and_established_clients_are_served() {
     w.stop();
 }
 
+/// `--threads 2`: the TLS configuration is made once and every loop serves it; the totals add
+/// up over the loops.
+#[test]
+fn every_loop_of_a_cluster_serves_tls() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-cluster", &["--threads", "2"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut clients: Vec<_> = (0..16).map(|_| wss(w.addr, &certs)).collect();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(tungstenite::Message::text(format!("client {i}")))
+            .unwrap();
+        assert_eq!(
+            ws.read().unwrap().into_text().unwrap(),
+            format!("client {i}")
+        );
+    }
+    let m = w.wait_until("16 TLS 1.3 connections over the loops", |m| {
+        m.get("wsloop_tls_connections{version=\"1.3\"}") == 16.0
+    });
+    assert_eq!(handshakes(&m, "ok") - handshakes(&m0, "ok"), 16);
+    for mut ws in clients {
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    }
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(m1.closed_since(&m0).get("peer_closed"), Some(&16));
+    w.stop();
+}
+
 /// A client refused at admission (here: over `--max-connections-per-ip`) on a TLS port gets no
 /// cleartext 503 it could not read, and costs no handshake: it is closed at once, and counted.
 #[test]
