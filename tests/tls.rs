@@ -774,8 +774,10 @@ fn a_refused_client_on_a_tls_port_is_closed_without_a_cleartext_answer() {
     w.stop();
 }
 
-/// A client over TLS that sends 16 KiB messages and never reads their echoes: closed 1008 for
-/// backpressure, its queue never more than the limit plus one message plus one TLS chunk.
+/// A client over TLS that sends 16 KiB messages and never reads their echoes: closed for
+/// backpressure (1008 reported; a send over the limit closes it, or, once reading paused over
+/// the limit, the queue not drained to half of it within the 1 s write-stall timeout drops
+/// it), its queue never more than the limit plus one message plus one TLS chunk.
 #[test]
 fn a_slow_reader_over_tls_is_closed_at_the_backpressure_limit() {
     let Some(certs) = certs() else { return };
@@ -784,6 +786,10 @@ fn a_slow_reader_over_tls_is_closed_at_the_backpressure_limit() {
     let server = TestServer::start(Config {
         max_backpressure: LIMIT,
         close_timeout: Duration::from_secs(2),
+        write_stall_timeout: Duration::from_secs(1),
+        // What the client sends while the server does not read it waits in small kernel
+        // buffers: its writes block soon.
+        socket_receive_buffer: 16 * 1024,
         ..tls_config(&certs)
     });
     let mut s = tls_over(
