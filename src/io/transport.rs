@@ -412,15 +412,32 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    /// A scratch folder, removed when dropped (a failing test too).
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A CA and a server certificate for localhost, made with the openssl CLI in a fresh
     /// folder; `None` (with a note) without openssl, a failure under CI.
-    fn pki() -> Option<PathBuf> {
+    fn pki() -> Option<Scratch> {
         let dir = std::env::temp_dir().join(format!(
             "wsloop-transport-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch(dir);
         let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
         let steps = [
             format!("req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=ca"),
@@ -437,7 +454,7 @@ mod tests {
         for step in steps {
             let out = Command::new("openssl")
                 .args(step.split(' '))
-                .current_dir(&dir)
+                .current_dir(&*dir)
                 .output();
             match out {
                 Ok(o) if o.status.success() => {}
@@ -580,7 +597,6 @@ mod tests {
             }
         }
         assert!(got > 0 && got < taken, "got {got} of {taken}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A read hands out every decrypted byte, into a buffer smaller than a record or larger
@@ -614,6 +630,5 @@ mod tests {
         }
         assert!(got == sent, "{} bytes read, differing", got.len());
         assert_eq!(t.read(&mut [0u8; 16]).unwrap(), 0);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
