@@ -83,7 +83,10 @@ impl<H: Handler + 'static> Cluster<H> {
                 metrics.is_some(),
             )?;
         }
-        let ledger = Arc::new(Ledger::new(loops, &config));
+        // The certificate and key are read and checked once, and the configuration made from
+        // them shared by every loop.
+        let tls = crate::io::tls::setup(&config)?;
+        let ledger = Arc::new(Ledger::new(loops, &config).with_tls(tls));
         let make_handler = Arc::new(make_handler);
         let (done_tx, done) = mpsc::channel();
         let (started_tx, started) = mpsc::channel::<()>();

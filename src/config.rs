@@ -1,6 +1,7 @@
 //! Every limit and timeout of a [`Server`](crate::Server), with its documented default.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The limits and timeouts a server enforces. `Config::default()` is what the `wsloop` binary
@@ -189,6 +190,39 @@ pub struct Config {
     /// Share topics with other instances through Redis pub/sub (see [`RedisConfig`]): `None`
     /// (the default) keeps topics within this process.
     pub redis: Option<RedisConfig>,
+    /// TLS (wss://) on the WebSocket listeners, with this certificate and key (see
+    /// [`TlsConfig`]); the metrics-only listener stays plain. `None` (the default): plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// With TLS: the most TLS handshakes in progress at once, over all loops (split evenly,
+    /// at least one per loop). A new connection on a TLS listener beyond it is closed at once,
+    /// before any handshake work and without an answer, and counted
+    /// (`wsloop_tls_handshakes_capped_total`), so that a flood of half-done handshakes holds
+    /// no more than this many connections' TLS state. Default 1024; 0: no cap.
+    pub tls_max_handshakes: usize,
+}
+
+/// TLS on the WebSocket listeners (rustls; TLS 1.2 and 1.3, ALPN `http/1.1`). The files are
+/// read once when the server starts, and the configuration made from them is shared by every
+/// loop of a [`Cluster`](crate::Cluster). A file that cannot be read, holds no certificate or
+/// no key, a key that does not match the certificate, or a certificate past its `notAfter` is a
+/// start-up error ([`ConfigError`] with the field `tls_cert` or `tls_key`, naming the file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM: the server's certificate first, then the intermediates.
+    pub cert_chain: PathBuf,
+    /// The private key, PEM: PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or SEC1
+    /// (`EC PRIVATE KEY`).
+    pub private_key: PathBuf,
+}
+
+impl TlsConfig {
+    /// TLS with the certificate chain and the private key in these PEM files.
+    pub fn new(cert_chain: impl Into<PathBuf>, private_key: impl Into<PathBuf>) -> Self {
+        TlsConfig {
+            cert_chain: cert_chain.into(),
+            private_key: private_key.into(),
+        }
+    }
 }
 
 /// The Redis bridge: one per process, on threads of its own, sharing this process's topics with
@@ -319,6 +353,8 @@ impl Default for Config {
             compression_mem_level: 8,
             compression_budget: 0,
             redis: None,
+            tls: None,
+            tls_max_handshakes: 1024,
         }
     }
 }
@@ -520,6 +556,23 @@ impl Config {
         if let Err(e) = crate::admission::TrustedProxies::parse(&self.trusted_proxies) {
             return err("trusted_proxies", e);
         }
+        if self.tls_max_handshakes > 1 << 24 {
+            return err("tls_max_handshakes", "must be at most 16777216 (0: no cap)");
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_chain.as_os_str().is_empty() {
+                return err("tls_cert", "names no file");
+            }
+            if tls.private_key.as_os_str().is_empty() {
+                return err("tls_key", "names no file");
+            }
+            if self.proxy_protocol {
+                return err(
+                    "proxy_protocol",
+                    "not supported with TLS yet (the PROXY header comes before the TLS handshake)",
+                );
+            }
+        }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {
             return err(
                 "proxy_protocol",
@@ -663,6 +716,33 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let tls = |cert: &str, key: &str| Config {
+            tls: Some(TlsConfig::new(cert, key)),
+            ..Config::default()
+        };
+        assert_eq!(tls("cert.pem", "key.pem").validate(), Ok(()));
+        assert_eq!(tls("", "key.pem").validate().unwrap_err().field, "tls_cert");
+        assert_eq!(tls("cert.pem", "").validate().unwrap_err().field, "tls_key");
+        let proxied = Config {
+            proxy_protocol: true,
+            trusted_proxies: vec!["10.0.0.1".into()],
+            ..tls("cert.pem", "key.pem")
+        };
+        let e = proxied.validate().unwrap_err();
+        assert_eq!(e.field, "proxy_protocol");
+        assert!(e.reason.contains("TLS"), "{e}");
+        let capped = |n| Config {
+            tls_max_handshakes: n,
+            ..Config::default()
+        };
+        assert_eq!(capped(0).validate(), Ok(()));
+        assert_eq!(capped(1 << 24).validate(), Ok(()));
+        let e = capped((1 << 24) + 1).validate().unwrap_err();
+        assert_eq!(e.field, "tls_max_handshakes");
     }
 
     #[test]

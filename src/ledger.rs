@@ -8,6 +8,7 @@
 use crate::admission::Admission;
 use crate::broker::Link;
 use crate::config::{Config, ConfigError, FD_LIMIT};
+use crate::io::tls::TlsSetup;
 use crate::metrics::Snapshot;
 use crate::sys;
 pub(crate) use crate::topics::Forwarded;
@@ -62,6 +63,8 @@ pub(crate) struct Ledger {
     /// The Redis bridge's sockets (see `bridge.rs`): counted after they connect, uncounted
     /// before they close, like a loop's.
     bridge_fds: AtomicUsize,
+    /// The TLS configuration every loop serves, made once at start ([`Ledger::with_tls`]).
+    tls: Option<TlsSetup>,
 }
 
 /// One loop's inbox: the publications forwarded to it, and their bytes.
@@ -99,6 +102,7 @@ impl Ledger {
                 .clone()
                 .map(|r| Arc::new(Link::new(r, config.max_message_size))),
             bridge_fds: AtomicUsize::new(0),
+            tls: None,
             memory: match config.memory_budget {
                 0 => crate::memory::default_budget(),
                 n => (n, "--memory-budget".into()),
@@ -134,6 +138,17 @@ impl Ledger {
     /// The compression budget and what is reserved of it.
     pub(crate) fn compression_budget(&self) -> (usize, usize) {
         (self.compression.0, self.compression.1.load(SeqCst))
+    }
+
+    /// The ledger of loops that serve TLS with `tls` (made by [`crate::io::tls::load`]).
+    pub(crate) fn with_tls(mut self, tls: Option<TlsSetup>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS configuration the loops serve, if any.
+    pub(crate) fn tls(&self) -> Option<&TlsSetup> {
+        self.tls.as_ref()
     }
 
     /// The memory budget over all loops, and where its size came from.

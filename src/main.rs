@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
     BackpressurePolicy, Cluster, Compression, Config, ConfigError, Decision, Handler, Message,
-    RedisConfig, UpgradeRequest, WebSocket,
+    RedisConfig, TlsConfig, UpgradeRequest, WebSocket,
 };
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
@@ -172,6 +172,17 @@ struct Args {
     /// Prepended to each topic to make its Redis channel.
     #[arg(long, default_value_t = RedisConfig::default().prefix, requires = "redis")]
     redis_prefix: String,
+    /// Serve wss:// (TLS 1.2 and 1.3) with this certificate chain (PEM: the server's
+    /// certificate first, then intermediates); needs --tls-key. --metrics-listen stays plain.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// With TLS: the most TLS handshakes in progress at once (split over the threads); new
+    /// connections beyond it are closed at once, without a handshake (0: no cap).
+    #[arg(long, default_value_t = Config::default().tls_max_handshakes)]
+    tls_max_handshakes: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -288,6 +299,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("compression_budget", "--compression-budget"),
     ("redis", "--redis"),
     ("redis_prefix", "--redis-prefix"),
+    ("tls_cert", "--tls-cert"),
+    ("tls_key", "--tls-key"),
+    ("tls_max_handshakes", "--tls-max-handshakes"),
 ];
 
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -428,6 +442,11 @@ fn config_of(args: &Args) -> Config {
             prefix: args.redis_prefix.clone(),
             ..RedisConfig::new(url.clone())
         }),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig::new(cert, key)),
+            _ => None,
+        },
+        tls_max_handshakes: args.tls_max_handshakes,
         ..Config::default()
     }
 }
@@ -441,12 +460,17 @@ fn serve<H: Handler>(
     make: impl Fn(usize) -> H + Send + Sync + 'static,
 ) -> Result<(), wsloop::Error> {
     let on_ws = config.serve_metrics;
+    let scheme = match config.tls {
+        Some(_) => "wss",
+        None => "ws",
+    };
     let threads = config.threads;
     let cluster = Cluster::start(config, &args.listen, args.metrics_listen, make)?;
     for bound in cluster.local_addrs() {
-        log::info!("{what} listening on ws://{bound}");
+        log::info!("{what} listening on {scheme}://{bound}");
         if on_ws {
-            log::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+            let http = if scheme == "wss" { "https" } else { "http" };
+            log::info!("metrics on {http}://{bound}/metrics, health on {http}://{bound}/healthz");
         }
     }
     if let Some(bound) = cluster.metrics_addr() {

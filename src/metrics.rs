@@ -116,6 +116,13 @@ impl Snapshot {
             add_usize(&mut a.memory_bytes, &b.memory_bytes);
             a.memory_shedding |= b.memory_shedding;
             a.memory_shed_episodes += b.memory_shed_episodes;
+            a.tls_handshakes_ok += b.tls_handshakes_ok;
+            add(&mut a.tls_handshakes_failed, &b.tls_handshakes_failed);
+            a.tls_handshaking += b.tls_handshaking;
+            a.tls_handshakes_capped += b.tls_handshakes_capped;
+            add_usize(&mut a.tls_connections, &b.tls_connections);
+            a.tls_certificate_not_after =
+                a.tls_certificate_not_after.max(b.tls_certificate_not_after);
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -255,6 +262,21 @@ pub struct Stats {
     pub stalls: u64,
     /// The longest stall the watchdog saw, in nanoseconds.
     pub longest_stall_ns: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes_ok: u64,
+    /// TLS handshakes that failed (the connection ended before it completed), by the
+    /// [`CloseReason::index`] of its end: `tls_error` (garbage, cleartext, a bad record or an
+    /// alert), `handshake_timeout`, `abnormal` (the client left), and so on.
+    pub tls_handshakes_failed: [u64; CloseReason::LABELS.len()],
+    /// TLS handshakes in progress now.
+    pub tls_handshaking: usize,
+    /// New connections on TLS listeners closed at once because the loop's share of
+    /// [`Config::tls_max_handshakes`](crate::Config::tls_max_handshakes) was in progress.
+    pub tls_handshakes_capped: u64,
+    /// Established TLS connections held now, by version (TLS 1.2, TLS 1.3).
+    pub tls_connections: [usize; 2],
+    /// The server certificate's `notAfter`, in seconds since 1970 (0 without TLS).
+    pub tls_certificate_not_after: i64,
 }
 
 /// Labels of [`Stats::accept_errors`], in order.
@@ -432,6 +454,54 @@ fn render_broker(m: &mut Exposition, b: &BrokerFigures) {
     );
 }
 
+fn render_tls(m: &mut Exposition, st: &Stats) {
+    m.head(
+        "wsloop_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed (ok) or failed, by how the connection ended.",
+    );
+    m.line(
+        "wsloop_tls_handshakes_total",
+        &[("result", "ok")],
+        st.tls_handshakes_ok as f64,
+    );
+    m.by_reason(
+        "wsloop_tls_handshakes_total",
+        "result",
+        &st.tls_handshakes_failed,
+    );
+    m.one(
+        "wsloop_tls_handshakes_in_progress",
+        "gauge",
+        "TLS handshakes begun and not completed yet.",
+        st.tls_handshaking as f64,
+    );
+    m.one(
+        "wsloop_tls_handshakes_capped_total",
+        "counter",
+        "New connections on TLS listeners closed at once: the cap on handshakes in progress was reached.",
+        st.tls_handshakes_capped as f64,
+    );
+    m.head(
+        "wsloop_tls_connections",
+        "gauge",
+        "Established TLS connections held now, by TLS version.",
+    );
+    for (i, version) in crate::io::transport::TLS_VERSIONS.iter().enumerate() {
+        m.line(
+            "wsloop_tls_connections",
+            &[("version", version)],
+            st.tls_connections[i] as f64,
+        );
+    }
+    m.one(
+        "wsloop_tls_certificate_not_after_seconds",
+        "gauge",
+        "The server certificate's notAfter (seconds since 1970; 0 without TLS).",
+        st.tls_certificate_not_after as f64,
+    );
+}
+
 /// The metrics of every loop (`parts`, in loop order) in Prometheus text format.
 pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures) -> String {
     let total = Snapshot::total(parts);
@@ -468,13 +538,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
         "counter",
         "Connections ended, by reason.",
     );
-    for (i, label) in CloseReason::LABELS.iter().enumerate() {
-        m.line(
-            "wsloop_connections_closed_total",
-            &[("reason", label)],
-            st.closed[i] as f64,
-        );
-    }
+    m.by_reason("wsloop_connections_closed_total", "reason", &st.closed);
     m.head(
         "wsloop_handshakes_rejected_total",
         "counter",
@@ -649,6 +713,7 @@ pub(crate) fn render(parts: &[Snapshot], fds: &FdFigures, broker: &BrokerFigures
         "Bytes written to client sockets.",
         st.bytes_sent as f64,
     );
+    render_tls(&mut m, st);
     m.one(
         "wsloop_queued_bytes",
         "gauge",
@@ -892,6 +957,12 @@ impl Exposition {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {v}");
+    }
+    /// One line per close reason: `name{key="<reason's label>"}` with its count.
+    fn by_reason(&mut self, name: &str, key: &str, counts: &[u64; CloseReason::LABELS.len()]) {
+        for (label, n) in CloseReason::LABELS.iter().zip(counts) {
+            self.line(name, &[(key, label)], *n as f64);
+        }
     }
     fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
         self.head(name, kind, help);

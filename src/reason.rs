@@ -58,6 +58,10 @@ pub enum CloseReason {
     /// Closed to keep the loop within its memory budget: it grew its buffers past its share
     /// while the loop was shedding (close 1013, or 503 before the upgrade).
     Memory,
+    /// TLS failed: the client sent garbage or cleartext instead of a ClientHello, a bad
+    /// record, or an alert, or the handshake found nothing in common. Closed at once (the alert
+    /// rustls queued is tried once before): nothing more can be said on a broken TLS stream.
+    TlsError,
 }
 
 /// One row of the table: what a reason maps to.
@@ -79,7 +83,7 @@ const fn row(label: &'static str, code: CloseCode, failed: bool) -> Row {
 }
 
 /// The table, in the order of [`CloseReason::index`].
-const TABLE: [Row; 18] = [
+const TABLE: [Row; 19] = [
     row("rejected", CloseCode::ABNORMAL, true),
     row("http_answered", CloseCode::ABNORMAL, true),
     row("handshake_timeout", CloseCode::ABNORMAL, true),
@@ -99,6 +103,7 @@ const TABLE: [Row; 18] = [
     row("max_lifetime", CloseCode::GOING_AWAY, false),
     row("handler_panic", CloseCode::INTERNAL_ERROR, false),
     row("memory", CloseCode::TRY_AGAIN_LATER, true),
+    row("tls_error", CloseCode::ABNORMAL, false),
 ];
 
 impl CloseReason {
@@ -134,6 +139,7 @@ impl CloseReason {
             CloseReason::MaxLifetime => 15,
             CloseReason::HandlerPanic => 16,
             CloseReason::Memory => 17,
+            CloseReason::TlsError => 18,
         }
     }
 
@@ -157,10 +163,12 @@ impl CloseReason {
     }
 
     /// The reason for a failed read or write on the socket: the peer reset or closed it
-    /// (`Abnormal`), or anything else (`IoError`).
+    /// (`Abnormal`), TLS failed (`TlsError`: the transport reports it as `InvalidData`, which
+    /// no socket error is), or anything else (`IoError`).
     pub fn of_io_error(e: &io::Error) -> CloseReason {
         match e.kind() {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => CloseReason::Abnormal,
+            io::ErrorKind::InvalidData => CloseReason::TlsError,
             _ => CloseReason::IoError,
         }
     }
@@ -170,7 +178,7 @@ impl CloseReason {
 mod tests {
     use super::*;
 
-    const ALL: [CloseReason; 18] = [
+    const ALL: [CloseReason; 19] = [
         CloseReason::Rejected(400),
         CloseReason::HttpAnswered,
         CloseReason::HandshakeTimeout,
@@ -189,6 +197,7 @@ mod tests {
         CloseReason::MaxLifetime,
         CloseReason::HandlerPanic,
         CloseReason::Memory,
+        CloseReason::TlsError,
     ];
 
     #[test]
@@ -239,6 +248,8 @@ mod tests {
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
         let other = io::Error::other("x");
+        let tls = io::Error::new(io::ErrorKind::InvalidData, "bad record");
+        assert_eq!(CloseReason::of_io_error(&tls), CloseReason::TlsError);
         assert_eq!(CloseReason::of_io_error(&reset), CloseReason::Abnormal);
         assert_eq!(CloseReason::of_io_error(&pipe), CloseReason::Abnormal);
         assert_eq!(CloseReason::of_io_error(&other), CloseReason::IoError);

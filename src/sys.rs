@@ -110,6 +110,12 @@ pub(crate) fn read_system_file(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
+/// A configuration file (a TLS certificate or key), read whole in one call at start-up, before
+/// any loop counts descriptors (its descriptor is open only meanwhile).
+pub(crate) fn read_config_file(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    std::fs::read(path)
+}
+
 fn to_u64(v: libc::rlim_t) -> u64 {
     if v == libc::RLIM_INFINITY {
         u64::MAX

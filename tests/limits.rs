@@ -98,6 +98,7 @@ fn config_defaults() -> Vec<(&'static str, Value)> {
         ("--listen-backlog", num(c.listen_backlog)),
         ("--accepts-per-turn", num(c.accepts_per_turn as f64)),
         ("--max-backpressure", num(c.max_backpressure as f64)),
+        ("--tls-max-handshakes", num(c.tls_max_handshakes as f64)),
         (
             "--backpressure-policy",
             Value::Word(match c.backpressure_policy {
@@ -297,6 +298,11 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert_eq!(c.compression, Compression::Off);
                 continue;
             }
+            (Some("--tls-cert"), _) => {
+                assert!(default.starts_with("off"), "{default:?}");
+                assert_eq!(c.tls, None);
+                continue;
+            }
             (Some("--fd-headroom"), _) => {
                 assert_eq!(MAX_FD_HEADROOM, 1 << 30);
                 assert!(default.contains("at most 2^30"), "{default:?}");
@@ -354,6 +360,8 @@ fn the_readme_limits_table_shows_the_defaults() {
                 // src/broker.rs MAX_SEQUENCES.
                 vec![65_536.0]
             }
+            // src/io/transport.rs, TLS_CHUNK (crate-private): the unit test there proves it.
+            (None, "TLS output held by rustls per connection") => vec![16384.0],
             (None, "reads per turn") => {
                 // Fixed in the loop: 4 full reads of the receive buffer.
                 assert!(

@@ -143,7 +143,7 @@ pub(crate) enum Direct {
 /// does after flushing the cork ([`Direct`]).
 pub(crate) struct Outbox<'a> {
     cork: &'a mut Vec<u8>,
-    transport: &'a Transport,
+    transport: &'a mut Transport,
     pending: &'a mut SendQueue,
     /// The connection's protocol state, which encodes every frame (and refuses once closing).
     session: &'a mut Session,
@@ -170,7 +170,7 @@ impl<'a> Outbox<'a> {
     /// the first direct write: a sender costs at most one system call more than the cork would.
     pub(crate) fn new(
         cork: &'a mut Vec<u8>,
-        transport: &'a Transport,
+        transport: &'a mut Transport,
         pending: &'a mut SendQueue,
         session: &'a mut Session,
         codec: &'a mut SharedCodec,
@@ -316,7 +316,7 @@ impl<'a> Outbox<'a> {
 /// cork is emptied. Returns the bytes written (or why the connection must end) and whether some
 /// were queued; `None` if the session refused the frame (it is closing).
 fn write_frame_now(
-    transport: &Transport,
+    transport: &mut Transport,
     cork: &mut Vec<u8>,
     pending: &mut SendQueue,
     session: &mut Session,
@@ -457,7 +457,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     /// frames queue behind it, and the bytes on the wire are exactly the frames in call order.
     #[test]
     fn direct_writes_keep_order_and_count_exactly_through_a_partial_write() {
-        let (socket, mut client) = pair();
+        let (mut socket, mut client) = pair();
         let mut session = open_session();
         let mut codec = codec();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
@@ -474,7 +474,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             let was_pending = !pending.is_empty();
             let mut out = Outbox::new(
                 &mut cork,
-                &socket,
+                &mut socket,
                 &mut pending,
                 &mut session,
                 &mut codec,
@@ -541,7 +541,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     /// per sender: a second large frame, or any frame when more answers follow, goes to the cork.
     #[test]
     fn a_sender_writes_directly_at_most_once_and_only_when_last() {
-        let (socket, mut client) = pair();
+        let (mut socket, mut client) = pair();
         let mut session = open_session();
         let mut codec = codec();
         let (mut cork, mut pending) = (Vec::new(), SendQueue::default());
@@ -551,7 +551,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         write_frame(&mut one, true, OpCode::Binary, &payload);
         let mut out = Outbox::new(
             &mut cork,
-            &socket,
+            &mut socket,
             &mut pending,
             &mut session,
             &mut codec,
@@ -564,7 +564,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(bytes_sent, 0);
         let mut out = Outbox::new(
             &mut cork,
-            &socket,
+            &mut socket,
             &mut pending,
             &mut session,
             &mut codec,
@@ -589,7 +589,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     #[test]
     fn a_failed_direct_write_reports_the_reason_and_sends_nothing_more() {
-        let (socket, client) = pair();
+        let (mut socket, client) = pair();
         let mut session = open_session();
         let mut codec = codec();
         socket2::SockRef::from(&client)
@@ -604,7 +604,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             cork.extend_from_slice(b"corked");
             let mut out = Outbox::new(
                 &mut cork,
-                &socket,
+                &mut socket,
                 &mut pending,
                 &mut session,
                 &mut codec,

@@ -15,7 +15,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use super::conn::{conn_id, Conn, TimerRef, MAX_SLOTS};
-use super::core::{Core, LOG_REFUSALS, LOG_SHED};
+use super::core::{Core, LOG_REFUSALS, LOG_SHED, LOG_TLS_CAP};
 use crate::admission::Verdict;
 use crate::app::CloseReason;
 use crate::io::transport::Transport;
@@ -201,11 +201,15 @@ impl<D> Core<D> {
         self.fds_changed();
         drop(spare);
         let answer = refusal(Verdict::ServerFull);
+        // A TLS client could not read it (see `on_accepted`): closed without it.
+        let plain = self.listener_admin[i] || self.tls.is_none();
         let mut shed = 0u64;
         // Each is accepted, answered and closed without being counted.
         let _moving = Moving::new(&self.ledger);
         while let Ok((mut stream, _)) = listener.accept() {
-            let _ = stream.write(&answer);
+            if plain {
+                let _ = stream.write(&answer);
+            }
             drop(stream);
             shed += 1;
             self.stats.closed[CloseReason::Refused.index()] += 1;
@@ -287,6 +291,10 @@ impl<D> Core<D> {
     /// A new connection: admit it, or answer it with 503/429 and let it go.
     pub(super) fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, admin: bool) {
         self.stats.accepted += 1;
+        let tls = self.tls.is_some() && !admin;
+        if tls && self.stats.tls_handshaking >= self.handshake_cap() {
+            return self.cap_handshakes(stream);
+        }
         // Every per-address key is canonical: an IPv4-mapped IPv6 peer is its IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let admitted = self.conns.len() - self.tally.shedding();
@@ -328,6 +336,13 @@ impl<D> Core<D> {
         };
         self.stats.refused[verdict.index()] += 1;
         self.log_refusal(verdict, peer);
+        if tls {
+            // A TLS client can read no answer before a handshake, and a handshake is what a
+            // refusal spares the server: closed at once.
+            drop(stream);
+            self.stats.closed[CloseReason::Refused.index()] += 1;
+            return;
+        }
         let mut stream = stream;
         let _ = stream.write(&refusal(verdict));
         if self.conns.len() < self.fd_budget && self.tally.shedding() < self.shed_cap() {
@@ -339,6 +354,30 @@ impl<D> Core<D> {
             // dropping the stream closes it now; the answer is on its way, or a reset is.
             // Never in the slab, but counted all the same.
             self.stats.closed[CloseReason::Refused.index()] += 1;
+        }
+    }
+
+    /// This loop's share of `tls_max_handshakes` (at least one; no cap at 0).
+    fn handshake_cap(&self) -> usize {
+        match self.config.tls_max_handshakes {
+            0 => usize::MAX,
+            n => n.div_ceil(self.ledger.loops()),
+        }
+    }
+
+    /// A new TLS connection while the loop's share of `tls_max_handshakes` is in progress:
+    /// closed at once, before any handshake work, the admission table and an answer it could
+    /// not read; counted and logged (at most once a second).
+    #[inline(never)]
+    fn cap_handshakes(&mut self, stream: TcpStream) {
+        drop(stream);
+        self.stats.tls_handshakes_capped += 1;
+        self.stats.closed[CloseReason::Refused.index()] += 1;
+        let in_progress = self.stats.tls_handshaking;
+        if let Some(more) = self.throttle(LOG_TLS_CAP, 1) {
+            log::warn!(
+                "{in_progress} TLS handshakes in progress, this loop's cap: closing new                  connections ({more} more since the last report)"
+            );
         }
     }
 
@@ -371,10 +410,6 @@ impl<D> Core<D> {
     ) {
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let gen = self.next_gen;
-        let entry = self.conns.vacant_entry();
-        let idx = entry.key();
-        let mut socket = Transport::tcp(stream, self.config.socket_send_buffer);
-        let token = Token(conn_id(self.loop_index, idx, gen).0 as usize);
         let ip_counted = matches!(
             kind,
             Kind::Admitted {
@@ -382,17 +417,37 @@ impl<D> Core<D> {
                 ..
             }
         );
+        // Not inserted after all: counted under `reason`; dropping the socket closes it, and
+        // nothing else was allocated.
+        let failed = |core: &mut Self, reason: CloseReason| {
+            if ip_counted {
+                core.ledger.admission().release(peer.ip());
+            }
+            core.stats.closed[reason.index()] += 1;
+        };
+        // TLS on the WebSocket listeners; the metrics-only listener stays plain.
+        let tls = match kind {
+            Kind::Admitted { admin: false, .. } => self.tls.as_ref().map(|t| t.config.clone()),
+            _ => None,
+        };
+        let send_buffer = self.config.socket_send_buffer;
+        let mut socket = match tls {
+            None => Transport::tcp(stream, send_buffer),
+            Some(config) => match Transport::tls(stream, send_buffer, config) {
+                Ok(socket) => socket,
+                Err(_) => return failed(self, CloseReason::TlsError),
+            },
+        };
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        let token = Token(conn_id(self.loop_index, idx, gen).0 as usize);
         if idx >= MAX_SLOTS
             || self
                 .registry
                 .register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)
                 .is_err()
         {
-            if ip_counted {
-                self.ledger.admission().release(peer.ip());
-            }
-            self.stats.closed[CloseReason::IoError.index()] += 1;
-            return; // dropping the socket closes it; nothing else was allocated
+            return failed(self, CloseReason::IoError);
         }
         let mut conn = Conn::new(socket, gen, peer, deadline);
         conn.born = self.now as u32;
@@ -418,6 +473,7 @@ impl<D> Core<D> {
             }
         }
         self.tally.entered(&conn);
+        self.stats.tls_handshaking += conn.socket.handshaking() as usize;
         entry.insert(conn);
         self.fds_changed();
         self.rearm(idx);

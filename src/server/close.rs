@@ -165,6 +165,7 @@ impl<D> Core<D> {
         let moving = super::accept::Moving::new(&self.ledger);
         self.fds_changed();
         self.tally.left(&self.ledger, &conn);
+        self.tls_ended(&mut conn.socket, reason);
         drop(conn.socket);
         drop(moving);
         let id = conn_id(self.loop_index, idx, conn.gen);
@@ -213,6 +214,27 @@ impl<D> Core<D> {
                 self.stats.handler_panics += 1;
                 log::error!("{id} from {}: on_close panicked", conn.peer);
             }
+        }
+    }
+
+    /// A TLS handshake completed (read path): no longer in progress, counted `ok` and by its
+    /// version ([`TLS_VERSIONS`](crate::io::transport::TLS_VERSIONS)).
+    pub(super) fn tls_established(&mut self, version: usize) {
+        self.stats.tls_handshaking -= 1;
+        self.stats.tls_handshakes_ok += 1;
+        self.stats.tls_connections[version] += 1;
+    }
+
+    /// On the close path, a TLS connection ends: a handshake in progress failed with `reason`;
+    /// an established connection leaves its version's count, and the peer is sent
+    /// `close_notify` if it was not already (one try, unless the connection is being reset).
+    fn tls_ended(&mut self, socket: &mut crate::io::transport::Transport, reason: CloseReason) {
+        if socket.handshaking() {
+            self.stats.tls_handshaking -= 1;
+            self.stats.tls_handshakes_failed[reason.index()] += 1;
+        } else if let Some(version) = socket.tls_version() {
+            self.stats.tls_connections[version] -= 1;
+            socket.close_notify();
         }
     }
 

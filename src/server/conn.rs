@@ -181,7 +181,9 @@ mod tests {
     fn connection_state_stays_small() {
         let conn = std::mem::size_of::<super::Conn<()>>();
         let session = std::mem::size_of::<crate::protocol::session::Session>();
-        assert!(conn <= 200, "Conn<()> is {conn} bytes");
+        // 208 since TLS: the transport's pointer to its (boxed) TLS state, null for plain TCP,
+        // costs 8 bytes.
+        assert!(conn <= 208, "Conn<()> is {conn} bytes");
         assert!(session <= 56, "Session is {session} bytes");
     }
 }

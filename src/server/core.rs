@@ -34,8 +34,10 @@ pub(super) const LOG_SHED: usize = LOG_REFUSALS + Verdict::LABELS.len();
 pub(super) const LOG_REJECTS: usize = LOG_SHED + 1;
 /// Connections closed to stay within the memory budget.
 pub(super) const LOG_MEMORY: usize = LOG_REJECTS + 1;
+/// New TLS connections refused at the cap on handshakes in progress.
+pub(super) const LOG_TLS_CAP: usize = LOG_MEMORY + 1;
 /// How many kinds of log line are throttled.
-pub(super) const LOG_SLOTS: usize = LOG_MEMORY + 1;
+pub(super) const LOG_SLOTS: usize = LOG_TLS_CAP + 1;
 
 /// Everything the loop owns except the poll, the handler and the receive buffer, so that a
 /// handler callback can borrow a connection, the cork and the handler at the same time.
@@ -137,6 +139,9 @@ pub(super) struct Core<D> {
     pub(super) origin: crate::origin::OriginPolicy,
     /// Proxies whose word on the client address is taken.
     pub(super) trusted: crate::admission::TrustedProxies,
+    /// TLS on the WebSocket listeners: the configuration the loops share, and the
+    /// certificate's expiry.
+    pub(super) tls: Option<crate::io::tls::TlsSetup>,
 }
 
 impl<D> Core<D> {
@@ -242,6 +247,7 @@ impl<D> Core<D> {
             compression_budget: self.ledger.compression_budget().into(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
+            tls_certificate_not_after: self.tls.as_ref().map_or(0, |t| t.not_after),
             ..self.stats.clone()
         }
     }

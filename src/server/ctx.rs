@@ -60,7 +60,7 @@ impl<'a, D> Ctx<'a, D> {
         };
         let mut out = Outbox::new(
             &mut core.cork,
-            &conn.socket,
+            &mut conn.socket,
             &mut conn.pending,
             &mut conn.session,
             &mut core.codec,

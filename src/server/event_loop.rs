@@ -61,7 +61,9 @@ impl<H: Handler> Server<H> {
     /// A server with `config` and `handler`, listening nowhere yet. Fails on an invalid
     /// configuration ([`Error::Config`], naming the field) or when epoll cannot be created.
     pub fn new(config: Config, handler: H) -> Result<Self, Error> {
-        let ledger = Arc::new(Ledger::new(1, &config));
+        config.validate()?;
+        let tls = crate::io::tls::setup(&config)?;
+        let ledger = Arc::new(Ledger::new(1, &config).with_tls(tls));
         Self::for_loop(config, handler, ledger, 0)
     }
 
@@ -94,6 +96,7 @@ impl<H: Handler> Server<H> {
             false => Some(Watchdog::start(config.stall_threshold)?),
         };
         let start = ledger.start;
+        let tls = ledger.tls().cloned();
         let shared = Arc::new(Shared::new(waker, &config));
         let server = Server {
             events: Events::with_capacity(config.events_capacity),
@@ -158,6 +161,7 @@ impl<H: Handler> Server<H> {
                             reason,
                         })?,
                     ping_after: ping_after(&config),
+                    tls,
                     config,
                 },
                 handler,

@@ -51,7 +51,12 @@ impl<H: Handler> Inner<H> {
                 return true;
             }
             let conn = &mut self.core.conns[idx];
-            let n = match conn.socket.read(&mut self.recv) {
+            let read = conn.socket.read(&mut self.recv);
+            if let Some(version) = conn.socket.take_established() {
+                self.core.tls_established(version);
+            }
+            let conn = &mut self.core.conns[idx];
+            let n = match read {
                 Ok(0) => {
                     // The peer finished sending; it may still be reading, so what we owe it
                     // (echoes of its last messages, say) is flushed before the close; when

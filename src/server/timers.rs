@@ -116,6 +116,12 @@ impl<D> Core<D> {
             return;
         }
         match conn.session.state() {
+            State::Handshake if conn.socket.handshaking() => {
+                // The TLS handshake did not complete in time: there is no way to say 408 to a
+                // client that has no keys yet, so the connection is just closed.
+                conn.socket.abandon();
+                self.end(handler, idx, CloseReason::HandshakeTimeout);
+            }
             State::Handshake => {
                 self.cork_for(idx);
                 handshake::write_response(

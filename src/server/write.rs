@@ -12,13 +12,20 @@ use crate::protocol::session::State;
 use crate::watchdog::Activity;
 
 impl<H: Handler> Inner<H> {
+    /// A writable edge: write what is queued for the connection (under TLS, first what rustls
+    /// still holds, even when nothing is queued).
     pub(super) fn writable(&mut self, idx: usize) {
         let core = &mut self.core;
         let conn = &mut core.conns[idx];
-        if conn.pending.is_empty() {
+        let queued = !conn.pending.is_empty();
+        if !queued && !conn.socket.holds() {
             return;
         }
-        let n = match conn.socket.write(conn.pending.bytes()) {
+        let written = match queued {
+            true => conn.socket.write(conn.pending.bytes()),
+            false => conn.socket.flush().map(|()| 0),
+        };
+        let n = match written {
             Ok(n) => n,
             Err(e) => {
                 let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
@@ -32,7 +39,7 @@ impl<H: Handler> Inner<H> {
         if resume {
             conn.read_paused = false;
         }
-        if conn.pending.is_empty() {
+        if conn.pending.is_empty() && !conn.socket.holds() {
             conn.stall_at = NEVER;
             if let Some(reason) = conn.linger {
                 if !conn.half_close() {
@@ -57,7 +64,8 @@ impl<H: Handler> Inner<H> {
         }
         let Inner { core, handler, .. } = self;
         let conn = &mut core.conns[idx];
-        if conn.pending.is_empty() && conn.data.is_some() && conn.session.state() == State::Open {
+        let drained = queued && conn.pending.is_empty();
+        if drained && conn.data.is_some() && conn.session.state() == State::Open {
             // A pong owed while bytes were queued goes out now, before anything `on_drain` sends.
             core.write_owed_pong(idx);
             // The cork is flushed right after: a direct write adds no system call.
@@ -148,7 +156,9 @@ impl<D> Core<D> {
                 }
             }
             if let Some(conn) = self.conns.get_mut(idx) {
-                if let (Some(reason), true) = (conn.linger, conn.pending.is_empty()) {
+                // Under TLS, what rustls still holds must go out first (a writable edge).
+                let out = conn.pending.is_empty() && !conn.socket.holds();
+                if let (Some(reason), true) = (conn.linger, out) {
                     if !conn.half_close() {
                         self.doomed.push((idx, conn.gen, reason));
                     }

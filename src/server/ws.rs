@@ -84,7 +84,7 @@ fn websocket<'a, D>(
         send: &mut conn.send,
         out: Outbox::new(
             cork,
-            &conn.socket,
+            &mut conn.socket,
             &mut conn.pending,
             &mut conn.session,
             codec,

@@ -95,8 +95,10 @@ impl Wsloop {
         )
         .expect("spawn wsloop");
         let started = proc.wait_for("wsloop start", START_TIMEOUT, |log| {
+            // ws://, or wss:// with --tls-cert and --tls-key.
             let addr = log.lines().find_map(|l| {
                 l.split_once(" server listening on ws://")
+                    .or_else(|| l.split_once(" server listening on wss://"))
                     .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
             });
             addr.filter(|_| log.contains("fd budget"))

@@ -1,0 +1,950 @@
+//! TLS (wss://): the server with `Config::tls` (or the binary with `--tls-cert` and
+//! `--tls-key`) against real clients and attacks. A test CA, a server certificate for
+//! `localhost` and 127.0.0.1, a key that belongs to no certificate and an expired certificate
+//! are made at test time with the `openssl` CLI in a temporary folder (no key is committed).
+//!
+//! - Python's `websockets` verifies the server against the test CA and echoes text and binary
+//!   (larger than a TLS record); `openssl s_client` negotiates ALPN `http/1.1` over TLS 1.2
+//!   and 1.3 and gets an HTTP answer through TLS; tungstenite over rustls echoes messages up
+//!   to 1 MiB.
+//! - `close_notify` both ways: the server sends it before closing (after a close handshake,
+//!   and before its FIN after an answered request), and reads the client's as the end of the
+//!   stream.
+//! - Attacks on the binary as a child process: half a ClientHello is closed at the handshake
+//!   deadline (no 408 can be sent), garbage and cleartext HTTP are closed at once with an
+//!   alert, connections that never start a handshake are closed at the deadline; each counted
+//!   by reason, and the descriptor count back at its exact baseline after each.
+//! - A slow reader over TLS is closed at the backpressure limit (1008), its queue never more
+//!   than the limit plus one message plus one TLS chunk.
+//! - Start-up errors name the file: unreadable, no certificate, no key, key not matching,
+//!   expired; the binary says it with the flag.
+//!
+//! A missing tool (openssl, python3 with websockets) skips its test with a note, unless `CI`
+//! is set: then the test fails (`.ci/run` installs them).
+// Test code (see Cargo.toml's [lints]): it fails by panicking, and opens descriptors on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+#[allow(dead_code)]
+mod attack_support;
+mod child_support;
+mod common;
+
+use attack_support::{Metrics, Wsloop};
+use child_support::{run_bounded, TempDir};
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wsloop::{CloseReason, Config, Server, TlsConfig};
+
+/// Bound on one run of a command-line tool.
+const TOOL_BOUND: Duration = Duration::from_secs(30);
+const OPENSSL_INSTALL: &str = "apt-get install -y openssl";
+const PYTHON_INSTALL: &str = "python3 -m pip install websockets==17.4";
+/// The most plaintext the server hands rustls at once (src/io/transport.rs, `TLS_CHUNK`).
+const TLS_CHUNK: usize = 16 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// The test PKI, made with the openssl CLI in a temporary folder.
+struct Certs {
+    _dir: TempDir,
+    /// The test CA's certificate.
+    ca: PathBuf,
+    /// The server's certificate (CN and SAN localhost, SAN 127.0.0.1), signed by the CA, and
+    /// its key.
+    cert: PathBuf,
+    key: PathBuf,
+    /// A key that belongs to no certificate here.
+    other_key: PathBuf,
+    /// A certificate for localhost whose validity ended on 2020-01-02 (self-signed with
+    /// `key`).
+    expired: PathBuf,
+}
+
+/// Run openssl with `args` in `dir`; panics with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let run = run_bounded(
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    )
+    .expect("run openssl");
+    assert!(
+        run.status.is_some_and(|s| s.success()),
+        "openssl {args:?} failed:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+}
+
+/// The test PKI, or `None` (after a note; a failure under CI) without openssl.
+fn certs() -> Option<Certs> {
+    let probe = run_bounded(
+        Command::new("openssl").arg("version").stdin(Stdio::null()),
+        TOOL_BOUND,
+    );
+    match probe {
+        Ok(run) if run.status.is_some_and(|s| s.success()) => {}
+        Ok(run) => {
+            child_support::missing("tls", "openssl", run.stderr.trim(), OPENSSL_INSTALL);
+            return None;
+        }
+        Err(e) => {
+            child_support::missing("tls", "openssl", &e.to_string(), OPENSSL_INSTALL);
+            return None;
+        }
+    }
+    let dir = TempDir::new("tls");
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=wsloop test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "other.key",
+        ],
+    );
+    // An expired certificate: `openssl ca` takes a start and an end date.
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("serial"), "01\n").unwrap();
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n\
+         default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-selfsign",
+            "-keyfile",
+            "key.pem",
+            "-in",
+            "server.csr",
+            "-out",
+            "expired.pem",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+        ],
+    );
+    Some(Certs {
+        ca: d.join("ca.pem"),
+        cert: d.join("cert.pem"),
+        key: d.join("key.pem"),
+        other_key: d.join("other.key"),
+        expired: d.join("expired.pem"),
+        _dir: dir,
+    })
+}
+
+impl Certs {
+    fn tls(&self) -> TlsConfig {
+        TlsConfig::new(&self.cert, &self.key)
+    }
+
+    /// `--tls-cert` and `--tls-key` for the binary.
+    fn args(&self) -> [String; 4] {
+        [
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}
+
+/// The test suite's server config, with TLS.
+fn tls_config(certs: &Certs) -> Config {
+    Config {
+        max_message_size: 1 << 20,
+        tls: Some(certs.tls()),
+        ..config()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A rustls client
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// A client configuration trusting the test CA, offering ALPN http/1.1, with `versions`.
+fn client_config(
+    certs: &Certs,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&certs.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)] // ring's provider, as the server's (src/io/tls.rs)
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A TLS connection to `addr` (TLS 1.3 or 1.2), handshake completed.
+fn tls_connect(addr: SocketAddr, certs: &Certs) -> Tls {
+    tls_over(tcp(addr), certs, rustls::DEFAULT_VERSIONS)
+}
+
+fn tls_over(
+    tcp: TcpStream,
+    certs: &Certs,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Tls {
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = ClientConnection::new(client_config(certs, versions), name).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .unwrap_or_else(|e| panic!("TLS handshake: {e}"));
+    }
+    s
+}
+
+/// tungstenite over rustls.
+fn wss(addr: SocketAddr, certs: &Certs) -> tungstenite::WebSocket<Tls> {
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let s = tls_connect(addr, certs);
+    tungstenite::client::client_with_config(
+        format!("wss://localhost:{}/", addr.port()),
+        s,
+        Some(config),
+    )
+    .unwrap_or_else(|e| panic!("upgrade over TLS failed: {e}"))
+    .0
+}
+
+/// Read (bounded by the socket's timeout) until the TLS stream ends: `Ok(bytes)` at a clean end
+/// (the server's `close_notify`), `Err(kind)` otherwise (`UnexpectedEof`: TCP's FIN without
+/// it).
+fn read_to_tls_end(s: &mut Tls) -> Result<Vec<u8>, ErrorKind> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
+/// A WebSocket upgrade over TLS by hand; the response head.
+fn upgrade_over(s: &mut Tls, addr: SocketAddr) -> String {
+    s.write_all(upgrade_request(addr).as_bytes()).unwrap();
+    s.flush().unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "EOF in the response head");
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real clients
+
+#[test]
+fn python_websockets_verifies_the_certificate_and_echoes_over_wss() {
+    let Some(certs) = certs() else { return };
+    let python = std::env::var_os("WSLOOP_PYTHON").unwrap_or_else(|| "python3".into());
+    let probe = run_bounded(
+        Command::new(&python)
+            .args(["-c", "import websockets"])
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    );
+    if !probe
+        .as_ref()
+        .is_ok_and(|r| r.status.is_some_and(|s| s.success()))
+    {
+        let why = probe.map_or_else(|e| e.to_string(), |r| r.stderr.trim().to_string());
+        child_support::missing("tls", "python3 with websockets", &why, PYTHON_INSTALL);
+        return;
+    }
+    let server = TestServer::start(tls_config(&certs));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/python_wss.py");
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    let run = run_bounded(
+        Command::new(&python)
+            .arg(&script)
+            .arg(&url)
+            .arg(&certs.ca)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    )
+    .unwrap();
+    let report = run.stdout.trim();
+    assert!(
+        run.status.is_some_and(|s| s.success()),
+        "python client failed: {report}\n{}",
+        run.stderr
+    );
+    for want in [
+        r#""version": "TLSv1.3""#,
+        r#""alpn": "http/1.1""#,
+        r#""text": "h\u00e9llo over wss""#,
+        r#""binary_len": 102400"#,
+        r#""binary_ok": true"#,
+        r#""close": 1000"#,
+    ] {
+        assert!(report.contains(want), "{want} not in {report}");
+    }
+    let stats = server.wait_stats("the close", |s| s.closed_total() == 1);
+    assert_eq!(stats.tls_handshakes_ok, 1);
+    assert_eq!(stats.messages_received, 2);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+    println!("python websockets over wss: {report}");
+}
+
+#[test]
+fn openssl_s_client_negotiates_alpn_http_1_1_over_tls_1_2_and_1_3() {
+    let Some(certs) = certs() else { return };
+    let server = TestServer::start(tls_config(&certs));
+    let request = certs.ca.with_file_name("request.txt");
+    // A plain HTTP request: answered (426) through TLS, and the server ends the stream.
+    std::fs::write(&request, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let addr = server.addr.to_string();
+    for (flag, version) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let run = run_bounded(
+            Command::new("openssl")
+                .args(["s_client", "-connect", &addr, "-servername", "localhost"])
+                .args([
+                    "-alpn",
+                    "http/1.1",
+                    "-verify_return_error",
+                    "-ign_eof",
+                    flag,
+                ])
+                .arg("-CAfile")
+                .arg(&certs.ca)
+                .stdin(std::fs::File::open(&request).unwrap()),
+            TOOL_BOUND,
+        )
+        .unwrap();
+        let out = &run.stdout;
+        assert!(run.status.is_some(), "s_client did not finish: {out}");
+        for want in [
+            "ALPN protocol: http/1.1",
+            &format!("Protocol  : {version}"),
+            "Verify return code: 0 (ok)",
+            "HTTP/1.1 426 ",
+        ] {
+            assert!(out.contains(want), "{flag}: {want:?} not in:\n{out}");
+        }
+    }
+    let stats = server.wait_stats("two closes", |s| s.closed_total() == 2);
+    assert_eq!(stats.tls_handshakes_ok, 2);
+    assert_eq!(stats.tls_connections, [0, 0]);
+    server.finish_closed(&[(CloseReason::HttpAnswered, 2)]);
+}
+
+#[test]
+fn tungstenite_over_rustls_echoes_and_the_server_ends_with_close_notify() {
+    let Some(certs) = certs() else { return };
+    // A small kernel send buffer: large echoes fill the socket again and again, so that rustls
+    // is often left holding ciphertext that only a writable edge can flush.
+    let server = TestServer::start(Config {
+        socket_send_buffer: 4096,
+        ..tls_config(&certs)
+    });
+    let mut ws = wss(server.addr, &certs);
+    let stats = server.wait_stats("a TLS connection", |s| s.tls_connections[1] == 1);
+    assert_eq!((stats.tls_handshakes_ok, stats.tls_handshaking), (1, 0));
+    for len in [
+        0,
+        1,
+        100,
+        TLS_CHUNK - 1,
+        TLS_CHUNK,
+        TLS_CHUNK + 1,
+        300_000,
+        1 << 20,
+    ] {
+        let payload = bytes(len, len as u64);
+        ws.send(tungstenite::Message::binary(payload.clone()))
+            .unwrap();
+        let got = ws.read().unwrap();
+        assert!(got.into_data() == payload, "echo of {len} bytes differs");
+    }
+    ws.send(tungstenite::Message::text("done")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "done");
+    // The close handshake; then the server closes with close_notify, not a bare FIN.
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    assert_eq!(read_to_tls_end(ws.get_mut()), Ok(Vec::new()));
+    let stats = server.wait_stats("the close", |s| s.closed_total() == 1);
+    assert_eq!(stats.tls_connections, [0, 0]);
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
+/// After a failure (here a plain HTTP request answered 426) the server shuts its side down
+/// after its answer: `close_notify`, then FIN.
+#[test]
+fn an_answered_request_ends_with_close_notify_before_the_fin() {
+    let Some(certs) = certs() else { return };
+    let server = TestServer::start(tls_config(&certs));
+    let mut s = tls_connect(server.addr, &certs);
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let answer = read_to_tls_end(&mut s).expect("a clean end (close_notify)");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 426 "), "{answer}");
+    // Our end: close_notify and FIN.
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    s.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    server.finish_closed(&[(CloseReason::HttpAnswered, 1)]);
+}
+
+/// The client's `close_notify` (TCP left open) is the end of its stream: the server ends the
+/// connection at once (no close handshake: `abnormal`), with its own `close_notify`.
+#[test]
+fn the_clients_close_notify_reads_as_the_end_of_its_stream() {
+    let Some(certs) = certs() else { return };
+    let server = TestServer::start(tls_config(&certs));
+    let mut ws = wss(server.addr, &certs);
+    ws.send(tungstenite::Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "hi");
+    let s = ws.get_mut();
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    let stats = server.wait_stats("the close", |s| s.closed_total() == 1);
+    assert_eq!(stats.closed_by(CloseReason::Abnormal), 1);
+    assert_eq!(read_to_tls_end(ws.get_mut()), Ok(Vec::new()));
+    server.finish_closed(&[(CloseReason::Abnormal, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks on the binary, each ending at the exact descriptor baseline
+
+/// The binary with TLS, `--handshake-timeout 1`, metrics on a plain address of their own.
+fn tls_child(certs: &Certs, name: &str, more: &[&str]) -> Wsloop {
+    let tls = certs.args();
+    let mut args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    args.extend([
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "1",
+    ]);
+    args.extend(more);
+    Wsloop::spawn_with_fd_limit(name, 512, &args)
+}
+
+fn handshakes(m: &Metrics, result: &str) -> u64 {
+    m.get(&format!(
+        "wsloop_tls_handshakes_total{{result=\"{result}\"}}"
+    )) as u64
+}
+
+/// Read what the server sends until it closes (EOF or reset), bounded; the bytes and how long
+/// it took from `since`.
+fn until_closed(s: &mut TcpStream, since: Instant) -> (Vec<u8>, Duration) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed: {e} after {:?}", since.elapsed()),
+        }
+    }
+    (got, since.elapsed())
+}
+
+#[test]
+fn half_a_client_hello_is_closed_at_the_handshake_deadline() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-half-hello", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    // A ClientHello record announcing 512 bytes, of which 100 are sent; and connections that
+    // send nothing at all.
+    let half: Vec<u8> = [
+        &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ][..],
+        &[7u8; 89],
+    ]
+    .concat();
+    let start = Instant::now();
+    let mut clients: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = tcp(w.addr);
+            if i % 2 == 0 {
+                s.write_all(&half).unwrap();
+            }
+            s
+        })
+        .collect();
+    let m = w.wait_until("40 handshakes in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 40.0
+    });
+    assert_eq!(handshakes(&m, "ok"), 0);
+    for s in &mut clients {
+        let (got, took) = until_closed(s, start);
+        // No 408: nothing a client without keys could read; a plain close.
+        assert!(got.is_empty(), "the server sent {got:?}");
+        assert!(
+            took >= Duration::from_secs(1),
+            "closed after {took:?}, before the deadline"
+        );
+        assert!(took < Duration::from_secs(8), "closed after {took:?}");
+    }
+    drop(clients);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        handshakes(&m1, "handshake_timeout") - handshakes(&m0, "handshake_timeout"),
+        40
+    );
+    assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
+    assert_eq!(
+        m1.closed("handshake_timeout") - m0.closed("handshake_timeout"),
+        40
+    );
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    w.stop();
+}
+
+#[test]
+fn garbage_and_cleartext_http_to_a_tls_port_are_closed_at_once_and_counted() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-garbage", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let inputs: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n",
+        b"\x00\x01\x02 garbage garbage garbage garbage garbage",
+        // A handshake record whose message is not a ClientHello.
+        &[0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00],
+        // A record longer than TLS allows.
+        &[0x16, 0x03, 0x03, 0xff, 0xff, 0x01],
+    ];
+    for input in inputs {
+        let mut s = tcp(w.addr);
+        let start = Instant::now();
+        s.write_all(input).unwrap();
+        let (got, took) = until_closed(&mut s, start);
+        // A fatal alert record (content type 21, level 2), then the close; well before the
+        // 1 s handshake deadline.
+        assert!(
+            got.len() == 7 && got[0] == 0x15 && got[5] == 2,
+            "{input:?}: the server sent {got:?}"
+        );
+        assert!(
+            took < Duration::from_millis(900),
+            "{input:?}: closed after {took:?}"
+        );
+    }
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        handshakes(&m1, "tls_error") - handshakes(&m0, "tls_error"),
+        4
+    );
+    assert_eq!(m1.closed("tls_error") - m0.closed("tls_error"), 4);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    // The server still serves: a real client completes its handshake and upgrade.
+    let mut s = tls_connect(w.addr, &certs);
+    assert!(upgrade_over(&mut s, w.addr).starts_with("HTTP/1.1 101 "));
+    drop(s);
+    w.wait_baseline();
+    let m2 = w.wait_quiet();
+    assert_eq!(handshakes(&m2, "ok") - handshakes(&m0, "ok"), 1);
+    w.stop();
+}
+
+/// A flood of connections that never finish their handshake: beyond `--tls-max-handshakes`
+/// in progress, new connections are closed at once (no handshake, nothing sent) and counted;
+/// an established connection is served throughout; once the held ones reach their deadline,
+/// new clients are served again.
+#[test]
+fn handshakes_in_progress_are_capped_and_established_clients_are_served() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-cap", &["--tls-max-handshakes", "10"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut ws = wss(w.addr, &certs);
+    let start = Instant::now();
+    let held: Vec<TcpStream> = (0..10).map(|_| tcp(w.addr)).collect();
+    w.wait_until("10 handshakes in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 10.0
+    });
+    for i in 0..20 {
+        let mut s = tcp(w.addr);
+        let (got, took) = until_closed(&mut s, Instant::now());
+        assert!(got.is_empty(), "capped connection {i} got {got:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "capped connection {i} closed after {took:?}"
+        );
+        ws.send(tungstenite::Message::text(format!("during {i}")))
+            .unwrap();
+        assert_eq!(
+            ws.read().unwrap().into_text().unwrap(),
+            format!("during {i}")
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the held ones timed out meanwhile"
+    );
+    let m = w.metrics();
+    assert_eq!(
+        m.get("wsloop_tls_handshakes_capped_total") - m0.get("wsloop_tls_handshakes_capped_total"),
+        20.0
+    );
+    drop(held);
+    // The held ones end (their EOF, or the deadline): handshakes are taken again.
+    w.wait_until("no handshake in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 0.0
+    });
+    let mut s = tls_connect(w.addr, &certs);
+    assert!(upgrade_over(&mut s, w.addr).starts_with("HTTP/1.1 101 "));
+    drop((s, ws));
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&20), "{since:?}");
+    assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), 2);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    w.stop();
+}
+
+/// `--threads 2`: the TLS configuration is made once and every loop serves it; the totals add
+/// up over the loops.
+#[test]
+fn every_loop_of_a_cluster_serves_tls() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-cluster", &["--threads", "2"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut clients: Vec<_> = (0..16).map(|_| wss(w.addr, &certs)).collect();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(tungstenite::Message::text(format!("client {i}")))
+            .unwrap();
+        assert_eq!(
+            ws.read().unwrap().into_text().unwrap(),
+            format!("client {i}")
+        );
+    }
+    let m = w.wait_until("16 TLS 1.3 connections over the loops", |m| {
+        m.get("wsloop_tls_connections{version=\"1.3\"}") == 16.0
+    });
+    assert_eq!(handshakes(&m, "ok") - handshakes(&m0, "ok"), 16);
+    for mut ws in clients {
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    }
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(m1.closed_since(&m0).get("peer_closed"), Some(&16));
+    w.stop();
+}
+
+/// A client refused at admission (here: over `--max-connections-per-ip`) on a TLS port gets no
+/// cleartext 503 it could not read, and costs no handshake: it is closed at once, and counted.
+#[test]
+fn a_refused_client_on_a_tls_port_is_closed_without_a_cleartext_answer() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-refused", &["--max-connections-per-ip", "1"]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut first = tls_connect(w.addr, &certs);
+    assert!(upgrade_over(&mut first, w.addr).starts_with("HTTP/1.1 101 "));
+    let mut second = tcp(w.addr);
+    let (got, took) = until_closed(&mut second, Instant::now());
+    assert!(got.is_empty(), "the refused client got {got:?}");
+    assert!(took < Duration::from_millis(900), "closed after {took:?}");
+    drop((first, second));
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&1), "{since:?}");
+    assert_eq!(
+        m1.admission("max_connections_per_ip") - m0.admission("max_connections_per_ip"),
+        1
+    );
+    assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), 1);
+    w.stop();
+}
+
+/// A client over TLS that sends 16 KiB messages and never reads their echoes: closed for
+/// backpressure (1008 reported; a send over the limit closes it, or, once reading paused over
+/// the limit, the queue not drained to half of it within the 1 s write-stall timeout drops
+/// it), its queue never more than the limit plus one message plus one TLS chunk.
+#[test]
+fn a_slow_reader_over_tls_is_closed_at_the_backpressure_limit() {
+    let Some(certs) = certs() else { return };
+    const LIMIT: usize = 64 * 1024;
+    const MSG: usize = 16 * 1024;
+    let server = TestServer::start(Config {
+        max_backpressure: LIMIT,
+        close_timeout: Duration::from_secs(2),
+        write_stall_timeout: Duration::from_secs(1),
+        // What the client sends while the server does not read it waits in small kernel
+        // buffers: its writes block soon.
+        socket_receive_buffer: 16 * 1024,
+        ..tls_config(&certs)
+    });
+    let mut s = tls_over(
+        tcp_rcvbuf(server.addr, 4096),
+        &certs,
+        rustls::DEFAULT_VERSIONS,
+    );
+    assert!(upgrade_over(&mut s, server.addr).starts_with("HTTP/1.1 101 "));
+    let msg = frame(true, OP_BINARY, &bytes(MSG, 3));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    while Instant::now() < deadline && sent < 2000 {
+        if s.write_all(&msg).and_then(|()| s.flush()).is_err() {
+            break; // the server stopped reading (paused, or closed)
+        }
+        sent += 1;
+        if sent % 8 == 0 && server.stats().closed_by(CloseReason::Backpressure) > 0 {
+            break;
+        }
+    }
+    let stats = server.wait_stats("the backpressure close", |s| {
+        s.closed_by(CloseReason::Backpressure) == 1
+    });
+    let bound = LIMIT + MSG + 4 + TLS_CHUNK;
+    assert!(stats.queue_peak > 0, "the server never had to queue");
+    assert!(
+        stats.queue_peak <= bound,
+        "queue peaked at {} (bound {bound})",
+        stats.queue_peak
+    );
+    assert_eq!(server.rec().closes[0].code, 1008);
+    drop(s);
+    println!(
+        "slow reader over TLS: {sent} x 16 KiB sent; queue peak {}",
+        stats.queue_peak
+    );
+    server.finish_closed(&[(CloseReason::Backpressure, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up errors
+
+#[test]
+fn startup_errors_name_the_file() {
+    let Some(certs) = certs() else { return };
+    let missing = certs.ca.with_file_name("missing.pem");
+    let cases = [
+        (
+            TlsConfig::new(&missing, &certs.key),
+            "tls_cert",
+            "cannot read",
+            &missing,
+        ),
+        (
+            TlsConfig::new(&certs.cert, &missing),
+            "tls_key",
+            "cannot read",
+            &missing,
+        ),
+        (
+            TlsConfig::new(&certs.key, &certs.key),
+            "tls_cert",
+            "no certificate",
+            &certs.key,
+        ),
+        (
+            TlsConfig::new(&certs.cert, &certs.cert),
+            "tls_key",
+            "no private key",
+            &certs.cert,
+        ),
+        (
+            TlsConfig::new(&certs.cert, &certs.other_key),
+            "tls_key",
+            "does not match",
+            &certs.other_key,
+        ),
+        (
+            TlsConfig::new(&certs.expired, &certs.key),
+            "tls_cert",
+            "expired on 2020-01-02 00:00:00 UTC",
+            &certs.expired,
+        ),
+    ];
+    for (tls, field, what, file) in cases {
+        let config = Config {
+            tls: Some(tls.clone()),
+            ..config()
+        };
+        let e = match Server::new(config.clone(), wsloop_noop()) {
+            Err(wsloop::Error::Config(e)) => e,
+            Err(e) => panic!("{tls:?}: {e}"),
+            Ok(_) => panic!("{tls:?}: the server started"),
+        };
+        assert_eq!(e.field, field, "{tls:?}: {e}");
+        assert!(e.reason.contains(what), "{tls:?}: {e}");
+        assert!(
+            e.reason.contains(&file.display().to_string()),
+            "{tls:?}: {e}"
+        );
+        // A cluster checks the same, before any loop starts.
+        let e = wsloop::Cluster::start(config, &["127.0.0.1:0".parse().unwrap()], None, |_| {
+            wsloop_noop()
+        })
+        .err()
+        .expect("the cluster started");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    // The mismatch names both files.
+    let e = Server::new(
+        Config {
+            tls: Some(TlsConfig::new(&certs.cert, &certs.other_key)),
+            ..config()
+        },
+        wsloop_noop(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains(&certs.cert.display().to_string()), "{e}");
+    // The binary says it with the flag, and exits before listening.
+    let run = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(&certs.cert)
+            .arg("--tls-key")
+            .arg(&certs.other_key)
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    )
+    .unwrap();
+    assert!(run.status.is_some_and(|s| !s.success()), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "wsloop: invalid --tls-key: {} does not match the certificate in {}",
+            certs.other_key.display(),
+            certs.cert.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("listening"), "{}", run.stderr);
+}
+
+/// A handler that accepts everything and does nothing.
+fn wsloop_noop() -> Noop {
+    Noop
+}
+
+struct Noop;
+
+impl wsloop::Handler for Noop {
+    type Data = ();
+    fn upgrade(&mut self, _req: &wsloop::UpgradeRequest<'_>) -> wsloop::Decision<()> {
+        wsloop::Decision::accept(())
+    }
+    fn on_message(&mut self, _ws: &mut wsloop::WebSocket<'_, ()>, _msg: wsloop::Message<'_>) {}
+}
