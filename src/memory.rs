@@ -57,7 +57,10 @@ pub struct MemoryBudget {
     /// Connections holding any counted bytes (those the shares are split between).
     holders: usize,
     shedding: bool,
-    /// Shedding stopped since [`MemoryBudget::take_ended`] was last asked.
+    /// The most held since the heap was last trimmed.
+    peak: usize,
+    /// Shedding stopped, or what is held drained (see [`MemoryBudget::take_ended`]), since it
+    /// was last asked.
     ended: bool,
     /// Times shedding started.
     pub episodes: u64,
@@ -97,6 +100,11 @@ impl MemoryBudget {
         *used = used.saturating_sub(old) + new;
         if new > old || self.shedding {
             self.update();
+        } else if self.peak >= self.limit / 4 && self.used() <= self.limit / 16 {
+            // Drained after holding a quarter of the budget or more (an attack's buffers, as a
+            // rule, freed when it ended): time to give the allocator's free memory back.
+            self.ended = true;
+            self.peak = self.used();
         }
         self.shedding
     }
@@ -156,14 +164,17 @@ impl MemoryBudget {
         self.low_mark() / self.holders.max(1)
     }
 
-    /// Whether shedding stopped since this was last asked (the loop then gives the allocator's
-    /// free memory back to the system).
+    /// Whether, since this was last asked, shedding stopped or what is held fell to a
+    /// sixteenth of the limit after reaching a quarter of it (the loop then gives the
+    /// allocator's free memory back to the system, so that RSS follows what is held down
+    /// after an attack, not only after shedding).
     pub fn take_ended(&mut self) -> bool {
         std::mem::take(&mut self.ended)
     }
 
     fn update(&mut self) {
         let used = self.used();
+        self.peak = self.peak.max(used);
         let high = self.limit / 16 * HIGH_16THS;
         let low = self.limit / 16 * LOW_16THS;
         if !self.shedding && used >= high {
@@ -172,6 +183,7 @@ impl MemoryBudget {
         } else if self.shedding && used <= low {
             self.shedding = false;
             self.ended = true;
+            self.peak = used;
         }
     }
 }
@@ -272,6 +284,24 @@ mod tests {
             "not at 15/16 again"
         );
         assert_eq!(b.episodes, 1);
+    }
+
+    /// Without shedding: holding a quarter of the budget or more, then draining to a sixteenth,
+    /// asks for one trim; smaller swings never do.
+    #[test]
+    fn draining_after_holding_a_quarter_of_the_budget_asks_for_a_trim_once() {
+        let mut b = MemoryBudget::new(16 << 20);
+        b.resize(Kind::Queue, 0, 3 << 20);
+        b.resize(Kind::Queue, 3 << 20, 0);
+        assert!(!b.take_ended(), "3/16 is under a quarter");
+        b.resize(Kind::Queue, 0, 4 << 20);
+        b.resize(Kind::Queue, 4 << 20, 2 << 20);
+        assert!(!b.take_ended(), "not drained to a sixteenth yet");
+        b.resize(Kind::Queue, 2 << 20, 1 << 20);
+        assert!(b.take_ended() && !b.take_ended(), "told once");
+        b.resize(Kind::Queue, 1 << 20, 0);
+        assert!(!b.take_ended(), "the peak was reset");
+        assert_eq!(b.episodes, 0, "no shedding");
     }
 
     #[test]

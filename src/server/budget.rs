@@ -76,8 +76,9 @@ impl<D> Core<D> {
         self.trim_if_ended();
     }
 
-    /// Shedding has just stopped: what the allocator holds free since the attack goes back to
-    /// the system, so that the process's RSS comes back down too.
+    /// Shedding has just stopped, or what connections held has drained after reaching a
+    /// quarter of the budget: what the allocator holds free since the attack goes back to the
+    /// system, so that the process's RSS comes back down too.
     fn trim_if_ended(&mut self) {
         if self.memory.take_ended() {
             crate::sys::trim_heap();
