@@ -112,9 +112,18 @@ impl Ledger {
         .with_compression_budget(config.compression_budget)
     }
 
+    /// The compression budget: as configured, or a quarter of the memory budget; at most half
+    /// of it (the state also counts in the memory budget, and shedding cannot reduce it).
     fn with_compression_budget(mut self, configured: usize) -> Self {
+        let most = self.memory.0 / 2;
         self.compression.0 = match configured {
             0 => self.memory.0 / 4,
+            n if n > most => {
+                log::warn!(
+                    "--compression-budget {n} is more than half the memory budget: {most} bytes used"
+                );
+                most
+            }
             n => n,
         };
         self

@@ -20,7 +20,9 @@ pub enum Kind {
     /// publications and `MAX_OWED` runs).
     Publications = 2,
     /// The loop's compression state (permessage-deflate's shared profile: its compressors,
-    /// decompressor and compression buffer), held by no connection.
+    /// decompressor and compression buffer; the dedicated profile's state of its connections,
+    /// bounded by the compression budget). Never shed: the shedding thresholds apply to the
+    /// other kinds within what it leaves of the limit.
     Compression = 3,
 }
 
@@ -129,9 +131,16 @@ impl MemoryBudget {
         self.used() > self.limit
     }
 
-    /// Where shedding stops.
+    /// Where shedding stops (what the sheddable kinds may hold).
     pub fn low_mark(&self) -> usize {
-        self.limit / 16 * LOW_16THS
+        self.room() / 16 * LOW_16THS
+    }
+
+    /// What the compression state, which is not shed (it has its own budget), leaves of the
+    /// limit for the kinds shedding can reduce.
+    fn room(&self) -> usize {
+        self.limit
+            .saturating_sub(self.used[Kind::Compression as usize])
     }
 
     /// A connection's counted bytes went from `before` to `after`: it starts or stops being a
@@ -173,10 +182,14 @@ impl MemoryBudget {
     }
 
     fn update(&mut self) {
-        let used = self.used();
-        self.peak = self.peak.max(used);
-        let high = self.limit / 16 * HIGH_16THS;
-        let low = self.limit / 16 * LOW_16THS;
+        let all = self.used();
+        self.peak = self.peak.max(all);
+        // Shedding cannot reduce the compression state: judged on what it can reduce, within
+        // what the compression state leaves (else state that stays above the low mark would
+        // keep the loop shedding, refusing everyone, until those connections left).
+        let used = all - self.used[Kind::Compression as usize];
+        let high = self.room() / 16 * HIGH_16THS;
+        let low = self.room() / 16 * LOW_16THS;
         if !self.shedding && used >= high {
             self.shedding = true;
             self.episodes += 1;
@@ -284,6 +297,26 @@ mod tests {
             "not at 15/16 again"
         );
         assert_eq!(b.episodes, 1);
+    }
+
+    /// Compression state is not shed: shedding is judged on the other kinds within what it
+    /// leaves of the limit, so state above the low mark cannot keep the loop shedding.
+    #[test]
+    fn compression_state_narrows_the_room_but_never_wedges_shedding() {
+        let mut b = MemoryBudget::new(16 << 20);
+        b.resize(Kind::Compression, 0, 13 << 20);
+        assert!(!b.shedding(), "the state alone never sheds");
+        let room = 3 << 20;
+        assert_eq!(b.low_mark(), room / 16 * 12);
+        // 15/16 of the 3 MiB left: shedding; back to 12/16 of it: stops.
+        assert!(b.resize(Kind::Partial, 0, room / 16 * 15));
+        assert!(
+            b.resize(Kind::Partial, room / 16 * 15, room / 16 * 13),
+            "hysteresis"
+        );
+        assert!(!b.resize(Kind::Partial, room / 16 * 13, room / 16 * 12));
+        assert!(b.take_ended());
+        assert!(!b.shedding());
     }
 
     /// Without shedding: holding a quarter of the budget or more, then draining to a sixteenth,

@@ -254,6 +254,36 @@ fn compression_work_is_metered_per_turn_as_reads_are() {
     server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
 }
 
+/// Compressed input is metered whatever it inflates to: one empty dynamic-Huffman block
+/// (its code tables built, then only an end-of-block code) and the flush's empty stored block,
+/// 28 bytes that inflate to nothing, cost the server far more than an empty message. 300 of
+/// them in one read are handled over several turns (found by an attack review: metered by
+/// their output alone they cost nothing, and 32 clients sending them held the loop for 1.5 s).
+#[test]
+fn input_that_inflates_to_nothing_is_metered_too() {
+    const EMPTY_DYNAMIC_BLOCK: &str = "04200428feffffffffffffffffffffffffffffffffffffffff49ff00";
+    const N: usize = 300;
+    let block: Vec<u8> = (0..EMPTY_DYNAMIC_BLOCK.len() / 2)
+        .map(|i| u8::from_str_radix(&EMPTY_DYNAMIC_BLOCK[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(inflated(&block), b"");
+    let server = TestServer::start(shared());
+    let (mut s, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    let one = frame_raw(FIN | RSV1 | OP_BINARY, &block, Some(MASK));
+    s.write_all(&one.repeat(N)).unwrap();
+    for i in 0..N {
+        let f = read_frame(&mut s);
+        assert_eq!((f.opcode, f.payload.len()), (OP_BINARY, 0), "echo {i}");
+    }
+    let stats = server.stats();
+    // 300 x 28 bytes taken, each counting as 8 bytes of work: 67,200 against 32 KiB a turn.
+    assert!(stats.read_yields >= 2, "{} yields", stats.read_yields);
+    assert_eq!(stats.compression_bytes[..2], [(N * block.len()) as u64, 0]);
+    s.write_all(&close_frame(1000, "")).unwrap();
+    server.finish_closed(&[(CloseReason::PeerClosed, 1)]);
+}
+
 #[test]
 fn a_zip_bomb_is_closed_with_1009_and_rsv1_misuse_with_1002() {
     let config = Config {
@@ -533,5 +563,55 @@ fn the_dedicated_profile_downgrades_to_shared_when_its_budget_is_full() {
     let st = server.wait_stats("every connection to end", |st| st.connections == 0);
     assert_eq!(st.compression_connections, [0, 0]);
     assert_eq!(st.compression_budget[1], 0, "every reservation given back");
+    server.finish();
+}
+
+/// The compression budget is at most half the memory budget (the state counts in the memory
+/// budget too, and shedding cannot reduce it): configured above that, it is cut to half, and
+/// the dedicated connections hold no more; an offer without context takeover either way is
+/// served by the loop's shared compressor, reserving nothing.
+#[test]
+fn the_compression_budget_is_at_most_half_the_memory_budget() {
+    let plain_offer = Agreement {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: None,
+        client_max_window_bits: None,
+    };
+    let each = Dedicated::heap_bytes(&plain_offer, 15, 8);
+    let server = TestServer::start(Config {
+        compression: Compression::Dedicated,
+        memory_budget: 16 << 20,
+        compression_budget: 64 << 20,
+        ..config()
+    });
+    assert_eq!(server.stats().compression_budget, [8 << 20, 0]);
+    let (mut free, head) = upgrade_offering(
+        server.addr,
+        &["permessage-deflate; server_no_context_takeover; client_no_context_takeover"],
+    );
+    assert_eq!(extension_of(&head).as_deref(), Some(SHARED_ANSWER));
+    assert_eq!(
+        server.stats().compression_connections,
+        [1, 0],
+        "no state reserved"
+    );
+    let mut held = Vec::new();
+    let dedicated = loop {
+        let (s, head) = upgrade_offering(server.addr, &["permessage-deflate"]);
+        held.push(s);
+        if extension_of(&head).as_deref() == Some(SHARED_ANSWER) {
+            break held.len() - 1;
+        }
+        assert!(held.len() < 100, "no downgrade");
+    };
+    assert_eq!(dedicated, (8 << 20) / each);
+    let st = server.stats();
+    assert_eq!(st.compression_budget[1], dedicated * each);
+    assert_eq!(st.compression_connections, [2, dedicated]);
+    free.write_all(&close_frame(1000, "")).unwrap();
+    expect_close(&mut free);
+    drop(held);
+    server.wait_stats("every connection to end", |st| st.connections == 0);
     server.finish();
 }

@@ -94,6 +94,7 @@ impl<D> Core<D> {
         if now != self.codec_bytes {
             let old = std::mem::replace(&mut self.codec_bytes, now);
             self.memory.resize(Kind::Compression, old, now);
+            self.trim_if_ended();
         }
     }
 

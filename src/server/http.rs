@@ -8,7 +8,7 @@ use super::event_loop::Inner;
 use super::ws::{callback, frames, guarded};
 use crate::app::{CloseReason, Decision, Handler, UpgradeRequest};
 use crate::config::Compression;
-use crate::protocol::deflate::{self, Dedicated, Profile};
+use crate::protocol::deflate::{self, Agreement, Dedicated, Profile, MAX_WINDOW_BITS};
 use crate::protocol::handshake::{self, Rejection};
 use crate::protocol::session::Head;
 use crate::watchdog::Activity;
@@ -156,7 +156,17 @@ impl<H: Handler> Inner<H> {
                 let offers = upgrade.request().header_all("sec-websocket-extensions");
                 let mut deflate = match profile.map(|p| deflate::negotiate(offers, p)) {
                     None => None,
-                    Some(Ok(agreement)) => agreement.map(|a| (a, profile)),
+                    // An offer without context takeover either way gains nothing from state
+                    // of its own: the loop's shared compressor serves it (the answer is the
+                    // same).
+                    Some(Ok(agreement)) => agreement.map(|a| match a {
+                        Agreement {
+                            server_no_context_takeover: true,
+                            client_no_context_takeover: true,
+                            ..
+                        } => (a, Some(Profile::Shared)),
+                        _ => (a, profile),
+                    }),
                     Some(Err(malformed)) => {
                         log::debug!("{}: {malformed}", conn.peer);
                         let rej = Rejection::custom(400, malformed.0);
@@ -201,7 +211,8 @@ impl<H: Handler> Inner<H> {
                             }
                         }
                         if let Some((agreement, Some(Profile::Dedicated { .. }))) = &deflate {
-                            // Its own state, if the compression budget has room; else the
+                            // Its own state, if the compression budget has room and this loop
+                            // holds at most half its memory share in such state; else the
                             // shared profile (whose answer differs: negotiated again).
                             let config = &core.config;
                             let bytes = Dedicated::heap_bytes(
@@ -209,7 +220,10 @@ impl<H: Handler> Inner<H> {
                                 config.compression_window_bits,
                                 config.compression_mem_level,
                             );
-                            if !core.ledger.reserve_compression(bytes) {
+                            let local = core.codec.dedicated_bytes() + bytes;
+                            if local > core.memory.limit() / 2
+                                || !core.ledger.reserve_compression(bytes)
+                            {
                                 core.stats.compression_downgrades += 1;
                                 let offers =
                                     req.upgrade.request().header_all("sec-websocket-extensions");
@@ -242,8 +256,11 @@ impl<H: Handler> Inner<H> {
                 core.codec.adopt_dedicated(state.bytes);
                 conn.rare().dedicated = Some(Box::new(state));
                 core.stats.compression_connections[1] += 1;
-                // Publications compressed for all would not fit its context: it takes them
-                // plain (not marked for the compressed framing).
+                // Publications compressed once for all fit only a connection whose server side
+                // keeps no context; with context takeover it takes them plain.
+                let free = agreement.server_no_context_takeover
+                    && agreement.deflate_window_bits() == MAX_WINDOW_BITS;
+                core.pubsub.fanout.set_compressed(idx, free);
             }
             Some((agreement, _)) => {
                 let bits = agreement.deflate_window_bits();
@@ -255,7 +272,7 @@ impl<H: Handler> Inner<H> {
                 // Publications are compressed once, with the largest window, for every
                 // subscriber that allows it; one that asked for a smaller window takes them
                 // plain.
-                let full = bits == crate::protocol::deflate::MAX_WINDOW_BITS;
+                let full = bits == MAX_WINDOW_BITS;
                 core.pubsub.fanout.set_compressed(idx, full);
             }
         }
