@@ -485,13 +485,7 @@ fn compressed_echoes_count_against_the_backpressure_limit() {
 /// again. The budget is never passed.
 #[test]
 fn the_dedicated_profile_downgrades_to_shared_when_its_budget_is_full() {
-    let plain_offer = Agreement {
-        server_no_context_takeover: false,
-        client_no_context_takeover: false,
-        server_max_window_bits: None,
-        client_max_window_bits: None,
-    };
-    let each = Dedicated::heap_bytes(&plain_offer, 15, 8);
+    let each = dedicated_state_bytes();
     let server = TestServer::start(Config {
         compression: Compression::Dedicated,
         compression_threshold: 100,
@@ -572,13 +566,7 @@ fn the_dedicated_profile_downgrades_to_shared_when_its_budget_is_full() {
 /// served by the loop's shared compressor, reserving nothing.
 #[test]
 fn the_compression_budget_is_at_most_half_the_memory_budget() {
-    let plain_offer = Agreement {
-        server_no_context_takeover: false,
-        client_no_context_takeover: false,
-        server_max_window_bits: None,
-        client_max_window_bits: None,
-    };
-    let each = Dedicated::heap_bytes(&plain_offer, 15, 8);
+    let each = dedicated_state_bytes();
     let server = TestServer::start(Config {
         compression: Compression::Dedicated,
         memory_budget: 16 << 20,
@@ -614,4 +602,16 @@ fn the_compression_budget_is_at_most_half_the_memory_budget() {
     drop(held);
     server.wait_stats("every connection to end", |st| st.connections == 0);
     server.finish();
+}
+
+/// What one connection's own state costs at the default window and memory level, for a plain
+/// `permessage-deflate` offer (context takeover both ways).
+fn dedicated_state_bytes() -> usize {
+    let plain_offer = Agreement {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: None,
+        client_max_window_bits: None,
+    };
+    Dedicated::heap_bytes(&plain_offer, 15, 8)
 }
