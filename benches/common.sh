@@ -3,7 +3,8 @@
 # LOADGEN set by then (LOADGEN and CLIENT_CPU before the first run_loadgen). It sets the
 # descriptor limit, a temporary folder TMP and a cleanup on exit (the server started last is
 # killed), and defines: log, build (cargo, then `exe NAME KIND` names an executable),
-# install_npm and install_uws, await_server, stop_server, run_loadgen and describe_machine.
+# install_npm and install_uws, await_server, stop_server, run_loadgen, describe_machine and
+# report_runs.
 
 BENCH=$(basename "$0")
 
@@ -107,4 +108,16 @@ describe_machine() { # the lines of machine.txt before the load
     echo "rustc: $(rustc --version)"
     echo "node: $(node --version 2>/dev/null || echo none)"
     echo "fd limit: soft $(ulimit -n), hard $(ulimit -Hn)"
+}
+
+report_runs() { # $1: what a failed run means; then `loadgen report` options. Returns 1 if one failed
+    local what=$1; shift
+    echo "load at end: $(uptime)" >> "$OUT/machine.txt"
+    "$LOADGEN" report "$RESULTS" "$@" | tee "$OUT/report.md"
+    echo "results: $RESULTS, report: $OUT/report.md, machine: $OUT/machine.txt" >&2
+    if grep -q 'failed=1\| errors=[1-9]' "$RESULTS"; then
+        echo "$BENCH: some runs failed ($what):" >&2
+        grep 'failed=1\| errors=[1-9]' "$RESULTS" >&2
+        return 1
+    fi
 }
