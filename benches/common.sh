@@ -1,9 +1,10 @@
-# What benches/compare.sh and benches/pubsub.sh share; sourced from the repository's root after
-# they read their options, with OUT, RESULTS, PORT, ADDR, CLIENT_CPU and LOADGEN set by then
-# (LOADGEN and CLIENT_CPU before the first run_loadgen). It sets the descriptor limit, a
-# temporary folder TMP and a cleanup on exit (the server started last is killed), and defines:
-# log, build (cargo, then `exe NAME KIND` names an executable), install_uws, await_server,
-# stop_server, run_loadgen and describe_machine.
+# What benches/compare.sh, benches/pubsub.sh and benches/compression.sh share; sourced from the
+# repository's root after they read their options, with OUT, RESULTS, PORT, ADDR, CLIENT_CPU and
+# LOADGEN set by then (LOADGEN and CLIENT_CPU before the first run_loadgen). It sets the
+# descriptor limit, a temporary folder TMP and a cleanup on exit (the server started last is
+# killed), and defines: log, build (cargo, then `exe NAME KIND` names an executable),
+# install_npm and install_uws, await_server, stop_server, run_loadgen, describe_machine and
+# report_runs.
 
 BENCH=$(basename "$0")
 
@@ -40,11 +41,15 @@ exe() { # the executable cargo built for target $1 (kind $2)
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
 
+install_npm() { # $1: an npm package@version, $2: a folder; installs it (NODE_PATH=$2/node_modules)
+    log "installing $1 into $2"
+    mkdir -p "$2"
+    (cd "$2" && npm init -y > /dev/null &&
+        npm install --no-audit --no-fund --loglevel=error "$1" > /dev/null)
+}
+
 install_uws() { # the uWebSockets.js package UWS_PKG into $TMP/uws (NODE_PATH=$TMP/uws/node_modules)
-    log "installing $UWS_PKG into $TMP/uws"
-    mkdir -p "$TMP/uws"
-    (cd "$TMP/uws" && npm init -y > /dev/null &&
-        npm install --no-audit --no-fund --loglevel=error "$UWS_PKG" > /dev/null)
+    install_npm "$UWS_PKG" "$TMP/uws"
 }
 
 await_server() { # $1: its name, $2: its log; SERVER_PID was just started
@@ -103,4 +108,16 @@ describe_machine() { # the lines of machine.txt before the load
     echo "rustc: $(rustc --version)"
     echo "node: $(node --version 2>/dev/null || echo none)"
     echo "fd limit: soft $(ulimit -n), hard $(ulimit -Hn)"
+}
+
+report_runs() { # $1: what a failed run means; then `loadgen report` options. Returns 1 if one failed
+    local what=$1; shift
+    echo "load at end: $(uptime)" >> "$OUT/machine.txt"
+    "$LOADGEN" report "$RESULTS" "$@" | tee "$OUT/report.md"
+    echo "results: $RESULTS, report: $OUT/report.md, machine: $OUT/machine.txt" >&2
+    if grep -q 'failed=1\| errors=[1-9]' "$RESULTS"; then
+        echo "$BENCH: some runs failed ($what):" >&2
+        grep 'failed=1\| errors=[1-9]' "$RESULTS" >&2
+        return 1
+    fi
 }

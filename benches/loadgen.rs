@@ -45,6 +45,10 @@ use std::time::{Duration, Instant};
 #[path = "loadgen/pubsub.rs"]
 mod pubsub;
 
+// permessage-deflate for echo and idle (`--deflate`), and the JSON message (`--json`).
+#[path = "loadgen/deflate.rs"]
+mod deflate;
+
 /// The fixed `Sec-WebSocket-Key` of every client (RFC 6455's example) and its accept value.
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -132,6 +136,12 @@ struct EchoArgs {
     /// Send text frames (the server validates UTF-8) instead of binary ones.
     #[arg(long)]
     text: bool,
+    /// The message is a deterministic JSON document of at least S bytes (a chat timeline
+    /// update; it compresses about 3x), sent as text, instead of a repeating a-z pattern.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    deflate: deflate::DeflateArgs,
     /// Do not compare echoed payloads with what was sent (lengths and opcodes are still checked).
     #[arg(long)]
     no_verify: bool,
@@ -166,6 +176,8 @@ struct IdleArgs {
     /// Seconds to wait with the connections open before reading the server's RSS.
     #[arg(long, default_value_t = 2.0)]
     settle: f64,
+    #[command(flatten)]
+    deflate: deflate::DeflateArgs,
 }
 
 fn main() -> ExitCode {
@@ -452,8 +464,16 @@ fn client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 fn upgrade_request(c: &Common) -> Vec<u8> {
+    upgrade_request_offering(c, None)
+}
+
+/// The upgrade request, with a `Sec-WebSocket-Extensions` offer if `extensions` is given.
+fn upgrade_request_offering(c: &Common, extensions: Option<&str>) -> Vec<u8> {
+    let ext = extensions
+        .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+        .unwrap_or_default();
     format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n",
         c.path, c.addr
     )
     .into_bytes()
@@ -571,7 +591,8 @@ impl Client {
                         check_101(&self.head[..end + 4])?;
                         leftover.clear();
                         leftover.extend_from_slice(&self.head[end + 4..]);
-                        self.head = Vec::new();
+                        // The head stays for a caller that reads its headers (open_all_with).
+                        self.head.truncate(end + 4);
                         self.st = St::Open;
                         return Ok(true);
                     }
@@ -601,7 +622,25 @@ fn open_all(
     n: usize,
     buf: &mut [u8],
 ) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
-    let request = upgrade_request(c);
+    open_all_with(poll, events, c, n, buf, &upgrade_request(c), &mut |_, _| {
+        Ok(())
+    })
+}
+
+/// Reads the 101 head of connection `i`; an error fails the connection.
+type HeadCheck<'a> = dyn FnMut(usize, &[u8]) -> Result<(), String> + 'a;
+
+/// [`open_all`] with this upgrade `request`; `check(i, head)` reads each 101 head and may fail
+/// the connection (its error counted by kind).
+fn open_all_with(
+    poll: &mut Poll,
+    events: &mut Events,
+    c: &Common,
+    n: usize,
+    buf: &mut [u8],
+    request: &[u8],
+    check: &mut HeadCheck,
+) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
     let mut clients: Vec<Client> = Vec::with_capacity(n);
     let mut errors = BTreeMap::new();
     let mut in_progress = 0usize;
@@ -647,14 +686,17 @@ fn open_all(
             if cl.st == St::Open || cl.st == St::Dead {
                 continue;
             }
-            match cl.drive_upgrade(&request, buf, &mut leftover) {
+            match cl.drive_upgrade(request, buf, &mut leftover) {
                 Ok(false) => {}
                 Ok(true) => {
                     in_progress -= 1;
-                    open += 1;
+                    let head = std::mem::take(&mut cl.head);
                     if !leftover.is_empty() {
                         fail(cl, "bytes after the 101".into(), &mut errors);
-                        open -= 1;
+                    } else if let Err(e) = check(i, &head) {
+                        fail(cl, e, &mut errors);
+                    } else {
+                        open += 1;
                     }
                 }
                 Err(e) => {
@@ -695,6 +737,46 @@ struct EchoOut {
     measured: u64,
     hist: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    /// With --deflate: echo frames, those compressed, their bytes on the wire (measured
+    /// window), and the open connections whose server keeps its context and that do not.
+    deflate: Option<DeflateOut>,
+}
+
+#[derive(Default)]
+struct DeflateOut {
+    frames: u64,
+    compressed: u64,
+    wire_in: u64,
+    takeover: usize,
+    no_takeover: usize,
+}
+
+/// The echo mode's message: S bytes of a-z, or (`--json`) a JSON document of at least S bytes;
+/// and the frame that carries it (compressed, with RSV1, under `--deflate`).
+fn echo_message(a: &EchoArgs) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let op = if a.text || a.json { 1 } else { 2 };
+    let msg: Vec<u8> = if a.json {
+        deflate::json_message(a.size)
+    } else {
+        (0..a.size).map(|i| b'a' + (i % 26) as u8).collect()
+    };
+    let frame = if a.deflate.deflate {
+        let mut f = client_frame(op, &deflate::compress(&msg)?);
+        f[0] |= 0x40;
+        f
+    } else {
+        client_frame(op, &msg)
+    };
+    Ok((msg, frame))
+}
+
+/// Length of a server frame's header for a payload of `len` bytes.
+fn server_header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xffff => 4,
+        _ => 10,
+    }
 }
 
 /// The echo mode: `--threads` workers, each with its own `Poll` and its share of the
@@ -713,13 +795,15 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     let go = std::sync::Barrier::new(threads + 1);
     let start_cell = std::sync::Mutex::new(None::<Instant>);
     let warmup = if a.count.is_some() { 0.0 } else { a.warmup };
+    let (msg, frame) = echo_message(&a)?;
     let outs = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let n = a.connections / threads + (t < a.connections % threads) as usize;
                 let (a, opened, go, start_cell) = (&a, &opened, &go, &start_cell);
+                let (msg, frame) = (&msg, &frame);
                 scope.spawn(move || {
-                    echo_worker(a, n, &|| {
+                    echo_worker(a, n, msg, frame, &|| {
                         opened.wait();
                         go.wait();
                         start_cell.lock().unwrap().expect("start time")
@@ -748,11 +832,19 @@ fn echo(a: EchoArgs) -> Result<(), String> {
         hist: Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .map_err(|e| format!("histogram: {e}"))?,
         errors: BTreeMap::new(),
+        deflate: a.deflate.deflate.then(DeflateOut::default),
     };
     for out in outs {
         let out = out?;
         total.open += out.open;
         total.measured += out.measured;
+        if let (Some(t), Some(d)) = (total.deflate.as_mut(), out.deflate) {
+            t.frames += d.frames;
+            t.compressed += d.compressed;
+            t.wire_in += d.wire_in;
+            t.takeover += d.takeover;
+            t.no_takeover += d.no_takeover;
+        }
         total
             .hist
             .add(&out.hist)
@@ -771,7 +863,7 @@ fn echo(a: EchoArgs) -> Result<(), String> {
         "RESULT mode=echo server={} n={} size={} k={} open={still_open} seconds={wall:.2} echoes={measured} msgs_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
         c.label,
         a.connections,
-        a.size,
+        msg.len(),
         k,
         measured as f64 / wall,
         hist.value_at_quantile(0.50) as f64 / 1e3,
@@ -782,6 +874,27 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     if threads > 1 {
         let _ = write!(line, " client_threads={threads}");
     }
+    // Bytes on the wire per message, each way: whole frames (client frames with their mask).
+    let _ = write!(line, " wire_out_per_msg={}", frame.len());
+    match &total.deflate {
+        None => {
+            let _ = write!(
+                line,
+                " wire_in_per_msg={}",
+                server_header_len(msg.len()) + msg.len()
+            );
+        }
+        Some(d) => {
+            let _ = write!(
+                line,
+                " wire_in_per_msg={:.1} deflate=1 compressed_in_pct={:.1} server_takeover_conns={} server_no_takeover_conns={}",
+                d.wire_in as f64 / d.frames.max(1) as f64,
+                d.compressed as f64 * 100.0 / d.frames.max(1) as f64,
+                d.takeover,
+                d.no_takeover
+            );
+        }
+    }
     line.push_str(&errors_field(&total.errors));
     cpu.finish_over(measured, wall, &mut line);
     println!("{line}");
@@ -790,34 +903,35 @@ fn echo(a: EchoArgs) -> Result<(), String> {
 }
 
 /// One echo worker: open `n` connections, call `ready` (which returns the shared start time),
-/// load them until the end of the window.
-fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<EchoOut, String> {
-    let c = &a.common;
+/// load them with `frame` (carrying `pattern`) until the end of the window.
+fn echo_worker(
+    a: &EchoArgs,
+    n: usize,
+    pattern: &[u8],
+    frame: &[u8],
+    ready: &dyn Fn() -> Instant,
+) -> Result<EchoOut, String> {
     let k = a.pipeline.max(1);
-    let op = if a.text { 1 } else { 2 };
-    let pattern: Vec<u8> = (0..a.size).map(|i| b'a' + (i % 26) as u8).collect();
-    let frame = client_frame(op, &pattern);
+    let op = if a.text || a.json { 1 } else { 2 };
+    let size = pattern.len();
     let flen = frame.len();
     // K + 1 frames back to back: any window of up to K frames' bytes starting inside the first
     // frame is one contiguous slice.
     let stream: Vec<u8> = frame.repeat(k + 1);
-    let verify = (!a.no_verify).then_some(&pattern[..]);
+    let verify = (!a.no_verify).then_some(pattern);
+    // With --deflate, echoes are read (and inflated) by `zs`, and each 101 must accept the offer.
+    let mut zs = a
+        .deflate
+        .deflate
+        .then(|| deflate::Echoes::new(n, pattern, op, !a.no_verify));
 
-    let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; RECV_BUF];
-    let setup_start = Instant::now();
-    let (mut clients, mut errors) =
-        open_all(&mut poll, &mut events, c, n, &mut buf).map_err(|e| e.to_string())?;
-    let setup_s = setup_start.elapsed().as_secs_f64();
-    let open = clients.iter().filter(|cl| cl.st == St::Open).count();
-    eprintln!(
-        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s",
-        c.label
-    );
-    if open == 0 {
-        return Err(format!("no connection opened: {errors:?}"));
-    }
+    // Every worker meets the others at `ready` even when its setup failed (one that returned
+    // before would leave them waiting for it for ever), and then stops.
+    let setup = echo_open(a, n, &mut events, &mut buf, zs.as_mut());
+    let start = ready();
+    let (mut poll, mut clients, mut errors) = setup?;
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .map_err(|e| format!("histogram: {e}"))?;
@@ -830,7 +944,6 @@ fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<Ec
     } else {
         Phase::Warmup
     };
-    let start = ready();
     let measure_at =
         start + Duration::from_secs_f64(if a.count.is_some() { 0.0 } else { a.warmup });
     let end_at = measure_at + Duration::from_secs_f64(a.duration);
@@ -864,6 +977,9 @@ fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<Ec
                 phase = Phase::Measure;
                 hist.reset();
                 measured = 0;
+                if let Some(z) = zs.as_mut() {
+                    z.reset_counts();
+                }
             }
             if phase == Phase::Measure && now >= end_at {
                 break;
@@ -901,7 +1017,11 @@ fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<Ec
                             break;
                         }
                         Ok(Some(n)) => {
-                            match cl.rx.feed(&buf[..n], op, a.size, verify) {
+                            let fed = match zs.as_mut() {
+                                None => cl.rx.feed(&buf[..n], op, size, verify),
+                                Some(z) => z.feed(i, &buf[..n]),
+                            };
+                            match fed {
                                 Ok(d) => completed += d,
                                 Err(RxError::Protocol(e)) => failure = Some(e),
                                 Err(RxError::Closed(code)) => {
@@ -959,12 +1079,67 @@ fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<Ec
     }
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     drop(clients);
+    let deflate = zs.map(|z| {
+        let (takeover, no_takeover) = z.answers();
+        DeflateOut {
+            frames: z.frames,
+            compressed: z.compressed,
+            wire_in: z.wire_in,
+            takeover,
+            no_takeover,
+        }
+    });
     Ok(EchoOut {
         open,
         measured,
         hist,
         errors,
+        deflate,
     })
+}
+
+/// A worker's poll, its clients and the errors by kind.
+type Opened = (Poll, Vec<Client>, BTreeMap<String, u64>);
+
+/// An echo worker's connections: `n` opened (with `--deflate`, each 101 read by `zs`, and
+/// every connection must have accepted the offer); an error if none opened.
+fn echo_open(
+    a: &EchoArgs,
+    n: usize,
+    events: &mut Events,
+    buf: &mut [u8],
+    zs: Option<&mut deflate::Echoes>,
+) -> Result<Opened, String> {
+    let c = &a.common;
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    let setup_start = Instant::now();
+    let deflate = zs.is_some();
+    let (clients, errors) = match zs {
+        None => open_all(&mut poll, events, c, n, buf),
+        Some(z) => {
+            let request = upgrade_request_offering(c, a.deflate.offer());
+            open_all_with(&mut poll, events, c, n, buf, &request, &mut |i, head| {
+                z.opened(i, deflate::parse_answer(head)?);
+                Ok(())
+            })
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    if deflate && !errors.is_empty() {
+        return Err(format!(
+            "--deflate: connections failed to open with permessage-deflate: {errors:?}"
+        ));
+    }
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    eprintln!(
+        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s",
+        c.label
+    );
+    if open == 0 {
+        return Err(format!("no connection opened: {errors:?}"));
+    }
+    Ok((poll, clients, errors))
 }
 
 /// Write as much of the client's queued frames as the socket takes.
@@ -1152,8 +1327,29 @@ fn idle(a: IdleArgs) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; RECV_BUF];
-    let (clients, errors) =
-        open_all(&mut poll, &mut events, c, a.connections, &mut buf).map_err(|e| e.to_string())?;
+    // With --deflate every 101 must accept the offer (nothing is sent, so nothing is inflated).
+    let request = upgrade_request_offering(c, a.deflate.offer());
+    let deflate = a.deflate.deflate;
+    let (clients, errors) = open_all_with(
+        &mut poll,
+        &mut events,
+        c,
+        a.connections,
+        &mut buf,
+        &request,
+        &mut |_, head| {
+            if deflate {
+                deflate::parse_answer(head)?;
+            }
+            Ok(())
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    if deflate && !errors.is_empty() {
+        return Err(format!(
+            "--deflate: connections failed to open with permessage-deflate: {errors:?}"
+        ));
+    }
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     // Hold them: nothing is sent; any event would be the server closing on us.
     let until = Instant::now() + Duration::from_secs_f64(a.settle);
@@ -1166,8 +1362,8 @@ fn idle(a: IdleArgs) -> Result<(), String> {
     let after = proc_rss_kib(pid).ok_or("cannot read the server's VmRSS")?;
     let per = (after as f64 - before as f64) * 1024.0 / open.max(1) as f64;
     let mut line = format!(
-        "RESULT mode=idle server={} n={} open={open} rss_before_kib={before} rss_after_kib={after} bytes_per_conn={per:.0} closed_by_server={closed}",
-        c.label, a.connections
+        "RESULT mode=idle server={} n={} open={open} rss_before_kib={before} rss_after_kib={after} bytes_per_conn={per:.0} closed_by_server={closed} deflate={}",
+        c.label, a.connections, deflate as u8
     );
     line.push_str(&errors_field(&errors));
     drop(clients);
@@ -1339,7 +1535,7 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
     // (mode, row key, field, title, which way is better)
     let bcast: &[&str] = &["n"];
     let fanout: &[&str] = &["n", "window"];
-    let tables: [(&str, &[&str], &str, &str, &str); 25] = [
+    let tables: [(&str, &[&str], &str, &str, &str); 27] = [
         (
             "echo",
             echo,
@@ -1381,6 +1577,20 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
             "client_cpu_pct",
             "Load generator CPU, % of one core",
             CONTEXT,
+        ),
+        (
+            "echo",
+            echo,
+            "wire_out_per_msg",
+            "Bytes on the wire per message, client to server (frame with header and mask)",
+            LOWER,
+        ),
+        (
+            "echo",
+            echo,
+            "wire_in_per_msg",
+            "Bytes on the wire per echo, server to client (frame with header)",
+            LOWER,
         ),
         ("echo", echo, "p50_us", "Latency p50, µs", LOWER),
         ("echo", echo, "p99_us", "Latency p99, µs", LOWER),

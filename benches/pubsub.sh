@@ -166,16 +166,8 @@ for row in $FANOUT; do
     done
 done
 
-echo "load at end: $(uptime)" >> "$OUT/machine.txt"
-"$LOADGEN" report "$RESULTS" | tee "$OUT/report.md"
-echo "results: $RESULTS, report: $OUT/report.md, machine: $OUT/machine.txt" >&2
-
 fail=0
-if grep -q 'failed=1\| errors=[1-9]' "$RESULTS"; then
-    echo "pubsub.sh: some runs failed (a message missing, dropped, out of order, or a stall):" >&2
-    grep 'failed=1\| errors=[1-9]' "$RESULTS" >&2
-    fail=1
-fi
+report_runs "a message missing, dropped, out of order, or a stall" || fail=1
 if [ "$SMOKE" = 1 ]; then
     # The smoke checks that the tooling works end to end, never how fast: every run produced a
     # RESULT with work done, verified, and nothing dropped.
