@@ -19,7 +19,8 @@
 # The servers (each a line of `variant` below; the load generator offers
 # "permessage-deflate; client_no_context_takeover; server_no_context_takeover" with --deflate):
 #   wsloop-shared     wsloop --compression shared
-#   wsloop-dedicated  wsloop --compression dedicated (run when the binary accepts that value)
+#   wsloop-dedicated  wsloop --compression dedicated, offered what a browser offers (context
+#                     takeover both ways; the default offer would be served by the shared compressor)
 #   wsloop-off        wsloop with compression off: the same JSON, uncompressed (what
 #                     compression costs)
 #   node-ws           Node ws, perMessageDeflate: true (its defaults: threshold 1024 bytes, zlib
@@ -108,7 +109,7 @@ declare -A KIND SERVER_ARGS LOADGEN_ARGS
 variant() { KIND[$1]=$2; SERVER_ARGS[$1]=$3; LOADGEN_ARGS[$1]=$4; }
 #       name              runs    its arguments             the load generator's arguments
 variant wsloop-shared     wsloop  "--compression shared"    "--deflate"
-variant wsloop-dedicated  wsloop  "--compression dedicated" "--deflate"
+variant wsloop-dedicated  wsloop  "--compression dedicated" "--deflate --deflate-offer=permessage-deflate;client_max_window_bits"
 variant wsloop-off        wsloop  ""                        ""
 variant node-ws           node    ""                        "--deflate"
 variant node-ws-takeover  node    ""                        "--deflate --deflate-offer=permessage-deflate;client_max_window_bits"
