@@ -592,12 +592,13 @@ fn split_token(t: Token) -> (usize, u32) {
     (t.0 & 0xffff_ffff, (t.0 >> 32) as u32)
 }
 
-/// Open `n` connections (at most `batch` in progress at once). Returns the clients (failed ones
-/// are `Dead`) and the errors by kind.
+/// Open `n` connections (at most `batch` in progress at once), client `i` to
+/// `addrs[i % addrs.len()]`. Returns the clients (failed ones are `Dead`) and the errors by kind.
 fn open_all(
     poll: &mut Poll,
     events: &mut Events,
     c: &Common,
+    addrs: &[SocketAddr],
     n: usize,
     buf: &mut [u8],
 ) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
@@ -615,7 +616,7 @@ fn open_all(
     while open + (errors.values().sum::<u64>() as usize) < n {
         while clients.len() < n && in_progress < c.connect_batch.max(1) {
             let i = clients.len();
-            match Client::connect(c.addr, poll, token_of(i, 0)) {
+            match Client::connect(addrs[i % addrs.len()], poll, token_of(i, 0)) {
                 Ok(cl) => {
                     clients.push(cl);
                     in_progress += 1;
@@ -808,7 +809,7 @@ fn echo_worker(a: &EchoArgs, n: usize, ready: &dyn Fn() -> Instant) -> Result<Ec
     let mut buf = vec![0u8; RECV_BUF];
     let setup_start = Instant::now();
     let (mut clients, mut errors) =
-        open_all(&mut poll, &mut events, c, n, &mut buf).map_err(|e| e.to_string())?;
+        open_all(&mut poll, &mut events, c, &[c.addr], n, &mut buf).map_err(|e| e.to_string())?;
     let setup_s = setup_start.elapsed().as_secs_f64();
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     eprintln!(
@@ -1152,8 +1153,15 @@ fn idle(a: IdleArgs) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; RECV_BUF];
-    let (clients, errors) =
-        open_all(&mut poll, &mut events, c, a.connections, &mut buf).map_err(|e| e.to_string())?;
+    let (clients, errors) = open_all(
+        &mut poll,
+        &mut events,
+        c,
+        &[c.addr],
+        a.connections,
+        &mut buf,
+    )
+    .map_err(|e| e.to_string())?;
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     // Hold them: nothing is sent; any event would be the server closing on us.
     let until = Instant::now() + Duration::from_secs_f64(a.settle);
@@ -1338,8 +1346,8 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
     let echo: &[&str] = &["size", "n", "k"];
     // (mode, row key, field, title, which way is better)
     let bcast: &[&str] = &["n"];
-    let fanout: &[&str] = &["n", "window"];
-    let tables: [(&str, &[&str], &str, &str, &str); 25] = [
+    let fanout: &[&str] = &["n", "window", "rate"];
+    let tables: [(&str, &[&str], &str, &str, &str); 27] = [
         (
             "echo",
             echo,
@@ -1468,6 +1476,20 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
             "deliveries_per_s",
             "Fan-out: deliveries per second (one publisher, N subscribers + the publisher)",
             HIGHER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "p50_us",
+            "Fan-out: latency p50 from the publisher's write to a subscriber's read, µs",
+            LOWER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "p99_us",
+            "Fan-out: latency p99, µs",
+            LOWER,
         ),
         (
             "fanout",
