@@ -9,7 +9,7 @@
 # Everything stays on 127.0.0.1, is bounded in time, and every process started here is killed
 # on exit.
 #
-#   benches/redis.sh                 # full run (about 10 minutes with the defaults)
+#   benches/redis.sh                 # full run (about 12 minutes with the defaults)
 #   benches/redis.sh --pin           # the same, servers and Redis on CPU 0, the load generator on CPU 1
 #   benches/redis.sh --smoke         # CI smoke: one round of two small rows, 2 s each, and a
 #                                    # short redis-benchmark; fails on errors (a message missing,
@@ -30,7 +30,8 @@
 #   --rounds R      rounds of one + two [5]
 #   --duration S    measured seconds per run [5]
 #   --warmup S      seconds of load before measuring [2]
-#   --rows LIST     rows, as above ["10000:1000 100:100 100:100@1000 100:100@10000 1000:100@100"]
+#   --rows LIST     rows, as above
+#                   ["10000:1000 100:1000 100:100 100:100@1000 100:100@10000 1000:100@100"]
 #   --out DIR       where results go [target/bench-results/redis-DATE]
 #   --pin           servers and redis-server on CPU 0, the load generator on CPU 1 (taskset)
 #
@@ -48,7 +49,7 @@ WARMUP=2
 # Latency rows at loads the load generator keeps up with: it reads every subscriber's socket
 # once per batch of messages, so 1,000 subscribers at 1,000 messages a second already cost it
 # a core (a p99 of 34 ms on one instance in a trial run: its own queueing, not the server's).
-ROWS="10000:1000 100:100 100:100@1000 100:100@10000 1000:100@100"
+ROWS="10000:1000 100:1000 100:100 100:100@1000 100:100@10000 1000:100@100"
 OUT=""
 PIN=0
 SMOKE=0
