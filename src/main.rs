@@ -172,6 +172,10 @@ struct Args {
     /// Prepended to each topic to make its Redis channel.
     #[arg(long, default_value_t = RedisConfig::default().prefix, requires = "redis")]
     redis_prefix: String,
+    /// Sharded pub/sub (Redis 7: SPUBLISH, SSUBSCRIBE): with a Redis Cluster (--redis names
+    /// any node), each topic goes through the primary that serves its channel's slot only.
+    #[arg(long, requires = "redis")]
+    redis_sharded: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -426,6 +430,7 @@ fn config_of(args: &Args) -> Config {
         compression_budget: args.compression_budget,
         redis: args.redis.as_ref().map(|url| RedisConfig {
             prefix: args.redis_prefix.clone(),
+            sharded: args.redis_sharded,
             ..RedisConfig::new(url.clone())
         }),
         ..Config::default()
