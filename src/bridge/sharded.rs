@@ -422,7 +422,10 @@ impl Readers<'_> {
                 },
                 Ok(Value::ServerError(e)) => break Err(e.to_string()),
                 Ok(_) => {}
-                // A read timeout (or a signal) leaves the reply parser where it was.
+                // A read timeout (or a signal) leaves the reply parser where it was. The crate
+                // takes a timed-out read for a lost reply and skips the next value that is not
+                // a push: on this connection only an error reply could be one (`MOVED` to a
+                // `SSUBSCRIBE`), which is why an unconfirmed subscription is a failure above.
                 Err(e) if e.is_timeout() || super::interrupted(&e) => {}
                 Err(e) => break Err(e.to_string()),
             }
