@@ -1,9 +1,10 @@
-# What benches/compare.sh, benches/pubsub.sh and benches/compression.sh share; sourced from the
-# repository's root after they read their options, with OUT, RESULTS, PORT, ADDR, CLIENT_CPU and
-# LOADGEN set by then (LOADGEN and CLIENT_CPU before the first run_loadgen). It sets the
-# descriptor limit, a temporary folder TMP and a cleanup on exit (the server started last is
-# killed), and defines: log, build (cargo, then `exe NAME KIND` names an executable),
-# install_npm and install_uws, await_server, stop_server, run_loadgen, describe_machine and
+# What benches/compare.sh, benches/pubsub.sh, benches/compression.sh and benches/redis.sh share;
+# sourced from the repository's root after they read their options, with OUT, RESULTS, PORT,
+# ADDR, CLIENT_CPU and LOADGEN set by then (LOADGEN and CLIENT_CPU before the first
+# run_loadgen). It sets the descriptor limit, a temporary folder TMP and a cleanup on exit (the
+# server started last, and every process listed in EXTRA_PIDS, are killed), and defines: log,
+# build (cargo, then `exe NAME KIND` names an executable), install_npm and install_uws,
+# free_port, await_port, await_server, stop_pid, stop_server, run_loadgen, describe_machine and
 # report_runs.
 
 BENCH=$(basename "$0")
@@ -14,12 +15,18 @@ HARD=$(ulimit -Hn)
 if [ "$HARD" = unlimited ] || [ "$HARD" -ge 20000 ]; then ulimit -n 20000; else ulimit -n "$HARD"; fi
 
 SERVER_PID=""
+# Further processes a script started and keeps (benches/redis.sh: redis-server, the second
+# instance): killed on exit too.
+EXTRA_PIDS=()
 TMP=$(mktemp -d)
 cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    local p
+    for p in "$SERVER_PID" "${EXTRA_PIDS[@]}"; do
+        if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+            kill -KILL "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -52,35 +59,48 @@ install_uws() { # the uWebSockets.js package UWS_PKG into $TMP/uws (NODE_PATH=$T
     install_npm "$UWS_PKG" "$TMP/uws"
 }
 
-await_server() { # $1: its name, $2: its log; SERVER_PID was just started
-    local name=$1 logf=$2 i
+free_port() { # a TCP port free on 127.0.0.1 now (bound, then released)
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+await_port() { # $1: pid, $2: port on 127.0.0.1, $3: its name, $4: its log
+    local pid=$1 port=$2 name=$3 logf=$4 i
     # Ready when the port accepts a connection (at most 10 s).
     for i in $(seq 100); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        if ! kill -0 "$pid" 2>/dev/null; then
             echo "$BENCH: $name exited at startup; its log ($logf):" >&2
             tail -5 "$logf" >&2
             exit 1
         fi
-        if (exec 3<> "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+        if (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             sleep 0.2
             return 0
         fi
         sleep 0.1
     done
-    echo "$BENCH: $name did not listen on $ADDR within 10 s" >&2
+    echo "$BENCH: $name did not listen on 127.0.0.1:$port within 10 s" >&2
     exit 1
+}
+
+await_server() { # $1: its name, $2: its log; SERVER_PID was just started on PORT
+    await_port "$SERVER_PID" "$PORT" "$1" "$2"
+}
+
+stop_pid() { # $1: a process this script started: SIGTERM, then SIGKILL after 5 s
+    [ -n "$1" ] || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    local i
+    for i in $(seq 50); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
 }
 
 stop_server() { # [seconds to let the port's sockets settle, 0.3]
     [ -n "$SERVER_PID" ] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 50); do
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
+    stop_pid "$SERVER_PID"
     SERVER_PID=""
     # Let the port's sockets settle before the next server binds it.
     sleep "${1:-0.3}"

@@ -613,18 +613,18 @@ fn split_token(t: Token) -> (usize, u32) {
     (t.0 & 0xffff_ffff, (t.0 >> 32) as u32)
 }
 
-/// Open `n` connections (at most `batch` in progress at once). Returns the clients (failed ones
-/// are `Dead`) and the errors by kind.
+/// Open `n` connections (at most `batch` in progress at once), client `i` to
+/// `addrs[i % addrs.len()]`. Returns the clients (failed ones are `Dead`) and the errors by kind.
 fn open_all(
     poll: &mut Poll,
     events: &mut Events,
     c: &Common,
+    addrs: &[SocketAddr],
     n: usize,
     buf: &mut [u8],
 ) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
-    open_all_with(poll, events, c, n, buf, &upgrade_request(c), &mut |_, _| {
-        Ok(())
-    })
+    let request = upgrade_request(c);
+    open_all_with(poll, events, c, addrs, n, buf, &request, &mut |_, _| Ok(()))
 }
 
 /// Reads the 101 head of connection `i`; an error fails the connection.
@@ -632,10 +632,12 @@ type HeadCheck<'a> = dyn FnMut(usize, &[u8]) -> Result<(), String> + 'a;
 
 /// [`open_all`] with this upgrade `request`; `check(i, head)` reads each 101 head and may fail
 /// the connection (its error counted by kind).
+#[allow(clippy::too_many_arguments)]
 fn open_all_with(
     poll: &mut Poll,
     events: &mut Events,
     c: &Common,
+    addrs: &[SocketAddr],
     n: usize,
     buf: &mut [u8],
     request: &[u8],
@@ -654,7 +656,7 @@ fn open_all_with(
     while open + (errors.values().sum::<u64>() as usize) < n {
         while clients.len() < n && in_progress < c.connect_batch.max(1) {
             let i = clients.len();
-            match Client::connect(c.addr, poll, token_of(i, 0)) {
+            match Client::connect(addrs[i % addrs.len()], poll, token_of(i, 0)) {
                 Ok(cl) => {
                     clients.push(cl);
                     in_progress += 1;
@@ -1115,13 +1117,22 @@ fn echo_open(
     let setup_start = Instant::now();
     let deflate = zs.is_some();
     let (clients, errors) = match zs {
-        None => open_all(&mut poll, events, c, n, buf),
+        None => open_all(&mut poll, events, c, &[c.addr], n, buf),
         Some(z) => {
             let request = upgrade_request_offering(c, a.deflate.offer());
-            open_all_with(&mut poll, events, c, n, buf, &request, &mut |i, head| {
-                z.opened(i, deflate::parse_answer(head)?);
-                Ok(())
-            })
+            open_all_with(
+                &mut poll,
+                events,
+                c,
+                &[c.addr],
+                n,
+                buf,
+                &request,
+                &mut |i, head| {
+                    z.opened(i, deflate::parse_answer(head)?);
+                    Ok(())
+                },
+            )
         }
     }
     .map_err(|e| e.to_string())?;
@@ -1334,6 +1345,7 @@ fn idle(a: IdleArgs) -> Result<(), String> {
         &mut poll,
         &mut events,
         c,
+        &[c.addr],
         a.connections,
         &mut buf,
         &request,
@@ -1534,8 +1546,8 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
     let echo: &[&str] = &["size", "n", "k"];
     // (mode, row key, field, title, which way is better)
     let bcast: &[&str] = &["n"];
-    let fanout: &[&str] = &["n", "window"];
-    let tables: [(&str, &[&str], &str, &str, &str); 27] = [
+    let fanout: &[&str] = &["n", "window", "rate"];
+    let tables: [(&str, &[&str], &str, &str, &str); 29] = [
         (
             "echo",
             echo,
@@ -1678,6 +1690,20 @@ fn report(files: &[String], base: &str) -> Result<(), String> {
             "deliveries_per_s",
             "Fan-out: deliveries per second (one publisher, N subscribers + the publisher)",
             HIGHER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "p50_us",
+            "Fan-out: latency p50 from the publisher's write to a subscriber's read, µs",
+            LOWER,
+        ),
+        (
+            "fanout",
+            fanout,
+            "p99_us",
+            "Fan-out: latency p99, µs",
+            LOWER,
         ),
         (
             "fanout",

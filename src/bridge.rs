@@ -19,11 +19,16 @@
 //! [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]; after a reconnection the subscriber subscribes
 //! again to every topic with local interest. Local delivery never waits for either.
 //!
+//! With sharded pub/sub (`RedisConfig::sharded`) the publisher sends `SPUBLISH` to the primary
+//! of a Redis Cluster that serves the channel's slot, and the subscriber runs a reader per
+//! primary that subscribes there with `SSUBSCRIBE` (`sharded.rs`).
+//!
 //! Descriptors: the crate opens its sockets itself (`Client::get_connection_with_timeout`), so
 //! this file counts them in the ledger around that call: [`Ledger::moving`] twice before it (a
 //! host name's resolution may open a file or a socket for a moment), the socket counted with
 //! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget keeps
-//! [`BRIDGE_FDS`](crate::broker::BRIDGE_FDS) out of the connections' share ([`Ledger::bridge_reserve`]).
+//! the most the bridge may hold ([`bridge_fds`](crate::broker::bridge_fds): two, or two per
+//! primary with sharding) out of the connections' share ([`Ledger::bridge_reserve`]).
 
 use crate::broker::{decode, encode, Link, Refused, Seen, Sequences, INBOX_FULL, SEND_FAILED};
 use crate::ledger::Ledger;
@@ -34,6 +39,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+mod sharded;
 
 /// The first wait before reconnecting; doubled after each failure.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -82,7 +89,10 @@ impl Bridge {
         bridge.threads.push(
             thread::Builder::new()
                 .name("wsloop-redis-in".into())
-                .spawn(move || subscriber(&l, &client, &s))?,
+                .spawn(move || match s.config.sharded {
+                    true => sharded::subscriber(&l, &s),
+                    false => subscriber(&l, &client, &s),
+                })?,
         );
         Ok(Some(bridge))
     }
@@ -114,8 +124,24 @@ impl Drop for Counted<'_> {
     }
 }
 
-/// Connect, counted; on failure wait the backoff (or until stopped) and say so.
+/// One attempt to connect, the socket counted in the ledger if it opens.
 #[allow(clippy::disallowed_methods)] // the bridge's sockets, counted in the ledger here
+fn connect_once<'a>(ledger: &'a Ledger, client: &redis::Client) -> redis::RedisResult<Counted<'a>> {
+    ledger.moving();
+    ledger.moving();
+    let got = client.get_connection_with_timeout(IO_TIMEOUT);
+    if got.is_ok() {
+        ledger.bridge_fd(true);
+    }
+    ledger.settled();
+    ledger.settled();
+    got.map(|con| Counted {
+        ledger,
+        con: Some(con),
+    })
+}
+
+/// Connect, counted; on failure wait the backoff (or until stopped) and say so.
 fn connect<'a>(
     ledger: &'a Ledger,
     client: &redis::Client,
@@ -123,26 +149,25 @@ fn connect<'a>(
     backoff: &mut Duration,
     what: &str,
 ) -> Option<Counted<'a>> {
+    retry(link, backoff, what, || {
+        connect_once(ledger, client).map_err(|e| e.to_string())
+    })
+}
+
+/// `attempt` until it works (the backoff starts again from its shortest) or the bridge stops
+/// (`None`); after each failure wait the backoff, doubled each time, and say so once.
+fn retry<T>(
+    link: &Link,
+    backoff: &mut Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Option<T> {
     let mut first = true;
-    loop {
-        if link.stopped() {
-            return None;
-        }
-        ledger.moving();
-        ledger.moving();
-        let got = client.get_connection_with_timeout(IO_TIMEOUT);
-        if got.is_ok() {
-            ledger.bridge_fd(true);
-        }
-        ledger.settled();
-        ledger.settled();
-        match got {
-            Ok(con) => {
+    while !link.stopped() {
+        match attempt() {
+            Ok(t) => {
                 *backoff = BACKOFF_MIN;
-                return Some(Counted {
-                    ledger,
-                    con: Some(con),
-                });
+                return Some(t);
             }
             Err(e) => {
                 if first {
@@ -157,6 +182,7 @@ fn connect<'a>(
             }
         }
     }
+    None
 }
 
 /// Sleep `d`, or until the bridge is stopped.
@@ -179,19 +205,30 @@ fn channel(link: &Link, topic: &[u8]) -> Vec<u8> {
     c
 }
 
-/// The publisher thread (see the module docs).
+/// The publisher thread (see the module docs): one connection and `PUBLISH`; or, with
+/// `RedisConfig::sharded`, a connection to each primary and `SPUBLISH` to the one that serves
+/// the channel's slot (`sharded.rs`).
 fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
     let mut backoff = BACKOFF_MIN;
     let mut seqs: HashMap<Arc<[u8]>, u64> = HashMap::new();
     let mut connected_once = false;
-    while let Some(mut counted) = connect(ledger, client, link, &mut backoff, "publisher") {
-        let Some(con) = counted.con.as_mut() else {
-            break;
-        };
-        let ok = con
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .and_then(|_| con.set_write_timeout(Some(IO_TIMEOUT)));
-        if ok.is_err() {
+    let mut known = Vec::new();
+    let command = if link.config.sharded {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    };
+    while let Some((mut nodes, topology)) =
+        connect_publisher(ledger, client, link, &mut backoff, &mut known)
+    {
+        let timeouts = nodes.iter_mut().all(|c| {
+            c.con.as_mut().is_some_and(|con| {
+                con.set_read_timeout(Some(IO_TIMEOUT))
+                    .and_then(|_| con.set_write_timeout(Some(IO_TIMEOUT)))
+                    .is_ok()
+            })
+        });
+        if !timeouts {
             continue;
         }
         if connected_once {
@@ -201,16 +238,13 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
         let mut next_ping = Instant::now();
         loop {
             if Instant::now() >= next_ping {
-                let t = Instant::now();
-                match redis::cmd("PING").query::<String>(con) {
-                    Ok(_) => {
-                        let c = &link.counters;
-                        c.rtt_ns.store(t.elapsed().as_nanos() as u64, Relaxed);
-                        if !c.up_out.swap(true, Relaxed) {
-                            log::info!("redis publisher: connected to {}", link.config.url);
-                        }
-                    }
-                    Err(_) => break,
+                let Some(rtt) = ping_all(&mut nodes) else {
+                    break;
+                };
+                let c = &link.counters;
+                c.rtt_ns.store(rtt.as_nanos() as u64, Relaxed);
+                if !c.up_out.swap(true, Relaxed) {
+                    log::info!("redis publisher: connected to {}", link.config.url);
                 }
                 next_ping = Instant::now() + PING_EVERY;
             }
@@ -225,29 +259,82 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
             if seqs.len() + batch.len() > crate::broker::MAX_SEQUENCES {
                 seqs.clear();
             }
-            let mut pipe = redis::Pipeline::with_capacity(batch.len());
+            // One pipeline per node (one in all without sharding), in the batch's order.
+            let mut pipes: Vec<(redis::Pipeline, u64)> =
+                nodes.iter().map(|_| (redis::Pipeline::new(), 0)).collect();
             for f in &batch {
                 let seq = seqs.entry(f.topic.clone()).or_insert(0);
                 *seq += 1;
                 let msg = encode(link.instance, *seq, f.text, &f.payload);
-                pipe.cmd("PUBLISH")
-                    .arg(channel(link, &f.topic))
-                    .arg(msg)
-                    .ignore();
+                let chan = channel(link, &f.topic);
+                let (pipe, n) = &mut pipes[topology.node_of(&chan)];
+                pipe.cmd(command).arg(chan).arg(msg).ignore();
+                *n += 1;
             }
-            match pipe.exec(con) {
-                Ok(()) => {
-                    link.counters.sent.fetch_add(batch.len() as u64, Relaxed);
-                }
-                Err(e) => {
-                    link.counters.dropped[SEND_FAILED].fetch_add(batch.len() as u64, Relaxed);
-                    log::warn!("redis publisher: {e}; reconnecting");
-                    break;
-                }
+            if let Err(e) = send(link, &mut nodes, &pipes) {
+                log::warn!("redis publisher: {e}; reconnecting");
+                break;
             }
         }
         link.counters.up_out.store(false, Relaxed);
     }
+}
+
+/// The publisher's connections: one to the configured Redis, or one to each primary of the
+/// cluster (with sharding; `known`: the primaries found last time).
+fn connect_publisher<'a>(
+    ledger: &'a Ledger,
+    client: &redis::Client,
+    link: &Link,
+    backoff: &mut Duration,
+    known: &mut Vec<redis::ConnectionInfo>,
+) -> Option<(Vec<Counted<'a>>, sharded::Topology)> {
+    match link.config.sharded {
+        true => sharded::connect_all(ledger, link, backoff, known),
+        false => connect(ledger, client, link, backoff, "publisher")
+            .map(|c| (vec![c], sharded::Topology::single())),
+    }
+}
+
+/// `PING` every connection: the slowest round trip, or `None` if one failed.
+fn ping_all(nodes: &mut [Counted<'_>]) -> Option<Duration> {
+    let mut rtt = Duration::ZERO;
+    for c in nodes {
+        let con = c.con.as_mut()?;
+        let t = Instant::now();
+        redis::cmd("PING").query::<String>(con).ok()?;
+        rtt = rtt.max(t.elapsed());
+    }
+    Some(rtt)
+}
+
+/// Send each connection its pipeline (`n` publications): those acknowledged are counted as
+/// sent, the others as dropped; the first error, if any.
+fn send(
+    link: &Link,
+    nodes: &mut [Counted<'_>],
+    pipes: &[(redis::Pipeline, u64)],
+) -> redis::RedisResult<()> {
+    let mut result = Ok(());
+    for (c, (pipe, n)) in nodes.iter_mut().zip(pipes) {
+        if *n == 0 {
+            continue;
+        }
+        let sent = match c.con.as_mut() {
+            Some(con) => pipe.exec(con),
+            None => Err(io::Error::from(io::ErrorKind::NotConnected).into()),
+        };
+        match sent {
+            Ok(()) => link.counters.sent.fetch_add(*n, Relaxed),
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                link.counters.dropped[SEND_FAILED].fetch_add(*n, Relaxed)
+            }
+        };
+    }
+    result
 }
 
 /// The subscriber thread (see the module docs).

@@ -46,6 +46,19 @@ const MAGIC: &[u8; 3] = b"ws\x01";
 /// The Redis bridge's sockets: its publisher's and its subscriber's connection.
 pub(crate) const BRIDGE_FDS: usize = 2;
 
+/// With sharded pub/sub (`RedisConfig::sharded`), the most primaries of a Redis Cluster the
+/// bridge connects to (its publisher and its subscriber each hold a connection to every one).
+pub(crate) const MAX_NODES: usize = 16;
+
+/// The sockets the bridge may hold at once: [`BRIDGE_FDS`], or with sharding two per primary
+/// for at most [`MAX_NODES`] of them.
+pub(crate) fn bridge_fds(config: &RedisConfig) -> usize {
+    match config.sharded {
+        true => 2 * MAX_NODES,
+        false => BRIDGE_FDS,
+    }
+}
+
 /// Entries the bridge keeps to number its own messages (one per topic it published to) and to
 /// check the numbers it receives (one per publisher and topic). The publisher forgets all of
 /// its numbers beyond this many (they restart at 1, which a receiver counts as a reset); the

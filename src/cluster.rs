@@ -70,10 +70,7 @@ impl<H: Handler + 'static> Cluster<H> {
                 Err(_) => 0, // no /proc: only what the limit itself allows is checked
             };
             // The Redis bridge's sockets count as open already.
-            let bridge = config
-                .redis
-                .as_ref()
-                .map_or(0, |_| crate::broker::BRIDGE_FDS);
+            let bridge = config.redis.as_ref().map_or(0, crate::broker::bridge_fds);
             check_room(
                 soft,
                 open + bridge,

@@ -242,6 +242,13 @@ pub struct RedisConfig {
     /// The most bytes (topics and payloads) of the publications waiting to be sent to Redis
     /// (default 16 MiB).
     pub queue_bytes: usize,
+    /// Sharded pub/sub (Redis 7; off by default): `SPUBLISH` and `SSUBSCRIBE` instead of
+    /// `PUBLISH` and `SUBSCRIBE`. On a Redis Cluster (`url` names any of its nodes) the bridge
+    /// connects to every primary, at most 16, and each topic's messages go through the primary
+    /// that serves its channel's slot only; on a Redis without cluster mode it behaves as
+    /// without sharding. The fd budget keeps 32 descriptors for the bridge instead of 2. See
+    /// the README, "Several instances (Redis)".
+    pub sharded: bool,
 }
 
 impl RedisConfig {
@@ -261,6 +268,7 @@ impl Default for RedisConfig {
             prefix: "wsloop:".into(),
             queue_messages: 65_536,
             queue_bytes: 16 << 20,
+            sharded: false,
         }
     }
 }

@@ -180,11 +180,14 @@ impl Ledger {
         self.link.as_ref()
     }
 
-    /// Descriptors kept out of the connections' budget for the Redis bridge (its two sockets)
-    /// and not open now: added to those in use when the budget is planned.
+    /// Descriptors kept out of the connections' budget for the Redis bridge (its two sockets,
+    /// or with sharding two per primary of the cluster: `broker::bridge_fds`) and not open
+    /// now: added to those in use when the budget is planned.
     pub(crate) fn bridge_reserve(&self) -> usize {
-        match self.link {
-            Some(_) => crate::broker::BRIDGE_FDS.saturating_sub(self.bridge_fds.load(SeqCst)),
+        match &self.link {
+            Some(link) => {
+                crate::broker::bridge_fds(&link.config).saturating_sub(self.bridge_fds.load(SeqCst))
+            }
             None => 0,
         }
     }

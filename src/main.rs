@@ -183,6 +183,10 @@ struct Args {
     /// connections beyond it are closed at once, without a handshake (0: no cap).
     #[arg(long, default_value_t = Config::default().tls_max_handshakes)]
     tls_max_handshakes: usize,
+    /// Sharded pub/sub (Redis 7: SPUBLISH, SSUBSCRIBE): with a Redis Cluster (--redis names
+    /// any node), each topic goes through the primary that serves its channel's slot only.
+    #[arg(long, requires = "redis")]
+    redis_sharded: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -440,6 +444,7 @@ fn config_of(args: &Args) -> Config {
         compression_budget: args.compression_budget,
         redis: args.redis.as_ref().map(|url| RedisConfig {
             prefix: args.redis_prefix.clone(),
+            sharded: args.redis_sharded,
             ..RedisConfig::new(url.clone())
         }),
         tls: match (&args.tls_cert, &args.tls_key) {

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, u8)] = &[
     // loops through the ledger's inboxes, never through the loop layer).
     ("broker.rs", 4),
     ("bridge.rs", 4),
+    ("bridge/", 4),
     // 5: the event loop.
     ("server/", 5),
     // 6: N loops on one port.

@@ -356,6 +356,11 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert!(default.contains("doubling to 2 s"), "{default:?}");
                 vec![0.1]
             }
+            (None, l) if l.starts_with("primaries of a Redis Cluster the bridge connects to") => {
+                // src/broker.rs MAX_NODES; a publisher's and a subscriber's socket for each.
+                assert!(default.contains("32 descriptors"), "{default:?}");
+                vec![16.0]
+            }
             (None, "publishers whose sequence numbers the Redis bridge follows") => {
                 // src/broker.rs MAX_SEQUENCES.
                 vec![65_536.0]

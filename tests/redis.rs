@@ -20,7 +20,9 @@ mod rlimit_support;
 
 use attack_support::{Metrics, Wsloop};
 use common::{tcp, Ws};
-use redis_support::{free_port, next_text, redis_server, wire, RawRedis, Redis, Reply};
+use redis_support::{
+    free_port, next_text, redis_cli, redis_server, wire, Cluster, RawRedis, Redis, Reply,
+};
 use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -628,10 +630,155 @@ fn the_bridges_sockets_are_kept_out_of_the_connections_budget() {
     let url = format!("redis://127.0.0.1:{}/", free_port());
     let with = Wsloop::spawn("with", &["--pubsub", "--redis", &url]);
     let without = Wsloop::spawn("without", &["--pubsub"]);
+    // With sharding: two sockets for each primary of a cluster, for at most 16 of them
+    // (MAX_NODES in src/broker.rs).
+    let shards = Wsloop::spawn("shards", &["--pubsub", "--redis", &url, "--redis-sharded"]);
     let (b_with, open_with) = budget_of(&with);
     let (b_without, open_without) = budget_of(&without);
+    let (b_shards, open_shards) = budget_of(&shards);
     assert_eq!(b_without, 128 - open_without - 32 - 1, "{}", without.log());
     assert_eq!(b_with, 128 - open_with - 32 - 1 - 2, "{}", with.log());
+    assert_eq!(
+        b_shards,
+        128 - open_shards - 32 - 1 - 32,
+        "{}",
+        shards.log()
+    );
     with.stop();
     without.stop();
+    shards.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sharded pub/sub (--redis-sharded): SPUBLISH and SSUBSCRIBE.
+
+/// `wsloop --pubsub --redis URL --redis-sharded`.
+fn sharded(name: &str, url: &str) -> Wsloop {
+    Wsloop::spawn(name, &["--pubsub", "--redis", url, "--redis-sharded"])
+}
+
+/// Publish `n` messages to each room, interleaved, from its publisher; each far member must
+/// receive its room's, every one, in order, and nothing else.
+fn interleaved(pubs: &mut [Ws], fars: &mut [Ws], rooms: &[String], n: usize, tag: &str) {
+    for i in 0..n {
+        for (p, room) in pubs.iter_mut().zip(rooms) {
+            p.send(WsMessage::text(format!("{tag} {room} {i}")))
+                .unwrap();
+        }
+    }
+    for (far, room) in fars.iter_mut().zip(rooms) {
+        let want: Vec<String> = (0..n).map(|i| format!("{tag} {room} {i}")).collect();
+        let got: Vec<String> = (0..n).map_while(|_| next_text(far, BOUND)).collect();
+        assert_eq!(got, want, "{room}: every message, in order");
+        assert_eq!(drain(far, Duration::from_millis(200)), Vec::<String>::new());
+    }
+    for p in pubs.iter_mut() {
+        drain(p, Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sharded_pubsub_on_a_redis_without_cluster_mode_uses_shard_channels() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let a = sharded("a", &redis.url());
+    let b = sharded("b", &redis.url());
+    let mut far = member(&b, "room");
+    let mut publisher = member(&a, "room");
+    until_connected(&mut publisher, &mut far, "b subscribed", &[&a, &b]);
+    // Both bridges subscribed with SSUBSCRIBE, none with SUBSCRIBE.
+    let mut raw = RawRedis::connect(redis.port);
+    raw.wait_shardnumsub("wsloop:/room", 2);
+    assert_eq!(raw.numsub("wsloop:/room"), 0);
+    let rooms = ["room".to_string()];
+    interleaved(
+        std::slice::from_mut(&mut publisher),
+        std::slice::from_mut(&mut far),
+        &rooms,
+        200,
+        "m",
+    );
+    for (w, name) in [(&a, "a"), (&b, "b")] {
+        let m = audit_balances(w, name);
+        assert_eq!(m.get("wsloop_broker_up"), 1.0, "{name}");
+        assert_eq!(m.get("wsloop_broker_gaps_total"), 0.0, "{name}");
+    }
+    // The last member on b leaves: b unsubscribes (SUNSUBSCRIBE).
+    drop(far);
+    raw.wait_shardnumsub("wsloop:/room", 1);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn sharded_pubsub_on_a_three_node_cluster_routes_each_topic_through_its_slots_primary() {
+    let (Some(server), Some(cli)) = (redis_server(), redis_cli()) else {
+        return;
+    };
+    let mut cluster = Cluster::start(&server, &cli, 3);
+    // Rooms whose channels hash to slots served by each of the three primaries.
+    let mut rooms: Vec<(String, usize, i64)> = Vec::new();
+    for i in 0.. {
+        let room = format!("room{i}");
+        let (node, slot) = cluster.owner(&format!("wsloop:/{room}"));
+        if rooms.iter().all(|r| r.1 != node) {
+            rooms.push((room, node, slot));
+        }
+        if rooms.len() == 3 {
+            break;
+        }
+    }
+    let names: Vec<String> = rooms.iter().map(|r| r.0.clone()).collect();
+    // Each instance knows the cluster by a different node.
+    let a = sharded("a", &cluster.nodes[0].url());
+    let b = sharded("b", &cluster.nodes[1].url());
+    let mut fars: Vec<Ws> = names.iter().map(|r| member(&b, r)).collect();
+    let mut pubs: Vec<Ws> = names.iter().map(|r| member(&a, r)).collect();
+    for (i, room) in names.iter().enumerate() {
+        until_connected(&mut pubs[i], &mut fars[i], room, &[&a, &b]);
+    }
+    // Each room's channel is a shard channel of the primary that serves its slot, with both
+    // instances subscribed there; no node has a classic subscription.
+    for (room, node, slot) in &rooms {
+        let chan = format!("wsloop:/{room}");
+        let mut raw = RawRedis::connect(cluster.nodes[*node].port);
+        raw.wait_shardnumsub(&chan, 2);
+        for r in &cluster.nodes {
+            assert_eq!(
+                RawRedis::connect(r.port).numsub(&chan),
+                0,
+                "{chan} (slot {slot})"
+            );
+        }
+    }
+    interleaved(&mut pubs, &mut fars, &names, 100, "m");
+    let m = audit_balances(&a, "a on the cluster");
+    assert_eq!(m.get("wsloop_broker_up"), 1.0);
+    // Six connections: a publisher's and a subscriber's to each of the three primaries.
+    assert!(m.get("wsloop_fds_accounted") >= 6.0);
+    audit_balances(&b, "b on the cluster");
+
+    // The primary of the first room is killed and started again (its nodes.conf kept): both
+    // bridges find it again, subscribe again, and the rooms are shared again without
+    // restarting wsloop; messages published meanwhile may be lost, never reordered.
+    let (_, node, _) = rooms[0];
+    cluster.nodes[node].restart();
+    cluster.await_ok();
+    for w in [&a, &b] {
+        w.wait_until("the broker up again", |m| {
+            m.get("wsloop_broker_up") == 1.0 && m.get("wsloop_broker_reconnects_total") >= 1.0
+        });
+    }
+    for (i, room) in names.iter().enumerate() {
+        until_connected(&mut pubs[i], &mut fars[i], room, &[&a, &b]);
+    }
+    interleaved(&mut pubs, &mut fars, &names, 50, "again");
+    audit_balances(&a, "a after the restart");
+    audit_balances(&b, "b after the restart");
+    // The last member of the first room on b leaves: b unsubscribes from it on its primary.
+    drop(fars.remove(0));
+    RawRedis::connect(cluster.nodes[node].port)
+        .wait_shardnumsub(&format!("wsloop:/{}", names[0]), 1);
+    a.stop();
+    b.stop();
 }

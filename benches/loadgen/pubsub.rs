@@ -7,8 +7,13 @@
 //!   second; every client must get exactly one message from each client per round.
 //! - `fanout`: S subscribers and one publisher in one topic; the publisher sends as fast as the
 //!   subscribers keep up, with at most `--window` messages not yet received by everyone.
-//!   Deliveries per second; every subscriber (the publisher too) must get every message, in
-//!   order.
+//!   Deliveries per second, and the latency of each delivery (from the publisher's write to
+//!   the subscriber's read; p50, p99, p99.9); every subscriber (the publisher too) must get
+//!   every message, in order. `--rate R` publishes at most R messages a second (latency at a
+//!   given load); `--addr-b` puts the odd-numbered subscribers on a second instance that
+//!   shares the topic (through Redis: `benches/redis.sh`), the publisher staying on `--addr`.
+//!   Before its first message the publisher sends probes until every client has one, so that
+//!   the run starts once the topic reaches every client on both instances.
 //!
 //! Every message carries its origin (round and sender, or sequence number), so a message
 //! missing, duplicated, reordered or from the wrong round is an error: the run fails (exit
@@ -50,9 +55,10 @@ pub struct PubsubCommon {
     /// Seconds without progress after which the run fails (a message lost stalls it).
     #[arg(long, default_value_t = 10.0)]
     stall_timeout: f64,
-    /// wsloop's metrics address: its `wsloop_deliveries_dropped_total` must stay 0.
+    /// wsloop's metrics address (repeated: one per instance): its
+    /// `wsloop_deliveries_dropped_total` must stay 0.
     #[arg(long)]
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: Vec<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -76,7 +82,23 @@ pub struct FanoutArgs {
     /// never exceeds a backpressure limit above W * F (1000 * 22 bytes < 64 KiB by default).
     #[arg(long, default_value_t = 1000)]
     window: usize,
+    /// A second instance serving the same topic (sharing it through Redis: benches/redis.sh):
+    /// the odd-numbered subscribers connect to it, the publisher and the others to `--addr`.
+    #[arg(long)]
+    addr_b: Option<SocketAddr>,
+    /// Publish at most this many messages per second (0: as fast as the window allows), for
+    /// latency at a given load rather than at saturation.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
 }
+
+/// The sequence number of a probe: the publisher sends one every [`PROBE_EVERY`] until every
+/// client has received one, and only then its first message, so that the run starts once every
+/// server on the way delivers the topic (a second instance subscribes to the topic's Redis
+/// channel a few milliseconds after its first subscriber arrives). A probe after a message is
+/// an error (one publisher's messages arrive in order).
+const PROBE: u64 = u64::MAX;
+const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 /// Incremental parser of the server's frames: binary, unmasked, `size` bytes of payload each.
 struct Frames {
@@ -179,14 +201,15 @@ struct Room {
     frames: Vec<Frames>,
 }
 
-/// Open `n` connections on the topic; every one must open.
-fn open_topic(c: &Common, n: usize) -> Result<Room, String> {
+/// Open `n` connections on the topic, client `i` to `addrs[i % addrs.len()]`; every one must
+/// open.
+fn open_topic(c: &Common, addrs: &[SocketAddr], n: usize) -> Result<Room, String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; RECV_BUF];
     let t0 = Instant::now();
     let (clients, errors) =
-        open_all(&mut poll, &mut events, c, n, &mut buf).map_err(|e| e.to_string())?;
+        open_all(&mut poll, &mut events, c, addrs, n, &mut buf).map_err(|e| e.to_string())?;
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     eprintln!(
         "[{}] {open}/{n} connections open on {} in {:.2} s",
@@ -269,12 +292,16 @@ fn dropped_deliveries(addr: SocketAddr) -> Result<u64, String> {
     Ok(sum as u64)
 }
 
-/// Append `server_dropped` (with `--metrics-addr`); an error if any delivery was dropped.
+/// Append `server_dropped` (with `--metrics-addr`: summed over the instances); an error if any
+/// delivery was dropped.
 fn check_dropped(p: &PubsubCommon, line: &mut String) -> Result<(), String> {
-    let Some(addr) = p.metrics_addr else {
+    if p.metrics_addr.is_empty() {
         return Ok(());
-    };
-    let dropped = dropped_deliveries(addr).map_err(|e| format!("metrics {addr}: {e}"))?;
+    }
+    let mut dropped = 0;
+    for addr in &p.metrics_addr {
+        dropped += dropped_deliveries(*addr).map_err(|e| format!("metrics {addr}: {e}"))?;
+    }
     let _ = write!(line, " server_dropped={dropped}");
     if dropped > 0 {
         return Err(format!(
@@ -312,7 +339,7 @@ pub fn broadcast(a: BroadcastArgs) -> Result<(), String> {
     if n == 0 {
         return Err("-n must be at least 1".into());
     }
-    let mut room = open_topic(c, n)?;
+    let mut room = open_topic(c, &[c.addr], n)?;
 
     // Client i's frame: round (8 bytes, rewritten each round), then i (4 bytes).
     let (template, flen, start) = frame_template(12, p.size);
@@ -466,7 +493,8 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
     let window = a.window.max(1) as u64;
     // Client 0 publishes; every client, the publisher included, receives.
     let total = a.subscribers + 1;
-    let mut room = open_topic(c, total)?;
+    let addrs: Vec<SocketAddr> = [Some(c.addr), a.addr_b].into_iter().flatten().collect();
+    let mut room = open_topic(c, &addrs, total)?;
 
     let (template, flen, start) = frame_template(8, p.size);
     // The publisher's output: up to `window` frames, rewritten with their sequence numbers.
@@ -475,26 +503,81 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
     // Per client, the sequence number it expects next.
     let mut expect = vec![0u64; total];
     // Per message not yet received by everyone (by sequence number modulo the ring): how many
-    // clients have received it.
+    // clients have received it, and when it was handed to the publisher's socket.
     let ring_len = (window as usize + 1).next_power_of_two();
     let mut ring = vec![0u32; ring_len];
+    let mut sent_at = vec![Instant::now(); ring_len];
     let ring_mask = ring_len as u64 - 1;
     let (mut sent, mut done) = (0u64, 0u64);
     let stall = Duration::from_secs_f64(p.stall_timeout);
+    // Latency of each delivery measured: from the publisher's write to the subscriber's read.
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
 
-    let t0 = Instant::now();
-    let measure_at = t0 + Duration::from_secs_f64(p.warmup);
+    // Probes until every client has one (see PROBE); then the messages, from `begun`.
+    let mut probed = vec![false; total];
+    let mut unprobed = total;
+    let mut next_probe = Instant::now();
+    let mut begun: Option<Instant> = None;
     // (when, deliveries and publications so far, the server's CPU then)
     let mut measuring: Option<(Instant, u64, u64, CpuWindow)> = None;
     let mut result: Option<String> = None;
     let mut received: u64 = 0;
-    let mut last_progress = t0;
+    let mut last_progress = Instant::now();
     let mut publishing = true;
 
     loop {
         let now = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        let Some(t0) = begun else {
+            if unprobed == 0 {
+                begun = Some(now);
+                last_progress = now;
+                continue;
+            }
+            if now.duration_since(last_progress) > stall {
+                return Err(format!(
+                    "{unprobed} of {total} clients received no probe within {:.1} s (the topic does not reach them)",
+                    stall.as_secs_f64()
+                ));
+            }
+            if out_from == out_to && now >= next_probe {
+                set_masked(&mut out, start, 0, &PROBE.to_le_bytes());
+                (out_from, out_to) = (0, flen);
+                next_probe = now + PROBE_EVERY;
+            }
+            if out_from < out_to {
+                out_from += write_some(&mut room.clients[0].sock, &out[out_from..out_to])
+                    .map_err(|e| format!("publisher: {e}"))?;
+            }
+            room.poll
+                .poll(&mut room.events, Some(PROBE_EVERY))
+                .map_err(|e| e.to_string())?;
+            for ev in room.events.iter() {
+                let (i, _) = super::split_token(ev.token());
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    drain(
+                        &mut room.clients[i],
+                        &mut room.frames[i],
+                        &mut room.buf,
+                        p.size,
+                        |pl| match u64::from_le_bytes(pl[..8].try_into().expect("8 bytes")) {
+                            PROBE => Ok(()),
+                            seq => Err(format!("message {seq} before any was published")),
+                        },
+                    )
+                    .map_err(|e| format!("client {i}: {e}"))?;
+                    if !probed[i] {
+                        probed[i] = true;
+                        unprobed -= 1;
+                    }
+                }
+            }
+            continue;
+        };
         // Measured from the end of the warm-up, once the first window has reached everyone (the
         // burst that fills it is no steady state).
+        let measure_at = t0 + Duration::from_secs_f64(p.warmup);
         if measuring.is_none() && result.is_none() && now >= measure_at && done >= window {
             measuring = Some((now, received, sent, CpuWindow::start(c.server_pid)));
         }
@@ -506,14 +589,19 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
             let (from, r0, s0, cpu) = measuring.take().expect("measuring");
             let wall = now.duration_since(from).as_secs_f64();
             let deliveries = received - r0;
+            let us = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
             let mut line = format!(
-                "RESULT mode=fanout server={} n={} size={} window={window} seconds={wall:.2} published={} deliveries={deliveries} deliveries_per_s={:.0} published_per_s={:.0} errors=0",
+                "RESULT mode=fanout server={} n={} size={} window={window} rate={} seconds={wall:.2} published={} deliveries={deliveries} deliveries_per_s={:.0} published_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} errors=0",
                 c.label,
                 a.subscribers,
                 p.size,
+                a.rate,
                 sent - s0,
                 deliveries as f64 / wall,
                 (sent - s0) as f64 / wall,
+                us(0.5),
+                us(0.99),
+                us(0.999),
             );
             cpu.finish_over(deliveries, wall, &mut line);
             result = Some(line);
@@ -529,16 +617,22 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
                 stall.as_secs_f64()
             ));
         }
-        // Publish what the window allows, once the previous batch is written.
+        // Publish what the window (and the rate) allows, once the previous batch is written.
         if publishing && out_from == out_to && sent < done + window {
-            let k = (done + window - sent) as usize;
+            let mut k = done + window - sent;
+            if a.rate > 0 {
+                let due = (now.duration_since(t0).as_secs_f64() * a.rate as f64) as u64 + 1;
+                k = k.min(due.saturating_sub(sent));
+                if k == 0 {
+                    let next = t0 + Duration::from_secs_f64(sent as f64 / a.rate as f64);
+                    wait = wait.min(next.saturating_duration_since(now));
+                }
+            }
+            let k = k as usize;
             for j in 0..k {
-                set_masked(
-                    &mut out[j * flen..],
-                    start,
-                    0,
-                    &(sent + j as u64).to_le_bytes(),
-                );
+                let seq = sent + j as u64;
+                set_masked(&mut out[j * flen..], start, 0, &seq.to_le_bytes());
+                sent_at[(seq & ring_mask) as usize] = now;
             }
             sent += k as u64;
             (out_from, out_to) = (0, k * flen);
@@ -548,13 +642,24 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
                 .map_err(|e| format!("publisher: {e}"))?;
         }
         room.poll
-            .poll(&mut room.events, Some(Duration::from_millis(100)))
+            .poll(&mut room.events, Some(wait))
             .map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let record = measuring.is_some();
         for ev in room.events.iter() {
             let (i, _) = super::split_token(ev.token());
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 let before = expect[i];
                 let e = &mut expect[i];
+                // The messages of one batch were sent at one time: one histogram entry for a
+                // run of them (`record_n`), not one per message.
+                let mut run: Option<(Instant, u64)> = None;
+                let mut flush = |run: Option<(Instant, u64)>| {
+                    if let (true, Some((at, n))) = (record, run) {
+                        let ns = now.duration_since(at).as_nanos() as u64;
+                        let _ = hist.record_n(ns.max(1), n);
+                    }
+                };
                 drain(
                     &mut room.clients[i],
                     &mut room.frames[i],
@@ -562,6 +667,9 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
                     p.size,
                     |pl| {
                         let seq = u64::from_le_bytes(pl[..8].try_into().expect("8 bytes"));
+                        if seq == PROBE && *e == 0 {
+                            return Ok(()); // a late probe, before the first message
+                        }
                         if seq != *e {
                             return Err(format!(
                                 "message {seq} instead of {} (missing, duplicated or reordered)",
@@ -569,11 +677,17 @@ pub fn fanout(a: FanoutArgs) -> Result<(), String> {
                             ));
                         }
                         *e += 1;
-                        ring[(seq & ring_mask) as usize] += 1;
+                        let slot = (seq & ring_mask) as usize;
+                        ring[slot] += 1;
+                        match &mut run {
+                            Some((at, n)) if *at == sent_at[slot] => *n += 1,
+                            other => flush(other.replace((sent_at[slot], 1))),
+                        }
                         Ok(())
                     },
                 )
                 .map_err(|e| format!("client {i}: {e}"))?;
+                flush(run);
                 if expect[i] > before {
                     received += expect[i] - before;
                     last_progress = Instant::now();

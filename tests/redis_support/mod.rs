@@ -1,12 +1,14 @@
 //! A `redis-server` as a child process, for the tests of the Redis bridge (`tests/redis.rs`,
 //! and nginx in front of two instances in `tests/nginx.rs`): started on a free loopback port
-//! without persistence, logging to a file of its own, killed when dropped. Without
-//! `redis-server` on PATH a test prints a note and skips; under `CI` that is an error.
+//! without persistence, logging to a file of its own, killed when dropped; and a Redis Cluster
+//! of such servers, created with `redis-cli --cluster create`. Without `redis-server` (or
+//! `redis-cli`, for a cluster) on PATH a test prints a note and skips; under `CI` that is an
+//! error.
 //!
 //! Included by the test files that use it (`mod redis_support;`, after `mod child_support;`).
 #![allow(dead_code)]
 
-use crate::child_support::{missing, Proc, TempDir};
+use crate::child_support::{missing, Group, Proc, TempDir};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,18 +21,22 @@ const BOUND: Duration = Duration::from_secs(20);
 
 /// `redis-server`, or `None` (with a note) when it is missing outside CI.
 pub fn redis_server() -> Option<PathBuf> {
+    on_path("redis-server", "apt-get install redis-server")
+}
+
+/// `redis-cli` (Debian's redis-tools), or `None` (with a note) when it is missing outside CI.
+pub fn redis_cli() -> Option<PathBuf> {
+    on_path("redis-cli", "apt-get install redis-tools")
+}
+
+fn on_path(name: &str, install: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
+            .map(|dir| dir.join(name))
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        missing(
-            "redis",
-            "redis-server",
-            "not on PATH",
-            "apt-get install redis-server",
-        );
+        missing("redis", name, "not on PATH", install);
     }
     found
 }
@@ -50,15 +56,37 @@ pub struct Redis {
     pub port: u16,
     /// Its log file (in a temporary folder removed with it).
     log: PathBuf,
-    _dir: TempDir,
+    /// How it was started (for [`Redis::restart`]).
+    bin: PathBuf,
+    extra: Vec<String>,
+    /// Its folder (`--dir`: a cluster node's `nodes.conf`), removed with it.
+    dir: TempDir,
 }
 
 impl Redis {
     pub fn start(bin: &PathBuf, port: u16) -> Redis {
-        let p = port.to_string();
+        Redis::start_with(bin, port, &[])
+    }
+
+    /// With `extra` arguments (`--cluster-enabled yes`, ...).
+    pub fn start_with(bin: &PathBuf, port: u16, extra: &[&str]) -> Redis {
         let dir = TempDir::new("redis");
         let log = dir.path().join("redis.log");
-        let proc = Proc::spawn(
+        let mut r = Redis {
+            proc: Redis::spawn(bin, port, &dir, &log, extra),
+            port,
+            log,
+            bin: bin.clone(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            dir,
+        };
+        r.await_ping();
+        r
+    }
+
+    fn spawn(bin: &PathBuf, port: u16, dir: &TempDir, log: &PathBuf, extra: &[&str]) -> Proc {
+        let p = port.to_string();
+        Proc::spawn(
             "redis",
             Command::new(bin)
                 .args([
@@ -70,27 +98,48 @@ impl Redis {
                     "",
                     "--appendonly",
                     "no",
-                    "--logfile",
                 ])
-                .arg(&log),
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(log)
+                .args(extra),
         )
-        .expect("spawn redis-server");
-        let r = Redis {
-            proc,
-            port,
-            log,
-            _dir: dir,
-        };
+        .expect("spawn redis-server")
+    }
+
+    fn await_ping(&mut self) {
         let deadline = Instant::now() + BOUND;
-        while r.command("PING").as_deref() != Some("+PONG") {
+        while self.command("PING").as_deref() != Some("+PONG") {
             assert!(
-                Instant::now() < deadline && r.proc.running(),
-                "redis-server did not answer PING on port {port}:\n{}",
-                r.proc.log()
+                Instant::now() < deadline && self.proc.running(),
+                "redis-server did not answer PING on port {}:\n{}",
+                self.port,
+                self.proc.log()
             );
             thread::sleep(Duration::from_millis(20));
         }
-        r
+    }
+
+    /// SIGKILL, wait until the port refuses connections, and start it again with the same
+    /// arguments and folder (a cluster node comes back with its `nodes.conf`).
+    pub fn restart(&mut self) {
+        self.proc.group.kill();
+        self.await_refused();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.proc = Redis::spawn(&self.bin, self.port, &self.dir, &self.log, &extra);
+        self.await_ping();
+    }
+
+    fn await_refused(&self) {
+        let deadline = Instant::now() + BOUND;
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "redis still answers after SIGKILL"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What it logged so far.
@@ -116,14 +165,105 @@ impl Redis {
     /// SIGKILL, and wait until the port refuses connections.
     pub fn kill(mut self) {
         self.proc.group.kill();
+        self.await_refused();
+    }
+}
+
+/// A Redis Cluster of primaries without replicas, each a [`Redis`] on a free loopback port
+/// with its cluster bus on another (`--cluster-port`), created with `redis-cli --cluster
+/// create`; killed when dropped.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start(server: &PathBuf, cli: &PathBuf, primaries: usize) -> Cluster {
+        let nodes: Vec<Redis> = (0..primaries)
+            .map(|_| {
+                let bus = free_port().to_string();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ];
+                Redis::start_with(server, free_port(), &args)
+            })
+            .collect();
+        let log = nodes[0].dir.path().join("create.log");
+        let out = std::fs::File::create(&log).expect("create.log");
+        let mut create = Group::spawn(
+            Command::new(cli)
+                .args(["--cluster", "create"])
+                .args(nodes.iter().map(|r| format!("127.0.0.1:{}", r.port)))
+                .arg("--cluster-yes")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().expect("create.log"))
+                .stderr(out),
+        )
+        .expect("spawn redis-cli");
+        let done = create.wait_exited(BOUND);
+        let status = create.kill();
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            done && status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create: {status:?}\n{}",
+            said()
+        );
+        let cluster = Cluster { nodes };
+        cluster.await_ok();
+        cluster
+    }
+
+    /// Wait (bounded) until every node says the cluster is ok.
+    pub fn await_ok(&self) {
         let deadline = Instant::now() + BOUND;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "redis still answers after SIGKILL"
-            );
-            thread::sleep(Duration::from_millis(20));
+        for r in &self.nodes {
+            loop {
+                let info = match RawRedis::connect(r.port).call(&[b"CLUSTER", b"INFO"]) {
+                    Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {}: not ok within {BOUND:?}:\n{info}",
+                    r.port
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
         }
+    }
+
+    /// The node (its index in `nodes`) that serves `channel`'s slot, and the slot, as the
+    /// cluster says (`CLUSTER KEYSLOT`, `CLUSTER SLOTS`).
+    pub fn owner(&self, channel: &str) -> (usize, i64) {
+        let mut raw = RawRedis::connect(self.nodes[0].port);
+        let Reply::Int(slot) = raw.call(&[b"CLUSTER", b"KEYSLOT", channel.as_bytes()]) else {
+            panic!("CLUSTER KEYSLOT {channel}");
+        };
+        let Reply::Array(ranges) = raw.call(&[b"CLUSTER", b"SLOTS"]) else {
+            panic!("CLUSTER SLOTS");
+        };
+        for range in ranges {
+            if let Reply::Array(f) = range {
+                if let [Reply::Int(start), Reply::Int(end), Reply::Array(primary), ..] = &f[..] {
+                    if let [_, Reply::Int(port), ..] = &primary[..] {
+                        if (*start..=*end).contains(&slot) {
+                            let node = self.nodes.iter().position(|r| i64::from(r.port) == *port);
+                            return (node.expect("a node of ours"), slot);
+                        }
+                    }
+                }
+            }
+        }
+        panic!("slot {slot} is served by no node");
     }
 }
 
@@ -227,20 +367,39 @@ impl RawRedis {
 
     /// Subscribers of `channel` now (`PUBSUB NUMSUB`).
     pub fn numsub(&mut self, channel: &str) -> i64 {
-        match self.call(&[b"PUBSUB", b"NUMSUB", channel.as_bytes()]) {
+        self.subscribers("NUMSUB", channel)
+    }
+
+    /// Subscribers of the shard channel `channel` now (`PUBSUB SHARDNUMSUB`, Redis 7; on a
+    /// cluster, ask the node that serves its slot).
+    pub fn shardnumsub(&mut self, channel: &str) -> i64 {
+        self.subscribers("SHARDNUMSUB", channel)
+    }
+
+    fn subscribers(&mut self, sub: &str, channel: &str) -> i64 {
+        match self.call(&[b"PUBSUB", sub.as_bytes(), channel.as_bytes()]) {
             Reply::Array(a) if a.len() == 2 => match a[1] {
                 Reply::Int(n) => n,
-                _ => panic!("NUMSUB {channel}: {a:?}"),
+                _ => panic!("{sub} {channel}: {a:?}"),
             },
-            other => panic!("NUMSUB {channel}: {other:?}"),
+            other => panic!("{sub} {channel}: {other:?}"),
         }
     }
 
     /// Wait (bounded) until `channel` has `n` subscribers.
     pub fn wait_numsub(&mut self, channel: &str, n: i64) {
+        self.wait_subscribers("NUMSUB", channel, n);
+    }
+
+    /// Wait (bounded) until the shard channel `channel` has `n` subscribers.
+    pub fn wait_shardnumsub(&mut self, channel: &str, n: i64) {
+        self.wait_subscribers("SHARDNUMSUB", channel, n);
+    }
+
+    fn wait_subscribers(&mut self, sub: &str, channel: &str, n: i64) {
         let deadline = Instant::now() + BOUND;
         loop {
-            let now = self.numsub(channel);
+            let now = self.subscribers(sub, channel);
             if now == n {
                 return;
             }
