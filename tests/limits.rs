@@ -269,6 +269,15 @@ fn the_readme_limits_table_shows_the_defaults() {
                 assert_eq!(c.ipv6_prefix_len, 64);
                 continue;
             }
+            (Some("--memory-budget"), "TLS state in the memory budget") => {
+                let per = wsloop::memory::TLS_CONNECTION_BYTES;
+                assert!(
+                    default.starts_with(&format!("{} KiB per TLS connection", per >> 10))
+                        && default.ends_with("at most half the budget"),
+                    "{default:?}"
+                );
+                continue;
+            }
             (Some("--memory-budget"), _) => {
                 assert!(
                     default.starts_with("half the cgroup's memory limit"),
@@ -301,6 +310,16 @@ fn the_readme_limits_table_shows_the_defaults() {
             (Some("--tls-cert"), _) => {
                 assert!(default.starts_with("off"), "{default:?}");
                 assert_eq!(c.tls, None);
+                continue;
+            }
+            (Some("--tls-sni"), _) => {
+                assert!(default.starts_with("none"), "{default:?}");
+                let tls = wsloop::TlsConfig::new("cert.pem", "key.pem");
+                assert!(tls.sni.is_empty());
+                continue;
+            }
+            (None, "TLS certificate reload") => {
+                assert!(default.starts_with("on SIGHUP"), "{default:?}");
                 continue;
             }
             (Some("--fd-headroom"), _) => {
