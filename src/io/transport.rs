@@ -49,7 +49,7 @@ pub(crate) struct Transport {
 }
 
 /// rustls's connection and what the transport knows about it.
-struct Tls {
+pub(super) struct Tls {
     conn: ServerConnection,
     /// The peer's end of input was seen: its `close_notify`, or TCP's EOF.
     eof: bool,
@@ -61,6 +61,12 @@ struct Tls {
     reset: bool,
     /// The handshake's completion was reported (see [`Transport::take_established`]).
     reported: bool,
+    /// A PROXY header comes first (see [`Transport::expect_proxy_header`]): until
+    /// [`Transport::start_tls`], bytes move as they are, both ways.
+    raw: bool,
+    /// What followed the PROXY header in the read that ended it: the start of the TLS stream,
+    /// read by rustls before the socket (empty, and unallocated, otherwise).
+    early: Vec<u8>,
 }
 
 impl Transport {
@@ -81,18 +87,40 @@ impl Transport {
         send_buffer: usize,
         config: Arc<ServerConfig>,
     ) -> io::Result<Transport> {
-        let mut conn = ServerConnection::new(config).map_err(tls_error)?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        let tls = Tls::new(config)?;
         let mut t = Transport::tcp(stream, send_buffer);
-        t.tls = Some(Box::new(Tls {
-            conn,
-            eof: false,
-            failed: false,
-            closing: false,
-            reset: false,
-            reported: false,
-        }));
+        t.tls = Some(Box::new(tls));
         Ok(t)
+    }
+
+    /// TLS from a trusted proxy that starts each connection with a PROXY header, in cleartext
+    /// before the ClientHello: until [`Transport::start_tls`] the transport reads and writes
+    /// bytes as they are (the header, or a refusal of it), and the TLS handshake waits.
+    pub(crate) fn expect_proxy_header(&mut self) {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            tls.raw = true;
+        }
+    }
+
+    /// The PROXY header has been read: what follows is the TLS stream, `rest` its start (the
+    /// bytes of the last read after the header), which rustls reads before the socket. Returns
+    /// whether such bytes wait: then the caller must read again without waiting for an edge
+    /// (the socket may be drained). Nothing for plain TCP (`rest` is the caller's to parse).
+    pub(crate) fn start_tls(&mut self, rest: &[u8]) -> bool {
+        match self.tls.as_deref_mut() {
+            Some(tls) if tls.raw => {
+                tls.raw = false;
+                tls.early = rest.to_vec();
+                !rest.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// Under TLS (whether or not its handshake started).
+    #[inline]
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The peer is being given up on (it did not read in time): if the kernel (or rustls)
@@ -122,15 +150,16 @@ impl Transport {
     #[inline]
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
-            None => (&self.stream).read(buf),
-            Some(tls) => tls.read(&self.stream, buf),
+            Some(tls) if !tls.raw => tls.read(&self.stream, buf),
+            // Plain TCP, or TLS before its PROXY header is read.
+            _ => (&self.stream).read(buf),
         }
     }
 
     /// Write `bytes`; `Ok(0)` when the socket would block. Plain TCP: one `send`.
     #[inline]
     pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        if let Some(tls) = self.tls.as_deref_mut() {
+        if let Some(tls) = self.tls.as_deref_mut().filter(|t| !t.raw) {
             return tls.write(&self.stream, &[bytes]);
         }
         loop {
@@ -151,7 +180,7 @@ impl Transport {
     ) -> io::Result<usize> {
         debug_assert!(parts.len() <= MAX);
         let n = parts.len().min(MAX);
-        if let Some(tls) = self.tls.as_deref_mut() {
+        if let Some(tls) = self.tls.as_deref_mut().filter(|t| !t.raw) {
             return tls.write(&self.stream, &parts[..n]);
         }
         let mut slices = [IoSlice::new(&[]); MAX];
@@ -241,17 +270,31 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(ErrorKind::InvalidData, e)
 }
 
-/// The socket as rustls reads it: notes whether a read returned fewer bytes than asked for
-/// (the socket is drained for now).
-struct Probe<'a> {
-    stream: &'a TcpStream,
+/// The socket as rustls reads it: first what followed a PROXY header (see
+/// [`Transport::start_tls`]), then the socket, noting whether a read of the socket returned
+/// fewer bytes than asked for (it is drained for now).
+struct Probe<'a, S> {
+    stream: &'a S,
+    early: &'a mut Vec<u8>,
     short: bool,
 }
 
-impl Read for Probe<'_> {
+impl<S> Read for Probe<'_, S>
+where
+    for<'s> &'s S: Read,
+{
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.early.is_empty() {
+            let n = buf.len().min(self.early.len());
+            buf[..n].copy_from_slice(&self.early[..n]);
+            self.early.drain(..n);
+            if self.early.is_empty() {
+                *self.early = Vec::new(); // its memory back at once
+            }
+            return Ok(n);
+        }
         loop {
-            match (&*self.stream).read(buf) {
+            match self.stream.read(buf) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
                 Ok(n) => {
@@ -264,7 +307,10 @@ impl Read for Probe<'_> {
 }
 
 /// Write what rustls holds until it holds nothing (true) or the socket would block (false).
-fn flush(conn: &mut ServerConnection, mut stream: &TcpStream) -> io::Result<bool> {
+fn flush<S>(conn: &mut ServerConnection, mut stream: &S) -> io::Result<bool>
+where
+    for<'s> &'s S: Write,
+{
     while conn.wants_write() {
         match conn.write_tls(&mut stream) {
             Ok(0) => return Ok(false),
@@ -278,8 +324,28 @@ fn flush(conn: &mut ServerConnection, mut stream: &TcpStream) -> io::Result<bool
 }
 
 impl Tls {
-    /// See [`Transport::read`].
-    fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    /// A server connection of `config`, its output bounded (see [`TLS_BUFFER_LIMIT`]).
+    pub(super) fn new(config: Arc<ServerConfig>) -> io::Result<Tls> {
+        let mut conn = ServerConnection::new(config).map_err(tls_error)?;
+        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        Ok(Tls {
+            conn,
+            eof: false,
+            failed: false,
+            closing: false,
+            reset: false,
+            reported: false,
+            raw: false,
+            early: Vec::new(),
+        })
+    }
+
+    /// See [`Transport::read`]. `stream` is the connection's socket (or, for the fuzz target,
+    /// bytes in memory: [`crate::io::fuzzing`]).
+    pub(super) fn read<S>(&mut self, stream: &S, buf: &mut [u8]) -> io::Result<usize>
+    where
+        for<'s> &'s S: Read + Write,
+    {
         let mut filled = 0;
         // The socket returned fewer bytes than asked for during this call: drained for now.
         // (Only within one call: data that arrives later raises an edge, whose read must not
@@ -305,6 +371,7 @@ impl Tls {
             }
             let mut probe = Probe {
                 stream,
+                early: &mut self.early,
                 short: false,
             };
             match self.conn.read_tls(&mut probe) {
@@ -316,7 +383,8 @@ impl Tls {
             if let Err(e) = self.conn.process_new_packets() {
                 // rustls queued an alert for the peer: one try to send it.
                 self.failed = true;
-                let _ = self.conn.write_tls(&mut &*stream);
+                let mut out = stream;
+                let _ = self.conn.write_tls(&mut out);
                 return Err(tls_error(e));
             }
             // What the handshake owes in answer (the rest goes out on a writable edge).
@@ -326,7 +394,10 @@ impl Tls {
 
     /// Take plaintext from `parts` into rustls, one chunk at a time and only while rustls has
     /// flushed everything it held to the socket; returns the bytes taken.
-    fn write(&mut self, stream: &TcpStream, parts: &[&[u8]]) -> io::Result<usize> {
+    pub(super) fn write<S>(&mut self, stream: &S, parts: &[&[u8]]) -> io::Result<usize>
+    where
+        for<'s> &'s S: Write,
+    {
         if self.failed {
             return Err(io::Error::new(ErrorKind::InvalidData, "TLS failed"));
         }
@@ -359,9 +430,13 @@ impl Tls {
         }
     }
 
-    /// Queue our `close_notify` (once) and try to write it.
-    fn close_notify(&mut self, stream: &TcpStream) {
-        if !self.closing && !self.failed {
+    /// Queue our `close_notify` (once) and try to write it; not while a PROXY header is awaited
+    /// (no TLS has begun).
+    pub(super) fn close_notify<S>(&mut self, stream: &S)
+    where
+        for<'s> &'s S: Write,
+    {
+        if !self.closing && !self.failed && !self.raw {
             self.closing = true;
             self.conn.send_close_notify();
             let _ = flush(&mut self.conn, stream);
