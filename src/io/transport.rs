@@ -35,7 +35,7 @@ pub(crate) const TLS_CHUNK: usize = 16 * 1024;
 
 /// rustls's own limit on its output buffer, a backstop above [`TLS_CHUNK`] (the transport never
 /// reaches it: it hands rustls a chunk only once the buffer is empty).
-const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
+pub(crate) const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
 
 /// The TLS versions a connection may use, as the metrics label them (index of
 /// [`Transport::take_established`]).
@@ -146,11 +146,13 @@ impl Transport {
     /// Read into `buf`: `Ok(0)` at the peer's EOF; `WouldBlock` when nothing is there. Fewer
     /// bytes than `buf` holds means the socket is drained for now (edge-triggered: new data
     /// raises a new edge). Plain TCP: one `recv`. TLS: the decrypted bytes, reading the socket
-    /// until `buf` is full or the socket is drained, and writing what the handshake owes.
+    /// until `buf` is full or the socket is drained, and writing what the handshake owes;
+    /// `closed` (the event said the peer's FIN or reset is queued, which raises no edge of its
+    /// own) makes it read the socket until it says so, instead of stopping at a short read.
     #[inline]
-    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&mut self, buf: &mut [u8], closed: bool) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
-            Some(tls) if !tls.raw => tls.read(&self.stream, buf),
+            Some(tls) if !tls.raw => tls.read(&self.stream, buf, closed),
             // Plain TCP, or TLS before its PROXY header is read.
             _ => (&self.stream).read(buf),
         }
@@ -340,12 +342,44 @@ impl Tls {
         })
     }
 
+    /// The handshake completed: its version's index in [`TLS_VERSIONS`].
+    pub(super) fn version(&self) -> Option<usize> {
+        (!self.conn.is_handshaking()).then(|| version_index(&self.conn))
+    }
+
+    /// rustls holds ciphertext not written yet (see [`Transport::holds`]).
+    pub(super) fn holds(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Write what rustls holds, as far as `stream` takes it (see [`Transport::flush`]).
+    pub(super) fn flush<S>(&mut self, stream: &S) -> io::Result<bool>
+    where
+        for<'s> &'s S: Write,
+    {
+        flush(&mut self.conn, stream)
+    }
+
     /// See [`Transport::read`]. `stream` is the connection's socket (or, for the fuzz target,
     /// bytes in memory: [`crate::io::fuzzing`]).
-    pub(super) fn read<S>(&mut self, stream: &S, buf: &mut [u8]) -> io::Result<usize>
+    pub(super) fn read<S>(&mut self, stream: &S, buf: &mut [u8], closed: bool) -> io::Result<usize>
     where
         for<'s> &'s S: Read + Write,
     {
+        if self.closing {
+            // Our close_notify went out: the connection lingers (after a failure, our answer
+            // sent) and the loop discards what the peer still sends until its EOF. rustls
+            // decrypts nothing more: fed a bad record now, it would answer with a second alert
+            // after the close_notify, which it asserts never happens (a panic in debug builds).
+            // The bytes pass as they are, for the loop to discard.
+            let mut stream = stream;
+            return loop {
+                match stream.read(buf) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+        }
         let mut filled = 0;
         // The socket returned fewer bytes than asked for during this call: drained for now.
         // (Only within one call: data that arrives later raises an edge, whose read must not
@@ -366,7 +400,11 @@ impl Tls {
             if filled == buf.len() || self.eof {
                 return Ok(filled);
             }
-            if drained {
+            // A short read drained the socket, unless the peer's FIN or reset is queued behind
+            // what it returned: then read on until the socket itself says it (a read that made
+            // no plaintext, half a ClientHello say, would otherwise leave the connection
+            // waiting for an edge that never comes).
+            if drained && !closed {
                 return would_block(filled);
             }
             let mut probe = Probe {
@@ -603,7 +641,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut buf = [0u8; 64];
         while t.take_established().is_none() {
-            match t.read(&mut buf) {
+            match t.read(&mut buf, false) {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 other => panic!("{other:?}"),
             }
@@ -688,7 +726,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         for size in [1usize, 7, 1000, 100_000].into_iter().cycle() {
             let mut buf = vec![0u8; size];
-            match t.read(&mut buf) {
+            match t.read(&mut buf, false) {
                 Ok(0) => break,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -704,6 +742,6 @@ mod tests {
             );
         }
         assert!(got == sent, "{} bytes read, differing", got.len());
-        assert_eq!(t.read(&mut [0u8; 16]).unwrap(), 0);
+        assert_eq!(t.read(&mut [0u8; 16], false).unwrap(), 0);
     }
 }
