@@ -175,3 +175,402 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
     assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     w.stop();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attacks under TLS, each ending at the exact descriptor baseline
+
+/// The lowest descriptor number the child has free (the one its next accept would take).
+fn lowest_free_fd(w: &Wsloop) -> u64 {
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Set the child's soft `RLIMIT_NOFILE` (its hard limit kept); the soft limit it had.
+fn set_soft_limit(w: &Wsloop, soft: u64) -> u64 {
+    use rustix::process::{prlimit, Pid, Resource, Rlimit};
+    // "Max open files  <soft>  <hard>  files" (prlimit can only read by setting).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid)).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let pid = Pid::from_raw(w.pid as i32).unwrap();
+    let new = Rlimit {
+        current: Some(soft),
+        maximum: Some(numbers[1]),
+    };
+    prlimit(Some(pid), Resource::Nofile, new).unwrap();
+    numbers[0]
+}
+
+/// Echo `text` on an established wss client.
+fn echo(ws: &mut tungstenite::WebSocket<Tls>, text: &str) {
+    ws.send(Message::text(text)).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), text);
+}
+
+/// Close a wss client and read until the server's close and end.
+fn close(mut ws: tungstenite::WebSocket<Tls>) {
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+}
+
+/// The process runs out of descriptors under TLS (its soft limit lowered under it, as when
+/// something else in it took them all): accept fails with EMFILE, the spare descriptor sheds
+/// the backlog (a TLS client gets a close, never a cleartext 503 it could not read), accepting
+/// backs off; an established wss client is served meanwhile; with descriptors back the server
+/// serves a new wss client, and every descriptor comes back.
+#[test]
+fn emfile_under_tls_sheds_with_a_close_and_recovers() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-emfile", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut established = wss(w.addr, &certs);
+    echo(&mut established, "before");
+    // The soft limit at the lowest free descriptor: the next accept fails with EMFILE. (No
+    // metrics meanwhile: their listener is starved too.)
+    let old = set_soft_limit(&w, lowest_free_fd(&w));
+    let mut held = Vec::new();
+    let mut shed = None;
+    for _ in 0..64 {
+        let mut s = hello_after(connect(w.addr, &Opts::default()).unwrap(), &certs, ANY, b"");
+        let start = Instant::now();
+        let (got, closed) = until_closed_or_quiet(&mut s.sock);
+        match (got.first(), closed) {
+            // Accepted after all (a descriptor freed meanwhile): a ServerHello came.
+            (Some(0x16), _) => held.push(s),
+            // Shed: closed with nothing sent (no ServerHello, no 503).
+            (None, true) => {
+                shed = Some((s, start.elapsed()));
+                break;
+            }
+            other => panic!("neither served nor shed: {other:?} {got:?}"),
+        }
+    }
+    let Some((shed, took)) = shed else {
+        panic!("no EMFILE after {} connections", held.len())
+    };
+    assert!(took < Duration::from_secs(1), "shed after {took:?}");
+    // The loop still serves what it holds.
+    echo(&mut established, "during the shortage");
+    // Descriptors come back: a new wss client is served (after the backoff, at most 1 s).
+    set_soft_limit(&w, old);
+    let mut after = wss(w.addr, &certs);
+    echo(&mut after, "after");
+    let m = w.metrics();
+    assert!(
+        m.accept_errors("EMFILE") > m0.accept_errors("EMFILE"),
+        "no EMFILE counted"
+    );
+    close(established);
+    close(after);
+    drop((held, shed));
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(m1.get("wsloop_accept_paused"), 0.0);
+    assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&1), "{since:?}");
+    assert_eq!(since.get("peer_closed"), Some(&2), "{since:?}");
+    assert_eq!(
+        m1.admission("max_connections") - m0.admission("max_connections"),
+        1
+    );
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "emfile under TLS: shed after {took:?} ({} accepted before); closed {since:?}",
+        since.values().sum::<u64>() - 3
+    );
+    w.stop();
+}
+
+/// A handshake flood from one address with `--connection-rate-per-ip 5`: beyond the burst,
+/// connections are refused at accept, before any TLS work (nothing comes back: no ServerHello,
+/// no cleartext 429) and counted; an established wss client from another address is served
+/// throughout, and another address is admitted during the flood.
+#[test]
+fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
+    const FLOOD: usize = 60;
+    let Some(certs) = certs() else { return };
+    let w = tls_child(
+        &certs,
+        "tls-flood",
+        &[
+            "--connection-rate-per-ip",
+            "5",
+            "--connection-burst-per-ip",
+            "5",
+        ],
+    );
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let tls_from = |src: u8| connect(w.addr, &Opts::from(localhost(src))).unwrap();
+    let mut established = ws_over(tls_over(tls_from(3), &certs, ANY), w.addr);
+    let cpu0 = w.cpu_seconds();
+    // Every ClientHello sent first (faster than the bucket refills), then what came back.
+    let mut flood: Vec<Tls> = (0..FLOOD)
+        .map(|_| hello_after(tls_from(2), &certs, ANY, b""))
+        .collect();
+    let (mut answered, mut refused) = (0, 0);
+    for (i, s) in flood.iter_mut().enumerate() {
+        match until_closed_or_quiet(&mut s.sock) {
+            // Closed with nothing sent.
+            (got, true) if got.is_empty() => refused += 1,
+            // A ServerHello (a handshake record): this one got TLS work (and, unfinished, is
+            // closed at the 1 s handshake deadline).
+            (got, _) if got.first() == Some(&0x16) => answered += 1,
+            other => panic!("flood connection {i} got {other:?}"),
+        }
+        if i % 10 == 0 {
+            echo(&mut established, &format!("during the flood {i}"));
+        }
+    }
+    // The burst, plus the tokens refilled while the flood was sent (5 a second).
+    let took = w.cpu_seconds() - cpu0;
+    assert!((5..=10).contains(&answered), "{answered} answered");
+    assert_eq!(answered + refused, FLOOD);
+    let m = w.metrics();
+    assert_eq!(
+        m.admission("rate_per_ip") - m0.admission("rate_per_ip"),
+        refused as u64
+    );
+    // Another address is not limited by the flood.
+    let mut other = ws_over(tls_over(tls_from(4), &certs, ANY), w.addr);
+    echo(&mut other, "another address during the flood");
+    echo(&mut established, "after the flood");
+    drop(flood);
+    close(other);
+    close(established);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
+    // Only the admitted ones cost a handshake (completed or not).
+    let handshakes_total: u64 = m1
+        .matching("wsloop_tls_handshakes_total{")
+        .iter()
+        .map(|(_, v)| *v as u64)
+        .sum::<u64>()
+        - m0.matching("wsloop_tls_handshakes_total{")
+            .iter()
+            .map(|(_, v)| *v as u64)
+            .sum::<u64>();
+    assert_eq!(handshakes_total, answered as u64 + 2);
+    let since = m1.closed_since(&m0);
+    assert_eq!(since.get("refused"), Some(&(refused as u64)), "{since:?}");
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    println!(
+        "handshake flood: {FLOOD} from 127.0.0.2, {answered} got a handshake, {refused} refused \
+         before TLS; {took:.3} s of server CPU during the flood; closed {since:?}"
+    );
+    w.stop();
+}
+
+/// Read what the server sends until it closes, or until 300 ms pass without a byte (a
+/// ServerHello and then silence: the server waits for the client's next flight).
+fn until_closed_or_quiet(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    use std::io::{ErrorKind, Read};
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (got, true),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return (got, false)
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Where a churning client resets its connection.
+#[derive(Clone, Copy, Debug)]
+enum Reset {
+    /// Before sending anything.
+    BeforeAnyByte,
+    /// Half-way through its ClientHello.
+    MidClientHello,
+    /// Once the server's first handshake bytes (its ServerHello) arrived.
+    AfterServerHello,
+}
+
+/// A real ClientHello (rustls's client), as bytes to replay.
+fn client_hello(certs: &Certs) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = rustls::ClientConnection::new(client_config(certs, ANY), name).expect("a client");
+    let mut hello = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut hello).unwrap();
+    }
+    hello
+}
+
+/// Connect/reset churn during TLS handshakes, from 6 threads: resets before any byte,
+/// mid-ClientHello and right after the ServerHello, while wss clients keep connecting,
+/// echoing and closing. Every reset connection ends on the close path as a failed handshake,
+/// when its reset comes (not at the handshake deadline: half a ClientHello and the reset
+/// behind it arrive in one edge); no handshake is left in progress and the descriptor count
+/// is back at its exact baseline after each stage.
+#[test]
+fn resets_during_tls_handshakes_end_at_the_baseline() {
+    const PER_STAGE: usize = 200;
+    const THREADS: usize = 6;
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-churn", &[]);
+    w.wait_baseline();
+    let fds = w.fd_sampler();
+    let hello = std::sync::Arc::new(client_hello(&certs));
+    let failed_total = |m: &attack_support::Metrics| -> u64 {
+        m.matching("wsloop_tls_handshakes_total{")
+            .iter()
+            .filter(|(k, _)| !k.contains("result=\"ok\""))
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    let mut report = Vec::new();
+    for stage in [
+        Reset::BeforeAnyByte,
+        Reset::MidClientHello,
+        Reset::AfterServerHello,
+    ] {
+        let before = w.wait_quiet();
+        let (addr, hello) = (w.addr, hello.clone());
+        let churn = thread::spawn(move || {
+            attack_support::parallel(THREADS, move |i| {
+                for _ in (i..PER_STAGE).step_by(THREADS) {
+                    let mut s = connect(addr, &Opts::default()).unwrap();
+                    match stage {
+                        Reset::BeforeAnyByte => {}
+                        Reset::MidClientHello => s.write_all(&hello[..hello.len() / 2]).unwrap(),
+                        Reset::AfterServerHello => {
+                            use std::io::Read;
+                            s.write_all(&hello).unwrap();
+                            let mut first = [0u8; 1];
+                            s.read_exact(&mut first).unwrap();
+                            assert_eq!(first[0], 0x16, "not a handshake record");
+                        }
+                    }
+                    attack_support::reset(s);
+                }
+            })
+        });
+        // Legitimate wss clients meanwhile: each connects, echoes and closes.
+        let mut legit = 0u64;
+        while !churn.is_finished() {
+            let mut ws = wss(w.addr, &certs);
+            echo(&mut ws, &format!("during {stage:?}"));
+            close(ws);
+            legit += 1;
+        }
+        churn.join().unwrap();
+        w.wait_baseline();
+        let after = w.wait_quiet();
+        assert_eq!(after.get("wsloop_tls_handshakes_in_progress"), 0.0);
+        let mut closed = after.closed_since(&before);
+        assert_eq!(closed.remove("peer_closed"), Some(legit), "{stage:?}");
+        // Each reset is seen when it comes (the read that returns the bytes before it goes on
+        // to the reset), not at the handshake deadline.
+        assert_eq!(
+            closed.get("handshake_timeout"),
+            None,
+            "{stage:?}: {closed:?}"
+        );
+        assert_eq!(
+            closed.values().sum::<u64>(),
+            PER_STAGE as u64,
+            "{stage:?}: {closed:?}"
+        );
+        assert_eq!(
+            failed_total(&after) - failed_total(&before),
+            PER_STAGE as u64,
+            "{stage:?}: failed handshakes"
+        );
+        assert_eq!(
+            handshakes(&after, "ok") - handshakes(&before, "ok"),
+            legit,
+            "{stage:?}"
+        );
+        assert_eq!(w.audited(&after).get("wsloop_fd_audit_difference"), 0.0);
+        report.push(format!("{stage:?}: {closed:?}, {legit} legit wss clients"));
+    }
+    let peak = fds.stop();
+    println!(
+        "TLS handshake churn: {} resets; fd peak {peak} (baseline {}); {}",
+        3 * PER_STAGE,
+        w.baseline_fds,
+        report.join("; ")
+    );
+    w.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Red team: what an outsider can send over raw sockets, each found and fixed
+
+/// After an answered request the server sends `close_notify` and its FIN, and lingers reading
+/// until the client's EOF. A record that does not decrypt sent then (a bad MAC) used to reach
+/// rustls, which answered with a second alert after its close_notify and, in a debug build,
+/// panicked on its own assertion (the loop thread died with every connection). Now nothing
+/// is decrypted after our close_notify: the bytes are discarded, the server goes on.
+#[test]
+fn a_bad_record_after_our_close_notify_is_discarded() {
+    use std::io::Read;
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-after-close-notify", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut s = tls_connect(w.addr, &certs);
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let answer = read_to_tls_end(&mut s).expect("a clean end (close_notify)");
+    assert!(answer.starts_with(b"HTTP/1.1 426 "));
+    // An application-data record that does not decrypt, then one more for good measure.
+    let bad = [0x17, 0x03, 0x03, 0x00, 0x20];
+    for _ in 0..2 {
+        s.sock.write_all(&bad).unwrap();
+        s.sock.write_all(&[0x5a; 0x20]).unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The server read and discarded them: nothing came back (no second alert).
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut rest = [0u8; 64];
+    match s.sock.read(&mut rest) {
+        Ok(0) => {}
+        Ok(n) => panic!("the server sent {:?} after its close_notify", &rest[..n]),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+    drop(s);
+    // Still serving.
+    let mut ws = wss(w.addr, &certs);
+    echo(&mut ws, "still there");
+    close(ws);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    // (closed_since leaves out `http_answered`, the metrics requests' reason.)
+    assert_eq!(
+        m1.closed_since(&m0),
+        attack_support::deltas(&[("peer_closed", 1)])
+    );
+    assert_eq!(m1.rejected_status("426") - m0.rejected_status("426"), 1);
+    w.stop();
+}
