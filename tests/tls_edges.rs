@@ -574,3 +574,142 @@ fn a_bad_record_after_our_close_notify_is_discarded() {
     assert_eq!(m1.rejected_status("426") - m0.rejected_status("426"), 1);
     w.stop();
 }
+
+/// A ClientHello announcing 64 KiB (the most rustls joins), sent in full records: rustls would
+/// buffer it all (127 KiB of allocation per connection, measured by the `tls` fuzz target)
+/// until the handshake deadline. The transport refuses more than 16 KiB of handshake input:
+/// the connection fails at once (`tls_error`), with nothing but rustls's silence sent, while a
+/// real client's handshake (well under the limit) completes.
+#[test]
+fn a_client_hello_over_16_kib_is_refused_at_once() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-huge-hello", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    // One handshake message of 0xffff bytes announced, 20 KiB of it sent in two records.
+    let mut message = vec![1u8, 0x00, 0xff, 0xff];
+    message.extend(std::iter::repeat_n(0x41, 20 * 1024 - 4));
+    let mut records = Vec::new();
+    for part in message.chunks(16 * 1024) {
+        records.extend([0x16, 3, 1]);
+        records.extend((part.len() as u16).to_be_bytes());
+        records.extend_from_slice(part);
+    }
+    let mut clients: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = connect(w.addr, &Opts::default()).unwrap();
+            s.write_all(&records).unwrap();
+            s
+        })
+        .collect();
+    for s in &mut clients {
+        let start = Instant::now();
+        let (got, took) = until_closed(s, start);
+        assert!(got.is_empty(), "the server sent {got:?}");
+        // Well before the 1 s handshake deadline.
+        assert!(took < Duration::from_millis(800), "closed after {took:?}");
+    }
+    drop(clients);
+    let mut ws = wss(w.addr, &certs);
+    echo(&mut ws, "a real ClientHello is far under the limit");
+    close(ws);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        handshakes(&m1, "tls_error") - handshakes(&m0, "tls_error"),
+        20
+    );
+    assert_eq!(m1.closed_since(&m0).get("handshake_timeout"), None);
+    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
+    w.stop();
+}
+
+/// The client's `close_notify`, then more records (a WebSocket message after it): the stream
+/// ended at the close_notify, so what follows is never decrypted for the application (RFC 8446
+/// 6.1: data after a closure alert is ignored); the connection ends, and the server goes on.
+#[test]
+fn data_after_the_clients_close_notify_is_ignored() {
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-after-client-close-notify", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut ws = wss(w.addr, &certs);
+    echo(&mut ws, "before");
+    ws.get_mut().conn.send_close_notify();
+    ws.send(Message::text("after the close_notify")).unwrap();
+    // The server ends the stream: its close_notify, then EOF; no echo of the second message.
+    let end = read_to_tls_end(ws.get_mut());
+    assert_eq!(
+        end,
+        Ok(Vec::new()),
+        "the server sent more after the close_notify"
+    );
+    drop(ws);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.get("wsloop_messages_received_total") - m0.get("wsloop_messages_received_total"),
+        1.0
+    );
+    assert_eq!(
+        m1.closed_since(&m0),
+        attack_support::deltas(&[("abnormal", 1)])
+    );
+    w.stop();
+}
+
+/// A TLS 1.3 key-update flood (each KeyUpdate asks the server to update its keys too, so each
+/// costs it a key derivation and a record): rustls allows 32 in a row without application
+/// data between them, then fails the connection with an alert; the server closes it
+/// (`tls_error`) and goes on. What the server wrote in answer stays below what the client sent.
+#[test]
+fn a_key_update_flood_is_cut_off() {
+    use std::io::Read;
+    let Some(certs) = certs() else { return };
+    let w = tls_child(&certs, "tls-key-updates", &[]);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut s = tls_over(
+        connect(w.addr, &Opts::default()).unwrap(),
+        &certs,
+        &[&rustls::version::TLS13],
+    );
+    assert!(upgrade_over(&mut s, w.addr).starts_with("HTTP/1.1 101 "));
+    let mut sent = 0;
+    for _ in 0..200 {
+        s.conn.refresh_traffic_keys().unwrap();
+        let mut out = Vec::new();
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut out).unwrap();
+        }
+        sent += out.len();
+        if s.sock.write_all(&out).is_err() {
+            break; // closed meanwhile
+        }
+    }
+    // What came back, raw, until the server's end.
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(got.len() < sent, "{} bytes back for {sent} sent", got.len());
+    drop(s);
+    w.wait_baseline();
+    let m1 = w.wait_quiet();
+    assert_eq!(
+        m1.closed_since(&m0),
+        attack_support::deltas(&[("tls_error", 1)])
+    );
+    println!(
+        "key-update flood: {sent} bytes of KeyUpdates sent, {} bytes back before the close",
+        got.len()
+    );
+    w.stop();
+}

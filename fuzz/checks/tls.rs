@@ -13,8 +13,8 @@
 //! Properties: nothing panics. Memory: what the server holds after each of its calls (the heap
 //! bytes it allocated and has not freed, measured by a counting allocator around every call)
 //! stays under [`MEMORY_BOUND`] ([`OPEN_BOUND`] once the handshake completed), whatever the
-//! input: rustls's input buffer (64 KiB at most for a handshake message, one record
-//! otherwise), its plaintext buffers and the transport's output bound (one chunk), and the
+//! input: rustls's input buffer (the transport's 16 KiB of handshake input, one record
+//! after), its plaintext buffers and the transport's output bound (one chunk), and the
 //! connection's state; and a write, however much it offers, makes rustls hold at most the
 //! buffer limit the transport sets more (one chunk's ciphertext). No unauthenticated plaintext: in raw
 //! mode no handshake completes and no byte is ever decrypted. Integrity, in client mode: the
@@ -49,12 +49,13 @@ use super::util::Reader;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
-/// The most heap bytes one server connection may hold after any of its calls: rustls's input
-/// buffer (a handshake message of up to 64 KiB being joined, plus one 4 KiB read), its
-/// received plaintext (16 KiB, plus what one full input buffer decrypts to), its output (the
-/// transport's one chunk plus record overhead, and handshake messages) and the connection's
-/// own state (certificate chain, transcript, keys).
-pub const MEMORY_BOUND: isize = 192 * 1024;
+/// The most heap bytes one server connection may hold after any of its calls while its
+/// handshake is in progress: the transport refuses more than 16 KiB of handshake input
+/// (`MAX_HANDSHAKE_INPUT`), so rustls's input buffer holds that and one 4 KiB read (in an
+/// allocation of up to 32 KiB); its handshake output, and the connection's own state
+/// (certificate chain, transcript, keys). Without that limit a ClientHello announcing 64 KiB
+/// made it hold 127 KiB.
+pub const MEMORY_BOUND: isize = 80 * 1024;
 
 /// The same once the handshake completed: rustls's input buffer holds one record (up to
 /// 18 KiB) and one read, its received plaintext 16 KiB plus what that decrypts to, its output

@@ -37,6 +37,14 @@ pub(crate) const TLS_CHUNK: usize = 16 * 1024;
 /// reaches it: it hands rustls a chunk only once the buffer is empty).
 pub(crate) const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
 
+/// The most bytes a client may send while its handshake is in progress: its first flight (a
+/// ClientHello of a few KiB at most, even with post-quantum key shares and session tickets;
+/// twice after a HelloRetryRequest), then the read that holds its Finished (at most 4 KiB,
+/// rustls's read size, even with application data behind it). Beyond it the connection fails
+/// (`tls_error`) before rustls buffers more: it would otherwise hold a handshake message of up
+/// to 64 KiB, and twice that in allocation, until the handshake deadline.
+pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
+
 /// The TLS versions a connection may use, as the metrics label them (index of
 /// [`Transport::take_established`]).
 pub(crate) const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
@@ -67,6 +75,9 @@ pub(super) struct Tls {
     /// What followed the PROXY header in the read that ended it: the start of the TLS stream,
     /// read by rustls before the socket (empty, and unallocated, otherwise).
     early: Vec<u8>,
+    /// Bytes handed to rustls while the handshake was in progress (see
+    /// [`MAX_HANDSHAKE_INPUT`]).
+    handshake_in: u32,
 }
 
 impl Transport {
@@ -339,6 +350,7 @@ impl Tls {
             reported: false,
             raw: false,
             early: Vec::new(),
+            handshake_in: 0,
         })
     }
 
@@ -412,9 +424,25 @@ impl Tls {
                 early: &mut self.early,
                 short: false,
             };
+            let handshaking = self.conn.is_handshaking();
             match self.conn.read_tls(&mut probe) {
                 Ok(0) => drained = true, // TCP's EOF: rustls's reader says it next
-                Ok(_) => drained = probe.short,
+                Ok(n) => {
+                    drained = probe.short;
+                    if handshaking {
+                        self.handshake_in = self.handshake_in.saturating_add(n as u32);
+                        if self.handshake_in as usize > MAX_HANDSHAKE_INPUT {
+                            // Far more than any client's first flight: refused before rustls
+                            // buffers it (it would hold up to 64 KiB of one message, twice
+                            // that in allocation, until the handshake deadline).
+                            self.failed = true;
+                            return Err(io::Error::new(
+                                ErrorKind::InvalidData,
+                                "TLS handshake input over its limit",
+                            ));
+                        }
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return would_block(filled),
                 Err(e) => return Err(e),
             }
