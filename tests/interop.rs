@@ -26,10 +26,10 @@
 //!
 //! Over wss:// (the server serving TLS itself, with `tests/tls_support`'s test CA): Node's `ws`
 //! verifies the server against the CA (the `ca` option; without it the certificate is refused),
-//! negotiates TLS 1.3 and ALPN `http/1.1`; headless Chromium, trusting exactly the server's key
-//! (`--ignore-certificate-errors-spki-list`), echoes from a page; both echo a text and a binary
-//! message larger than a TLS record and close cleanly (`tests/interop/node_wss.js`,
-//! `tests/interop/wss.html`).
+//! negotiates TLS 1.3 and ALPN `http/1.1`, echoes a text and a binary message larger than a TLS
+//! record and closes cleanly (`tests/interop/node_wss.js`); headless Chromium, trusting exactly
+//! the server's key (`--ignore-certificate-errors-spki-list`), runs the deflate page over
+//! wss:// against a server with TLS and compression.
 //!
 //! A missing client (python3 with `websockets`, node with `ws`, chromium) skips its test with a
 //! note, unless `CI` is set: then the test fails. How CI installs them: see [`PYTHON_INSTALL`],
@@ -335,28 +335,36 @@ fn node_ws_over_wss_verifies_the_test_ca() {
     println!("node ws over wss: {report}");
 }
 
+/// The deflate page over wss:// (TLS and the shared compression profile together): JSON,
+/// binary, short and large (about 300 KB, many TLS records) messages round-trip compressed.
 #[test]
 fn headless_chromium_over_wss() {
     let Some(chromium) = chromium() else { return };
     let Some(certs) = tls_support::certs() else {
         return;
     };
-    let server = wss_server(&certs);
-    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
-    let origin = format!("http://{}", http.local_addr().unwrap());
-    let url = format!("wss://localhost:{}/", server.addr.port());
-    let page = include_str!("interop/wss.html").replace("%%URL%%", &url);
-    let pages = PageServer::start(http, page, server.rec.clone());
+    let server = TestServer::start(Config {
+        tls: Some(certs.tls()),
+        compression: Compression::Shared,
+        max_message_size: LIMIT,
+        ..config()
+    });
     // The browser trusts exactly the server's key (its SubjectPublicKeyInfo's SHA-256), not
     // any certificate: `--ignore-certificate-errors-spki-list`.
-    let spki = spki_sha256(&certs.cert);
-    let trust = format!("--ignore-certificate-errors-spki-list={spki}");
-    let result = chromium_result(&chromium, &origin, &pages, &[trust]);
-    let report = Report::parse("chromium wss page", &result, "", None);
-    report.check_cases(&["open", "echo_text", "echo_binary", "close"]);
-    assert_eq!(report.num("echo_binary", "len"), 102400.0, "{report}");
-    drop(pages);
-    check_wss_server(server, &[]);
+    let trust = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        spki_sha256(&certs.cert)
+    );
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    chromium_deflate_page(&chromium, &server, &url, &[trust]);
+    let stats = server.wait_quiet();
+    assert_eq!(stats.tls_handshakes_ok, 1, "{stats:?}");
+    assert_eq!(
+        stats.tls_handshakes_failed.iter().sum::<u64>(),
+        0,
+        "{stats:?}"
+    );
+    check_deflate_server(server, 4, 3, 3);
 }
 
 /// The base64 SHA-256 of the certificate's SubjectPublicKeyInfo, as Chromium's
@@ -529,19 +537,25 @@ fn node_ws_compression() {
 #[test]
 fn headless_chromium_compression() {
     let Some(chromium) = chromium() else { return };
-    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
-    let origin = format!("http://{}", http.local_addr().unwrap());
     let server = deflate_server();
-    let page =
-        include_str!("interop/deflate.html").replace("%%URL%%", &format!("ws://{}/", server.addr));
-    let pages = PageServer::start(http, page, server.rec.clone());
-    let result = chromium_result(&chromium, &origin, &pages, &[]);
-    drop(pages);
-    let report = Report::parse("chromium deflate page", &result, "", None);
-    report.check_cases(&DEFLATE_CASES);
+    let url = format!("ws://{}/", server.addr);
+    chromium_deflate_page(&chromium, &server, &url, &[]);
     // Chromium compresses every message (at least those over the threshold); json, binary and
     // large come back compressed.
     check_deflate_server(server, 4, 3, 3);
+}
+
+/// Run `tests/interop/deflate.html` against `url` (served by `server`) in headless Chromium
+/// with the `extra` switches; every case must pass.
+fn chromium_deflate_page(chromium: &Path, server: &TestServer, url: &str, extra: &[String]) {
+    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
+    let origin = format!("http://{}", http.local_addr().unwrap());
+    let page = include_str!("interop/deflate.html").replace("%%URL%%", url);
+    let pages = PageServer::start(http, page, server.rec.clone());
+    let result = chromium_result(chromium, &origin, &pages, extra);
+    drop(pages);
+    let report = Report::parse("chromium deflate page", &result, "", None);
+    report.check_cases(&DEFLATE_CASES);
 }
 
 /// Python with `websockets` (`WSLOOP_PYTHON` or `python3`), if installed (see [`probe_tool`]).

@@ -70,7 +70,7 @@ fn handshake_upgrade_echo(mut s: Tls, addr: SocketAddr, text: &str) -> tungsteni
 #[test]
 fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
     let Some(certs) = certs() else { return };
-    let w = tls_child(
+    let (w, m0) = tls_child_at_baseline(
         &certs,
         "tls-proxy-protocol",
         &[
@@ -81,8 +81,6 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
             "1",
         ],
     );
-    let m0 = w.metrics();
-    w.wait_baseline();
     let addr = w.addr;
 
     // v1, the header and the ClientHello in one write (one read gets both).
@@ -158,8 +156,7 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
         while ws.read().is_ok() {}
     }
     drop((a, b, c, d, e));
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
     assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), 5);
     let since = m1.closed_since(&m0);
@@ -172,7 +169,6 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
             ("tls_error", 1)
         ]),
     );
-    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     w.stop();
 }
 
@@ -231,9 +227,7 @@ fn close(mut ws: tungstenite::WebSocket<Tls>) {
 #[test]
 fn emfile_under_tls_sheds_with_a_close_and_recovers() {
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-emfile", &[]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-emfile", &[]);
     let mut established = wss(w.addr, &certs);
     echo(&mut established, "before");
     // The soft limit at the lowest free descriptor: the next accept fails with EMFILE. (No
@@ -274,8 +268,7 @@ fn emfile_under_tls_sheds_with_a_close_and_recovers() {
     close(established);
     close(after);
     drop((held, shed));
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(m1.get("wsloop_accept_paused"), 0.0);
     assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
     let since = m1.closed_since(&m0);
@@ -285,7 +278,6 @@ fn emfile_under_tls_sheds_with_a_close_and_recovers() {
         m1.admission("max_connections") - m0.admission("max_connections"),
         1
     );
-    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     println!(
         "emfile under TLS: shed after {took:?} ({} accepted before); closed {since:?}",
         since.values().sum::<u64>() - 3
@@ -301,7 +293,7 @@ fn emfile_under_tls_sheds_with_a_close_and_recovers() {
 fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
     const FLOOD: usize = 60;
     let Some(certs) = certs() else { return };
-    let w = tls_child(
+    let (w, m0) = tls_child_at_baseline(
         &certs,
         "tls-flood",
         &[
@@ -311,8 +303,6 @@ fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
             "5",
         ],
     );
-    let m0 = w.metrics();
-    w.wait_baseline();
     let tls_from = |src: u8| connect(w.addr, &Opts::from(localhost(src))).unwrap();
     let mut established = ws_over(tls_over(tls_from(3), &certs, ANY), w.addr);
     let cpu0 = w.cpu_seconds();
@@ -350,8 +340,7 @@ fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
     drop(flood);
     close(other);
     close(established);
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(m1.get("wsloop_tls_handshakes_in_progress"), 0.0);
     // Only the admitted ones cost a handshake (completed or not).
     let handshakes_total: u64 = m1
@@ -366,7 +355,6 @@ fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
     assert_eq!(handshakes_total, answered as u64 + 2);
     let since = m1.closed_since(&m0);
     assert_eq!(since.get("refused"), Some(&(refused as u64)), "{since:?}");
-    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     println!(
         "handshake flood: {FLOOD} from 127.0.0.2, {answered} got a handshake, {refused} refused \
          before TLS; {took:.3} s of server CPU during the flood; closed {since:?}"
@@ -428,8 +416,7 @@ fn resets_during_tls_handshakes_end_at_the_baseline() {
     const PER_STAGE: usize = 200;
     const THREADS: usize = 6;
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-churn", &[]);
-    w.wait_baseline();
+    let (w, _) = tls_child_at_baseline(&certs, "tls-churn", &[]);
     let fds = w.fd_sampler();
     let hello = std::sync::Arc::new(client_hello(&certs));
     let failed_total = |m: &attack_support::Metrics| -> u64 {
@@ -475,8 +462,7 @@ fn resets_during_tls_handshakes_end_at_the_baseline() {
             legit += 1;
         }
         churn.join().unwrap();
-        w.wait_baseline();
-        let after = w.wait_quiet();
+        let after = settled(&w);
         assert_eq!(after.get("wsloop_tls_handshakes_in_progress"), 0.0);
         let mut closed = after.closed_since(&before);
         assert_eq!(closed.remove("peer_closed"), Some(legit), "{stage:?}");
@@ -502,7 +488,6 @@ fn resets_during_tls_handshakes_end_at_the_baseline() {
             legit,
             "{stage:?}"
         );
-        assert_eq!(w.audited(&after).get("wsloop_fd_audit_difference"), 0.0);
         report.push(format!("{stage:?}: {closed:?}, {legit} legit wss clients"));
     }
     let peak = fds.stop();
@@ -527,9 +512,7 @@ fn resets_during_tls_handshakes_end_at_the_baseline() {
 fn a_bad_record_after_our_close_notify_is_discarded() {
     use std::io::Read;
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-after-close-notify", &[]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-after-close-notify", &[]);
     let mut s = tls_connect(w.addr, &certs);
     s.write_all(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
@@ -564,8 +547,7 @@ fn a_bad_record_after_our_close_notify_is_discarded() {
     let mut ws = wss(w.addr, &certs);
     echo(&mut ws, "still there");
     close(ws);
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     // (closed_since leaves out `http_answered`, the metrics requests' reason.)
     assert_eq!(
         m1.closed_since(&m0),
@@ -583,9 +565,7 @@ fn a_bad_record_after_our_close_notify_is_discarded() {
 #[test]
 fn a_client_hello_over_16_kib_is_refused_at_once() {
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-huge-hello", &[]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-huge-hello", &[]);
     // One handshake message of 0xffff bytes announced, 20 KiB of it sent in two records.
     let mut message = vec![1u8, 0x00, 0xff, 0xff];
     message.extend(std::iter::repeat_n(0x41, 20 * 1024 - 4));
@@ -613,14 +593,12 @@ fn a_client_hello_over_16_kib_is_refused_at_once() {
     let mut ws = wss(w.addr, &certs);
     echo(&mut ws, "a real ClientHello is far under the limit");
     close(ws);
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(
         handshakes(&m1, "tls_error") - handshakes(&m0, "tls_error"),
         20
     );
     assert_eq!(m1.closed_since(&m0).get("handshake_timeout"), None);
-    assert_eq!(w.audited(&m1).get("wsloop_fd_audit_difference"), 0.0);
     w.stop();
 }
 
@@ -630,9 +608,7 @@ fn a_client_hello_over_16_kib_is_refused_at_once() {
 #[test]
 fn data_after_the_clients_close_notify_is_ignored() {
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-after-client-close-notify", &[]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-after-client-close-notify", &[]);
     let mut ws = wss(w.addr, &certs);
     echo(&mut ws, "before");
     ws.get_mut().conn.send_close_notify();
@@ -645,8 +621,7 @@ fn data_after_the_clients_close_notify_is_ignored() {
         "the server sent more after the close_notify"
     );
     drop(ws);
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(
         m1.get("wsloop_messages_received_total") - m0.get("wsloop_messages_received_total"),
         1.0
@@ -666,9 +641,7 @@ fn data_after_the_clients_close_notify_is_ignored() {
 fn a_key_update_flood_is_cut_off() {
     use std::io::Read;
     let Some(certs) = certs() else { return };
-    let w = tls_child(&certs, "tls-key-updates", &[]);
-    let m0 = w.metrics();
-    w.wait_baseline();
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-key-updates", &[]);
     let mut s = tls_over(
         connect(w.addr, &Opts::default()).unwrap(),
         &certs,
@@ -701,8 +674,7 @@ fn a_key_update_flood_is_cut_off() {
     }
     assert!(got.len() < sent, "{} bytes back for {sent} sent", got.len());
     drop(s);
-    w.wait_baseline();
-    let m1 = w.wait_quiet();
+    let m1 = settled(&w);
     assert_eq!(
         m1.closed_since(&m0),
         attack_support::deltas(&[("tls_error", 1)])

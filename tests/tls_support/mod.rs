@@ -351,6 +351,23 @@ pub fn tls_child(certs: &Certs, name: &str, more: &[&str]) -> Wsloop {
     Wsloop::spawn_with_fd_limit(name, 512, &args)
 }
 
+/// [`tls_child`], once its descriptor count is at its baseline; its metrics then.
+pub fn tls_child_at_baseline(certs: &Certs, name: &str, more: &[&str]) -> (Wsloop, Metrics) {
+    let w = tls_child(certs, name, more);
+    let m0 = w.metrics();
+    w.wait_baseline();
+    (w, m0)
+}
+
+/// The end of an attack: the descriptor count back at its exact baseline, no connection held
+/// and no timer armed, and an fd audit run since that finds no difference; the metrics then.
+pub fn settled(w: &Wsloop) -> Metrics {
+    w.wait_baseline();
+    let m = w.wait_quiet();
+    assert_eq!(w.audited(&m).get("wsloop_fd_audit_difference"), 0.0);
+    m
+}
+
 pub fn handshakes(m: &Metrics, result: &str) -> u64 {
     m.get(&format!(
         "wsloop_tls_handshakes_total{{result=\"{result}\"}}"
