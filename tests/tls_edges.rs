@@ -685,3 +685,37 @@ fn a_key_update_flood_is_cut_off() {
     );
     w.stop();
 }
+
+/// Half a ClientHello and the client's FIN in one write (one edge): the read that returns the
+/// bytes goes on to the FIN (the event says it is there), so the connection ends at once
+/// instead of waiting for the handshake deadline with its descriptor and rustls's state.
+#[test]
+fn half_a_client_hello_then_fin_is_closed_at_once() {
+    let Some(certs) = certs() else { return };
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-half-hello-fin", &[]);
+    let hello = client_hello(&certs);
+    let mut clients: Vec<(TcpStream, Instant)> = (0..20)
+        .map(|_| {
+            let mut s = connect(w.addr, &Opts::default()).unwrap();
+            s.write_all(&hello[..hello.len() / 2]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            (s, Instant::now())
+        })
+        .collect();
+    for (s, start) in &mut clients {
+        let (got, took) = until_closed(s, *start);
+        assert!(got.is_empty(), "the server sent {got:?}");
+        assert!(took < Duration::from_millis(800), "closed after {took:?}");
+    }
+    drop(clients);
+    let m1 = settled(&w);
+    assert_eq!(
+        m1.closed_since(&m0),
+        attack_support::deltas(&[("abnormal", 20)])
+    );
+    assert_eq!(
+        handshakes(&m1, "abnormal") - handshakes(&m0, "abnormal"),
+        20
+    );
+    w.stop();
+}
