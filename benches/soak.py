@@ -7,15 +7,18 @@ What it does, all on 127.0.0.1, every process it starts killed when it ends or i
 (SIGINT, SIGTERM; and, through PR_SET_PDEATHSIG, even when it is killed with SIGKILL):
 
 - builds target/release/wsloop (`cargo build --release`, unless --no-build or --bin) and runs
-  two instances as children, each with `--fd-limit` (4096), `--memory-budget` (64 MiB) and
-  `--metrics-listen`: an echo server ("echo") and a topic server ("pubsub", `--pubsub`);
-- legitimate load on both, throughout, from a process of its own: 32 echo clients each sending
-  a 64-byte message every 200 ms and timing its echo; a room of 12 members on the topic server,
-  each publishing every 500 ms and checking that every member gets every publication, in
-  order; and a fresh client every second (alternately on each server) that connects, upgrades,
-  echoes one message and closes;
-- attacks that rotate every few minutes, each wave against both servers at once (one attacker
-  process per server): slowloris, an idle flood, connect/reset churn, EMFILE (more connections
+  three instances as children, each with `--fd-limit` (4096), `--memory-budget` (64 MiB) and
+  `--metrics-listen`: an echo server ("echo"), a topic server ("pubsub", `--pubsub`) and an
+  echo server over TLS with permessage-deflate ("wss", `--tls-cert`, `--compression shared`;
+  its certificate made with the openssl CLI);
+- legitimate load on all three, throughout, from a process of its own: 32 echo clients each
+  sending a 64-byte message every 200 ms and timing its echo; a room of 12 members on the topic
+  server, each publishing every 500 ms and checking that every member gets every publication,
+  in order; 16 wss clients each sending a compressed 2 KiB JSON message every 200 ms and
+  checking its compressed echo; and a fresh client every second (on each server in turn) that
+  connects, upgrades, echoes one message and closes;
+- attacks that rotate every few minutes, each wave against every server at once (one attacker
+  process per server; against the wss server over TLS): slowloris, an idle flood, connect/reset churn, EMFILE (more connections
   than the descriptor limit allows), slow readers, oversized frames and heads, bomb frames
   (lengths of 2^63-1 and 2^64-1 announced), and the memory attacks (thousands parking partial
   messages; hundreds not reading their echoes; both at once);
@@ -53,11 +56,13 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -73,6 +78,12 @@ ECHO_SIZE = 64
 ROOM_MEMBERS = 12
 ROOM_INTERVAL = 0.5
 FRESH_INTERVAL = 1.0
+# On the third server, TLS and permessage-deflate (the shared profile): long-lived clients
+# sending a compressible JSON text message (over the compression threshold of 1,024 bytes) every
+# WSS_INTERVAL, compressed, and checking the compressed echo.
+WSS_CLIENTS = 16
+WSS_INTERVAL = 0.2
+WSS_SIZE = 2048
 # A legitimate client waits this long for any answer before it counts an error.
 ANSWER_TIMEOUT = 5.0
 # After a wave, a 503 to a fresh client still counts as an answer for this long.
@@ -93,7 +104,7 @@ FANOUT_BOUND = 3 << 20
 # to its last, per rotation (see verdict()).
 RSS_KIND_BOUND_MIB = 2.0
 
-# The rotation, in order. Each wave runs one kind against both servers at once.
+# The rotation, in order. Each wave runs one kind against every server at once.
 KINDS = [
     "slowloris",
     "idle_flood",
@@ -126,6 +137,30 @@ EXPECT = {
     "memory_both": [(["closed_memory"], 100)],
 }
 
+# The wss server meets the same attacks over TLS: as the echo server, except that a churned
+# connection may end in its handshake (tls_error), and that the emfile wave's surplus may also
+# be refused for TLS's share of the memory budget or the cap on handshakes in progress.
+EXPECT_WSS = {
+    "churn": [(["closed_abnormal", "closed_io_error", "closed_tls_error"], 1000)],
+    "emfile": [(["refused_max_connections", "refused_memory_budget", "tls_capped"], 1000),
+               (["closed_handshake_timeout"], 100)],
+}
+
+
+def expected(kind, server):
+    return EXPECT_WSS.get(kind, EXPECT[kind]) if server == "wss" else EXPECT[kind]
+
+
+def names_of(meta):
+    """The servers of a run (a run recorded before the wss server was added had two)."""
+    return meta.get("servers", ["echo", "pubsub"])
+
+
+def latency_keys(meta):
+    """The long-lived clients whose p99 is judged."""
+    return ["echo", "room"] + (["wss"] if "wss" in names_of(meta) else [])
+
+
 # A short run (under 20 minutes) has room for a few waves of 20 s: these, unless --kinds.
 SHORT_KINDS = ["memory_both", "emfile", "slowloris", "bombs"]
 
@@ -145,6 +180,14 @@ SERVER_ARGS = [
 # tests/memory.rs): non-readers then stay, holding their queues, until the memory budget or the
 # write-stall timeout ends them. The topic server keeps the default (close, 1008).
 ECHO_ARGS = ["--backpressure-policy", "drop"]
+
+# The third server ("wss"): an echo server as "echo", with TLS (a certificate the script makes
+# with the openssl CLI) and permessage-deflate's shared profile; every attack reaches it over
+# TLS (the attackers complete a real handshake, then do what they do over plain TCP).
+WSS_ARGS = ["--compression", "shared"] + ECHO_ARGS
+# The servers, in the order of the report's columns (a run recorded before the third server
+# was added has only the first two: see `names_of`).
+SERVERS = ["echo", "pubsub", "wss"]
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect, per 4-tuple
 
@@ -167,12 +210,21 @@ def raise_nofile():
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def upgrade_request(path, key=None):
+def upgrade_request(path, key=None, extra=""):
     key = key or base64.b64encode(os.urandom(16)).decode()
     return key, (
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     ).encode()
+
+
+# How a refusal over TLS shows: the connection closed in the handshake.
+TLS_REFUSED = "closed in the TLS handshake"
+
+# What the legitimate wss clients offer: permessage-deflate without context takeover either way
+# (each message compressed on its own, as the shared profile answers).
+DEFLATE_OFFER = ("Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; "
+                 "server_no_context_takeover\r\n")
 
 
 def accept_of(key):
@@ -187,11 +239,12 @@ def masked(payload, key):
     return (int.from_bytes(payload, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
 
 
-def frame(opcode, payload=b"", fin=True, key=None, length=None):
+def frame(opcode, payload=b"", fin=True, key=None, length=None, rsv1=False):
     """A client frame: masked with `key` (random if None; b"\\0\\0\\0\\0" leaves the payload as
-    is); `length` announces another length than the payload's."""
+    is); `length` announces another length than the payload's; `rsv1`: compressed
+    (permessage-deflate)."""
     n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | opcode
+    b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     if n < 126:
         head = struct.pack("!BB", b0, 0x80 | n)
     elif n < 65536:
@@ -209,6 +262,13 @@ def close_frame(code=1000):
 
 def parse_frame(buf):
     """(fin, opcode, payload) of the server frame at the front of `buf` (removed), or None."""
+    f = parse_frame_rsv1(buf)
+    return None if f is None else f[:3]
+
+
+def parse_frame_rsv1(buf):
+    """(fin, opcode, payload, rsv1) of the server frame at the front of `buf` (removed), or
+    None."""
     if len(buf) < 2:
         return None
     n = buf[1] & 0x7F
@@ -228,8 +288,27 @@ def parse_frame(buf):
     if len(buf) < off + n:
         return None
     fin, op, payload = bool(buf[0] & 0x80), buf[0] & 0x0F, bytes(buf[off:off + n])
+    rsv1 = bool(buf[0] & 0x40)
     del buf[:off + n]
-    return fin, op, payload
+    return fin, op, payload, rsv1
+
+
+def deflate(msg):
+    """One message compressed as permessage-deflate without context takeover: raw deflate,
+    flushed, without the flush's last four bytes (RFC 7692, 7.2.1)."""
+    c = zlib.compressobj(wbits=-15)
+    out = c.compress(msg) + c.flush(zlib.Z_SYNC_FLUSH)
+    if not out.endswith(b"\x00\x00\xff\xff"):
+        raise ValueError("no sync flush tail")
+    return out[:-4]
+
+
+def inflate(payload, limit=1 << 20):
+    d = zlib.decompressobj(wbits=-15)
+    out = d.decompress(payload + b"\x00\x00\xff\xff", limit)
+    if d.unconsumed_tail:
+        raise ValueError("a compressed message inflating past 1 MiB")
+    return out
 
 
 class Peer:
@@ -280,6 +359,13 @@ class Peer:
                 return f
             await self.more()
 
+    async def frame_rsv1(self):
+        while True:
+            f = parse_frame_rsv1(self.buf)
+            if f is not None:
+                return f
+            await self.more()
+
     async def send(self, data):
         await self.loop.sock_sendall(self.sock, data)
 
@@ -292,7 +378,89 @@ class Peer:
             pass
 
 
-async def open_peer(port, src, rcvbuf=None, timeout=ANSWER_TIMEOUT):
+class TlsPeer(Peer):
+    """A connection over TLS: Python's ssl on memory buffers over the same raw socket, so that
+    what is not read stays unread in the kernel (`sock` is still the TCP socket: its state and
+    raw reads are the transport's, as for a plain peer)."""
+
+    __slots__ = ("obj", "inc", "out")
+
+    def __init__(self, sock, ctx):
+        super().__init__(sock)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="localhost")
+
+    async def flush(self):
+        data = self.out.read()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def fill(self, n=65536):
+        data = await self.loop.sock_recv(self.sock, n)
+        if not data:
+            self.inc.write_eof()
+            raise EOFError("end of stream (TCP)")
+        self.inc.write(data)
+
+    async def handshake(self):
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self.fill()
+        await self.flush()
+
+    async def more(self, n=65536):
+        while True:
+            try:
+                data = self.obj.read(n)
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self.fill(n)
+                continue
+            except ssl.SSLZeroReturnError:
+                raise EOFError("end of stream (close_notify)")
+            if not data:
+                raise EOFError("end of stream (close_notify)")
+            self.buf += data
+            return
+
+    async def send(self, data):
+        self.obj.write(data)
+        await self.flush()
+
+
+def tls_context(ca):
+    """A client context trusting the certificate file `ca` (None: no TLS)."""
+    if not ca:
+        return None
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def make_certificate(folder):
+    """A test CA and a certificate for localhost and 127.0.0.1 it signs, made with the openssl
+    CLI in `folder`: the CA's path (for the clients) and the certificate's and key's (for the
+    server)."""
+    def openssl(*a):
+        subprocess.run(["openssl", *a], cwd=folder, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=wsloop soak CA")
+    openssl("req", "-new", *ec, "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(folder, "server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "server.ext")
+    return tuple(os.path.join(folder, f) for f in ("ca.pem", "cert.pem", "key.pem"))
+
+
+async def open_peer(port, src, rcvbuf=None, timeout=ANSWER_TIMEOUT, tls=None):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setblocking(False)
@@ -305,7 +473,15 @@ async def open_peer(port, src, rcvbuf=None, timeout=ANSWER_TIMEOUT):
     except BaseException:
         s.close()
         raise
-    return Peer(s)
+    if tls is None:
+        return Peer(s)
+    peer = TlsPeer(s, tls)
+    try:
+        await asyncio.wait_for(peer.handshake(), timeout)
+    except BaseException:
+        peer.close()
+        raise
+    return peer
 
 
 TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # linux/tcp_states.h
@@ -342,9 +518,11 @@ def status_key(status, head):
 
 
 class Legit:
-    def __init__(self, echo_port, pubsub_port):
+    def __init__(self, echo_port, pubsub_port, wss_port=None, tls=None):
         self.echo_port = echo_port
         self.pubsub_port = pubsub_port
+        self.wss_port = wss_port
+        self.tls = tls
         self.reset_interval()
         self.errors_total = 0
         self.paused = False
@@ -355,6 +533,7 @@ class Legit:
 
     def reset_interval(self):
         self.echo_lat = []
+        self.wss_lat = []
         self.room_lat = []
         self.fresh_lat = []
         self.refused = []
@@ -378,6 +557,7 @@ class Legit:
 
         out = {
             "echo": pct(self.echo_lat),
+            "wss": pct(self.wss_lat),
             "room": pct(self.room_lat),
             "fresh": pct(self.fresh_lat),
             "refused": self.refused,
@@ -386,17 +566,26 @@ class Legit:
         self.reset_interval()
         return out
 
-    async def upgrade(self, port, path, src):
-        """Connect and upgrade; the open peer, or the refusal's status key (a 503 must carry
-        Retry-After)."""
-        peer = await open_peer(port, src)
+    async def upgrade(self, port, path, src, tls=None, extra=""):
+        """Connect (over TLS with the context `tls`) and upgrade, with the `extra` header lines;
+        the open peer, or the refusal's status key (a 503 must carry Retry-After; over TLS, a
+        connection closed before its handshake completed is how the server refuses, since a
+        client without keys could not read a 503)."""
         try:
-            key, req = upgrade_request(path)
+            peer = await open_peer(port, src, tls=tls)
+        except (EOFError, ConnectionResetError, ssl.SSLError) as e:
+            if tls is None:
+                raise
+            return None, (TLS_REFUSED, f"{type(e).__name__}: {e}")
+        try:
+            key, req = upgrade_request(path, extra=extra)
             await peer.send(req)
             status, head = await asyncio.wait_for(peer.head(), ANSWER_TIMEOUT)
             if status == 101:
                 if accept_of(key) not in head:
                     raise ValueError("wrong Sec-WebSocket-Accept")
+                if extra and "permessage-deflate" not in head:
+                    raise ValueError(f"permessage-deflate not agreed: {head!r}")
                 return peer, None
             body = await asyncio.wait_for(peer.body(head), ANSWER_TIMEOUT)
             if status == 503 and "retry-after" not in head.lower():
@@ -450,6 +639,57 @@ class Legit:
             except BaseException as e:
                 if not self.stopping:
                     self.error(f"echo-{i}", f"{type(e).__name__}: {e}")
+                    await asyncio.sleep(1)
+            finally:
+                if peer:
+                    self.peers.discard(peer)
+                    peer.close()
+
+    async def wss_client(self, i):
+        """A long-lived client over TLS with permessage-deflate: a compressible JSON message of
+        WSS_SIZE bytes every WSS_INTERVAL, compressed; its echo must come back compressed and
+        inflate to the message. Timed as the echo clients are."""
+        seq = 0
+        rng = random.Random(i)
+        words = ["price", "volume", "symbol", "bid", "ask", "time", "venue", "side"]
+        await asyncio.sleep(i * WSS_INTERVAL / WSS_CLIENTS)
+        while not self.stopping:
+            peer = None
+            try:
+                peer, refused = await self.upgrade(self.wss_port, f"/legit-wss-{i}", "127.0.0.2",
+                                                   tls=self.tls, extra=DEFLATE_OFFER)
+                if refused:
+                    raise ConnectionError(f"long-lived wss client refused: {refused}")
+                self.peers.add(peer)
+                nxt = time.monotonic()
+                while not self.stopping:
+                    seq += 1
+                    body = ",".join(f'"{rng.choice(words)}":{rng.randrange(1000)}' for _ in range(400))
+                    msg = f'{{"client":{i},"seq":{seq},{body}}}'.encode()[:WSS_SIZE - 1] + b"}"
+                    t = time.monotonic()
+                    await peer.send(frame(0x1, deflate(msg), rsv1=True))
+                    while True:
+                        fin, op, payload, rsv1 = await asyncio.wait_for(peer.frame_rsv1(), ANSWER_TIMEOUT)
+                        if op == 0x9:
+                            await peer.send(frame(0xA, payload))
+                            continue
+                        if op == 0xA:
+                            continue
+                        break
+                    if op == 0x8:
+                        raise ConnectionError(f"closed by the server with {close_code(payload)}")
+                    if not fin or op != 0x1 or not rsv1:
+                        raise ValueError(f"unexpected echo: op={op} fin={fin} rsv1={rsv1}")
+                    if inflate(payload) != msg:
+                        raise ValueError("the compressed echo inflates to another message")
+                    self.wss_lat.append((time.monotonic() - t) * 1000)
+                    nxt += WSS_INTERVAL
+                    await asyncio.sleep(max(0, nxt - time.monotonic()))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                if not self.stopping:
+                    self.error(f"wss-{i}", f"{type(e).__name__}: {e}")
                     await asyncio.sleep(1)
             finally:
                 if peer:
@@ -518,12 +758,13 @@ class Legit:
                     self.peers.discard(peer)
                     peer.close()
 
-    async def fresh_one(self, port, label):
+    async def fresh_one(self, port, label, tls=None):
         t = time.monotonic()
-        peer, refused = await self.upgrade(port, "/legit-fresh", "127.0.0.3")
+        extra = DEFLATE_OFFER if tls else ""
+        peer, refused = await self.upgrade(port, "/legit-fresh", "127.0.0.3", tls=tls, extra=extra)
         if refused:
             status, body = refused
-            if not status.startswith("503"):
+            if not status.startswith("503") and status != TLS_REFUSED:
                 raise ValueError(f"refused with {status}: {body}")
             self.refused.append({"t": time.monotonic(), "target": label, "status": status, "body": body})
             return
@@ -553,7 +794,8 @@ class Legit:
             peer.close()
 
     async def fresh_clients(self):
-        """A fresh client every FRESH_INTERVAL, alternately on each server."""
+        """A fresh client every FRESH_INTERVAL, on each server in turn (over TLS, offering
+        permessage-deflate, on the third; its short message goes uncompressed both ways)."""
         k = 0
         nxt = time.monotonic()
         while not self.stopping:
@@ -564,10 +806,13 @@ class Legit:
             if self.stopping:
                 return
             k += 1
-            port, label = (self.echo_port, "echo") if k % 2 else (self.pubsub_port, "pubsub")
+            targets = [(self.echo_port, "echo", None), (self.pubsub_port, "pubsub", None)]
+            if self.wss_port:
+                targets.append((self.wss_port, "wss", self.tls))
+            port, label, tls = targets[k % len(targets)]
             self.in_flight += 1
             try:
-                await self.fresh_one(port, label)
+                await self.fresh_one(port, label, tls)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:
@@ -605,6 +850,8 @@ class Legit:
     async def run(self):
         self.tasks = [asyncio.ensure_future(self.echo_client(i)) for i in range(ECHO_CLIENTS)]
         self.tasks += [asyncio.ensure_future(self.room_member(i)) for i in range(ROOM_MEMBERS)]
+        if self.wss_port:
+            self.tasks += [asyncio.ensure_future(self.wss_client(i)) for i in range(WSS_CLIENTS)]
         self.tasks.append(asyncio.ensure_future(self.fresh_clients()))
         loop = asyncio.get_running_loop()
         lines = asyncio.Queue()
@@ -628,8 +875,9 @@ class Legit:
 
 
 class Attack:
-    def __init__(self, port, seconds, target, fd_limit, max_message):
+    def __init__(self, port, seconds, target, fd_limit, max_message, tls=None):
         self.port = port
+        self.tls = tls
         self.deadline = time.monotonic() + seconds
         self.target = target
         self.fd_limit = fd_limit
@@ -646,7 +894,7 @@ class Attack:
         return self.deadline - time.monotonic()
 
     async def open(self, rcvbuf=None):
-        peer = await open_peer(self.port, self.src(), rcvbuf=rcvbuf, timeout=3)
+        peer = await open_peer(self.port, self.src(), rcvbuf=rcvbuf, timeout=3, tls=self.tls)
         self.opened += 1
         self.peers.add(peer)
         return peer
@@ -889,7 +1137,7 @@ class Attack:
                     if peer:
                         self.drop(peer)
 
-        if self.target == "echo":
+        if self.target != "pubsub":
             await self.slots(200, 10, reader_slot)
         else:
             pub = asyncio.ensure_future(publisher())
@@ -1120,7 +1368,7 @@ class Server:
         text = ""
         while time.monotonic() < deadline:
             text = open(self.logpath).read()
-            ws = re.search(r"listening on ws://([\d.]+):(\d+)", text)
+            ws = re.search(r"listening on wss?://([\d.]+):(\d+)", text)
             mt = re.search(r"metrics on http://([\d.]+):(\d+)/metrics", text)
             if ws and mt and "fd budget" in text:
                 self.port = int(ws.group(2))
@@ -1201,12 +1449,16 @@ class Server:
 
 
 MEM_KINDS = ["partial_messages", "send_queues", "publications"]
+# Sampled too, but not in `mem` (state that stays while connections do: the loop's compression
+# state, and 10 KiB per TLS connection).
+STATE_KINDS = ["compression", "tls"]
 # The counters sampled besides (CSV column suffix, metric), as src/reason.rs, src/metrics.rs and
 # src/admission.rs label them.
 CLOSE_REASONS = [
     "rejected", "http_answered", "handshake_timeout", "peer_closed", "closed_by_server",
     "protocol_error", "idle_timeout", "close_timeout", "abnormal", "io_error", "terminated",
     "shutdown", "refused", "backpressure", "write_stall", "max_lifetime", "handler_panic", "memory",
+    "tls_error",
 ]
 REJECT_STATUSES = [400, 403, 404, 405, 408, 414, 426, 429, 431, 500, 503]
 COUNTERS = (
@@ -1214,6 +1466,7 @@ COUNTERS = (
     + [(f"status_{s}", f'wsloop_handshakes_rejected_total{{status="{s}"}}') for s in REJECT_STATUSES]
     + [(f"refused_{l}", f'wsloop_admission_rejections_total{{limit="{l}"}}')
        for l in ("max_connections", "max_connections_per_ip", "rate_per_ip", "memory_budget")]
+    + [("tls_capped", "wsloop_tls_handshakes_capped_total")]
     + [(f"accept_{e}", f'wsloop_accept_errors_total{{errno="{e}"}}') for e in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "ECONNABORTED")]
 )
 CONN_STATES = ["handshake", "open", "closing", "refusing"]
@@ -1240,6 +1493,9 @@ def sample_server(srv):
         row[f"{p}_mem_{k}"] = v
         total += v
     row[f"{p}_mem"] = total
+    for k in STATE_KINDS:
+        row[f"{p}_mem_{k}"] = int(m.get(f'wsloop_memory_bytes{{kind="{k}"}}', 0))
+    row[f"{p}_tls_handshaking"] = int(m.get("wsloop_tls_handshakes_in_progress", 0))
     row[f"{p}_largest"] = int(m.get("wsloop_memory_largest_holder_bytes", 0))
     row[f"{p}_shedding"] = int(m.get("wsloop_memory_shedding", 0))
     row[f"{p}_shed_episodes"] = int(m.get("wsloop_memory_shed_episodes_total", 0))
@@ -1323,6 +1579,8 @@ def orchestrate(args):
         "fd_limit": args.fd_limit, "memory_budget": args.memory_budget,
         "server_args": server_args,
         "echo_args": ECHO_ARGS,
+        "wss_args": WSS_ARGS,
+        "servers": SERVERS,
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True).stdout.strip(),
         "cpus": os.cpu_count(),
@@ -1330,7 +1588,8 @@ def orchestrate(args):
         "top_start": top_processes(),
         "legit": {"echo_clients": ECHO_CLIENTS, "echo_interval": ECHO_INTERVAL,
                   "room_members": ROOM_MEMBERS, "room_interval": ROOM_INTERVAL,
-                  "fresh_interval": FRESH_INTERVAL, "answer_timeout": ANSWER_TIMEOUT},
+                  "fresh_interval": FRESH_INTERVAL, "answer_timeout": ANSWER_TIMEOUT,
+                  "wss_clients": WSS_CLIENTS, "wss_interval": WSS_INTERVAL, "wss_size": WSS_SIZE},
     }
     rows = []
     errors = []
@@ -1341,12 +1600,18 @@ def orchestrate(args):
     try:
         servers["echo"] = Server("echo", binary, server_args + ECHO_ARGS, logdir)
         servers["pubsub"] = Server("pubsub", binary, server_args + ["--pubsub"], logdir)
+        certs = os.path.join(logdir, "certs")
+        os.makedirs(certs, exist_ok=True)
+        ca, cert, key = make_certificate(certs)
+        servers["wss"] = Server("wss", binary, server_args + WSS_ARGS + ["--tls-cert", cert, "--tls-key", key],
+                                logdir)
         meta["server_start"] = {n: s.start_line.split("] ", 1)[-1] for n, s in servers.items()}
-        log(f"echo on {servers['echo'].port}, pubsub on {servers['pubsub'].port}; "
-            f"{len(waves)} waves over {args.minutes} min; data into {args.out}")
+        log(", ".join(f"{n} on {srv.port}" for n, srv in servers.items())
+            + f"; {len(waves)} waves over {args.minutes} min; data into {args.out}")
         legit_log = open(os.path.join(logdir, "legit.log"), "w")
         legit = spawn([sys.executable, os.path.abspath(__file__), "legit",
-                       "--echo-port", str(servers["echo"].port), "--pubsub-port", str(servers["pubsub"].port)],
+                       "--echo-port", str(servers["echo"].port), "--pubsub-port", str(servers["pubsub"].port),
+                       "--wss-port", str(servers["wss"].port), "--tls-ca", ca],
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=legit_log, text=True, bufsize=1)
 
         def legit_sample(cmd="sample"):
@@ -1383,7 +1648,7 @@ def orchestrate(args):
                     row.update(sample_server(srv))
                 legit.stdin.write("resume\n")
                 legit.stdin.flush()
-                for k in ("echo", "room", "fresh"):
+                for k in ("echo", "wss", "room", "fresh"):
                     for q in ("n", "p50", "p99", "max"):
                         v = st[k][q]
                         row[f"{k}_{q}"] = "" if v is None else (v if q == "n" else round(v, 2))
@@ -1403,7 +1668,8 @@ def orchestrate(args):
                 log(f"t={el:5d}s {row['phase']:6s} {row['kind']:12s} "
                     + " ".join(f"{n}: fds {row[n + '_fds']} rss {row[n + '_rss'] >> 20}M mem {row[n + '_mem'] >> 10}K "
                                f"conns {row[n + '_conns']} shed {row[n + '_shedding']}" for n in servers)
-                    + f" | echo p99 {row['echo_p99']} room p99 {row['room_p99']} refused {row['refused']}"
+                    + f" | echo p99 {row['echo_p99']} wss p99 {row['wss_p99']} room p99 {row['room_p99']}"
+                      f" refused {row['refused']}"
                       f" errors {row['errors']}")
                 next_sample += SAMPLE_SECONDS
                 if el >= total:
@@ -1441,6 +1707,8 @@ def orchestrate(args):
                            "--port", str(srv.port), "--target", name,
                            "--seconds", str(current["end"] - el),
                            "--fd-limit", str(args.fd_limit), "--max-message", "65536"]
+                    if name == "wss":
+                        cmd += ["--tls-ca", ca]
                     attackers.append((spawn(["nice", "-n", "5"] + cmd, stdout=subprocess.PIPE,
                                             stderr=legit_log, stdin=subprocess.DEVNULL, text=True), name))
                 continue
@@ -1551,14 +1819,14 @@ def linfit(xs, ys):
 
 def verdict(rows, meta):
     """Each criterion: (name, passed or None when it cannot be judged, what was measured)."""
-    names = ["echo", "pubsub"]
+    names = names_of(meta)
     base, points = quiet_points(rows, meta)
     out = []
     # 1. Descriptors back at the baseline after every wave.
     bad = [f"{n} {int(r[n + '_fds'])} (baseline {int(base[n + '_fds'])}) after wave {w['i']} {w['kind']}"
            for w, r in points for n in names if r[n + "_fds"] != base[n + "_fds"]]
     out.append(("descriptors back at the baseline after every wave", not bad and bool(points),
-                f"baseline echo {int(base['echo_fds'])}, pubsub {int(base['pubsub_fds'])}; "
+                "baseline " + ", ".join(f"{n} {int(base[n + '_fds'])}" for n in names) + "; "
                 f"{len(points)} quiet points" + (": " + "; ".join(bad[:8]) if bad else ", all equal")))
     # 2. What connections hold (partial messages, send queues) back at zero after every wave.
     conn_kinds = ("partial_messages", "send_queues")
@@ -1568,8 +1836,8 @@ def verdict(rows, meta):
     peak = {n: max(r[n + "_mem"] for r in rows) for n in names}
     out.append(("accounted bytes of connections (partial messages, send queues) back at 0 after every wave",
                 not bad and bool(points),
-                f"peak during waves: echo {peak['echo'] / 2**20:.1f} MiB, pubsub {peak['pubsub'] / 2**20:.1f} MiB "
-                f"(budget {meta['memory_budget'] / 2**20:.0f} MiB each); "
+                "peak during waves: " + ", ".join(f"{n} {peak[n] / 2**20:.1f} MiB" for n in names)
+                + f" (budget {meta['memory_budget'] / 2**20:.0f} MiB each); "
                 + ("; ".join(bad[:8]) if bad else f"0 at all {len(points)} quiet points")))
     # 2b. The topic fan-out's arena, which a loop keeps between turns (see FANOUT_BOUND).
     pubs = [(r["t"], r["pubsub_mem_publications"]) for _, r in points]
@@ -1580,6 +1848,16 @@ def verdict(rows, meta):
                 f"{int(min(b for _, b in pubs)) if pubs else 0}-{int(max(b for _, b in pubs)) if pubs else 0} B; "
                 f"echo server: {int(max(r['echo_mem_publications'] for r in rows))} B at most"
                 + ("; over: " + "; ".join(over[:5]) if over else "")))
+    # 2c. The TLS state (10 KiB per TLS connection) back at its baseline (the long-lived wss
+    # clients') after every wave.
+    if "wss" in names:
+        bad = [f"{int(r['wss_mem_tls'])} B after wave {w['i']} {w['kind']}"
+               for w, r in points if r["wss_mem_tls"] != base["wss_mem_tls"]]
+        peak_tls = max(r["wss_mem_tls"] for r in rows)
+        out.append(("accounted TLS state of the wss server back at its baseline after every wave",
+                    not bad and bool(points),
+                    f"baseline {int(base['wss_mem_tls'])} B, peak during waves {peak_tls / 2**20:.1f} MiB; "
+                    + ("; ".join(bad[:8]) if bad else f"equal at all {len(points)} quiet points")))
     # 3. No RSS growth. Each kind leaves its own footprint (the first hour-long run's slope over
     # all quiet points was the order of the kinds, see SOAK.md), so a kind is compared with
     # itself: the quiet-point RSS after its wave in its last rotation against its second (the
@@ -1622,7 +1900,7 @@ def verdict(rows, meta):
                 f"grows by at most {RSS_KIND_BOUND_MIB:g} MiB per rotation)", ok, "; ".join(details)))
     # 4. Legitimate latency.
     worst = {}
-    for k in ("echo", "room"):
+    for k in latency_keys(meta):
         vals = [(r[k + "_p99"], r["t"], r["kind"]) for r in rows if r[k + "_p99"] is not None]
         worst[k] = max(vals) if vals else (None, None, None)
     ok = all(w[0] is not None and w[0] <= P99_BOUND_MS for w in worst.values())
@@ -1633,7 +1911,8 @@ def verdict(rows, meta):
     errs = meta["errors"]
     late = unexplained_refusals(meta)
     out.append(("zero errors for legitimate clients", not errs and not late,
-                f"{len(errs)} errors, {len(meta['refusals'])} refusals (503) of fresh clients during or right "
+                f"{len(errs)} errors, {len(meta['refusals'])} refusals (503, or over TLS a close in the handshake) "
+                "of fresh clients during or right "
                 f"after waves, {len(late)} outside them"
                 + ("; first: " + "; ".join(f"t={e['t']} {e['who']}: {e['detail']}" for e in errs[:5]) if errs else "")))
     # 6. Every wave attacked: its server counters rose as EXPECT says.
@@ -1646,7 +1925,7 @@ def verdict(rows, meta):
                 continue
             judged_waves += 1
             d = effects[(w["i"], n)]
-            for cols, least in EXPECT[w["kind"]]:
+            for cols, least in expected(w["kind"], n):
                 got = sum(d.get(c, 0) for c in cols)
                 if got < least:
                     weak.append(f"wave {w['i']} {w['kind']} on {n}: {'+'.join(cols)} rose by {got} (< {least})")
@@ -1680,7 +1959,7 @@ def wave_effects(rows, meta):
         after = [r for r in rows if r["t"] <= (nxt["start"] if nxt else rows[-1]["t"])]
         if not before or not after or after[-1]["t"] <= w["end"]:
             continue
-        for n in ("echo", "pubsub"):
+        for n in names_of(meta):
             d = {}
             for col, _ in COUNTERS:
                 k = f"{n}_{col}"
@@ -1708,7 +1987,7 @@ def plot(rows, meta, path):
 
     t = [r["t"] / 60 for r in rows]
     fig, axes = plt.subplots(5, 1, figsize=(11, 13), sharex=True)
-    colors = {"echo": "tab:blue", "pubsub": "tab:orange"}
+    colors = {"echo": "tab:blue", "pubsub": "tab:orange", "wss": "tab:purple"}
     panels = [
         ("descriptors (/proc/PID/fd)", lambda r, n: r[n + "_fds"], 1),
         ("RSS (MiB)", lambda r, n: r[n + "_rss"] / 2**20, 1),
@@ -1716,15 +1995,19 @@ def plot(rows, meta, path):
         ("connections", lambda r, n: r[n + "_conns"], 1),
     ]
     for ax, (label, get, _) in zip(axes, panels):
-        for n in ("echo", "pubsub"):
+        for n in names_of(meta):
             ax.plot(t, [get(r, n) for r in rows], color=colors[n], label=f"{n} server", lw=1.2)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if "wss" in names_of(meta) and "wss_mem_tls" in rows[0]:
+        axes[2].plot(t, [r["wss_mem_tls"] / 2**20 for r in rows], color=colors["wss"], ls="--", lw=1,
+                     label="wss server's TLS state")
     axes[2].axhline(meta["memory_budget"] / 2**20, color="red", ls="--", lw=0.8, label="budget (each)")
     axes[2].axhline(meta["memory_budget"] * 15 / 16 / 2**20, color="red", ls=":", lw=0.8, label="shedding from 15/16")
     axes[0].axhline(meta["fd_limit"], color="red", ls="--", lw=0.8, label="--fd-limit")
     ax = axes[4]
-    for k, c in (("echo", "tab:blue"), ("room", "tab:green"), ("fresh", "tab:gray")):
+    lat = [("echo", "tab:blue"), ("room", "tab:green"), ("wss", "tab:purple"), ("fresh", "tab:gray")]
+    for k, c in [x for x in lat if x[0] in latency_keys(meta) + ["fresh"]]:
         p99 = [(r["t"] / 60, r[k + "_p99"]) for r in rows if r[k + "_p99"] is not None]
         p50 = [(r["t"] / 60, r[k + "_p50"]) for r in rows if r[k + "_p50"] is not None]
         if k != "fresh":
@@ -1743,7 +2026,7 @@ def plot(rows, meta, path):
     for w in meta["waves"]:
         axes[0].text((w["start"] + w["end"]) / 120, 1.02, w["kind"].replace("_", " "), rotation=60,
                      fontsize=7, ha="left", va="bottom", transform=axes[0].get_xaxis_transform())
-    fig.suptitle(f"wsloop soak: {meta['minutes']:g} min, attacks shaded (each against both servers)", y=0.995)
+    fig.suptitle(f"wsloop soak: {meta['minutes']:g} min, attacks shaded (each against every server)", y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
@@ -1776,7 +2059,7 @@ def report(args):
              "--warmup 20 --attack-seconds 80 --quiet-seconds 20 --out target/soak-b\n"
              "# redo the plot and this report from the recorded data\n"
              "python3 benches/soak.py --report-only --out docs/soak --report SOAK.md --notes docs/soak/notes.md\n```\n")
-    L.append("It is not part of `cargo test` or `.ci/run`. Every process it starts (the two servers, the "
+    L.append("It is not part of `cargo test` or `.ci/run`. Every process it starts (the servers, the "
              "legitimate clients, the attackers) is killed when it ends or is interrupted (SIGINT, SIGTERM, "
              "and through `PR_SET_PDEATHSIG` even SIGKILL). The servers' logs go to target/soak-logs/.\n")
     L.append("| criterion | result | measured |\n|---|---|---|")
@@ -1789,15 +2072,29 @@ def report(args):
              "(the schedule, each attacker's outcomes, every legitimate error and refusal, the servers' "
              "logged warnings).\n")
     L.append("## Setup\n")
-    L.append(f"Two servers, each a child of the script on 127.0.0.1 (`target/release/wsloop --listen "
+    wss = "wss" in names_of(meta)
+    L.append(f"{'Three' if wss else 'Two'} servers, each a child of the script on 127.0.0.1 (`target/release/wsloop --listen "
              f"127.0.0.1:0 --metrics-listen 127.0.0.1:0 {' '.join(meta['server_args'])}`): an echo "
              f"server (with `{' '.join(meta.get('echo_args', []))}`: an echo over the backpressure limit is "
              "dropped rather than the reader closed, so that non-readers hold their queues until the memory "
-             "budget or the write-stall timeout ends them, as in tests/memory.rs) and a topic server (with "
-             "`--pubsub` and the default policy, close with 1008). They logged:\n")
+             "budget or the write-stall timeout ends them, as in tests/memory.rs)"
+             + (", a topic server (with `--pubsub` and the default policy, close with 1008), and an echo "
+                f"server over TLS with permessage-deflate (`{' '.join(meta.get('wss_args', []))} --tls-cert "
+                "cert.pem --tls-key key.pem`, a P-256 certificate for localhost signed by a CA the script "
+                "makes with the openssl CLI)" if wss else
+                " and a topic server (with `--pubsub` and the default policy, close with 1008)")
+             + ". They logged:\n")
     for n, line in meta["server_start"].items():
         L.append(f"- {n}: `{line}`")
     lg = meta["legit"]
+    wss_line = wss_attack = ""
+    if wss:
+        wss_line = (f"- wss: {lg['wss_clients']} long-lived clients over TLS, each offering permessage-deflate "
+                    f"without context takeover and sending a {lg['wss_size']}-byte JSON text message, compressed, "
+                    f"every {lg['wss_interval'] * 1000:g} ms; the echo must come back compressed and inflate to "
+                    "the message; the latency is the round trip;\n")
+        wss_attack = (" (against the wss server every attacker connection first completes a TLS handshake, "
+                      "then does over TLS what it does over plain TCP elsewhere)")
     L.append(f"""
 Legitimate load, throughout, from a process of its own (normal priority):
 
@@ -1807,12 +2104,12 @@ Legitimate load, throughout, from a process of its own (normal priority):
 - topics: a room (`/room`) of {lg['room_members']} members on the topic server, each publishing
   every {lg['room_interval'] * 1000:g} ms; every member checks that it gets every member's
   publications (its own included) in order; the latency is from publishing to receiving;
-- fresh clients: one a second, alternately on each server: connect, upgrade, echo one message,
-  close handshake (its p99 is drawn in grey; it is not under the bound, since it includes
-  connection setup under an accept backlog).
+{wss_line}- fresh clients: one a second, on each server in turn: connect (over TLS on the wss server),
+  upgrade, echo one message, close handshake (its p99 is drawn in grey; it is not under the
+  bound, since it includes connection setup under an accept backlog).
 
 Attacks: a wave of {meta['attack']} s, then {meta['quiet']} s of quiet, after {meta['warmup']} s of
-warm-up; each wave runs one kind against both servers at once, from one process per server
+warm-up; each wave runs one kind against every server at once, from one process per server{wss_attack}
 (`nice -n 5`, so that the attackers' own CPU use disturbs the legitimate clients' timing less; the
 servers run at normal priority). Sources are spread over 127.x.y.z. The kinds, in order (the
 docstrings in `benches/soak.py` give the numbers):
@@ -1839,7 +2136,8 @@ What counts, precisely:
 - **Descriptors**: entries of `/proc/PID/fd` (the fd audit's own listing of it left out), equal to
   the baseline at every quiet point.
 - **Accounted bytes**: `wsloop_memory_bytes{{kind}}`: what connections hold (`partial_messages`,
-  `send_queues`) exactly 0 at every quiet point; `publications`, the topic fan-out's arena,
+  `send_queues`) exactly 0 at every quiet point; on the wss server, the TLS state (`tls`, 10 KiB
+  per TLS connection) equal to its baseline (the long-lived wss clients') at every quiet point; `publications`, the topic fan-out's arena,
   which a loop keeps after a publishing turn until a turn publishes nothing, at most
   {FANOUT_BOUND >> 20} MiB (its bound from src/topics.rs, see `FANOUT_BOUND` in the script).
 - **RSS trend**: VmRSS at the quiet point after each wave, compared kind with kind: after a
@@ -1852,21 +2150,23 @@ What counts, precisely:
   rotation and failed on the order of the kinds (the memory waves came late in the second
   rotation), while each kind against itself a rotation apart moved by 0.1-0.7 MiB on the topic
   server; a run of three rotations is needed to judge it.
-- **Latency**: p99 of the long-lived echo clients' round trips, and of the room's publish-to-receive
-  times, over each 10 s interval, attack waves included: at most {P99_BOUND_MS:g} ms. Measured by
+- **Latency**: p99 of the long-lived echo clients' round trips (plain, and over TLS with
+  compression on the wss server), and of the room's publish-to-receive times, over each 10 s interval, attack waves included: at most {P99_BOUND_MS:g} ms. Measured by
   Python clients on the same two shared cores as the servers and the attackers, so it includes
   their scheduling. Why {P99_BOUND_MS:g} ms: without attacks the p99 is a few milliseconds here;
   the bound is far above that noise, yet a loop that stalls (a turn of 100 ms is what the
   servers' watchdog reports) or that is starved by an attacker for a quarter of a second in any
   interval fails it; it is the bound the soak was written with, not fitted to a run.
-- **Errors** of legitimate clients: a long-lived client (echo or room member) that is closed, reset
+- **Errors** of legitimate clients: a long-lived client (echo, wss or room member) that is closed, reset
   or refused, gets a wrong echo, misses or reorders a publication, or waits more than
   {ANSWER_TIMEOUT:g} s for an answer; a fresh client whose connect, upgrade, echo or close handshake
   fails or takes more than {ANSWER_TIMEOUT:g} s, or that gets any status but 101 and 503. **Not an
   error**: a `503` with `Retry-After` to a fresh client during a wave or within {REFUSAL_GRACE:g} s
   after it (`server memory budget reached` while shedding, `server at capacity` at the connection
-  limit): that is the server answering; counted as a refusal. A 503 outside those windows is an
-  error.
+  limit): that is the server answering; counted as a refusal. Over TLS the server refuses by
+  closing the connection before the handshake completes (a client without keys could not read a
+  503): a fresh wss client closed in its TLS handshake in the same windows is a refusal too. A
+  refusal outside those windows is an error.
 """)
     L.append("## Waves\n")
     L.append("Per wave, for each server: the peak of accounted bytes, RSS and connections during the "
@@ -1886,7 +2186,7 @@ What counts, precisely:
     for w in meta["waves"]:
         wrows = [r for r in rows if r["phase"] == "attack" and r["wave"] == w["i"]]
         prev = [r for r in rows if r["t"] <= w["start"]]
-        for n in ("echo", "pubsub"):
+        for n in names_of(meta):
             if not wrows:
                 continue
             ep0 = prev[-1][n + "_shed_episodes"] if prev else 0
@@ -1898,11 +2198,11 @@ What counts, precisely:
                      f"{max(r[n + '_rss'] for r in wrows) / 2**20:.1f} MiB | {int(max(r[n + '_conns'] for r in wrows))} | "
                      f"{int(ep1 - ep0)} | {ref} | "
                      + ", ".join(f"{k}: {v}" for k, v in sorted(effects.get((w["i"], n), {}).items(), key=lambda kv: -kv[1]))
-                     + " | " + ", ".join(f"{'+'.join(c)} >= {m}" for c, m in EXPECT[w["kind"]])
+                     + " | " + ", ".join(f"{'+'.join(c)} >= {m}" for c, m in expected(w["kind"], n))
                      + f" | {s.get('opened', 0)} opened; {oc} |")
     L.append("")
     L.append("## The servers' warnings\n")
-    for n in ("echo", "pubsub"):
+    for n in names_of(meta):
         lg = meta["log"][n]
         L.append(f"{n}: {sum(lg['counts'].values())} warning lines (aggregated by the server), "
                  f"{len(lg['panics'])} panics. CPU used: {meta.get('cpu_seconds_' + n)} s.\n")
@@ -1934,6 +2234,8 @@ def main():
     lp = sub.add_parser("legit", help="(internal) the legitimate clients")
     lp.add_argument("--echo-port", type=int, required=True)
     lp.add_argument("--pubsub-port", type=int, required=True)
+    lp.add_argument("--wss-port", type=int)
+    lp.add_argument("--tls-ca")
     at = sub.add_parser("attack", help="(internal) one attacker process")
     at.add_argument("kind", choices=KINDS)
     at.add_argument("--port", type=int, required=True)
@@ -1941,6 +2243,7 @@ def main():
     at.add_argument("--seconds", type=float, required=True)
     at.add_argument("--fd-limit", type=int, default=4096)
     at.add_argument("--max-message", type=int, default=65536)
+    at.add_argument("--tls-ca", help="attack over TLS, trusting this CA")
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--out", default=os.path.join(REPO, "target", "soak"))
     ap.add_argument("--report", help="the report's path (default OUT/SOAK.md)")
@@ -1956,11 +2259,12 @@ def main():
     ap.add_argument("--quiet-seconds", type=int)
     args = ap.parse_args()
     if args.role == "legit":
-        asyncio.run(Legit(args.echo_port, args.pubsub_port).run())
+        asyncio.run(Legit(args.echo_port, args.pubsub_port, args.wss_port, tls_context(args.tls_ca)).run())
     elif args.role == "attack":
         raise_nofile()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        a = Attack(args.port, args.seconds, args.target, args.fd_limit, args.max_message)
+        a = Attack(args.port, args.seconds, args.target, args.fd_limit, args.max_message,
+                   tls_context(args.tls_ca))
         print(json.dumps(asyncio.run(a.run(args.kind))), flush=True)
     elif args.report_only:
         report(args)

@@ -206,13 +206,35 @@ pub struct Config {
 /// read once when the server starts, and the configuration made from them is shared by every
 /// loop of a [`Cluster`](crate::Cluster). A file that cannot be read, holds no certificate or
 /// no key, a key that does not match the certificate, or a certificate past its `notAfter` is a
-/// start-up error ([`ConfigError`] with the field `tls_cert` or `tls_key`, naming the file).
+/// start-up error ([`ConfigError`] with the field `tls_cert` or `tls_key`, naming the file; or
+/// `tls_sni`, also when an SNI certificate is not valid for its name).
+///
+/// The files can be read again while the server runs
+/// ([`LoopHandle::reload_tls`](crate::LoopHandle::reload_tls); SIGHUP in the binary): new
+/// handshakes use the new certificates, open connections keep theirs, and a wrong new file
+/// leaves the old certificates in place.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsConfig {
     /// The certificate chain, PEM: the server's certificate first, then the intermediates.
+    /// The default certificate: served when the client names no server (SNI) or one that
+    /// [`TlsConfig::sni`] does not list.
     pub cert_chain: PathBuf,
     /// The private key, PEM: PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or SEC1
     /// (`EC PRIVATE KEY`).
+    pub private_key: PathBuf,
+    /// Certificates chosen by the server name the client asks for (SNI), each for one exact
+    /// DNS name (matched without regard to case; no wildcards).
+    pub sni: Vec<SniCertificate>,
+}
+
+/// A certificate served to clients that ask for one server name (SNI).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniCertificate {
+    /// The DNS name, which the certificate must be valid for.
+    pub name: String,
+    /// The certificate chain, PEM, as [`TlsConfig::cert_chain`].
+    pub cert_chain: PathBuf,
+    /// Its private key, PEM, as [`TlsConfig::private_key`].
     pub private_key: PathBuf,
 }
 
@@ -222,7 +244,23 @@ impl TlsConfig {
         TlsConfig {
             cert_chain: cert_chain.into(),
             private_key: private_key.into(),
+            sni: Vec::new(),
         }
+    }
+
+    /// Also serve this certificate chain and key to clients asking for the server `name`.
+    pub fn with_sni(
+        mut self,
+        name: impl Into<String>,
+        cert_chain: impl Into<PathBuf>,
+        private_key: impl Into<PathBuf>,
+    ) -> Self {
+        self.sni.push(SniCertificate {
+            name: name.into(),
+            cert_chain: cert_chain.into(),
+            private_key: private_key.into(),
+        });
+        self
     }
 }
 
@@ -574,6 +612,18 @@ impl Config {
             }
             if tls.private_key.as_os_str().is_empty() {
                 return err("tls_key", "names no file");
+            }
+            let mut names = std::collections::HashSet::new();
+            for sni in &tls.sni {
+                if sni.name.is_empty() {
+                    return err("tls_sni", "a certificate for no name");
+                }
+                if sni.cert_chain.as_os_str().is_empty() || sni.private_key.as_os_str().is_empty() {
+                    return err("tls_sni", format!("{}: names no file", sni.name));
+                }
+                if !names.insert(sni.name.to_ascii_lowercase()) {
+                    return err("tls_sni", format!("{}: named twice", sni.name));
+                }
             }
         }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {

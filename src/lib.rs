@@ -98,7 +98,9 @@ pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };
 pub use cluster::Cluster;
-pub use config::{BackpressurePolicy, Compression, Config, ConfigError, RedisConfig, TlsConfig};
+pub use config::{
+    BackpressurePolicy, Compression, Config, ConfigError, RedisConfig, SniCertificate, TlsConfig,
+};
 pub use error::Error;
 pub use ledger::{set_fd_limit, Budget};
 pub use metrics::{Stats, ACCEPT_ERRNO_LABELS};

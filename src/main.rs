@@ -6,14 +6,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 use wsloop::{
     BackpressurePolicy, Cluster, Compression, Config, ConfigError, Decision, Handler, Message,
-    RedisConfig, TlsConfig, UpgradeRequest, WebSocket,
+    RedisConfig, SniCertificate, TlsConfig, UpgradeRequest, WebSocket,
 };
 
 /// wsloop: a WebSocket echo server on epoll loops, one per thread (one by default).
 ///
 /// Every message a client sends comes back to it; with --pubsub, to every client in its room. Durations are in seconds (fractions allowed);
 /// 0 disables a timeout where noted. Logging goes to stderr, filtered by RUST_LOG
-/// (for example RUST_LOG=debug). SIGINT or SIGTERM start a graceful shutdown.
+/// (for example RUST_LOG=debug). SIGINT or SIGTERM start a graceful shutdown; SIGHUP reloads
+/// the TLS certificates.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -179,6 +180,11 @@ struct Args {
     /// The private key (PEM) of --tls-cert's certificate.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Serve this certificate chain and key (PEM files) to clients that ask for the server
+    /// NAME (SNI; exact name, any case); --tls-cert's to the others. Repeatable. SIGHUP reads
+    /// every certificate and key again (new handshakes use them; a bad file keeps the old).
+    #[arg(long, value_name = "NAME=CERT,KEY", requires = "tls_cert", value_parser = parse_sni)]
+    tls_sni: Vec<SniCertificate>,
     /// With TLS: the most TLS handshakes in progress at once (split over the threads); new
     /// connections beyond it are closed at once, without a handshake (0: no cap).
     #[arg(long, default_value_t = Config::default().tls_max_handshakes)]
@@ -305,8 +311,24 @@ const FLAGS: &[(&str, &str)] = &[
     ("redis_prefix", "--redis-prefix"),
     ("tls_cert", "--tls-cert"),
     ("tls_key", "--tls-key"),
+    ("tls_sni", "--tls-sni"),
     ("tls_max_handshakes", "--tls-max-handshakes"),
 ];
+
+/// `--tls-sni NAME=CERT,KEY`.
+fn parse_sni(s: &str) -> Result<SniCertificate, String> {
+    let form = "expected NAME=CERT,KEY (a server name, its certificate chain and its key)";
+    let (name, files) = s.split_once('=').ok_or(form)?;
+    let (cert, key) = files.rsplit_once(',').ok_or(form)?;
+    if name.is_empty() || cert.is_empty() || key.is_empty() {
+        return Err(form.into());
+    }
+    Ok(SniCertificate {
+        name: name.into(),
+        cert_chain: cert.into(),
+        private_key: key.into(),
+    })
+}
 
 fn flag_of(field: &str) -> Option<&'static str> {
     FLAGS
@@ -358,11 +380,12 @@ fn main() -> ExitCode {
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ]);
     let signals = match signals {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("wsloop: cannot handle SIGINT and SIGTERM: {e}");
+            eprintln!("wsloop: cannot handle SIGINT, SIGTERM and SIGHUP: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -448,7 +471,10 @@ fn config_of(args: &Args) -> Config {
             ..RedisConfig::new(url.clone())
         }),
         tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsConfig::new(cert, key)),
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                sni: args.tls_sni.clone(),
+                ..TlsConfig::new(cert, key)
+            }),
             _ => None,
         },
         tls_max_handshakes: args.tls_max_handshakes,
@@ -486,11 +512,19 @@ fn serve<H: Handler>(
     let handles = cluster.handles().to_vec();
     let signals_handle = signals.handle();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                // Every loop shares the certificates: one reload (logged by itself).
+                if let Some(Err(e)) = handles.first().map(|h| h.reload_tls()) {
+                    log::warn!("SIGHUP: {e}");
+                }
+                continue;
+            }
             log::info!("signal {sig}: shutting down");
             for h in &handles {
                 let _ = h.shutdown(); // `Err(Closed)`: that loop has ended already
             }
+            break;
         }
     });
     let result = cluster.join();

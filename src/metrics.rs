@@ -121,8 +121,11 @@ impl Snapshot {
             a.tls_handshaking += b.tls_handshaking;
             a.tls_handshakes_capped += b.tls_handshakes_capped;
             add_usize(&mut a.tls_connections, &b.tls_connections);
+            add_usize(&mut a.tls_ciphers, &b.tls_ciphers);
             a.tls_certificate_not_after =
                 a.tls_certificate_not_after.max(b.tls_certificate_not_after);
+            // One count for the process, which every loop reports.
+            a.tls_reloads = b.tls_reloads;
             let (a, b) = (&mut t.scan, &p.scan);
             a.handshake += b.handshake;
             a.open += b.open;
@@ -227,8 +230,9 @@ pub struct Stats {
     pub memory_budget: usize,
     /// Bytes held in buffers counted in the memory budget, by kind
     /// ([`Kind::ALL`](crate::memory::Kind::ALL)): partial messages and request heads, send
-    /// queues, the turn's publications, the loop's compression state.
-    pub memory_bytes: [usize; 4],
+    /// queues, the turn's publications, the loop's compression state, its TLS connections'
+    /// state.
+    pub memory_bytes: [usize; 5],
     /// The loop is shedding to stay within its memory budget: new connections are refused, and
     /// connections that grow past their share are closed.
     pub memory_shedding: bool,
@@ -275,8 +279,15 @@ pub struct Stats {
     pub tls_handshakes_capped: u64,
     /// Established TLS connections held now, by version (TLS 1.2, TLS 1.3).
     pub tls_connections: [usize; 2],
-    /// The server certificate's `notAfter`, in seconds since 1970 (0 without TLS).
+    /// Established TLS connections held now, by cipher suite (in the order of their
+    /// `wsloop_tls_cipher_connections` labels; the last is any other).
+    pub tls_ciphers: [usize; 10],
+    /// The soonest `notAfter` of the certificates served, in seconds since 1970 (0 without
+    /// TLS).
     pub tls_certificate_not_after: i64,
+    /// Certificate reloads over the process (every loop shares its certificates): that took
+    /// effect, and that failed (the certificates served stayed as they were).
+    pub tls_reloads: [u64; 2],
 }
 
 /// Labels of [`Stats::accept_errors`], in order.
@@ -494,12 +505,36 @@ fn render_tls(m: &mut Exposition, st: &Stats) {
             st.tls_connections[i] as f64,
         );
     }
+    m.head(
+        "wsloop_tls_cipher_connections",
+        "gauge",
+        "Established TLS connections held now, by cipher suite.",
+    );
+    for (i, cipher) in crate::io::transport::TLS_CIPHERS.iter().enumerate() {
+        m.line(
+            "wsloop_tls_cipher_connections",
+            &[("cipher", cipher)],
+            st.tls_ciphers[i] as f64,
+        );
+    }
     m.one(
         "wsloop_tls_certificate_not_after_seconds",
         "gauge",
-        "The server certificate's notAfter (seconds since 1970; 0 without TLS).",
+        "The soonest notAfter of the certificates served (seconds since 1970; 0 without TLS).",
         st.tls_certificate_not_after as f64,
     );
+    m.head(
+        "wsloop_tls_reloads_total",
+        "counter",
+        "Certificate reloads (SIGHUP, LoopHandle::reload_tls): that took effect (ok), that failed and left the certificates served unchanged (failed).",
+    );
+    for (i, result) in ["ok", "failed"].iter().enumerate() {
+        m.line(
+            "wsloop_tls_reloads_total",
+            &[("result", result)],
+            st.tls_reloads[i] as f64,
+        );
+    }
 }
 
 /// The metrics of every loop (`parts`, in loop order) in Prometheus text format.

@@ -17,7 +17,12 @@
 //! - A slow reader over TLS is closed at the backpressure limit (1008), its queue never more
 //!   than the limit plus one message plus one TLS chunk.
 //! - Start-up errors name the file: unreadable, no certificate, no key, key not matching,
-//!   expired; the binary says it with the flag.
+//!   expired, an SNI certificate not valid for its name; the binary says it with the flag.
+//! - SNI chooses the certificate by name (the default for other names and for none);
+//!   `LoopHandle::reload_tls` and the binary's SIGHUP change the certificate of new
+//!   connections only, and a wrong new file keeps the old one.
+//! - Each TLS connection's state counts in the memory budget; past half of it new TLS
+//!   connections are closed at once.
 //!
 //! A missing tool (openssl, python3 with websockets) skips its test with a note, unless `CI`
 //! is set: then the test fails (`.ci/run` installs them).
@@ -32,10 +37,14 @@ mod common;
 #[allow(dead_code)]
 mod tls_support;
 
+use attack_support::Wsloop;
 use child_support::run_bounded;
 use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, StreamOwned};
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -229,6 +238,250 @@ fn the_clients_close_notify_reads_as_the_end_of_its_stream() {
     assert_eq!(stats.closed_by(CloseReason::Abnormal), 1);
     assert_eq!(read_to_tls_end(ws.get_mut()), Ok(Vec::new()));
     server.finish_closed(&[(CloseReason::Abnormal, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates by name (SNI), and reloaded while the server runs
+
+/// The DER of the first certificate in the PEM file `path`.
+fn leaf(path: &Path) -> Vec<u8> {
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .expect("a certificate")
+        .unwrap()
+        .to_vec()
+}
+
+/// The certificate the server at `addr` presents to a client asking for the server `name`
+/// (verified for that name against the test CA).
+fn presented(addr: SocketAddr, certs: &Certs, name: &str) -> Vec<u8> {
+    let s = tls_named(tcp(addr), certs, rustls::DEFAULT_VERSIONS, name);
+    s.conn.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// With `--tls-sni`, a client naming a listed server gets that server's certificate (in any
+/// case); a client naming another, or none, gets the default; both echo. The cipher gauge
+/// counts each connection under the suite it negotiated.
+#[test]
+fn sni_chooses_the_certificate_by_the_name_the_client_asks_for() {
+    let Some(certs) = certs() else { return };
+    let d = certs.dir.path();
+    issue(d, "sni.test", "DNS:sni.test", "sni.pem", "sni.key");
+    issue(d, "two.test", "DNS:two.test", "two.pem", "two.key");
+    let tls = certs
+        .tls()
+        .with_sni("sni.test", d.join("sni.pem"), d.join("sni.key"))
+        .with_sni("TWO.test", d.join("two.pem"), d.join("two.key"));
+    let server = TestServer::start(Config {
+        tls: Some(tls),
+        ..config()
+    });
+    let addr = server.addr;
+    assert_eq!(
+        presented(addr, &certs, "sni.test"),
+        leaf(&d.join("sni.pem"))
+    );
+    assert_eq!(
+        presented(addr, &certs, "two.test"),
+        leaf(&d.join("two.pem"))
+    );
+    assert_eq!(presented(addr, &certs, "localhost"), leaf(&certs.cert));
+    // An IP address: no SNI at all.
+    assert_eq!(presented(addr, &certs, "127.0.0.1"), leaf(&certs.cert));
+    // A name with no certificate of its own gets the default (which the client then refuses:
+    // it is not valid for that name).
+    let mut s = StreamOwned::new(
+        ClientConnection::new(
+            client_config(&certs, rustls::DEFAULT_VERSIONS),
+            ServerName::try_from("other.test").unwrap(),
+        )
+        .unwrap(),
+        tcp(addr),
+    );
+    let refused = loop {
+        match s.conn.complete_io(&mut s.sock) {
+            Ok(_) if s.conn.is_handshaking() => continue,
+            Ok(_) => panic!("the default certificate passed for other.test"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(
+        refused.contains("not valid for name \"other.test\""),
+        "{refused}"
+    );
+    // Connections by name are served, and counted by cipher suite.
+    let mut ws = tungstenite::client::client(
+        format!("wss://sni.test:{}/", addr.port()),
+        tls_named(tcp(addr), &certs, &[&rustls::version::TLS13], "sni.test"),
+    )
+    .unwrap()
+    .0;
+    ws.send(tungstenite::Message::text("by name")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "by name");
+    let stats = server.wait_stats("one TLS 1.3 connection", |s| s.tls_connections == [0, 1]);
+    assert_eq!(stats.tls_ciphers.iter().sum::<usize>(), 1);
+    let metrics = server.handle.metrics().unwrap();
+    let suite = ws.get_ref().conn.negotiated_cipher_suite().unwrap().suite();
+    let line = format!(
+        "wsloop_tls_cipher_connections{{cipher=\"{}\"}} 1\n",
+        suite.as_str().unwrap()
+    );
+    assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    close_client_over(ws);
+    server.wait_stats("the close", |s| s.tls_ciphers == [0; 10]);
+}
+
+/// Close handshake, then the client's close_notify.
+fn close_client_over(mut ws: tungstenite::WebSocket<Tls>) {
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+}
+
+/// `LoopHandle::reload_tls` reads the files again: new handshakes get the new certificate, a
+/// connection made before keeps working; a wrong file (not matching, expired, unreadable)
+/// is an error naming it and the certificate served stays; a server without TLS has nothing
+/// to reload. Counted in `wsloop_tls_reloads_total`.
+#[test]
+fn reload_tls_changes_the_certificate_of_new_connections_only() {
+    let Some(certs) = certs() else { return };
+    let d = certs.dir.path();
+    // The server reads its certificate from files of its own, which the test replaces.
+    let (cert, key) = (d.join("live.pem"), d.join("live.key"));
+    std::fs::copy(&certs.cert, &cert).unwrap();
+    std::fs::copy(&certs.key, &key).unwrap();
+    let server = TestServer::start(Config {
+        tls: Some(TlsConfig::new(&cert, &key)),
+        ..config()
+    });
+    let addr = server.addr;
+    let old = leaf(&certs.cert);
+    assert_eq!(presented(addr, &certs, "localhost"), old);
+    let mut before = wss(addr, &certs);
+    before.send(tungstenite::Message::text("one")).unwrap();
+    assert_eq!(before.read().unwrap().into_text().unwrap(), "one");
+
+    issue(d, "localhost", "DNS:localhost", "live.pem", "live.key");
+    let new = leaf(&cert);
+    assert_ne!(new, old);
+    server.handle.reload_tls().expect("the new files are good");
+    assert_eq!(presented(addr, &certs, "localhost"), new);
+    // The connection made before the reload goes on.
+    before.send(tungstenite::Message::text("two")).unwrap();
+    assert_eq!(before.read().unwrap().into_text().unwrap(), "two");
+    assert_eq!(
+        before.get_ref().conn.peer_certificates().unwrap()[0].to_vec(),
+        old
+    );
+
+    // Wrong files: each an error naming the file; the new certificate is still served.
+    std::fs::copy(&certs.other_key, &key).unwrap();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert_eq!(e.field, "tls_key", "{e}");
+    assert!(e.reason.contains("does not match"), "{e}");
+    assert!(e.reason.contains(&key.display().to_string()), "{e}");
+    issue(d, "localhost", "DNS:localhost", "live.pem", "live.key");
+    std::fs::copy(&certs.expired, &cert).unwrap();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert!(e.reason.contains("expired on 2020-01-02"), "{e}");
+    std::fs::remove_file(&cert).unwrap();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert!(e.reason.contains("cannot read"), "{e}");
+    assert_eq!(presented(addr, &certs, "localhost"), new);
+    let stats = server.handle.stats().unwrap();
+    assert_eq!(stats.tls_reloads, [1, 3]);
+    let metrics = server.handle.metrics().unwrap();
+    for line in [
+        "wsloop_tls_reloads_total{result=\"ok\"} 1\n",
+        "wsloop_tls_reloads_total{result=\"failed\"} 3\n",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+    close_client_over(before);
+    server.wait_stats("the closes", |s| s.connections == 0);
+
+    // Without TLS there is nothing to reload.
+    let plain = TestServer::start(config());
+    let e = plain.handle.reload_tls().unwrap_err();
+    assert_eq!(e.field, "tls_cert");
+}
+
+/// The binary reloads on SIGHUP: new connections get the new certificate, the connection
+/// made before keeps being served, a bad file leaves the certificate served as it was (and is
+/// logged), and the process never stops.
+#[test]
+fn sighup_reloads_the_binarys_certificates() {
+    let Some(certs) = certs() else { return };
+    let d = certs.dir.path();
+    let (cert, key) = (d.join("hup.pem"), d.join("hup.key"));
+    std::fs::copy(&certs.cert, &cert).unwrap();
+    std::fs::copy(&certs.key, &key).unwrap();
+    issue(d, "sni.test", "DNS:sni.test", "sni.pem", "sni.key");
+    let sni = format!(
+        "sni.test={},{}",
+        d.join("sni.pem").display(),
+        d.join("sni.key").display()
+    );
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let server = Wsloop::spawn_with_fd_limit(
+        "tls-sighup",
+        512,
+        &[
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-sni",
+            &sni,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = server.addr;
+    let old = leaf(&certs.cert);
+    assert_eq!(presented(addr, &certs, "localhost"), old);
+    assert_eq!(
+        presented(addr, &certs, "sni.test"),
+        leaf(&d.join("sni.pem"))
+    );
+    let mut before = wss(addr, &certs);
+
+    // New certificates for both names, then SIGHUP.
+    issue(d, "localhost", "DNS:localhost", "hup.pem", "hup.key");
+    issue(d, "sni.test", "DNS:sni.test", "sni.pem", "sni.key");
+    server.hangup();
+    server.wait_until("the reload", |m| {
+        m.get("wsloop_tls_reloads_total{result=\"ok\"}") == 1.0
+    });
+    let new = leaf(&cert);
+    assert_ne!(new, old);
+    assert_eq!(presented(addr, &certs, "localhost"), new);
+    assert_eq!(
+        presented(addr, &certs, "sni.test"),
+        leaf(&d.join("sni.pem"))
+    );
+    before
+        .send(tungstenite::Message::text("still here"))
+        .unwrap();
+    assert_eq!(before.read().unwrap().into_text().unwrap(), "still here");
+
+    // A bad file: logged, counted, and the certificate served stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    server.hangup();
+    server.wait_until("the failed reload", |m| {
+        m.get("wsloop_tls_reloads_total{result=\"failed\"}") == 1.0
+    });
+    assert_eq!(presented(addr, &certs, "localhost"), new);
+    assert!(
+        server
+            .log()
+            .contains("TLS reload failed, the certificates served are unchanged"),
+        "{}",
+        server.log_tail(20)
+    );
+    close_client_over(before);
+    server.wait_baseline();
+    server.stop();
 }
 
 #[test]
@@ -449,6 +702,58 @@ fn a_refused_client_on_a_tls_port_is_closed_without_a_cleartext_answer() {
     w.stop();
 }
 
+/// Each TLS connection's state counts in the memory budget (`wsloop_memory_bytes{kind="tls"}`,
+/// 10 KiB each, from accept to close); past half the budget a new TLS connection is closed at
+/// once, before any handshake work, and counted as a memory refusal, while the established
+/// ones are served; when they leave, the count is back at 0 and the descriptors at the
+/// baseline.
+#[test]
+fn tls_state_counts_in_the_memory_budget_and_fills_at_most_half_of_it() {
+    let Some(certs) = certs() else { return };
+    let per = wsloop::memory::TLS_CONNECTION_BYTES;
+    let budget = 1 << 20; // the least --memory-budget takes
+    let n = budget / 2 / per;
+    let w = tls_child(
+        &certs,
+        "tls-memory",
+        &["--memory-budget", &budget.to_string()],
+    );
+    let m0 = w.metrics();
+    w.wait_baseline();
+    let mut ws = wss(w.addr, &certs);
+    let mut held: Vec<Tls> = (1..n).map(|_| tls_connect(w.addr, &certs)).collect();
+    let m = w.wait_until("the TLS connections counted", |m| {
+        m.get("wsloop_tls_connections{version=\"1.3\"}") == n as f64
+    });
+    assert_eq!(m.get("wsloop_memory_bytes{kind=\"tls\"}"), (n * per) as f64);
+    assert_eq!(m.get("wsloop_memory_shedding"), 0.0);
+    // Half the budget is taken: the next is closed at once, nothing sent.
+    let mut refused = tcp(w.addr);
+    let (got, took) = until_closed(&mut refused, Instant::now());
+    assert!(got.is_empty(), "the refused client got {got:?}");
+    assert!(took < Duration::from_millis(900), "closed after {took:?}");
+    ws.send(tungstenite::Message::text("served")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap(), "served");
+    let m1 = w.metrics();
+    assert_eq!(
+        m1.admission("memory_budget") - m0.admission("memory_budget"),
+        1
+    );
+    assert_eq!(handshakes(&m1, "ok") - handshakes(&m0, "ok"), n as u64);
+    // One leaves: room for one more.
+    held.pop();
+    w.wait_until("one TLS connection fewer", |m| {
+        m.get("wsloop_memory_bytes{kind=\"tls\"}") == ((n - 1) * per) as f64
+    });
+    held.push(tls_connect(w.addr, &certs));
+    close_client_over(ws);
+    drop((held, refused));
+    w.wait_baseline();
+    let m2 = w.wait_quiet();
+    assert_eq!(m2.get("wsloop_memory_bytes{kind=\"tls\"}"), 0.0);
+    w.stop();
+}
+
 /// A client over TLS that sends 16 KiB messages and never reads their echoes: closed for
 /// backpressure (1008 reported; a send over the limit closes it, or, once reading paused over
 /// the limit, the queue not drained to half of it within the 1 s write-stall timeout drops
@@ -607,6 +912,88 @@ fn startup_errors_name_the_file() {
         run.stderr
     );
     assert!(!run.stderr.contains("listening"), "{}", run.stderr);
+}
+
+/// An SNI certificate that is not valid for its name, or a name given twice, is a start-up
+/// error naming it; the binary says it with `--tls-sni`.
+#[test]
+fn sni_startup_errors_name_the_certificate() {
+    let Some(certs) = certs() else { return };
+    let start = |tls: TlsConfig| {
+        let config = Config {
+            tls: Some(tls),
+            ..config()
+        };
+        match Server::new(config, wsloop_noop()) {
+            Err(wsloop::Error::Config(e)) => e,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("the server started"),
+        }
+    };
+    // The localhost certificate offered for another name.
+    let e = start(certs.tls().with_sni("sni.test", &certs.cert, &certs.key));
+    assert_eq!(e.field, "tls_sni", "{e}");
+    assert!(e.reason.contains(&certs.cert.display().to_string()), "{e}");
+    assert!(
+        e.reason.contains("not a certificate for \"sni.test\""),
+        "{e}"
+    );
+    let e = start(
+        certs
+            .tls()
+            .with_sni("localhost", &certs.cert, &certs.key)
+            .with_sni("LOCALHOST", &certs.cert, &certs.key),
+    );
+    assert_eq!(e.field, "tls_sni", "{e}");
+    assert!(e.reason.contains("named twice"), "{e}");
+    let e = start(
+        certs
+            .tls()
+            .with_sni("localhost", &certs.cert, &certs.other_key),
+    );
+    assert_eq!(e.field, "tls_sni", "{e}");
+    assert!(e.reason.contains("does not match"), "{e}");
+    let run = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(&certs.cert)
+            .arg("--tls-key")
+            .arg(&certs.key)
+            .arg("--tls-sni")
+            .arg(format!(
+                "sni.test={},{}",
+                certs.cert.display(),
+                certs.key.display()
+            ))
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    )
+    .unwrap();
+    assert!(run.status.is_some_and(|s| !s.success()), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("wsloop: invalid --tls-sni: "),
+        "{}",
+        run.stderr
+    );
+    let run = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args([
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--tls-sni",
+                "name-only",
+            ])
+            .stdin(Stdio::null()),
+        TOOL_BOUND,
+    )
+    .unwrap();
+    assert!(
+        run.stderr.contains("expected NAME=CERT,KEY"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// A handler that accepts everything and does nothing.

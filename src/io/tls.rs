@@ -2,21 +2,112 @@
 //! [`TlsConfig`] names and shared by every loop: rustls with the `ring` provider, TLS 1.2 and
 //! 1.3, ALPN `http/1.1`, no client certificates. Every way the files can be wrong is a start-up
 //! error naming the file: it cannot be read, holds no certificate or no key (PEM), the key does
-//! not match the certificate, or the certificate is past its `notAfter`.
+//! not match the certificate, the certificate is past its `notAfter`, or (for a certificate
+//! chosen by SNI) it is not valid for its name.
+//!
+//! The certificates are chosen per handshake by [`Certs`], rustls's certificate resolver: the
+//! one named by the client's SNI if there is one for that name, else the default. They can be
+//! read again while the server runs ([`TlsSetup::reload`], on SIGHUP in the binary): new
+//! handshakes use the new ones, open connections keep theirs, and if any new file is wrong the
+//! old set stays, the failure is logged and counted.
 
 use crate::config::{ConfigError, TlsConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ResolvesServerCertUsingSni};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 
-/// What the loops share: the rustls configuration, and when the certificate expires.
+/// What the loops share: the rustls configuration, and the certificates it serves.
 #[derive(Clone, Debug)]
 pub(crate) struct TlsSetup {
     pub(crate) config: Arc<ServerConfig>,
-    /// The server certificate's `notAfter`, in seconds since 1970 (UTC).
-    pub(crate) not_after: i64,
+    certs: Arc<Certs>,
+}
+
+/// The certificates served, chosen per handshake (rustls's resolver), and where they are read
+/// from again on a reload.
+#[derive(Debug)]
+struct Certs {
+    source: TlsConfig,
+    current: RwLock<Arc<CertSet>>,
+    /// Reloads that took effect, and reloads that failed (the old set stayed).
+    reloads: [AtomicU64; 2],
+}
+
+/// One set of certificates, read together.
+#[derive(Debug)]
+struct CertSet {
+    default: Arc<CertifiedKey>,
+    /// By SNI name, lowercase.
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    /// The soonest `notAfter` of them all, in seconds since 1970 (UTC).
+    not_after: i64,
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let set = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let named = hello.server_name().filter(|_| !set.by_name.is_empty());
+        let found = named.and_then(|name| match name.bytes().any(|b| b.is_ascii_uppercase()) {
+            false => set.by_name.get(name),
+            true => set.by_name.get(&name.to_ascii_lowercase()),
+        });
+        Some(found.unwrap_or(&set.default).clone())
+    }
+}
+
+impl TlsSetup {
+    /// The soonest `notAfter` of the certificates served now, in seconds since 1970 (UTC).
+    pub(crate) fn not_after(&self) -> i64 {
+        self.certs.set().not_after
+    }
+
+    /// Reloads that took effect, and reloads that failed.
+    pub(crate) fn reloads(&self) -> [u64; 2] {
+        self.certs.reloads.each_ref().map(|n| n.load(Relaxed))
+    }
+
+    /// Read every certificate and key again from the files the configuration names: new
+    /// handshakes use them, open connections keep theirs. If any is wrong (the errors of
+    /// start-up), the certificates served stay as they were; the error is logged and returned.
+    /// Runs on the caller's thread: no loop waits for the files.
+    pub(crate) fn reload(&self) -> Result<(), ConfigError> {
+        match read_set(&self.certs.source, unix_now()) {
+            Ok(set) => {
+                let not_after = set.not_after;
+                *self
+                    .certs
+                    .current
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                self.certs.reloads[0].fetch_add(1, Relaxed);
+                log::info!(
+                    "TLS certificates reloaded; the soonest expires on {}",
+                    utc(not_after)
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.certs.reloads[1].fetch_add(1, Relaxed);
+                log::warn!("TLS reload failed, the certificates served are unchanged: {e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Certs {
+    fn set(&self) -> Arc<CertSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The TLS configuration `config` asks for, made now (`None`: plain TCP).
@@ -27,13 +118,84 @@ pub(crate) fn setup(config: &crate::config::Config) -> Result<Option<TlsSetup>, 
 /// Read and check the files `tls` names and make the configuration, as of `now` (seconds since
 /// 1970, UTC) for the expiry check.
 pub(crate) fn load(tls: &TlsConfig, now: i64) -> Result<TlsSetup, ConfigError> {
-    let (cert_path, key_path) = (&tls.cert_chain, &tls.private_key);
+    let set = read_set(tls, now)?;
+    let certs = Arc::new(Certs {
+        source: tls.clone(),
+        current: RwLock::new(Arc::new(set)),
+        reloads: Default::default(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConfigError {
+            field: "tls_cert",
+            reason: format!("TLS versions: {e}"),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsSetup {
+        config: Arc::new(config),
+        certs,
+    })
+}
+
+/// The crypto provider.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    // rustls 0.23.48 deprecates ring's provider because it has no post-quantum key exchange
+    // (X25519MLKEM768, which needs aws-lc-rs); ring is kept because it builds with a C compiler
+    // alone (issue 16). aws-lc-rs behind a feature is the way to post-quantum key exchange.
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Read the default certificate and every SNI certificate `tls` names.
+fn read_set(tls: &TlsConfig, now: i64) -> Result<CertSet, ConfigError> {
+    let (default, mut not_after) = read_pair(
+        &tls.cert_chain,
+        &tls.private_key,
+        now,
+        ["tls_cert", "tls_key"],
+    )?;
+    let mut by_name = HashMap::new();
+    for sni in &tls.sni {
+        let fields = ["tls_sni", "tls_sni"];
+        let (key, expires) = read_pair(&sni.cert_chain, &sni.private_key, now, fields)?;
+        // rustls's own SNI resolver checks that the name is a DNS name the certificate is
+        // valid for (a configuration mistake, caught here rather than by every client).
+        ResolvesServerCertUsingSni::new()
+            .add(&sni.name, (*key).clone())
+            .map_err(|e| ConfigError {
+                field: "tls_sni",
+                reason: format!(
+                    "{}: not a certificate for {:?}: {e}",
+                    sni.cert_chain.display(),
+                    sni.name
+                ),
+            })?;
+        not_after = not_after.min(expires);
+        by_name.insert(sni.name.to_ascii_lowercase(), key);
+    }
+    Ok(CertSet {
+        default,
+        by_name,
+        not_after,
+    })
+}
+
+/// Read and check one certificate chain and its key; errors name the file, under `fields`
+/// (the certificate's, the key's).
+fn read_pair(
+    cert_path: &Path,
+    key_path: &Path,
+    now: i64,
+    fields: [&'static str; 2],
+) -> Result<(Arc<CertifiedKey>, i64), ConfigError> {
     let cert_err = |reason: String| ConfigError {
-        field: "tls_cert",
+        field: fields[0],
         reason,
     };
     let key_err = |reason: String| ConfigError {
-        field: "tls_key",
+        field: fields[1],
         reason,
     };
     let pem = read(cert_path).map_err(cert_err)?;
@@ -69,16 +231,11 @@ pub(crate) fn load(tls: &TlsConfig, now: i64) -> Result<TlsSetup, ConfigError> {
             e => format!("{}: not a PEM private key: {e}", key_path.display()),
         })
     })?;
-    // rustls 0.23.48 deprecates ring's provider because it has no post-quantum key exchange
-    // (X25519MLKEM768, which needs aws-lc-rs); ring is kept because it builds with a C compiler
-    // alone (issue 16). aws-lc-rs behind a feature is the way to post-quantum key exchange.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let signing = provider
+    let signing = provider()
         .key_provider
-        .load_private_key(key.clone_key())
+        .load_private_key(key)
         .map_err(|e| key_err(format!("{}: unusable private key: {e}", key_path.display())))?;
-    let certified = rustls::sign::CertifiedKey::new(certs.clone(), signing);
+    let certified = CertifiedKey::new(certs, signing);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(rustls::Error::InconsistentKeys(_)) => {
@@ -90,23 +247,7 @@ pub(crate) fn load(tls: &TlsConfig, now: i64) -> Result<TlsSetup, ConfigError> {
         }
         Err(e) => return Err(cert_err(format!("{}: {e}", cert_path.display()))),
     }
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| cert_err(format!("TLS versions: {e}")))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            cert_err(format!(
-                "{} with {}: {e}",
-                cert_path.display(),
-                key_path.display()
-            ))
-        })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsSetup {
-        config: Arc::new(config),
-        not_after,
-    })
+    Ok((Arc::new(certified), not_after))
 }
 
 /// Seconds since 1970 now (UTC).

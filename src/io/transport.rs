@@ -49,6 +49,29 @@ pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
 /// [`Transport::take_established`]).
 pub(crate) const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
 
+/// The cipher suites a connection may use (ring's, all of which the server offers), as the
+/// metrics label them; a suite not listed (another provider's) is counted as the last, `other`.
+pub(crate) const TLS_CIPHERS: [&str; 10] = [
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "other",
+];
+
+/// An established TLS connection's version and cipher suite, as indexes of [`TLS_VERSIONS`]
+/// and [`TLS_CIPHERS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TlsKind {
+    pub(crate) version: usize,
+    pub(crate) cipher: usize,
+}
+
 /// One connection's byte stream (non-blocking).
 pub(crate) struct Transport {
     stream: TcpStream,
@@ -78,6 +101,9 @@ pub(super) struct Tls {
     /// Bytes handed to rustls while the handshake was in progress (see
     /// [`MAX_HANDSHAKE_INPUT`]).
     handshake_in: u32,
+    /// The plaintext bytes last handed to rustls at once (at most [`TLS_CHUNK`]): what it
+    /// holds of the connection's output while it [wants to write](Transport::holds).
+    chunk: usize,
 }
 
 impl Transport {
@@ -126,12 +152,6 @@ impl Transport {
             }
             _ => false,
         }
-    }
-
-    /// Under TLS (whether or not its handshake started).
-    #[inline]
-    pub(crate) fn is_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// The peer is being given up on (it did not read in time): if the kernel (or rustls)
@@ -217,6 +237,23 @@ impl Transport {
         self.tls.as_ref().is_some_and(|t| t.conn.wants_write())
     }
 
+    /// What rustls holds of the connection's output (the plaintext of the chunk it was last
+    /// handed, while it holds anything): counted in the send queue's bytes, against the
+    /// backpressure limit and in the memory budget. 0 for plain TCP.
+    #[inline]
+    pub(crate) fn tls_held(&self) -> usize {
+        match self.tls.as_deref() {
+            Some(t) if t.conn.wants_write() => t.chunk,
+            _ => 0,
+        }
+    }
+
+    /// Whether the connection is TLS.
+    #[inline]
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Write what rustls holds (see [`Transport::holds`]), as far as the socket takes it.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         match self.tls.as_deref_mut() {
@@ -252,30 +289,41 @@ impl Transport {
         self.tls.as_ref().is_some_and(|t| !t.reported)
     }
 
-    /// TLS: the handshake has completed since the last call: its version's index in
-    /// [`TLS_VERSIONS`], once.
+    /// TLS: the handshake has completed since the last call: its version and cipher suite,
+    /// once.
     #[inline]
-    pub(crate) fn take_established(&mut self) -> Option<usize> {
+    pub(crate) fn take_established(&mut self) -> Option<TlsKind> {
         let tls = self.tls.as_deref_mut()?;
         if tls.reported || tls.conn.is_handshaking() {
             return None;
         }
         tls.reported = true;
-        Some(version_index(&tls.conn))
+        Some(kind_of(&tls.conn))
     }
 
-    /// TLS, handshake completed: its version's index in [`TLS_VERSIONS`].
-    pub(crate) fn tls_version(&self) -> Option<usize> {
+    /// TLS, handshake completed: its version and cipher suite.
+    pub(crate) fn tls_kind(&self) -> Option<TlsKind> {
         let tls = self.tls.as_ref().filter(|t| t.reported)?;
-        Some(version_index(&tls.conn))
+        Some(kind_of(&tls.conn))
     }
 }
 
-fn version_index(conn: &ServerConnection) -> usize {
-    match conn.protocol_version() {
+fn kind_of(conn: &ServerConnection) -> TlsKind {
+    let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => 0,
         _ => 1,
-    }
+    };
+    let name = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str());
+    let last = TLS_CIPHERS.len() - 1;
+    let cipher = name.map_or(last, |n| {
+        TLS_CIPHERS[..last]
+            .iter()
+            .position(|c| *c == n)
+            .unwrap_or(last)
+    });
+    TlsKind { version, cipher }
 }
 
 /// A TLS failure as the loop sees it: `InvalidData` (no socket error has that kind).
@@ -319,6 +367,15 @@ where
     }
 }
 
+/// A socket with nothing to read: rustls's read prepares its buffer, then finds nothing.
+struct Dry;
+
+impl Read for Dry {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(ErrorKind::WouldBlock.into())
+    }
+}
+
 /// Write what rustls holds until it holds nothing (true) or the socket would block (false).
 fn flush<S>(conn: &mut ServerConnection, mut stream: &S) -> io::Result<bool>
 where
@@ -351,12 +408,13 @@ impl Tls {
             raw: false,
             early: Vec::new(),
             handshake_in: 0,
+            chunk: 0,
         })
     }
 
     /// The handshake completed: its version's index in [`TLS_VERSIONS`].
     pub(super) fn version(&self) -> Option<usize> {
-        (!self.conn.is_handshaking()).then(|| version_index(&self.conn))
+        (!self.conn.is_handshaking()).then(|| kind_of(&self.conn).version)
     }
 
     /// rustls holds ciphertext not written yet (see [`Transport::holds`]).
@@ -417,6 +475,10 @@ impl Tls {
             // no plaintext, half a ClientHello say, would otherwise leave the connection
             // waiting for an edge that never comes).
             if drained && !closed {
+                // Let rustls size its input buffer down to what it still holds (it does so
+                // before a read, and a short read ended this one): a connection that sent a
+                // full record then went quiet keeps 4 KiB, not the 16 KiB record's room.
+                let _ = self.conn.read_tls(&mut Dry);
                 return would_block(filled);
             }
             let mut probe = Probe {
@@ -491,7 +553,7 @@ impl Tls {
             }
             match self.conn.writer().write_vectored(&slices[..k])? {
                 0 => return Ok(taken), // rustls's limit (before the handshake completed)
-                n => taken += n,
+                n => (taken, self.chunk) = (taken + n, n),
             }
         }
     }

@@ -306,7 +306,7 @@ impl<D> Core<D> {
                 true => Ok(false),
                 false => Err(Verdict::ServerFull),
             }
-        } else if self.memory.shedding() {
+        } else if self.memory.shedding() || (tls && !self.memory.tls_room()) {
             Err(Verdict::MemoryBudget)
         } else if via_proxy {
             // A trusted proxy speaks for many clients: the per-address limits apply once it has
@@ -376,7 +376,7 @@ impl<D> Core<D> {
         let in_progress = self.stats.tls_handshaking;
         if let Some(more) = self.throttle(LOG_TLS_CAP, 1) {
             log::warn!(
-                "{in_progress} TLS handshakes in progress, this loop's cap: closing new                  connections ({more} more since the last report)"
+                "{in_progress} TLS handshakes in progress, this loop's cap: closing new connections ({more} more since the last report)"
             );
         }
     }
@@ -477,7 +477,11 @@ impl<D> Core<D> {
             }
         }
         self.tally.entered(&conn);
-        self.stats.tls_handshaking += conn.socket.handshaking() as usize;
+        if conn.socket.is_tls() {
+            self.stats.tls_handshaking += 1;
+            let state = crate::memory::TLS_CONNECTION_BYTES;
+            self.memory.resize(crate::memory::Kind::Tls, 0, state);
+        }
         entry.insert(conn);
         self.fds_changed();
         self.rearm(idx);

@@ -18,7 +18,7 @@ use crate::protocol::close::CloseCode;
 use std::cmp::Reverse;
 
 /// What a connection's buffers hold now: its session's (request head, partial message) with its
-/// unparsed input, and its send queue's heap bytes, each counted up to 4 GiB (a buffer that large is counted as 4 GiB:
+/// unparsed input, and its send queue's heap bytes (with what rustls holds of its output), each counted up to 4 GiB (a buffer that large is counted as 4 GiB:
 /// the budget's sum stays exact for what it counts, and such a connection is far past any
 /// share long before).
 #[inline]
@@ -30,7 +30,7 @@ fn held<D>(c: &Conn<D>) -> [u32; 2] {
         .map_or(0, |r| r.stash.capacity() + r.proxy_partial.capacity());
     [
         clamp(c.session.buffered_capacity() + rare),
-        clamp(c.pending.heap_bytes()),
+        clamp(c.pending.heap_bytes() + c.socket.tls_held()),
     ]
 }
 
@@ -40,7 +40,12 @@ impl<D> Core<D> {
     pub(super) fn account(&mut self, idx: usize) {
         let c = &self.conns[idx];
         // Most connections hold nothing, and held nothing: no arithmetic for them.
-        if c.mem == [0, 0] && !c.session.holds() && c.pending.is_empty() && c.rare.is_none() {
+        if c.mem == [0, 0]
+            && !c.session.holds()
+            && c.pending.is_empty()
+            && c.rare.is_none()
+            && !c.socket.holds()
+        {
             return;
         }
         let now = held(c);
@@ -207,9 +212,11 @@ impl<D> Core<D> {
                 sum[1] += now[1] as usize;
             }
             let by_kind = self.memory.by_kind();
+            let tls = self.conns.iter().filter(|(_, c)| c.socket.is_tls()).count()
+                * crate::memory::TLS_CONNECTION_BYTES;
             assert_eq!(
                 by_kind,
-                [sum[0], sum[1], self.fanout_bytes, self.codec_bytes],
+                [sum[0], sum[1], self.fanout_bytes, self.codec_bytes, tls],
                 "the memory budget's totals drifted"
             );
         }

@@ -218,22 +218,29 @@ impl<D> Core<D> {
     }
 
     /// A TLS handshake completed (read path): no longer in progress, counted `ok` and by its
-    /// version ([`TLS_VERSIONS`](crate::io::transport::TLS_VERSIONS)).
-    pub(super) fn tls_established(&mut self, version: usize) {
+    /// version and cipher suite.
+    pub(super) fn tls_established(&mut self, kind: crate::io::transport::TlsKind) {
         self.stats.tls_handshaking -= 1;
         self.stats.tls_handshakes_ok += 1;
-        self.stats.tls_connections[version] += 1;
+        self.stats.tls_connections[kind.version] += 1;
+        self.stats.tls_ciphers[kind.cipher] += 1;
     }
 
-    /// On the close path, a TLS connection ends: a handshake in progress failed with `reason`;
-    /// an established connection leaves its version's count, and the peer is sent
+    /// On the close path, a TLS connection ends: its state leaves the memory budget; a
+    /// handshake in progress failed with `reason`;
+    /// an established connection leaves its version's and cipher's counts, and the peer is sent
     /// `close_notify` if it was not already (one try, unless the connection is being reset).
     fn tls_ended(&mut self, socket: &mut crate::io::transport::Transport, reason: CloseReason) {
+        if socket.is_tls() {
+            let state = crate::memory::TLS_CONNECTION_BYTES;
+            self.memory.resize(crate::memory::Kind::Tls, state, 0);
+        }
         if socket.handshaking() {
             self.stats.tls_handshaking -= 1;
             self.stats.tls_handshakes_failed[reason.index()] += 1;
-        } else if let Some(version) = socket.tls_version() {
-            self.stats.tls_connections[version] -= 1;
+        } else if let Some(kind) = socket.tls_kind() {
+            self.stats.tls_connections[kind.version] -= 1;
+            self.stats.tls_ciphers[kind.cipher] -= 1;
             socket.close_notify();
         }
     }

@@ -247,7 +247,8 @@ impl<D> Core<D> {
             compression_budget: self.ledger.compression_budget().into(),
             memory_shedding: self.memory.shedding(),
             memory_shed_episodes: self.memory.episodes,
-            tls_certificate_not_after: self.tls.as_ref().map_or(0, |t| t.not_after),
+            tls_certificate_not_after: self.tls.as_ref().map_or(0, |t| t.not_after()),
+            tls_reloads: self.tls.as_ref().map_or([0; 2], |t| t.reloads()),
             ..self.stats.clone()
         }
     }

@@ -97,7 +97,7 @@ impl<H: Handler> Server<H> {
         };
         let start = ledger.start;
         let tls = ledger.tls().cloned();
-        let shared = Arc::new(Shared::new(waker, &config));
+        let shared = Arc::new(Shared::new(waker, &config, tls.clone()));
         let server = Server {
             events: Events::with_capacity(config.events_capacity),
             inner: Inner {

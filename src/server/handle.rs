@@ -137,6 +137,8 @@ pub(super) struct Shared<H: Handler> {
     waker: Arc<Waker>,
     max_commands: usize,
     max_bytes: usize,
+    /// The TLS certificates the loop serves, for [`LoopHandle::reload_tls`].
+    tls: Option<crate::io::tls::TlsSetup>,
 }
 
 thread_local! {
@@ -156,7 +158,11 @@ impl Drop for OnLoop {
 }
 
 impl<H: Handler> Shared<H> {
-    pub(super) fn new(waker: Arc<Waker>, config: &Config) -> Self {
+    pub(super) fn new(
+        waker: Arc<Waker>,
+        config: &Config,
+        tls: Option<crate::io::tls::TlsSetup>,
+    ) -> Self {
         Shared {
             queue: Mutex::new(Queue {
                 commands: Vec::new(),
@@ -169,6 +175,7 @@ impl<H: Handler> Shared<H> {
             waker,
             max_commands: config.handle_queue_commands,
             max_bytes: config.handle_queue_bytes,
+            tls,
         }
     }
 
@@ -501,6 +508,24 @@ impl<H: Handler> LoopHandle<H> {
     /// loop has already ended.
     pub fn shutdown(&self) -> Result<(), QueueError> {
         self.shared.push(Command::Shutdown, None)
+    }
+
+    /// Read the TLS certificates and keys again from the files [`Config::tls`] names (every
+    /// loop of a [`Cluster`](crate::Cluster) serves the same ones, so one call through any of
+    /// its handles reloads them all). New handshakes use the new certificates; open connections
+    /// keep theirs. A file that is wrong as at start-up (unreadable, no certificate or key, a
+    /// key that does not match, an expired certificate, an SNI certificate not valid for its
+    /// name) is an error naming it, and the certificates served stay as they were. Reads the
+    /// files on the calling thread, not the loop's; never queued. Counted in
+    /// `wsloop_tls_reloads_total{result}`. Without TLS: an error with the field `tls_cert`.
+    pub fn reload_tls(&self) -> Result<(), crate::ConfigError> {
+        match &self.shared.tls {
+            Some(tls) => tls.reload(),
+            None => Err(crate::ConfigError {
+                field: "tls_cert",
+                reason: "the server serves no TLS: nothing to reload".into(),
+            }),
+        }
     }
 
     /// What the queue holds now, its high-water marks and how many commands it refused.

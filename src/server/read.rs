@@ -52,8 +52,8 @@ impl<H: Handler> Inner<H> {
             }
             let conn = &mut self.core.conns[idx];
             let read = conn.socket.read(&mut self.recv, closed);
-            if let Some(version) = conn.socket.take_established() {
-                self.core.tls_established(version);
+            if let Some(kind) = conn.socket.take_established() {
+                self.core.tls_established(kind);
             }
             let conn = &mut self.core.conns[idx];
             let n = match read {
@@ -145,7 +145,8 @@ impl<H: Handler> Inner<H> {
             Some(owner) if owner == idx => core.cork.len(),
             _ => 0,
         };
-        if core.conns[idx].pending.len() + corked <= limit {
+        let conn = &core.conns[idx];
+        if conn.pending.len() + corked + conn.socket.tls_held() <= limit {
             return false;
         }
         core.flush_cork();

@@ -189,15 +189,19 @@ pub(super) fn frames<H: Handler>(
     let len = buf.len();
     while off < len {
         let conn = &mut core.conns[idx];
-        // The connection's own decompressor (dedicated profile), or the loop's.
-        let own = conn
-            .rare
-            .as_deref_mut()
-            .and_then(|r| r.dedicated.as_deref_mut());
-        let inflater = match (conn.session.deflate_bits(), own) {
-            (0, _) => None,
-            (_, Some(own)) => Some(&mut own.inflater),
-            (_, None) => Some(core.codec.inflater()),
+        // The connection's own decompressor (dedicated profile), or the loop's; none (and no
+        // lookup) without compression.
+        let compressed = conn.session.deflate_bits() != 0;
+        let inflater = match compressed {
+            false => None,
+            true => match conn
+                .rare
+                .as_deref_mut()
+                .and_then(|r| r.dedicated.as_deref_mut())
+            {
+                Some(own) => Some(&mut own.inflater),
+                None => Some(core.codec.inflater()),
+            },
         };
         let read = conn.session.read_with(
             &mut buf[off..],
@@ -206,13 +210,15 @@ pub(super) fn frames<H: Handler>(
             &mut core.cork,
             inflater,
         );
-        if let Some(own) = conn
-            .rare
-            .as_deref_mut()
-            .and_then(|r| r.dedicated.as_deref_mut())
-        {
-            // Its counts join the loop's (and meter this turn's work).
-            core.codec.absorb(&mut own.inflater);
+        if compressed {
+            if let Some(own) = conn
+                .rare
+                .as_deref_mut()
+                .and_then(|r| r.dedicated.as_deref_mut())
+            {
+                // Its counts join the loop's (and meter this turn's work).
+                core.codec.absorb(&mut own.inflater);
+            }
         }
         let (used, event) = match read {
             Ok(r) => r,

@@ -336,6 +336,11 @@ impl Wsloop {
         }
     }
 
+    /// Send the child SIGHUP.
+    pub fn hangup(&self) {
+        self.proc.group.signal(rustix::process::Signal::HUP);
+    }
+
     /// Let a stopped child go on (SIGCONT).
     pub fn thaw(&self) {
         self.proc.group.signal(rustix::process::Signal::CONT);

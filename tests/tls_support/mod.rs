@@ -25,7 +25,7 @@ const OPENSSL_INSTALL: &str = "apt-get install -y openssl";
 
 /// The test PKI, made with the openssl CLI in a temporary folder.
 pub struct Certs {
-    pub _dir: TempDir,
+    pub dir: TempDir,
     /// The test CA's certificate.
     pub ca: PathBuf,
     /// The server's certificate (CN and SAN localhost, SAN 127.0.0.1), signed by the CA, and
@@ -38,6 +38,15 @@ pub struct Certs {
     /// `key`).
     pub expired: PathBuf,
 }
+
+/// openssl's arguments for a new P-256 key, unencrypted.
+pub const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
 
 /// Run openssl with `args` in `dir`; panics with its output if it fails.
 pub fn openssl(dir: &Path, args: &[&str]) {
@@ -76,18 +85,11 @@ pub fn certs() -> Option<Certs> {
     }
     let dir = TempDir::new("tls");
     let d = dir.path();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
     openssl(
         d,
         &[
             &["req", "-x509"][..],
-            &ec,
+            &EC,
             &[
                 "-keyout",
                 "ca.key",
@@ -101,47 +103,12 @@ pub fn certs() -> Option<Certs> {
         ]
         .concat(),
     );
-    openssl(
+    issue(
         d,
-        &[
-            &["req", "-new"][..],
-            &ec,
-            &[
-                "-keyout",
-                "key.pem",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        ]
-        .concat(),
-    );
-    std::fs::write(
-        d.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
+        "localhost",
+        "DNS:localhost,IP:127.0.0.1",
+        "cert.pem",
+        "key.pem",
     );
     openssl(
         d,
@@ -190,8 +157,52 @@ pub fn certs() -> Option<Certs> {
         key: d.join("key.pem"),
         other_key: d.join("other.key"),
         expired: d.join("expired.pem"),
-        _dir: dir,
+        dir,
     })
+}
+
+/// In `d`, where the test CA is: a new key (`key`) and a certificate (`cert`) for the common
+/// name `cn` and the subject alternative names `san`, signed by the CA (its request stays in
+/// `server.csr`).
+pub fn issue(d: &Path, cn: &str, san: &str, cert: &str, key: &str) {
+    let subject = format!("/CN={cn}");
+    openssl(
+        d,
+        &[
+            &["req", "-new"][..],
+            &EC,
+            &["-keyout", key, "-out", "server.csr", "-subj", &subject],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        d.join("server.ext"),
+        format!(
+            "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
 }
 
 impl Certs {
@@ -249,7 +260,18 @@ pub fn tls_over(
     certs: &Certs,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Tls {
-    let name = ServerName::try_from("localhost").unwrap();
+    tls_named(tcp, certs, versions, "localhost")
+}
+
+/// A TLS connection over `tcp` to the server `name` (a DNS name, sent as SNI; or an IP
+/// address: no SNI), its certificate verified for that name, handshake completed.
+pub fn tls_named(
+    tcp: TcpStream,
+    certs: &Certs,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    name: &str,
+) -> Tls {
+    let name = ServerName::try_from(name.to_string()).unwrap();
     let conn = ClientConnection::new(client_config(certs, versions), name).unwrap();
     let mut s = StreamOwned::new(conn, tcp);
     finish_handshake(&mut s);
