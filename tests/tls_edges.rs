@@ -144,6 +144,16 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
     let mut s = hello_after(untrusted, &certs, ANY, &v1_header("203.0.113.8", addr));
     let (got, _) = until_closed(&mut s.sock, Instant::now());
     assert!(got.len() == 7 && got[0] == 0x15, "{got:?}");
+    // A header followed, in the same write, by more handshake than the transport takes (20 KiB
+    // of a message announcing 64 KiB): what follows the header is kept only up to that limit,
+    // and the connection fails at once.
+    let mut big = v1_header("203.0.113.9", addr);
+    big.extend(huge_hello_records(20 * 1024));
+    let mut s = from_proxy(&w);
+    s.write_all(&big).unwrap();
+    let (got, took) = until_closed(&mut s, Instant::now());
+    assert!(got.is_empty(), "{got:?}");
+    assert!(took < Duration::from_millis(800), "closed after {took:?}");
     // An untrusted client without a header is served as itself.
     let untrusted = connect(addr, &Opts::from(localhost(3))).unwrap();
     let s = hello_after(untrusted, &certs, ANY, b"");
@@ -166,7 +176,7 @@ fn a_proxy_header_before_the_client_hello_names_the_client_and_tls_follows() {
             ("peer_closed", 5),
             ("refused", 1),
             ("rejected", 2),
-            ("tls_error", 1)
+            ("tls_error", 2)
         ]),
     );
     w.stop();
@@ -557,6 +567,20 @@ fn a_bad_record_after_our_close_notify_is_discarded() {
     w.stop();
 }
 
+/// `len` bytes of one handshake message announcing 0xffff bytes (the most rustls joins), in
+/// records of 16 KiB.
+fn huge_hello_records(len: usize) -> Vec<u8> {
+    let mut message = vec![1u8, 0x00, 0xff, 0xff];
+    message.extend(std::iter::repeat_n(0x41, len - 4));
+    let mut records = Vec::new();
+    for part in message.chunks(16 * 1024) {
+        records.extend([0x16, 3, 1]);
+        records.extend((part.len() as u16).to_be_bytes());
+        records.extend_from_slice(part);
+    }
+    records
+}
+
 /// A ClientHello announcing 64 KiB (the most rustls joins), sent in full records: rustls would
 /// buffer it all (127 KiB of allocation per connection, measured by the `tls` fuzz target)
 /// until the handshake deadline. The transport refuses more than 16 KiB of handshake input:
@@ -566,15 +590,7 @@ fn a_bad_record_after_our_close_notify_is_discarded() {
 fn a_client_hello_over_16_kib_is_refused_at_once() {
     let Some(certs) = certs() else { return };
     let (w, m0) = tls_child_at_baseline(&certs, "tls-huge-hello", &[]);
-    // One handshake message of 0xffff bytes announced, 20 KiB of it sent in two records.
-    let mut message = vec![1u8, 0x00, 0xff, 0xff];
-    message.extend(std::iter::repeat_n(0x41, 20 * 1024 - 4));
-    let mut records = Vec::new();
-    for part in message.chunks(16 * 1024) {
-        records.extend([0x16, 3, 1]);
-        records.extend((part.len() as u16).to_be_bytes());
-        records.extend_from_slice(part);
-    }
+    let records = huge_hello_records(20 * 1024);
     let mut clients: Vec<TcpStream> = (0..20)
         .map(|_| {
             let mut s = connect(w.addr, &Opts::default()).unwrap();

@@ -96,7 +96,8 @@ pub(super) struct Tls {
     /// [`Transport::start_tls`], bytes move as they are, both ways.
     raw: bool,
     /// What followed the PROXY header in the read that ended it: the start of the TLS stream,
-    /// read by rustls before the socket (empty, and unallocated, otherwise).
+    /// read by rustls before the socket (empty, and unallocated, otherwise; at most
+    /// [`MAX_HANDSHAKE_INPUT`] and one byte).
     early: Vec<u8>,
     /// Bytes handed to rustls while the handshake was in progress (see
     /// [`MAX_HANDSHAKE_INPUT`]).
@@ -147,7 +148,9 @@ impl Transport {
         match self.tls.as_deref_mut() {
             Some(tls) if tls.raw => {
                 tls.raw = false;
-                tls.early = rest.to_vec();
+                // More than the handshake may take fails it anyway: one byte over is enough.
+                let keep = rest.len().min(MAX_HANDSHAKE_INPUT + 1);
+                tls.early = rest[..keep].to_vec();
                 !rest.is_empty()
             }
             _ => false,
