@@ -1,5 +1,7 @@
-//! TLS at its edges: what comes before the ClientHello, real browsers and Node over wss://,
-//! and attacks on the binary with TLS on, each ending at the exact descriptor baseline.
+//! TLS at its edges: what comes before the ClientHello, and attacks on the binary with TLS on
+//! (each a child process, each ending at the exact descriptor baseline with no handshake left
+//! in progress and a clean fd audit). Real clients over wss:// (Node's `ws`, headless
+//! Chromium) are in `tests/interop.rs`, nginx in front of TLS in `tests/nginx.rs`.
 //!
 //! - `--proxy-protocol` in front of TLS: a trusted proxy's PROXY header (v1 and v2) comes in
 //!   cleartext before the ClientHello, in the same write or not, whole or split; the handshake
@@ -7,6 +9,12 @@
 //!   the header names (a refused one is closed before any TLS work, with nothing sent); a bad
 //!   or missing header is answered 400 in cleartext, as without TLS; an untrusted peer's
 //!   header is no header but a bad ClientHello (an alert).
+//! - EMFILE under TLS: shed with a close, never a cleartext 503; served again after.
+//! - A handshake flood from one address: refused by the per-address rate before any TLS work.
+//! - Resets during handshakes (before any byte, mid-ClientHello, after the ServerHello), and
+//!   half a ClientHello then FIN: each seen when it comes, not at the handshake deadline.
+//! - Red team: a bad record after our `close_notify`, a ClientHello over the 16 KiB
+//!   handshake-input limit, data after the client's `close_notify`, a key-update flood.
 //!
 //! Certificates come from `tests/tls_support` (the openssl CLI; no key is committed). A missing
 //! tool skips its test with a note, unless `CI` is set: then the test fails.
