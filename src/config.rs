@@ -134,7 +134,8 @@ pub struct Config {
     /// `Forwarded` / `X-Forwarded-For`. Headers from other peers are ignored. Default empty.
     pub trusted_proxies: Vec<String>,
     /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2, as
-    /// HAProxy and nginx's stream module send it); a malformed one gets 400. Default false.
+    /// HAProxy and nginx's stream module send it); a malformed one gets 400. Under TLS the
+    /// header comes in cleartext before the ClientHello. Default false.
     pub proxy_protocol: bool,
     /// Which header the trusted proxies set (without `proxy_protocol`): only that one is read,
     /// since a proxy passes the other one on as the client wrote it. Default `XForwardedFor`
@@ -624,12 +625,6 @@ impl Config {
                     return err("tls_sni", format!("{}: named twice", sni.name));
                 }
             }
-            if self.proxy_protocol {
-                return err(
-                    "proxy_protocol",
-                    "not supported with TLS yet (the PROXY header comes before the TLS handshake)",
-                );
-            }
         }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {
             return err(
@@ -785,14 +780,13 @@ mod tests {
         assert_eq!(tls("cert.pem", "key.pem").validate(), Ok(()));
         assert_eq!(tls("", "key.pem").validate().unwrap_err().field, "tls_cert");
         assert_eq!(tls("cert.pem", "").validate().unwrap_err().field, "tls_key");
+        // The PROXY header comes in cleartext before the ClientHello (src/io/transport.rs).
         let proxied = Config {
             proxy_protocol: true,
             trusted_proxies: vec!["10.0.0.1".into()],
             ..tls("cert.pem", "key.pem")
         };
-        let e = proxied.validate().unwrap_err();
-        assert_eq!(e.field, "proxy_protocol");
-        assert!(e.reason.contains("TLS"), "{e}");
+        assert_eq!(proxied.validate(), Ok(()));
         let capped = |n| Config {
             tls_max_handshakes: n,
             ..Config::default()

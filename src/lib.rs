@@ -87,6 +87,13 @@ mod server;
 // Layer 6: N loops on one port.
 mod cluster;
 
+/// For the fuzz targets only (`fuzz/checks/tls.rs`): the server side of a TLS connection as
+/// the transport drives it, over bytes in memory. Not part of the API: no stability promise.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::io::fuzzing::*;
+}
+
 pub use app::{
     CloseReason, ConnId, Decision, Handler, Message, SendStatus, UpgradeRequest, WebSocket,
 };

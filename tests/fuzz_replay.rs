@@ -58,6 +58,13 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("inflate", &["ping_payload_split_across_reads"]),
+    (
+        "tls",
+        &[
+            "bad_record_after_our_close_notify",
+            "write_before_the_handshake",
+        ],
+    ),
 ];
 
 fn fuzz_dir() -> PathBuf {

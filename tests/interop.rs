@@ -24,6 +24,13 @@
 //! server (`GET /pongs`), and checks that every close was clean; its servers allow only the
 //! page's origin and refuse requests without one.
 //!
+//! Over wss:// (the server serving TLS itself, with `tests/tls_support`'s test CA): Node's `ws`
+//! verifies the server against the CA (the `ca` option; without it the certificate is refused),
+//! negotiates TLS 1.3 and ALPN `http/1.1`, echoes a text and a binary message larger than a TLS
+//! record and closes cleanly (`tests/interop/node_wss.js`); headless Chromium, trusting exactly
+//! the server's key (`--ignore-certificate-errors-spki-list`), runs the deflate page over
+//! wss:// against a server with TLS and compression.
+//!
 //! A missing client (python3 with `websockets`, node with `ws`, chromium) skips its test with a
 //! note, unless `CI` is set: then the test fails. How CI installs them: see [`PYTHON_INSTALL`],
 //! [`NODE_INSTALL`] and [`CHROMIUM_INSTALL`]. Overrides: `WSLOOP_PYTHON` (interpreter),
@@ -37,6 +44,8 @@
 mod attack_support;
 mod child_support;
 mod common;
+#[allow(dead_code)]
+mod tls_support;
 
 use child_support::{Group, TempDir};
 use common::*;
@@ -149,7 +158,7 @@ fn headless_chromium_page() {
         .replace("%%PROTO%%", &args[1])
         .replace("%%LIMIT%%", &args[2]);
     let pages = PageServer::start(http, page, main.rec.clone());
-    let result = chromium_result(&chromium, &origin, &pages);
+    let result = chromium_result(&chromium, &origin, &pages, &[]);
     let report = Report::parse("chromium page", &result, "", None);
     report.check_cases(&BASE_CASES);
     report.check_common();
@@ -180,9 +189,10 @@ fn headless_chromium_page() {
     );
 }
 
-/// Open `{origin}/page.html` (served by `pages`) in headless Chromium and wait, bounded by
-/// [`CLIENT_BOUND`], for the result the page POSTs; the browser is killed after.
-fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer) -> String {
+/// Open `{origin}/page.html` (served by `pages`) in headless Chromium (with the `extra`
+/// switches) and wait, bounded by [`CLIENT_BOUND`], for the result the page POSTs; the browser
+/// is killed after.
+fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer, extra: &[String]) -> String {
     let started = Instant::now();
     let profile = TempDir::new("interop-chromium");
     let log = std::fs::File::create(profile.0.join("chromium.log")).unwrap();
@@ -203,6 +213,7 @@ fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer) -> String 
         "--user-data-dir={}",
         profile.0.join("profile").display()
     ))
+    .args(extra)
     .arg(format!("{origin}/page.html"))
     // Keep the browser's files (crash reports, caches) in the temporary folder too.
     .env("HOME", &profile.0)
@@ -246,6 +257,132 @@ fn chromium_result(chromium: &Path, origin: &str, pages: &PageServer) -> String 
         started.elapsed().as_secs_f64()
     );
     result
+}
+
+// ---------------------------------------------------------------------------------------------
+// wss:// (TLS in the loop, tests/tls_support's test CA): Node's ws verifying the CA, headless
+// Chromium trusting the server's key for the test
+
+/// The test server with TLS on.
+fn wss_server(certs: &tls_support::Certs) -> TestServer {
+    TestServer::start(Config {
+        tls: Some(certs.tls()),
+        max_message_size: LIMIT,
+        ..config()
+    })
+}
+
+/// The server's end after one wss client: one handshake completed (over TLS 1.3), two
+/// messages echoed, and the connection closed by the client's close; `failed`: the closes of
+/// connections whose handshake failed, by reason.
+fn check_wss_server(server: TestServer, failed: &[(CloseReason, u64)]) {
+    let more: u64 = failed.iter().map(|f| f.1).sum();
+    let stats = server.wait_stats("the closes", |s| s.closed_total() == 1 + more);
+    assert_eq!(stats.tls_handshakes_ok, 1, "{stats:?}");
+    for (reason, n) in failed {
+        assert_eq!(stats.tls_handshakes_failed[reason.index()], *n, "{stats:?}");
+    }
+    assert_eq!(stats.messages_received, 2);
+    assert_eq!(stats.tls_connections, [0, 0]);
+    assert_eq!(server.rec().closes[0].code, 1000);
+    let closed: Vec<_> = [(CloseReason::PeerClosed, 1)]
+        .into_iter()
+        .chain(failed.iter().copied())
+        .collect();
+    server.finish_closed(&closed);
+}
+
+#[test]
+fn node_ws_over_wss_verifies_the_test_ca() {
+    let Some((node, modules)) = node_with_ws() else {
+        return;
+    };
+    let Some(certs) = tls_support::certs() else {
+        return;
+    };
+    let server = wss_server(&certs);
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    let mut client = Command::new(&node);
+    client
+        .arg(interop_dir().join("node_wss.js"))
+        .arg(&url)
+        .arg(&certs.ca)
+        .env("NODE_PATH", &modules)
+        // The CA comes from the `ca` option alone: the untrusted attempt must fail.
+        .env_remove("NODE_EXTRA_CA_CERTS");
+    let out = run_bounded("node wss", client.stdin(Stdio::null()), CLIENT_BOUND).unwrap();
+    let report = out.stdout.trim();
+    assert!(
+        out.status.success(),
+        "node client failed: {report}\n{}",
+        out.stderr
+    );
+    for want in [
+        r#""version":"TLSv1.3""#,
+        r#""alpn":"http/1.1""#,
+        r#""authorized":true"#,
+        r#""text":"héllo over wss""#,
+        r#""binary_len":102400"#,
+        r#""binary_ok":true"#,
+        r#""close":1000"#,
+        // Without the test CA, Node refuses the certificate.
+        r#""untrusted":"UNABLE_TO_VERIFY_LEAF_SIGNATURE""#,
+    ] {
+        assert!(report.contains(want), "{want} not in {report}");
+    }
+    // The untrusted attempt's handshake failed on the server too: Node closes without an alert.
+    check_wss_server(server, &[(CloseReason::Abnormal, 1)]);
+    println!("node ws over wss: {report}");
+}
+
+/// The deflate page over wss:// (TLS and the shared compression profile together): JSON,
+/// binary, short and large (about 300 KB, many TLS records) messages round-trip compressed.
+#[test]
+fn headless_chromium_over_wss() {
+    let Some(chromium) = chromium() else { return };
+    let Some(certs) = tls_support::certs() else {
+        return;
+    };
+    let server = TestServer::start(Config {
+        tls: Some(certs.tls()),
+        compression: Compression::Shared,
+        max_message_size: LIMIT,
+        ..config()
+    });
+    // The browser trusts exactly the server's key (its SubjectPublicKeyInfo's SHA-256), not
+    // any certificate: `--ignore-certificate-errors-spki-list`.
+    let trust = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        spki_sha256(&certs.cert)
+    );
+    let url = format!("wss://localhost:{}/", server.addr.port());
+    chromium_deflate_page(&chromium, &server, &url, &[trust]);
+    let stats = server.wait_quiet();
+    assert_eq!(stats.tls_handshakes_ok, 1, "{stats:?}");
+    assert_eq!(
+        stats.tls_handshakes_failed.iter().sum::<u64>(),
+        0,
+        "{stats:?}"
+    );
+    check_deflate_server(server, 4, 3, 3);
+}
+
+/// The base64 SHA-256 of the certificate's SubjectPublicKeyInfo, as Chromium's
+/// `--ignore-certificate-errors-spki-list` takes it (openssl CLI).
+fn spki_sha256(cert: &Path) -> String {
+    let script = "openssl x509 -in \"$0\" -pubkey -noout | openssl pkey -pubin -outform der \
+                  | openssl dgst -sha256 -binary | base64";
+    let out = run_bounded(
+        "spki hash",
+        Command::new("sh")
+            .args(["-c", script])
+            .arg(cert)
+            .stdin(Stdio::null()),
+        PROBE_BOUND,
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout.trim().to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -400,19 +537,25 @@ fn node_ws_compression() {
 #[test]
 fn headless_chromium_compression() {
     let Some(chromium) = chromium() else { return };
-    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
-    let origin = format!("http://{}", http.local_addr().unwrap());
     let server = deflate_server();
-    let page =
-        include_str!("interop/deflate.html").replace("%%URL%%", &format!("ws://{}/", server.addr));
-    let pages = PageServer::start(http, page, server.rec.clone());
-    let result = chromium_result(&chromium, &origin, &pages);
-    drop(pages);
-    let report = Report::parse("chromium deflate page", &result, "", None);
-    report.check_cases(&DEFLATE_CASES);
+    let url = format!("ws://{}/", server.addr);
+    chromium_deflate_page(&chromium, &server, &url, &[]);
     // Chromium compresses every message (at least those over the threshold); json, binary and
     // large come back compressed.
     check_deflate_server(server, 4, 3, 3);
+}
+
+/// Run `tests/interop/deflate.html` against `url` (served by `server`) in headless Chromium
+/// with the `extra` switches; every case must pass.
+fn chromium_deflate_page(chromium: &Path, server: &TestServer, url: &str, extra: &[String]) {
+    let http = TcpListener::bind("127.0.0.1:0").expect("bind the page's HTTP server");
+    let origin = format!("http://{}", http.local_addr().unwrap());
+    let page = include_str!("interop/deflate.html").replace("%%URL%%", url);
+    let pages = PageServer::start(http, page, server.rec.clone());
+    let result = chromium_result(chromium, &origin, &pages, extra);
+    drop(pages);
+    let report = Report::parse("chromium deflate page", &result, "", None);
+    report.check_cases(&DEFLATE_CASES);
 }
 
 /// Python with `websockets` (`WSLOOP_PYTHON` or `python3`), if installed (see [`probe_tool`]).

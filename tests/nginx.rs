@@ -28,6 +28,10 @@
 //!   in front of `wsloop --proxy-protocol --trusted-proxy 127.0.0.1`: echo, the per-address
 //!   limit on the client the PROXY header names, and 400 for clients that bypass nginx
 //!   without a PROXY header (from the proxy's address) or forge one (from elsewhere).
+//! - `stream_proxy_protocol_in_front_of_tls`: the same stream proxy in front of a wsloop that
+//!   serves TLS itself (`--tls-cert --tls-key --proxy-protocol`): the PROXY header comes in
+//!   cleartext before the client's ClientHello; a wss client (rustls) echoes end to end, and
+//!   the per-address limit applies to the client nginx names, closed before any TLS work.
 //! - `http_proxy_round_robin_over_two_instances_sharing_rooms_through_redis`: the README's
 //!   deployment with several instances (two `wsloop --pubsub --redis` behind round robin, one
 //!   `redis-server`, see `tests/redis_support`): clients spread over both instances all
@@ -47,6 +51,8 @@
 mod attack_support;
 mod child_support;
 mod redis_support;
+#[allow(dead_code)]
+mod tls_support;
 
 use redis_support::next_text;
 
@@ -521,6 +527,86 @@ fn stream_proxy_protocol_names_the_client() {
     w.wait_quiet();
     stop_clean(w, nginx);
     took("stream_proxy_protocol_names_the_client", started);
+}
+
+/// nginx's stream proxy with `proxy_protocol on` in front of a wsloop serving TLS itself
+/// (`--tls-cert --tls-key --proxy-protocol`): nginx passes the client's TLS bytes through after
+/// its PROXY header, so a wss client talks TLS with wsloop end to end, and the per-address
+/// limit applies to the client nginx names (a second one from that address is closed before
+/// any TLS work: nothing comes back).
+#[test]
+fn stream_proxy_protocol_in_front_of_tls() {
+    let Some(bin) = nginx() else { return };
+    let Some(module) = bin.stream_module() else {
+        return;
+    };
+    let Some(certs) = tls_support::certs() else {
+        return;
+    };
+    let started = Instant::now();
+    let w = tls_support::tls_child(
+        &certs,
+        "wsloop-pp-tls",
+        &[
+            "--proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--max-connections-per-ip",
+            "1",
+        ],
+    );
+    let before = w.metrics();
+    let nginx = Nginx::start(&bin, "stream-pp-tls", 1, |dir, ports| {
+        stream_conf(dir, &module, ports[0], w.addr)
+    });
+    let front = nginx.addr(0);
+    let wss_from = |src: IpAddr| {
+        let tcp = connect(front, &Opts::from(src)).expect("connect to nginx");
+        let s = tls_support::tls_over(tcp, &certs, rustls::DEFAULT_VERSIONS);
+        tls_support::ws_over(s, front)
+    };
+    let mut first = wss_from(localhost(2));
+    for msg in [
+        Message::text("wss through nginx's PROXY protocol"),
+        Message::binary(pattern(8 * 1024)),
+    ] {
+        first.send(msg.clone()).unwrap();
+        let got = first.read().unwrap();
+        assert!(got == msg, "the echo of {} bytes differs", msg.len());
+    }
+    // 127.0.0.2 again: refused by the per-address limit before any TLS work.
+    let mut second = connect(front, &Opts::from(localhost(2))).expect("connect to nginx");
+    let hello = tls_support::hello_after(
+        second.try_clone().unwrap(),
+        &certs,
+        rustls::DEFAULT_VERSIONS,
+        b"",
+    );
+    let (got, _) = tls_support::until_closed(&mut second, Instant::now());
+    assert!(got.is_empty(), "the refused client got {got:?}");
+    drop((hello, second));
+    let mut other = wss_from(localhost(3));
+    other.send(Message::text("from 127.0.0.3")).unwrap();
+    assert_eq!(other.read().unwrap(), Message::text("from 127.0.0.3"));
+    let mid = w.wait_until("the refused connection's end", |m| {
+        tls_support::handshakes(m, "refused") > tls_support::handshakes(&before, "refused")
+    });
+    assert_eq!(delta(&before, &mid, PER_IP_REFUSALS), 1);
+    for mut ws in [first, other] {
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    }
+    let after = w.wait_quiet();
+    assert_eq!(
+        tls_support::handshakes(&after, "ok") - tls_support::handshakes(&before, "ok"),
+        2
+    );
+    assert_eq!(
+        after.closed_since(&before),
+        attack_support::deltas(&[("peer_closed", 2), ("refused", 1)])
+    );
+    stop_clean(w, nginx);
+    took("stream_proxy_protocol_in_front_of_tls", started);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!
 //! Each target module has `run(data)`: it decodes the raw fuzzer bytes into the target's input
 //! (one `decode` function, used by both the fuzzer and the replay) and panics on any violated
-//! property. Depends only on `wsloop` and `tungstenite`.
+//! property. Depends on `wsloop` and `tungstenite`; `tls` also on `rustls` (a real client) and
+//! `stats_alloc` (it counts the server's heap bytes).
 
 pub mod connection;
 pub mod extensions;
@@ -13,6 +14,7 @@ pub mod frame;
 pub mod handshake;
 pub mod inflate;
 pub mod timer_wheel;
+pub mod tls;
 pub mod topics;
 mod util;
 
@@ -21,7 +23,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
@@ -30,4 +32,5 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("topics", topics::run),
     ("extensions", extensions::run),
     ("inflate", inflate::run),
+    ("tls", tls::run),
 ];

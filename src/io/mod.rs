@@ -1,7 +1,9 @@
 //! What moves a connection's bytes: the [`transport`](transport) under it (plain TCP or TLS,
 //! whose configuration [`tls`](tls) makes), and its [`out`](out)put (the loop's cork, direct
-//! writes of large payloads, the per-connection queue).
+//! writes of large payloads, the per-connection queue); and, for the `tls` fuzz target, the
+//! TLS transport over bytes in memory ([`fuzzing`](fuzzing)).
 
+pub(crate) mod fuzzing;
 pub(crate) mod out;
 pub(crate) mod tls;
 pub(crate) mod transport;

@@ -35,7 +35,15 @@ pub(crate) const TLS_CHUNK: usize = 16 * 1024;
 
 /// rustls's own limit on its output buffer, a backstop above [`TLS_CHUNK`] (the transport never
 /// reaches it: it hands rustls a chunk only once the buffer is empty).
-const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
+pub(crate) const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
+
+/// The most bytes a client may send while its handshake is in progress: its first flight (a
+/// ClientHello of a few KiB at most, even with post-quantum key shares and session tickets;
+/// twice after a HelloRetryRequest), then the read that holds its Finished (at most 4 KiB,
+/// rustls's read size, even with application data behind it). Beyond it the connection fails
+/// (`tls_error`) before rustls buffers more: it would otherwise hold a handshake message of up
+/// to 64 KiB, and twice that in allocation, until the handshake deadline.
+pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
 
 /// The TLS versions a connection may use, as the metrics label them (index of
 /// [`Transport::take_established`]).
@@ -72,7 +80,7 @@ pub(crate) struct Transport {
 }
 
 /// rustls's connection and what the transport knows about it.
-struct Tls {
+pub(super) struct Tls {
     conn: ServerConnection,
     /// The peer's end of input was seen: its `close_notify`, or TCP's EOF.
     eof: bool,
@@ -84,6 +92,16 @@ struct Tls {
     reset: bool,
     /// The handshake's completion was reported (see [`Transport::take_established`]).
     reported: bool,
+    /// A PROXY header comes first (see [`Transport::expect_proxy_header`]): until
+    /// [`Transport::start_tls`], bytes move as they are, both ways.
+    raw: bool,
+    /// What followed the PROXY header in the read that ended it: the start of the TLS stream,
+    /// read by rustls before the socket (empty, and unallocated, otherwise; at most
+    /// [`MAX_HANDSHAKE_INPUT`] and one byte).
+    early: Vec<u8>,
+    /// Bytes handed to rustls while the handshake was in progress (see
+    /// [`MAX_HANDSHAKE_INPUT`]).
+    handshake_in: u32,
     /// The plaintext bytes last handed to rustls at once (at most [`TLS_CHUNK`]): what it
     /// holds of the connection's output while it [wants to write](Transport::holds).
     chunk: usize,
@@ -107,19 +125,36 @@ impl Transport {
         send_buffer: usize,
         config: Arc<ServerConfig>,
     ) -> io::Result<Transport> {
-        let mut conn = ServerConnection::new(config).map_err(tls_error)?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        let tls = Tls::new(config)?;
         let mut t = Transport::tcp(stream, send_buffer);
-        t.tls = Some(Box::new(Tls {
-            conn,
-            eof: false,
-            failed: false,
-            closing: false,
-            reset: false,
-            reported: false,
-            chunk: 0,
-        }));
+        t.tls = Some(Box::new(tls));
         Ok(t)
+    }
+
+    /// TLS from a trusted proxy that starts each connection with a PROXY header, in cleartext
+    /// before the ClientHello: until [`Transport::start_tls`] the transport reads and writes
+    /// bytes as they are (the header, or a refusal of it), and the TLS handshake waits.
+    pub(crate) fn expect_proxy_header(&mut self) {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            tls.raw = true;
+        }
+    }
+
+    /// The PROXY header has been read: what follows is the TLS stream, `rest` its start (the
+    /// bytes of the last read after the header), which rustls reads before the socket. Returns
+    /// whether such bytes wait: then the caller must read again without waiting for an edge
+    /// (the socket may be drained). Nothing for plain TCP (`rest` is the caller's to parse).
+    pub(crate) fn start_tls(&mut self, rest: &[u8]) -> bool {
+        match self.tls.as_deref_mut() {
+            Some(tls) if tls.raw => {
+                tls.raw = false;
+                // More than the handshake may take fails it anyway: one byte over is enough.
+                let keep = rest.len().min(MAX_HANDSHAKE_INPUT + 1);
+                tls.early = rest[..keep].to_vec();
+                !rest.is_empty()
+            }
+            _ => false,
+        }
     }
 
     /// The peer is being given up on (it did not read in time): if the kernel (or rustls)
@@ -145,19 +180,22 @@ impl Transport {
     /// Read into `buf`: `Ok(0)` at the peer's EOF; `WouldBlock` when nothing is there. Fewer
     /// bytes than `buf` holds means the socket is drained for now (edge-triggered: new data
     /// raises a new edge). Plain TCP: one `recv`. TLS: the decrypted bytes, reading the socket
-    /// until `buf` is full or the socket is drained, and writing what the handshake owes.
+    /// until `buf` is full or the socket is drained, and writing what the handshake owes;
+    /// `closed` (the event said the peer's FIN or reset is queued, which raises no edge of its
+    /// own) makes it read the socket until it says so, instead of stopping at a short read.
     #[inline]
-    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&mut self, buf: &mut [u8], closed: bool) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
-            None => (&self.stream).read(buf),
-            Some(tls) => tls.read(&self.stream, buf),
+            Some(tls) if !tls.raw => tls.read(&self.stream, buf, closed),
+            // Plain TCP, or TLS before its PROXY header is read.
+            _ => (&self.stream).read(buf),
         }
     }
 
     /// Write `bytes`; `Ok(0)` when the socket would block. Plain TCP: one `send`.
     #[inline]
     pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        if let Some(tls) = self.tls.as_deref_mut() {
+        if let Some(tls) = self.tls.as_deref_mut().filter(|t| !t.raw) {
             return tls.write(&self.stream, &[bytes]);
         }
         loop {
@@ -178,7 +216,7 @@ impl Transport {
     ) -> io::Result<usize> {
         debug_assert!(parts.len() <= MAX);
         let n = parts.len().min(MAX);
-        if let Some(tls) = self.tls.as_deref_mut() {
+        if let Some(tls) = self.tls.as_deref_mut().filter(|t| !t.raw) {
             return tls.write(&self.stream, &parts[..n]);
         }
         let mut slices = [IoSlice::new(&[]); MAX];
@@ -296,17 +334,31 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(ErrorKind::InvalidData, e)
 }
 
-/// The socket as rustls reads it: notes whether a read returned fewer bytes than asked for
-/// (the socket is drained for now).
-struct Probe<'a> {
-    stream: &'a TcpStream,
+/// The socket as rustls reads it: first what followed a PROXY header (see
+/// [`Transport::start_tls`]), then the socket, noting whether a read of the socket returned
+/// fewer bytes than asked for (it is drained for now).
+struct Probe<'a, S> {
+    stream: &'a S,
+    early: &'a mut Vec<u8>,
     short: bool,
 }
 
-impl Read for Probe<'_> {
+impl<S> Read for Probe<'_, S>
+where
+    for<'s> &'s S: Read,
+{
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.early.is_empty() {
+            let n = buf.len().min(self.early.len());
+            buf[..n].copy_from_slice(&self.early[..n]);
+            self.early.drain(..n);
+            if self.early.is_empty() {
+                *self.early = Vec::new(); // its memory back at once
+            }
+            return Ok(n);
+        }
         loop {
-            match (&*self.stream).read(buf) {
+            match self.stream.read(buf) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
                 Ok(n) => {
@@ -328,7 +380,10 @@ impl Read for Dry {
 }
 
 /// Write what rustls holds until it holds nothing (true) or the socket would block (false).
-fn flush(conn: &mut ServerConnection, mut stream: &TcpStream) -> io::Result<bool> {
+fn flush<S>(conn: &mut ServerConnection, mut stream: &S) -> io::Result<bool>
+where
+    for<'s> &'s S: Write,
+{
     while conn.wants_write() {
         match conn.write_tls(&mut stream) {
             Ok(0) => return Ok(false),
@@ -342,8 +397,62 @@ fn flush(conn: &mut ServerConnection, mut stream: &TcpStream) -> io::Result<bool
 }
 
 impl Tls {
-    /// See [`Transport::read`].
-    fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    /// A server connection of `config`, its output bounded (see [`TLS_BUFFER_LIMIT`]).
+    pub(super) fn new(config: Arc<ServerConfig>) -> io::Result<Tls> {
+        let mut conn = ServerConnection::new(config).map_err(tls_error)?;
+        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        Ok(Tls {
+            conn,
+            eof: false,
+            failed: false,
+            closing: false,
+            reset: false,
+            reported: false,
+            raw: false,
+            early: Vec::new(),
+            handshake_in: 0,
+            chunk: 0,
+        })
+    }
+
+    /// The handshake completed: its version's index in [`TLS_VERSIONS`].
+    pub(super) fn version(&self) -> Option<usize> {
+        (!self.conn.is_handshaking()).then(|| kind_of(&self.conn).version)
+    }
+
+    /// rustls holds ciphertext not written yet (see [`Transport::holds`]).
+    pub(super) fn holds(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Write what rustls holds, as far as `stream` takes it (see [`Transport::flush`]).
+    pub(super) fn flush<S>(&mut self, stream: &S) -> io::Result<bool>
+    where
+        for<'s> &'s S: Write,
+    {
+        flush(&mut self.conn, stream)
+    }
+
+    /// See [`Transport::read`]. `stream` is the connection's socket (or, for the fuzz target,
+    /// bytes in memory: [`crate::io::fuzzing`]).
+    pub(super) fn read<S>(&mut self, stream: &S, buf: &mut [u8], closed: bool) -> io::Result<usize>
+    where
+        for<'s> &'s S: Read + Write,
+    {
+        if self.closing {
+            // Our close_notify went out: the connection lingers (after a failure, our answer
+            // sent) and the loop discards what the peer still sends until its EOF. rustls
+            // decrypts nothing more: fed a bad record now, it would answer with a second alert
+            // after the close_notify, which it asserts never happens (a panic in debug builds).
+            // The bytes pass as they are, for the loop to discard.
+            let mut stream = stream;
+            return loop {
+                match stream.read(buf) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+        }
         let mut filled = 0;
         // The socket returned fewer bytes than asked for during this call: drained for now.
         // (Only within one call: data that arrives later raises an edge, whose read must not
@@ -364,7 +473,11 @@ impl Tls {
             if filled == buf.len() || self.eof {
                 return Ok(filled);
             }
-            if drained {
+            // A short read drained the socket, unless the peer's FIN or reset is queued behind
+            // what it returned: then read on until the socket itself says it (a read that made
+            // no plaintext, half a ClientHello say, would otherwise leave the connection
+            // waiting for an edge that never comes).
+            if drained && !closed {
                 // Let rustls size its input buffer down to what it still holds (it does so
                 // before a read, and a short read ended this one): a connection that sent a
                 // full record then went quiet keeps 4 KiB, not the 16 KiB record's room.
@@ -373,18 +486,36 @@ impl Tls {
             }
             let mut probe = Probe {
                 stream,
+                early: &mut self.early,
                 short: false,
             };
+            let handshaking = self.conn.is_handshaking();
             match self.conn.read_tls(&mut probe) {
                 Ok(0) => drained = true, // TCP's EOF: rustls's reader says it next
-                Ok(_) => drained = probe.short,
+                Ok(n) => {
+                    drained = probe.short;
+                    if handshaking {
+                        self.handshake_in = self.handshake_in.saturating_add(n as u32);
+                        if self.handshake_in as usize > MAX_HANDSHAKE_INPUT {
+                            // Far more than any client's first flight: refused before rustls
+                            // buffers it (it would hold up to 64 KiB of one message, twice
+                            // that in allocation, until the handshake deadline).
+                            self.failed = true;
+                            return Err(io::Error::new(
+                                ErrorKind::InvalidData,
+                                "TLS handshake input over its limit",
+                            ));
+                        }
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return would_block(filled),
                 Err(e) => return Err(e),
             }
             if let Err(e) = self.conn.process_new_packets() {
                 // rustls queued an alert for the peer: one try to send it.
                 self.failed = true;
-                let _ = self.conn.write_tls(&mut &*stream);
+                let mut out = stream;
+                let _ = self.conn.write_tls(&mut out);
                 return Err(tls_error(e));
             }
             // What the handshake owes in answer (the rest goes out on a writable edge).
@@ -394,7 +525,10 @@ impl Tls {
 
     /// Take plaintext from `parts` into rustls, one chunk at a time and only while rustls has
     /// flushed everything it held to the socket; returns the bytes taken.
-    fn write(&mut self, stream: &TcpStream, parts: &[&[u8]]) -> io::Result<usize> {
+    pub(super) fn write<S>(&mut self, stream: &S, parts: &[&[u8]]) -> io::Result<usize>
+    where
+        for<'s> &'s S: Write,
+    {
         if self.failed {
             return Err(io::Error::new(ErrorKind::InvalidData, "TLS failed"));
         }
@@ -427,9 +561,13 @@ impl Tls {
         }
     }
 
-    /// Queue our `close_notify` (once) and try to write it.
-    fn close_notify(&mut self, stream: &TcpStream) {
-        if !self.closing && !self.failed {
+    /// Queue our `close_notify` (once) and try to write it; not while a PROXY header is awaited
+    /// (no TLS has begun).
+    pub(super) fn close_notify<S>(&mut self, stream: &S)
+    where
+        for<'s> &'s S: Write,
+    {
+        if !self.closing && !self.failed && !self.raw {
             self.closing = true;
             self.conn.send_close_notify();
             let _ = flush(&mut self.conn, stream);
@@ -596,7 +734,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut buf = [0u8; 64];
         while t.take_established().is_none() {
-            match t.read(&mut buf) {
+            match t.read(&mut buf, false) {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 other => panic!("{other:?}"),
             }
@@ -681,7 +819,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         for size in [1usize, 7, 1000, 100_000].into_iter().cycle() {
             let mut buf = vec![0u8; size];
-            match t.read(&mut buf) {
+            match t.read(&mut buf, false) {
                 Ok(0) => break,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -697,6 +835,6 @@ mod tests {
             );
         }
         assert!(got == sent, "{} bytes read, differing", got.len());
-        assert_eq!(t.read(&mut [0u8; 16]).unwrap(), 0);
+        assert_eq!(t.read(&mut [0u8; 16], false).unwrap(), 0);
     }
 }

@@ -461,6 +461,10 @@ impl<D> Core<D> {
                 conn.admin = admin;
                 conn.via_proxy = via_proxy;
                 conn.awaiting_proxy = via_proxy && self.config.proxy_protocol;
+                if conn.awaiting_proxy {
+                    // Under TLS the header comes in cleartext, before the ClientHello.
+                    conn.socket.expect_proxy_header();
+                }
             }
             Kind::Refused => {
                 // Answered already: shut down our side and wait for the client's EOF (or the

@@ -81,6 +81,16 @@ impl<H: Handler> Inner<H> {
         {
             return core.refuse_client(handler, idx, verdict);
         }
+        if conn.socket.is_tls() {
+            // The rest is the start of the TLS stream: rustls reads it, before the socket, on
+            // a read at the start of the next turn (the socket may be drained: no edge would
+            // come for bytes already read).
+            if conn.socket.start_tls(&recv[..rest]) && !conn.read_later {
+                conn.read_later = true;
+                core.reread.push((idx, conn.gen));
+            }
+            return true;
+        }
         rest == 0 || self.handshake(idx, rest)
     }
 
@@ -361,9 +371,14 @@ impl<D> Core<D> {
         verdict: crate::admission::Verdict,
     ) -> bool {
         self.stats.refused[verdict.index()] += 1;
-        self.cork_for(idx);
-        self.cork
-            .extend_from_slice(&super::accept::refusal(verdict));
+        // A TLS client whose handshake has not begun (its PROXY header was just read) could
+        // not read a cleartext answer (as a refusal at accept): closed without one, before
+        // any handshake work.
+        if !self.conns[idx].socket.handshaking() {
+            self.cork_for(idx);
+            self.cork
+                .extend_from_slice(&super::accept::refusal(verdict));
+        }
         self.conns[idx].session.finish_rejected();
         self.finish(handler, idx, CloseReason::Refused);
         false

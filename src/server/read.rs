@@ -51,7 +51,7 @@ impl<H: Handler> Inner<H> {
                 return true;
             }
             let conn = &mut self.core.conns[idx];
-            let read = conn.socket.read(&mut self.recv);
+            let read = conn.socket.read(&mut self.recv, closed);
             if let Some(kind) = conn.socket.take_established() {
                 self.core.tls_established(kind);
             }
