@@ -45,6 +45,15 @@ pub(crate) const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
 /// to 64 KiB, and twice that in allocation, until the handshake deadline.
 pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
 
+/// The most ciphertext an established TLS connection may have handed rustls without anything
+/// coming of it (plaintext, an answer, a completed handshake): more than any one record can be
+/// (16 KiB of plaintext and at most 2 KiB of TLS 1.2 expansion, with its header), so only a
+/// client joining a post-handshake handshake message (which rustls would buffer up to 64 KiB;
+/// a client has none that large to send) or one trickling nothing but empty records reaches
+/// it. Past it the connection fails (`tls_error`). During the handshake rustls's own limit
+/// (64 KiB for a handshake message) applies, and the handshakes in progress are capped.
+const TLS_PENDING_MAX: usize = 24 * 1024;
+
 /// The TLS versions a connection may use, as the metrics label them (index of
 /// [`Transport::take_established`]).
 pub(crate) const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
@@ -105,6 +114,10 @@ pub(super) struct Tls {
     /// The plaintext bytes last handed to rustls at once (at most [`TLS_CHUNK`]): what it
     /// holds of the connection's output while it [wants to write](Transport::holds).
     chunk: usize,
+    /// Ciphertext handed to rustls since it last made anything of what it read (plaintext, an
+    /// answer to write, a step of the handshake): what it holds of the connection's input, a
+    /// record or a handshake message being received (see [`Transport::tls_pending`]).
+    pending: usize,
 }
 
 impl Transport {
@@ -255,6 +268,25 @@ impl Transport {
     #[inline]
     pub(crate) fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// What rustls holds of the connection's input: the ciphertext of a record (or, in the
+    /// handshake, of a handshake message) not complete yet, counted from what was handed to it
+    /// since it last made anything of its input (at most [`TLS_PENDING_MAX`] once established,
+    /// 64 KiB and a read in the handshake). Counted with the connection's partial messages in
+    /// the memory budget. 0 for plain TCP.
+    #[inline]
+    pub(crate) fn tls_pending(&self) -> usize {
+        self.tls.as_deref().map_or(0, |t| t.pending)
+    }
+
+    /// Whether rustls holds anything of the connection's (output to send, or input not
+    /// complete yet): false for plain TCP.
+    #[inline]
+    pub(crate) fn tls_holds(&self) -> bool {
+        self.tls
+            .as_deref()
+            .is_some_and(|t| t.pending > 0 || t.conn.wants_write())
     }
 
     /// Write what rustls holds (see [`Transport::holds`]), as far as the socket takes it.
@@ -412,6 +444,7 @@ impl Tls {
             early: Vec::new(),
             handshake_in: 0,
             chunk: 0,
+            pending: 0,
         })
     }
 
@@ -494,6 +527,7 @@ impl Tls {
                 Ok(0) => drained = true, // TCP's EOF: rustls's reader says it next
                 Ok(n) => {
                     drained = probe.short;
+                    self.pending += n;
                     if handshaking {
                         self.handshake_in = self.handshake_in.saturating_add(n as u32);
                         if self.handshake_in as usize > MAX_HANDSHAKE_INPUT {
@@ -511,12 +545,33 @@ impl Tls {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return would_block(filled),
                 Err(e) => return Err(e),
             }
-            if let Err(e) = self.conn.process_new_packets() {
-                // rustls queued an alert for the peer: one try to send it.
-                self.failed = true;
-                let mut out = stream;
-                let _ = self.conn.write_tls(&mut out);
-                return Err(tls_error(e));
+            match self.conn.process_new_packets() {
+                Err(e) => {
+                    // rustls queued an alert for the peer: one try to send it.
+                    self.failed = true;
+                    let mut out = stream;
+                    let _ = self.conn.write_tls(&mut out);
+                    return Err(tls_error(e));
+                }
+                Ok(io) => {
+                    // An answer to write counts only in the handshake: once established,
+                    // what rustls holds to write may be the connection's own output waiting
+                    // for a peer that does not read.
+                    let made = io.plaintext_bytes_to_read() > 0
+                        || (handshaking && io.tls_bytes_to_write() > 0)
+                        || handshaking != self.conn.is_handshaking();
+                    if made {
+                        self.pending = 0;
+                    } else if self.pending > TLS_PENDING_MAX && !handshaking {
+                        // A post-handshake handshake message being joined (rustls would
+                        // hold up to 64 KiB of it), or nothing but empty records.
+                        self.failed = true;
+                        return Err(io::Error::new(
+                            ErrorKind::InvalidData,
+                            "more ciphertext than a record without any plaintext",
+                        ));
+                    }
+                }
             }
             // What the handshake owes in answer (the rest goes out on a writable edge).
             flush(&mut self.conn, stream)?;

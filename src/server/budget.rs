@@ -18,7 +18,8 @@ use crate::protocol::close::CloseCode;
 use std::cmp::Reverse;
 
 /// What a connection's buffers hold now: its session's (request head, partial message) with its
-/// unparsed input, and its send queue's heap bytes (with what rustls holds of its output), each counted up to 4 GiB (a buffer that large is counted as 4 GiB:
+/// unparsed input (and, under TLS, the record or handshake message rustls is receiving), and its
+/// send queue's heap bytes (with what rustls holds of its output), each counted up to 4 GiB (a buffer that large is counted as 4 GiB:
 /// the budget's sum stays exact for what it counts, and such a connection is far past any
 /// share long before).
 #[inline]
@@ -29,7 +30,7 @@ fn held<D>(c: &Conn<D>) -> [u32; 2] {
         .as_ref()
         .map_or(0, |r| r.stash.capacity() + r.proxy_partial.capacity());
     [
-        clamp(c.session.buffered_capacity() + rare),
+        clamp(c.session.buffered_capacity() + rare + c.socket.tls_pending()),
         clamp(c.pending.heap_bytes() + c.socket.tls_held()),
     ]
 }
@@ -44,7 +45,7 @@ impl<D> Core<D> {
             && !c.session.holds()
             && c.pending.is_empty()
             && c.rare.is_none()
-            && !c.socket.holds()
+            && !c.socket.tls_holds()
         {
             return;
         }
