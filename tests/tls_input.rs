@@ -6,7 +6,9 @@
 //!   in the memory budget while rustls holds it, and no longer once the rest has come;
 //! - a handshake message joined across records after the handshake (rustls would buffer up to
 //!   64 KiB of it) fails the connection (`tls_error`) once more than one record's worth of
-//!   ciphertext has come to nothing, before rustls holds more.
+//!   ciphertext has come to nothing, before rustls holds more;
+//! - a burst of replayed ClientHellos is spread over turns (the turn's handshake time runs out),
+//!   and every one is answered in the end.
 //!
 //! Certificates come from `tests/tls_support` (the openssl CLI); without it the tests skip
 //! with a note, unless `CI` is set.
@@ -181,4 +183,66 @@ fn a_handshake_message_joined_after_the_handshake_fails_before_rustls_holds_64_k
         }
     }
     assert_eq!(server.handle.stats().unwrap().memory_bytes[0], 0);
+}
+
+struct Noop;
+
+impl wsloop::Handler for Noop {
+    type Data = ();
+    fn upgrade(&mut self, _req: &wsloop::UpgradeRequest<'_>) -> wsloop::Decision<()> {
+        wsloop::Decision::accept(())
+    }
+    fn on_message(&mut self, _ws: &mut wsloop::WebSocket<'_, ()>, _msg: wsloop::Message<'_>) {}
+}
+
+/// A burst of replayed ClientHellos (which cost the client nothing and the server a signature
+/// each) is not answered in one turn: the turn's handshake time runs out and the rest wait for
+/// the next turns (`read_yields`), so that established connections are served between; every
+/// one is answered in the end. The test drives the loop's turns itself.
+#[test]
+fn a_burst_of_client_hellos_is_spread_over_turns() {
+    let Some(certs) = certs() else { return };
+    let mut server = wsloop::Server::new(tls_config(&certs), Noop).unwrap();
+    let addr = server.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    // One client's first flight, replayed on every connection.
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client =
+        ClientConnection::new(client_config(&certs, rustls::ALL_VERSIONS), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    const N: usize = 100;
+    let mut socks: Vec<TcpStream> = (0..N).map(|_| tcp(addr)).collect();
+    // Accepted (turns until all are in), then every hello sent at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats().connections < N {
+        assert!(Instant::now() < deadline, "not all accepted");
+        server.turn(Some(Duration::from_millis(10))).unwrap();
+    }
+    for s in &mut socks {
+        s.write_all(&hello).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200)); // all of them in the server's sockets
+    let before = server.stats().read_yields;
+    server.turn(Some(Duration::from_millis(10))).unwrap();
+    let yielded = server.stats().read_yields - before;
+    assert!(yielded > 0, "every ClientHello answered in one turn");
+    // Every client gets its ServerHello in the end, none failed.
+    for s in &socks {
+        s.set_nonblocking(true).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        server.turn(Some(Duration::from_millis(1))).unwrap();
+        let answered = socks
+            .iter()
+            .filter(|s| matches!(s.peek(&mut [0u8; 1]), Ok(1)))
+            .count();
+        if answered == N {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{answered} of {N} answered");
+    }
+    let st = server.stats();
+    assert_eq!(st.tls_handshakes_failed.iter().sum::<u64>(), 0, "{st:?}");
+    assert_eq!(st.tls_handshaking, N);
 }

@@ -79,6 +79,9 @@ pub(super) struct Core<D> {
     ///
     /// [`CODEC_BUDGET`]: super::ws::CODEC_BUDGET
     pub(super) codec_mark: u64,
+    /// Nanoseconds this turn has spent in TLS handshakes (see
+    /// [`TLS_TURN_BUDGET_NS`](super::read::TLS_TURN_BUDGET_NS)).
+    pub(super) tls_spent_ns: u64,
     /// When the connections were last scanned for the biggest holders (ms).
     pub(super) last_shed_scan: u64,
     /// A ping was delivered during the current read: its connection may owe a pong.

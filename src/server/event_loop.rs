@@ -123,6 +123,7 @@ impl<H: Handler> Server<H> {
                     codec: crate::protocol::deflate::SharedCodec::new(config.compression_threshold),
                     codec_bytes: 0,
                     codec_mark: 0,
+                    tls_spent_ns: 0,
                     last_shed_scan: u64::MAX,
                     limits,
                     start,
@@ -341,6 +342,7 @@ impl<H: Handler> Server<H> {
             b.turn_start();
         }
         self.inner.core.tick();
+        self.inner.core.tls_spent_ns = 0;
         if !self.inner.core.reread.is_empty() {
             self.inner.reread();
         }
