@@ -110,11 +110,40 @@ pub(crate) fn read_system_file(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-/// A configuration file (a TLS certificate or key), read whole in one call at start-up, before
-/// any loop counts descriptors (its descriptor is open only meanwhile).
+/// A configuration file (a TLS certificate or key), read whole at start-up, before any loop
+/// counts descriptors, or on a reload (its descriptor is open only meanwhile): a regular file
+/// of at most 1 MiB, else an error.
 pub(crate) fn read_config_file(path: &std::path::Path) -> io::Result<Vec<u8>> {
-    std::fs::read(path)
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a FIFO with no writer cannot hold the thread (a reload on SIGHUP
+    // runs on the signal thread, which must stay free to shut the server down); then only a
+    // regular file, read up to a bound, so that a path naming /dev/zero or a huge file cannot
+    // make the process allocate without end.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_CONFIG_FILE >> 20),
+        ));
+    }
+    Ok(bytes)
 }
+
+/// The largest configuration file (a certificate chain or a key, PEM) read: 1 MiB, hundreds
+/// of times a real chain.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 fn to_u64(v: libc::rlim_t) -> u64 {
     if v == libc::RLIM_INFINITY {

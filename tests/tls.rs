@@ -406,6 +406,66 @@ fn reload_tls_changes_the_certificate_of_new_connections_only() {
     assert_eq!(e.field, "tls_cert");
 }
 
+/// Files that are wrong in ways a parser of PEM alone would let through: a chain whose
+/// intermediate is not a certificate (every handshake would fail) is refused at start and on a
+/// reload; a path naming a FIFO with no writer, or /dev/zero, is refused at once (no read that
+/// blocks the reloading thread, no allocation without end); the certificate served stays.
+#[test]
+fn a_broken_chain_or_a_path_that_is_no_file_is_refused_at_start_and_on_reload() {
+    let Some(certs) = certs() else { return };
+    let d = certs.dir.path();
+    let broken = d.join("broken-chain.pem");
+    let mut chain = std::fs::read_to_string(&certs.cert).unwrap();
+    chain.push_str("-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n-----END CERTIFICATE-----\n");
+    std::fs::write(&broken, chain).unwrap();
+    let start = |cert: &Path| {
+        let config = Config {
+            tls: Some(TlsConfig::new(cert, &certs.key)),
+            ..config()
+        };
+        Server::new(config, wsloop_noop()).err().expect("started")
+    };
+    let e = start(&broken).to_string();
+    assert!(
+        e.contains("certificate 2 of the chain is not a DER X.509 certificate"),
+        "{e}"
+    );
+    assert!(e.contains(&broken.display().to_string()), "{e}");
+    let e = start(Path::new("/dev/zero")).to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    // On a reload, through files the test swaps.
+    let (cert, key) = (d.join("live.pem"), d.join("live.key"));
+    std::fs::copy(&certs.cert, &cert).unwrap();
+    std::fs::copy(&certs.key, &key).unwrap();
+    let server = TestServer::start(Config {
+        tls: Some(TlsConfig::new(&cert, &key)),
+        ..config()
+    });
+    std::fs::copy(&broken, &cert).unwrap();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert!(e.reason.contains("certificate 2 of the chain"), "{e}");
+    std::fs::remove_file(&cert).unwrap();
+    let fifo = Command::new("mkfifo").arg(&cert).status().unwrap();
+    assert!(fifo.success());
+    let took = Instant::now();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert!(e.reason.contains("not a regular file"), "{e}");
+    assert!(
+        took.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        took.elapsed()
+    );
+    std::fs::remove_file(&cert).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &cert).unwrap();
+    let e = server.handle.reload_tls().unwrap_err();
+    assert!(e.reason.contains("not a regular file"), "{e}");
+    assert_eq!(
+        presented(server.addr, &certs, "localhost"),
+        leaf(&certs.cert)
+    );
+    assert_eq!(server.handle.stats().unwrap().tls_reloads, [0, 3]);
+}
+
 /// The binary reloads on SIGHUP: new connections get the new certificate, the connection
 /// made before keeps being served, a bad file leaves the certificate served as it was (and is
 /// logged), and the process never stops.

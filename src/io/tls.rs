@@ -208,17 +208,26 @@ fn read_pair(
             cert_path.display()
         )));
     };
-    let not_after = not_after(leaf).ok_or_else(|| {
+    let expires = not_after(leaf).ok_or_else(|| {
         cert_err(format!(
             "{}: its first certificate is not a DER X.509 certificate with a validity",
             cert_path.display()
         ))
     })?;
-    if not_after < now {
+    // The intermediates too: rustls sends the chain as it is, so one that is not a certificate
+    // would fail every client's handshake rather than the start (or the reload).
+    if let Some(i) = (1..certs.len()).find(|&i| not_after(&certs[i]).is_none()) {
+        return Err(cert_err(format!(
+            "{}: certificate {} of the chain is not a DER X.509 certificate",
+            cert_path.display(),
+            i + 1
+        )));
+    }
+    if expires < now {
         return Err(cert_err(format!(
             "{}: the certificate expired on {} (notAfter)",
             cert_path.display(),
-            utc(not_after)
+            utc(expires)
         )));
     }
     let pem = read(key_path).map_err(key_err)?;
@@ -247,7 +256,7 @@ fn read_pair(
         }
         Err(e) => return Err(cert_err(format!("{}: {e}", cert_path.display()))),
     }
-    Ok((Arc::new(certified), not_after))
+    Ok((Arc::new(certified), expires))
 }
 
 /// Seconds since 1970 now (UTC).
