@@ -138,15 +138,7 @@ impl Admission {
 
     /// The key `ip` is counted under: its canonical form, an IPv6 address cut to its network.
     pub fn key(&self, ip: IpAddr) -> IpAddr {
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.ipv6_prefix))
-                    .unwrap_or(0);
-                IpAddr::V6((u128::from(v6) & mask).into())
-            }
-            v4 => v4,
-        }
+        key_of(ip, self.ipv6_prefix)
     }
 
     fn tracking(&self) -> bool {
@@ -288,6 +280,21 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
     rest == 0 || {
         let mask = 0xffu8 << (8 - rest);
         a[bytes] & mask == b[bytes] & mask
+    }
+}
+
+/// The key `ip` is counted under by every per-address limit: its canonical form (an
+/// IPv4-mapped IPv6 address is its IPv4 address), an IPv6 address cut to its network of
+/// `ipv6_prefix` bits.
+pub fn key_of(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(ipv6_prefix))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        v4 => v4,
     }
 }
 

@@ -307,6 +307,41 @@ fn emfile_under_tls_sheds_with_a_close_and_recovers() {
 /// connections are refused at accept, before any TLS work (nothing comes back: no ServerHello,
 /// no cleartext 429) and counted; an established wss client from another address is served
 /// throughout, and another address is admitted during the flood.
+/// One address may hold a sixteenth of the handshakes in progress (here 4 of 64): its
+/// connections that never start a handshake take no more, a fifth from it is closed at once
+/// with nothing sent (counted as capped), and another address still gets its handshake and
+/// its echo; when the held ones go, the address may begin handshakes again.
+#[test]
+fn one_address_holds_at_most_a_sixteenth_of_the_handshakes_in_progress() {
+    let Some(certs) = certs() else { return };
+    let (w, m0) = tls_child_at_baseline(&certs, "tls-per-address", &["--tls-max-handshakes", "64"]);
+    let from = |src: u8| connect(w.addr, &Opts::from(localhost(src))).unwrap();
+    let held: Vec<TcpStream> = (0..4).map(|_| from(2)).collect();
+    w.wait_until("4 handshakes in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 4.0
+    });
+    let mut fifth = from(2);
+    let (got, took) = until_closed(&mut fifth, Instant::now());
+    assert!(got.is_empty(), "the fifth got {got:?}");
+    assert!(took < Duration::from_millis(900), "closed after {took:?}");
+    let mut other = ws_over(tls_over(from(3), &certs, ANY), w.addr);
+    echo(&mut other, "from another address");
+    let m = w.metrics();
+    assert_eq!(
+        m.get("wsloop_tls_handshakes_capped_total") - m0.get("wsloop_tls_handshakes_capped_total"),
+        1.0
+    );
+    drop(held);
+    w.wait_until("none in progress", |m| {
+        m.get("wsloop_tls_handshakes_in_progress") == 0.0
+    });
+    let mut again = ws_over(tls_over(from(2), &certs, ANY), w.addr);
+    echo(&mut again, "from the first address again");
+    drop((again, other, fifth));
+    w.wait_baseline();
+    w.stop();
+}
+
 #[test]
 fn a_handshake_flood_from_one_address_is_refused_before_any_tls_work() {
     const FLOOD: usize = 60;

@@ -301,6 +301,9 @@ impl<D> Core<D> {
         // The metrics listener is for operators, who need it most when the server is full: its
         // connections skip the client limits and may use the whole fd budget.
         let via_proxy = !admin && self.trusted.contains(peer.ip());
+        if tls && !via_proxy && self.handshakes_of(peer.ip()) >= self.handshake_cap_per_address() {
+            return self.cap_handshakes(stream);
+        }
         let decision = if admin {
             match self.conns.len() < self.fd_budget {
                 true => Ok(false),
@@ -365,7 +368,32 @@ impl<D> Core<D> {
         }
     }
 
-    /// A new TLS connection while the loop's share of `tls_max_handshakes` is in progress:
+    /// What one address may have of this loop's handshakes in progress: a sixteenth of the
+    /// loop's share of `tls_max_handshakes` (at least one), so that one address opening
+    /// connections that never finish their handshakes cannot take every place (no cap at 0).
+    fn handshake_cap_per_address(&self) -> usize {
+        match self.handshake_cap() {
+            usize::MAX => usize::MAX,
+            n => (n / 16).max(1),
+        }
+    }
+
+    /// The handshakes in progress on this loop from `ip`'s address (counted under its
+    /// per-address key; connections from trusted proxies are not counted).
+    fn handshakes_of(&self, ip: std::net::IpAddr) -> usize {
+        let key = crate::admission::key_of(ip, self.config.ipv6_prefix_len);
+        self.tls_by_address.get(&key).map_or(0, |&n| n as usize)
+    }
+
+    /// A handshake from `ip` begins (`true`) or is no longer in progress (`false`): its
+    /// address's count in [`Core::tls_by_address`].
+    pub(super) fn count_handshake(&mut self, ip: std::net::IpAddr, begins: bool) {
+        let key = crate::admission::key_of(ip, self.config.ipv6_prefix_len);
+        count_handshake(&mut self.tls_by_address, key, begins);
+    }
+
+    /// A new TLS connection while the loop's share of `tls_max_handshakes` is in progress, or
+    /// its address's share of it:
     /// closed at once, before any handshake work, the admission table and an answer it could
     /// not read; counted and logged (at most once a second).
     #[inline(never)]
@@ -479,6 +507,10 @@ impl<D> Core<D> {
         self.tally.entered(&conn);
         if conn.socket.is_tls() {
             self.stats.tls_handshaking += 1;
+            if !conn.via_proxy {
+                let key = crate::admission::key_of(conn.peer.ip(), self.config.ipv6_prefix_len);
+                count_handshake(&mut self.tls_by_address, key, true);
+            }
             let state = crate::memory::TLS_CONNECTION_BYTES;
             self.memory.resize(crate::memory::Kind::Tls, 0, state);
         }
@@ -501,5 +533,25 @@ impl Moving {
 impl Drop for Moving {
     fn drop(&mut self) {
         self.0.settled();
+    }
+}
+
+/// Count a handshake from the address `key` that begins (`true`) or is no longer in progress
+/// (`false`) in `by_address` (an entry only while its count is above 0).
+fn count_handshake(
+    by_address: &mut std::collections::HashMap<std::net::IpAddr, u32>,
+    key: std::net::IpAddr,
+    begins: bool,
+) {
+    match begins {
+        true => *by_address.entry(key).or_insert(0) += 1,
+        false => {
+            if let Some(n) = by_address.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    by_address.remove(&key);
+                }
+            }
+        }
     }
 }

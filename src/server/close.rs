@@ -165,6 +165,9 @@ impl<D> Core<D> {
         let moving = super::accept::Moving::new(&self.ledger);
         self.fds_changed();
         self.tally.left(&self.ledger, &conn);
+        if conn.socket.handshaking() && !conn.via_proxy {
+            self.count_handshake(conn.peer.ip(), false);
+        }
         self.tls_ended(&mut conn.socket, reason);
         drop(conn.socket);
         drop(moving);
@@ -219,7 +222,11 @@ impl<D> Core<D> {
 
     /// A TLS handshake completed (read path): no longer in progress, counted `ok` and by its
     /// version and cipher suite.
-    pub(super) fn tls_established(&mut self, kind: crate::io::transport::TlsKind) {
+    pub(super) fn tls_established(&mut self, idx: usize, kind: crate::io::transport::TlsKind) {
+        let conn = &self.conns[idx];
+        if !conn.via_proxy {
+            self.count_handshake(conn.peer.ip(), false);
+        }
         self.stats.tls_handshaking -= 1;
         self.stats.tls_handshakes_ok += 1;
         self.stats.tls_connections[kind.version] += 1;

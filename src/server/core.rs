@@ -82,6 +82,9 @@ pub(super) struct Core<D> {
     /// Nanoseconds this turn has spent in TLS handshakes (see
     /// [`TLS_TURN_BUDGET_NS`](super::read::TLS_TURN_BUDGET_NS)).
     pub(super) tls_spent_ns: u64,
+    /// TLS handshakes in progress on this loop by per-address key (connections from trusted
+    /// proxies aside), for the per-address share of the cap (`accept.rs`).
+    pub(super) tls_by_address: std::collections::HashMap<std::net::IpAddr, u32>,
     /// When the connections were last scanned for the biggest holders (ms).
     pub(super) last_shed_scan: u64,
     /// A ping was delivered during the current read: its connection may owe a pong.

@@ -124,6 +124,7 @@ impl<H: Handler> Server<H> {
                     codec_bytes: 0,
                     codec_mark: 0,
                     tls_spent_ns: 0,
+                    tls_by_address: Default::default(),
                     last_shed_scan: u64::MAX,
                     limits,
                     start,

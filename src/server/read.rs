@@ -70,7 +70,7 @@ impl<H: Handler> Inner<H> {
             }
             let conn = &mut self.core.conns[idx];
             if let Some(kind) = conn.socket.take_established() {
-                self.core.tls_established(kind);
+                self.core.tls_established(idx, kind);
             }
             let conn = &mut self.core.conns[idx];
             let n = match read {
