@@ -386,6 +386,9 @@ fn the_readme_limits_table_shows_the_defaults() {
             }
             // src/io/transport.rs, TLS_CHUNK (crate-private): the unit test there proves it.
             (None, "TLS output held by rustls per connection") => vec![16384.0],
+            // src/io/transport.rs, MAX_HANDSHAKE_INPUT (crate-private): tests/tls_edges.rs's
+            // `a_client_hello_over_16_kib_is_refused_at_once` proves it.
+            (None, "TLS handshake input") => vec![16384.0],
             (None, "reads per turn") => {
                 // Fixed in the loop: 4 full reads of the receive buffer.
                 assert!(
