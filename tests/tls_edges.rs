@@ -489,8 +489,10 @@ fn resets_during_tls_handshakes_end_at_the_baseline() {
         let (addr, hello) = (w.addr, hello.clone());
         let churn = thread::spawn(move || {
             attack_support::parallel(THREADS, move |i| {
-                for _ in (i..PER_STAGE).step_by(THREADS) {
-                    let mut s = connect(addr, &Opts::default()).unwrap();
+                for n in (i..PER_STAGE).step_by(THREADS) {
+                    // From 50 addresses: one may hold a sixteenth of the handshakes.
+                    let src = localhost(10 + (n % 50) as u8);
+                    let mut s = connect(addr, &Opts::from(src)).unwrap();
                     match stage {
                         Reset::BeforeAnyByte => {}
                         Reset::MidClientHello => s.write_all(&hello[..hello.len() / 2]).unwrap(),
