@@ -1239,8 +1239,13 @@ fn echo_open(
     }
     let setup_s = setup_start.elapsed().as_secs_f64();
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    let suite = clients
+        .iter()
+        .find_map(|cl| cl.tls.as_ref()?.negotiated_cipher_suite())
+        .map(|s| format!(", TLS {:?}", s.suite()))
+        .unwrap_or_default();
     eprintln!(
-        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s",
+        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s{suite}",
         c.label
     );
     if open == 0 {
