@@ -1241,8 +1241,14 @@ fn echo_open(
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
     let suite = clients
         .iter()
-        .find_map(|cl| cl.tls.as_ref()?.negotiated_cipher_suite())
-        .map(|s| format!(", TLS {:?}", s.suite()))
+        .find_map(|cl| {
+            let conn = cl.tls.as_ref()?;
+            let group = conn.negotiated_key_exchange_group()?.name();
+            Some(format!(
+                ", TLS {:?} {group:?}",
+                conn.negotiated_cipher_suite()?.suite()
+            ))
+        })
         .unwrap_or_default();
     eprintln!(
         "[{}] echo: {open}/{n} connections open in {setup_s:.2} s{suite}",
