@@ -4,8 +4,9 @@
 //! `Client` in loadgen.rs); nothing here runs for plain connections.
 //!
 //! Every connection makes a full handshake (session resumption is off) with an X25519 key
-//! share, so that the handshake mode measures what a new browser-like client costs the server. The reads keep loadgen's contract: fewer
-//! bytes than the buffer holds means the socket is drained for now (edge-triggered polling).
+//! share, so that the handshake mode measures what a new browser-like client costs the server.
+//! The reads keep loadgen's contract: fewer bytes than the buffer holds means the socket is
+//! drained for now (edge-triggered polling).
 
 use super::Common;
 use mio::net::TcpStream;
