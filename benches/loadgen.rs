@@ -21,6 +21,11 @@
 //! - `report FILE...`: reads `RESULT` lines written by the other modes (with a `server=` label)
 //!   and prints Markdown tables of medians and of the ratio wsloop/peer per row.
 //!
+//! With `--tls-ca FILE` the echo, handshake and idle modes speak wss:// (rustls with the `ring`
+//! provider, trusting the CA certificates in FILE, a full handshake per connection; see
+//! `loadgen/tls.rs`) and their RESULT lines say `tls=VERSION`; plain connections pay one branch
+//! per read or write call for it.
+//!
 //! Each measuring mode prints one line `RESULT key=value ...` on stdout and a readable summary
 //! on stderr. Run by `cargo bench` (with `--bench`), it does nothing and exits.
 // Benchmark code (see Cargo.toml's [lints]): it stops on the first error, and opens descriptors on purpose.
@@ -38,6 +43,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -48,6 +54,10 @@ mod pubsub;
 // permessage-deflate for echo and idle (`--deflate`), and the JSON message (`--json`).
 #[path = "loadgen/deflate.rs"]
 mod deflate;
+
+// wss:// (`--tls-ca`): rustls's client connection under `Client`.
+#[path = "loadgen/tls.rs"]
+mod tls;
 
 /// The fixed `Sec-WebSocket-Key` of every client (RFC 6455's example) and its accept value.
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -108,6 +118,13 @@ struct Common {
     /// Seconds allowed for opening all connections.
     #[arg(long, default_value_t = 60.0)]
     setup_timeout: f64,
+    /// wss://: speak TLS (rustls, ring; full handshakes, no resumption) and trust the CA
+    /// certificates in this PEM file (echo, handshake and idle modes).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the server name sent (SNI) and checked in its certificate.
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +212,12 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.cmd {
+        Cmd::Broadcast(pubsub::BroadcastArgs { ref p, .. })
+        | Cmd::Fanout(pubsub::FanoutArgs { ref p, .. })
+            if p.common.tls_ca.is_some() =>
+        {
+            Err("--tls-ca: the topic modes speak plain ws:// only".into())
+        }
         Cmd::Echo(a) => echo(a),
         Cmd::Handshake(a) => handshake(a),
         Cmd::Idle(a) => idle(a),
@@ -519,6 +542,9 @@ fn read_some(sock: &mut TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> 
 /// A connection being opened or open.
 struct Client {
     sock: TcpStream,
+    /// wss://: rustls's connection over `sock` (boxed: a plain connection pays a pointer, and
+    /// one branch per read or write call).
+    tls: Option<Box<rustls::ClientConnection>>,
     st: St,
     /// Bytes of the upgrade request written so far.
     req_off: usize,
@@ -535,7 +561,14 @@ struct Client {
 }
 
 impl Client {
-    fn connect(addr: SocketAddr, poll: &Poll, token: Token) -> io::Result<Client> {
+    /// Start connecting to `addr` (over TLS with `tls`).
+    fn connect(
+        addr: SocketAddr,
+        poll: &Poll,
+        token: Token,
+        tls: Option<&tls::Tls>,
+    ) -> io::Result<Client> {
+        let tls = tls.map(tls::Tls::connection).transpose()?;
         let mut sock = TcpStream::connect(addr)?;
         // As the servers do: no Nagle delay for small frames (pipelined mode would stall on
         // delayed ACKs otherwise).
@@ -544,6 +577,7 @@ impl Client {
             .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
         Ok(Client {
             sock,
+            tls,
             st: St::Connecting,
             req_off: 0,
             head: Vec::new(),
@@ -553,6 +587,43 @@ impl Client {
             sent_at: VecDeque::new(),
             counted: false,
         })
+    }
+
+    /// [`read_some`] on the connection (decrypted bytes under TLS).
+    #[inline]
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.tls.as_deref_mut() {
+            None => read_some(&mut self.sock, buf),
+            Some(conn) => tls::read(conn, &mut self.sock, buf),
+        }
+    }
+
+    /// [`write_some`] on the connection (under TLS: the plaintext rustls took).
+    #[inline]
+    fn write_some(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            None => write_some(&mut self.sock, bytes),
+            Some(conn) => tls::write(conn, &mut self.sock, bytes),
+        }
+    }
+
+    /// TLS: rustls holds ciphertext the socket has not taken yet. False for plain connections.
+    #[inline]
+    fn tls_holds(&self) -> bool {
+        self.tls.as_ref().is_some_and(|c| c.wants_write())
+    }
+
+    /// TLS: write what rustls holds, as far as the socket takes it.
+    fn tls_flush(&mut self) -> io::Result<()> {
+        match self.tls.as_deref_mut() {
+            None => Ok(()),
+            Some(conn) => tls::flush(conn, &mut self.sock).map(|_| ()),
+        }
+    }
+
+    /// The TLS version in use ("1.3"), `None` for plain connections.
+    fn tls_version(&self) -> Option<&'static str> {
+        self.tls.as_deref().and_then(tls::version)
     }
 
     /// Drive connect and upgrade on an event. Returns Ok(true) once the connection is open;
@@ -573,8 +644,11 @@ impl Client {
                 Err(e) => return Err(format!("connect: {e}")),
             }
         }
+        // TLS: the ClientHello, the handshake's answers and the request, as the socket takes them.
+        self.tls_flush().map_err(|e| format!("TLS write: {e}"))?;
         if self.req_off < request.len() {
-            let n = write_some(&mut self.sock, &request[self.req_off..])
+            let n = self
+                .write_some(&request[self.req_off..])
                 .map_err(|e| format!("write upgrade: {e}"))?;
             self.req_off += n;
             if self.req_off < request.len() {
@@ -582,7 +656,7 @@ impl Client {
             }
         }
         loop {
-            match read_some(&mut self.sock, buf).map_err(|e| format!("read 101: {e}"))? {
+            match self.read_some(buf).map_err(|e| format!("read 101: {e}"))? {
                 None => return Ok(false),
                 Some(0) => return Err("EOF before the upgrade response".into()),
                 Some(n) => {
@@ -601,6 +675,15 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Drop for Client {
+    /// TLS: our `close_notify` before the socket closes, as a well-behaved client sends it.
+    fn drop(&mut self) {
+        if let Some(conn) = self.tls.as_deref_mut() {
+            tls::close_notify(conn, &mut self.sock);
         }
     }
 }
@@ -643,6 +726,7 @@ fn open_all_with(
     request: &[u8],
     check: &mut HeadCheck,
 ) -> io::Result<(Vec<Client>, BTreeMap<String, u64>)> {
+    let tls = tls::Tls::of(c).map_err(io::Error::other)?;
     let mut clients: Vec<Client> = Vec::with_capacity(n);
     let mut errors = BTreeMap::new();
     let mut in_progress = 0usize;
@@ -656,7 +740,7 @@ fn open_all_with(
     while open + (errors.values().sum::<u64>() as usize) < n {
         while clients.len() < n && in_progress < c.connect_batch.max(1) {
             let i = clients.len();
-            match Client::connect(addrs[i % addrs.len()], poll, token_of(i, 0)) {
+            match Client::connect(addrs[i % addrs.len()], poll, token_of(i, 0), tls.as_ref()) {
                 Ok(cl) => {
                     clients.push(cl);
                     in_progress += 1;
@@ -711,6 +795,11 @@ fn open_all_with(
     Ok((clients, errors))
 }
 
+/// ` tls=VERSION` for a RESULT line when the connections spoke TLS, nothing otherwise.
+fn tls_field(version: Option<&str>) -> String {
+    version.map(|v| format!(" tls={v}")).unwrap_or_default()
+}
+
 fn errors_field(errors: &BTreeMap<String, u64>) -> String {
     let total: u64 = errors.values().sum();
     let mut s = format!(" errors={total}");
@@ -736,6 +825,8 @@ enum Phase {
 /// What one echo worker measured.
 struct EchoOut {
     open: usize,
+    /// The TLS version of the connections (`None`: plain).
+    tls: Option<&'static str>,
     measured: u64,
     hist: Histogram<u64>,
     errors: BTreeMap<String, u64>,
@@ -830,6 +921,7 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     let (outs, cpu) = outs;
     let mut total = EchoOut {
         open: 0,
+        tls: None,
         measured: 0,
         hist: Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .map_err(|e| format!("histogram: {e}"))?,
@@ -839,6 +931,7 @@ fn echo(a: EchoArgs) -> Result<(), String> {
     for out in outs {
         let out = out?;
         total.open += out.open;
+        total.tls = total.tls.or(out.tls);
         total.measured += out.measured;
         if let (Some(t), Some(d)) = (total.deflate.as_mut(), out.deflate) {
             t.frames += d.frames;
@@ -897,6 +990,7 @@ fn echo(a: EchoArgs) -> Result<(), String> {
             );
         }
     }
+    line.push_str(&tls_field(total.tls));
     line.push_str(&errors_field(&total.errors));
     cpu.finish_over(measured, wall, &mut line);
     println!("{line}");
@@ -1012,7 +1106,7 @@ fn echo_worker(
                 let mut completed = 0u64;
                 let mut failure = None;
                 loop {
-                    match read_some(&mut cl.sock, &mut buf) {
+                    match cl.read_some(&mut buf) {
                         Ok(None) => break,
                         Ok(Some(0)) => {
                             failure = Some("EOF".to_string());
@@ -1071,7 +1165,7 @@ fn echo_worker(
                     continue;
                 }
             }
-            if cl.unsent > 0 {
+            if cl.unsent > 0 || cl.tls_holds() {
                 if let Err(e) = flush(cl, &stream, flen) {
                     outstanding -= cl.sent_at.len() as u64;
                     dead(cl, &mut poll, &mut errors, format!("write: {e}"), i);
@@ -1080,6 +1174,7 @@ fn echo_worker(
         }
     }
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    let tls = clients.iter().find_map(Client::tls_version);
     drop(clients);
     let deflate = zs.map(|z| {
         let (takeover, no_takeover) = z.answers();
@@ -1093,6 +1188,7 @@ fn echo_worker(
     });
     Ok(EchoOut {
         open,
+        tls,
         measured,
         hist,
         errors,
@@ -1143,8 +1239,19 @@ fn echo_open(
     }
     let setup_s = setup_start.elapsed().as_secs_f64();
     let open = clients.iter().filter(|cl| cl.st == St::Open).count();
+    let suite = clients
+        .iter()
+        .find_map(|cl| {
+            let conn = cl.tls.as_ref()?;
+            let group = conn.negotiated_key_exchange_group()?.name();
+            Some(format!(
+                ", TLS {:?} {group:?}",
+                conn.negotiated_cipher_suite()?.suite()
+            ))
+        })
+        .unwrap_or_default();
     eprintln!(
-        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s",
+        "[{}] echo: {open}/{n} connections open in {setup_s:.2} s{suite}",
         c.label
     );
     if open == 0 {
@@ -1153,17 +1260,18 @@ fn echo_open(
     Ok((poll, clients, errors))
 }
 
-/// Write as much of the client's queued frames as the socket takes.
+/// Write as much of the client's queued frames as the socket takes (under TLS, and what rustls
+/// still holds of them).
 fn flush(cl: &mut Client, stream: &[u8], flen: usize) -> io::Result<()> {
     while cl.unsent > 0 {
-        let n = write_some(&mut cl.sock, &stream[cl.phase..cl.phase + cl.unsent])?;
+        let n = cl.write_some(&stream[cl.phase..cl.phase + cl.unsent])?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         cl.unsent -= n;
         cl.phase = (cl.phase + n) % flen;
     }
-    Ok(())
+    cl.tls_flush()
 }
 
 fn dead(
@@ -1197,6 +1305,8 @@ fn human(line: &str) -> String {
 fn handshake(a: HandshakeArgs) -> Result<(), String> {
     let c = &a.common;
     let request = upgrade_request(c);
+    let tls = tls::Tls::of(c)?;
+    let mut tls_version = None;
     // Close frame with code 1000.
     let close = client_frame(8, &1000u16.to_be_bytes());
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
@@ -1235,7 +1345,7 @@ fn handshake(a: HandshakeArgs) -> Result<(), String> {
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.is_none() {
                 gens[i] = gens[i].wrapping_add(1);
-                match Client::connect(c.addr, &poll, token_of(i, gens[i])) {
+                match Client::connect(c.addr, &poll, token_of(i, gens[i]), tls.as_ref()) {
                     Ok(cl) => {
                         consecutive_connect_errors = 0;
                         *slot = Some((cl, Instant::now()));
@@ -1267,7 +1377,7 @@ fn handshake(a: HandshakeArgs) -> Result<(), String> {
                 St::Connecting | St::Upgrading => {
                     match cl.drive_upgrade(&request, &mut buf, &mut leftover) {
                         Ok(true) if !leftover.is_empty() => Err("bytes after the 101".into()),
-                        Ok(true) => match write_some(&mut cl.sock, &close) {
+                        Ok(true) => match cl.write_some(&close) {
                             Ok(n) if n == close.len() => {
                                 cl.st = St::Closing;
                                 Ok(false)
@@ -1280,7 +1390,7 @@ fn handshake(a: HandshakeArgs) -> Result<(), String> {
                     }
                 }
                 St::Closing => loop {
-                    match read_some(&mut cl.sock, &mut buf) {
+                    match cl.read_some(&mut buf) {
                         Ok(None) => break Ok(false),
                         Ok(Some(0)) => break Err("EOF before the close frame".into()),
                         Ok(Some(n)) => match cl.rx.feed(&buf[..n], 2, 0, None) {
@@ -1301,6 +1411,7 @@ fn handshake(a: HandshakeArgs) -> Result<(), String> {
                         cycles += 1;
                         let _ = hist.record((began.elapsed().as_nanos() as u64).max(1));
                     }
+                    tls_version = tls_version.or(cl.tls_version());
                     slots[i] = None;
                 }
                 Err(e) => {
@@ -1319,6 +1430,7 @@ fn handshake(a: HandshakeArgs) -> Result<(), String> {
         hist.value_at_quantile(0.99) as f64 / 1e3,
         hist.value_at_quantile(0.999) as f64 / 1e3,
     );
+    line.push_str(&tls_field(tls_version));
     line.push_str(&errors_field(&errors));
     cpu.finish(cycles, &mut line);
     println!("{line}");
@@ -1377,6 +1489,7 @@ fn idle(a: IdleArgs) -> Result<(), String> {
         "RESULT mode=idle server={} n={} open={open} rss_before_kib={before} rss_after_kib={after} bytes_per_conn={per:.0} closed_by_server={closed} deflate={}",
         c.label, a.connections, deflate as u8
     );
+    line.push_str(&tls_field(clients.iter().find_map(Client::tls_version)));
     line.push_str(&errors_field(&errors));
     drop(clients);
     println!("{line}");

@@ -9,6 +9,7 @@
 #   benches/profile.sh                        # wsloop and tokio, 20-byte echoes, 100 connections
 #   benches/profile.sh --servers "wsloop tokio uws" --size 1024
 #   benches/profile.sh --handshake --servers "wsloop uws"
+#   benches/profile.sh --tls --size 1024       # the same over wss:// (wsloop and tokio-rustls)
 #
 # Options (defaults in brackets):
 #   --servers LIST    wsloop, tokio, uws ["wsloop tokio"]; uws needs node + npm, and callgrind
@@ -20,6 +21,9 @@
 #                     the cost of re-arming the idle timer on every message
 #   --handshake       profile handshakes instead of echoes (50 concurrent cycles)
 #   --durations "D1 D2"  seconds of the two handshake runs [3 9]
+#   --tls             serve and load over wss:// (wsloop --tls-cert, tokio_echo --tls-cert,
+#                     loadgen --tls-ca; a test CA and certificate from benches/pki.sh in a
+#                     temporary folder); not with uws
 #   --no-callgrind / --no-strace
 #   --port P [9001]   --out DIR [target/bench-results/profile-DATE]
 set -euo pipefail
@@ -31,6 +35,7 @@ COUNTS="20000 60000"
 WSLOOP_ARGS="--idle-timeout 0"
 CALLGRIND=1; STRACE=1
 MODE=echo; DURATIONS="3 9"
+TLS=0
 PORT=9001
 OUT=""
 UWS_PKG="@trufflesuite/uws-js-unofficial@20.30.0-unofficial.0"
@@ -47,6 +52,7 @@ while [ $# -gt 0 ]; do
         --durations) DURATIONS=$2; shift 2 ;;
         --no-callgrind) CALLGRIND=0; shift ;;
         --no-strace) STRACE=0; shift ;;
+        --tls) TLS=1; shift ;;
         --port) PORT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -80,6 +86,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+SERVER_TLS=""; LOADGEN_TLS=()
+if [ "$TLS" = 1 ]; then
+    case " $SERVERS " in *" uws "*) echo "profile.sh: --tls is for wsloop and tokio" >&2; exit 2 ;; esac
+    . benches/pki.sh
+    make_test_pki "$TMP/pki"
+    SERVER_TLS="--tls-cert $TMP/pki/cert.pem --tls-key $TMP/pki/key.pem"
+    LOADGEN_TLS=(--tls-ca "$TMP/pki/ca.pem")
+fi
+
 echo "== building (release)" >&2
 cargo build --release --bin wsloop --message-format=json > "$TMP/build.json"
 cargo bench --no-run --bench loadgen --bench tokio_echo --message-format=json >> "$TMP/build.json"
@@ -98,8 +113,8 @@ esac
 
 server_cmd() { # the command line of server $1
     case "$1" in
-        wsloop) echo "$WSLOOP --listen $ADDR --shutdown-timeout 1 --max-message-size 65536 $WSLOOP_ARGS" ;;
-        tokio) echo "$TOKIO --listen $ADDR --max-message-size 65536" ;;
+        wsloop) echo "$WSLOOP --listen $ADDR --shutdown-timeout 1 --max-message-size 65536 $WSLOOP_ARGS $SERVER_TLS" ;;
+        tokio) echo "$TOKIO --listen $ADDR --max-message-size 65536 $SERVER_TLS" ;;
         uws) echo "node benches/uws_echo.js --listen $ADDR --max-message-size 65536" ;;
     esac
 }
@@ -120,7 +135,7 @@ run_once() {
     sleep 0.5
     local load=(echo -n "$N" -s "$SIZE" -k "$K" --count "$count" --setup-timeout 300)
     [ "$MODE" = handshake ] && load=(handshake -c 50 --warmup 0 --duration "$count")
-    "$LOADGEN" "${load[@]}" --addr "$ADDR" --label "$name" 2>> "$OUT/loadgen.log" |
+    "$LOADGEN" "${load[@]}" "${LOADGEN_TLS[@]}" --addr "$ADDR" --label "$name" 2>> "$OUT/loadgen.log" |
         tee -a "$OUT/results.txt" > "$TMP/result"
     cut -c1-160 "$TMP/result" >&2
     sed -n 's/.* \(echoes\|cycles\)=\([0-9]*\) .*/\2/p' "$TMP/result" > "$TMP/units"
@@ -163,6 +178,7 @@ UNIT=echo
     echo
     echo "load: $(uptime)"
     echo "wsloop flags: $WSLOOP_ARGS"
+    echo "transport: $([ "$TLS" = 1 ] && echo 'wss:// (TLS 1.3, ECDSA P-256 certificate, full handshakes)' || echo 'ws://')"
 } > "$SUMMARY"
 
 for s in $SERVERS; do
