@@ -127,14 +127,14 @@ impl Reader {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         }
-        if self.buf.len() - self.end < READ_CHUNK {
+        if self.buf.len() - self.end < READ_CHUNK && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
-            if self.buf.len() - self.end < READ_CHUNK {
-                self.buf
-                    .resize((self.end + READ_CHUNK).max(2 * READ_CHUNK), 0);
-            }
+        }
+        if self.buf.len() - self.end < READ_CHUNK {
+            self.buf
+                .resize((self.end + READ_CHUNK).max(2 * READ_CHUNK), 0);
         }
         &mut self.buf[self.end..]
     }
