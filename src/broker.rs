@@ -288,6 +288,14 @@ pub(crate) fn encode(instance: u64, seq: u64, text: bool, payload: &[u8]) -> Vec
     out
 }
 
+/// Whether `msg` starts with the wire format's magic and names `instance` as its publisher:
+/// the subscriber checks this first, so that the messages Redis sends back to their own
+/// instance are skipped before anything of them is copied or decoded (a message forged with
+/// this instance's id is skipped so too).
+pub(crate) fn is_own(msg: &[u8], instance: u64) -> bool {
+    msg.len() >= HEADER && msg[..3] == *MAGIC && msg[3..11] == instance.to_be_bytes()
+}
+
 /// A message read from the wire: the publisher's instance and sequence number, whether it is
 /// text, and its payload.
 pub(crate) type Decoded<'a> = (u64, u64, bool, &'a [u8]);
@@ -479,6 +487,12 @@ mod tests {
             decode(&encode(7, 0, false, b"x"), 16),
             Err(Refused::Invalid)
         );
+        // Its own messages, told by the header alone.
+        assert!(is_own(&m, 0x0102_0304_0506_0708));
+        assert!(is_own(&m[..HEADER], 0x0102_0304_0506_0708));
+        assert!(!is_own(&m[..HEADER - 1], 0x0102_0304_0506_0708));
+        assert!(!is_own(&m, 0x0102_0304_0506_0709));
+        assert!(!is_own(&other, 0x0102_0304_0506_0708), "another version");
     }
 
     #[test]
