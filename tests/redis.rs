@@ -21,7 +21,7 @@ mod rlimit_support;
 use attack_support::{Metrics, Wsloop};
 use common::{tcp, Ws};
 use redis_support::{
-    free_port, next_text, redis_cli, redis_server, wire, Cluster, RawRedis, Redis, Reply,
+    free_port, next_text, redis_cli, redis_server, wire, Cluster, FakeRedis, RawRedis, Redis, Reply,
 };
 use std::io::{Read, Write};
 use std::thread;
@@ -420,6 +420,141 @@ fn a_redis_message_over_max_message_size_or_malformed_is_dropped_and_counted_and
         lines[0].contains("on wsloop:/room (16405 bytes): too_large (0 more dropped"),
         "{lines:?}"
     );
+    w.stop();
+}
+
+/// The most memory a process has held (`VmHWM`), in KiB.
+fn peak_rss_kib(w: &Wsloop) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A subscription confirmation and a message, as Redis writes them.
+fn confirm(con: &mut RawRedis, channel: &str) {
+    let c = channel.len();
+    con.write(format!("*3\r\n$9\r\nsubscribe\r\n${c}\r\n{channel}\r\n:1\r\n").as_bytes());
+}
+
+fn message(con: &mut RawRedis, channel: &str, payload: &[u8]) {
+    let c = channel.len();
+    let head = format!(
+        "*3\r\n$7\r\nmessage\r\n${c}\r\n{channel}\r\n${}\r\n",
+        payload.len()
+    );
+    let mut m = head.into_bytes();
+    m.extend_from_slice(payload);
+    m.extend_from_slice(b"\r\n");
+    con.write(&m);
+}
+
+#[test]
+fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconnection() {
+    // No redis-server needed: a stand-in that writes what a real one never would.
+    let fake = FakeRedis::start();
+    let w = instance("a", &fake.url());
+    let mut room = member(&w, "room");
+    let id = 0x0bad_cafe_0000_0002;
+    let (mut sub, cmd) = fake.subscriber();
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    message(&mut sub, "wsloop:/room", &wire(id, 1, 1, b"first"));
+    assert_eq!(next_text(&mut room, BOUND).as_deref(), Some("first"));
+    let before = w.metrics();
+    let peak = peak_rss_kib(&w);
+
+    // A 64 MiB message, written as fast as the bridge reads it, then a short one: the big one
+    // is dropped as it arrives (never held: the process's peak memory does not grow by
+    // anything near it), the next one delivered.
+    let huge = 64 << 20;
+    let head = wire(id, 2, 1, b"");
+    let len = head.len() + huge;
+    sub.write(format!("*3\r\n$7\r\nmessage\r\n$12\r\nwsloop:/room\r\n${len}\r\n").as_bytes());
+    sub.write(&head);
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..huge / chunk.len() {
+        sub.write(&chunk);
+    }
+    sub.write(b"\r\n");
+    message(
+        &mut sub,
+        "wsloop:/room",
+        &wire(id, 2, 1, b"after the huge one"),
+    );
+    assert_eq!(
+        next_text(&mut room, BOUND).as_deref(),
+        Some("after the huge one")
+    );
+    let m = w.metrics();
+    assert_eq!(grown(&before, &m, TOO_LARGE), 1.0);
+    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 1.0);
+    let grew = peak_rss_kib(&w).saturating_sub(peak);
+    assert!(
+        grew < 16 << 10,
+        "the peak grew by {grew} KiB for a 64 MiB message"
+    );
+
+    // A RESP3 map (never sent to a RESP2 subscriber): a malformed stream, so a reconnection;
+    // the subscription is made again and messages flow.
+    sub.write(b"%1\r\n+a\r\n+b\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    let (mut sub, cmd) = fake.subscriber();
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    message(
+        &mut sub,
+        "wsloop:/room",
+        &wire(id, 3, 1, b"after malformed"),
+    );
+    assert_eq!(
+        next_text(&mut room, BOUND).as_deref(),
+        Some("after malformed")
+    );
+
+    // An unsubscription the bridge did not ask for, then an error reply: a reconnection each.
+    sub.write(b"*3\r\n$11\r\nunsubscribe\r\n$12\r\nwsloop:/room\r\n:0\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    let (mut sub, _) = fake.subscriber();
+    confirm(&mut sub, "wsloop:/room");
+    sub.write(b"-ERR injected\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    // A subscription never confirmed: dropped after the bridge's I/O timeout (2 s).
+    let (mut silent, _) = fake.subscriber();
+    let asked = Instant::now();
+    assert_eq!(silent.command(), None, "the bridge closed the connection");
+    let (mut sub, cmd) = fake.subscriber();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    message(&mut sub, "wsloop:/room", &wire(id, 5, 1, b"after all that"));
+    assert_eq!(
+        next_text(&mut room, BOUND).as_deref(),
+        Some("after all that")
+    );
+    // The log reaches the test through a file: wait (bounded) for every line.
+    let deadline = Instant::now() + BOUND;
+    for said in [
+        "redis subscriber: malformed reply from Redis: not a reply a subscribed connection gets; reconnecting",
+        "redis subscriber: Redis unsubscribed wsloop:/room; reconnecting",
+        "redis subscriber: ERR injected; reconnecting",
+        "redis subscriber: no confirmation of SUBSCRIBE wsloop:/room; reconnecting",
+    ] {
+        while !w.log().contains(said) {
+            assert!(Instant::now() < deadline, "{said}:\n{}", w.log_tail(20));
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let m = audit_balances(&w, "after the reconnections");
+    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 3.0);
+    // The huge one's number (2) was never delivered: one gap, and nothing else lost.
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 1.0);
     w.stop();
 }
 
