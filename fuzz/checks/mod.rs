@@ -12,6 +12,7 @@ pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod inflate;
+pub mod resp;
 pub mod timer_wheel;
 pub mod topics;
 mod util;
@@ -21,7 +22,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
@@ -30,4 +31,5 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("topics", topics::run),
     ("extensions", extensions::run),
     ("inflate", inflate::run),
+    ("resp", resp::run),
 ];
