@@ -68,6 +68,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the subscriber waits for a message before it looks at local interest again: the
 /// most a new local topic waits for its channel to be subscribed.
 const POLL: Duration = Duration::from_millis(20);
+/// A subscriber connection that failed sooner than this after it was made is made again only
+/// after a backoff.
+const HEALTHY: Duration = Duration::from_secs(1);
 /// Publications sent in one pipeline at most.
 const PIPELINE: usize = 256;
 /// The subscriber logs a message it dropped at most this often (with how many more it
@@ -445,11 +448,16 @@ fn subscriber(ledger: &Ledger, link: &Link) {
         }
     };
     let mut backoff = BACKOFF_MIN;
+    // For connections that fail once made: before their subscriptions were confirmed, or
+    // within [`HEALTHY`] (an error reply, a malformed stream, Redis closing it at once), so
+    // that such a Redis is not asked again in a tight loop.
+    let mut again = BACKOFF_MIN;
     let mut seen = Sequences::default();
     let mut drops = Throttle::default();
     while let Some(mut counted) = retry(link, &mut backoff, "subscriber", || {
         connect_raw(ledger, &info)
     }) {
+        let since = Instant::now();
         let Some(stream) = counted.con.as_mut() else {
             break;
         };
@@ -487,6 +495,13 @@ fn subscriber(ledger: &Ledger, link: &Link) {
         };
         log::warn!("redis subscriber: {why}; reconnecting");
         link.counters.up_in.store(false, Relaxed);
+        drop(counted);
+        if up && since.elapsed() >= HEALTHY {
+            again = BACKOFF_MIN;
+        } else {
+            sleep(link, again);
+            again = (again * 2).min(BACKOFF_MAX);
+        }
     }
 }
 

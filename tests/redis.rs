@@ -552,10 +552,63 @@ fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconne
         }
     }
     let m = audit_balances(&w, "after the reconnections");
-    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 3.0);
+    // A Redis that sends garbage as soon as it is subscribed is asked again with the backoff
+    // (100 ms, doubling), not in a tight loop: over 2.5 s, at most 6 connections (the backoff
+    // alone allows 5 from the first).
+    sub.write(b"%1\r\n");
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut again = 0;
+    while let Some((mut s, _)) =
+        fake.subscriber_within(until.saturating_duration_since(Instant::now()))
+    {
+        s.write(b"%1\r\n");
+        again += 1;
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    assert!((1..=6).contains(&again), "{again} connections in 2.5 s");
     // The huge one's number (2) was never delivered: one gap, and nothing else lost.
     assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 1.0);
     w.stop();
+}
+
+#[test]
+fn the_password_or_acl_user_in_the_url_authenticates_both_connections() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let user = "ACL SETUSER bridge on >pw ~* &* +@all";
+    assert_eq!(redis.command(user).as_deref(), Some("+OK"));
+    let pass = "CONFIG SET requirepass secret";
+    assert_eq!(redis.command(pass).as_deref(), Some("+OK"));
+    let port = redis.port;
+    // a as the default user with its password, b as an ACL user: shared both ways.
+    let a = instance("a", &format!("redis://:secret@127.0.0.1:{port}/"));
+    let b = instance("b", &format!("redis://bridge:pw@127.0.0.1:{port}/"));
+    let (mut on_a, mut on_b) = (member(&a, "room"), member(&b, "room"));
+    until_connected(&mut on_a, &mut on_b, "a to b", &[&a, &b]);
+    until_connected(&mut on_b, &mut on_a, "b to a", &[&a, &b]);
+    // A wrong password: refused (and retried); local delivery goes on, the broker is down.
+    let c = instance("c", &format!("redis://:wrong@127.0.0.1:{port}/"));
+    let mut on_c = member(&c, "room");
+    let mut near = member(&c, "room");
+    let deadline = Instant::now() + BOUND;
+    while !c.log().contains("redis subscriber: cannot connect") {
+        assert!(Instant::now() < deadline, "{}", c.log_tail(20));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.log().contains("WRONGPASS") || c.log().contains("invalid password"),
+        "{}",
+        c.log_tail(20)
+    );
+    on_c.send(WsMessage::text("local")).unwrap();
+    assert_eq!(next_text(&mut near, BOUND).as_deref(), Some("local"));
+    assert_eq!(c.metrics().get("wsloop_broker_up"), 0.0);
+    audit_balances(&c, "refused by redis");
+    c.stop();
+    a.stop();
+    b.stop();
 }
 
 /// The instance id and sequence number `publisher` (on `w`) puts on its messages to `room`,

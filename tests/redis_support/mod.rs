@@ -530,9 +530,13 @@ impl FakeRedis {
 
     /// The next subscriber connection and its first command (within the bound).
     pub fn subscriber(&self) -> (RawRedis, Vec<Vec<u8>>) {
-        self.subscribers
-            .recv_timeout(BOUND)
+        self.subscriber_within(BOUND)
             .expect("the bridge's subscriber connected")
+    }
+
+    /// The next subscriber connection, if one comes within `wait`.
+    pub fn subscriber_within(&self, wait: Duration) -> Option<(RawRedis, Vec<Vec<u8>>)> {
+        self.subscribers.recv_timeout(wait).ok()
     }
 }
 
