@@ -5,8 +5,9 @@
 //! subscribed can do nothing but (un)subscribe and read its messages:
 //!
 //! - `wsloop-redis-out` takes the loops' publications from the [`Link`]'s bounded queue and
-//!   sends them (`PUBLISH`, pipelined, numbered per topic), and measures the round trip with a
-//!   `PING` every [`PING_EVERY`], on the `redis` crate's synchronous client;
+//!   sends them (`PUBLISH`, numbered per topic, a batch written as one pipeline and its replies
+//!   parsed in place: `outbound.rs`), and measures the round trip with a `PING` every
+//!   [`PING_EVERY`];
 //! - `wsloop-redis-in` subscribes to the channel of every topic with local interest (on any
 //!   loop) and unsubscribes from those without, reads the messages of the other instances,
 //!   drops (and counts) those over `max_message_size` or not in the wire format, and hands the
@@ -16,9 +17,10 @@
 //!   as it arrives, never held), this instance's own messages (which Redis sends back to it)
 //!   skipped on their header's instance id before anything is copied, and the messages of one
 //!   read handed to the loops as one batch (one lock of each inbox, and one wake-up of a loop
-//!   whose inbox was empty). The crate's reply parser built a `Value` per message, and its
-//!   hand-off was one message at a time: the subscriber's cost per message, measured in
-//!   BENCHMARKS.md, is what this reader removes.
+//!   whose inbox was empty). The `redis` crate's reply parser built a `Value` per message and
+//!   per reply, and the hand-off was one message at a time: that cost per message, measured in
+//!   BENCHMARKS.md, is what these readers remove. The crate still parses the URL, packs the
+//!   (un)subscription commands, and asks a cluster node for `CLUSTER SLOTS` (`sharded.rs`).
 //!
 //! Either thread reconnects after any error (Redis down, killed, or closing the connection, as
 //! it does to a subscriber over its output-buffer limit; for the subscriber also an error
@@ -31,18 +33,19 @@
 //! of a Redis Cluster that serves the channel's slot, and the subscriber runs a reader per
 //! primary that subscribes there with `SSUBSCRIBE` (`sharded.rs`).
 //!
-//! Descriptors: the crate opens the publisher's sockets itself
-//! (`Client::get_connection_with_timeout`), and [`connect_raw`] the subscriber's; this file
-//! counts both in the ledger around the call: [`Ledger::moving`] twice before it (a host
+//! Descriptors: [`connect_raw`] opens the publisher's and the subscriber's sockets, and the
+//! crate the short-lived one that asks for `CLUSTER SLOTS` (`Client::get_connection_with_timeout`
+//! in [`connect_once`]); this file counts each in the ledger around the call: [`Ledger::moving`] twice before it (a host
 //! name's resolution may open a file or a socket for a moment), the socket counted with
 //! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget
 //! keeps the most the bridge may hold ([`bridge_fds`](crate::broker::bridge_fds): two, or two
 //! per primary with sharding) out of the connections' share ([`Ledger::bridge_reserve`]).
 
-use crate::broker::{encode, Link, Refused, Sequences, SEND_FAILED};
+use crate::broker::{header, Link, Refused, Sequences, SEND_FAILED};
 use crate::ledger::Ledger;
 use crate::protocol::resp::Frame;
 use inbound::Inbound;
+use outbound::Outbound;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 // The subscriber's own sockets, opened and counted in the ledger by `connect_raw`.
@@ -55,6 +58,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 mod inbound;
+mod outbound;
 mod sharded;
 
 /// The first wait before reconnecting; doubled after each failure.
@@ -91,17 +95,17 @@ impl Bridge {
         let Some(link) = ledger.link().cloned() else {
             return Ok(None);
         };
-        let client = redis::Client::open(link.config.url.as_str())
+        redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut bridge = Bridge {
             link: link.clone(),
             threads: Vec::new(),
         };
-        let (l, c, s) = (ledger.clone(), client.clone(), link.clone());
+        let (l, s) = (ledger.clone(), link.clone());
         bridge.threads.push(
             thread::Builder::new()
                 .name("wsloop-redis-out".into())
-                .spawn(move || publisher(&l, &c, &s))?,
+                .spawn(move || publisher(&l, &s))?,
         );
         let (l, s) = (ledger.clone(), link);
         bridge.threads.push(
@@ -143,6 +147,11 @@ impl<C> Drop for Counted<'_, C> {
     }
 }
 
+/// A socket of the bridge's own (the publisher's and the subscriber's), opened and counted in
+/// the ledger by [`connect_raw`] only.
+#[allow(clippy::disallowed_types)]
+type Raw<'a> = Counted<'a, TcpStream>;
+
 /// One attempt to connect, the socket counted in the ledger if it opens.
 #[allow(clippy::disallowed_methods)] // the bridge's sockets, counted in the ledger here
 fn connect_once<'a>(ledger: &'a Ledger, client: &redis::Client) -> redis::RedisResult<Counted<'a>> {
@@ -160,15 +169,12 @@ fn connect_once<'a>(ledger: &'a Ledger, client: &redis::Client) -> redis::RedisR
     })
 }
 
-/// One attempt to connect the subscriber's own socket to the Redis at `info` (TCP: the
+/// One attempt to connect a socket of the bridge's own to the Redis at `info` (TCP: the
 /// configuration takes `redis://` URLs only), counted in the ledger if it opens, with its read
 /// timeout [`POLL`], and authenticated with `AUTH` if `info` has a password. Its replies and
-/// messages are read by the subscriber itself (`inbound.rs`), not by the crate.
+/// messages are read by the bridge itself (`inbound.rs`, `outbound.rs`), not by the crate.
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // counted in the ledger here
-fn connect_raw<'a>(
-    ledger: &'a Ledger,
-    info: &redis::ConnectionInfo,
-) -> Result<Counted<'a, TcpStream>, String> {
+fn connect_raw<'a>(ledger: &'a Ledger, info: &redis::ConnectionInfo) -> Result<Raw<'a>, String> {
     let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
         return Err(format!("{}: not a TCP address", info.addr()));
     };
@@ -241,19 +247,6 @@ fn auth_reply(stream: &mut impl Read) -> Result<(), String> {
     }
 }
 
-/// Connect, counted; on failure wait the backoff (or until stopped) and say so.
-fn connect<'a>(
-    ledger: &'a Ledger,
-    client: &redis::Client,
-    link: &Link,
-    backoff: &mut Duration,
-    what: &str,
-) -> Option<Counted<'a>> {
-    retry(link, backoff, what, || {
-        connect_once(ledger, client).map_err(|e| e.to_string())
-    })
-}
-
 /// `attempt` until it works (the backoff starts again from its shortest) or the bridge stops
 /// (`None`); after each failure wait the backoff, doubled each time, and say so once.
 fn retry<T>(
@@ -305,32 +298,36 @@ fn channel(link: &Link, topic: &[u8]) -> Vec<u8> {
     c
 }
 
-/// The publisher thread (see the module docs): one connection and `PUBLISH`; or, with
-/// `RedisConfig::sharded`, a connection to each primary and `SPUBLISH` to the one that serves
-/// the channel's slot (`sharded.rs`).
-fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
+/// The publisher thread (see the module docs): one connection of its own and `PUBLISH`; or,
+/// with `RedisConfig::sharded`, a connection to each primary and `SPUBLISH` to the one that
+/// serves the channel's slot (`sharded.rs`). Each batch is written as one pipeline per
+/// connection and its replies read back by `outbound.rs`.
+fn publisher(ledger: &Ledger, link: &Link) {
+    let Some(info) = url_info(link, "publisher") else {
+        return;
+    };
     let mut backoff = BACKOFF_MIN;
     let mut seqs: HashMap<Arc<[u8]>, u64> = HashMap::new();
     let mut connected_once = false;
     let mut known = Vec::new();
+    let mut chan = Vec::new();
     let command = if link.config.sharded {
         "SPUBLISH"
     } else {
         "PUBLISH"
     };
     while let Some((mut nodes, topology)) =
-        connect_publisher(ledger, client, link, &mut backoff, &mut known)
+        connect_publisher(ledger, &info, link, &mut backoff, &mut known)
     {
         let timeouts = nodes.iter_mut().all(|c| {
-            c.con.as_mut().is_some_and(|con| {
-                con.set_read_timeout(Some(IO_TIMEOUT))
-                    .and_then(|_| con.set_write_timeout(Some(IO_TIMEOUT)))
-                    .is_ok()
-            })
+            c.con
+                .as_mut()
+                .is_some_and(|s| s.set_read_timeout(Some(IO_TIMEOUT)).is_ok())
         });
         if !timeouts {
             continue;
         }
+        let mut outs: Vec<Outbound> = nodes.iter().map(|_| Outbound::new()).collect();
         if connected_once {
             link.counters.reconnects.fetch_add(1, Relaxed);
         }
@@ -338,7 +335,7 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
         let mut next_ping = Instant::now();
         loop {
             if Instant::now() >= next_ping {
-                let Some(rtt) = ping_all(&mut nodes) else {
+                let Some(rtt) = ping_all(&mut nodes, &mut outs) else {
                     break;
                 };
                 let c = &link.counters;
@@ -360,18 +357,16 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 seqs.clear();
             }
             // One pipeline per node (one in all without sharding), in the batch's order.
-            let mut pipes: Vec<(redis::Pipeline, u64)> =
-                nodes.iter().map(|_| (redis::Pipeline::new(), 0)).collect();
             for f in &batch {
                 let seq = seqs.entry(f.topic.clone()).or_insert(0);
                 *seq += 1;
-                let msg = encode(link.instance, *seq, f.text, &f.payload);
-                let chan = channel(link, &f.topic);
-                let (pipe, n) = &mut pipes[topology.node_of(&chan)];
-                pipe.cmd(command).arg(chan).arg(msg).ignore();
-                *n += 1;
+                chan.clear();
+                chan.extend_from_slice(link.config.prefix.as_bytes());
+                chan.extend_from_slice(&f.topic);
+                let head = header(link.instance, *seq, f.text);
+                outs[topology.node_of(&chan)].publish(command, &chan, &head, &f.payload);
             }
-            if let Err(e) = send(link, &mut nodes, &pipes) {
+            if let Err(e) = send(link, &mut nodes, &mut outs) {
                 log::warn!("redis publisher: {e}; reconnecting");
                 break;
             }
@@ -380,59 +375,60 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
     }
 }
 
+/// The configured URL's address and credentials (checked when the configuration was).
+fn url_info(link: &Link, what: &str) -> Option<redis::ConnectionInfo> {
+    match redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str()) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            log::error!("redis {what}: {}: {e}", link.config.url);
+            None
+        }
+    }
+}
+
 /// The publisher's connections: one to the configured Redis, or one to each primary of the
 /// cluster (with sharding; `known`: the primaries found last time).
 fn connect_publisher<'a>(
     ledger: &'a Ledger,
-    client: &redis::Client,
+    info: &redis::ConnectionInfo,
     link: &Link,
     backoff: &mut Duration,
     known: &mut Vec<redis::ConnectionInfo>,
-) -> Option<(Vec<Counted<'a>>, sharded::Topology)> {
+) -> Option<(Vec<Raw<'a>>, sharded::Topology)> {
     match link.config.sharded {
         true => sharded::connect_all(ledger, link, backoff, known),
-        false => connect(ledger, client, link, backoff, "publisher")
+        false => retry(link, backoff, "publisher", || connect_raw(ledger, info))
             .map(|c| (vec![c], sharded::Topology::single())),
     }
 }
 
 /// `PING` every connection: the slowest round trip, or `None` if one failed.
-fn ping_all(nodes: &mut [Counted<'_>]) -> Option<Duration> {
+fn ping_all(nodes: &mut [Raw<'_>], outs: &mut [Outbound]) -> Option<Duration> {
     let mut rtt = Duration::ZERO;
-    for c in nodes {
-        let con = c.con.as_mut()?;
-        let t = Instant::now();
-        redis::cmd("PING").query::<String>(con).ok()?;
-        rtt = rtt.max(t.elapsed());
+    for (c, o) in nodes.iter_mut().zip(outs) {
+        rtt = rtt.max(o.ping(c.con.as_mut()?).ok()?);
     }
     Some(rtt)
 }
 
-/// Send each connection its pipeline (`n` publications): those acknowledged are counted as
-/// sent, the others as dropped; the first error, if any.
-fn send(
-    link: &Link,
-    nodes: &mut [Counted<'_>],
-    pipes: &[(redis::Pipeline, u64)],
-) -> redis::RedisResult<()> {
+/// Send each connection its pipeline: those acknowledged are counted as sent, the others as
+/// dropped; the first error, if any.
+fn send(link: &Link, nodes: &mut [Raw<'_>], outs: &mut [Outbound]) -> Result<(), String> {
     let mut result = Ok(());
-    for (c, (pipe, n)) in nodes.iter_mut().zip(pipes) {
-        if *n == 0 {
+    for (c, o) in nodes.iter_mut().zip(outs) {
+        let n = o.pending();
+        if n == 0 {
             continue;
         }
-        let sent = match c.con.as_mut() {
-            Some(con) => pipe.exec(con),
-            None => Err(io::Error::from(io::ErrorKind::NotConnected).into()),
+        let (acked, sent) = match c.con.as_mut() {
+            Some(stream) => o.flush(stream),
+            None => (0, Err("not connected".into())),
         };
-        match sent {
-            Ok(()) => link.counters.sent.fetch_add(*n, Relaxed),
-            Err(e) => {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-                link.counters.dropped[SEND_FAILED].fetch_add(*n, Relaxed)
-            }
-        };
+        link.counters.sent.fetch_add(acked, Relaxed);
+        link.counters.dropped[SEND_FAILED].fetch_add(n - acked, Relaxed);
+        if let (Err(e), Ok(())) = (sent, &result) {
+            result = Err(e);
+        }
     }
     result
 }
@@ -440,12 +436,8 @@ fn send(
 /// The subscriber thread (see the module docs): one connection of its own, its replies and
 /// messages read by `inbound.rs`.
 fn subscriber(ledger: &Ledger, link: &Link) {
-    let info = match redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str()) {
-        Ok(info) => info,
-        Err(e) => {
-            log::error!("redis subscriber: {}: {e}", link.config.url);
-            return;
-        }
+    let Some(info) = url_info(link, "subscriber") else {
+        return;
     };
     let mut backoff = BACKOFF_MIN;
     // For connections that fail once made: before their subscriptions were confirmed, or

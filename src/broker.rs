@@ -277,13 +277,21 @@ impl Link {
     }
 }
 
+/// A message's header on the wire.
+pub(crate) fn header(instance: u64, seq: u64, text: bool) -> [u8; HEADER] {
+    let mut h = [0; HEADER];
+    h[..3].copy_from_slice(MAGIC);
+    h[3..11].copy_from_slice(&instance.to_be_bytes());
+    h[11..19].copy_from_slice(&seq.to_be_bytes());
+    h[19] = if text { 1 } else { 2 };
+    h
+}
+
 /// A message on the wire: the header, then the payload.
+#[cfg(test)]
 pub(crate) fn encode(instance: u64, seq: u64, text: bool, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&instance.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.push(if text { 1 } else { 2 });
+    out.extend_from_slice(&header(instance, seq, text));
     out.extend_from_slice(payload);
     out
 }

@@ -5,7 +5,7 @@
 //!
 //! The redis crate's synchronous cluster connection does no pub/sub (its asynchronous one does,
 //! on tokio, and opens its sockets where the fd ledger cannot count them), so the bridge routes
-//! by itself on the crate's single-node connections:
+//! by itself on single-node connections (its own sockets; the crate's for `CLUSTER SLOTS`):
 //!
 //! - [`discover`] asks the configured node (or, if it does not answer, the primaries known from
 //!   last time) for `CLUSTER SLOTS`: the primaries, at most [`MAX_NODES`], and which serves
@@ -32,7 +32,7 @@
 
 use super::inbound::{self, Inbound};
 use super::{
-    channel, connect_once, connect_raw, retry, sleep, Counted, Throttle, BACKOFF_MAX, BACKOFF_MIN,
+    channel, connect_once, connect_raw, retry, sleep, Raw, Throttle, BACKOFF_MAX, BACKOFF_MIN,
     IO_TIMEOUT,
 };
 use crate::broker::{Link, Sequences, MAX_NODES};
@@ -235,12 +235,12 @@ pub(super) fn connect_all<'a>(
     link: &Link,
     backoff: &mut Duration,
     known: &mut Vec<ConnectionInfo>,
-) -> Option<(Vec<Counted<'a>>, Topology)> {
+) -> Option<(Vec<Raw<'a>>, Topology)> {
     retry(link, backoff, "publisher (sharded)", || {
         let t = discover(ledger, link, known)?;
         let mut cons = Vec::with_capacity(t.nodes.len());
         for (i, info) in t.nodes.iter().enumerate() {
-            let c = redis::Client::open(info.clone()).and_then(|c| connect_once(ledger, &c));
+            let c = connect_raw(ledger, info);
             cons.push(c.map_err(|e| format!("{}: {e}", t.name(i)))?);
         }
         Ok((cons, t))
