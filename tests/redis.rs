@@ -451,6 +451,13 @@ fn message(con: &mut RawRedis, channel: &str, payload: &[u8]) {
     con.write(&m);
 }
 
+/// A message from the stand-in `sub` on the room's channel, received by `room`.
+fn relay(sub: &mut RawRedis, room: &mut Ws, msg: Vec<u8>) {
+    message(sub, "wsloop:/room", &msg);
+    let text = String::from_utf8_lossy(&msg[20..]).into_owned();
+    assert_eq!(next_text(room, BOUND), Some(text));
+}
+
 #[test]
 fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconnection() {
     // No redis-server needed: a stand-in that writes what a real one never would.
@@ -461,8 +468,7 @@ fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconne
     let (mut sub, cmd) = fake.subscriber();
     assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
     confirm(&mut sub, "wsloop:/room");
-    message(&mut sub, "wsloop:/room", &wire(id, 1, 1, b"first"));
-    assert_eq!(next_text(&mut room, BOUND).as_deref(), Some("first"));
+    relay(&mut sub, &mut room, wire(id, 1, 1, b"first"));
     let before = w.metrics();
     let peak = peak_rss_kib(&w);
 
@@ -479,15 +485,7 @@ fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconne
         sub.write(&chunk);
     }
     sub.write(b"\r\n");
-    message(
-        &mut sub,
-        "wsloop:/room",
-        &wire(id, 2, 1, b"after the huge one"),
-    );
-    assert_eq!(
-        next_text(&mut room, BOUND).as_deref(),
-        Some("after the huge one")
-    );
+    relay(&mut sub, &mut room, wire(id, 3, 1, b"after the huge one"));
     let m = w.metrics();
     assert_eq!(grown(&before, &m, TOO_LARGE), 1.0);
     assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 1.0);
@@ -504,15 +502,7 @@ fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconne
     let (mut sub, cmd) = fake.subscriber();
     assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
     confirm(&mut sub, "wsloop:/room");
-    message(
-        &mut sub,
-        "wsloop:/room",
-        &wire(id, 3, 1, b"after malformed"),
-    );
-    assert_eq!(
-        next_text(&mut room, BOUND).as_deref(),
-        Some("after malformed")
-    );
+    relay(&mut sub, &mut room, wire(id, 4, 1, b"after malformed"));
 
     // An unsubscription the bridge did not ask for, then an error reply: a reconnection each.
     sub.write(b"*3\r\n$11\r\nunsubscribe\r\n$12\r\nwsloop:/room\r\n:0\r\n");
@@ -533,11 +523,7 @@ fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconne
     );
     assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
     confirm(&mut sub, "wsloop:/room");
-    message(&mut sub, "wsloop:/room", &wire(id, 5, 1, b"after all that"));
-    assert_eq!(
-        next_text(&mut room, BOUND).as_deref(),
-        Some("after all that")
-    );
+    relay(&mut sub, &mut room, wire(id, 5, 1, b"after all that"));
     // The log reaches the test through a file: wait (bounded) for every line.
     let deadline = Instant::now() + BOUND;
     for said in [

@@ -138,30 +138,9 @@ fn frames(input: &mut Input<'_>, limit: usize) -> (Vec<u8>, Vec<Owned>, bool) {
     let mut want = Vec::new();
     while !input.is_empty() {
         let sel = input.u8();
-        let text = |input: &mut Input<'_>| -> Vec<u8> {
-            let n = input.u8() as usize % 32;
-            // A simple string has no CR or LF.
-            input
-                .bytes(n)
-                .iter()
-                .map(|&b| if b == b'\r' || b == b'\n' { b'.' } else { b })
-                .collect()
-        };
         match sel % 8 {
-            0 => {
-                let s = text(input);
-                bytes.push(b'+');
-                bytes.extend_from_slice(&s);
-                bytes.extend_from_slice(b"\r\n");
-                want.push(Owned::Simple(s));
-            }
-            1 => {
-                let s = text(input);
-                bytes.push(b'-');
-                bytes.extend_from_slice(&s);
-                bytes.extend_from_slice(b"\r\n");
-                want.push(Owned::Error(s));
-            }
+            0 => want.push(Owned::Simple(line(input, b'+', &mut bytes))),
+            1 => want.push(Owned::Error(line(input, b'-', &mut bytes))),
             2 => {
                 let n = input.u64() as i64;
                 bytes.extend_from_slice(format!(":{n}\r\n").as_bytes());
@@ -205,13 +184,7 @@ fn frames(input: &mut Input<'_>, limit: usize) -> (Vec<u8>, Vec<Owned>, bool) {
                             bytes.extend_from_slice(format!(":{n}\r\n").as_bytes());
                             items.push(Item::Int(n));
                         }
-                        _ => {
-                            let s = text(input);
-                            bytes.push(b'+');
-                            bytes.extend_from_slice(&s);
-                            bytes.extend_from_slice(b"\r\n");
-                            items.push(Item::Simple(s));
-                        }
+                        _ => items.push(Item::Simple(line(input, b'+', &mut bytes))),
                     }
                 }
                 want.push(Owned::Array(push, items));
@@ -219,4 +192,19 @@ fn frames(input: &mut Input<'_>, limit: usize) -> (Vec<u8>, Vec<Owned>, bool) {
         }
     }
     (bytes, want, false)
+}
+
+/// A simple string or error (`kind`) from the input, up to 31 bytes without CR or LF, encoded
+/// into `bytes`: its text.
+fn line(input: &mut Input<'_>, kind: u8, bytes: &mut Vec<u8>) -> Vec<u8> {
+    let n = input.u8() as usize % 32;
+    let text: Vec<u8> = input
+        .bytes(n)
+        .iter()
+        .map(|&b| if b == b'\r' || b == b'\n' { b'.' } else { b })
+        .collect();
+    bytes.push(kind);
+    bytes.extend_from_slice(&text);
+    bytes.extend_from_slice(b"\r\n");
+    text
 }

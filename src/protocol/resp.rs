@@ -346,6 +346,14 @@ mod tests {
         m
     }
 
+    /// An array frame's debug text.
+    fn array(push: bool, elems: &[Elem<'_>]) -> String {
+        let mut items = [Elem::Null; MAX_ELEMENTS];
+        items[..elems.len()].copy_from_slice(elems);
+        let len = elems.len();
+        format!("{:?}", Frame::Array { push, items, len })
+    }
+
     #[test]
     fn messages_replies_and_pushes_parse_in_place_in_one_read_or_byte_by_byte() {
         let mut s = message(b"wsloop:/a", b"hello\r\nworld");
@@ -354,69 +362,34 @@ mod tests {
         s.extend_from_slice(b">3\r\n$8\r\nsmessage\r\n$1\r\nc\r\n$0\r\n\r\n");
         s.extend_from_slice(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n*0\r\n");
         let want = vec![
-            format!(
-                "{:?}",
-                Frame::Array {
-                    push: false,
-                    items: [
-                        Elem::Bulk(b"message"),
-                        Elem::Bulk(b"wsloop:/a"),
-                        Elem::Bulk(b"hello\r\nworld"),
-                        Elem::Null
-                    ],
-                    len: 3
-                }
+            array(
+                false,
+                &[
+                    Elem::Bulk(b"message"),
+                    Elem::Bulk(b"wsloop:/a"),
+                    Elem::Bulk(b"hello\r\nworld"),
+                ],
             ),
-            format!(
-                "{:?}",
-                Frame::Array {
-                    push: false,
-                    items: [
-                        Elem::Bulk(b"subscribe"),
-                        Elem::Bulk(b"wsloop:/b"),
-                        Elem::Int(2),
-                        Elem::Null
-                    ],
-                    len: 3
-                }
+            array(
+                false,
+                &[
+                    Elem::Bulk(b"subscribe"),
+                    Elem::Bulk(b"wsloop:/b"),
+                    Elem::Int(2),
+                ],
             ),
             format!("{:?}", Frame::Simple(b"OK")),
             format!("{:?}", Frame::Error(b"ERR no")),
             format!("{:?}", Frame::Int(-42)),
-            format!(
-                "{:?}",
-                Frame::Array {
-                    push: true,
-                    items: [
-                        Elem::Bulk(b"smessage"),
-                        Elem::Bulk(b"c"),
-                        Elem::Bulk(b""),
-                        Elem::Null
-                    ],
-                    len: 3
-                }
+            array(
+                true,
+                &[Elem::Bulk(b"smessage"), Elem::Bulk(b"c"), Elem::Bulk(b"")],
             ),
-            format!(
-                "{:?}",
-                Frame::Array {
-                    push: false,
-                    items: [
-                        Elem::Bulk(b"unsubscribe"),
-                        Elem::Null,
-                        Elem::Int(0),
-                        Elem::Null
-                    ],
-                    len: 3
-                }
+            array(
+                false,
+                &[Elem::Bulk(b"unsubscribe"), Elem::Null, Elem::Int(0)],
             ),
-            format!(
-                "{:?}",
-                Frame::Array {
-                    push: false,
-                    items: [Elem::Null; 4],
-                    len: 0
-                }
-            ),
+            array(false, &[]),
         ];
         for step in [1, 2, 3, 7, 64, s.len()] {
             assert_eq!(feed(&s, 64, step), (want.clone(), None), "step {step}");
@@ -438,18 +411,13 @@ mod tests {
         s.extend(message(b"ch", b"after"));
         let at_limit = vec![b'y'; limit];
         s.extend(message(b"ch", &at_limit));
-        let too_large = format!(
-            "{:?}",
-            Frame::Array {
-                push: false,
-                items: [
-                    Elem::Bulk(b"message"),
-                    Elem::Bulk(b"ch"),
-                    Elem::TooLarge(1_000_000),
-                    Elem::Null
-                ],
-                len: 3
-            }
+        let too_large = array(
+            false,
+            &[
+                Elem::Bulk(b"message"),
+                Elem::Bulk(b"ch"),
+                Elem::TooLarge(1_000_000),
+            ],
         );
         for step in [1, 5, 4096, READ_CHUNK, s.len()] {
             let mut r = Reader::new(limit);
