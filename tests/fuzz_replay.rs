@@ -58,6 +58,7 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("inflate", &["ping_payload_split_across_reads"]),
+    ("resp", &["integer_i64_min"]),
 ];
 
 fn fuzz_dir() -> PathBuf {

@@ -299,17 +299,22 @@ fn number(line: &[u8]) -> Result<i64, Malformed> {
     if digits.is_empty() || digits.len() > 19 {
         return Err(bad);
     }
+    // Accumulated with its sign, so that `i64::MIN` is a number too.
     let mut n: i64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return Err(bad);
         }
+        let d = i64::from(d - b'0');
         n = n
             .checked_mul(10)
-            .and_then(|n| n.checked_add(i64::from(d - b'0')))
+            .and_then(|n| match negative {
+                true => n.checked_sub(d),
+                false => n.checked_add(d),
+            })
             .ok_or(bad)?;
     }
-    Ok(if negative { -n } else { n })
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -492,6 +497,9 @@ mod tests {
         // i64's extremes are numbers.
         assert_eq!(number(b"9223372036854775807"), Ok(i64::MAX));
         assert_eq!(number(b"-9223372036854775807"), Ok(-i64::MAX));
+        assert_eq!(number(b"-9223372036854775808"), Ok(i64::MIN));
+        assert!(number(b"-9223372036854775809").is_err());
+        assert!(number(b"-").is_err());
     }
 
     #[test]
