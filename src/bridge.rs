@@ -1,45 +1,64 @@
 //! The Redis bridge: one per process, started with the first loop and stopped with it (as the
 //! fd audit is), sharing this process's topics with every other instance on the same Redis.
 //!
-//! It is built on the `redis` crate's synchronous client, on two threads of its own, one per
-//! connection, because a Redis connection that has subscribed can do nothing but (un)subscribe
-//! and read its messages:
+//! It runs on two threads of its own, one per connection, because a Redis connection that has
+//! subscribed can do nothing but (un)subscribe and read its messages:
 //!
 //! - `wsloop-redis-out` takes the loops' publications from the [`Link`]'s bounded queue and
-//!   sends them (`PUBLISH`, pipelined, numbered per topic), and measures the round trip with a
-//!   `PING` every [`PING_EVERY`];
+//!   sends them (`PUBLISH`, numbered per topic, a batch written as one pipeline and its replies
+//!   parsed in place: `outbound.rs`), and measures the round trip with a `PING` every
+//!   [`PING_EVERY`];
 //! - `wsloop-redis-in` subscribes to the channel of every topic with local interest (on any
 //!   loop) and unsubscribes from those without, reads the messages of the other instances,
 //!   drops (and counts) those over `max_message_size` or not in the wire format, and hands the
-//!   others to every loop through the inboxes the loops of a cluster use for each other (a
-//!   loop is woken only when its inbox was empty: one wake per batch).
+//!   others to every loop through the inboxes the loops of a cluster use for each other. It
+//!   reads its socket itself (`inbound.rs`): large reads, every reply parsed in place by
+//!   [`resp`](crate::protocol::resp) (no allocation per reply, a payload over the limit dropped
+//!   as it arrives, never held), this instance's own messages (which Redis sends back to it)
+//!   skipped on their header's instance id before anything is copied, and the messages of one
+//!   read handed to the loops as one batch (one lock of each inbox, and one wake-up of a loop
+//!   whose inbox was empty). The `redis` crate's reply parser built a `Value` per message and
+//!   per reply, and the hand-off was one message at a time: that cost per message, measured in
+//!   BENCHMARKS.md, is what these readers remove. The crate still parses the URL, packs the
+//!   (un)subscription commands, and asks a cluster node for `CLUSTER SLOTS` (`sharded.rs`).
 //!
 //! Either thread reconnects after any error (Redis down, killed, or closing the connection, as
-//! it does to a subscriber over its output-buffer limit) with a backoff from
-//! [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]; after a reconnection the subscriber subscribes
-//! again to every topic with local interest. Local delivery never waits for either.
+//! it does to a subscriber over its output-buffer limit; for the subscriber also an error
+//! reply, a malformed stream, or a subscription not confirmed within [`IO_TIMEOUT`]) with a
+//! backoff from [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]; after a reconnection the
+//! subscriber subscribes again to every topic with local interest. Local delivery never waits
+//! for either.
 //!
 //! With sharded pub/sub (`RedisConfig::sharded`) the publisher sends `SPUBLISH` to the primary
 //! of a Redis Cluster that serves the channel's slot, and the subscriber runs a reader per
 //! primary that subscribes there with `SSUBSCRIBE` (`sharded.rs`).
 //!
-//! Descriptors: the crate opens its sockets itself (`Client::get_connection_with_timeout`), so
-//! this file counts them in the ledger around that call: [`Ledger::moving`] twice before it (a
-//! host name's resolution may open a file or a socket for a moment), the socket counted with
-//! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget keeps
-//! the most the bridge may hold ([`bridge_fds`](crate::broker::bridge_fds): two, or two per
-//! primary with sharding) out of the connections' share ([`Ledger::bridge_reserve`]).
+//! Descriptors: [`connect_raw`] opens the publisher's and the subscriber's sockets, and the
+//! crate the short-lived one that asks for `CLUSTER SLOTS` (`Client::get_connection_with_timeout`
+//! in [`connect_once`]); this file counts each in the ledger around the call: [`Ledger::moving`] twice before it (a host
+//! name's resolution may open a file or a socket for a moment), the socket counted with
+//! [`Ledger::bridge_fd`] once connected, and uncounted before it is dropped. The fd budget
+//! keeps the most the bridge may hold ([`bridge_fds`](crate::broker::bridge_fds): two, or two
+//! per primary with sharding) out of the connections' share ([`Ledger::bridge_reserve`]).
 
-use crate::broker::{decode, encode, Link, Refused, Seen, Sequences, INBOX_FULL, SEND_FAILED};
+use crate::broker::{header, Link, Refused, Sequences, SEND_FAILED};
 use crate::ledger::Ledger;
-use crate::topics::Forwarded;
-use std::collections::{HashMap, HashSet};
-use std::io;
+use crate::protocol::resp::Frame;
+use inbound::Inbound;
+use outbound::Outbound;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+// The subscriber's own sockets, opened and counted in the ledger by `connect_raw`.
+#[allow(clippy::disallowed_types)]
+use std::net::TcpStream;
+use std::net::ToSocketAddrs;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod inbound;
+mod outbound;
 mod sharded;
 
 /// The first wait before reconnecting; doubled after each failure.
@@ -53,6 +72,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the subscriber waits for a message before it looks at local interest again: the
 /// most a new local topic waits for its channel to be subscribed.
 const POLL: Duration = Duration::from_millis(20);
+/// A subscriber connection that failed sooner than this after it was made is made again only
+/// after a backoff.
+const HEALTHY: Duration = Duration::from_secs(1);
 /// Publications sent in one pipeline at most.
 const PIPELINE: usize = 256;
 /// The subscriber logs a message it dropped at most this often (with how many more it
@@ -73,17 +95,17 @@ impl Bridge {
         let Some(link) = ledger.link().cloned() else {
             return Ok(None);
         };
-        let client = redis::Client::open(link.config.url.as_str())
+        redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut bridge = Bridge {
             link: link.clone(),
             threads: Vec::new(),
         };
-        let (l, c, s) = (ledger.clone(), client.clone(), link.clone());
+        let (l, s) = (ledger.clone(), link.clone());
         bridge.threads.push(
             thread::Builder::new()
                 .name("wsloop-redis-out".into())
-                .spawn(move || publisher(&l, &c, &s))?,
+                .spawn(move || publisher(&l, &s))?,
         );
         let (l, s) = (ledger.clone(), link);
         bridge.threads.push(
@@ -91,7 +113,7 @@ impl Bridge {
                 .name("wsloop-redis-in".into())
                 .spawn(move || match s.config.sharded {
                     true => sharded::subscriber(&l, &s),
-                    false => subscriber(&l, &client, &s),
+                    false => subscriber(&l, &s),
                 })?,
         );
         Ok(Some(bridge))
@@ -107,13 +129,14 @@ impl Drop for Bridge {
     }
 }
 
-/// A connection to Redis, counted in the ledger while it is open.
-struct Counted<'a> {
+/// A connection to Redis (the crate's, or the subscriber's own socket), counted in the ledger
+/// while it is open.
+struct Counted<'a, C = redis::Connection> {
     ledger: &'a Ledger,
-    con: Option<redis::Connection>,
+    con: Option<C>,
 }
 
-impl Drop for Counted<'_> {
+impl<C> Drop for Counted<'_, C> {
     fn drop(&mut self) {
         if let Some(con) = self.con.take() {
             self.ledger.moving();
@@ -123,6 +146,11 @@ impl Drop for Counted<'_> {
         }
     }
 }
+
+/// A socket of the bridge's own (the publisher's and the subscriber's), opened and counted in
+/// the ledger by [`connect_raw`] only.
+#[allow(clippy::disallowed_types)]
+type Raw<'a> = Counted<'a, TcpStream>;
 
 /// One attempt to connect, the socket counted in the ledger if it opens.
 #[allow(clippy::disallowed_methods)] // the bridge's sockets, counted in the ledger here
@@ -141,17 +169,82 @@ fn connect_once<'a>(ledger: &'a Ledger, client: &redis::Client) -> redis::RedisR
     })
 }
 
-/// Connect, counted; on failure wait the backoff (or until stopped) and say so.
-fn connect<'a>(
-    ledger: &'a Ledger,
-    client: &redis::Client,
-    link: &Link,
-    backoff: &mut Duration,
-    what: &str,
-) -> Option<Counted<'a>> {
-    retry(link, backoff, what, || {
-        connect_once(ledger, client).map_err(|e| e.to_string())
-    })
+/// One attempt to connect a socket of the bridge's own to the Redis at `info` (TCP: the
+/// configuration takes `redis://` URLs only), counted in the ledger if it opens, with its read
+/// timeout [`POLL`], and authenticated with `AUTH` if `info` has a password. Its replies and
+/// messages are read by the bridge itself (`inbound.rs`, `outbound.rs`), not by the crate.
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)] // counted in the ledger here
+fn connect_raw<'a>(ledger: &'a Ledger, info: &redis::ConnectionInfo) -> Result<Raw<'a>, String> {
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        return Err(format!("{}: not a TCP address", info.addr()));
+    };
+    ledger.moving();
+    ledger.moving();
+    let mut why = format!("{host}:{port}: no address");
+    let mut got = None;
+    match (host.as_str(), *port).to_socket_addrs() {
+        Ok(addrs) => {
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+                    Ok(s) => {
+                        got = Some(s);
+                        break;
+                    }
+                    Err(e) => why = format!("{addr}: {e}"),
+                }
+            }
+        }
+        Err(e) => why = format!("{host}:{port}: {e}"),
+    }
+    if got.is_some() {
+        ledger.bridge_fd(true);
+    }
+    ledger.settled();
+    ledger.settled();
+    let mut counted = Counted { ledger, con: got };
+    let stream = counted.con.as_mut().ok_or(why)?;
+    let settings = info.redis_settings();
+    let setup = stream
+        .set_nodelay(true)
+        .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|_| stream.set_read_timeout(Some(IO_TIMEOUT)));
+    setup.map_err(|e| e.to_string())?;
+    if let Some(password) = settings.password() {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        auth.arg(password);
+        stream
+            .write_all(&auth.get_packed_command())
+            .map_err(|e| e.to_string())?;
+        auth_reply(stream)?;
+    }
+    stream
+        .set_read_timeout(Some(POLL))
+        .map_err(|e| e.to_string())?;
+    Ok(counted)
+}
+
+/// Read the reply to `AUTH` (within the socket's read timeout): `+OK`, or the error.
+fn auth_reply(stream: &mut impl Read) -> Result<(), String> {
+    let mut reader = crate::protocol::resp::Reader::new(0);
+    loop {
+        let n = stream
+            .read(reader.spare())
+            .map_err(|e| format!("AUTH: {e}"))?;
+        if n == 0 {
+            return Err("AUTH: unexpected end of file".into());
+        }
+        reader.filled(n);
+        match reader.next_frame() {
+            Ok(Some(Frame::Simple(b"OK"))) => return Ok(()),
+            Ok(Some(Frame::Error(e))) => return Err(String::from_utf8_lossy(e).into_owned()),
+            Ok(Some(other)) => return Err(format!("AUTH: unexpected reply {other:?}")),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// `attempt` until it works (the backoff starts again from its shortest) or the bridge stops
@@ -205,32 +298,36 @@ fn channel(link: &Link, topic: &[u8]) -> Vec<u8> {
     c
 }
 
-/// The publisher thread (see the module docs): one connection and `PUBLISH`; or, with
-/// `RedisConfig::sharded`, a connection to each primary and `SPUBLISH` to the one that serves
-/// the channel's slot (`sharded.rs`).
-fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
+/// The publisher thread (see the module docs): one connection of its own and `PUBLISH`; or,
+/// with `RedisConfig::sharded`, a connection to each primary and `SPUBLISH` to the one that
+/// serves the channel's slot (`sharded.rs`). Each batch is written as one pipeline per
+/// connection and its replies read back by `outbound.rs`.
+fn publisher(ledger: &Ledger, link: &Link) {
+    let Some(info) = url_info(link, "publisher") else {
+        return;
+    };
     let mut backoff = BACKOFF_MIN;
     let mut seqs: HashMap<Arc<[u8]>, u64> = HashMap::new();
     let mut connected_once = false;
     let mut known = Vec::new();
+    let mut chan = Vec::new();
     let command = if link.config.sharded {
         "SPUBLISH"
     } else {
         "PUBLISH"
     };
     while let Some((mut nodes, topology)) =
-        connect_publisher(ledger, client, link, &mut backoff, &mut known)
+        connect_publisher(ledger, &info, link, &mut backoff, &mut known)
     {
         let timeouts = nodes.iter_mut().all(|c| {
-            c.con.as_mut().is_some_and(|con| {
-                con.set_read_timeout(Some(IO_TIMEOUT))
-                    .and_then(|_| con.set_write_timeout(Some(IO_TIMEOUT)))
-                    .is_ok()
-            })
+            c.con
+                .as_mut()
+                .is_some_and(|s| s.set_read_timeout(Some(IO_TIMEOUT)).is_ok())
         });
         if !timeouts {
             continue;
         }
+        let mut outs: Vec<Outbound> = nodes.iter().map(|_| Outbound::new()).collect();
         if connected_once {
             link.counters.reconnects.fetch_add(1, Relaxed);
         }
@@ -238,7 +335,7 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
         let mut next_ping = Instant::now();
         loop {
             if Instant::now() >= next_ping {
-                let Some(rtt) = ping_all(&mut nodes) else {
+                let Some(rtt) = ping_all(&mut nodes, &mut outs) else {
                     break;
                 };
                 let c = &link.counters;
@@ -260,18 +357,16 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
                 seqs.clear();
             }
             // One pipeline per node (one in all without sharding), in the batch's order.
-            let mut pipes: Vec<(redis::Pipeline, u64)> =
-                nodes.iter().map(|_| (redis::Pipeline::new(), 0)).collect();
             for f in &batch {
                 let seq = seqs.entry(f.topic.clone()).or_insert(0);
                 *seq += 1;
-                let msg = encode(link.instance, *seq, f.text, &f.payload);
-                let chan = channel(link, &f.topic);
-                let (pipe, n) = &mut pipes[topology.node_of(&chan)];
-                pipe.cmd(command).arg(chan).arg(msg).ignore();
-                *n += 1;
+                chan.clear();
+                chan.extend_from_slice(link.config.prefix.as_bytes());
+                chan.extend_from_slice(&f.topic);
+                let head = header(link.instance, *seq, f.text);
+                outs[topology.node_of(&chan)].publish(command, &chan, &head, &f.payload);
             }
-            if let Err(e) = send(link, &mut nodes, &pipes) {
+            if let Err(e) = send(link, &mut nodes, &mut outs) {
                 log::warn!("redis publisher: {e}; reconnecting");
                 break;
             }
@@ -280,220 +375,126 @@ fn publisher(ledger: &Ledger, client: &redis::Client, link: &Link) {
     }
 }
 
+/// The configured URL's address and credentials (checked when the configuration was).
+fn url_info(link: &Link, what: &str) -> Option<redis::ConnectionInfo> {
+    match redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str()) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            log::error!("redis {what}: {}: {e}", link.config.url);
+            None
+        }
+    }
+}
+
 /// The publisher's connections: one to the configured Redis, or one to each primary of the
 /// cluster (with sharding; `known`: the primaries found last time).
 fn connect_publisher<'a>(
     ledger: &'a Ledger,
-    client: &redis::Client,
+    info: &redis::ConnectionInfo,
     link: &Link,
     backoff: &mut Duration,
     known: &mut Vec<redis::ConnectionInfo>,
-) -> Option<(Vec<Counted<'a>>, sharded::Topology)> {
+) -> Option<(Vec<Raw<'a>>, sharded::Topology)> {
     match link.config.sharded {
         true => sharded::connect_all(ledger, link, backoff, known),
-        false => connect(ledger, client, link, backoff, "publisher")
+        false => retry(link, backoff, "publisher", || connect_raw(ledger, info))
             .map(|c| (vec![c], sharded::Topology::single())),
     }
 }
 
 /// `PING` every connection: the slowest round trip, or `None` if one failed.
-fn ping_all(nodes: &mut [Counted<'_>]) -> Option<Duration> {
+fn ping_all(nodes: &mut [Raw<'_>], outs: &mut [Outbound]) -> Option<Duration> {
     let mut rtt = Duration::ZERO;
-    for c in nodes {
-        let con = c.con.as_mut()?;
-        let t = Instant::now();
-        redis::cmd("PING").query::<String>(con).ok()?;
-        rtt = rtt.max(t.elapsed());
+    for (c, o) in nodes.iter_mut().zip(outs) {
+        rtt = rtt.max(o.ping(c.con.as_mut()?).ok()?);
     }
     Some(rtt)
 }
 
-/// Send each connection its pipeline (`n` publications): those acknowledged are counted as
-/// sent, the others as dropped; the first error, if any.
-fn send(
-    link: &Link,
-    nodes: &mut [Counted<'_>],
-    pipes: &[(redis::Pipeline, u64)],
-) -> redis::RedisResult<()> {
+/// Send each connection its pipeline: those acknowledged are counted as sent, the others as
+/// dropped; the first error, if any.
+fn send(link: &Link, nodes: &mut [Raw<'_>], outs: &mut [Outbound]) -> Result<(), String> {
     let mut result = Ok(());
-    for (c, (pipe, n)) in nodes.iter_mut().zip(pipes) {
-        if *n == 0 {
+    for (c, o) in nodes.iter_mut().zip(outs) {
+        let n = o.pending();
+        if n == 0 {
             continue;
         }
-        let sent = match c.con.as_mut() {
-            Some(con) => pipe.exec(con),
-            None => Err(io::Error::from(io::ErrorKind::NotConnected).into()),
+        let (acked, sent) = match c.con.as_mut() {
+            Some(stream) => o.flush(stream),
+            None => (0, Err("not connected".into())),
         };
-        match sent {
-            Ok(()) => link.counters.sent.fetch_add(*n, Relaxed),
-            Err(e) => {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-                link.counters.dropped[SEND_FAILED].fetch_add(*n, Relaxed)
-            }
-        };
+        link.counters.sent.fetch_add(acked, Relaxed);
+        link.counters.dropped[SEND_FAILED].fetch_add(n - acked, Relaxed);
+        if let (Err(e), Ok(())) = (sent, &result) {
+            result = Err(e);
+        }
     }
     result
 }
 
-/// The subscriber thread (see the module docs).
-fn subscriber(ledger: &Ledger, client: &redis::Client, link: &Link) {
+/// The subscriber thread (see the module docs): one connection of its own, its replies and
+/// messages read by `inbound.rs`.
+fn subscriber(ledger: &Ledger, link: &Link) {
+    let Some(info) = url_info(link, "subscriber") else {
+        return;
+    };
     let mut backoff = BACKOFF_MIN;
+    // For connections that fail once made: before their subscriptions were confirmed, or
+    // within [`HEALTHY`] (an error reply, a malformed stream, Redis closing it at once), so
+    // that such a Redis is not asked again in a tight loop.
+    let mut again = BACKOFF_MIN;
     let mut seen = Sequences::default();
     let mut drops = Throttle::default();
-    while let Some(mut counted) = connect(ledger, client, link, &mut backoff, "subscriber") {
-        let Some(con) = counted.con.as_mut() else {
+    while let Some(mut counted) = retry(link, &mut backoff, "subscriber", || {
+        connect_raw(ledger, &info)
+    }) {
+        let since = Instant::now();
+        let Some(stream) = counted.con.as_mut() else {
             break;
         };
-        if con.set_write_timeout(Some(IO_TIMEOUT)).is_err() {
-            continue;
-        }
-        let mut pubsub = con.as_pubsub();
-        let mut subscribed: HashSet<Arc<[u8]>> = HashSet::new();
+        let mut inbound = Inbound::new(link, &inbound::PLAIN);
         // Every topic with local interest is subscribed again on a new connection.
         let mut version = u64::MAX;
-        let mut first = true;
-        loop {
+        let mut up = false;
+        let why = loop {
             if link.stopped() {
                 return;
             }
             if let Some((v, wanted)) = link.wanted(version) {
-                if resubscribe(link, &mut pubsub, &mut subscribed, &mut seen, wanted).is_err() {
-                    break;
+                let out = inbound.update(wanted.into_iter().collect(), &mut seen);
+                if let Err(e) = stream.write_all(&out) {
+                    break e.to_string();
                 }
                 version = v;
             }
-            if first {
-                first = false;
-                if pubsub.set_read_timeout(Some(POLL)).is_err() {
-                    break;
-                }
+            if !up && inbound.confirmed() {
+                up = true;
                 link.counters.up_in.store(true, Relaxed);
                 log::info!("redis subscriber: connected to {}", link.config.url);
             }
-            match pubsub.get_message() {
-                Ok(msg) => receive(ledger, link, &mut seen, &mut drops, &msg),
-                // A signal (SIGSTOP and SIGCONT, say) interrupts the read: the reply parser
-                // keeps what it has read, and the next read goes on from there.
-                Err(e) if e.is_timeout() || interrupted(&e) => {}
-                Err(e) => {
-                    log::warn!("redis subscriber: {e}; reconnecting");
-                    break;
-                }
+            if let Some(late) = inbound.overdue(Instant::now()) {
+                break late;
             }
-        }
+            match inbound.read(stream) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => break e,
+            }
+            if let Err(e) = inbound.deliver(ledger, &mut seen, &mut drops) {
+                break e;
+            }
+        };
+        log::warn!("redis subscriber: {why}; reconnecting");
         link.counters.up_in.store(false, Relaxed);
-    }
-}
-
-/// The read was interrupted by a signal (`EINTR`), not failed.
-fn interrupted(e: &redis::RedisError) -> bool {
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        // The crate keeps the cause behind an `Arc`.
-        let shared = c.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>();
-        let inner = shared.and_then(|a| a.downcast_ref::<io::Error>());
-        if let Some(io) = inner.or_else(|| c.downcast_ref::<io::Error>()) {
-            return io.kind() == io::ErrorKind::Interrupted;
-        }
-        cause = c.source();
-    }
-    false
-}
-
-/// Subscribe to the channels of the topics newly wanted and unsubscribe from the others (with
-/// a longer read timeout: the replies must come, else the connection is dropped).
-fn resubscribe(
-    link: &Link,
-    pubsub: &mut redis::PubSub<'_>,
-    subscribed: &mut HashSet<Arc<[u8]>>,
-    seen: &mut Sequences,
-    wanted: Vec<Arc<[u8]>>,
-) -> redis::RedisResult<()> {
-    let wanted: HashSet<Arc<[u8]>> = wanted.into_iter().collect();
-    let add: Vec<Vec<u8>> = wanted
-        .difference(subscribed)
-        .map(|t| channel(link, t))
-        .collect();
-    let gone: Vec<Arc<[u8]>> = subscribed.difference(&wanted).cloned().collect();
-    if add.is_empty() && gone.is_empty() {
-        return Ok(());
-    }
-    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
-    if !add.is_empty() {
-        pubsub.subscribe(add)?;
-    }
-    if !gone.is_empty() {
-        let chans: Vec<Vec<u8>> = gone.iter().map(|t| channel(link, t)).collect();
-        pubsub.unsubscribe(chans)?;
-        for t in &gone {
-            seen.forget(t);
-        }
-        link.counters.tracked.store(seen.len() as u64, Relaxed);
-    }
-    *subscribed = wanted;
-    pubsub.set_read_timeout(Some(POLL))
-}
-
-/// A message from Redis: another instance's publication goes to every loop. One that is not
-/// in the wire format, or whose payload is over `max_message_size`, is dropped here, before
-/// any loop is woken or any of it copied; its sequence number only counts gaps and resets.
-fn receive(
-    ledger: &Ledger,
-    link: &Link,
-    seen: &mut Sequences,
-    drops: &mut Throttle,
-    msg: &redis::Msg,
-) {
-    let c = &link.counters;
-    let chan: Vec<u8> = msg.get_channel().unwrap_or_default();
-    let raw = msg.get_payload_bytes();
-    let checked = match chan.strip_prefix(link.config.prefix.as_bytes()) {
-        Some(topic) if topic.len() <= crate::topics::MAX_TOPIC_LEN => {
-            decode(raw, link.max_message).map(|d| (topic, d))
-        }
-        _ => Err(Refused::Invalid),
-    };
-    let (topic, (instance, seq, text, payload)) = match checked {
-        Ok(ok) => ok,
-        Err(why) => {
-            c.dropped[why.index()].fetch_add(1, Relaxed);
-            log_drop(drops, why, &chan, raw.len());
-            return;
-        }
-    };
-    if instance == link.instance {
-        // Delivered here when it was published.
-        c.own.fetch_add(1, Relaxed);
-        return;
-    }
-    match seen.see(instance, topic, seq) {
-        Seen::First => c.tracked.store(seen.len() as u64, Relaxed),
-        Seen::Next => {}
-        Seen::Gap(lost) => {
-            c.gaps.fetch_add(1, Relaxed);
-            log::debug!(
-                "redis subscriber: {lost} messages of instance {instance:016x} on {} lost",
-                shown(&chan)
-            );
-        }
-        Seen::Reset => {
-            c.resets.fetch_add(1, Relaxed);
-            log::debug!(
-                "redis subscriber: instance {instance:016x} on {} went back to {seq}",
-                shown(&chan)
-            );
+        drop(counted);
+        if up && since.elapsed() >= HEALTHY {
+            again = BACKOFF_MIN;
+        } else {
+            sleep(link, again);
+            again = (again * 2).min(BACKOFF_MAX);
         }
     }
-    c.received.fetch_add(1, Relaxed);
-    let f = Forwarded {
-        topic: topic.into(),
-        text,
-        payload: payload.into(),
-    };
-    let dropped = ledger.forward_all(std::slice::from_ref(&f));
-    c.dropped[INBOX_FULL].fetch_add(dropped, Relaxed);
 }
 
 /// A channel's name for a log line: escaped, and cut at [`LOG_CHANNEL`] bytes.
@@ -505,7 +506,7 @@ fn shown(chan: &[u8]) -> String {
 
 /// Log a dropped message: each at debug level, and at info level at most once every
 /// [`LOG_DROPS_EVERY`], with how many were dropped since the last such line.
-fn log_drop(drops: &mut Throttle, why: Refused, chan: &[u8], bytes: usize) {
+fn log_drop(drops: &mut Throttle, why: Refused, chan: &[u8], bytes: u64) {
     let why = why.as_str();
     log::debug!(
         "redis subscriber: dropped a message on {} ({bytes} bytes): {why}",

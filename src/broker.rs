@@ -277,15 +277,31 @@ impl Link {
     }
 }
 
+/// A message's header on the wire.
+pub(crate) fn header(instance: u64, seq: u64, text: bool) -> [u8; HEADER] {
+    let mut h = [0; HEADER];
+    h[..3].copy_from_slice(MAGIC);
+    h[3..11].copy_from_slice(&instance.to_be_bytes());
+    h[11..19].copy_from_slice(&seq.to_be_bytes());
+    h[19] = if text { 1 } else { 2 };
+    h
+}
+
 /// A message on the wire: the header, then the payload.
+#[cfg(test)]
 pub(crate) fn encode(instance: u64, seq: u64, text: bool, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&instance.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.push(if text { 1 } else { 2 });
+    out.extend_from_slice(&header(instance, seq, text));
     out.extend_from_slice(payload);
     out
+}
+
+/// Whether `msg` starts with the wire format's magic and names `instance` as its publisher:
+/// the subscriber checks this first, so that the messages Redis sends back to their own
+/// instance are skipped before anything of them is copied or decoded (a message forged with
+/// this instance's id is skipped so too).
+pub(crate) fn is_own(msg: &[u8], instance: u64) -> bool {
+    msg.len() >= HEADER && msg[..3] == *MAGIC && msg[3..11] == instance.to_be_bytes()
 }
 
 /// A message read from the wire: the publisher's instance and sequence number, whether it is
@@ -479,6 +495,12 @@ mod tests {
             decode(&encode(7, 0, false, b"x"), 16),
             Err(Refused::Invalid)
         );
+        // Its own messages, told by the header alone.
+        assert!(is_own(&m, 0x0102_0304_0506_0708));
+        assert!(is_own(&m[..HEADER], 0x0102_0304_0506_0708));
+        assert!(!is_own(&m[..HEADER - 1], 0x0102_0304_0506_0708));
+        assert!(!is_own(&m, 0x0102_0304_0506_0709));
+        assert!(!is_own(&other, 0x0102_0304_0506_0708), "another version");
     }
 
     #[test]

@@ -65,6 +65,7 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
             "write_before_the_handshake",
         ],
     ),
+    ("resp", &["integer_i64_min"]),
 ];
 
 fn fuzz_dir() -> PathBuf {

@@ -21,7 +21,7 @@ mod rlimit_support;
 use attack_support::{Metrics, Wsloop};
 use common::{tcp, Ws};
 use redis_support::{
-    free_port, next_text, redis_cli, redis_server, wire, Cluster, RawRedis, Redis, Reply,
+    free_port, next_text, redis_cli, redis_server, wire, Cluster, FakeRedis, RawRedis, Redis, Reply,
 };
 use std::io::{Read, Write};
 use std::thread;
@@ -421,6 +421,180 @@ fn a_redis_message_over_max_message_size_or_malformed_is_dropped_and_counted_and
         "{lines:?}"
     );
     w.stop();
+}
+
+/// The most memory a process has held (`VmHWM`), in KiB.
+fn peak_rss_kib(w: &Wsloop) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A subscription confirmation and a message, as Redis writes them.
+fn confirm(con: &mut RawRedis, channel: &str) {
+    let c = channel.len();
+    con.write(format!("*3\r\n$9\r\nsubscribe\r\n${c}\r\n{channel}\r\n:1\r\n").as_bytes());
+}
+
+fn message(con: &mut RawRedis, channel: &str, payload: &[u8]) {
+    let c = channel.len();
+    let head = format!(
+        "*3\r\n$7\r\nmessage\r\n${c}\r\n{channel}\r\n${}\r\n",
+        payload.len()
+    );
+    let mut m = head.into_bytes();
+    m.extend_from_slice(payload);
+    m.extend_from_slice(b"\r\n");
+    con.write(&m);
+}
+
+/// A message from the stand-in `sub` on the room's channel, received by `room`.
+fn relay(sub: &mut RawRedis, room: &mut Ws, msg: Vec<u8>) {
+    message(sub, "wsloop:/room", &msg);
+    let text = String::from_utf8_lossy(&msg[20..]).into_owned();
+    assert_eq!(next_text(room, BOUND), Some(text));
+}
+
+#[test]
+fn a_huge_or_malformed_stream_in_place_of_redis_costs_no_memory_and_is_a_reconnection() {
+    // No redis-server needed: a stand-in that writes what a real one never would.
+    let fake = FakeRedis::start();
+    let w = instance("a", &fake.url());
+    let mut room = member(&w, "room");
+    let id = 0x0bad_cafe_0000_0002;
+    let (mut sub, cmd) = fake.subscriber();
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    relay(&mut sub, &mut room, wire(id, 1, 1, b"first"));
+    let before = w.metrics();
+    let peak = peak_rss_kib(&w);
+
+    // A 64 MiB message, written as fast as the bridge reads it, then a short one: the big one
+    // is dropped as it arrives (never held: the process's peak memory does not grow by
+    // anything near it), the next one delivered.
+    let huge = 64 << 20;
+    let head = wire(id, 2, 1, b"");
+    let len = head.len() + huge;
+    sub.write(format!("*3\r\n$7\r\nmessage\r\n$12\r\nwsloop:/room\r\n${len}\r\n").as_bytes());
+    sub.write(&head);
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..huge / chunk.len() {
+        sub.write(&chunk);
+    }
+    sub.write(b"\r\n");
+    relay(&mut sub, &mut room, wire(id, 3, 1, b"after the huge one"));
+    let m = w.metrics();
+    assert_eq!(grown(&before, &m, TOO_LARGE), 1.0);
+    assert_eq!(grown(&before, &m, "wsloop_broker_received_total"), 1.0);
+    let grew = peak_rss_kib(&w).saturating_sub(peak);
+    assert!(
+        grew < 16 << 10,
+        "the peak grew by {grew} KiB for a 64 MiB message"
+    );
+
+    // A RESP3 map (never sent to a RESP2 subscriber): a malformed stream, so a reconnection;
+    // the subscription is made again and messages flow.
+    sub.write(b"%1\r\n+a\r\n+b\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    let (mut sub, cmd) = fake.subscriber();
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    relay(&mut sub, &mut room, wire(id, 4, 1, b"after malformed"));
+
+    // An unsubscription the bridge did not ask for, then an error reply: a reconnection each.
+    sub.write(b"*3\r\n$11\r\nunsubscribe\r\n$12\r\nwsloop:/room\r\n:0\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    let (mut sub, _) = fake.subscriber();
+    confirm(&mut sub, "wsloop:/room");
+    sub.write(b"-ERR injected\r\n");
+    assert_eq!(sub.command(), None, "the bridge closed the connection");
+    // A subscription never confirmed: dropped after the bridge's I/O timeout (2 s).
+    let (mut silent, _) = fake.subscriber();
+    let asked = Instant::now();
+    assert_eq!(silent.command(), None, "the bridge closed the connection");
+    let (mut sub, cmd) = fake.subscriber();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(cmd, [&b"SUBSCRIBE"[..], b"wsloop:/room"]);
+    confirm(&mut sub, "wsloop:/room");
+    relay(&mut sub, &mut room, wire(id, 5, 1, b"after all that"));
+    // The log reaches the test through a file: wait (bounded) for every line.
+    let deadline = Instant::now() + BOUND;
+    for said in [
+        "redis subscriber: malformed reply from Redis: not a reply a subscribed connection gets; reconnecting",
+        "redis subscriber: Redis unsubscribed wsloop:/room; reconnecting",
+        "redis subscriber: ERR injected; reconnecting",
+        "redis subscriber: no confirmation of SUBSCRIBE wsloop:/room; reconnecting",
+    ] {
+        while !w.log().contains(said) {
+            assert!(Instant::now() < deadline, "{said}:\n{}", w.log_tail(20));
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let m = audit_balances(&w, "after the reconnections");
+    // A Redis that sends garbage as soon as it is subscribed is asked again with the backoff
+    // (100 ms, doubling), not in a tight loop: over 2.5 s, at most 6 connections (the backoff
+    // alone allows 5 from the first).
+    sub.write(b"%1\r\n");
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut again = 0;
+    while let Some((mut s, _)) =
+        fake.subscriber_within(until.saturating_duration_since(Instant::now()))
+    {
+        s.write(b"%1\r\n");
+        again += 1;
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    assert!((1..=6).contains(&again), "{again} connections in 2.5 s");
+    // The huge one's number (2) was never delivered: one gap, and nothing else lost.
+    assert_eq!(grown(&before, &m, "wsloop_broker_gaps_total"), 1.0);
+    w.stop();
+}
+
+#[test]
+fn the_password_or_acl_user_in_the_url_authenticates_both_connections() {
+    let Some(bin) = redis_server() else { return };
+    let redis = Redis::start(&bin, free_port());
+    let user = "ACL SETUSER bridge on >pw ~* &* +@all";
+    assert_eq!(redis.command(user).as_deref(), Some("+OK"));
+    let pass = "CONFIG SET requirepass secret";
+    assert_eq!(redis.command(pass).as_deref(), Some("+OK"));
+    let port = redis.port;
+    // a as the default user with its password, b as an ACL user: shared both ways.
+    let a = instance("a", &format!("redis://:secret@127.0.0.1:{port}/"));
+    let b = instance("b", &format!("redis://bridge:pw@127.0.0.1:{port}/"));
+    let (mut on_a, mut on_b) = (member(&a, "room"), member(&b, "room"));
+    until_connected(&mut on_a, &mut on_b, "a to b", &[&a, &b]);
+    until_connected(&mut on_b, &mut on_a, "b to a", &[&a, &b]);
+    // A wrong password: refused (and retried); local delivery goes on, the broker is down.
+    let c = instance("c", &format!("redis://:wrong@127.0.0.1:{port}/"));
+    let mut on_c = member(&c, "room");
+    let mut near = member(&c, "room");
+    let deadline = Instant::now() + BOUND;
+    while !c.log().contains("redis subscriber: cannot connect") {
+        assert!(Instant::now() < deadline, "{}", c.log_tail(20));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.log().contains("WRONGPASS") || c.log().contains("invalid password"),
+        "{}",
+        c.log_tail(20)
+    );
+    on_c.send(WsMessage::text("local")).unwrap();
+    assert_eq!(next_text(&mut near, BOUND).as_deref(), Some("local"));
+    assert_eq!(c.metrics().get("wsloop_broker_up"), 0.0);
+    audit_balances(&c, "refused by redis");
+    c.stop();
+    a.stop();
+    b.stop();
 }
 
 /// The instance id and sequence number `publisher` (on `w`) puts on its messages to `room`,

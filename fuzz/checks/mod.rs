@@ -13,6 +13,7 @@ pub mod forwarded;
 pub mod frame;
 pub mod handshake;
 pub mod inflate;
+pub mod resp;
 pub mod timer_wheel;
 pub mod tls;
 pub mod topics;
@@ -23,7 +24,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/seeds/` and `fuzz/regressions/`) and its
 /// entry point.
-pub const TARGETS: [(&str, Check); 9] = [
+pub const TARGETS: [(&str, Check); 10] = [
     ("handshake", handshake::run),
     ("frame", frame::run),
     ("connection", connection::run),
@@ -33,4 +34,5 @@ pub const TARGETS: [(&str, Check); 9] = [
     ("extensions", extensions::run),
     ("inflate", inflate::run),
     ("tls", tls::run),
+    ("resp", resp::run),
 ];

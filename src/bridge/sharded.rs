@@ -5,7 +5,7 @@
 //!
 //! The redis crate's synchronous cluster connection does no pub/sub (its asynchronous one does,
 //! on tokio, and opens its sockets where the fd ledger cannot count them), so the bridge routes
-//! by itself on the crate's single-node connections:
+//! by itself on single-node connections (its own sockets; the crate's for `CLUSTER SLOTS`):
 //!
 //! - [`discover`] asks the configured node (or, if it does not answer, the primaries known from
 //!   last time) for `CLUSTER SLOTS`: the primaries, at most [`MAX_NODES`], and which serves
@@ -18,25 +18,28 @@
 //!   share of a batch as one pipeline; an error (a node gone, or `MOVED` after a slot moved)
 //!   drops that node's share (counted) and makes it discover the cluster again.
 //! - The subscriber thread discovers the cluster and runs a reader per primary ([`subscriber`]),
-//!   each on a connection in RESP3 (so that a message is a push, told apart from replies): it
-//!   subscribes to the channels of the topics with local interest whose slot its node serves.
-//!   When any reader fails (its node gone; no confirmation of a `SSUBSCRIBE` within the I/O
-//!   timeout, as when the node answered `MOVED`; or Redis unsubscribing it, as Redis 7 does when
-//!   a slot moves away), they all stop, and the subscriber discovers the cluster again, with the
-//!   bridge's backoff, and subscribes again on the primaries it then finds.
+//!   each on a socket of its own read as the plain subscriber's is (`inbound.rs`, RESP2: a
+//!   message is told from a reply by its first element): it subscribes to the channels of the
+//!   topics with local interest whose slot its node serves. When any reader fails (its node
+//!   gone; an error reply, as `MOVED` to a `SSUBSCRIBE`; no confirmation of a `SSUBSCRIBE`
+//!   within the I/O timeout; or Redis unsubscribing it, as Redis 7 does when a slot moves away),
+//!   they all stop, and the subscriber discovers the cluster again, with the bridge's backoff,
+//!   and subscribes again on the primaries it then finds.
 //!
 //! Messages published while a slot moves, or while a node is failing over, are lost, as those
 //! published while Redis is down are (pub/sub is at-most-once): the receivers count them as
 //! gaps.
 
+use super::inbound::{self, Inbound};
 use super::{
-    channel, connect_once, receive, retry, sleep, Counted, Throttle, BACKOFF_MAX, BACKOFF_MIN,
-    IO_TIMEOUT, POLL,
+    channel, connect_once, connect_raw, retry, sleep, Raw, Throttle, BACKOFF_MAX, BACKOFF_MIN,
+    IO_TIMEOUT,
 };
 use crate::broker::{Link, Sequences, MAX_NODES};
 use crate::ledger::Ledger;
-use redis::{ConnectionAddr, ConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
-use std::collections::{HashMap, HashSet};
+use redis::{ConnectionAddr, ConnectionInfo, Value};
+use std::collections::HashSet;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -232,12 +235,12 @@ pub(super) fn connect_all<'a>(
     link: &Link,
     backoff: &mut Duration,
     known: &mut Vec<ConnectionInfo>,
-) -> Option<(Vec<Counted<'a>>, Topology)> {
+) -> Option<(Vec<Raw<'a>>, Topology)> {
     retry(link, backoff, "publisher (sharded)", || {
         let t = discover(ledger, link, known)?;
         let mut cons = Vec::with_capacity(t.nodes.len());
         for (i, info) in t.nodes.iter().enumerate() {
-            let c = redis::Client::open(info.clone()).and_then(|c| connect_once(ledger, &c));
+            let c = connect_raw(ledger, info);
             cons.push(c.map_err(|e| format!("{}: {e}", t.name(i)))?);
         }
         Ok((cons, t))
@@ -322,20 +325,9 @@ impl Readers<'_> {
     /// reader failed (`Ok`), or when this one fails.
     fn read(&self, node: usize) -> Result<(), String> {
         let link = self.link;
-        let info = self.topology.nodes[node].clone();
-        let settings = info.redis_settings().clone();
-        let info = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP3));
-        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
-        let mut counted = connect_once(self.ledger, &client).map_err(|e| e.to_string())?;
-        let con = counted.con.as_mut().ok_or("not connected")?;
-        con.set_write_timeout(Some(IO_TIMEOUT))
-            .and_then(|_| con.set_read_timeout(Some(POLL)))
-            .map_err(|e| e.to_string())?;
-        let mut subscribed: HashSet<Arc<[u8]>> = HashSet::new();
-        // Channels asked for and not confirmed yet (and by when they must be); confirmations
-        // of unsubscriptions still to come, per channel.
-        let mut pending: HashMap<Vec<u8>, Instant> = HashMap::new();
-        let mut leaving: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut counted = connect_raw(self.ledger, &self.topology.nodes[node])?;
+        let stream = counted.con.as_mut().ok_or("not connected")?;
+        let mut inbound = Inbound::new(link, &inbound::SHARDED);
         let mut version = u64::MAX;
         let mut ready = false;
         let result = loop {
@@ -347,28 +339,13 @@ impl Readers<'_> {
                     .into_iter()
                     .filter(|t| self.topology.node_of(&channel(link, t)) == node)
                     .collect();
-                let mut out = Vec::new();
-                for t in mine.difference(&subscribed) {
-                    let chan = channel(link, t);
-                    out.extend(redis::cmd("SSUBSCRIBE").arg(&chan).get_packed_command());
-                    pending.insert(chan, Instant::now() + IO_TIMEOUT);
+                let out = inbound.update(mine, &mut lock_shared(self.shared).0);
+                if let Err(e) = stream.write_all(&out) {
+                    break Err(e.to_string());
                 }
-                for t in subscribed.difference(&mine) {
-                    let chan = channel(link, t);
-                    out.extend(redis::cmd("SUNSUBSCRIBE").arg(&chan).get_packed_command());
-                    pending.remove(&chan);
-                    *leaving.entry(chan).or_insert(0) += 1;
-                    let (seen, _) = &mut *lock_shared(self.shared);
-                    seen.forget(t);
-                    link.counters.tracked.store(seen.len() as u64, Relaxed);
-                }
-                if !out.is_empty() {
-                    con.send_packed_command(&out).map_err(|e| e.to_string())?;
-                }
-                subscribed = mine;
                 version = v;
             }
-            if !ready && pending.is_empty() {
+            if !ready && inbound.confirmed() {
                 ready = true;
                 if self.ready.fetch_add(1, Relaxed) + 1 == self.topology.nodes.len() {
                     self.all_ready.store(true, Relaxed);
@@ -380,54 +357,20 @@ impl Readers<'_> {
                     );
                 }
             }
-            let now = Instant::now();
-            if let Some((chan, _)) = pending.iter().find(|(_, by)| now >= **by) {
-                break Err(format!(
-                    "no confirmation of SSUBSCRIBE {} (its slot moved?)",
-                    super::shown(chan)
-                ));
+            // No confirmation in time, an error reply (`MOVED` to a `SSUBSCRIBE`) or Redis
+            // unsubscribing the reader (as Redis 7 does when a slot moves away): the slot
+            // moved, or the node is gone.
+            if let Some(late) = inbound.overdue(Instant::now()) {
+                break Err(format!("{late} (its slot moved?)"));
             }
-            match con.recv_response() {
-                Ok(Value::Push { kind, data }) => match kind {
-                    PushKind::SMessage => {
-                        if let Some(msg) = redis::Msg::from_push_info(PushInfo { kind, data }) {
-                            let (seen, drops) = &mut *lock_shared(self.shared);
-                            receive(self.ledger, link, seen, drops, &msg);
-                        }
-                    }
-                    PushKind::SSubscribe => {
-                        if let Some(Value::BulkString(chan)) = data.first() {
-                            pending.remove(chan);
-                        }
-                    }
-                    PushKind::SUnsubscribe => {
-                        let Some(Value::BulkString(chan)) = data.first() else {
-                            continue;
-                        };
-                        match leaving.get_mut(chan) {
-                            Some(n) if *n > 1 => *n -= 1,
-                            Some(_) => {
-                                leaving.remove(chan);
-                            }
-                            // Not asked for: Redis unsubscribed us (the slot moved away).
-                            None => {
-                                break Err(format!(
-                                    "Redis unsubscribed {} (its slot moved?)",
-                                    super::shown(chan)
-                                ))
-                            }
-                        }
-                    }
-                    _ => {}
-                },
-                Ok(Value::ServerError(e)) => break Err(e.to_string()),
-                Ok(_) => {}
-                // A read timeout (or a signal) leaves the reply parser where it was. The crate
-                // takes a timed-out read for a lost reply and skips the next value that is not
-                // a push: on this connection only an error reply could be one (`MOVED` to a
-                // `SSUBSCRIBE`), which is why an unconfirmed subscription is a failure above.
-                Err(e) if e.is_timeout() || super::interrupted(&e) => {}
-                Err(e) => break Err(e.to_string()),
+            match inbound.read(stream) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => break Err(e),
+            }
+            let (seen, drops) = &mut *lock_shared(self.shared);
+            if let Err(e) = inbound.deliver(self.ledger, seen, drops) {
+                break Err(e);
             }
         };
         if ready {

@@ -7,6 +7,8 @@
 //! - [`utf8`]: incremental UTF-8 validation for text messages split across frames.
 //! - [`close`]: close codes and payloads (sections 5.5.1 and 7.4).
 //! - [`deflate`]: permessage-deflate (RFC 7692): negotiation, bounded inflate, deflate.
+//! - [`resp`]: the replies and messages a subscribed Redis connection sends (the Redis
+//!   bridge's subscriber), parsed in place and bounded.
 //! - [`session`]: one connection's state machine, tying the above together.
 
 pub mod close;
@@ -14,5 +16,6 @@ pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod proxy;
+pub mod resp;
 pub mod session;
 pub mod utf8;

@@ -437,3 +437,113 @@ pub fn wire(instance: u64, seq: u64, opcode: u8, payload: &[u8]) -> Vec<u8> {
     m.extend_from_slice(payload);
     m
 }
+
+impl RawRedis {
+    /// The server's end of a connection (for [`FakeRedis`]).
+    fn accepted(s: TcpStream) -> RawRedis {
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        s.set_write_timeout(Some(BOUND)).unwrap();
+        RawRedis {
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Write raw bytes (a reply, a message, or anything at all).
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write to the bridge");
+    }
+
+    /// The next command, or `None` when the peer closed the connection (or went silent for
+    /// the whole bound).
+    pub fn command(&mut self) -> Option<Vec<Vec<u8>>> {
+        use std::io::BufRead;
+        if self.reader.fill_buf().map_or(true, |b| b.is_empty()) {
+            return None;
+        }
+        match self.read() {
+            Reply::Array(args) => Some(
+                args.into_iter()
+                    .map(|a| match a {
+                        Reply::Bulk(Some(b)) => b,
+                        other => panic!("not a command: {other:?}"),
+                    })
+                    .collect(),
+            ),
+            other => panic!("not a command: {other:?}"),
+        }
+    }
+}
+
+/// A stand-in for Redis on a free loopback port, to send the bridge what a real Redis never
+/// does. A connection whose first command is a `SUBSCRIBE` (the bridge's subscriber) is handed
+/// to the test ([`FakeRedis::subscriber`]); any other (the bridge's publisher) gets `+PONG` to
+/// `PING` and `+OK` to anything else. Its listener stops when it is dropped.
+pub struct FakeRedis {
+    pub port: u16,
+    subscribers: std::sync::mpsc::Receiver<(RawRedis, Vec<Vec<u8>>)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeRedis {
+    pub fn start() -> FakeRedis {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, subscribers) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(s) = s else { continue };
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    let mut con = RawRedis::accepted(s);
+                    let mut first = true;
+                    while let Some(cmd) = con.command() {
+                        if first && cmd[0].eq_ignore_ascii_case(b"SUBSCRIBE") {
+                            let _ = tx.send((con, cmd));
+                            return;
+                        }
+                        first = false;
+                        match cmd[0].eq_ignore_ascii_case(b"PING") {
+                            true => con.write(b"+PONG\r\n"),
+                            false => con.write(b"+OK\r\n"),
+                        }
+                    }
+                });
+            }
+        });
+        FakeRedis {
+            port,
+            subscribers,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The next subscriber connection and its first command (within the bound).
+    pub fn subscriber(&self) -> (RawRedis, Vec<Vec<u8>>) {
+        self.subscriber_within(BOUND)
+            .expect("the bridge's subscriber connected")
+    }
+
+    /// The next subscriber connection, if one comes within `wait`.
+    pub fn subscriber_within(&self, wait: Duration) -> Option<(RawRedis, Vec<Vec<u8>>)> {
+        self.subscribers.recv_timeout(wait).ok()
+    }
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the listener's accept.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
