@@ -266,7 +266,7 @@ fn retry<T>(
                 if first {
                     log::warn!(
                         "redis {what}: cannot connect to {}: {e}; retrying with backoff",
-                        link.config.url
+                        redacted(&link.config.url)
                     );
                     first = false;
                 }
@@ -341,7 +341,10 @@ fn publisher(ledger: &Ledger, link: &Link) {
                 let c = &link.counters;
                 c.rtt_ns.store(rtt.as_nanos() as u64, Relaxed);
                 if !c.up_out.swap(true, Relaxed) {
-                    log::info!("redis publisher: connected to {}", link.config.url);
+                    log::info!(
+                        "redis publisher: connected to {}",
+                        redacted(&link.config.url)
+                    );
                 }
                 next_ping = Instant::now() + PING_EVERY;
             }
@@ -380,7 +383,7 @@ fn url_info(link: &Link, what: &str) -> Option<redis::ConnectionInfo> {
     match redis::IntoConnectionInfo::into_connection_info(link.config.url.as_str()) {
         Ok(info) => Some(info),
         Err(e) => {
-            log::error!("redis {what}: {}: {e}", link.config.url);
+            log::error!("redis {what}: {}: {e}", redacted(&link.config.url));
             None
         }
     }
@@ -471,7 +474,10 @@ fn subscriber(ledger: &Ledger, link: &Link) {
             if !up && inbound.confirmed() {
                 up = true;
                 link.counters.up_in.store(true, Relaxed);
-                log::info!("redis subscriber: connected to {}", link.config.url);
+                log::info!(
+                    "redis subscriber: connected to {}",
+                    redacted(&link.config.url)
+                );
             }
             if let Some(late) = inbound.overdue(Instant::now()) {
                 break late;
@@ -544,9 +550,45 @@ impl Throttle {
     }
 }
 
+/// `url` as the logs show it: a password in it (`redis://user:PASSWORD@host/`) replaced by
+/// `***`, so that logs, which are read by more people than the configuration, never hold it.
+fn redacted(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let authority_end = url[scheme_end..]
+        .find('/')
+        .map_or(url.len(), |i| scheme_end + i);
+    let Some(at) = url[scheme_end..authority_end]
+        .rfind('@')
+        .map(|i| scheme_end + i)
+    else {
+        return url.into();
+    };
+    let userinfo = &url[scheme_end..at];
+    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+    format!("{}{user}:***{}", &url[..scheme_end], &url[at..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_the_url_never_reaches_the_logs() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.5:6379/"),
+            "redis://:***@10.0.0.5:6379/"
+        );
+        assert_eq!(
+            redacted("redis://app:s3cret@redis.internal/2"),
+            "redis://app:***@redis.internal/2"
+        );
+        assert_eq!(redacted("redis://a:b:c@h"), "redis://a:***@h");
+        for plain in ["redis://127.0.0.1:6379/", "redis://h/0?x=a@b", "not a url"] {
+            assert_eq!(redacted(plain), plain);
+        }
+    }
 
     #[test]
     fn the_drop_log_is_throttled_and_says_how_many_it_left_out() {
