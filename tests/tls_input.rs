@@ -23,7 +23,7 @@ mod common;
 #[allow(dead_code)]
 mod tls_support;
 
-use common::{config, tcp, upgrade_request, TestServer};
+use common::{config, tcp, TestServer};
 use ring::aead::{
     Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
 };
@@ -52,15 +52,8 @@ impl Raw {
         let name = ServerName::try_from("localhost").unwrap();
         let conn = ClientConnection::new(Arc::new(cc), name).unwrap();
         let mut s = StreamOwned::new(conn, tcp(addr));
-        s.write_all(upgrade_request(addr).as_bytes()).unwrap();
-        s.flush().unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut b).unwrap(), 1, "EOF in the response head");
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+        let head = upgrade_over(&mut s, addr);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
         let StreamOwned { conn, sock } = s;
         let secrets = conn.dangerous_extract_secrets().unwrap();
         let (seq, secret) = secrets.tx;
