@@ -8,7 +8,9 @@
 //!   64 KiB of it) fails the connection (`tls_error`) once more than one record's worth of
 //!   ciphertext has come to nothing, before rustls holds more;
 //! - a burst of replayed ClientHellos is spread over turns (the turn's handshake time runs out),
-//!   and every one is answered in the end.
+//!   and every one is answered in the end;
+//! - records of one byte each (much ciphertext, little plaintext) are read over several turns,
+//!   at most 256 KiB of ciphertext a read.
 //!
 //! Certificates come from `tests/tls_support` (the openssl CLI); without it the tests skip
 //! with a note, unless `CI` is set.
@@ -243,4 +245,29 @@ fn a_burst_of_client_hellos_is_spread_over_turns() {
     let st = server.stats();
     assert_eq!(st.tls_handshakes_failed.iter().sum::<u64>(), 0, "{st:?}");
     assert_eq!(st.tls_handshaking, N);
+}
+
+/// Records that each carry one byte of plaintext (a client can send a message that way, or
+/// key updates between them) make little plaintext of a lot of ciphertext: one read hands
+/// rustls at most 256 KiB of it and the rest is read next turn (a yield), so that such a
+/// client cannot keep one read going until its socket drains; the message arrives whole.
+#[test]
+fn records_of_one_byte_are_read_over_several_turns() {
+    let Some(certs) = certs() else { return };
+    // A receive buffer that holds them all, so that the server finds them there at once.
+    let server = TestServer::start(Config {
+        socket_receive_buffer: 2 << 20,
+        ..tls_config(&certs)
+    });
+    let mut raw = Raw::open(server.addr, &certs);
+    let before = server.handle.stats().unwrap().read_yields;
+    const LEN: usize = 40_000;
+    let mut frame = vec![0x81, 0xfe, (LEN >> 8) as u8, LEN as u8, 0, 0, 0, 0];
+    frame.extend(std::iter::repeat_n(b'a', LEN));
+    let wire: Vec<u8> = frame.iter().flat_map(|b| raw.record(23, &[*b])).collect();
+    assert!(wire.len() > 2 * 256 * 1024, "{}", wire.len());
+    raw.sock.write_all(&wire).unwrap();
+    let st = until(&server, "the message", |s| s.messages_received == 1);
+    assert!(st.read_yields > before, "read in one go: {st:?}");
+    assert_eq!(st.closed_total(), 0);
 }

@@ -54,6 +54,12 @@ pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
 /// (64 KiB for a handshake message) applies, and the handshakes in progress are capped.
 const TLS_PENDING_MAX: usize = 24 * 1024;
 
+/// The most ciphertext one [`Transport::read`] hands rustls: a client whose records make little
+/// or no plaintext (key updates between one-byte records, say) would otherwise keep one read
+/// going until its socket drains, holding the loop. Past it the read stops, and
+/// [`Transport::take_more`] tells the loop to read the connection again next turn.
+const TLS_READ_MAX: usize = 256 * 1024;
+
 /// The TLS versions a connection may use, as the metrics label them (index of
 /// [`Transport::take_established`]).
 pub(crate) const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
@@ -118,6 +124,8 @@ pub(super) struct Tls {
     /// answer to write, a step of the handshake): what it holds of the connection's input, a
     /// record or a handshake message being received (see [`Transport::tls_pending`]).
     pending: usize,
+    /// The last read stopped at [`TLS_READ_MAX`] with the socket not drained.
+    more: bool,
 }
 
 impl Transport {
@@ -278,6 +286,16 @@ impl Transport {
     #[inline]
     pub(crate) fn tls_pending(&self) -> usize {
         self.tls.as_deref().map_or(0, |t| t.pending)
+    }
+
+    /// Whether the last read stopped before the socket drained (TLS: it handed rustls
+    /// [`TLS_READ_MAX`] bytes): the loop reads the connection again next turn, since no new
+    /// edge will come for what is already there. Cleared by asking.
+    #[inline]
+    pub(crate) fn take_more(&mut self) -> bool {
+        self.tls
+            .as_deref_mut()
+            .is_some_and(|t| std::mem::take(&mut t.more))
     }
 
     /// Whether rustls holds anything of the connection's (output to send, or input not
@@ -445,6 +463,7 @@ impl Tls {
             handshake_in: 0,
             chunk: 0,
             pending: 0,
+            more: false,
         })
     }
 
@@ -487,6 +506,7 @@ impl Tls {
             };
         }
         let mut filled = 0;
+        let mut fed = 0;
         // The socket returned fewer bytes than asked for during this call: drained for now.
         // (Only within one call: data that arrives later raises an edge, whose read must not
         // be refused by a stale flag.)
@@ -528,6 +548,7 @@ impl Tls {
                 Ok(n) => {
                     drained = probe.short;
                     self.pending += n;
+                    fed += n;
                     if handshaking {
                         self.handshake_in = self.handshake_in.saturating_add(n as u32);
                         if self.handshake_in as usize > MAX_HANDSHAKE_INPUT {
@@ -575,6 +596,12 @@ impl Tls {
             }
             // What the handshake owes in answer (the rest goes out on a writable edge).
             flush(&mut self.conn, stream)?;
+            if fed >= TLS_READ_MAX && !drained {
+                // Enough for one read: the rest next turn (plaintext already decrypted is
+                // returned first, by the loop's next read).
+                self.more = true;
+                return would_block(filled);
+            }
         }
     }
 

@@ -84,7 +84,12 @@ impl<H: Handler> Inner<H> {
                     return false;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if conn.socket.take_more() {
+                        self.core.read_next_turn(idx);
+                    }
+                    return true;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let reason = conn.linger.unwrap_or(CloseReason::of_io_error(&e));
@@ -97,6 +102,10 @@ impl<H: Handler> Inner<H> {
                 return false;
             }
             if n < self.recv.len() && !closed {
+                // Short: drained, unless TLS stopped at its read bound with more there.
+                if self.core.conns[idx].socket.take_more() {
+                    self.core.read_next_turn(idx);
+                }
                 return true;
             }
         }
