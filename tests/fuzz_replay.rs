@@ -62,6 +62,7 @@ const REGRESSIONS: &[(&str, &[&str])] = &[
         "tls",
         &[
             "bad_record_after_our_close_notify",
+            "client_write_after_the_servers_alert",
             "write_before_the_handshake",
         ],
     ),

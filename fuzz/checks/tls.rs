@@ -372,8 +372,12 @@ pub fn check(pki: &Pki, input: &Input) {
                 // After the client's FIN, or the server's close_notify, nothing more is read.
                 intact &= !(ended || server_closed) || bytes.is_empty();
                 if !client_closed {
-                    c.writer().write_all(bytes).expect("the client buffers it");
-                    plaintext.extend_from_slice(bytes);
+                    match c.writer().write_all(bytes) {
+                        Ok(()) => plaintext.extend_from_slice(bytes),
+                        // The server's alert reached the client (after raw bytes broke the
+                        // stream): the client is done.
+                        Err(_) => (client_closed, intact) = (true, false),
+                    }
                 }
                 ship(c, &mut m);
             }
