@@ -423,7 +423,7 @@ fn a_broken_chain_or_a_path_that_is_no_file_is_refused_at_start_and_on_reload() 
             tls: Some(TlsConfig::new(cert, &certs.key)),
             ..config()
         };
-        Server::new(config, wsloop_noop()).err().expect("started")
+        Server::new(config, Noop).err().expect("started")
     };
     let e = start(&broken).to_string();
     assert!(
@@ -923,7 +923,7 @@ fn startup_errors_name_the_file() {
             tls: Some(tls.clone()),
             ..config()
         };
-        let e = match Server::new(config.clone(), wsloop_noop()) {
+        let e = match Server::new(config.clone(), Noop) {
             Err(wsloop::Error::Config(e)) => e,
             Err(e) => panic!("{tls:?}: {e}"),
             Ok(_) => panic!("{tls:?}: the server started"),
@@ -935,11 +935,9 @@ fn startup_errors_name_the_file() {
             "{tls:?}: {e}"
         );
         // A cluster checks the same, before any loop starts.
-        let e = wsloop::Cluster::start(config, &["127.0.0.1:0".parse().unwrap()], None, |_| {
-            wsloop_noop()
-        })
-        .err()
-        .expect("the cluster started");
+        let e = wsloop::Cluster::start(config, &["127.0.0.1:0".parse().unwrap()], None, |_| Noop)
+            .err()
+            .expect("the cluster started");
         assert!(e.to_string().contains(what), "{e}");
     }
     // The mismatch names both files.
@@ -948,7 +946,7 @@ fn startup_errors_name_the_file() {
             tls: Some(TlsConfig::new(&certs.cert, &certs.other_key)),
             ..config()
         },
-        wsloop_noop(),
+        Noop,
     )
     .err()
     .unwrap()
@@ -988,7 +986,7 @@ fn sni_startup_errors_name_the_certificate() {
             tls: Some(tls),
             ..config()
         };
-        match Server::new(config, wsloop_noop()) {
+        match Server::new(config, Noop) {
             Err(wsloop::Error::Config(e)) => e,
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("the server started"),
@@ -1058,19 +1056,4 @@ fn sni_startup_errors_name_the_certificate() {
         "{}",
         run.stderr
     );
-}
-
-/// A handler that accepts everything and does nothing.
-fn wsloop_noop() -> Noop {
-    Noop
-}
-
-struct Noop;
-
-impl wsloop::Handler for Noop {
-    type Data = ();
-    fn upgrade(&mut self, _req: &wsloop::UpgradeRequest<'_>) -> wsloop::Decision<()> {
-        wsloop::Decision::accept(())
-    }
-    fn on_message(&mut self, _ws: &mut wsloop::WebSocket<'_, ()>, _msg: wsloop::Message<'_>) {}
 }

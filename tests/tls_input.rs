@@ -180,16 +180,6 @@ fn a_handshake_message_joined_after_the_handshake_fails_before_rustls_holds_64_k
     assert_eq!(server.handle.stats().unwrap().memory_bytes[0], 0);
 }
 
-struct Noop;
-
-impl wsloop::Handler for Noop {
-    type Data = ();
-    fn upgrade(&mut self, _req: &wsloop::UpgradeRequest<'_>) -> wsloop::Decision<()> {
-        wsloop::Decision::accept(())
-    }
-    fn on_message(&mut self, _ws: &mut wsloop::WebSocket<'_, ()>, _msg: wsloop::Message<'_>) {}
-}
-
 /// A burst of replayed ClientHellos (which cost the client nothing and the server a signature
 /// each) is not answered in one turn: the turn's handshake time runs out and the rest wait for
 /// the next turns (`read_yields`), so that established connections are served between; every

@@ -412,3 +412,14 @@ pub fn until_closed(s: &mut TcpStream, since: Instant) -> (Vec<u8>, Duration) {
     }
     (got, since.elapsed())
 }
+
+/// A handler that accepts every upgrade and does nothing with messages.
+pub struct Noop;
+
+impl wsloop::Handler for Noop {
+    type Data = ();
+    fn upgrade(&mut self, _req: &wsloop::UpgradeRequest<'_>) -> wsloop::Decision<()> {
+        wsloop::Decision::accept(())
+    }
+    fn on_message(&mut self, _ws: &mut wsloop::WebSocket<'_, ()>, _msg: wsloop::Message<'_>) {}
+}
