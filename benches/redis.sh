@@ -35,6 +35,9 @@
 #   --out DIR       where results go [target/bench-results/redis-DATE]
 #   --pin           servers and redis-server on CPU 0, the load generator on CPU 1 (taskset)
 #
+# WSLOOP_BIN=PATH runs that wsloop binary instead of the one built (another version's, to
+# compare two in the same session; the load generator is still built from this tree).
+#
 # The servers: `wsloop --pubsub --idle-timeout 0 --backpressure-policy drop` (otherwise its
 # defaults: 64 KiB backpressure, 16 KiB messages), as benches/pubsub.sh runs it; redis-server
 # with --save '' --appendonly no, otherwise its defaults.
@@ -93,7 +96,7 @@ REDIS_PORT=$(free_port)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
 
 build loadgen
-WSLOOP=$(exe wsloop bin)
+WSLOOP=${WSLOOP_BIN:-$(exe wsloop bin)}
 LOADGEN=$(exe loadgen bench)
 for x in "$WSLOOP" "$LOADGEN"; do
     [ -x "$x" ] || { echo "redis.sh: build output not found ($x)" >&2; exit 1; }

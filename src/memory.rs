@@ -77,6 +77,9 @@ pub struct MemoryBudget {
     shedding: bool,
     /// The most held since the heap was last trimmed.
     peak: usize,
+    /// What was held at the last trim of a drain (see [`MemoryBudget::take_ended`]) while the
+    /// drain may go on: the last of an attack's connections are often still closing then.
+    tail: usize,
     /// Shedding stopped, or what is held drained (see [`MemoryBudget::take_ended`]), since it
     /// was last asked.
     ended: bool,
@@ -121,8 +124,11 @@ impl MemoryBudget {
         } else if self.peak >= self.limit / 4 && self.used() <= self.limit / 16 {
             // Drained after holding a quarter of the budget or more (an attack's buffers, as a
             // rule, freed when it ended): time to give the allocator's free memory back.
-            self.ended = true;
-            self.peak = self.used();
+            self.drained();
+        } else if self.tail > self.limit / 256 && self.used() <= self.tail / 4 {
+            // Three quarters of what was still held at that trim have gone since: again (at
+            // most four times in all per drain, the last at a 256th of the limit or less).
+            self.drained();
         }
         self.shedding
     }
@@ -200,11 +206,20 @@ impl MemoryBudget {
     }
 
     /// Whether, since this was last asked, shedding stopped or what is held fell to a
-    /// sixteenth of the limit after reaching a quarter of it (the loop then gives the
-    /// allocator's free memory back to the system, so that RSS follows what is held down
-    /// after an attack, not only after shedding).
+    /// sixteenth of the limit after reaching a quarter of it, or, after such a fall, to a
+    /// quarter of what was held then (the loop then gives the allocator's free memory back to
+    /// the system, so that RSS follows what is held down after an attack, not only after
+    /// shedding, and all the way down: what an attack's last connections free after the first
+    /// trim goes back too).
     pub fn take_ended(&mut self) -> bool {
         std::mem::take(&mut self.ended)
+    }
+
+    /// What is held drained (see [`MemoryBudget::resize`]): a trim is due.
+    fn drained(&mut self) {
+        self.ended = true;
+        self.peak = self.used();
+        self.tail = self.used();
     }
 
     fn update(&mut self) {
@@ -383,8 +398,35 @@ mod tests {
         b.resize(Kind::Queue, 2 << 20, 1 << 20);
         assert!(b.take_ended() && !b.take_ended(), "told once");
         b.resize(Kind::Queue, 1 << 20, 0);
-        assert!(!b.take_ended(), "the peak was reset");
+        assert!(b.take_ended(), "the rest of the drain: told again");
+        b.resize(Kind::Queue, 0, 3 << 20);
+        b.resize(Kind::Queue, 3 << 20, 0);
+        assert!(!b.take_ended(), "the peak and the tail were reset");
         assert_eq!(b.episodes, 0, "no shedding");
+    }
+
+    /// After the trim of a drain, each fall to a quarter of what was held at the last trim
+    /// asks for another, until a trim found a 256th of the budget or less held.
+    #[test]
+    fn the_tail_of_a_drain_is_trimmed_too_a_bounded_number_of_times() {
+        let mut b = MemoryBudget::new(64 << 20);
+        b.resize(Kind::Queue, 0, 20 << 20);
+        b.resize(Kind::Queue, 20 << 20, 4 << 20);
+        assert!(b.take_ended(), "drained to a sixteenth");
+        let mut trims = 1;
+        let mut held = 4usize << 20;
+        // The last connections leave, a KiB at a time.
+        while held > 0 {
+            let next = held - (1 << 10);
+            b.resize(Kind::Queue, held, next);
+            held = next;
+            trims += b.take_ended() as u32;
+        }
+        // At 4 MiB, then about 1 MiB, 256 KiB (a 256th: the last).
+        assert_eq!(trims, 3, "one trim per quarter, down to a 256th");
+        b.resize(Kind::Queue, 0, 1 << 20);
+        b.resize(Kind::Queue, 1 << 20, 0);
+        assert!(!b.take_ended(), "a small swing after the drain: no trim");
     }
 
     #[test]
