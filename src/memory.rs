@@ -127,7 +127,7 @@ impl MemoryBudget {
             self.drained();
         } else if self.tail > self.limit / 256 && self.used() <= self.tail / 4 {
             // Three quarters of what was still held at that trim have gone since: again (at
-            // most four times in all per drain, the last at a 256th of the limit or less).
+            // most three times in all per drain, the last at a 256th of the limit or less).
             self.drained();
         }
         self.shedding
