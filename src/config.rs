@@ -4,6 +4,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The smallest `recv_buffer_size` with TLS: a record (up to 16 KiB of plaintext and 2 KiB of
+/// expansion) is read and opened in place in the receive buffer, so a whole one must fit.
+pub const TLS_MIN_RECV_BUFFER: usize = 32 * 1024;
+
 /// The limits and timeouts a server enforces. `Config::default()` is what the `wsloop` binary
 /// runs with unless told otherwise; the README's limits table lists the same values.
 ///
@@ -34,7 +38,8 @@ pub struct Config {
     /// On graceful shutdown, how long to wait for clients to finish the close handshake before
     /// the remaining connections are dropped and the loop returns. Default 5 s.
     pub shutdown_timeout: Duration,
-    /// Size of the one receive buffer the loop shares between all connections. Default 64 KiB.
+    /// Size of the one receive buffer the loop shares between all connections. Default 64 KiB;
+    /// with TLS at least [`TLS_MIN_RECV_BUFFER`] (records are opened where they are read).
     pub recv_buffer_size: usize,
     /// The kernel send buffer of each connection (`SO_SNDBUF`, which the kernel doubles), or 0
     /// (the default) to leave it to the kernel's auto-tuning, which may grow it to
@@ -607,6 +612,12 @@ impl Config {
             return err("tls_max_handshakes", "must be at most 16777216 (0: no cap)");
         }
         if let Some(tls) = &self.tls {
+            if self.recv_buffer_size < TLS_MIN_RECV_BUFFER {
+                return err(
+                    "recv_buffer_size",
+                    "must be at least 32 KiB with TLS (a TLS record, up to 18 KiB, is opened where it is read)",
+                );
+            }
             if tls.cert_chain.as_os_str().is_empty() {
                 return err("tls_cert", "names no file");
             }
@@ -780,6 +791,17 @@ mod tests {
         assert_eq!(tls("cert.pem", "key.pem").validate(), Ok(()));
         assert_eq!(tls("", "key.pem").validate().unwrap_err().field, "tls_cert");
         assert_eq!(tls("cert.pem", "").validate().unwrap_err().field, "tls_key");
+        // A TLS record must fit the receive buffer whole.
+        let small = Config {
+            recv_buffer_size: TLS_MIN_RECV_BUFFER - 1,
+            ..tls("cert.pem", "key.pem")
+        };
+        assert_eq!(small.validate().unwrap_err().field, "recv_buffer_size");
+        let least = Config {
+            recv_buffer_size: TLS_MIN_RECV_BUFFER,
+            ..tls("cert.pem", "key.pem")
+        };
+        assert_eq!(least.validate(), Ok(()));
         // The PROXY header comes in cleartext before the ClientHello (src/io/transport.rs).
         let proxied = Config {
             proxy_protocol: true,

@@ -24,21 +24,22 @@ pub enum Kind {
     /// bounded by the compression budget). Never shed: the shedding thresholds apply to the
     /// other kinds within what it leaves of the limit.
     Compression = 3,
-    /// The TLS state of the loop's TLS connections: rustls's connection between reads,
-    /// counted at [`TLS_CONNECTION_BYTES`] each from accept to close (what rustls holds of
-    /// a connection's output is counted in its send queue). Never shed: the shedding thresholds
+    /// The TLS state of the loop's TLS connections between reads, counted at
+    /// [`TLS_CONNECTION_BYTES`] each from accept to close (the ciphertext held of a
+    /// connection's output is counted in its send queue). Never shed: the shedding thresholds
     /// apply to the other kinds within what it leaves, and a new TLS connection that would
     /// take it past half the limit is refused ([`MemoryBudget::tls_room`]).
     Tls = 4,
 }
 
-/// What one TLS connection's rustls state holds on the heap between reads, as the budget
-/// counts it: 9,711 bytes measured with TLS 1.3 and 9,215 with TLS 1.2, established or in
-/// the handshake after the server's first flight, with P-256 and the `ring` provider
-/// (`tests/tls_memory.rs`, which checks that this covers them). Its parts: the connection
-/// (1,960 bytes, boxed), the 4 KiB input buffer it keeps between reads, the handshake's or
-/// the session's keys and buffers.
-pub const TLS_CONNECTION_BYTES: usize = 10 * 1024;
+/// What one TLS connection's state holds on the heap between reads, as the budget counts it:
+/// at most 3,761 bytes measured (TLS 1.3 in the handshake, after the server's first flight),
+/// 2,384 established with TLS 1.3 and 2,088 with TLS 1.2, with P-256 and the `ring` provider
+/// (`tests/tls_memory.rs`, which checks that this covers them, within 1 KiB). Its parts: the
+/// connection (boxed), rustls's handshake state, then the two directions' keys and what rustls
+/// keeps for key updates. The handshake's input not processed yet and a record not complete
+/// yet count with the partial messages; ciphertext held for the socket with the send queue.
+pub const TLS_CONNECTION_BYTES: usize = 4 * 1024;
 
 impl Kind {
     /// Every kind, in the order of [`MemoryBudget::by_kind`].

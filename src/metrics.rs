@@ -498,7 +498,7 @@ fn render_tls(m: &mut Exposition, st: &Stats) {
         "gauge",
         "Established TLS connections held now, by TLS version.",
     );
-    for (i, version) in crate::io::transport::TLS_VERSIONS.iter().enumerate() {
+    for (i, version) in crate::io::tls_session::TLS_VERSIONS.iter().enumerate() {
         m.line(
             "wsloop_tls_connections",
             &[("version", version)],
@@ -510,7 +510,7 @@ fn render_tls(m: &mut Exposition, st: &Stats) {
         "gauge",
         "Established TLS connections held now, by cipher suite.",
     );
-    for (i, cipher) in crate::io::transport::TLS_CIPHERS.iter().enumerate() {
+    for (i, cipher) in crate::io::tls_session::TLS_CIPHERS.iter().enumerate() {
         m.line(
             "wsloop_tls_cipher_connections",
             &[("cipher", cipher)],

@@ -384,9 +384,10 @@ fn the_readme_limits_table_shows_the_defaults() {
                 // src/broker.rs MAX_SEQUENCES.
                 vec![65_536.0]
             }
-            // src/io/transport.rs, TLS_CHUNK (crate-private): the unit test there proves it.
-            (None, "TLS output held by rustls per connection") => vec![16384.0],
-            // src/io/transport.rs, MAX_HANDSHAKE_INPUT (crate-private): tests/tls_edges.rs's
+            // src/io/tls_session.rs, WRITE_MAX (crate-private): src/io/transport.rs's unit test
+            // `tls_holds_at_most_one_write_for_a_peer_that_does_not_read` proves it.
+            (None, "TLS output held per connection") => vec![32768.0],
+            // src/io/tls_session.rs, MAX_HANDSHAKE_INPUT (crate-private): tests/tls_edges.rs's
             // `a_client_hello_over_16_kib_is_refused_at_once` proves it.
             (None, "TLS handshake input") => vec![16384.0],
             (None, "reads per turn") => {

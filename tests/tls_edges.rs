@@ -695,8 +695,9 @@ fn data_after_the_clients_close_notify_is_ignored() {
 }
 
 /// A TLS 1.3 key-update flood (each KeyUpdate asks the server to update its keys too, so each
-/// costs it a key derivation and a record): rustls allows 32 in a row without application
-/// data between them, then fails the connection with an alert; the server closes it
+/// costs it a key derivation and a record): the record layer allows 32 in a row without
+/// application data between them (src/io/records.rs, as rustls did), then fails the connection
+/// with an alert; the server closes it
 /// (`tls_error`) and goes on. What the server wrote in answer stays below what the client sent.
 #[test]
 fn a_key_update_flood_is_cut_off() {

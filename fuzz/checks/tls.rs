@@ -1,7 +1,7 @@
 //! `tls`: arbitrary bytes as the TLS stream a client sends to the server side of a TLS
 //! connection, driven as the loop drives its transport (`wsloop::fuzzing::TlsServer`: the
-//! server's own rustls configuration and buffer limit, its read loop, its chunked writes and
-//! its `close_notify`), over bytes in memory; what the server decrypts goes through the HTTP
+//! server's own rustls configuration and handshake, its own records after it, its read loop,
+//! its sealed writes and its `close_notify`), over bytes in memory; what the server decrypts goes through the HTTP
 //! upgrade parser (`Session::feed_head`, then `validate_upgrade`), as in the loop.
 //!
 //! Two modes. Raw (flags bit 0 clear): the stream bytes are the client's TLS bytes as they
@@ -13,10 +13,11 @@
 //! Properties: nothing panics. Memory: what the server holds after each of its calls (the heap
 //! bytes it allocated and has not freed, measured by a counting allocator around every call)
 //! stays under [`MEMORY_BOUND`] ([`OPEN_BOUND`] once the handshake completed), whatever the
-//! input: rustls's input buffer (the transport's 16 KiB of handshake input, one record
-//! after), its plaintext buffers and the transport's output bound (one chunk), and the
-//! connection's state; and a write, however much it offers, makes rustls hold at most the
-//! buffer limit the transport sets more (one chunk's ciphertext). No unauthenticated plaintext: in raw
+//! input: the handshake's input (at most 16 KiB and one read), then a split record, the
+//! ciphertext held for a full socket (one write's), and the connection's state; and a write,
+//! however much it offers, makes the server hold at most one write's ciphertext more
+//! ([`WRITE_LIMIT`] and its records' overhead). The loop thread's sealing buffer, shared by all
+//! its connections, is not counted (its growth is taken out of each call's). No unauthenticated plaintext: in raw
 //! mode no handshake completes and no byte is ever decrypted. Integrity, in client mode: the
 //! server reads exactly what the client sent, in order (a prefix of it; all of it unless a raw
 //! byte broke the stream or the stream ended first), and the client reads exactly what the
@@ -27,7 +28,7 @@
 //!
 //! Input: `[flags, room, buf, n_ops]`, then `n_ops` operations of 3 bytes (see [`Op`]), then
 //! the stream bytes. The socket's send buffer takes `64 * (room + 1)` bytes; the server reads
-//! into a buffer of [`BUFS`]`[buf % 4]` bytes.
+//! into a buffer of [`BUFS`]`[buf % 4]` bytes (at least the transport's smallest).
 //!
 //! The server's certificate and key, and the CA the client trusts, are made once per process
 //! with the openssl CLI in a temporary folder. Without openssl the check prints a note and
@@ -37,7 +38,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::sync::{Arc, OnceLock};
 
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
-use wsloop::fuzzing::{TlsServer, TlsServerConfig, BUFFER_LIMIT};
+use wsloop::fuzzing::{scratch_capacity, TlsServer, TlsServerConfig, MIN_READ_BUFFER, WRITE_LIMIT};
 use wsloop::protocol::handshake::{validate_upgrade, Limits};
 use wsloop::protocol::session::{Head, Session};
 
@@ -51,24 +52,22 @@ static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
 /// The most heap bytes one server connection may hold after any of its calls while its
 /// handshake is in progress: the transport refuses more than 16 KiB of handshake input
-/// (`MAX_HANDSHAKE_INPUT`), so rustls's input buffer holds that and one 4 KiB read (in an
-/// allocation of up to 32 KiB); its handshake output, and the connection's own state
-/// (certificate chain, transcript, keys). Without that limit a ClientHello announcing 64 KiB
-/// made it hold 127 KiB.
+/// (`MAX_HANDSHAKE_INPUT`), so its input buffer holds that and one 4 KiB read (in an allocation
+/// of up to 32 KiB); its handshake output, and rustls's state (certificate chain, transcript,
+/// keys). Without that limit a ClientHello announcing 64 KiB made rustls hold 127 KiB.
 pub const MEMORY_BOUND: isize = 80 * 1024;
 
-/// The same once the handshake completed: rustls's input buffer holds one record (up to
-/// 18 KiB) and one read, its received plaintext 16 KiB plus what that decrypts to, its output
-/// one chunk.
+/// The same once the handshake completed: a split record (less than 18 KiB, in an allocation
+/// of up to twice that), one write's ciphertext held (32 KiB and overhead), the keys.
 pub const OPEN_BOUND: isize = 96 * 1024;
 
-/// What rustls allocates besides the bytes it holds: the queue of its records (before the
-/// handshake completes, the plaintext the transport handed it, up to the buffer limit itself:
-/// one chunk, then the rest of the limit).
+/// What a write's held ciphertext may take beyond its plaintext: two records' overhead, and
+/// the allocation's rounding.
 pub const BOOKKEEPING: usize = 1024;
 
-/// The server's read buffer sizes (the loop's is 64 KiB; smaller ones cut the plaintext).
-pub const BUFS: [usize; 4] = [1, 7, 4096, 65536];
+/// The server's read buffer sizes (the loop's is 64 KiB by default; the transport refuses
+/// smaller than [`MIN_READ_BUFFER`]).
+pub const BUFS: [usize; 4] = [MIN_READ_BUFFER, MIN_READ_BUFFER + 7, 40_000, 65536];
 
 /// Most bytes of the stream an operation takes.
 const MAX_TAKE: usize = 1 << 16;
@@ -231,11 +230,14 @@ struct Metered {
 
 impl Metered {
     fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut TlsServer) -> T) -> T {
+        let scratch = scratch_capacity() as isize;
         let region = Region::new(GLOBAL);
         let out = f(&mut self.server);
         let c = region.change();
-        self.live +=
-            c.bytes_allocated as isize - c.bytes_deallocated as isize + c.bytes_reallocated;
+        // A realloc's growth (or shrinking) is in bytes_allocated (bytes_deallocated) already.
+        self.live += c.bytes_allocated as isize
+            - c.bytes_deallocated as isize
+            - (scratch_capacity() as isize - scratch);
         self.peak = self.peak.max(self.live);
         let bound = match self.server.version() {
             Some(_) => OPEN_BOUND,
@@ -391,9 +393,9 @@ pub fn check(pki: &Pki, input: &Input) {
                 // The loop writes nothing after its close_notify (the connection is ending).
                 if !run.failed && !server_closed {
                     let data: Vec<u8> = (0..n).map(|i| (i * 31 + written.len()) as u8).collect();
-                    // Whatever is offered, rustls is handed one chunk at a time and only once
-                    // it flushed the last: what it holds grows by one chunk's ciphertext at
-                    // most (the rest is with the socket).
+                    // Whatever is offered, the transport seals one write's worth at a time and
+                    // only once it flushed the last: what it holds grows by one write's
+                    // ciphertext at most (the rest is with the socket).
                     let before = m.live;
                     let mut at = 0;
                     while at < data.len() {
@@ -407,8 +409,8 @@ pub fn check(pki: &Pki, input: &Input) {
                     }
                     let grew = m.live - before;
                     assert!(
-                        grew <= (BUFFER_LIMIT + BOOKKEEPING) as isize,
-                        "a write of {n} bytes left rustls holding {grew} bytes more"
+                        grew <= (WRITE_LIMIT + BOOKKEEPING) as isize,
+                        "a write of {n} bytes left the server holding {grew} bytes more"
                     );
                 }
             }
@@ -453,7 +455,7 @@ pub fn check(pki: &Pki, input: &Input) {
     }
     m.server.receive_eof();
     run.readable(&mut m, &mut buf);
-    // Until rustls holds nothing: what the socket holds goes to the client, the socket takes
+    // Until the server holds nothing: what the socket holds goes to the client, the socket takes
     // 1 MiB more, the server flushes (the socket may have been nearly full).
     let from = run.sent.len();
     m.server.set_room(1 << 20);

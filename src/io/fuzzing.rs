@@ -1,21 +1,30 @@
 //! The server side of a TLS connection exactly as [`Transport`](super::transport::Transport)
-//! drives it (the same rustls configuration, buffer limit, read loop, chunked writes and
+//! drives it (the same rustls configuration, handshake, records, read loop, sealed writes and
 //! `close_notify`), over bytes in memory instead of a socket: for the `tls` fuzz target
 //! (`fuzz/checks/tls.rs`), reached through the crate's hidden `fuzzing` module. Not part of
 //! the API.
 
-use super::transport::{Tls, TLS_BUFFER_LIMIT, TLS_CHUNK, TLS_VERSIONS};
+use super::tls_session::{Tls, TLS_CHUNK, TLS_VERSIONS, WRITE_MAX};
 use crate::config::{Config, ConfigError, TlsConfig};
 use std::cell::{Cell, RefCell};
 use std::io::{self, ErrorKind, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-/// The most plaintext the transport hands rustls at once (one TLS record).
+/// The most plaintext one TLS record carries.
 pub const CHUNK: usize = TLS_CHUNK;
 
-/// rustls's limit on the ciphertext it holds, which the transport sets.
-pub const BUFFER_LIMIT: usize = TLS_BUFFER_LIMIT;
+/// The most plaintext one write seals before writing: what is held for a full socket.
+pub const WRITE_LIMIT: usize = WRITE_MAX;
+
+/// The smallest read buffer the transport reads into.
+pub const MIN_READ_BUFFER: usize = super::tls_session::MIN_READ_BUFFER;
+
+/// The bytes of the loop thread's sealing buffer (shared by all its TLS connections, kept
+/// between writes): a memory measure of one connection leaves its growth out.
+pub fn scratch_capacity() -> usize {
+    super::tls_session::scratch_capacity()
+}
 
 /// The server's rustls configuration, made from PEM files as the server makes it.
 #[derive(Clone)]
@@ -149,7 +158,7 @@ impl TlsServer {
 
     /// The handshake completed: the TLS version ("1.2" or "1.3").
     pub fn version(&self) -> Option<&'static str> {
-        self.tls.version().map(|v| TLS_VERSIONS[v])
+        self.tls.kind().map(|k| TLS_VERSIONS[k.version])
     }
 
     /// The socket's send buffer now takes up to `room` bytes.

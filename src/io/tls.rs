@@ -133,6 +133,9 @@ pub(crate) fn load(tls: &TlsConfig, now: i64) -> Result<TlsSetup, ConfigError> {
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // After the handshake the records are wsloop's (src/io/tls_session.rs): rustls hands over
+    // the traffic secrets.
+    config.enable_secret_extraction = true;
     Ok(TlsSetup {
         config: Arc::new(config),
         certs,

@@ -1,20 +1,19 @@
-//! The byte stream under a connection: a plain TCP socket, or TLS over one (rustls, driven
-//! sans-IO). The loop reads, writes and shuts down through this type only, so that what lies
+//! The byte stream under a connection: a plain TCP socket, or TLS over one
+//! ([`Tls`](super::tls_session::Tls): rustls's handshake, then wsloop's own records). The loop reads, writes and shuts down through this type only, so that what lies
 //! under a connection can change without the loop knowing. It owns the connection's descriptor:
 //! dropping it closes the descriptor.
 //!
 //! Under TLS the loop's view stays the same: [`Transport::read`] returns decrypted bytes
 //! (`WouldBlock` when none), [`Transport::write`] and [`Transport::write_vectored`] take
-//! plaintext and return how much they took. rustls's own output buffer stays bounded: new
-//! plaintext is taken only once the ciphertext rustls holds has gone to the socket, and at most
-//! [`TLS_CHUNK`] bytes at a time, so rustls never holds more than one chunk plus its record
-//! overhead (`set_buffer_limit` is the backstop). What it still holds when the socket is full
-//! ([`Transport::holds`]) goes out on the next writable edge ([`Transport::flush`]), which the
-//! loop calls even when its own queue is empty. Handshake messages rustls owes in answer to
-//! what it read are written from the read path. A TLS failure (garbage, cleartext instead of a
-//! ClientHello, a bad record, an alert) is an `InvalidData` error, which
-//! [`CloseReason::of_io_error`](crate::reason::CloseReason::of_io_error) maps to `tls_error`;
-//! the alert rustls queues is tried once before. The peer's `close_notify` reads as EOF; ours
+//! plaintext and return how much they took. The ciphertext held for the socket stays bounded:
+//! new plaintext is taken only once what is held has gone to the socket, and a write holds at
+//! most [`WRITE_MAX`](super::tls_session::WRITE_MAX) bytes of plaintext sealed. What is held
+//! when the socket is full ([`Transport::holds`]) goes out on the next writable edge
+//! ([`Transport::flush`]), which the loop calls even when its own queue is empty. Handshake
+//! messages owed in answer to what was read are written from the read path. A TLS failure
+//! (garbage, cleartext instead of a ClientHello, a bad record, an alert) is an `InvalidData`
+//! error, which [`CloseReason::of_io_error`](crate::reason::CloseReason::of_io_error) maps to
+//! `tls_error`; the alert that answers it is tried once before. The peer's `close_notify` reads as EOF; ours
 //! goes out before our FIN ([`Transport::shutdown_write`]) and, when the connection is closed
 //! without one, once before the descriptor closes ([`Transport::close_notify`]).
 
@@ -22,110 +21,19 @@
 // connection's slot is freed on the close path, which counts it out of the fd ledger.
 #![allow(clippy::disallowed_types)]
 
+use super::tls_session::{Tls, TlsKind, MAX_HANDSHAKE_INPUT};
 use mio::event::Source;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::sync::Arc;
-
-/// The most plaintext a TLS connection hands rustls at once: one full TLS record. rustls holds
-/// at most this much ciphertext (plus the record's overhead) for a peer that does not read.
-pub(crate) const TLS_CHUNK: usize = 16 * 1024;
-
-/// rustls's own limit on its output buffer, a backstop above [`TLS_CHUNK`] (the transport never
-/// reaches it: it hands rustls a chunk only once the buffer is empty).
-pub(crate) const TLS_BUFFER_LIMIT: usize = TLS_CHUNK + 1024;
-
-/// The most bytes a client may send while its handshake is in progress: its first flight (a
-/// ClientHello of a few KiB at most, even with post-quantum key shares and session tickets;
-/// twice after a HelloRetryRequest), then the read that holds its Finished (at most 4 KiB,
-/// rustls's read size, even with application data behind it). Beyond it the connection fails
-/// (`tls_error`) before rustls buffers more: it would otherwise hold a handshake message of up
-/// to 64 KiB, and twice that in allocation, until the handshake deadline.
-pub(crate) const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
-
-/// The most ciphertext an established TLS connection may have handed rustls without anything
-/// coming of it (plaintext, an answer, a completed handshake): more than any one record can be
-/// (16 KiB of plaintext and at most 2 KiB of TLS 1.2 expansion, with its header), so only a
-/// client joining a post-handshake handshake message (which rustls would buffer up to 64 KiB;
-/// a client has none that large to send) or one trickling nothing but empty records reaches
-/// it. Past it the connection fails (`tls_error`). During the handshake rustls's own limit
-/// (64 KiB for a handshake message) applies, and the handshakes in progress are capped.
-const TLS_PENDING_MAX: usize = 24 * 1024;
-
-/// The most ciphertext one [`Transport::read`] hands rustls: a client whose records make little
-/// or no plaintext (key updates between one-byte records, say) would otherwise keep one read
-/// going until its socket drains, holding the loop. Past it the read stops, and
-/// [`Transport::take_more`] tells the loop to read the connection again next turn.
-const TLS_READ_MAX: usize = 256 * 1024;
-
-/// The TLS versions a connection may use, as the metrics label them (index of
-/// [`Transport::take_established`]).
-pub(crate) const TLS_VERSIONS: [&str; 2] = ["1.2", "1.3"];
-
-/// The cipher suites a connection may use (ring's, all of which the server offers), as the
-/// metrics label them; a suite not listed (another provider's) is counted as the last, `other`.
-pub(crate) const TLS_CIPHERS: [&str; 10] = [
-    "TLS13_AES_256_GCM_SHA384",
-    "TLS13_AES_128_GCM_SHA256",
-    "TLS13_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-    "other",
-];
-
-/// An established TLS connection's version and cipher suite, as indexes of [`TLS_VERSIONS`]
-/// and [`TLS_CIPHERS`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TlsKind {
-    pub(crate) version: usize,
-    pub(crate) cipher: usize,
-}
 
 /// One connection's byte stream (non-blocking).
 pub(crate) struct Transport {
     stream: TcpStream,
     /// TLS state, boxed: a plain connection pays one pointer for it.
     tls: Option<Box<Tls>>,
-}
-
-/// rustls's connection and what the transport knows about it.
-pub(super) struct Tls {
-    conn: ServerConnection,
-    /// The peer's end of input was seen: its `close_notify`, or TCP's EOF.
-    eof: bool,
-    /// rustls failed (a bad record, an alert): nothing more is written.
-    failed: bool,
-    /// Our `close_notify` is queued (or was sent).
-    closing: bool,
-    /// The socket will be reset on close: nothing more is written.
-    reset: bool,
-    /// The handshake's completion was reported (see [`Transport::take_established`]).
-    reported: bool,
-    /// A PROXY header comes first (see [`Transport::expect_proxy_header`]): until
-    /// [`Transport::start_tls`], bytes move as they are, both ways.
-    raw: bool,
-    /// What followed the PROXY header in the read that ended it: the start of the TLS stream,
-    /// read by rustls before the socket (empty, and unallocated, otherwise; at most
-    /// [`MAX_HANDSHAKE_INPUT`] and one byte).
-    early: Vec<u8>,
-    /// Bytes handed to rustls while the handshake was in progress (see
-    /// [`MAX_HANDSHAKE_INPUT`]).
-    handshake_in: u32,
-    /// The plaintext bytes last handed to rustls at once (at most [`TLS_CHUNK`]): what it
-    /// holds of the connection's output while it [wants to write](Transport::holds).
-    chunk: usize,
-    /// Ciphertext handed to rustls since it last made anything of what it read (plaintext, an
-    /// answer to write, a step of the handshake): what it holds of the connection's input, a
-    /// record or a handshake message being received (see [`Transport::tls_pending`]).
-    pending: usize,
-    /// The last read stopped at [`TLS_READ_MAX`] with the socket not drained.
-    more: bool,
 }
 
 impl Transport {
@@ -178,8 +86,8 @@ impl Transport {
         }
     }
 
-    /// The peer is being given up on (it did not read in time): if the kernel (or rustls)
-    /// still holds bytes for it, the close that follows resets the connection instead of
+    /// The peer is being given up on (it did not read in time): if the kernel (or TLS) still
+    /// holds bytes for it, the close that follows resets the connection instead of
     /// leaving the socket orphaned with them until the kernel's retries give up (minutes, and
     /// memory all along).
     pub(crate) fn abandon(&mut self) {
@@ -254,20 +162,20 @@ impl Transport {
         }
     }
 
-    /// TLS: rustls holds ciphertext the socket has not taken yet (it goes out on a writable
+    /// TLS: ciphertext is held that the socket has not taken yet (it goes out on a writable
     /// edge, through [`Transport::flush`]). Always false for plain TCP.
     #[inline]
     pub(crate) fn holds(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.conn.wants_write())
+        self.tls.as_ref().is_some_and(|t| t.holds())
     }
 
-    /// What rustls holds of the connection's output (the plaintext of the chunk it was last
-    /// handed, while it holds anything): counted in the send queue's bytes, against the
-    /// backpressure limit and in the memory budget. 0 for plain TCP.
+    /// What TLS holds of the connection's output (the plaintext of the write whose ciphertext
+    /// is held, while any is): counted in the send queue's bytes, against the backpressure
+    /// limit and in the memory budget. 0 for plain TCP.
     #[inline]
     pub(crate) fn tls_held(&self) -> usize {
         match self.tls.as_deref() {
-            Some(t) if t.conn.wants_write() => t.chunk,
+            Some(t) if t.holds() => t.chunk,
             _ => 0,
         }
     }
@@ -278,18 +186,18 @@ impl Transport {
         self.tls.is_some()
     }
 
-    /// What rustls holds of the connection's input: the ciphertext of a record (or, in the
-    /// handshake, of a handshake message) not complete yet, counted from what was handed to it
-    /// since it last made anything of its input (at most [`TLS_PENDING_MAX`] once established,
-    /// 64 KiB and a read in the handshake). Counted with the connection's partial messages in
-    /// the memory budget. 0 for plain TCP.
+    /// What TLS holds of the connection's input: the ciphertext of a record not complete yet
+    /// (less than one record), or in the handshake its input not processed yet (at most
+    /// [`MAX_HANDSHAKE_INPUT`]). Counted with the connection's partial messages in the memory
+    /// budget. 0 for plain TCP.
     #[inline]
     pub(crate) fn tls_pending(&self) -> usize {
-        self.tls.as_deref().map_or(0, |t| t.pending)
+        self.tls.as_deref().map_or(0, |t| t.pending())
     }
 
-    /// Whether the last read stopped before the socket drained (TLS: it handed rustls
-    /// [`TLS_READ_MAX`] bytes): the loop reads the connection again next turn, since no new
+    /// Whether the last read stopped before the socket drained (TLS: it read
+    /// [`TLS_READ_MAX`](super::tls_session::TLS_READ_MAX) bytes, or the read buffer had no room
+    /// for the rest of a record): the loop reads the connection again next turn, since no new
     /// edge will come for what is already there. Cleared by asking.
     #[inline]
     pub(crate) fn take_more(&mut self) -> bool {
@@ -298,20 +206,20 @@ impl Transport {
             .is_some_and(|t| std::mem::take(&mut t.more))
     }
 
-    /// Whether rustls holds anything of the connection's (output to send, or input not
-    /// complete yet): false for plain TCP.
+    /// Whether TLS holds anything of the connection's (output to send, or input not complete
+    /// yet): false for plain TCP.
     #[inline]
     pub(crate) fn tls_holds(&self) -> bool {
         self.tls
             .as_deref()
-            .is_some_and(|t| t.pending > 0 || t.conn.wants_write())
+            .is_some_and(|t| t.pending() > 0 || t.holds())
     }
 
-    /// Write what rustls holds (see [`Transport::holds`]), as far as the socket takes it.
+    /// Write what TLS holds (see [`Transport::holds`]), as far as the socket takes it.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         match self.tls.as_deref_mut() {
             None => Ok(()),
-            Some(tls) => flush(&mut tls.conn, &self.stream).map(|_| ()),
+            Some(tls) => tls.flush(&self.stream).map(|_| ()),
         }
     }
 
@@ -347,321 +255,17 @@ impl Transport {
     #[inline]
     pub(crate) fn take_established(&mut self) -> Option<TlsKind> {
         let tls = self.tls.as_deref_mut()?;
-        if tls.reported || tls.conn.is_handshaking() {
+        if tls.reported {
             return None;
         }
+        let kind = tls.kind()?;
         tls.reported = true;
-        Some(kind_of(&tls.conn))
+        Some(kind)
     }
 
     /// TLS, handshake completed: its version and cipher suite.
     pub(crate) fn tls_kind(&self) -> Option<TlsKind> {
-        let tls = self.tls.as_ref().filter(|t| t.reported)?;
-        Some(kind_of(&tls.conn))
-    }
-}
-
-fn kind_of(conn: &ServerConnection) -> TlsKind {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_2) => 0,
-        _ => 1,
-    };
-    let name = conn
-        .negotiated_cipher_suite()
-        .and_then(|s| s.suite().as_str());
-    let last = TLS_CIPHERS.len() - 1;
-    let cipher = name.map_or(last, |n| {
-        TLS_CIPHERS[..last]
-            .iter()
-            .position(|c| *c == n)
-            .unwrap_or(last)
-    });
-    TlsKind { version, cipher }
-}
-
-/// A TLS failure as the loop sees it: `InvalidData` (no socket error has that kind).
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(ErrorKind::InvalidData, e)
-}
-
-/// The socket as rustls reads it: first what followed a PROXY header (see
-/// [`Transport::start_tls`]), then the socket, noting whether a read of the socket returned
-/// fewer bytes than asked for (it is drained for now).
-struct Probe<'a, S> {
-    stream: &'a S,
-    early: &'a mut Vec<u8>,
-    short: bool,
-}
-
-impl<S> Read for Probe<'_, S>
-where
-    for<'s> &'s S: Read,
-{
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.early.is_empty() {
-            let n = buf.len().min(self.early.len());
-            buf[..n].copy_from_slice(&self.early[..n]);
-            self.early.drain(..n);
-            if self.early.is_empty() {
-                *self.early = Vec::new(); // its memory back at once
-            }
-            return Ok(n);
-        }
-        loop {
-            match self.stream.read(buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-                Ok(n) => {
-                    self.short = n < buf.len();
-                    return Ok(n);
-                }
-            }
-        }
-    }
-}
-
-/// A socket with nothing to read: rustls's read prepares its buffer, then finds nothing.
-struct Dry;
-
-impl Read for Dry {
-    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
-        Err(ErrorKind::WouldBlock.into())
-    }
-}
-
-/// Write what rustls holds until it holds nothing (true) or the socket would block (false).
-fn flush<S>(conn: &mut ServerConnection, mut stream: &S) -> io::Result<bool>
-where
-    for<'s> &'s S: Write,
-{
-    while conn.wants_write() {
-        match conn.write_tls(&mut stream) {
-            Ok(0) => return Ok(false),
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-impl Tls {
-    /// A server connection of `config`, its output bounded (see [`TLS_BUFFER_LIMIT`]).
-    pub(super) fn new(config: Arc<ServerConfig>) -> io::Result<Tls> {
-        let mut conn = ServerConnection::new(config).map_err(tls_error)?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-        Ok(Tls {
-            conn,
-            eof: false,
-            failed: false,
-            closing: false,
-            reset: false,
-            reported: false,
-            raw: false,
-            early: Vec::new(),
-            handshake_in: 0,
-            chunk: 0,
-            pending: 0,
-            more: false,
-        })
-    }
-
-    /// The handshake completed: its version's index in [`TLS_VERSIONS`].
-    pub(super) fn version(&self) -> Option<usize> {
-        (!self.conn.is_handshaking()).then(|| kind_of(&self.conn).version)
-    }
-
-    /// rustls holds ciphertext not written yet (see [`Transport::holds`]).
-    pub(super) fn holds(&self) -> bool {
-        self.conn.wants_write()
-    }
-
-    /// Write what rustls holds, as far as `stream` takes it (see [`Transport::flush`]).
-    pub(super) fn flush<S>(&mut self, stream: &S) -> io::Result<bool>
-    where
-        for<'s> &'s S: Write,
-    {
-        flush(&mut self.conn, stream)
-    }
-
-    /// See [`Transport::read`]. `stream` is the connection's socket (or, for the fuzz target,
-    /// bytes in memory: [`crate::io::fuzzing`]).
-    pub(super) fn read<S>(&mut self, stream: &S, buf: &mut [u8], closed: bool) -> io::Result<usize>
-    where
-        for<'s> &'s S: Read + Write,
-    {
-        if self.closing {
-            // Our close_notify went out: the connection lingers (after a failure, our answer
-            // sent) and the loop discards what the peer still sends until its EOF. rustls
-            // decrypts nothing more: fed a bad record now, it would answer with a second alert
-            // after the close_notify, which it asserts never happens (a panic in debug builds).
-            // The bytes pass as they are, for the loop to discard.
-            let mut stream = stream;
-            return loop {
-                match stream.read(buf) {
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            };
-        }
-        let mut filled = 0;
-        let mut fed = 0;
-        // The socket returned fewer bytes than asked for during this call: drained for now.
-        // (Only within one call: data that arrives later raises an edge, whose read must not
-        // be refused by a stale flag.)
-        let mut drained = false;
-        loop {
-            while filled < buf.len() && !self.eof {
-                match self.conn.reader().read(&mut buf[filled..]) {
-                    Ok(0) => self.eof = true, // the peer's close_notify
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    // TCP's EOF without close_notify: the WebSocket close handshake, not TLS,
-                    // says whether the peer ended cleanly.
-                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => self.eof = true,
-                    Err(e) => return Err(e),
-                }
-            }
-            if filled == buf.len() || self.eof {
-                return Ok(filled);
-            }
-            // A short read drained the socket, unless the peer's FIN or reset is queued behind
-            // what it returned: then read on until the socket itself says it (a read that made
-            // no plaintext, half a ClientHello say, would otherwise leave the connection
-            // waiting for an edge that never comes).
-            if drained && !closed {
-                // Let rustls size its input buffer down to what it still holds (it does so
-                // before a read, and a short read ended this one): a connection that sent a
-                // full record then went quiet keeps 4 KiB, not the 16 KiB record's room.
-                let _ = self.conn.read_tls(&mut Dry);
-                return would_block(filled);
-            }
-            let mut probe = Probe {
-                stream,
-                early: &mut self.early,
-                short: false,
-            };
-            let handshaking = self.conn.is_handshaking();
-            match self.conn.read_tls(&mut probe) {
-                Ok(0) => drained = true, // TCP's EOF: rustls's reader says it next
-                Ok(n) => {
-                    drained = probe.short;
-                    self.pending += n;
-                    fed += n;
-                    if handshaking {
-                        self.handshake_in = self.handshake_in.saturating_add(n as u32);
-                        if self.handshake_in as usize > MAX_HANDSHAKE_INPUT {
-                            // Far more than any client's first flight: refused before rustls
-                            // buffers it (it would hold up to 64 KiB of one message, twice
-                            // that in allocation, until the handshake deadline).
-                            self.failed = true;
-                            return Err(io::Error::new(
-                                ErrorKind::InvalidData,
-                                "TLS handshake input over its limit",
-                            ));
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return would_block(filled),
-                Err(e) => return Err(e),
-            }
-            match self.conn.process_new_packets() {
-                Err(e) => {
-                    // rustls queued an alert for the peer: one try to send it.
-                    self.failed = true;
-                    let mut out = stream;
-                    let _ = self.conn.write_tls(&mut out);
-                    return Err(tls_error(e));
-                }
-                Ok(io) => {
-                    // An answer to write counts only in the handshake: once established,
-                    // what rustls holds to write may be the connection's own output waiting
-                    // for a peer that does not read.
-                    let made = io.plaintext_bytes_to_read() > 0
-                        || (handshaking && io.tls_bytes_to_write() > 0)
-                        || handshaking != self.conn.is_handshaking();
-                    if made {
-                        self.pending = 0;
-                    } else if self.pending > TLS_PENDING_MAX && !handshaking {
-                        // A post-handshake handshake message being joined (rustls would
-                        // hold up to 64 KiB of it), or nothing but empty records.
-                        self.failed = true;
-                        return Err(io::Error::new(
-                            ErrorKind::InvalidData,
-                            "more ciphertext than a record without any plaintext",
-                        ));
-                    }
-                }
-            }
-            // What the handshake owes in answer (the rest goes out on a writable edge).
-            flush(&mut self.conn, stream)?;
-            if fed >= TLS_READ_MAX && !drained {
-                // Enough for one read: the rest next turn (plaintext already decrypted is
-                // returned first, by the loop's next read).
-                self.more = true;
-                return would_block(filled);
-            }
-        }
-    }
-
-    /// Take plaintext from `parts` into rustls, one chunk at a time and only while rustls has
-    /// flushed everything it held to the socket; returns the bytes taken.
-    pub(super) fn write<S>(&mut self, stream: &S, parts: &[&[u8]]) -> io::Result<usize>
-    where
-        for<'s> &'s S: Write,
-    {
-        if self.failed {
-            return Err(io::Error::new(ErrorKind::InvalidData, "TLS failed"));
-        }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut taken = 0;
-        loop {
-            if !flush(&mut self.conn, stream)? || taken == total {
-                return Ok(taken);
-            }
-            let mut slices = [IoSlice::new(&[]); 64];
-            let (mut k, mut room, mut skip) = (0, TLS_CHUNK, taken);
-            for part in parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                let rest = &part[skip..];
-                skip = 0;
-                let n = rest.len().min(room);
-                slices[k] = IoSlice::new(&rest[..n]);
-                (k, room) = (k + 1, room - n);
-                if room == 0 || k == slices.len() {
-                    break;
-                }
-            }
-            match self.conn.writer().write_vectored(&slices[..k])? {
-                0 => return Ok(taken), // rustls's limit (before the handshake completed)
-                n => (taken, self.chunk) = (taken + n, n),
-            }
-        }
-    }
-
-    /// Queue our `close_notify` (once) and try to write it; not while a PROXY header is awaited
-    /// (no TLS has begun).
-    pub(super) fn close_notify<S>(&mut self, stream: &S)
-    where
-        for<'s> &'s S: Write,
-    {
-        if !self.closing && !self.failed && !self.raw {
-            self.closing = true;
-            self.conn.send_close_notify();
-            let _ = flush(&mut self.conn, stream);
-        }
-    }
-}
-
-/// What a read that found nothing more returns: the bytes it has, or `WouldBlock`.
-fn would_block(filled: usize) -> io::Result<usize> {
-    match filled {
-        0 => Err(ErrorKind::WouldBlock.into()),
-        n => Ok(n),
+        self.tls.as_ref().filter(|t| t.reported)?.kind()
     }
 }
 
@@ -693,7 +297,8 @@ impl Source for Transport {
 mod tests {
     // A loopback pair, the openssl CLI and a scratch folder for the test's certificates.
     #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
-    use super::{Transport, TLS_CHUNK};
+    use super::Transport;
+    use crate::io::tls_session::{MIN_READ_BUFFER, WRITE_MAX};
     use std::io::{ErrorKind, Read, Write};
     use std::path::{Path, PathBuf};
     use std::process::Command;
@@ -784,6 +389,17 @@ mod tests {
         Transport,
         rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
     ) {
+        established_with(dir, client_config(dir))
+    }
+
+    /// [`established`] with this client configuration.
+    fn established_with(
+        dir: &Path,
+        config: Arc<rustls::ClientConfig>,
+    ) -> (
+        Transport,
+        rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    ) {
         let setup = crate::io::tls::load(
             &crate::config::TlsConfig::new(dir.join("cert.pem"), dir.join("key.pem")),
             0,
@@ -800,7 +416,6 @@ mod tests {
         )
         .unwrap();
         // The client's handshake in a thread; the server's driven here, as the loop would.
-        let config = client_config(dir);
         let hs = std::thread::spawn(move || {
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             let conn = rustls::ClientConnection::new(config, name).unwrap();
@@ -814,7 +429,7 @@ mod tests {
             s
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 64];
+        let mut buf = vec![0u8; MIN_READ_BUFFER];
         while t.take_established().is_none() {
             match t.read(&mut buf, false) {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -827,21 +442,11 @@ mod tests {
         (t, hs.join().unwrap())
     }
 
-    /// What rustls holds now (ciphertext), taken out of it.
-    fn held(t: &mut Transport) -> usize {
-        let mut out = Vec::new();
-        let tls = t.tls.as_deref_mut().unwrap();
-        while tls.conn.wants_write() {
-            tls.conn.write_tls(&mut out).unwrap();
-        }
-        out.len()
-    }
-
-    /// A peer that does not read: the transport takes plaintext only while rustls has flushed
-    /// what it held, a chunk at a time, so rustls never holds more than one chunk (plus its
-    /// record's overhead), however much the caller offers; then it takes nothing until a flush.
+    /// A peer that does not read: the transport takes plaintext only while nothing is held,
+    /// at most one write's worth sealed at a time, so it never holds more than that (plus its
+    /// records' overhead), however much the caller offers; then it takes nothing until a flush.
     #[test]
-    fn rustls_holds_at_most_one_chunk_for_a_peer_that_does_not_read() {
+    fn tls_holds_at_most_one_write_for_a_peer_that_does_not_read() {
         let Some(dir) = pki() else { return };
         let (mut t, mut client) = established(&dir);
         let offer = vec![7u8; 8 << 20];
@@ -856,18 +461,11 @@ mod tests {
             }
         }
         assert!(t.holds(), "the socket never filled ({taken} bytes taken)");
-        assert_eq!(
-            t.write(&offer).unwrap(),
-            0,
-            "took more while rustls held some"
-        );
-        let held = held(&mut t);
-        assert!(
-            held > 0 && held <= TLS_CHUNK + 64,
-            "rustls held {held} bytes"
-        );
-        // Everything taken arrives, in order, once the client reads (what rustls held was
-        // taken out above, so stop at what the socket got).
+        assert_eq!(t.write(&offer).unwrap(), 0, "took more while some was held");
+        let held = t.tls.as_deref().unwrap().held_len();
+        assert!(held > 0 && held <= WRITE_MAX + 64, "held {held} bytes");
+        // What the socket got arrives, in order, once the client reads (what is held never
+        // leaves: the test stops at what the socket got).
         client
             .sock
             .set_read_timeout(Some(Duration::from_millis(300)))
@@ -887,8 +485,9 @@ mod tests {
         assert!(got > 0 && got < taken, "got {got} of {taken}");
     }
 
-    /// A read hands out every decrypted byte, into a buffer smaller than a record or larger
-    /// than everything sent; the client's close_notify is the end (`Ok(0)`), repeatedly.
+    /// A read hands out every decrypted byte, into a buffer of the smallest size allowed or
+    /// larger than everything sent (a smaller one is refused: a record is opened where it is
+    /// read); the client's close_notify is the end (`Ok(0)`), repeatedly.
     #[test]
     fn reads_return_the_plaintext_and_the_peers_close_notify_as_eof() {
         let Some(dir) = pki() else { return };
@@ -897,9 +496,40 @@ mod tests {
         client.write_all(&sent).unwrap();
         client.conn.send_close_notify();
         client.flush().unwrap();
+        let small = t.read(&mut [0u8; 1000], false).unwrap_err();
+        assert_eq!(small.kind(), ErrorKind::InvalidInput);
+        let sizes = [MIN_READ_BUFFER, MIN_READ_BUFFER + 7, 100_000];
+        let got = read_all(&mut t, usize::MAX, &sizes);
+        assert!(got == sent, "{} bytes read, differing", got.len());
+        assert_eq!(t.read(&mut [0u8; 16], false).unwrap(), 0);
+    }
+
+    /// A close_notify that comes in the same read as data: the read returns the data and asks
+    /// the loop to read again (no edge will come for the end), and that read is the end.
+    #[test]
+    fn a_close_notify_read_with_data_asks_for_another_read() {
+        let Some(dir) = pki() else { return };
+        let (mut t, mut client) = established(&dir);
+        client.write_all(b"last words").unwrap();
+        client.conn.send_close_notify();
+        client.flush().unwrap(); // one write: the data record, then the close_notify
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = vec![0u8; MIN_READ_BUFFER];
+        assert_eq!(t.read(&mut buf, false).unwrap(), 10);
+        assert_eq!(&buf[..10], b"last words");
+        assert!(t.take_more(), "the end waits for an edge that never comes");
+        assert_eq!(t.read(&mut buf, false).unwrap(), 0);
+    }
+
+    /// Read from the server's transport until `want` bytes came (or the end), as the loop
+    /// would, into buffers of these sizes in turn: on each WouldBlock, a short wait.
+    fn read_all(t: &mut Transport, want: usize, sizes: &[usize]) -> Vec<u8> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        for size in [1usize, 7, 1000, 100_000].into_iter().cycle() {
+        for &size in sizes.iter().cycle() {
+            if got.len() >= want {
+                break;
+            }
             let mut buf = vec![0u8; size];
             match t.read(&mut buf, false) {
                 Ok(0) => break,
@@ -909,14 +539,101 @@ mod tests {
                 }
                 Err(e) => panic!("{e}"),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {} bytes",
-                got.len(),
-                sent.len()
-            );
+            assert!(Instant::now() < deadline, "{} of {want} bytes", got.len());
         }
-        assert!(got == sent, "{} bytes read, differing", got.len());
-        assert_eq!(t.read(&mut [0u8; 16], false).unwrap(), 0);
+        got
+    }
+
+    /// Every suite the server offers, with TLS 1.3 and 1.2: data both ways in records of every
+    /// size, the client's key updates (asking for the server's too) in between, and the
+    /// client's close_notify as the end.
+    #[test]
+    fn every_suite_carries_data_both_ways_through_key_updates() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let Some(dir) = pki() else { return };
+        let suites = [
+            (cs::TLS13_AES_128_GCM_SHA256, &rustls::version::TLS13),
+            (cs::TLS13_AES_256_GCM_SHA384, &rustls::version::TLS13),
+            (cs::TLS13_CHACHA20_POLY1305_SHA256, &rustls::version::TLS13),
+            (
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                &rustls::version::TLS12,
+            ),
+            (
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                &rustls::version::TLS12,
+            ),
+            (
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                &rustls::version::TLS12,
+            ),
+        ];
+        for (suite, version) in suites {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            #[allow(deprecated)] // ring's provider, as the server's
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: vec![suite],
+                ..rustls::crypto::ring::default_provider()
+            };
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let (mut t, mut client) = established_with(&dir, Arc::new(config));
+            let name = suite.suite().as_str().unwrap();
+            let kind = t.tls_kind().unwrap();
+            assert_eq!(crate::io::tls_session::TLS_CIPHERS[kind.cipher], name);
+            let tls13 = version.version == rustls::ProtocolVersion::TLSv1_3;
+            assert_eq!(kind.version, usize::from(tls13));
+            client
+                .sock
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            for (i, size) in [0usize, 1, 100, 16 * 1024, 16 * 1024 + 1, 100_000]
+                .into_iter()
+                .enumerate()
+            {
+                let data: Vec<u8> = (0..size).map(|j| (j * 13 + i) as u8).collect();
+                // Client to server, a key update first (TLS 1.3).
+                if tls13 {
+                    client.conn.refresh_traffic_keys().unwrap();
+                }
+                client.write_all(&data).unwrap();
+                client.flush().unwrap();
+                assert!(
+                    read_all(&mut t, size, &[MIN_READ_BUFFER]) == data,
+                    "{name}: {size} bytes in"
+                );
+                // Server to client.
+                let mut at = 0;
+                while at < size {
+                    match t.write(&data[at..]).unwrap() {
+                        0 => {
+                            t.flush().unwrap();
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        n => at += n,
+                    }
+                }
+                while t.holds() {
+                    t.flush().unwrap();
+                }
+                let mut back = vec![0u8; size];
+                client.read_exact(&mut back).unwrap();
+                assert!(back == data, "{name}: {size} bytes out");
+            }
+            client.conn.send_close_notify();
+            client.flush().unwrap();
+            assert!(
+                read_all(&mut t, usize::MAX, &[MIN_READ_BUFFER]).is_empty(),
+                "{name}: the end"
+            );
+            assert_eq!(t.read(&mut vec![0u8; MIN_READ_BUFFER], false).unwrap(), 0);
+        }
     }
 }

@@ -222,7 +222,7 @@ impl<D> Core<D> {
 
     /// A TLS handshake completed (read path): no longer in progress, counted `ok` and by its
     /// version and cipher suite.
-    pub(super) fn tls_established(&mut self, idx: usize, kind: crate::io::transport::TlsKind) {
+    pub(super) fn tls_established(&mut self, idx: usize, kind: crate::io::tls_session::TlsKind) {
         let conn = &self.conns[idx];
         if !conn.via_proxy {
             self.count_handshake(conn.peer.ip(), false);
