@@ -40,6 +40,8 @@
 #   --wsloop-args A     more arguments for every wsloop server (e.g. a TLS rate limit to lift)
 #   --port P            port every server listens on [9001]
 #   --out DIR           where results go [target/bench-results/tls-DATE]
+#   --base-bin PATH     also measure another wsloop binary serving wss:// (server `base-tls`),
+#                       e.g. the previous commit's, to compare two versions in one run
 #   --pin               pin servers to CPU 0 and the load generator to CPU 1 (taskset)
 #
 # Needs: cargo, openssl (the CLI), python3.
@@ -60,6 +62,7 @@ WSLOOP_ARGS=""
 PORT=9001
 OUT=""
 PIN=0
+BASE_BIN=""
 SMOKE=0
 MAX_MESSAGE=65536
 
@@ -78,6 +81,7 @@ while [ $# -gt 0 ]; do
         --wsloop-args) WSLOOP_ARGS=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
+        --base-bin) BASE_BIN=$2; shift 2 ;;
         --pin) PIN=1; shift ;;
         --smoke)
             SMOKE=1; SERVERS="wsloop-tls tokio-tls"; HANDSHAKE_SERVERS=$SERVERS
@@ -110,6 +114,7 @@ variant() { KIND[$1]=$2; SERVER_ARGS[$1]=$3; LOADGEN_ARGS[$1]=$4; }
 variant wsloop-tls  wsloop  "--tls-cert $CERT --tls-key $KEY --tls-max-handshakes 16384" "--tls-ca $CA"
 variant wsloop      wsloop  ""                                   ""
 variant tokio-tls   tokio   "--tls-cert $CERT --tls-key $KEY"    "--tls-ca $CA"
+variant base-tls    base    "--tls-cert $CERT --tls-key $KEY --tls-max-handshakes 16384" "--tls-ca $CA"
 for s in $SERVERS $HANDSHAKE_SERVERS $IDLE_SERVERS; do
     [ -n "${KIND[$s]:-}" ] || { echo "tls.sh: unknown server $s" >&2; exit 2; }
 done
@@ -129,8 +134,10 @@ start_server() { # $1: a variant; sets SERVER_PID
     local name=$1 logf="$OUT/server-$1.log"
     # shellcheck disable=SC2086 # the variant's arguments are words
     case "${KIND[$name]}" in
-        wsloop)
-            $SERVER_CPU "$WSLOOP" --listen "$ADDR" --idle-timeout 0 --shutdown-timeout 1 \
+        wsloop|base)
+            local bin=$WSLOOP
+            [ "${KIND[$name]}" = base ] && bin=${BASE_BIN:?--base-bin PATH is needed for base-tls}
+            $SERVER_CPU "$bin" --listen "$ADDR" --idle-timeout 0 --shutdown-timeout 1 \
                 --max-message-size "$MAX_MESSAGE" ${SERVER_ARGS[$name]} $WSLOOP_ARGS \
                 >> "$logf" 2>&1 &
             ;;
