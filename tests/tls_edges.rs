@@ -694,10 +694,10 @@ fn data_after_the_clients_close_notify_is_ignored() {
     w.stop();
 }
 
-/// A TLS 1.3 key-update flood (each KeyUpdate asks the server to update its keys too, so each
-/// costs it a key derivation and a record): the record layer allows 32 in a row without
-/// application data between them (src/io/records.rs, as rustls did), then fails the connection
-/// with an alert; the server closes it
+/// A TLS 1.3 key-update flood (each KeyUpdate costs the server a key derivation, and asks for
+/// its keys to change too, which it does once, before its next data): the record layer allows
+/// 32 in a row without application data between them (src/io/records.rs, as rustls did), then
+/// fails the connection with an alert; the server closes it
 /// (`tls_error`) and goes on. What the server wrote in answer stays below what the client sent.
 #[test]
 fn a_key_update_flood_is_cut_off() {

@@ -120,6 +120,9 @@ struct Traffic {
     records: Records,
     kernel: KernelConnection<ServerConnectionData>,
     kind: TlsKind,
+    /// The peer asked for our key to change (TLS 1.3): our `KeyUpdate` goes before our next
+    /// application data, once however many requests came meanwhile (RFC 8446 §4.6.3).
+    key_update_owed: bool,
 }
 
 /// One TLS connection (see the module docs).
@@ -462,6 +465,7 @@ impl Tls {
         };
         self.state = State::Traffic(Box::new(Traffic {
             records,
+            key_update_owed: false,
             kernel,
             kind: TlsKind::of(version, suite),
         }));
@@ -544,8 +548,6 @@ impl Tls {
         let Tls {
             state,
             partial,
-            held,
-            held_at,
             eof,
             ..
         } = self;
@@ -576,19 +578,9 @@ impl Tls {
                     if !t.records.rekey_rx(&rx) {
                         break Some(RecordError::Exhausted);
                     }
-                    if requested {
-                        // Ours, under the old key, then the new key.
-                        if let Err(e) = t.records.seal_key_update(held) {
-                            break Some(e);
-                        }
-                        let Ok(tx) = t.kernel.update_tx_secret() else {
-                            break Some(RecordError::Exhausted);
-                        };
-                        if !t.records.rekey_tx(&tx) {
-                            break Some(RecordError::Exhausted);
-                        }
-                        flush_held(held, held_at, stream)?;
-                    }
+                    // Ours goes with our next write: a peer that asks many times while we are
+                    // silent gets one, and asking costs it a record per answer at most.
+                    t.key_update_owed |= requested;
                 }
                 Ok(Opened::Nothing) => {}
                 Err(e) => break Some(e),
@@ -634,6 +626,16 @@ impl Tls {
             while taken < total {
                 out.clear();
                 let round = taken;
+                if std::mem::take(&mut t.key_update_owed) {
+                    // Before our next application data: our KeyUpdate under the old key, then
+                    // the new key.
+                    t.records.seal_key_update(out).map_err(record_error)?;
+                    let tx = t.kernel.update_tx_secret().map_err(tls_error)?;
+                    if !t.records.rekey_tx(&tx) {
+                        *failed = true;
+                        return Err(record_error(RecordError::Exhausted));
+                    }
+                }
                 while taken < total && taken - round < WRITE_MAX {
                     let mut slices: [&[u8]; 16] = [&[]; 16];
                     let (mut k, mut room, mut skip) = (0, TLS_CHUNK, taken);

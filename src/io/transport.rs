@@ -636,4 +636,52 @@ mod tests {
             assert_eq!(t.read(&mut vec![0u8; MIN_READ_BUFFER], false).unwrap(), 0);
         }
     }
+
+    /// Key updates that ask for ours while the server is silent get one, before its next
+    /// data (RFC 8446 §4.6.3): 33 requests (data between them, so that the server takes them
+    /// all) would otherwise make 33 answers, which a rustls client refuses past 32 without
+    /// application data between them, and which would give the peer a record back for each.
+    #[test]
+    fn requested_key_updates_get_one_answer_before_the_next_data() {
+        let Some(dir) = pki() else { return };
+        let (mut t, mut client) = established(&dir);
+        client
+            .sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The server's session tickets and a first message read: the socket is empty.
+        assert_eq!(t.write(b"hi").unwrap(), 2);
+        let mut hi = [0u8; 2];
+        client.read_exact(&mut hi).unwrap();
+        for round in 0..3 {
+            for _ in 0..11 {
+                client.conn.refresh_traffic_keys().unwrap();
+            }
+            client.write_all(&[round]).unwrap();
+            client.flush().unwrap();
+            assert_eq!(read_all(&mut t, 1, &[MIN_READ_BUFFER]), [round]);
+        }
+        assert!(!t.holds());
+        // Nothing was written in answer yet: the socket holds nothing for the client.
+        client.sock.set_nonblocking(true).unwrap();
+        let mut probe = [0u8; 1];
+        let pending = std::io::Read::read(&mut client.sock, &mut probe);
+        assert!(
+            matches!(&pending, Err(e) if e.kind() == ErrorKind::WouldBlock),
+            "the server wrote before its data: {pending:?}"
+        );
+        client.sock.set_nonblocking(false).unwrap();
+        assert_eq!(t.write(b"after").unwrap(), 5);
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"after");
+        // The client and the server agree on the keys: more data both ways.
+        client.write_all(b"again").unwrap();
+        client.flush().unwrap();
+        assert_eq!(read_all(&mut t, 5, &[MIN_READ_BUFFER]), b"again");
+        assert_eq!(t.write(b"more").unwrap(), 4);
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"more");
+    }
 }
