@@ -407,25 +407,21 @@ impl Records {
     }
 
     /// The receiving key after the peer's `KeyUpdate`.
-    pub(crate) fn rekey_rx(&mut self, secrets: &(u64, ConnectionTrafficSecrets)) -> bool {
-        match Keys::new(&secrets.1, secrets.0) {
-            Some(k) => {
-                self.rx = k;
-                true
-            }
-            None => false,
-        }
+    pub(crate) fn rekey_rx(
+        &mut self,
+        secrets: &(u64, ConnectionTrafficSecrets),
+    ) -> Result<(), RecordError> {
+        self.rx = Keys::new(&secrets.1, secrets.0).ok_or(RecordError::Exhausted)?;
+        Ok(())
     }
 
     /// The sending key after our `KeyUpdate`.
-    pub(crate) fn rekey_tx(&mut self, secrets: &(u64, ConnectionTrafficSecrets)) -> bool {
-        match Keys::new(&secrets.1, secrets.0) {
-            Some(k) => {
-                self.tx = k;
-                true
-            }
-            None => false,
-        }
+    pub(crate) fn rekey_tx(
+        &mut self,
+        secrets: &(u64, ConnectionTrafficSecrets),
+    ) -> Result<(), RecordError> {
+        self.tx = Keys::new(&secrets.1, secrets.0).ok_or(RecordError::Exhausted)?;
+        Ok(())
     }
 
     fn seal_typed(
@@ -436,11 +432,8 @@ impl Records {
     ) -> Result<(), RecordError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         debug_assert!(len <= MAX_PLAINTEXT);
+        let nonce = self.tx.nonce();
         let seq = self.tx.next()?;
-        let mut nonce = self.tx.iv;
-        for (b, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
-            *b ^= s;
-        }
         let start = out.len();
         let (outer, inner) = match self.tls13 {
             true => (CONTENT_APPLICATION_DATA, len + 1),
@@ -621,7 +614,8 @@ mod tests {
                 );
                 // Both change keys: what `a` seals under its new key, `b` opens under its.
                 let new = (0, secrets(chacha, 3));
-                assert!(a.rekey_tx(&new) && b.rekey_rx(&(0, secrets(chacha, 3))));
+                a.rekey_tx(&new).unwrap();
+                b.rekey_rx(&(0, secrets(chacha, 3))).unwrap();
                 let mut wire = Vec::new();
                 a.seal(&[b"after"], &mut wire).unwrap();
                 match b.open(&mut wire).unwrap() {

@@ -125,6 +125,27 @@ struct Traffic {
     key_update_owed: bool,
 }
 
+impl Traffic {
+    /// The peer's `KeyUpdate`: the receiving key changes.
+    fn update_rx(&mut self) -> Result<(), RecordError> {
+        let rx = self
+            .kernel
+            .update_rx_secret()
+            .map_err(|_| RecordError::Exhausted)?;
+        self.records.rekey_rx(&rx)
+    }
+
+    /// Our `KeyUpdate`, sealed into `out` under the old key, then the new sending key.
+    fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.records.seal_key_update(out)?;
+        let tx = self
+            .kernel
+            .update_tx_secret()
+            .map_err(|_| RecordError::Exhausted)?;
+        self.records.rekey_tx(&tx)
+    }
+}
+
 /// One TLS connection (see the module docs).
 pub(crate) struct Tls {
     state: State,
@@ -228,7 +249,7 @@ impl Tls {
     where
         for<'s> &'s S: Read + Write,
     {
-        let read = self.read_some(stream, buf, closed);
+        let read = self.read_plain(stream, buf, closed);
         if self.eof && matches!(read, Ok(n) if n > 0) {
             // The end came with the bytes returned (a close_notify after data in one read):
             // no edge will come for it, so the loop reads again next turn and gets `Ok(0)`.
@@ -237,8 +258,8 @@ impl Tls {
         read
     }
 
-    /// [`Tls::read`], but for the end that came with bytes.
-    fn read_some<S>(&mut self, stream: &S, buf: &mut [u8], closed: bool) -> io::Result<usize>
+    /// The reads of [`Tls::read`].
+    fn read_plain<S>(&mut self, stream: &S, buf: &mut [u8], closed: bool) -> io::Result<usize>
     where
         for<'s> &'s S: Read + Write,
     {
@@ -572,11 +593,8 @@ impl Tls {
                     return Ok(out);
                 }
                 Ok(Opened::KeyUpdate { requested }) => {
-                    let Ok(rx) = t.kernel.update_rx_secret() else {
-                        break Some(RecordError::Exhausted);
-                    };
-                    if !t.records.rekey_rx(&rx) {
-                        break Some(RecordError::Exhausted);
+                    if let Err(e) = t.update_rx() {
+                        break Some(e);
                     }
                     // Ours goes with our next write: a peer that asks many times while we are
                     // silent gets one, and asking costs it a record per answer at most.
@@ -614,27 +632,20 @@ impl Tls {
             held,
             held_at,
             chunk,
-            failed,
             ..
         } = self;
         let State::Traffic(t) = state else {
             return Ok(0); // the handshake first
         };
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        SCRATCH.with_borrow_mut(|out| -> io::Result<usize> {
+        let written = SCRATCH.with_borrow_mut(|out| -> io::Result<usize> {
             let mut taken = 0;
             while taken < total {
                 out.clear();
                 let round = taken;
                 if std::mem::take(&mut t.key_update_owed) {
-                    // Before our next application data: our KeyUpdate under the old key, then
-                    // the new key.
-                    t.records.seal_key_update(out).map_err(record_error)?;
-                    let tx = t.kernel.update_tx_secret().map_err(tls_error)?;
-                    if !t.records.rekey_tx(&tx) {
-                        *failed = true;
-                        return Err(record_error(RecordError::Exhausted));
-                    }
+                    // Before our next application data (RFC 8446 §4.6.3).
+                    t.update_tx(out).map_err(record_error)?;
                 }
                 while taken < total && taken - round < WRITE_MAX {
                     let mut slices: [&[u8]; 16] = [&[]; 16];
@@ -658,31 +669,12 @@ impl Tls {
                     if t.records.tx_worn() {
                         if t.kind.version == 0 {
                             // TLS 1.2 cannot change keys: the connection ends here.
-                            *failed = true;
-                            return Err(io::Error::new(
-                                ErrorKind::InvalidData,
-                                "TLS record limit reached",
-                            ));
-                        }
-                        t.records.seal_key_update(out).map_err(record_error)?;
-                        let tx = t.kernel.update_tx_secret().map_err(tls_error)?;
-                        if !t.records.rekey_tx(&tx) {
-                            *failed = true;
                             return Err(record_error(RecordError::Exhausted));
                         }
+                        t.update_tx(out).map_err(record_error)?;
                     }
                 }
-                let mut at = 0;
-                let mut w = stream;
-                while at < out.len() {
-                    match w.write(&out[at..]) {
-                        Ok(0) => break,
-                        Ok(n) => at += n,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+                let at = write_some(out, stream)?;
                 if at < out.len() {
                     // The socket is full: the rest is held, and this round's plaintext with it.
                     held.extend_from_slice(&out[at..]);
@@ -696,7 +688,10 @@ impl Tls {
                 *out = Vec::new();
             }
             Ok(taken)
-        })
+        });
+        // A record that could not be sealed, or a socket that failed: nothing more is written.
+        self.failed |= written.is_err();
+        written
     }
 
     /// Our close_notify (once), sealed and tried; not while a PROXY header is awaited (no TLS
@@ -773,19 +768,32 @@ fn flush_held<S>(held: &mut Vec<u8>, at: &mut usize, stream: &S) -> io::Result<b
 where
     for<'s> &'s S: Write,
 {
-    let mut w = stream;
-    while *at < held.len() {
-        match w.write(&held[*at..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => *at += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    *at += write_some(&held[*at..], stream)?;
+    if *at < held.len() {
+        return Ok(false);
     }
     *held = Vec::new();
     *at = 0;
     Ok(true)
+}
+
+/// Write `bytes` as far as the socket takes them: the bytes written.
+fn write_some<S>(bytes: &[u8], stream: &S) -> io::Result<usize>
+where
+    for<'s> &'s S: Write,
+{
+    let mut w = stream;
+    let mut at = 0;
+    while at < bytes.len() {
+        match w.write(&bytes[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(at)
 }
 
 /// Read what followed a PROXY header first, then the socket: the bytes read, and whether they
