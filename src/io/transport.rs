@@ -1,21 +1,22 @@
 //! The byte stream under a connection: a plain TCP socket, or TLS over one
-//! ([`Tls`](super::tls_session::Tls): rustls's handshake, then wsloop's own records). The loop reads, writes and shuts down through this type only, so that what lies
-//! under a connection can change without the loop knowing. It owns the connection's descriptor:
-//! dropping it closes the descriptor.
+//! ([`Tls`](super::tls_session::Tls): rustls's handshake, then wsloop's own records). The loop
+//! reads, writes and shuts down through this type only, so that what lies under a connection can
+//! change without the loop knowing. It owns the connection's descriptor: dropping it closes the
+//! descriptor.
 //!
 //! Under TLS the loop's view stays the same: [`Transport::read`] returns decrypted bytes
-//! (`WouldBlock` when none), [`Transport::write`] and [`Transport::write_vectored`] take
-//! plaintext and return how much they took. The ciphertext held for the socket stays bounded:
-//! new plaintext is taken only once what is held has gone to the socket, and a write holds at
-//! most [`WRITE_MAX`](super::tls_session::WRITE_MAX) bytes of plaintext sealed. What is held
-//! when the socket is full ([`Transport::holds`]) goes out on the next writable edge
-//! ([`Transport::flush`]), which the loop calls even when its own queue is empty. Handshake
-//! messages owed in answer to what was read are written from the read path. A TLS failure
-//! (garbage, cleartext instead of a ClientHello, a bad record, an alert) is an `InvalidData`
-//! error, which [`CloseReason::of_io_error`](crate::reason::CloseReason::of_io_error) maps to
-//! `tls_error`; the alert that answers it is tried once before. The peer's `close_notify` reads as EOF; ours
-//! goes out before our FIN ([`Transport::shutdown_write`]) and, when the connection is closed
-//! without one, once before the descriptor closes ([`Transport::close_notify`]).
+//! (`WouldBlock` when none), [`Transport::write`] and [`Transport::write_vectored`] take plaintext
+//! and return how much they took. The ciphertext held for the socket stays bounded: new plaintext
+//! is taken only once what is held has gone to the socket, and a write holds at most
+//! [`WRITE_MAX`](super::tls_session::WRITE_MAX) bytes of plaintext sealed. What is held when the
+//! socket is full ([`Transport::holds`]) goes out on the next writable edge ([`Transport::flush`]),
+//! which the loop calls even when its own queue is empty. Handshake messages owed in answer to what
+//! was read are written from the read path. A TLS failure (garbage, cleartext instead of a
+//! ClientHello, a bad record, an alert) is an `InvalidData` error, which
+//! [`CloseReason::of_io_error`](crate::reason::CloseReason::of_io_error) maps to `tls_error`; the
+//! alert that answers it is tried once before. The peer's `close_notify` reads as EOF; ours goes
+//! out before our FIN ([`Transport::shutdown_write`]) and, when the connection is closed without
+//! one, once before the descriptor closes ([`Transport::close_notify`]).
 
 // The one owner of a connection's socket (Cargo.toml's [lints]): it closes when the
 // connection's slot is freed on the close path, which counts it out of the fd ledger.
